@@ -1,0 +1,100 @@
+"""The contract between the exporter and the runtime: names and metadata keys of a camrt ONNX file.
+
+Every graph input/output name and metadata key used by camrt is defined here and only here.
+Both the exporters (`camrt_exporters`) and the runtime import this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+#: Bumped whenever the file layout changes incompatibly. The runtime refuses other versions.
+CONTRACT_VERSION = 1
+SUPPORTED_CONTRACT_VERSIONS = frozenset({1})
+
+# --- graph inputs -------------------------------------------------------------------------
+#: int64 [B]: the class to explain per sample; TOP1_TARGET means "the top-1 prediction".
+TARGET_INPUT = "camrt/target"
+TOP1_TARGET = -1
+
+# --- graph outputs ------------------------------------------------------------------------
+#: The differentiated score tensor [B, num_classes] (the input of a final Softmax when there is one).
+LOGITS_OUTPUT = "camrt/logits"
+#: int64 [B]: the target actually explained (TOP1_TARGET resolved in the graph by ArgMax).
+TARGET_INDEX_OUTPUT = "camrt/target_index"
+ACTIVATION_PREFIX = "camrt/act/"
+GRADIENT_PREFIX = "camrt/grad/"
+INPUT_GRADIENT_PREFIX = "camrt/input_grad/"
+
+#: Backward rule sets a file can carry input gradients for.
+RULE_VANILLA = "vanilla"
+RULE_GUIDED = "guided"
+RULE_DECONVNET = "deconvnet"
+
+
+def activation_output(layer: str) -> str:
+    return ACTIVATION_PREFIX + layer
+
+
+def gradient_output(layer: str) -> str:
+    return GRADIENT_PREFIX + layer
+
+
+def input_gradient_output(rule_set: str) -> str:
+    return INPUT_GRADIENT_PREFIX + rule_set
+
+
+# --- metadata_props keys ------------------------------------------------------------------
+META_CONTRACT_VERSION = "camrt.contract_version"
+META_SOURCE = "camrt.source"  # JSON: {"framework": "torch"|"onnx", "model": "..."}
+META_LAYERS = "camrt.layers"  # JSON list of layer names, first one is the default
+META_DEFAULT_LAYER = "camrt.default_layer"
+META_PREPROCESSING = "camrt.preprocessing"  # JSON of Preprocessing
+META_LABELS = "camrt.labels"  # JSON list of class names (optional)
+META_RULE_SETS = "camrt.rule_sets"  # JSON list of rule sets with input gradients
+META_SCORE = "camrt.score"  # JSON: {"tensor": ..., "softmax": bool}
+META_EXPORTER_VERSION = "camrt.exporter_version"
+META_INPUT = "camrt.input"  # name of the image input
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the runtime turns an 8-bit image into the model input.
+
+    x = ((pixel * scale) - mean) / std, per channel, in `channel_order`, resized to
+    (height, width) without cropping; layout NCHW float32.
+    """
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0 / 255.0
+    channel_order: str = "rgb"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        data = json.loads(text)
+        data["mean"] = tuple(data["mean"])
+        data["std"] = tuple(data["std"])
+        return cls(**data)
+
+
+@dataclass
+class ContractInfo:
+    """Everything the metadata of a camrt file says, parsed."""
+
+    version: int
+    input_name: str
+    layers: list[str]
+    default_layer: str | None
+    preprocessing: Preprocessing
+    rule_sets: list[str]
+    labels: list[str] | None = None
+    source: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)
+    exporter_version: str = ""

@@ -1,0 +1,81 @@
+"""camrt's error types and the CLI exit codes.
+
+Library code raises these; only the CLI turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    SOME_INPUTS_FAILED = 1
+    USAGE_ERROR = 2
+    MODEL_ERROR = 3
+    INTERNAL_ERROR = 4
+
+
+class CamrtError(Exception):
+    """Base class of every error camrt raises on purpose."""
+
+    exit_code = ExitCode.INTERNAL_ERROR
+
+
+class ModelError(CamrtError):
+    """The model file cannot be used (not ONNX, not a camrt file, missing outputs)."""
+
+    exit_code = ExitCode.MODEL_ERROR
+
+
+class ContractError(ModelError):
+    """A camrt file whose contract version or metadata the runtime does not understand."""
+
+
+class InputError(CamrtError):
+    """One input (image, target) is bad; in a batch run it becomes an error record."""
+
+    exit_code = ExitCode.SOME_INPUTS_FAILED
+
+
+class UsageError(CamrtError):
+    """Bad arguments or options."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class PluginError(CamrtError):
+    """A plugin failed to load, registered a duplicate, or returned something invalid."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class ExportError(CamrtError):
+    """The exporter cannot build a camrt file from this model; nothing was written."""
+
+    exit_code = ExitCode.MODEL_ERROR
+
+
+class UnsupportedOpError(ExportError):
+    """An op on a differentiated path has no backward rule."""
+
+    def __init__(self, op_type: str, node_name: str, path: list[str], rule_set: str):
+        self.op_type = op_type
+        self.node_name = node_name
+        self.path = path
+        self.rule_set = rule_set
+        super().__init__(
+            f"no backward rule for op type {op_type!r} (node {node_name!r}, rule set {rule_set!r}); "
+            f"it lies on the differentiated path {' -> '.join(path)}. Register a rule through the "
+            "register_gradient_rules hook, or choose a layer that does not need this op."
+        )
+
+
+class ValidationError(ExportError):
+    """The exported gradients do not match the oracle; lists every mismatching tensor."""
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = mismatches
+        super().__init__(
+            "export validation failed, nothing was written:\n  " + "\n  ".join(mismatches)
+        )

@@ -1,0 +1,74 @@
+"""Every hook camrt calls, typed and documented. Plugins implement them with `@camrt.hookimpl`.
+
+Hooks only register things; the work happens in plain classes that can be tested without pluggy.
+Hooks are always called with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+PROJECT = "camrt"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_methods(register: Callable[..., None]) -> None:
+    """Register explanation methods: ``register(MethodClass)``.
+
+    Called once when the method registry is built. ``MethodClass`` subclasses
+    ``camrt.methods.base.Method``; a duplicate name or alias raises ``PluginError``.
+    """
+
+
+@hookspec
+def register_renderers(register: Callable[..., None]) -> None:
+    """Register output formats: ``register(name, write_function)``.
+
+    ``write_function(path, heatmap, image, options) -> None`` writes one file; the runtime
+    makes the write atomic. Called once when the renderer registry is built.
+    """
+
+
+@hookspec
+def register_commands(cli: "click.Group") -> None:
+    """Add subcommands to the ``camrt`` CLI (camrt-exporters adds ``camrt export``).
+
+    Called once when the CLI group is built.
+    """
+
+
+@hookspec
+def register_gradient_rules(register: Callable[..., None]) -> None:
+    """Register backward-rule sets for the exporter: ``register(rule_set)``.
+
+    ``rule_set`` is a ``camrt_exporters.autodiff.reverse.RuleSet`` (name, op type -> rule, base
+    set). Called by the exporter only, never on the edge runtime; duplicates raise ``PluginError``.
+    """
+
+
+@hookspec(firstresult=True)
+def choose_target_layer(candidates: Sequence[str], framework: str) -> str | None:
+    """Choose the layer to explain when the user names none, or return None to pass.
+
+    ``candidates`` are layer names on the path to the score, in forward order; ``framework``
+    is "torch" or "onnx". The first non-None result wins; the built-in fallback (trylast)
+    takes the last candidate: the last tensor with spatial extent before the classifier.
+    """
+
+
+@hookspec(firstresult=True)
+def choose_execution_providers(device: str, available: Sequence[str]) -> list[Any] | None:
+    """Choose onnxruntime execution providers for ``device`` ("cpu", "cuda" or "auto").
+
+    ``available`` is ``onnxruntime.get_available_providers()``. Return a providers list for
+    ``InferenceSession`` or None to pass. The built-in fallback (trylast) takes CUDA when
+    available and asked for, else CPU.
+    """

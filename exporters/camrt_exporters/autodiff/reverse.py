@@ -1,0 +1,334 @@
+"""Reverse-mode differentiation of ONNX graphs into ONNX gradient subgraphs.
+
+`differentiate()` walks the nodes that lie on a path between the requested tensors (`wrt`) and
+the score in reverse topological order, asks each node's backward rule for the gradients of its
+inputs, and sums the contributions of tensors with several consumers. The result is a list of new
+ONNX nodes and initializers that compute d<seed . score>/d<wrt> inside the same graph, so one
+onnxruntime run does forward and backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from camrt.errors import ExportError, UnsupportedOpError
+
+from .graph import Dim, GraphIndex
+
+
+class BackwardRule(Protocol):
+    """Gradients of a node's inputs from the gradients of its outputs.
+
+    `grads[i]` is the name of the gradient of `node.output[i]` or None when no gradient reaches
+    that output. Return one entry per `node.input`: a tensor name, or None where no gradient is
+    needed (`ctx.needs(i)` is False) or the input is not differentiable.
+    """
+
+    def __call__(self, ctx: "RuleContext", node: onnx.NodeProto, grads: list[str | None]) -> list[str | None]: ...
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A named table of backward rules; `base` supplies the rules this set does not override."""
+
+    name: str
+    rules: Mapping[str, BackwardRule]
+    base: "RuleSet | None" = None
+
+    def lookup(self, op_type: str) -> BackwardRule | None:
+        rule = self.rules.get(op_type)
+        if rule is None and self.base is not None:
+            return self.base.lookup(op_type)
+        return rule
+
+    def op_types(self) -> set[str]:
+        own = set(self.rules)
+        return own | (self.base.op_types() if self.base else set())
+
+
+@dataclass
+class ForwardPatches:
+    """Extra outputs that backward rules asked forward nodes for (e.g. MaxPool's Indices).
+
+    Shared by all passes over one graph so that several rule sets reuse the same outputs.
+    """
+
+    extra_outputs: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    def apply(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        extra = self.extra_outputs.get(node.name)
+        if not extra:
+            return node
+        patched = onnx.NodeProto()
+        patched.CopyFrom(node)
+        while len(patched.output) <= max(extra):
+            patched.output.append("")
+        for index, name in extra.items():
+            patched.output[index] = name
+        return patched
+
+
+@dataclass
+class Backward:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    gradients: dict[str, str]
+
+
+class RuleContext:
+    """What a backward rule may use: emit nodes, make constants, read static facts of the graph."""
+
+    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches):
+        self.index = index
+        self.prefix = prefix
+        self.patches = patches
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+        self._shape_cache: dict[str, str] = {}
+        self.node: onnx.NodeProto | None = None
+        self._active: set[str] = set()
+
+    # --- facts about the forward graph -----------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return self.index.opset
+
+    def needs(self, input_index: int) -> bool:
+        """Whether the current node's input `input_index` needs a gradient."""
+        assert self.node is not None
+        return input_index < len(self.node.input) and self.node.input[input_index] in self._active
+
+    def shape(self, name: str) -> tuple[Dim, ...] | None:
+        return self.index.shape(name)
+
+    def static_shape(self, name: str, what: str = "") -> tuple[int, ...]:
+        """The shape of `name` with every dimension but the first (batch) static."""
+        shape = self.index.shape(name)
+        if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+            raise ExportError(
+                f"node {self.node.name!r} ({self.node.op_type}): the backward rule needs the static "
+                f"shape of {what or name!r}, got {shape}. Export with a fixed input size."
+            )
+        return shape
+
+    def value(self, name: str) -> np.ndarray | None:
+        return self.index.value(name) if name else None
+
+    def require_value(self, name: str, what: str) -> np.ndarray:
+        value = self.value(name)
+        if value is None:
+            raise ExportError(
+                f"node {self.node.name!r} ({self.node.op_type}): the backward rule needs {what} "
+                f"({name!r}) to be a constant; it is computed at run time."
+            )
+        return value
+
+    def np_dtype(self, name: str) -> np.dtype:
+        elem = self.index.dtypes.get(name, onnx.TensorProto.FLOAT)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+
+    # --- building the gradient graph -------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{self.prefix}/{self._counter}_{hint}"
+
+    def emit(self, op_type: str, inputs: list[str], n_outputs: int = 1, **attrs) -> str | list[str]:
+        outputs = [self.fresh(op_type) for _ in range(n_outputs)]
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type + "_node"), **attrs)
+        )
+        return outputs[0] if n_outputs == 1 else outputs
+
+    def const(self, value, like: str | None = None, dtype=None) -> str:
+        """An initializer; float values take the dtype of tensor `like` (float32 by default)."""
+        if dtype is None:
+            dtype = self.np_dtype(like) if like is not None else np.float32
+        array = np.asarray(value, dtype=dtype)
+        name = self.fresh("const")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), dtype=np.int64)
+
+    def shape_of(self, name: str) -> str:
+        """A run-time Shape of `name` (dynamic batch), emitted once per tensor."""
+        if name not in self._shape_cache:
+            self._shape_cache[name] = self.emit("Shape", [name])
+        return self._shape_cache[name]
+
+    def forward_output(self, output_index: int, hint: str) -> str:
+        """Ask the current forward node for an optional output (e.g. MaxPool Indices)."""
+        node = self.node
+        if output_index < len(node.output) and node.output[output_index]:
+            return node.output[output_index]
+        extra = self.patches.extra_outputs.setdefault(node.name, {})
+        if output_index not in extra:
+            extra[output_index] = f"{node.name}/camrt_{hint}"
+        return extra[output_index]
+
+    def add_n(self, names: list[str]) -> str:
+        return names[0] if len(names) == 1 else self.emit("Sum", names)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.emit("Mul", [a, b])
+
+    def zeros_like(self, name: str) -> str:
+        zero = numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(name)))
+        return self.emit("ConstantOfShape", [self.shape_of(name)], value=zero)
+
+    def unbroadcast(self, grad: str, operand: str, output: str) -> str:
+        """Sum `grad` (shaped like `output`) down to the shape of the broadcast `operand`."""
+        out_shape = self.index.shape(output)
+        in_shape = self.index.shape(operand)
+        if out_shape is None or in_shape is None:
+            raise ExportError(
+                f"node {self.node.name!r} ({self.node.op_type}): unknown rank for broadcasting "
+                f"{operand!r} to {output!r}; run ONNX shape inference on the model first."
+            )
+        if in_shape == out_shape:
+            return grad
+        lead = len(out_shape) - len(in_shape)
+        axes = list(range(lead))
+        for i, dim in enumerate(in_shape):
+            out_dim = out_shape[lead + i]
+            if dim == 1 and out_dim != 1:
+                axes.append(lead + i)
+        if axes:
+            grad = self.emit("ReduceSum", [grad, self.ints(axes)], keepdims=1)
+        if lead or len(axes):
+            value = self.value(operand)
+            target = self.ints(value.shape) if value is not None else self.shape_of(operand)
+            grad = self.emit("Reshape", [grad, target])
+        return grad
+
+
+def _active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
+    """Float tensors that depend on a `wrt` tensor and that the score depends on."""
+    depends = set(wrt)
+    for node in index.nodes:
+        if any(i in depends for i in node.input if i):
+            depends.update(o for o in node.output if o and index.is_float(o))
+    needed = {score}
+    for node in reversed(index.nodes):
+        if any(o in needed for o in node.output):
+            needed.update(i for i in node.input if i)
+    return (depends & needed) | ({score} & depends)
+
+
+def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], score: str) -> list[str]:
+    """Node names from `node` forward to the score, through active tensors (for error messages)."""
+    path = [node.name or node.op_type]
+    current = node
+    for _ in range(len(index.nodes)):
+        if score in current.output:
+            break
+        nxt = next(
+            (c for o in current.output if o in active for c in index.consumers.get(o, [])
+             if any(i in active for i in c.output) or score in c.output),
+            None,
+        )
+        if nxt is None:
+            break
+        path.append(nxt.name or nxt.op_type)
+        current = nxt
+    path.append(f"score {score!r}")
+    return path
+
+
+def differentiate(
+    index: GraphIndex,
+    score: str,
+    seed: str,
+    wrt: list[str],
+    rules: RuleSet,
+    patches: ForwardPatches,
+    prefix: str,
+) -> Backward:
+    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt`."""
+    for name in wrt:
+        if name not in index.shapes and name not in index.producer:
+            raise ExportError(f"tensor {name!r} does not exist in the graph")
+    active = _active_tensors(index, score, wrt)
+    for name in wrt:
+        if name not in active:
+            raise ExportError(
+                f"tensor {name!r} has no differentiable path to the score {score!r}; "
+                "choose a layer that feeds the classifier."
+            )
+    ctx = RuleContext(index, prefix, patches)
+    ctx._active = active
+    contributions: dict[str, list[str]] = {score: [seed]}
+    wanted = set(wrt)
+    for node in reversed(index.nodes):
+        if not any(o in active for o in node.output):
+            continue
+        grads = [
+            ctx.add_n(contributions[o]) if o in contributions else None for o in node.output
+        ]
+        for o, g in zip(node.output, grads):
+            if g is not None:
+                contributions[o] = [g]
+        if all(g is None for g in grads):
+            continue
+        if not any(i in active for i in node.input):
+            continue
+        rule = rules.lookup(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            raise UnsupportedOpError(
+                node.op_type, node.name, _path_to_score(index, node, active, score), rules.name
+            )
+        ctx.node = node
+        input_grads = rule(ctx, node, grads)
+        if len(input_grads) != len(node.input):
+            raise ExportError(
+                f"backward rule for {node.op_type} returned {len(input_grads)} gradients "
+                f"for {len(node.input)} inputs (node {node.name!r})"
+            )
+        for name, g in zip(node.input, input_grads):
+            if g is not None and name in active:
+                contributions.setdefault(name, []).append(g)
+        ctx.node = None
+    gradients: dict[str, str] = {}
+    for name in wanted:
+        if name not in contributions:
+            raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}")
+        gradients[name] = ctx.add_n(contributions[name])
+    return Backward(ctx.nodes, ctx.initializers, gradients)
+
+
+RuleTable = dict[str, BackwardRule]
+
+
+def rule_table(*tables: Mapping[str, BackwardRule]) -> RuleTable:
+    """Merge rule tables, refusing two rules for one op type."""
+    merged: RuleTable = {}
+    for table in tables:
+        for op_type, rule in table.items():
+            if op_type in merged:
+                raise ExportError(f"two backward rules for op type {op_type!r}")
+            merged[op_type] = rule
+    return merged
+
+
+def registering(table: RuleTable) -> Callable[..., Callable[[BackwardRule], BackwardRule]]:
+    """Decorator factory: `@rule("Relu", "LeakyRelu")` adds a function to `table`."""
+
+    def rule(*op_types: str):
+        def decorate(fn: BackwardRule) -> BackwardRule:
+            for op_type in op_types:
+                if op_type in table:
+                    raise ExportError(f"two backward rules for op type {op_type!r}")
+                table[op_type] = fn
+            return fn
+
+        return decorate
+
+    return rule

@@ -1,0 +1,117 @@
+"""Backward rules of Conv, Gemm and MatMul."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camrt.errors import ExportError
+
+from ..graph import attribute
+from ..reverse import RuleContext, RuleTable, registering
+
+RULES: RuleTable = {}
+rule = registering(RULES)
+
+
+def _only_data_gradient(ctx: RuleContext, node, what: str) -> None:
+    if any(ctx.needs(i) for i in range(1, len(node.input))):
+        raise ExportError(
+            f"node {node.name!r} ({node.op_type}): gradients w.r.t. {what} are not supported; "
+            "camrt differentiates activations, with the weights held constant."
+        )
+
+
+def explicit_pads(ctx: RuleContext, node, in_spatial, kernel, strides, dilations) -> list[int]:
+    """The pads of a Conv/Pool node as explicit [begins..., ends...], resolving auto_pad."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    n = len(in_spatial)
+    if auto_pad in ("NOTSET", ""):
+        return list(attribute(node, "pads", [0] * (2 * n)))
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends
+
+
+@rule("Conv")
+def conv(ctx: RuleContext, node, grads):
+    """dX of a convolution: Conv with the flipped, transposed kernel for stride 1; else ConvTranspose."""
+    _only_data_gradient(ctx, node, "Conv weights or bias")
+    x, w = node.input[0], node.input[1]
+    g = grads[0]
+    x_shape = ctx.static_shape(x)
+    spatial = list(x_shape[2:])
+    n = len(spatial)
+    weight = ctx.value(w)
+    kernel = list(attribute(node, "kernel_shape", None) or ctx.static_shape(w)[2:])
+    strides = list(attribute(node, "strides", [1] * n))
+    dilations = list(attribute(node, "dilations", [1] * n))
+    group = attribute(node, "group", 1)
+    pads = explicit_pads(ctx, node, spatial, kernel, strides, dilations)
+    out_spatial = ctx.static_shape(node.output[0])[2:]
+    flipped_pads = [d * (k - 1) - p for d, k, p in zip(dilations * 2, kernel * 2, pads)]
+    if weight is not None and all(s == 1 for s in strides) and min(flipped_pads) >= 0:
+        m, c_per_group = weight.shape[:2]
+        grouped = weight.reshape(group, m // group, c_per_group, *kernel)
+        transposed = np.swapaxes(grouped, 1, 2).reshape(group * c_per_group, m // group, *kernel)
+        flipped = np.ascontiguousarray(transposed[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+        return [ctx.emit("Conv", [g, ctx.const(flipped, like=x)], pads=flipped_pads,
+                         dilations=dilations, group=group, kernel_shape=kernel)] + [None] * (len(node.input) - 1)
+    output_padding = []
+    for size, out, k, s, d, pb, pe in zip(spatial, out_spatial, kernel, strides, dilations, pads[:n], pads[n:]):
+        output_padding.append(size - ((out - 1) * s + d * (k - 1) + 1 - pb - pe))
+    if min(output_padding) < 0:
+        raise ExportError(f"node {node.name!r} (Conv): inconsistent static shapes for the backward pass")
+    return [ctx.emit("ConvTranspose", [g, w], strides=strides, pads=pads, dilations=dilations,
+                     group=group, kernel_shape=kernel, output_padding=output_padding)] + [None] * (len(node.input) - 1)
+
+
+def _swap_last_two(ctx: RuleContext, name: str) -> str:
+    value = ctx.value(name)
+    if value is not None:
+        return ctx.const(np.swapaxes(value, -1, -2), like=name)
+    rank = ctx.index.rank(name)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return ctx.emit("Transpose", [name], perm=perm)
+
+
+@rule("MatMul")
+def matmul(ctx: RuleContext, node, grads):
+    a, b = node.input
+    y, g = node.output[0], grads[0]
+    if (ctx.index.rank(a) or 0) < 2 or (ctx.index.rank(b) or 0) < 2:
+        raise ExportError(f"node {node.name!r} (MatMul): 1-D operands are not supported by the backward rule")
+    grad_a = grad_b = None
+    if ctx.needs(0):
+        grad_a = ctx.unbroadcast(ctx.emit("MatMul", [g, _swap_last_two(ctx, b)]), a, y)
+    if ctx.needs(1):
+        grad_b = ctx.unbroadcast(ctx.emit("MatMul", [_swap_last_two(ctx, a), g]), b, y)
+    return [grad_a, grad_b]
+
+
+@rule("Gemm")
+def gemm(ctx: RuleContext, node, grads):
+    """Y = alpha * op(A) @ op(B) + beta * C."""
+    a, b = node.input[:2]
+    y, g = node.output[0], grads[0]
+    alpha = attribute(node, "alpha", 1.0)
+    beta = attribute(node, "beta", 1.0)
+    trans_a = attribute(node, "transA", 0)
+    trans_b = attribute(node, "transB", 0)
+    out: list[str | None] = [None] * len(node.input)
+    if ctx.needs(0):  # d op(A) = alpha * g @ op(B)^T
+        grad = ctx.emit("Gemm", [g, b], alpha=alpha, transB=0 if trans_b else 1)
+        out[0] = ctx.emit("Transpose", [grad], perm=[1, 0]) if trans_a else grad
+    if ctx.needs(1):  # d op(B) = alpha * op(A)^T @ g
+        grad = ctx.emit("Gemm", [a, g], alpha=alpha, transA=0 if trans_a else 1)
+        out[1] = ctx.emit("Transpose", [grad], perm=[1, 0]) if trans_b else grad
+    if len(node.input) > 2 and ctx.needs(2):
+        out[2] = ctx.unbroadcast(ctx.mul(g, ctx.const(beta, like=y)), node.input[2], y)
+    return out

@@ -1,0 +1,192 @@
+"""Backward rules of pooling, reductions and normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import numpy_helper
+
+from camrt.errors import ExportError
+
+from ..graph import attribute
+from ..reverse import RuleContext, RuleTable, registering
+from .linear import explicit_pads
+
+RULES: RuleTable = {}
+rule = registering(RULES)
+
+
+def _broadcast_back(ctx: RuleContext, g: str, x: str, scale: float) -> str:
+    scaled = ctx.mul(g, ctx.const(scale, like=x)) if scale != 1.0 else g
+    return ctx.emit("Expand", [scaled, ctx.shape_of(x)])
+
+
+@rule("GlobalAveragePool")
+def global_average_pool(ctx, node, grads):
+    x = node.input[0]
+    count = int(np.prod(ctx.static_shape(x)[2:]))
+    return [_broadcast_back(ctx, grads[0], x, 1.0 / count)]
+
+
+def _reduce_axes(ctx: RuleContext, node) -> list[int] | None:
+    """Axes of a Reduce* node (attribute before opset 18 for ReduceMean, input from 13 for ReduceSum)."""
+    axes = attribute(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.require_value(node.input[1], "the reduction axes").tolist()
+    return None if axes is None else list(axes)
+
+
+def _reduction_rule(mean: bool):
+    def reduce(ctx: RuleContext, node, grads):
+        x = node.input[0]
+        rank = ctx.index.rank(x)
+        axes = _reduce_axes(ctx, node)
+        if not axes:
+            if attribute(node, "noop_with_empty_axes", 0):
+                return [grads[0]] + [None] * (len(node.input) - 1)
+            axes = list(range(rank))
+        axes = sorted(a % rank for a in axes)
+        g = grads[0]
+        if not attribute(node, "keepdims", 1):
+            g = ctx.emit("Unsqueeze", [g, ctx.ints(axes)])
+        scale = 1.0
+        if mean:
+            shape = ctx.shape(x)
+            if any(not isinstance(shape[a], int) for a in axes):
+                raise ExportError(f"node {node.name!r} (ReduceMean): reduces over a dynamic axis")
+            scale = 1.0 / float(np.prod([shape[a] for a in axes]))
+        return [_broadcast_back(ctx, g, x, scale)] + [None] * (len(node.input) - 1)
+
+    return reduce
+
+
+RULES["ReduceMean"] = _reduction_rule(mean=True)
+RULES["ReduceSum"] = _reduction_rule(mean=False)
+
+
+def _pool_geometry(ctx: RuleContext, node):
+    x = node.input[0]
+    spatial = list(ctx.static_shape(x)[2:])
+    n = len(spatial)
+    kernel = list(attribute(node, "kernel_shape"))
+    strides = list(attribute(node, "strides", [1] * n))
+    dilations = list(attribute(node, "dilations", [1] * n))
+    pads = explicit_pads(ctx, node, spatial, kernel, strides, dilations)
+    out_spatial = list(ctx.static_shape(node.output[0])[2:])
+    return spatial, kernel, strides, dilations, pads, out_spatial
+
+
+def _window_counts(size, out, k, s, pb, pe, include_pad) -> np.ndarray:
+    """Divisor of each average-pool window along one axis (torch/onnxruntime semantics)."""
+    counts = []
+    for o in range(out):
+        start = o * s - pb
+        end = min(start + k, size + pe)
+        full = end - start
+        start, end = max(start, 0), min(end, size)
+        counts.append(full if include_pad else end - start)
+    return np.asarray(counts, dtype=np.float64)
+
+
+@rule("AveragePool")
+def average_pool(ctx: RuleContext, node, grads):
+    """Spread each window's gradient over its cells: a depthwise ConvTranspose of ones."""
+    x = node.input[0]
+    channels = ctx.static_shape(x)[1]
+    spatial, kernel, strides, dilations, pads, out_spatial = _pool_geometry(ctx, node)
+    if any(d != 1 for d in dilations):
+        raise ExportError(f"node {node.name!r} (AveragePool): dilated average pooling is not supported")
+    n = len(spatial)
+    include_pad = attribute(node, "count_include_pad", 0)
+    divisor = np.ones(out_spatial)
+    for axis in range(n):
+        counts = _window_counts(spatial[axis], out_spatial[axis], kernel[axis], strides[axis],
+                                pads[axis], pads[n + axis], include_pad)
+        divisor = divisor * counts.reshape([-1 if a == axis else 1 for a in range(n)])
+    g = ctx.mul(grads[0], ctx.const(1.0 / divisor, like=x))
+    ends, output_padding = [], []
+    for axis in range(n):
+        full = (out_spatial[axis] - 1) * strides[axis] + kernel[axis] - pads[axis] - pads[n + axis]
+        ends.append(pads[n + axis] + max(0, full - spatial[axis]))
+        output_padding.append(max(0, spatial[axis] - full))
+    ones = ctx.const(np.ones([channels, 1, *kernel]), like=x)
+    return [ctx.emit("ConvTranspose", [g, ones], strides=strides, pads=pads[:n] + ends, group=channels,
+                     kernel_shape=kernel, output_padding=output_padding)]
+
+
+@rule("MaxPool")
+def max_pool(ctx: RuleContext, node, grads):
+    """Scatter-add each window's gradient to its argmax, taken from MaxPool's Indices output."""
+    x = node.input[0]
+    if attribute(node, "storage_order", 0) != 0:
+        raise ExportError(f"node {node.name!r} (MaxPool): storage_order=1 is not supported")
+    indices = ctx.forward_output(1, "indices")
+    flat = ctx.ints([-1])
+    size = ctx.emit("Reshape", [ctx.emit("Size", [x]), flat])
+    zero = numpy_helper.from_array(np.zeros(1, dtype=ctx.np_dtype(x)))
+    zeros = ctx.emit("ConstantOfShape", [size], value=zero)
+    scattered = ctx.emit(
+        "ScatterElements",
+        [zeros, ctx.emit("Reshape", [indices, flat]), ctx.emit("Reshape", [grads[0], flat])],
+        axis=0, reduction="add",
+    )
+    return [ctx.emit("Reshape", [scattered, ctx.shape_of(x)])]
+
+
+def _channel_shape(ctx: RuleContext, x: str) -> list[int]:
+    rank = ctx.index.rank(x)
+    return [-1] + [1] * (rank - 2)
+
+
+@rule("BatchNormalization")
+def batch_normalization(ctx: RuleContext, node, grads):
+    """Inference mode: y = scale * (x - mean) / sqrt(var + eps) + bias, so dx = g * scale / sqrt(var + eps)."""
+    if attribute(node, "training_mode", 0):
+        raise ExportError(f"node {node.name!r} (BatchNormalization): training mode is not supported")
+    if any(ctx.needs(i) for i in range(1, 5)):
+        raise ExportError(f"node {node.name!r} (BatchNormalization): gradients w.r.t. its parameters are not supported")
+    x, scale, _, _, var = node.input[:5]
+    eps = attribute(node, "epsilon", 1e-5)
+    factor = ctx.require_value(scale, "the scale") / np.sqrt(ctx.require_value(var, "the variance") + eps)
+    return [ctx.mul(grads[0], ctx.const(factor.reshape(_channel_shape(ctx, x)), like=x))] + [None] * 4
+
+
+@rule("LayerNormalization")
+def layer_normalization(ctx: RuleContext, node, grads):
+    """dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat)) with gh = g * scale over the normalised axes."""
+    if any(ctx.needs(i) for i in range(1, len(node.input))):
+        raise ExportError(f"node {node.name!r} (LayerNormalization): gradients w.r.t. scale/bias are not supported")
+    x, scale = node.input[:2]
+    shape = ctx.static_shape(x)
+    rank = len(shape)
+    axis = attribute(node, "axis", -1) % rank
+    axes = list(range(axis, rank))
+    inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
+    mean = ctx.forward_output(1, "mean")
+    rstd = ctx.forward_output(2, "inv_std_dev")
+    xhat = ctx.mul(ctx.emit("Sub", [x, mean]), rstd)
+    gh = ctx.mul(grads[0], scale)
+    axes_const = ctx.ints(axes)
+
+    def mean_over(t: str) -> str:
+        return ctx.mul(ctx.emit("ReduceSum", [t, axes_const], keepdims=1), inv_count)
+
+    centred = ctx.emit("Sub", [ctx.emit("Sub", [gh, mean_over(gh)]), ctx.mul(xhat, mean_over(ctx.mul(gh, xhat)))])
+    return [ctx.mul(centred, rstd)] + [None] * (len(node.input) - 1)
+
+
+@rule("Softmax")
+def softmax(ctx: RuleContext, node, grads):
+    y, g = node.output[0], grads[0]
+    axis = attribute(node, "axis", -1 if ctx.opset >= 13 else 1)
+    if ctx.opset < 13 and axis % ctx.index.rank(y) != ctx.index.rank(y) - 1:
+        raise ExportError(f"node {node.name!r} (Softmax): opset<13 coerced 2-D softmax is not supported")
+    dot = ctx.emit("ReduceSum", [ctx.mul(g, y), ctx.ints([axis])], keepdims=1)
+    return [ctx.mul(y, ctx.emit("Sub", [g, dot]))]
+
+
+@rule("LogSoftmax")
+def log_softmax(ctx: RuleContext, node, grads):
+    y, g = node.output[0], grads[0]
+    axis = attribute(node, "axis", -1 if ctx.opset >= 13 else 1)
+    total = ctx.emit("ReduceSum", [g, ctx.ints([axis])], keepdims=1)
+    return [ctx.emit("Sub", [g, ctx.mul(ctx.emit("Exp", [y]), total)])]
