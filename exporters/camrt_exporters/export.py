@@ -1,0 +1,201 @@
+"""The two front ends (torch, onnx) that produce validated camrt contract files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+
+from camrt import contract
+from camrt.errors import ExportError, PluginError
+from camrt.plugins import ensure_registered, get_plugin_manager
+
+from . import __version__
+from .autodiff.graph import GraphIndex
+from .autodiff.reverse import RuleSet
+from .contract_file import build_contract_model, choose_score, contract_metadata, default_layer, prepare
+from .validate import Check, validate_against_torch, validate_finite_differences
+
+DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
+IMAGENET_LABELS = "imagenet"
+
+
+def rule_sets() -> dict[str, RuleSet]:
+    """Every rule set registered through the `register_gradient_rules` hook (built-ins included)."""
+    pm = get_plugin_manager()
+    ensure_registered(pm, "camrt_exporters.plugin")
+    found: dict[str, RuleSet] = {}
+
+    def register(rule_set: RuleSet) -> None:
+        if rule_set.name in found:
+            raise PluginError(f"rule set {rule_set.name!r} registered twice; registered: {sorted(found)}")
+        found[rule_set.name] = rule_set
+
+    pm.hook.register_gradient_rules(register=register)
+    return found
+
+
+def resolve_rule_sets(names: Sequence[str]) -> list[RuleSet]:
+    available = rule_sets()
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ExportError(f"unknown rule set(s) {unknown}; registered: {sorted(available)}")
+    return [available[n] for n in names]
+
+
+def _choose_layer(candidates: list[str], framework: str) -> str:
+    choice = get_plugin_manager().hook.choose_target_layer(candidates=candidates, framework=framework)
+    if choice is None:
+        raise ExportError("no layer with spatial extent feeds the score; name one with --layer")
+    return choice
+
+
+def resolve_labels(labels: str | Sequence[str] | None) -> list[str] | None:
+    """`imagenet` (from torchvision, export side only), a text file with one label per line, or a list."""
+    if labels is None or isinstance(labels, (list, tuple)):
+        return list(labels) if labels else None
+    if labels == IMAGENET_LABELS:
+        try:
+            from torchvision.models._meta import _IMAGENET_CATEGORIES
+        except ImportError as exc:
+            raise ExportError("--labels imagenet needs torchvision on the export machine") from exc
+        return list(_IMAGENET_CATEGORIES)
+    path = Path(labels)
+    if not path.is_file():
+        raise ExportError(f"labels file {labels!r} does not exist (give a text file, one label per line, or 'imagenet')")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_labels(labels: list[str] | None, num_classes: int) -> None:
+    if labels is not None and len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels given for a model with {num_classes} classes")
+
+
+def export_torch(
+    model,
+    *,
+    layers: Sequence[str] = (),
+    input_size: tuple[int, int] = (224, 224),
+    rules: Sequence[str] = DEFAULT_RULE_SETS,
+    preprocessing: contract.Preprocessing | None = None,
+    labels: str | Sequence[str] | None = None,
+    source_name: str = "",
+    opset: int | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[onnx.ModelProto, list[Check]]:
+    """Export a torch classifier; validated against torch autograd. Returns the model and the checks."""
+    from .torch_frontend import export_forward, parse_layer, spatial_candidates
+
+    model = model.eval()
+    names = list(layers)
+    if not names:
+        names = [_choose_layer(spatial_candidates(model, input_size), "torch")]
+        log(f"default layer: {names[0]} (the last output with spatial extent)")
+    refs = [parse_layer(model, n) for n in names]
+    rule_objects = resolve_rule_sets(rules)
+    forward, logits, tensors = export_forward(model, refs, input_size, opset)
+    forward = prepare(forward)
+    index = GraphIndex(forward)
+    score = choose_score(index, logits)
+    labels = resolve_labels(labels)
+    _check_labels(labels, index.shape(score.tensor)[1])
+    preprocessing = preprocessing or contract.Preprocessing(*input_size)
+    meta = contract_metadata(
+        layers=names, default=names[0], preprocessing=preprocessing, rule_sets=list(rules), labels=labels,
+        source={"framework": "torch", "model": source_name or type(model).__name__}, score=score,
+        image_input=forward.graph.input[0].name, exporter_version=__version__,
+    )
+    result = build_contract_model(
+        forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
+        input_rule_sets=rule_objects, vanilla=resolve_rule_sets([contract.RULE_VANILLA])[0],
+        metadata=meta, keep_outputs=[logits],
+    )
+    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
+    return result, checks
+
+
+def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProto:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if name:
+        match = [i for i in inputs if i.name == name]
+        if not match:
+            raise ExportError(f"input {name!r} not found; the model's inputs are {[i.name for i in inputs]}")
+        return match[0]
+    if len(inputs) != 1:
+        raise ExportError(f"the model has inputs {[i.name for i in inputs]}; name the image input with --input-name")
+    return inputs[0]
+
+
+def export_onnx(
+    path: str | os.PathLike,
+    *,
+    layers: Sequence[str] = (),
+    rules: Sequence[str] = DEFAULT_RULE_SETS,
+    preprocessing: contract.Preprocessing | None = None,
+    labels: str | Sequence[str] | None = None,
+    input_name: str | None = None,
+    use_softmax_output: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[onnx.ModelProto, list[Check]]:
+    """Export any ONNX classifier (layers are tensor names); validated by finite differences."""
+    try:
+        source = onnx.load(os.fspath(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises others
+        raise ExportError(f"{os.fspath(path)!r} is not a readable ONNX file: {exc}") from exc
+    image = _image_input(source, input_name)
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]):
+        raise ExportError(f"image input {image.name!r} must be NCHW with static C, H, W; got {dims}")
+    dims[0].Clear()
+    dims[0].dim_param = "batch"  # one file serves every batch size
+    del source.graph.value_info[:]
+    forward = prepare(source)
+    index = GraphIndex(forward)
+    score = choose_score(index, forward.graph.output[0].name, use_softmax_output)
+    names = list(layers)
+    for name in names:
+        if name not in index.shapes and name not in index.producer:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
+            raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
+    if not names:
+        names = [_choose_layer([default_layer(index, image.name, score.tensor)], "onnx")]
+        log(f"default layer: {names[0]} (the last tensor with spatial extent)")
+    height, width = dims[2].dim_value, dims[3].dim_value
+    preprocessing = preprocessing or contract.Preprocessing(height, width)
+    if (preprocessing.height, preprocessing.width) != (height, width):
+        raise ExportError(f"--input-size {preprocessing.height},{preprocessing.width} differs from the model's {height},{width}")
+    labels = resolve_labels(labels)
+    _check_labels(labels, index.shape(score.tensor)[1])
+    meta = contract_metadata(
+        layers=names, default=names[0], preprocessing=preprocessing, rule_sets=list(rules), labels=labels,
+        source={"framework": "onnx", "model": Path(path).name}, score=score, image_input=image.name,
+        exporter_version=__version__,
+    )
+    result = build_contract_model(
+        forward, image_input=image.name, score=score, layers={n: n for n in names},
+        input_rule_sets=resolve_rule_sets(rules), vanilla=resolve_rule_sets([contract.RULE_VANILLA])[0],
+        metadata=meta, keep_outputs=[o.name for o in forward.graph.output],
+    )
+    checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
+                                         tuple(d.dim_value for d in dims[1:]))
+    return result, checks
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model.SerializeToString())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

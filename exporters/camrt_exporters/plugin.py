@@ -1,0 +1,102 @@
+"""camrt plugin of the exporters: the built-in rule sets and the `camrt export` command."""
+
+from __future__ import annotations
+
+import click
+
+from camrt.hookspecs import hookimpl
+
+
+@hookimpl
+def register_gradient_rules(register):
+    from .autodiff.rules import BUILTIN_RULE_SETS
+
+    for rule_set in BUILTIN_RULE_SETS:
+        register(rule_set)
+
+
+def _floats(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected {count} comma-separated numbers, got {text!r}", param_hint=option)
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise click.BadParameter(f"expected {count} comma-separated numbers, got {text!r}", param_hint=option)
+    return values
+
+
+EXPORT_EPILOG = """\b
+Examples:
+  camrt export torchvision.models:resnet50 --weights resnet50.pth -o resnet50.camrt.onnx
+  camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 -o r18.camrt.onnx
+  camrt export model.onnx --mean 0.5 --std 0.5 -o model.camrt.onnx
+"""
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command(epilog=EXPORT_EPILOG)
+    @click.argument("source")
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The camrt .onnx file to write.")
+    @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the last tensor with spatial extent.")
+    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
+    @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
+    @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model).")
+    @click.option("--mean", help="Per-channel mean after scaling (default ImageNet's for torch sources).")
+    @click.option("--std", help="Per-channel std (default ImageNet's for torch sources).")
+    @click.option("--scale", type=float, help="Pixel scale applied before mean/std (default 1/255).")
+    @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
+    @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
+    @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
+    @click.option("--softmax-output", is_flag=True, help="Differentiate the softmax output instead of the logits before it.")
+    @click.option("--opset", type=int, help="ONNX opset for torch sources.")
+    def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
+               input_name, softmax_output, opset):
+        """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
+
+        The file carries the model's outputs, the activations and gradients of the chosen layers
+        and the input gradients of the chosen rule sets. It is validated (torch autograd, or
+        finite differences for ONNX sources) before it is written; on failure nothing is written.
+        """
+        from camrt import contract
+
+        from .export import export_onnx, export_torch, write_model
+        from .torch_frontend import load_model
+
+        size = _floats(input_size, 2, "--input-size")
+        defaults = contract.Preprocessing(224, 224)
+        is_onnx = source.endswith(".onnx")
+        preprocessing = None
+        if size or mean or std or scale is not None or channel_order != "rgb" or not is_onnx:
+            height, width = (int(size[0]), int(size[1])) if size else (224, 224)
+            preprocessing = contract.Preprocessing(
+                height, width,
+                mean=_floats(mean, 3, "--mean") or defaults.mean,
+                std=_floats(std, 3, "--std") or defaults.std,
+                scale=defaults.scale if scale is None else scale,
+                channel_order=channel_order,
+            )
+        rule_names = [r.strip() for r in rules.split(",") if r.strip()]
+        log = lambda message: click.echo(message, err=True)  # noqa: E731
+        if is_onnx:
+            if preprocessing is not None and not size:
+                import onnx
+
+                dims = [i for i in onnx.load(source, load_external_data=False).graph.input][0].type.tensor_type.shape.dim
+                preprocessing = contract.Preprocessing(dims[2].dim_value, dims[3].dim_value, preprocessing.mean,
+                                                       preprocessing.std, preprocessing.scale, channel_order)
+            model, checks = export_onnx(source, layers=layers, rules=rule_names, preprocessing=preprocessing,
+                                        labels=labels, input_name=input_name, use_softmax_output=softmax_output, log=log)
+        else:
+            module = load_model(source, weights)
+            model, checks = export_torch(module, layers=layers, input_size=(preprocessing.height, preprocessing.width),
+                                         rules=rule_names, preprocessing=preprocessing, labels=labels,
+                                         source_name=source, opset=opset, log=log)
+        for check in checks:
+            log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")
+        write_model(model, output)
+        click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,286 @@
+"""PyTorch front end: nn.Module (or `module:factory` spec) -> forward ONNX with the layers exposed.
+
+The requested layers' outputs are captured with forward hooks and returned as extra outputs of a
+wrapper module, so `torch.onnx.export` names them as graph outputs: no reliance on exporter
+internals to find a module's tensor. torch is imported lazily; the runtime never imports this.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import io
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from camrt.errors import ExportError
+
+IMAGE_INPUT = "input"
+LOGITS = "logits"
+CALL_SEPARATOR = "@"  # "name@k": the k-th call (from 0) of a module called several times
+
+
+def load_model(spec: str, weights: str | None = None):
+    """Import `package.module:factory` (dotted attributes allowed), call it, load a state dict."""
+    import torch
+
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ExportError(f"torch source {spec!r} must look like 'package.module:factory'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExportError(f"cannot import {module_name!r} for source {spec!r}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ExportError(f"{module_name!r} has no attribute {attr!r} (source {spec!r})")
+        obj = getattr(obj, part)
+    model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"source {spec!r} did not produce a torch.nn.Module but {type(model).__name__}")
+    if weights:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def load_weights(model, path: str) -> None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for unreadable files
+        raise ExportError(f"cannot read the weights file {path!r}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"the weights in {path!r} do not fit the model: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    name: str  # as the user gave it: "layer4" or "_swish@1"
+    module: str
+    call: int | None
+
+
+def parse_layer(model, name: str) -> LayerRef:
+    module, _, call = name.partition(CALL_SEPARATOR)
+    modules = dict(model.named_modules())
+    if module not in modules or module == "":
+        close = difflib.get_close_matches(module, [n for n in modules if n], n=5, cutoff=0.5)
+        raise ExportError(
+            f"layer {name!r} does not exist in the model; nearest valid names: {close or 'none'} "
+            "(names come from model.named_modules())"
+        )
+    return LayerRef(name, module, int(call) if call else None)
+
+
+class _Taps:
+    """Forward hooks recording every output of the watched modules, in call order."""
+
+    def __init__(self, model, module_names: Sequence[str]):
+        self.calls: dict[str, list] = {n: [] for n in module_names}
+        modules = dict(model.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._recorder(n)) for n in module_names]
+
+    def _recorder(self, name):
+        def hook(module, args, output):
+            self.calls[name].append(output)
+
+        return hook
+
+    def clear(self):
+        for outputs in self.calls.values():
+            outputs.clear()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def pick(self, ref: LayerRef):
+        outputs = self.calls[ref.module]
+        if not outputs:
+            raise ExportError(f"layer {ref.name!r} is never called in forward()")
+        if ref.call is None:
+            if len(outputs) > 1:
+                raise ExportError(
+                    f"module {ref.module!r} is called {len(outputs)} times in forward(); name one call as "
+                    f"'{ref.module}{CALL_SEPARATOR}K' with K in 0..{len(outputs) - 1}"
+                )
+            return _as_tensor(ref, outputs[0])
+        if not 0 <= ref.call < len(outputs):
+            raise ExportError(f"module {ref.module!r} is called {len(outputs)} times; {ref.name!r} is out of range")
+        return _as_tensor(ref, outputs[ref.call])
+
+
+def _as_tensor(ref: LayerRef, output):
+    import torch
+
+    if not isinstance(output, torch.Tensor):
+        raise ExportError(f"layer {ref.name!r} returns {type(output).__name__}, not a tensor")
+    return output
+
+
+def spatial_candidates(model, input_size: tuple[int, int]) -> list[str]:
+    """Layer names (forward order) whose output has spatial extent; a tensor produced by several
+    nested modules is named after the outermost one (shortest name)."""
+    import torch
+
+    names = [n for n, _ in model.named_modules() if n]
+    taps = _Taps(model, names)
+    order: list[tuple[int, str, object]] = []
+    counter = iter(range(10**9))
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_hook(
+                lambda m, a, out, name=name: order.append((next(counter), name, out))))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        taps.remove()
+    by_tensor: dict[int, list[str]] = {}
+    sequence: list[int] = []
+    call_index: dict[str, int] = {}
+    for _, name, out in order:
+        call = call_index.get(name, 0)
+        call_index[name] = call + 1
+        if not (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] > 1 and out.shape[3] > 1):
+            continue
+        key = id(out)
+        if key not in by_tensor:
+            sequence.append(key)
+        label = name if len(taps.calls[name]) <= 1 else f"{name}{CALL_SEPARATOR}{call}"
+        by_tensor.setdefault(key, []).append(label)
+    # hooks fire inner-first, so the outermost module producing a tensor fires last
+    chosen = []
+    for key in sequence:
+        labels = by_tensor[key]
+        chosen.append(min(labels, key=lambda label: (label.count("."), len(label))))
+    return chosen
+
+
+class TapModel:
+    """Factory of the export wrapper: model outputs followed by the requested layers' outputs."""
+
+    @staticmethod
+    def build(model, refs: Sequence[LayerRef]):
+        import torch
+
+        class _Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                self.taps = _Taps(model, sorted({r.module for r in refs}))
+
+            def forward(self, x):
+                self.taps.clear()
+                logits = self.model(x)
+                return (logits, *[self.taps.pick(r) for r in refs])
+
+        return _Wrapper().eval()
+
+
+def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None):
+    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors."""
+    import onnx
+    import torch
+
+    wrapper = TapModel.build(model, refs)
+    tap_names = [f"camrt_tap_{i}" for i in range(len(refs))]
+    example = torch.zeros(2, 3, *input_size)
+    buffer = io.BytesIO()
+    kwargs = {"opset_version": opset} if opset else {}
+    try:
+        with _quiet_export():
+            program = torch.onnx.export(
+                wrapper, (example,), dynamo=True, input_names=[IMAGE_INPUT], output_names=[LOGITS, *tap_names],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), **kwargs,
+            )
+        program.save(buffer)
+    except Exception as exc:  # torch.export raises a wide range of types
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    finally:
+        wrapper.taps.remove()
+    proto = onnx.load_from_string(buffer.getvalue())
+    outputs = [o.name for o in proto.graph.output]
+    return proto, outputs[0], dict(zip([r.name for r in refs], outputs[1:]))
+
+
+@contextmanager
+def _quiet_export():
+    import contextlib
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        previous = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch").setLevel(previous)
+
+
+@contextmanager
+def relu_backward(rule_set: str):
+    """Replace ReLU's backward in torch (modules and functional calls) by a rule set's, for validation."""
+    import torch
+    import torch.nn.functional as F
+
+    if rule_set == "vanilla":
+        yield
+        return
+
+    class _Relu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            if rule_set == "guided":
+                return grad.clamp(min=0) * (x > 0).to(grad.dtype)
+            return grad.clamp(min=0)
+
+    original = F.relu
+    F.relu = lambda x, inplace=False: _Relu.apply(x)
+    try:
+        yield
+    finally:
+        F.relu = original
+
+
+def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla"):
+    """Torch autograd oracle: logits, layer activations and gradients, and the input gradient."""
+    import torch
+
+    taps = _Taps(model, sorted({r.module for r in refs}))
+    try:
+        with relu_backward(rule_set):
+            x = x.clone().requires_grad_(True)
+            logits = model(x)
+            acts = [taps.pick(r) for r in refs]
+            resolved = torch.where(targets < 0, logits.argmax(dim=1), targets)
+            score = logits.gather(1, resolved[:, None]).sum()
+            grads = torch.autograd.grad(score, [*acts, x])
+    finally:
+        taps.remove()
+    return {
+        "logits": logits.detach().numpy(),
+        "target": resolved.numpy(),
+        "acts": [a.detach().numpy() for a in acts],
+        "grads": [g.numpy() for g in grads[:-1]],
+        "input_grad": grads[-1].numpy(),
+    }

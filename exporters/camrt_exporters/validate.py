@@ -1,0 +1,205 @@
+"""Validation of an exported camrt file before it is written.
+
+Torch front end: onnxruntime's activations and gradients against torch autograd.
+ONNX front end: central finite differences along random directions.
+Every mismatching tensor is reported; a failure raises ValidationError and nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from camrt import contract
+from camrt.errors import ValidationError
+
+#: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
+FORWARD_MAX_REL = 1e-4
+LAYER_GRAD_MAX_REL = 1e-3
+#: ||a - b|| <= L2_REL * ||b|| for input gradients, which cross every ReLU/MaxPool switch and
+#: legitimately differ at a few pixels between float32 implementations.
+INPUT_GRAD_L2_REL = 2e-2
+#: |fd - <g, v>| <= FD_REL * (|fd| + ||g|| ||v|| / sqrt(n)) for finite-difference checks.
+FD_REL = 2e-2
+
+
+@dataclass
+class Check:
+    name: str
+    error: float
+    tolerance: float
+    kind: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.error)) and self.error <= self.tolerance
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.kind} error {self.error:.3g} > tolerance {self.tolerance:.3g}"
+
+
+def max_rel(actual: np.ndarray, expected: np.ndarray) -> float:
+    if actual.shape != expected.shape:
+        return float("inf")
+    scale = float(np.abs(expected).max()) or 1.0
+    return float(np.abs(actual.astype(np.float64) - expected).max()) / scale
+
+
+def l2_rel(actual: np.ndarray, expected: np.ndarray) -> float:
+    if actual.shape != expected.shape:
+        return float("inf")
+    scale = float(np.linalg.norm(expected)) or 1.0
+    return float(np.linalg.norm(actual.astype(np.float64) - expected)) / scale
+
+
+def raise_on_failures(checks: list[Check]) -> list[Check]:
+    failures = [c.describe() for c in checks if not c.ok]
+    if failures:
+        raise ValidationError(failures)
+    return checks
+
+
+def session_for(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_contract(model: onnx.ModelProto, image_input: str, x: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    session = session_for(model)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {image_input: x, contract.TARGET_INPUT: targets})))
+
+
+def validate_against_torch(model, contract_model, refs, layers: dict[str, str], rule_sets, image_input: str,
+                           input_size: tuple[int, int]) -> list[Check]:
+    """Compare with torch float32 autograd; a tensor outside tolerance is judged again against torch
+    float64, where camrt must be no further from the truth than twice torch float32's own error
+    (float32 ReLU/MaxPool switches legitimately flip between implementations)."""
+    import torch
+
+    from .torch_frontend import reference_gradients
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, *input_size)).astype(np.float32)
+    got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 1], dtype=np.int64))
+    targets = torch.tensor(got[contract.TARGET_INDEX_OUTPUT])
+    checks = []
+    for rule_set in rule_sets:
+        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set), refs)
+        pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set) if name in got]
+        truth = None
+        for name, metric, tol, kind in pending:
+            check = Check(name, metric(got[name], ref[name]), tol, kind)
+            if not check.ok:
+                if truth is None:
+                    truth = _float64_reference(model, refs, x, targets, rule_set)
+                own_error = metric(ref[name], truth[name])
+                check = Check(name, metric(got[name], truth[name]), max(2 * own_error, tol),
+                              f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
+            checks.append(check)
+    return raise_on_failures(checks)
+
+
+def _torch_checks(refs, rule_set: str):
+    if rule_set == contract.RULE_VANILLA:
+        yield contract.LOGITS_OUTPUT, max_rel, FORWARD_MAX_REL, "max-relative"
+        for ref in refs:
+            yield contract.activation_output(ref.name), max_rel, FORWARD_MAX_REL, "max-relative"
+            yield contract.gradient_output(ref.name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+    yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
+
+
+def _flatten(ref: dict, refs) -> dict[str, np.ndarray]:
+    """reference_gradients() output keyed by contract names; the rule set is the caller's."""
+    flat = {contract.LOGITS_OUTPUT: ref["logits"]}
+    for layer, act, grad in zip(refs, ref["acts"], ref["grads"]):
+        flat[contract.activation_output(layer.name)] = act
+        flat[contract.gradient_output(layer.name)] = grad
+    for rule_set in (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET):
+        flat[contract.input_gradient_output(rule_set)] = ref["input_grad"]
+    return flat
+
+
+def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str) -> dict[str, np.ndarray]:
+    import copy
+
+    import torch
+
+    from .torch_frontend import reference_gradients
+
+    model64 = copy.deepcopy(model).double()
+    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set), refs)
+
+
+def _directional_check(name: str, score: Callable[[np.ndarray], float], point: np.ndarray, grad: np.ndarray,
+                       rng: np.random.Generator, directions: int = 3) -> Check:
+    worst = 0.0
+    scale = float(np.abs(point).max()) or 1.0
+    eps = 1e-2 * scale
+    for _ in range(directions):
+        v = rng.standard_normal(point.shape).astype(np.float32)
+        fd = (score(point + eps * v) - score(point - eps * v)) / (2 * eps)
+        analytic = float((grad.astype(np.float64) * v).sum())
+        bound = abs(fd) + float(np.linalg.norm(grad)) * float(np.linalg.norm(v)) / np.sqrt(v.size)
+        worst = max(worst, abs(fd - analytic) / (bound or 1.0))
+    return Check(name, worst, FD_REL, "finite-difference")
+
+
+def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, layers: dict[str, str],
+                                image_input: str, score_tensor: str, input_shape: tuple[int, ...]) -> list[Check]:
+    """Directional derivatives of the target score vs central differences in onnxruntime (float32)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *input_shape)).astype(np.float32)
+    got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
+    targets = got[contract.TARGET_INDEX_OUTPUT]
+    checks = []
+    vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
+    if vanilla_input in got:
+        scorer = _scorer(forward_model, score_tensor, targets, image_input, x, overridden=image_input)
+        checks.append(_directional_check(vanilla_input, scorer, x, got[vanilla_input], rng))
+    for layer, tensor in layers.items():
+        scorer = _scorer(forward_model, score_tensor, targets, image_input, x, overridden=tensor)
+        point = got[contract.activation_output(layer)]
+        checks.append(_directional_check(contract.gradient_output(layer), scorer, point,
+                                         got[contract.gradient_output(layer)], rng))
+    return raise_on_failures(checks)
+
+
+def _scorer(forward_model: onnx.ModelProto, score_tensor: str, targets: np.ndarray, image_input: str,
+            x: np.ndarray, overridden: str) -> Callable[[np.ndarray], float]:
+    """sum_b score[b, target_b] as a function of tensor `overridden` (all other tensors as in the forward pass)."""
+    model = cut_at(forward_model, overridden, score_tensor)
+    session = session_for(model)
+    rows = np.arange(len(targets))
+
+    def score(value: np.ndarray) -> float:
+        feeds = {overridden: value}
+        if overridden != image_input:
+            feeds[image_input] = x
+        logits = session.run([score_tensor], feeds)[0]
+        return float(logits[rows, targets].astype(np.float64).sum())
+
+    return score
+
+
+def cut_at(model: onnx.ModelProto, tensor: str, output: str) -> onnx.ModelProto:
+    """A copy of `model` whose tensor `tensor` is a graph input instead of computed, with `output` as output."""
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    graph = cut.graph
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_empty_tensor_value_info(output))
+    if any(i.name == tensor for i in graph.input):
+        return cut
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name == tensor:
+                node.output[i] = tensor + "/camrt_replaced"
+    graph.input.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    return cut
