@@ -1,3 +1,48 @@
-"""camrt: visual explanations of image models, computed where they are deployed."""
+"""camrt: visual explanations of image models, computed where they are deployed.
+
+The public names below are imported lazily on first use, so that `import camrt` stays cheap
+(no onnxruntime, OpenCV or plugin loading until something needs them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Explainer": "camrt.explainer",
+    "Explanation": "camrt.explainer",
+    "ExplainSession": "camrt.session",
+    "read_contract": "camrt.session",
+    "load_image": "camrt.images",
+    "preprocess": "camrt.images",
+    "Method": "camrt.methods.base",
+    "ActivationWeightingMethod": "camrt.methods.base",
+    "Requirements": "camrt.methods.base",
+    "GraphOutputs": "camrt.methods.base",
+    "hookimpl": "camrt.hookspecs",
+    "CamrtError": "camrt.errors",
+    "ModelError": "camrt.errors",
+    "ContractError": "camrt.errors",
+    "InputError": "camrt.errors",
+    "UsageError": "camrt.errors",
+    "PluginError": "camrt.errors",
+    "ExitCode": "camrt.errors",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'camrt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -30,10 +30,15 @@ def register_methods(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_renderers(register: Callable[..., None]) -> None:
-    """Register output formats: ``register(name, write_function)``.
+    """Register output formats: ``register(name, write_function, *, suffix=None, field=None)``.
 
     ``write_function(path, heatmap, image, options) -> None`` writes one file; the runtime
-    makes the write atomic. Called once when the renderer registry is built.
+    makes the write atomic (it passes a temporary path and moves the file into place).
+    ``heatmap`` is float32 [H, W] in [0, 1], ``image`` HWC uint8 RGB of the same size (or None),
+    ``options`` a dict (e.g. ``alpha``). ``suffix`` follows the input's stem in the file name
+    (default ``"." + name``); ``field`` is the JSON record key of the written path (default
+    ``name``). A duplicate name raises ``PluginError``. Called once when the renderer registry is
+    built.
     """
 
 

@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "camrt"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
     "camrt.builtin_hooks",
+    "camrt.render",
     "camrt.methods.gradcam",
 )
 

@@ -21,10 +21,25 @@ ARCHITECTURES = {
 
 
 def load(name: str):
-    """The model with fixed random weights (seed 0), or real weights for EfficientNet-Lite0."""
+    """The model with fixed random weights (seed 0), or real weights for EfficientNet-Lite0.
+
+    Random-init BatchNorm statistics (mean 0, var 1) leave some networks (googlenet's std-0.01
+    init) with activations near 0 deep inside, where float32 ReLU/MaxPool switches tie at exact
+    zeros; the statistics are calibrated on random images first, as training would.
+    """
     import torch
 
     from camrt_exporters.torch_frontend import load_model
 
     torch.manual_seed(0)
-    return load_model(ARCHITECTURES[name][0])
+    model = load_model(ARCHITECTURES[name][0])
+    if name != "efficientnet_lite0":
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(4, 3, 224, 224))
+        model.eval()
+    return model

@@ -31,10 +31,11 @@ def neg(ctx, node, grads):
     return [ctx.emit("Neg", [grads[0]])]
 
 
-@rule("Cast")
+@rule("Cast", "CastLike")
 def cast(ctx, node, grads):
+    """Cast the gradient back to the input's type; CastLike's target-type input gets none."""
     to = onnx.helper.np_dtype_to_tensor_dtype(ctx.np_dtype(node.input[0]))
-    return [ctx.emit("Cast", [grads[0]], to=to)]
+    return [ctx.emit("Cast", [grads[0]], to=to)] + [None] * (len(node.input) - 1)
 
 
 @rule("Add", "Sum")
@@ -188,7 +189,8 @@ def power(ctx, node, grads):
         raise ExportError(f"node {node.name!r} (Pow): gradients w.r.t. the exponent are not supported")
     exponent = ctx.require_value(p, "the exponent")
     lower = ctx.emit("Pow", [x, ctx.const(exponent - 1, like=x)])
-    return [ctx.mul(grads[0], ctx.mul(lower, ctx.const(exponent, like=x))), None]
+    grad = ctx.mul(grads[0], ctx.mul(lower, ctx.const(exponent, like=x)))
+    return [ctx.unbroadcast(grad, x, node.output[0]), None]
 
 
 @rule("Abs")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from camrt.errors import ExportError
 
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
+from .elementwise import _mask
 from .linear import explicit_pads
 
 RULES: RuleTable = {}
@@ -25,6 +26,15 @@ def global_average_pool(ctx, node, grads):
     x = node.input[0]
     count = int(np.prod(ctx.static_shape(x)[2:]))
     return [_broadcast_back(ctx, grads[0], x, 1.0 / count)]
+
+
+@rule("GlobalMaxPool")
+def global_max_pool(ctx, node, grads):
+    """dx = g * 1[x == max] / (number of maxima): tied maxima share the gradient (as torch's amax)."""
+    x, y = node.input[0], node.output[0]
+    hit = _mask(ctx, "Equal", x, y, x)
+    count = ctx.emit("ReduceSum", [hit, ctx.ints(list(range(2, ctx.index.rank(x))))], keepdims=1)
+    return [ctx.mul(ctx.emit("Div", [grads[0], count]), hit)]
 
 
 def _reduce_axes(ctx: RuleContext, node) -> list[int] | None:
@@ -63,6 +73,17 @@ RULES["ReduceMean"] = _reduction_rule(mean=True)
 RULES["ReduceSum"] = _reduction_rule(mean=False)
 
 
+def _pool_output_size(size, k, s, d, begin, end, ceil_mode) -> int:
+    """Output length of a pool along one axis. With ceil_mode a last window that would start in
+    the right padding is dropped (ONNX spec, onnxruntime, torch); ONNX shape inference keeps it,
+    so the inferred output shape cannot be trusted here."""
+    span = size + begin + end - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + begin:
+        out -= 1
+    return out
+
+
 def _pool_geometry(ctx: RuleContext, node):
     x = node.input[0]
     spatial = list(ctx.static_shape(x)[2:])
@@ -71,7 +92,10 @@ def _pool_geometry(ctx: RuleContext, node):
     strides = list(attribute(node, "strides", [1] * n))
     dilations = list(attribute(node, "dilations", [1] * n))
     pads = explicit_pads(ctx, node, spatial, kernel, strides, dilations)
-    out_spatial = list(ctx.static_shape(node.output[0])[2:])
+    explicit = attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"", "")
+    ceil_mode = attribute(node, "ceil_mode", 0) if explicit else 0
+    out_spatial = [_pool_output_size(spatial[i], kernel[i], strides[i], dilations[i], pads[i], pads[n + i],
+                                     ceil_mode) for i in range(n)]
     return spatial, kernel, strides, dilations, pads, out_spatial
 
 
@@ -163,6 +187,9 @@ def layer_normalization(ctx: RuleContext, node, grads):
     inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
     mean = ctx.forward_output(1, "mean")
     rstd = ctx.forward_output(2, "inv_std_dev")
+    to = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(x))
+    if attribute(node, "stash_type", TensorProto.FLOAT) != to:  # Mean and InvStdDev have the stash type
+        mean, rstd = (ctx.emit("Cast", [t], to=to) for t in (mean, rstd))
     xhat = ctx.mul(ctx.emit("Sub", [x, mean]), rstd)
     gh = ctx.mul(grads[0], scale)
     axes_const = ctx.ints(axes)

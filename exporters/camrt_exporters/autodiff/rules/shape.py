@@ -31,6 +31,24 @@ def expand(ctx: RuleContext, node, grads):
     return [ctx.unbroadcast(grads[0], node.input[0], node.output[0]), None]
 
 
+@rule("Gather")
+def gather(ctx: RuleContext, node, grads):
+    """Constant indices: dx = g contracted with one_hot(indices) over the gathered axis (repeated
+    indices add up); the axis is moved last for a MatMul with the one-hot matrix, then back."""
+    x, indices = node.input
+    shape = ctx.static_shape(x)
+    rank = len(shape)
+    axis = attribute(node, "axis", 0) % rank
+    if axis == 0:
+        raise ExportError(f"node {node.name!r} (Gather): gathers along the batch axis")
+    picked = ctx.require_value(indices, "the gather indices").reshape(-1) % shape[axis]
+    one_hot = np.eye(shape[axis])[picked]
+    flat = ctx.emit("Reshape", [grads[0], ctx.ints([0] * axis + [-1, *shape[axis + 1:]])])
+    to_last = [a for a in range(rank) if a != axis] + [axis]
+    spread = ctx.emit("MatMul", [ctx.emit("Transpose", [flat], perm=to_last), ctx.const(one_hot, like=x)])
+    return [ctx.emit("Transpose", [spread], perm=[int(a) for a in np.argsort(to_last)]), None]
+
+
 def _axis_sizes(ctx: RuleContext, names, axis: int) -> list[int]:
     sizes = []
     for name in names:
@@ -83,6 +101,8 @@ def slice_(ctx: RuleContext, node, grads):
         axis %= rank
         dim = shape[axis]
         if not isinstance(dim, int):
+            if start == 0 and end >= np.iinfo(np.int32).max:  # all of it, e.g. a batch axis
+                continue
             raise ExportError(f"node {node.name!r} (Slice): slices a dynamic axis {axis}")
         start = min(max(start + dim if start < 0 else start, 0), dim)
         end = min(max(end + dim if end < 0 else end, 0), dim)

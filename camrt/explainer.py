@@ -1,0 +1,209 @@
+"""The library entry point: a contract file + a method -> heatmaps and their records.
+
+    explainer = Explainer("model.camrt.onnx", method="gradcam")
+    results = explainer.explain([rgb_image], targets=None)   # None: the top-1 class
+    results[0].heatmap   # float32 [H, W] in [0, 1] at the image's resolution
+
+An Explainer is safe to share between threads: it keeps no per-call state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import contract, postprocess
+from .errors import InputError, ModelError, PluginError, UsageError
+from .methods.base import GraphOutputs, Method
+from .session import ExplainSession
+
+
+@dataclass
+class Explanation:
+    """One explained input: the heatmap and what it explains."""
+
+    heatmap: np.ndarray  # float32 [H, W] in [0, 1]
+    target: int  # the class explained (top-1 resolved)
+    score: float  # the logit of the target
+    probability: float | None  # softmax of the logits at the target, when the model ends in a softmax
+    label: str | None  # the target's class name, when the file has labels
+    layer: str | None  # the explained layer(s), comma-joined; None for layer-free methods
+    method: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-able fields (everything but the heatmap)."""
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "target": self.target,
+            "label": self.label,
+            "score": self.score,
+            "probability": self.probability,
+            **self.extra,
+        }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
+class Explainer:
+    """A contract file opened for one method (and its layers)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        method: str | Method = "gradcam",
+        device: str = "auto",
+        threads: int | None = None,
+        layer: str | Sequence[str] | None = None,
+        **method_options: Any,
+    ):
+        self.session = ExplainSession(path, device=device, threads=threads)
+        if isinstance(method, Method):
+            if method_options:
+                raise UsageError("give method options to the method instance, not to the Explainer")
+            self.method = method
+        else:
+            from .registry import build_method_registry
+
+            self.method = build_method_registry().get(method)(**method_options)
+        self.layers: tuple[str, ...] = self._resolve_layers(layer)
+        self.fetch: tuple[str, ...] = (
+            contract.LOGITS_OUTPUT,
+            contract.TARGET_INDEX_OUTPUT,
+            *self.method.requires.outputs(self.layers),
+        )
+        self._check_outputs()
+
+    # -- setup ---------------------------------------------------------------------------
+    @property
+    def info(self) -> contract.ContractInfo:
+        return self.session.info
+
+    @property
+    def num_classes(self) -> int:
+        return self.session.num_classes
+
+    def _resolve_layers(self, layer: str | Sequence[str] | None) -> tuple[str, ...]:
+        requires = self.method.requires
+        path = self.session.path
+        if not requires.uses_layers:
+            if layer:
+                raise UsageError(f"method {self.method.name!r} explains the input, it takes no layer")
+            return ()
+        if layer is None or (not isinstance(layer, str) and len(layer) == 0):
+            default = self.info.default_layer or (self.info.layers[0] if self.info.layers else None)
+            if default is None:
+                raise ModelError(
+                    f"method {self.method.name!r} needs a layer's activations and gradients but {path} "
+                    "has no layers; re-export it with `camrt export ... --layer NAME`"
+                )
+            return (default,)
+        layers = (layer,) if isinstance(layer, str) else tuple(layer)
+        unknown = [name for name in layers if name not in self.info.layers]
+        if unknown:
+            have = ", ".join(self.info.layers) or "(none)"
+            flags = " ".join(f"--layer {name}" for name in unknown)
+            raise ModelError(
+                f"layer(s) {', '.join(unknown)} not in {path} (it has: {have}); "
+                f"re-export it with `camrt export ... {flags}`"
+            )
+        return tuple(dict.fromkeys(layers))
+
+    def _check_outputs(self) -> None:
+        missing = [name for name in self.fetch if name not in self.session.output_names]
+        if not missing:
+            return
+        flags: list[str] = []
+        for layer in self.layers:
+            if any(name in missing for name in (contract.activation_output(layer), contract.gradient_output(layer))):
+                flags.append(f"--layer {layer}")
+        rule = self.method.requires.input_gradient
+        if rule is not None and contract.input_gradient_output(rule) in missing:
+            rules = list(dict.fromkeys([*self.info.rule_sets, rule]))
+            flags.append(f"--rules {','.join(rules)}")
+        raise ModelError(
+            f"method {self.method.name!r} needs output(s) {', '.join(missing)}, which {self.session.path} "
+            f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"
+        )
+
+    # -- explaining ----------------------------------------------------------------------
+    def prepare(self, images: Any) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """(NCHW float32 model input, the (H, W) each heatmap is returned at)."""
+        from .images import check_image, preprocess
+
+        if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype, np.floating):
+            x = self.session.check_inputs(images)
+            return x, [tuple(x.shape[2:])] * x.shape[0]
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 3:
+            images = [images]
+        elif isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, np.ndarray):
+            raise InputError(
+                f"images: expected HWC uint8 RGB images or an NCHW float32 batch, got {images.dtype} {images.shape}"
+            )
+        images = [check_image(image, f"image {i}") for i, image in enumerate(images)]
+        if not images:
+            raise InputError("no images to explain")
+        return preprocess(images, self.info.preprocessing), [image.shape[:2] for image in images]
+
+    def _targets(self, targets: Any, batch: int) -> list[int]:
+        if targets is None:
+            return [contract.TOP1_TARGET] * batch
+        if isinstance(targets, (int, np.integer)):
+            return [int(targets)] * batch
+        targets = list(targets)
+        return [contract.TOP1_TARGET if t is None else t for t in targets]
+
+    def explain(self, images: Any, targets: Any = None) -> list[Explanation]:
+        """Explain a batch.
+
+        images: a list of HWC uint8 RGB arrays (preprocessed as the file says; heatmaps at each
+        image's resolution) or an NCHW float32 array already preprocessed (heatmaps at the model
+        input size). targets: None (top-1 for all), one int for all, or one per image
+        (an int, or -1/None for top-1).
+        """
+        x, sizes = self.prepare(images)
+        values = self.session.run(x, self._targets(targets, x.shape[0]), self.fetch)
+        outputs = GraphOutputs(values, x)
+        method = self.method
+        raw = [method.explain(outputs, layer=layer) for layer in (self.layers or (None,))]
+        for layer, maps in zip(self.layers or (None,), raw):
+            if not isinstance(maps, np.ndarray) or maps.ndim != 3 or maps.shape[0] != x.shape[0]:
+                raise PluginError(
+                    f"method {method.name!r} returned {getattr(maps, 'shape', type(maps).__name__)} "
+                    f"for layer {layer!r}; expected raw maps [B, h, w] with B = {x.shape[0]}"
+                )
+        logits = outputs.logits
+        target_index = outputs.target_index.astype(np.int64)
+        softmax = bool(self.info.score.get("softmax", False))
+        probabilities = _softmax(logits) if softmax else None
+        labels = self.info.labels
+        layer_field = ",".join(self.layers) if self.layers else None
+        results = []
+        for i, size in enumerate(sizes):
+            target = int(target_index[i])
+            heatmap = postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
+            results.append(Explanation(
+                heatmap=heatmap,
+                target=target,
+                score=_finite(float(logits[i, target])),
+                probability=_finite(float(probabilities[i, target])) if probabilities is not None else None,
+                label=labels[target] if labels and 0 <= target < len(labels) else None,
+                layer=layer_field,
+                method=method.name,
+            ))
+        return results

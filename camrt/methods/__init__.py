@@ -1,0 +1,1 @@
+"""Built-in explanation methods, one module each, registered through the `register_methods` hook."""

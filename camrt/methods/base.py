@@ -1,0 +1,189 @@
+"""The method contract: what a method needs from the file (`Requirements`) and how it makes raw maps.
+
+A method turns the fetched graph outputs into raw maps [B, h, w], one call per explained layer.
+ReLU, upsampling, normalisation and multi-layer fusion are not the method's business: they live in
+`camrt.postprocess` and are applied once by the explainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import contract
+from ..errors import ModelError, PluginError, UsageError
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """The contract outputs a method needs.
+
+    activations / gradients: ``camrt/act/<layer>`` / ``camrt/grad/<layer>`` of each explained
+    layer; input_gradient: the rule set (``vanilla``, ``guided``, ...) of the
+    ``camrt/input_grad/<rule>`` output it needs, or None.
+    """
+
+    activations: bool = False
+    gradients: bool = False
+    input_gradient: str | None = None
+
+    @property
+    def uses_layers(self) -> bool:
+        return self.activations or self.gradients
+
+    def outputs(self, layers: Sequence[str]) -> list[str]:
+        """The output names to fetch for `layers`."""
+        names: list[str] = []
+        for layer in layers if self.uses_layers else ():
+            if self.activations:
+                names.append(contract.activation_output(layer))
+            if self.gradients:
+                names.append(contract.gradient_output(layer))
+        if self.input_gradient is not None:
+            names.append(contract.input_gradient_output(self.input_gradient))
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GraphOutputs:
+    """What one run of the contract file produced for a batch, by output name."""
+
+    values: Mapping[str, np.ndarray]
+    #: The preprocessed model input, NCHW float32.
+    inputs: np.ndarray
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise ModelError(f"output {name!r} was not fetched; declare it in the method's `requires`") from None
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.get(contract.LOGITS_OUTPUT)
+
+    @property
+    def target_index(self) -> np.ndarray:
+        return self.get(contract.TARGET_INDEX_OUTPUT)
+
+    def _spatial(self, name: str) -> np.ndarray:
+        value = self.get(name)
+        if value.ndim != 4:
+            raise ModelError(f"output {name!r} has shape {value.shape}; methods need NCHW feature maps")
+        return value
+
+    def activation(self, layer: str) -> np.ndarray:
+        """[B, K, h, w] feature maps of `layer`."""
+        return self._spatial(contract.activation_output(layer))
+
+    def gradient(self, layer: str) -> np.ndarray:
+        """[B, K, h, w] gradient of the target score with respect to `layer`."""
+        return self._spatial(contract.gradient_output(layer))
+
+    def input_gradient(self, rule_set: str) -> np.ndarray:
+        """[B, C, H, W] gradient of the target score with respect to the input, under `rule_set`."""
+        return self._spatial(contract.input_gradient_output(rule_set))
+
+
+def _coerce(value: Any, annotation: Any, method: str, name: str) -> Any:
+    """Options given as text (from the CLI) become the declared type."""
+    if not isinstance(value, str) or annotation in (str, Any):
+        return value
+    try:
+        if annotation is bool:
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation in (int, float):
+            return annotation(value)
+    except ValueError:
+        raise UsageError(f"method {method!r}: option {name!r} must be {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+class Method(ABC):
+    """An explanation method. Subclasses set `name`, `requires` and optionally `aliases`, `Options`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[Requirements] = Requirements()
+    #: Whether the postprocessing applies ReLU to the raw maps (methods whose maps are signed on
+    #: purpose turn it off).
+    relu: ClassVar[bool] = True
+
+    @dataclass(frozen=True)
+    class Options:
+        """No options."""
+
+    def __init__(self, **options: Any):
+        self.options = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> Any:
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            valid = ", ".join(sorted(fields)) if fields else "none (it takes no options)"
+            raise UsageError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; valid options: {valid}")
+        hints = typing.get_type_hints(cls.Options)
+        values = {key: _coerce(value, hints.get(key, Any), cls.name, key) for key, value in options.items()}
+        try:
+            return cls.Options(**values)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"method {cls.name!r}: bad options: {exc}") from None
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """name, aliases, requires, options and a one-line description, for `camrt methods`."""
+        hints = typing.get_type_hints(cls.Options)
+        options = []
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kind = hints.get(f.name, Any)
+            options.append({"name": f.name, "type": getattr(kind, "__name__", str(kind)), "default": default})
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return {
+            "name": cls.name,
+            "aliases": list(cls.aliases),
+            "requires": cls.requires.to_dict(),
+            "options": options,
+            "description": doc[0] if doc else "",
+        }
+
+    @abstractmethod
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        """Raw maps [B, h, w] (float32) for `layer` (None for methods that use no layer)."""
+
+
+class ActivationWeightingMethod(Method):
+    """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`."""
+
+    requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
+
+    @abstractmethod
+    def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """Channel weights [B, K] from activations and gradients [B, K, h, w]."""
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        activations = outputs.activation(layer)
+        gradients = outputs.gradient(layer) if self.requires.gradients else np.zeros_like(activations)
+        weights = np.asarray(self.weights(activations, gradients), dtype=np.float32)
+        batch, channels, height, width = activations.shape
+        if weights.shape != (batch, channels):
+            raise PluginError(f"method {self.name!r} returned weights of shape {weights.shape}, expected {(batch, channels)}")
+        flat = activations.reshape(batch, channels, height * width).astype(np.float32, copy=False)
+        return np.matmul(weights[:, None, :], flat).reshape(batch, height, width)

@@ -1,0 +1,77 @@
+"""Heatmap postprocessing, in one place and applied once: ReLU, upsampling, normalisation, fusion.
+
+Methods return raw maps; `finalize` turns the raw maps of one sample (one per layer) into the
+heatmap that is shown and saved. It is pytorch-grad-cam's pipeline (`base_cam.py`
+``compute_cam_per_layer`` + ``aggregate_multi_layers``, `utils/image.py` ``scale_cam_image``):
+
+1. per layer: ReLU, min-max normalisation ``(x - min) / (max - min + 1e-7)`` at the layer's own
+   resolution (so that layers of different scales weigh the same in the fusion), bilinear
+   upsampling with ``cv2.resize(..., INTER_LINEAR)`` (pixel-centre aligned);
+2. fusion: the mean over layers, then one min-max normalisation of the result.
+
+Each step runs exactly once per heatmap, here and nowhere else. With one layer, step 2's
+normalisation only stretches the upsampled map back to exactly [0, 1] (bilinear upsampling need
+not hit the low-resolution extremes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: pytorch-grad-cam's epsilon in scale_cam_image.
+EPS = 1e-7
+
+
+def relu(maps: np.ndarray) -> np.ndarray:
+    return np.maximum(maps, 0, dtype=np.float32)
+
+
+def normalize(maps: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Min-max normalise each map over its last two axes: (x - min) / (max - min + eps)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    low = maps.min(axis=(-2, -1), keepdims=True)
+    high = maps.max(axis=(-2, -1), keepdims=True)
+    return ((maps - low) / (high - low + np.float32(eps))).astype(np.float32, copy=False)
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (cv2.INTER_LINEAR) of one map [h, w] or a batch [B, h, w] to size (H, W)."""
+    import cv2
+
+    maps = np.asarray(maps, dtype=np.float32)
+    height, width = int(size[0]), int(size[1])
+    if maps.shape[-2:] == (height, width):
+        return maps
+    if maps.ndim == 2:
+        return cv2.resize(maps, (width, height), interpolation=cv2.INTER_LINEAR)
+    if maps.ndim != 3:
+        raise ValueError(f"upsample expects [h, w] or [B, h, w], got {maps.shape}")
+    out = np.empty((maps.shape[0], height, width), dtype=np.float32)
+    step = 512  # cv2.resize handles at most 512 channels at once
+    for start in range(0, maps.shape[0], step):
+        chunk = np.ascontiguousarray(maps[start:start + step].transpose(1, 2, 0))
+        resized = cv2.resize(chunk, (width, height), interpolation=cv2.INTER_LINEAR)
+        out[start:start + step] = resized.reshape(height, width, -1).transpose(2, 0, 1)
+    return out
+
+
+def fuse(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Multi-layer fusion: the mean of same-sized maps (pytorch-grad-cam's default aggregation)."""
+    if len(maps) == 1:
+        return np.asarray(maps[0], dtype=np.float32)
+    return np.mean(np.stack([np.asarray(m, dtype=np.float32) for m in maps]), axis=0, dtype=np.float32)
+
+
+def finalize(maps: Sequence[np.ndarray], size: tuple[int, int], *, apply_relu: bool = True) -> np.ndarray:
+    """The raw maps of one sample (one [h, w] map per layer) -> one [H, W] float32 heatmap in [0, 1]."""
+    if not maps:
+        raise ValueError("finalize needs at least one map")
+    per_layer = []
+    for raw in maps:
+        raw = np.asarray(raw, dtype=np.float32)
+        if raw.ndim != 2:
+            raise ValueError(f"a raw map must be [h, w], got {raw.shape}")
+        per_layer.append(upsample(normalize(relu(raw) if apply_relu else raw), size))
+    return normalize(fuse(per_layer))

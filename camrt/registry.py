@@ -1,0 +1,160 @@
+"""Registries of methods and renderers, built from the `register_methods` / `register_renderers` hooks.
+
+Each plugin's hook implementation is called on its own so that errors name the plugin. Nothing is
+dropped silently: a duplicate name or alias, a class that is not a `Method`, and an unknown name
+raise PluginError listing what is registered.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from .errors import PluginError
+from .methods.base import Method
+
+
+def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]]) -> None:
+    """Call every implementation of `hook_name`, one by one, with a register bound to its plugin."""
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():  # registration order: built-ins first, so a clash blames the newcomer
+        kwargs = {"register": make_register(impl.plugin_name)}
+        try:
+            impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except PluginError:
+            raise
+        except Exception as exc:  # a plugin's own bug: report it with the plugin's name
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}") from exc
+
+
+class MethodRegistry:
+    """Method classes by name and alias (case-insensitive)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Method]] = {}  # canonical name -> class
+        self._plugins: dict[str, str] = {}  # canonical name -> plugin name
+        self._lookup: dict[str, str] = {}  # name or alias (lower case) -> canonical name
+
+    def register(self, cls: Any, plugin: str = "<direct>") -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a subclass of camrt Method")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise PluginError(f"plugin {plugin!r} registered method class {cls.__name__} that does not implement {missing}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise PluginError(f"plugin {plugin!r} registered method class {cls.__name__} without a `name`")
+        keys = [name.lower(), *(alias.lower() for alias in cls.aliases)]
+        for key in keys:
+            owner = self._lookup.get(key)
+            if owner is not None or keys.count(key) > 1:
+                by = f" by plugin {self._plugins[owner]!r} (method {owner!r})" if owner else " twice by the same class"
+                raise PluginError(
+                    f"plugin {plugin!r}: method name {key!r} is already registered{by}; "
+                    f"registered methods: {self.listing()}"
+                )
+        self._classes[name] = cls
+        self._plugins[name] = plugin
+        for key in keys:
+            self._lookup[key] = name
+
+    def get(self, name: str) -> type[Method]:
+        canonical = self._lookup.get(name.lower())
+        if canonical is None:
+            raise PluginError(f"unknown method {name!r}; registered methods: {self.listing()}")
+        return self._classes[canonical]
+
+    def plugin_of(self, name: str) -> str:
+        return self._plugins[self.get(name).name]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def listing(self) -> str:
+        if not self._classes:
+            return "(none)"
+        parts = []
+        for name in self.names():
+            aliases = self._classes[name].aliases
+            parts.append(f"{name} (aliases: {', '.join(aliases)})" if aliases else name)
+        return ", ".join(parts)
+
+    def __iter__(self) -> Iterator[type[Method]]:
+        return (self._classes[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
+def build_method_registry(pm: pluggy.PluginManager | None = None) -> MethodRegistry:
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    registry = MethodRegistry()
+    _call_each(pm, "register_methods", lambda plugin: lambda cls: registry.register(cls, plugin))
+    return registry
+
+
+#: write(path, heatmap [H, W] float32 in [0, 1], image HWC uint8 RGB or None, options dict) -> None
+WriteFunction = Callable[[str, Any, Any, dict], None]
+
+
+@dataclass(frozen=True)
+class Renderer:
+    name: str
+    write: WriteFunction
+    #: File name suffix after the input's stem, e.g. ".overlay.png".
+    suffix: str
+    #: Key of the written path in the JSON record (e.g. "overlay"); every path is also under "outputs".
+    field: str
+    plugin: str
+
+
+class RendererRegistry:
+    def __init__(self) -> None:
+        self._renderers: dict[str, Renderer] = {}
+
+    def register(self, name: str, write: WriteFunction, *, suffix: str | None = None,
+                 field: str | None = None, plugin: str = "<direct>") -> None:
+        if not isinstance(name, str) or not name or not callable(write):
+            raise PluginError(f"plugin {plugin!r} registered an invalid renderer {name!r} ({write!r})")
+        key = name.lower()
+        if key in self._renderers:
+            raise PluginError(
+                f"plugin {plugin!r}: renderer {key!r} is already registered by plugin "
+                f"{self._renderers[key].plugin!r}; registered renderers: {', '.join(self.names())}"
+            )
+        self._renderers[key] = Renderer(key, write, suffix or f".{key}", field or key, plugin)
+
+    def get(self, name: str) -> Renderer:
+        renderer = self._renderers.get(name.lower())
+        if renderer is None:
+            raise PluginError(f"unknown output format {name!r}; registered renderers: {', '.join(self.names()) or '(none)'}")
+        return renderer
+
+    def names(self) -> list[str]:
+        return sorted(self._renderers)
+
+    def __iter__(self) -> Iterator[Renderer]:
+        return (self._renderers[name] for name in self.names())
+
+
+def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererRegistry:
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    registry = RendererRegistry()
+
+    def make_register(plugin: str):
+        def register(name, write, *, suffix=None, field=None):
+            registry.register(name, write, suffix=suffix, field=field, plugin=plugin)
+        return register
+
+    _call_each(pm, "register_renderers", make_register)
+    return registry

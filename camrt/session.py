@@ -1,0 +1,310 @@
+"""Open a camrt contract file: check it, read its metadata, run it with onnxruntime.
+
+The metadata is read straight from the file's top-level protobuf fields (`read_contract`), so the
+contract version is checked before onnxruntime sees the graph and without importing `onnx`.
+onnxruntime itself is imported only when a session is created.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import contract
+from .errors import ContractError, InputError, ModelError, UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# --- reading metadata_props without parsing the graph -------------------------------------
+# ModelProto field numbers (onnx.proto3): 1 ir_version, 7 graph, 14 metadata_props;
+# StringStringEntryProto: 1 key, 2 value.
+_IR_VERSION_FIELD = 1
+_GRAPH_FIELD = 7
+_METADATA_FIELD = 14
+_MAX_MODEL_FIELD = 32
+
+
+class _NotProtobuf(ValueError):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotProtobuf("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int):
+    """Yield (field number, wire type, value) of one message; LEN values are (start, stop)."""
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _NotProtobuf("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + length), pos + length
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise _NotProtobuf(f"wire type {wire}")
+        if pos > end:
+            raise _NotProtobuf("field runs past the end")
+        yield number, wire, value
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file. Raises ModelError when the file is not ONNX."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise ModelError(f"{path}: not an ONNX file (the file is empty)")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _scan_model(buf, size, path)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+def _scan_model(buf, size: int, path: str) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    seen: set[int] = set()
+    try:
+        for number, wire, value in _fields(buf, 0, size):
+            if number > _MAX_MODEL_FIELD:
+                raise _NotProtobuf(f"unknown field {number}")
+            seen.add(number)
+            if number == _METADATA_FIELD and wire == 2:
+                key = val = ""
+                for sub, sub_wire, span in _fields(buf, *value):
+                    if sub_wire == 2 and sub in (1, 2):
+                        text = bytes(buf[span[0]:span[1]]).decode("utf-8")
+                        key, val = (text, val) if sub == 1 else (key, text)
+                metadata[key] = val
+    except (_NotProtobuf, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not an ONNX file (it does not parse as an ONNX model: {exc})") from None
+    if _IR_VERSION_FIELD not in seen or _GRAPH_FIELD not in seen:
+        raise ModelError(f"{path}: not an ONNX file (no ir_version or graph field)")
+    return metadata
+
+
+def _json(meta: Mapping[str, str], key: str, path: str, default: Any = None, required: bool = False) -> Any:
+    if key not in meta:
+        if required:
+            raise ContractError(f"{path}: the camrt metadata lacks {key!r}; re-export the model with `camrt export`")
+        return default
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{path}: metadata {key!r} is not valid JSON ({exc}); re-export the model with `camrt export`") from None
+
+
+def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.ContractInfo:
+    """Turn `metadata_props` into a ContractInfo; refuse unknown contract versions."""
+    from . import __version__
+
+    if contract.META_CONTRACT_VERSION not in meta:
+        raise ModelError(f"{path}: valid ONNX but not a camrt file (no camrt metadata): run `camrt export` to make one")
+    raw_version = meta[contract.META_CONTRACT_VERSION]
+    try:
+        version = int(raw_version)
+    except ValueError:
+        version = None
+    if version not in contract.SUPPORTED_CONTRACT_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(contract.SUPPORTED_CONTRACT_VERSIONS))
+        raise ContractError(
+            f"{path}: camrt contract version {raw_version!r} is not supported by camrt {__version__} "
+            f"(it reads version {supported}); re-export the model with this camrt version's `camrt export`"
+        )
+    input_name = meta.get(contract.META_INPUT)
+    if not input_name:
+        raise ContractError(f"{path}: the camrt metadata lacks {contract.META_INPUT!r}; re-export the model with `camrt export`")
+    pre_text = meta.get(contract.META_PREPROCESSING)
+    if pre_text is None:
+        raise ContractError(f"{path}: the camrt metadata lacks {contract.META_PREPROCESSING!r}; re-export the model with `camrt export`")
+    try:
+        preprocessing = contract.Preprocessing.from_json(pre_text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ContractError(f"{path}: metadata {contract.META_PREPROCESSING!r} is malformed ({exc}); re-export the model with `camrt export`") from None
+    layers = _json(meta, contract.META_LAYERS, path, default=[])
+    labels = _json(meta, contract.META_LABELS, path)
+    return contract.ContractInfo(
+        version=version,
+        input_name=input_name,
+        layers=[str(layer) for layer in layers],
+        default_layer=meta.get(contract.META_DEFAULT_LAYER) or None,
+        preprocessing=preprocessing,
+        rule_sets=[str(r) for r in _json(meta, contract.META_RULE_SETS, path, default=[])],
+        labels=[str(label) for label in labels] if labels else None,
+        source=_json(meta, contract.META_SOURCE, path, default={}) or {},
+        score=_json(meta, contract.META_SCORE, path, default={}) or {},
+        exporter_version=meta.get(contract.META_EXPORTER_VERSION, ""),
+    )
+
+
+def read_contract(path: str | os.PathLike) -> contract.ContractInfo:
+    """Check that `path` is a camrt file this runtime understands and return its contract."""
+    return parse_contract(read_metadata(path), os.fspath(path))
+
+
+# --- the session ---------------------------------------------------------------------------
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return (RuntimeError, *(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ExplainSession:
+    """An onnxruntime session over a camrt contract file.
+
+    `run()` is thread-safe (onnxruntime's `InferenceSession.run` is); the session holds no
+    per-call state.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+        self.path = os.fspath(path)
+        if device not in DEVICES:
+            raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        self.info = read_contract(self.path)
+        self.device = device
+
+        import onnxruntime as ort
+
+        from .plugins import get_plugin_manager
+
+        available = ort.get_available_providers()
+        providers = get_plugin_manager().hook.choose_execution_providers(device=device, available=available)
+        if not providers:
+            providers = ["CPUExecutionProvider"]
+        if device == "cuda" and all(_provider_name(p) == "CPUExecutionProvider" for p in providers):
+            raise UsageError(
+                "--device cuda: this onnxruntime has no GPU provider (available: "
+                f"{', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
+        except _ort_errors() as exc:
+            raise ModelError(f"{self.path}: onnxruntime cannot load this camrt file: {_first_line(exc)}") from None
+        self.providers = list(self._session.get_providers())
+
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        for needed in (self.info.input_name, contract.TARGET_INPUT):
+            if needed not in inputs:
+                raise ContractError(f"{self.path}: the graph has no input {needed!r}; re-export the model with `camrt export`")
+        self.input_shape = tuple(inputs[self.info.input_name].shape)
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        for needed in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT):
+            if needed not in outputs:
+                raise ContractError(f"{self.path}: the graph has no output {needed!r}; re-export the model with `camrt export`")
+        logits_shape = outputs[contract.LOGITS_OUTPUT].shape
+        classes = logits_shape[1] if len(logits_shape) == 2 else None
+        if not isinstance(classes, int):
+            raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
+        self.num_classes: int = classes
+        batch = self.input_shape[0] if self.input_shape else None
+        #: The graph's batch size when it is static (the file then runs in chunks of it), else None.
+        self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+
+    def __repr__(self) -> str:
+        return f"ExplainSession({self.path!r}, providers={self.providers})"
+
+    # -- checks --------------------------------------------------------------------------
+    def check_targets(self, targets: Any, batch: int) -> np.ndarray:
+        """int64 [batch]; each -1 (top-1) or 0 <= t < num_classes."""
+        try:
+            array = np.asarray(targets)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"targets must be integers, got {targets!r}") from exc
+        if array.ndim != 1 or array.shape[0] != batch:
+            raise InputError(f"got {array.size if array.ndim else 1} target(s) for a batch of {batch}; give one per input")
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise InputError(f"targets must be integers, got dtype {array.dtype}")
+        array = array.astype(np.int64)
+        bad = [int(t) for t in array if not (t == contract.TOP1_TARGET or 0 <= t < self.num_classes)]
+        if bad:
+            raise InputError(
+                f"target(s) {bad} out of range: use {contract.TOP1_TARGET} (top-1) or a class index in "
+                f"0..{self.num_classes - 1}"
+            )
+        return array
+
+    def check_inputs(self, inputs: Any) -> np.ndarray:
+        array = np.asarray(inputs)
+        if array.ndim != 4:
+            raise InputError(f"model input must be NCHW (4 dimensions), got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"model input must be float32 NCHW, got dtype {array.dtype}")
+        for axis, (want, got) in enumerate(zip(self.input_shape, array.shape)):
+            if axis and isinstance(want, int) and want != got:
+                raise InputError(f"model input has shape {array.shape}; {self.path} expects {self.input_shape}")
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    # -- running -------------------------------------------------------------------------
+    def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run forward (and backward) once; return only the `fetch` outputs."""
+        x = self.check_inputs(inputs)
+        t = self.check_targets(targets, x.shape[0])
+        fetch = list(dict.fromkeys(fetch))
+        missing = [name for name in fetch if name not in self.output_names]
+        if missing:
+            raise ModelError(f"{self.path} has no output(s) {missing}; re-export it with `camrt export`")
+        step = self.static_batch or x.shape[0] or 1
+        if x.shape[0] == 0:
+            raise InputError("empty batch")
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, x.shape[0], step):
+            xs, ts = x[start:start + step], t[start:start + step]
+            real = xs.shape[0]
+            if real < step:  # a static-batch graph: pad the last chunk, drop the padding after
+                xs = np.concatenate([xs, np.repeat(xs[-1:], step - real, axis=0)])
+                ts = np.concatenate([ts, np.repeat(ts[-1:], step - real)])
+            feeds = {self.info.input_name: xs, contract.TARGET_INPUT: ts}
+            try:
+                values = self._session.run(fetch, feeds)
+            except _ort_errors() as exc:
+                raise ModelError(f"{self.path}: onnxruntime failed to run the model: {_first_line(exc)}") from None
+            parts.append([v[:real] for v in values])
+        if len(parts) == 1:
+            return dict(zip(fetch, parts[0]))
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(fetch)}
+
+
+def _provider_name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, (tuple, list)) else str(provider)

@@ -1,0 +1,47 @@
+"""`import camrt` stays cheap and the runtime never pulls in torch or the exporters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .tiny import random_image, write_image
+
+HEAVY = ("torch", "camrt_exporters", "onnxruntime", "cv2", "onnx")
+
+
+def _modules_after(code: str) -> list[str]:
+    probe = f"import sys, json\n{code}\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    output = subprocess.run([sys.executable, "-W", "error", "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def test_import_camrt_is_light():
+    assert _modules_after("import camrt") == []
+
+
+def test_cli_and_runtime_modules_never_import_torch():
+    loaded = _modules_after(
+        "import camrt, camrt.cli, camrt.session, camrt.explainer, camrt.images, camrt.postprocess, "
+        "camrt.registry, camrt.render, camrt.methods.gradcam"
+    )
+    assert "torch" not in loaded and "camrt_exporters" not in loaded and "onnxruntime" not in loaded
+
+
+def test_explain_run_with_plugins_autoloaded_never_imports_torch(tiny, tmp_path, rng):
+    """A real `camrt explain` process, entry-point plugins (camrt-exporters) loaded as in production."""
+    image = write_image(str(tmp_path / "x.png"), random_image(rng, 20, 20))
+    code = (
+        "import atexit, sys, json\n"
+        f"atexit.register(lambda: print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr))\n"
+        "from camrt.cli import main\n"
+        f"main(['explain', {tiny.path!r}, {image!r}, '-o', {str(tmp_path / 'out')!r}])\n"
+    )
+    env = {**os.environ, "CAMRT_DISABLE_PLUGIN_AUTOLOAD": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "ok"
+    loaded = json.loads(done.stderr.strip().splitlines()[-1])
+    assert "torch" not in loaded

@@ -1,0 +1,107 @@
+"""Method and renderer registries built from the hooks: names, aliases, duplicates, unknowns, options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from camrt.errors import PluginError, UsageError
+from camrt.hookspecs import hookimpl
+from camrt.methods.base import ActivationWeightingMethod, Method
+from camrt.methods.gradcam import GradCAM
+from camrt.registry import MethodRegistry, build_method_registry, build_renderer_registry
+
+
+def test_builtins_registered_through_the_hook():
+    registry = build_method_registry()
+    assert registry.get("gradcam") is GradCAM and registry.get("Grad-CAM") is GradCAM
+    assert registry.plugin_of("gradcam") == "camrt.methods.gradcam"
+    renderers = build_renderer_registry()
+    assert renderers.names() == ["npy", "png"]
+    assert renderers.get("png").suffix == ".overlay.png" and renderers.get("npy").suffix == ".heatmap.npy"
+
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(PluginError, match=r"unknown method 'nope'.*gradcam \(aliases: grad-cam\)"):
+        build_method_registry().get("nope")
+
+
+class _Clash(ActivationWeightingMethod):
+    name = "clash"
+    aliases = ("grad-cam",)
+
+    def weights(self, activations, gradients):
+        return gradients.max(axis=(2, 3))
+
+
+def test_duplicate_alias_names_both_plugins(plugin):
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(_Clash)
+
+    plugin(Plugin(), "test-clash")
+    with pytest.raises(PluginError, match=r"'test-clash'.*'grad-cam'.*'camrt.methods.gradcam'.*registered methods"):
+        build_method_registry()
+
+
+def test_rejects_non_methods_and_abstract_classes():
+    registry = MethodRegistry()
+    with pytest.raises(PluginError, match="not a subclass"):
+        registry.register(object, "p")
+    with pytest.raises(PluginError, match="does not implement weights"):
+        registry.register(ActivationWeightingMethod, "p")
+
+
+def test_plugin_exception_is_named(plugin):
+    class Broken:
+        @hookimpl
+        def register_methods(self, register):
+            raise RuntimeError("boom")
+
+    plugin(Broken(), "test-broken")
+    with pytest.raises(PluginError, match=r"'test-broken' failed in register_methods.*boom"):
+        build_method_registry()
+
+
+def test_options_typed_and_unknown_rejected():
+    class WithOptions(ActivationWeightingMethod):
+        name = "with-options"
+
+        @dataclass(frozen=True)
+        class Options:
+            power: float = 1.0
+            absolute: bool = False
+
+        def weights(self, activations, gradients):
+            g = np.abs(gradients) if self.options.absolute else gradients
+            return (g ** self.options.power).mean(axis=(2, 3))
+
+    method = WithOptions(power="2", absolute="yes")
+    assert method.options == WithOptions.Options(power=2.0, absolute=True)
+    with pytest.raises(UsageError, match=r"no option\(s\) powr; valid options: absolute, power"):
+        WithOptions(powr=2)
+    with pytest.raises(UsageError, match="must be float"):
+        WithOptions(power="high")
+    described = WithOptions.describe()
+    assert described["options"] == [{"name": "power", "type": "float", "default": 1.0},
+                                     {"name": "absolute", "type": "bool", "default": False}]
+    assert described["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
+
+
+def test_duplicate_renderer(plugin):
+    class Plugin:
+        @hookimpl
+        def register_renderers(self, register):
+            register("png", lambda *a: None)
+
+    plugin(Plugin(), "test-png")
+    with pytest.raises(PluginError, match=r"renderer 'png' is already registered by plugin 'camrt.render'"):
+        build_renderer_registry()
+
+
+def test_method_is_abstract():
+    with pytest.raises(TypeError):
+        Method()  # type: ignore[abstract]

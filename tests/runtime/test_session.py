@@ -1,0 +1,173 @@
+"""ExplainSession and the contract reader: file checks, metadata, versions, targets, batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from camrt import contract
+from camrt.errors import ContractError, InputError, ModelError, UsageError
+from camrt.images import preprocess
+from camrt.session import ExplainSession, read_contract, read_metadata
+
+from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
+
+
+def _batch(model, rng, n):
+    images = [rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in range(n)]
+    return preprocess(images, model.preprocessing)
+
+
+def test_metadata_reader_matches_onnx(tiny):
+    import onnx
+
+    expected = {p.key: p.value for p in onnx.load(tiny.path).metadata_props}
+    assert read_metadata(tiny.path) == expected
+
+
+def test_contract_round_trip(tiny):
+    info = read_contract(tiny.path)
+    assert info.version == contract.CONTRACT_VERSION
+    assert info.input_name == "image"
+    assert info.layers == ["feat", "conv"] and info.default_layer == "feat"
+    assert info.rule_sets == ["vanilla", "guided"]
+    assert info.preprocessing == tiny.preprocessing
+    assert info.labels == LABELS
+    assert info.score == {"tensor": "logits", "output": "probs", "softmax": True}
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty"),
+    (b"hello, this is text and not a model\n", "not an ONNX file"),
+    (bytes(range(256)) * 4, "not an ONNX file"),
+])
+def test_not_onnx(tmp_path, content, reason):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match="not an ONNX file") as info:
+        ExplainSession(str(path))
+    assert str(path) in str(info.value) and reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        read_contract(tmp_path / "absent.onnx")
+    with pytest.raises(ModelError, match="not a file"):
+        read_contract(tmp_path)
+
+
+def test_plain_onnx_is_not_a_camrt_file(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ModelError, match=r"valid ONNX but not a camrt file.*camrt export") as info:
+        read_contract(path)
+    assert not isinstance(info.value, ContractError)
+
+
+@pytest.mark.parametrize("version", ["99", "0", "one"])
+def test_unknown_contract_version(make_model, version):
+    model = make_model(metadata_overrides={contract.META_CONTRACT_VERSION: version})
+    with pytest.raises(ContractError, match=r"re-export the model with this camrt version's `camrt export`") as info:
+        ExplainSession(model.path)
+    assert repr(version) in str(info.value)
+
+
+def test_malformed_metadata(make_model):
+    model = make_model(metadata_overrides={contract.META_LAYERS: "[not json"})
+    with pytest.raises(ContractError, match=contract.META_LAYERS):
+        read_contract(model.path)
+    model = make_model(metadata_overrides={contract.META_PREPROCESSING: None})
+    with pytest.raises(ContractError, match=contract.META_PREPROCESSING):
+        read_contract(model.path)
+
+
+def test_run_fetches_only_what_is_asked(tiny, rng):
+    session = ExplainSession(tiny.path, device="cpu", threads=1)
+    assert session.num_classes == CLASSES
+    x = _batch(tiny, rng, 3)
+    out = session.run(x, np.array([-1, 2, 0]), [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT])
+    assert set(out) == {contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT}
+    logits = numpy_forward(tiny, x)["logits"]
+    np.testing.assert_allclose(out[contract.LOGITS_OUTPUT], logits, rtol=1e-4, atol=1e-5)
+    # -1 resolves to the argmax of the logits; explicit targets pass through.
+    assert out[contract.TARGET_INDEX_OUTPUT].tolist() == [int(logits[0].argmax()), 2, 0]
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([0, 1], "2 target"),
+    ([CLASSES, 0, 0], r"out of range.*0\.\.4"),
+    ([-2, 0, 0], "out of range"),
+    ([0.5, 0, 0], "integers"),
+])
+def test_bad_targets(tiny, rng, targets, match):
+    session = ExplainSession(tiny.path, device="cpu")
+    with pytest.raises(InputError, match=match):
+        session.run(_batch(tiny, rng, 3), targets, [contract.LOGITS_OUTPUT])
+
+
+def test_bad_inputs_and_options(tiny, rng):
+    with pytest.raises(UsageError, match="unknown device"):
+        ExplainSession(tiny.path, device="tpu")
+    with pytest.raises(UsageError, match="threads"):
+        ExplainSession(tiny.path, threads=0)
+    session = ExplainSession(tiny.path, device="cpu")
+    with pytest.raises(InputError, match="expects"):
+        session.run(np.zeros((1, 3, HEIGHT + 1, WIDTH), np.float32), [-1], [contract.LOGITS_OUTPUT])
+    with pytest.raises(ModelError, match="no output"):
+        session.run(_batch(tiny, rng, 1), [-1], ["camrt/act/absent"])
+
+
+def test_cuda_without_gpu_provider(tiny):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(UsageError, match="no GPU provider"):
+        ExplainSession(tiny.path, device="cuda")
+
+
+def test_provider_hook_is_used(tiny, plugin):
+    from camrt.hookspecs import hookimpl
+
+    calls = []
+
+    class Providers:
+        @hookimpl
+        def choose_execution_providers(self, device, available):
+            calls.append((device, tuple(available)))
+            return ["CPUExecutionProvider"]
+
+    plugin(Providers(), "test-providers")
+    session = ExplainSession(tiny.path, device="auto")
+    assert calls and calls[0][0] == "auto"
+    assert session.providers == ["CPUExecutionProvider"]
+
+
+def test_static_batch_runs_in_chunks(make_model, rng):
+    """A graph with a fixed batch of 2 still explains 3 images (padded chunk), same numbers."""
+    model = make_model(batch=2)
+    session = ExplainSession(model.path, device="cpu")
+    assert session.static_batch == 2
+    x = _batch(model, rng, 3)
+    out = session.run(x, [-1, 1, -1], [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT])
+    logits = numpy_forward(model, x)["logits"]
+    np.testing.assert_allclose(out[contract.LOGITS_OUTPUT], logits, rtol=1e-4, atol=1e-5)
+    assert out[contract.TARGET_INDEX_OUTPUT].tolist() == [int(logits[0].argmax()), 1, int(logits[2].argmax())]
+
+
+def test_contract_summary_json(tiny):
+    from camrt.cli import contract_summary
+
+    summary = contract_summary(tiny.path)
+    json.dumps(summary)
+    assert summary["layers"] == ["feat", "conv"] and summary["labels"] == CLASSES
+    assert summary["preprocessing"]["height"] == HEIGHT and "gradcam" in summary["methods"]
