@@ -45,7 +45,7 @@ def main() -> int:
         record = json.loads(line)
         if record["status"] == "ok":
             print(f"{Path(record['input']).name:15s} top-1: {record['label']} (class {record['target']}, "
-                  f"p={record['probability'] or 0:.2f})  overlay: {record['overlay']}")
+                  f"logit {record['score']:.2f})  overlay: {record['overlay']}")
         else:
             print(f"{record['input']}: error: {record['error']}")
     return result.returncode

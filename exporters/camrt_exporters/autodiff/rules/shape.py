@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from camrt.errors import ExportError
 
@@ -33,20 +34,31 @@ def expand(ctx: RuleContext, node, grads):
 
 @rule("Gather")
 def gather(ctx: RuleContext, node, grads):
-    """Constant indices: dx = g contracted with one_hot(indices) over the gathered axis (repeated
-    indices add up); the axis is moved last for a MatMul with the one-hot matrix, then back."""
+    """Along axis 0 (any indices, e.g. the run-time indices torch's as_strided becomes on a flattened
+    batch): scatter-add g into zeros. Along another axis, with constant indices: contract g with
+    one_hot(indices) (repeated indices add up), the axis moved last for a MatMul, then back."""
     x, indices = node.input
-    shape = ctx.static_shape(x)
-    rank = len(shape)
+    rank = ctx.index.rank(x)
     axis = attribute(node, "axis", 0) % rank
     if axis == 0:
-        raise ExportError(f"node {node.name!r} (Gather): gathers along the batch axis")
+        return [_scatter_rows(ctx, x, indices, grads[0]), None]
+    shape = ctx.static_shape(x)
     picked = ctx.require_value(indices, "the gather indices").reshape(-1) % shape[axis]
     one_hot = np.eye(shape[axis])[picked]
     flat = ctx.emit("Reshape", [grads[0], ctx.ints([0] * axis + [-1, *shape[axis + 1:]])])
     to_last = [a for a in range(rank) if a != axis] + [axis]
     spread = ctx.emit("MatMul", [ctx.emit("Transpose", [flat], perm=to_last), ctx.const(one_hot, like=x)])
     return [ctx.emit("Transpose", [spread], perm=[int(a) for a in np.argsort(to_last)]), None]
+
+
+def _scatter_rows(ctx: RuleContext, x: str, indices: str, g: str) -> str:
+    """dx[i] = sum of g over the positions whose index is i: ScatterND(zeros, indices[..., None], g, add)."""
+    rows = ctx.emit("Gather", [ctx.shape_of(x), ctx.ints([0])], axis=0)
+    indices = ctx.emit("Cast", [indices], to=onnx.TensorProto.INT64)
+    wrapped = ctx.emit("Where", [ctx.emit("Less", [indices, ctx.ints(0)]),
+                                 ctx.emit("Add", [indices, rows]), indices])
+    return ctx.emit("ScatterND", [ctx.zeros_like(x), ctx.emit("Unsqueeze", [wrapped, ctx.ints([-1])]), g],
+                    reduction="add")
 
 
 def _axis_sizes(ctx: RuleContext, names, axis: int) -> list[int]:
