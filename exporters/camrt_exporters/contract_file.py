@@ -14,7 +14,7 @@ from camrt import contract
 from camrt.errors import ExportError
 
 from .autodiff.graph import GraphIndex
-from .autodiff.reverse import ForwardPatches, RuleSet, differentiate
+from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 
@@ -75,17 +75,11 @@ def choose_score(index: GraphIndex, output: str, use_softmax_output: bool = Fals
 
 def default_layer(index: GraphIndex, image_input: str, score: str) -> str:
     """The last tensor with spatial extent (rank 4, H and W > 1) on a path from the input to the score."""
-    depends = {image_input}
-    for node in index.nodes:
-        if any(i in depends for i in node.input):
-            depends.update(o for o in node.output if o and index.is_float(o))
-    needed = {score}
+    on_path = active_tensors(index, score, [image_input])
     for node in reversed(index.nodes):
-        if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
         for out in node.output:
             shape = index.shape(out)
-            if (out in needed and out in depends and shape is not None and len(shape) == 4
+            if (out in on_path and shape is not None and len(shape) == 4
                     and all(isinstance(d, int) and d > 1 for d in shape[2:])):
                 return out
     raise ExportError("no tensor with spatial extent (rank 4, H and W > 1) feeds the score; name a layer")

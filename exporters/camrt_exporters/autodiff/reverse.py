@@ -210,7 +210,7 @@ class RuleContext:
         return grad
 
 
-def _active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
+def active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
     """Float tensors that depend on a `wrt` tensor and that the score depends on."""
     depends = set(wrt)
     for node in index.nodes:
@@ -220,7 +220,7 @@ def _active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
     for node in reversed(index.nodes):
         if any(o in needed for o in node.output):
             needed.update(i for i in node.input if i)
-    return (depends & needed) | ({score} & depends)
+    return depends & needed
 
 
 def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], score: str) -> list[str]:
@@ -256,7 +256,7 @@ def differentiate(
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
-    active = _active_tensors(index, score, wrt)
+    active = active_tensors(index, score, wrt)
     for name in wrt:
         if name not in active:
             raise ExportError(
