@@ -6,6 +6,7 @@ Library code raises these; only the CLI turns them into messages and exit codes.
 from __future__ import annotations
 
 import enum
+import os
 
 
 class ExitCode(enum.IntEnum):
@@ -79,3 +80,13 @@ class ValidationError(ExportError):
         super().__init__(
             "export validation failed, nothing was written:\n  " + "\n  ".join(mismatches)
         )
+
+
+def require_regular_file(path: str | os.PathLike, error: type[CamrtError]) -> str:
+    """`path` as a str, or `error` naming it when it does not exist or is not a regular file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise error(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise error(f"{path}: not a file")
+    return path

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .contract import Preprocessing
-from .errors import InputError
+from .errors import InputError, require_regular_file
 
 #: Extensions picked up when a directory is given as input (lower case).
 IMAGE_EXTENSIONS = frozenset({
@@ -77,11 +77,7 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read and decode one image file into HWC uint8 RGB; InputError names the file and the reason."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not a file")
+    path = require_regular_file(path, InputError)
     try:
         with open(path, "rb") as handle:
             data = handle.read()

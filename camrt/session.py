@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import contract
-from .errors import ContractError, InputError, ModelError, UsageError
+from .errors import ContractError, InputError, ModelError, UsageError, require_regular_file
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -71,11 +71,7 @@ def _fields(buf, pos: int, end: int):
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `metadata_props` of an ONNX file. Raises ModelError when the file is not ONNX."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: not a file")
+    path = require_regular_file(path, ModelError)
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size

@@ -38,12 +38,13 @@ def rule_sets() -> dict[str, RuleSet]:
     return found
 
 
-def resolve_rule_sets(names: Sequence[str]) -> list[RuleSet]:
+def resolve_rule_sets(names: Sequence[str]) -> tuple[RuleSet, list[RuleSet]]:
+    """The vanilla rule set (layer gradients always use it) and the requested input-gradient sets."""
     available = rule_sets()
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ExportError(f"unknown rule set(s) {unknown}; registered: {sorted(available)}")
-    return [available[n] for n in names]
+    return available[contract.RULE_VANILLA], [available[n] for n in names]
 
 
 def _choose_layer(candidates: list[str], framework: str) -> str:
@@ -95,7 +96,7 @@ def export_torch(
         names = [_choose_layer(spatial_candidates(model, input_size), "torch")]
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
-    rule_objects = resolve_rule_sets(rules)
+    vanilla, input_rule_sets = resolve_rule_sets(rules)
     forward, logits, tensors = export_forward(model, refs, input_size, opset)
     forward = prepare(forward)
     index = GraphIndex(forward)
@@ -110,7 +111,7 @@ def export_torch(
     )
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
-        input_rule_sets=rule_objects, vanilla=resolve_rule_sets([contract.RULE_VANILLA])[0],
+        input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[logits],
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
@@ -172,6 +173,7 @@ def export_onnx(
         raise ExportError(f"--input-size {preprocessing.height},{preprocessing.width} differs from the model's {height},{width}")
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
+    vanilla, input_rule_sets = resolve_rule_sets(rules)
     meta = contract_metadata(
         layers=names, default=names[0], preprocessing=preprocessing, rule_sets=list(rules), labels=labels,
         source={"framework": "onnx", "model": Path(path).name}, score=score, image_input=image.name,
@@ -179,7 +181,7 @@ def export_onnx(
     )
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
-        input_rule_sets=resolve_rule_sets(rules), vanilla=resolve_rule_sets([contract.RULE_VANILLA])[0],
+        input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output],
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
