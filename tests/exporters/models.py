@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from camrt import contract
+
 #: (factory spec, a mid-network layer)
 ARCHITECTURES = {
     "resnet18": ("torchvision.models:resnet18", "layer3"),
@@ -43,3 +45,60 @@ def load(name: str):
                 model(torch.randn(4, 3, 224, 224))
         model.eval()
     return model
+
+
+def switch_layers(model, after: str | None = None) -> list[str]:
+    """Every call of a ReLU or ReLU6 module that runs after module `after` returns (all calls when
+    `after` is None), in call order, as export layer names ("name", or "name@k" for the k-th call of
+    a module called several times)."""
+    import torch
+
+    events: list[str] = []
+    modules = dict(model.named_modules())
+    watched = [n for n, m in modules.items() if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
+    hooks = [modules[n].register_forward_hook(lambda m, a, o, name=n: events.append(name))
+             for n in dict.fromkeys([*watched, *([after] if after else [])])]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 224, 224))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = {n: events.count(n) for n in watched}
+    seen: dict[str, int] = {}
+    labelled = []
+    for name in events:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        labelled.append((name, name if counts.get(name, 1) == 1 else f"{name}@{k}"))
+    start = max((i + 1 for i, (name, _) in enumerate(labelled) if name == after), default=0)
+    return [label for name, label in labelled[start:] if name in counts]
+
+
+def switch_states(outputs) -> "np.ndarray":
+    """The switch of each ReLU/ReLU6 output element: off (== 0), saturated (== 6, ReLU6) or passing."""
+    import numpy as np
+
+    return np.concatenate([np.stack([o == 0, o == 6]).ravel() for o in outputs])
+
+
+def switch_flips(model, model64, x, after: str | None = None) -> tuple[int, int]:
+    """How many ReLU/ReLU6 switch states downstream of module `after` (all when None) differ from
+    torch float64's, in onnxruntime's and in torch float32's forward pass on input x."""
+    import numpy as np
+    import torch
+
+    from camrt_exporters.export import export_torch
+    from camrt_exporters.torch_frontend import parse_layer, reference_gradients
+    from camrt_exporters.validate import run_contract
+
+    layers = switch_layers(model, after)
+    onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA])
+    got = run_contract(onnx_model, onnx_model.graph.input[0].name, x, np.full(len(x), contract.TOP1_TARGET))
+    targets = torch.from_numpy(got[contract.TARGET_INDEX_OUTPUT])
+    ours = switch_states([got[contract.activation_output(layer)] for layer in layers])
+    torch32 = switch_states(reference_gradients(model, [parse_layer(model, n) for n in layers],
+                                                torch.from_numpy(x), targets)["acts"])
+    truth = switch_states(reference_gradients(model64, [parse_layer(model64, n) for n in layers],
+                                              torch.from_numpy(x).double(), targets)["acts"])
+    return int((ours != truth).sum()), int((torch32 != truth).sum())

@@ -5,6 +5,10 @@ max|camrt - torch| <= 1e-4 * max|torch| for camrt/act/* and camrt/grad/*, at the
 a mid-network layer, from ONE exported file run at batch 1 and batch 5. Where a tensor exceeds it
 because float32 ReLU switches flip downstream (torch float32 is then itself far from the truth),
 it is judged against torch float64: camrt's error must be at most twice torch float32's own.
+When onnxruntime flips a switch that torch float32 does not, that too is shown, not assumed: the
+outputs of every ReLU/ReLU6 call downstream of the layer are exported and compared with torch
+float64, at least one switch must differ, and the gradient must then be within 1e-2 relative L2 of
+float64 (the issue's bound for tensors that cross switches).
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import pytest
 from camrt import contract
 from camrt.plugins import get_plugin_manager
 
-from .models import ARCHITECTURES, load
+from .models import ARCHITECTURES, load, switch_flips
 
 pytest.importorskip("torchvision")
-# Known gap (issue 2): the last full run showed errors/failures on some architectures that were not
-# yet diagnosed when the session ended; the tests run and report, but do not gate CI until fixed.
-pytestmark = pytest.mark.xfail(strict=False, reason="parity failures on some architectures under investigation (issue 2)")
+
 MAX_REL = 1e-4
+SWITCH_L2_REL = 1e-2
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
@@ -79,5 +82,13 @@ def test_activations_and_gradients_match_torch_autograd(exported, batch):
         for key in over:
             ours, theirs = _max_rel(errors[key][0], truth[key]), _max_rel(errors[key][1], truth[key])
             judged64[key] = f"camrt {ours:.2e} vs torch32 {theirs:.2e} (float64 truth)"
-            assert ours <= 2 * theirs, f"{name} batch {batch} {key}: {judged64[key]}; float32 comparison {measured[key]:.2e}"
+            if ours <= 2 * theirs:
+                continue
+            assert key.startswith(contract.GRADIENT_PREFIX), f"{name} batch {batch} {key}: {judged64[key]}"
+            layer_module = parse_layer(model, key[len(contract.GRADIENT_PREFIX):]).module
+            flips_ours, flips_torch32 = switch_flips(model, model64, x, after=layer_module)
+            l2 = float(np.linalg.norm(errors[key][0] - truth[key]) / np.linalg.norm(truth[key]))
+            judged64[key] += (f"; switches differing from float64: onnxruntime {flips_ours}, torch32 "
+                              f"{flips_torch32}; relative L2 {l2:.2e}")
+            assert flips_ours > 0 and l2 <= SWITCH_L2_REL, f"{name} batch {batch} {key}: {judged64[key]}"
     print(f"{name} batch {batch}: max-relative vs torch float32 {measured}; judged in float64: {judged64}")
