@@ -86,6 +86,7 @@ class Explainer:
             *self.method.requires.outputs(self.layers),
         )
         self._check_outputs()
+        self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
 
     # -- setup ---------------------------------------------------------------------------
     @property

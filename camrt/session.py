@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -181,10 +182,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 class ExplainSession:
-    """An onnxruntime session over a camrt contract file.
+    """onnxruntime sessions over a camrt contract file, one per set of fetched outputs.
 
-    `run()` is thread-safe (onnxruntime's `InferenceSession.run` is); the session holds no
-    per-call state.
+    onnxruntime executes every node of a graph whatever outputs a run asks for, so a Grad-CAM run
+    on a file that also carries input gradients would pay for them. Each fetch set therefore gets
+    a session of the subgraph that computes it (made on first use, then cached). `run()` is
+    thread-safe (onnxruntime's `InferenceSession.run` is); sessions are created under a lock.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
@@ -196,6 +199,7 @@ class ExplainSession:
         self.info = read_contract(self.path)
         self.device = device
 
+        import onnx
         import onnxruntime as ort
 
         from .plugins import get_plugin_manager
@@ -209,27 +213,32 @@ class ExplainSession:
                 "--device cuda: this onnxruntime has no GPU provider (available: "
                 f"{', '.join(available)}); install onnxruntime-gpu or use --device cpu"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
+        self.providers = [_provider_name(p) for p in providers]
+        self._providers = providers
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
         if threads is not None:
-            options.intra_op_num_threads = threads
+            self._options.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
-        except _ort_errors() as exc:
-            raise ModelError(f"{self.path}: onnxruntime cannot load this camrt file: {_first_line(exc)}") from None
-        self.providers = list(self._session.get_providers())
+            self._model = onnx.load(self.path)
+        except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
+            raise ModelError(f"{self.path}: cannot load this camrt file: {_first_line(exc)}") from None
+        self._sessions: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
 
-        inputs = {i.name: i for i in self._session.get_inputs()}
+        graph = self._model.graph
+        initializers = {i.name for i in graph.initializer}
+        inputs = {i.name: _dims(i) for i in graph.input if i.name not in initializers}
         for needed in (self.info.input_name, contract.TARGET_INPUT):
             if needed not in inputs:
                 raise ContractError(f"{self.path}: the graph has no input {needed!r}; re-export the model with `camrt export`")
-        self.input_shape = tuple(inputs[self.info.input_name].shape)
-        self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
-        outputs = {o.name: o for o in self._session.get_outputs()}
+        self.input_shape = inputs[self.info.input_name]
+        outputs = {o.name: _dims(o) for o in graph.output}
+        self.output_names: tuple[str, ...] = tuple(outputs)
         for needed in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT):
             if needed not in outputs:
                 raise ContractError(f"{self.path}: the graph has no output {needed!r}; re-export the model with `camrt export`")
-        logits_shape = outputs[contract.LOGITS_OUTPUT].shape
+        logits_shape = outputs[contract.LOGITS_OUTPUT]
         classes = logits_shape[1] if len(logits_shape) == 2 else None
         if not isinstance(classes, int):
             raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
@@ -237,6 +246,28 @@ class ExplainSession:
         batch = self.input_shape[0] if self.input_shape else None
         #: The graph's batch size when it is static (the file then runs in chunks of it), else None.
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+
+    def prepare(self, fetch: Sequence[str]):
+        """The onnxruntime session of the subgraph computing `fetch` (created once, then cached)."""
+        key = tuple(sorted(set(fetch)))
+        session = self._sessions.get(key)
+        if session is not None:
+            return session
+        missing = [name for name in key if name not in self.output_names]
+        if missing:
+            raise ModelError(f"{self.path} has no output(s) {missing}; re-export it with `camrt export`")
+        import onnxruntime as ort
+
+        with self._lock:
+            if key not in self._sessions:
+                subgraph = _subgraph(self._model, key).SerializeToString()
+                try:
+                    self._sessions[key] = ort.InferenceSession(subgraph, sess_options=self._options,
+                                                               providers=self._providers)
+                except _ort_errors() as exc:
+                    raise ModelError(f"{self.path}: onnxruntime cannot load this camrt file: {_first_line(exc)}") from None
+                self.providers = list(self._sessions[key].get_providers())
+            return self._sessions[key]
 
     def __repr__(self) -> str:
         return f"ExplainSession({self.path!r}, providers={self.providers})"
@@ -278,9 +309,8 @@ class ExplainSession:
         x = self.check_inputs(inputs)
         t = self.check_targets(targets, x.shape[0])
         fetch = list(dict.fromkeys(fetch))
-        missing = [name for name in fetch if name not in self.output_names]
-        if missing:
-            raise ModelError(f"{self.path} has no output(s) {missing}; re-export it with `camrt export`")
+        session = self.prepare(fetch)
+        feeds_needed = {i.name for i in session.get_inputs()}
         step = self.static_batch or x.shape[0] or 1
         if x.shape[0] == 0:
             raise InputError("empty batch")
@@ -293,13 +323,44 @@ class ExplainSession:
                 ts = np.concatenate([ts, np.repeat(ts[-1:], step - real)])
             feeds = {self.info.input_name: xs, contract.TARGET_INPUT: ts}
             try:
-                values = self._session.run(fetch, feeds)
+                values = session.run(fetch, {k: v for k, v in feeds.items() if k in feeds_needed})
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {_first_line(exc)}") from None
             parts.append([v[:real] for v in values])
         if len(parts) == 1:
             return dict(zip(fetch, parts[0]))
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(fetch)}
+
+
+def _dims(value_info) -> tuple[int | str | None, ...]:
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in value_info.type.tensor_type.shape.dim)
+
+
+def _subgraph(model, outputs: Sequence[str]):
+    """A copy of `model` reduced to the nodes, inputs and initializers that `outputs` need."""
+    from onnx import helper
+
+    graph = model.graph
+    needed = set(outputs)
+    nodes = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # names a subgraph (If/Loop/Scan body) reads from outside
+                for sub in [attr.g, *attr.graphs]:
+                    needed.update(i for n in sub.node for i in n.input if i)
+    pruned = helper.make_graph(
+        list(reversed(nodes)), graph.name,
+        [i for i in graph.input if i.name in needed],
+        [o for o in graph.output if o.name in outputs],
+        initializer=[i for i in graph.initializer if i.name in needed],
+        value_info=[v for v in graph.value_info if v.name in needed],
+    )
+    result = helper.make_model(pruned, opset_imports=list(model.opset_import))
+    result.ir_version = model.ir_version
+    return result
 
 
 def _provider_name(provider: Any) -> str:

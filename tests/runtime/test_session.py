@@ -171,3 +171,32 @@ def test_contract_summary_json(tiny):
     json.dumps(summary)
     assert summary["layers"] == ["feat", "conv"] and summary["labels"] == CLASSES
     assert summary["preprocessing"]["height"] == HEIGHT and "gradcam" in summary["methods"]
+
+
+def test_each_fetch_set_runs_only_its_subgraph(tiny, rng):
+    """Oracle: one onnxruntime session over the whole file. The pruned session for Grad-CAM's outputs
+    gives the same numbers without the input-gradient subgraphs (onnxruntime would run them all)."""
+    import onnx
+    import onnxruntime as ort
+
+    session = ExplainSession(tiny.path, device="cpu")
+    x = _batch(tiny, rng, 3)
+    targets = np.array([-1, 1, 0])
+    layer = session.info.default_layer
+    fetch = [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT, contract.activation_output(layer),
+             contract.gradient_output(layer)]
+    ours = session.run(x, targets, fetch)
+    whole = ort.InferenceSession(tiny.path, providers=["CPUExecutionProvider"])
+    reference = dict(zip(fetch, whole.run(fetch, {session.info.input_name: x, contract.TARGET_INPUT: targets})))
+    for name in fetch:
+        np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
+    from camrt.session import _subgraph
+
+    model = onnx.load(tiny.path)
+    kept = {n.name for n in _subgraph(model, fetch).graph.node}
+    # the input gradients' nodes are in the file but not in the Grad-CAM session's graph
+    assert any(n.name.startswith("camrt_bwd/guided") for n in model.graph.node)
+    assert not any(name.startswith("camrt_bwd/guided") for name in kept)
+    assert {o.name for o in session.prepare(fetch).get_outputs()} == set(fetch)
+    only_logits = session.prepare([contract.LOGITS_OUTPUT])
+    assert {i.name for i in only_logits.get_inputs()} == {session.info.input_name}
