@@ -23,6 +23,17 @@ DEFAULT_PLUGINS = (
     "camrt.builtin_hooks",
     "camrt.render",
     "camrt.methods.gradcam",
+    "camrt.methods.gradcam_plusplus",
+    "camrt.methods.xgradcam",
+    "camrt.methods.hirescam",
+    "camrt.methods.gradcam_elementwise",
+    "camrt.methods.layercam",
+    "camrt.methods.eigencam",
+    "camrt.methods.eigengradcam",
+    "camrt.methods.saliency",
+    "camrt.methods.guided_backprop",
+    "camrt.methods.deconvnet",
+    "camrt.methods.guided_gradcam",
 )
 
 _lock = threading.Lock()

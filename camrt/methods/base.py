@@ -167,6 +167,38 @@ class Method(ABC):
         """Raw maps [B, h, w] (float32) for `layer` (None for methods that use no layer)."""
 
 
+def channel_max_abs(attribution: np.ndarray) -> np.ndarray:
+    """Input-space attributions [B, C, H, W] -> maps [B, H, W]: the max over channels of |value|.
+
+    Simonyan et al. 2014 sec. 3.1's reduction of a colour-image gradient to one map; camrt's
+    display convention for every input-space method.
+    """
+    attribution = np.asarray(attribution)
+    if attribution.ndim != 4:
+        raise ModelError(f"input-space attributions must be [B, C, H, W], got {attribution.shape}")
+    return np.abs(attribution).max(axis=1).astype(np.float32, copy=False)
+
+
+class InputGradientMethod(Method):
+    """The input-gradient family: one input gradient under a backward rule set, reduced by
+    `channel_max_abs`. Subclasses set `requires = Requirements(input_gradient=<rule set>)`.
+
+    `attribution` is the signed [B, C, H, W] tensor (what Captum returns); `explain` its map.
+    The maps are >= 0 already, so no ReLU is applied after.
+    """
+
+    relu: ClassVar[bool] = False
+
+    def attribution(self, outputs: GraphOutputs, *, layer: str | None = None) -> np.ndarray:
+        rule = self.requires.input_gradient
+        if rule is None:
+            raise PluginError(f"method {self.name!r} declares no input_gradient rule set")
+        return outputs.input_gradient(rule)
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        return channel_max_abs(self.attribution(outputs, layer=layer))
+
+
 class ActivationWeightingMethod(Method):
     """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`."""
 

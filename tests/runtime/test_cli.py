@@ -130,7 +130,8 @@ def test_usage_errors(tiny, inputs, tmp_path):
     result = run("explain", tiny.path, str(inputs[0]), "-o", out, "--format", "gif")
     assert result.exit_code == ExitCode.USAGE_ERROR and "unknown output format 'gif'" in result.stderr
     result = run("explain", tiny.path, str(inputs[0]), "-o", out, "-m", "nope")
-    assert result.exit_code == ExitCode.USAGE_ERROR and "registered methods: gradcam" in result.stderr
+    assert result.exit_code == ExitCode.USAGE_ERROR and "registered methods:" in result.stderr
+    assert "gradcam (aliases: grad-cam)" in result.stderr
     result = run("explain", tiny.path, str(inputs[0]), "-o", out, "-O", "power=2")
     assert result.exit_code == ExitCode.USAGE_ERROR and "no option(s) power" in result.stderr
     result = run("explain", tiny.path, "-", "-o", out, input="")
@@ -175,7 +176,8 @@ def test_methods_json_and_table():
     assert gradcam["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
     assert gradcam["options"] == [] and gradcam["plugin"] == "camrt.methods.gradcam"
     table = run("methods").stdout.splitlines()
-    assert table[0].split()[:3] == ["NAME", "ALIASES", "REQUIRES"] and table[1].split()[:2] == ["gradcam", "grad-cam"]
+    assert table[0].split()[:3] == ["NAME", "ALIASES", "REQUIRES"]
+    assert ["gradcam", "grad-cam"] in [row.split()[:2] for row in table[1:]]
 
 
 def test_inspect(tiny):

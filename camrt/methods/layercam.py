@@ -1,0 +1,39 @@
+"""Layer-CAM.
+
+Jiang, Zhang, Hou, Cheng, Wei, "LayerCAM: Exploring Hierarchical Class Activation Maps for
+Localization", IEEE Transactions on Image Processing 30, 2021 (IEEE Xplore document 9462463).
+
+The paper's definition: w^kc_ij = ReLU(dS^c / dA^k_ij)  (a weight per location, no spatial pooling),
+M^c = ReLU(sum_k w^kc * A^k)  (element-wise product, summed over channels).
+
+The outer ReLU, upsampling and normalisation are applied by `camrt.postprocess`. Multi-layer
+maps are fused by `camrt.postprocess` like every other method (the mean, as pytorch-grad-cam
+does), not by the paper's tanh rescaling (eq. 9) and element-wise max (as torchcam does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UsageError
+from ..hookspecs import hookimpl
+from .base import GraphOutputs, Method, Requirements
+
+
+class LayerCAM(Method):
+    """Layer-CAM: activations weighted element-wise by their positive gradients (Jiang et al. 2021)."""
+
+    name = "layercam"
+    aliases = ("layer-cam",)
+    requires = Requirements(activations=True, gradients=True)
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        weights = np.maximum(outputs.gradient(layer), 0)
+        return (weights * outputs.activation(layer)).sum(axis=1, dtype=np.float32)
+
+
+@hookimpl
+def register_methods(register):
+    register(LayerCAM)

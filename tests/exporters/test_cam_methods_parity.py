@@ -1,0 +1,166 @@
+"""camrt's CAM-family methods equal pytorch-grad-cam 1.5.7's class of the same name.
+
+For each method, on resnet18 (layer4, fixed random weights) and EfficientNet-Lite0 (real weights,
+layer _bn1): the same model, layer, NCHW 224x224 input (three of scikit-image's photographs, no
+resampling on either side) and explicit targets; both maps min-max normalised; criterion
+max|camrt - pytorch-grad-cam| <= 1e-4. Each model is exported once (module-scoped fixture) and each
+pytorch-grad-cam class is run once per model. The targets are EfficientNet-Lite0's top-1 classes of
+the photographs (Egyptian cat, espresso, and 450 for the astronaut), explicit for both models: a
+class with no positive evidence at the layer gives an all-zero map on both sides, which would
+compare nothing, so every reference map is checked to be non-degenerate.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from camrt import contract
+
+from .models import load
+
+pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("skimage")
+
+#: camrt method name -> pytorch-grad-cam 1.5.7 class name
+METHODS = {
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "hirescam": "HiResCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+}
+MODELS = [("resnet18", "layer4"), ("efficientnet_lite0", "_bn1")]
+TARGETS = [285, 967, 450]
+TOLERANCE = 1e-4
+#: (model, method) -> (looser bound that still must hold, why 1e-4 is out of reach)
+KNOWN = {
+    ("efficientnet_lite0", "xgradcam"): (1e-3, (
+        "XGrad-CAM divides each channel by sum_ab A^k_ab; EfficientNet-Lite0's _bn1 is a signed BatchNorm "
+        "output (before the ReLU6), where some channel sums cancel to ~1e-3 of sum_ab |A^k_ab|, so "
+        "onnxruntime's float32 activations (max relative difference from torch's ~2e-6) move those "
+        "channels' weights by up to ~1e-3 relative and the map by up to ~3e-4. "
+        "camrt's formula applied to pytorch-grad-cam's own activations and gradients matches it to <= 1e-5 "
+        "(checked, hard; ~1e-6 is float32 summation order), so the residual is ill-conditioning of the "
+        "method on this layer, not a formula difference.")),
+}
+
+
+def _minmax(m):
+    m = m - m.min()
+    return m / (m.max() + 1e-7)
+
+
+def _photos():
+    """chelsea, coffee, astronaut at 224x224, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
+    import cv2
+    import skimage.data
+
+    photos = [cv2.resize(getattr(skimage.data, n)(), (224, 224), interpolation=cv2.INTER_AREA)
+              for n in ("chelsea", "coffee", "astronaut")]
+    return ((np.stack(photos).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[name for name, _ in MODELS])
+def exported(request, tmp_path_factory):
+    """(name, layer, torch model, path of its contract file, input batch), exported once per model."""
+    from camrt_exporters.export import export_torch, write_model
+
+    name, layer = request.param
+    model = load(name)
+    onnx_model, _ = export_torch(model, layers=[layer], rules=[contract.RULE_VANILLA])
+    path = tmp_path_factory.mktemp("cam-methods") / f"{name}.camrt.onnx"
+    write_model(onnx_model, path)
+    x = _photos()
+    return name, layer, model, str(path), x
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_matches_pytorch_grad_cam(request, exported, method):
+    import pytorch_grad_cam
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+    from camrt_exporters.torch_frontend import parse_layer
+
+    name, layer, model, path, x = exported
+    results = Explainer(path, method=method).explain(x, targets=TARGETS)
+    assert [r.target for r in results] == TARGETS and all(r.method == method for r in results)
+    module = dict(model.named_modules())[parse_layer(model, layer).module]
+    with getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=[module]) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in TARGETS])
+        tensors = (cam.activations_and_grads.activations[0].numpy(), cam.activations_and_grads.gradients[0].numpy())
+    diffs = [float(np.abs(_minmax(r.heatmap) - _minmax(reference[i])).max()) for i, r in enumerate(results)]
+    for i, r in enumerate(results):
+        assert np.ptp(reference[i]) > 0.5, f"{method} {name}: degenerate reference map for sample {i}"
+    message = f"{method} on {name}/{layer}: max diff per sample {['%.2e' % d for d in diffs]}"
+    known = KNOWN.get((name, method))
+    if known is not None and max(diffs) > TOLERANCE:
+        loose, reason = known
+        assert max(diffs) <= loose, message
+        _check_formula_on_reference_tensors(tensors, method, reference, x.shape[2:])
+        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
+    assert max(diffs) <= TOLERANCE, message
+
+
+def _check_formula_on_reference_tensors(tensors, method, reference, size):
+    """camrt's method on pytorch-grad-cam's own activations and gradients reproduces its maps."""
+    from camrt import postprocess
+    from camrt.methods.base import GraphOutputs
+    from camrt.registry import build_method_registry
+
+    acts, grads = tensors
+    values = {contract.activation_output("L"): acts, contract.gradient_output("L"): grads}
+    raw = build_method_registry().get(method)().explain(GraphOutputs(values, np.empty(0)), layer="L")
+    for i in range(len(raw)):
+        ours = postprocess.finalize([raw[i]], tuple(size))
+        diff = np.abs(_minmax(ours) - _minmax(reference[i])).max()
+        assert diff <= 1e-5, f"{method}: formula differs on sample {i}: {diff:.2e}"  # float32 summation order
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_raw_maps_match_pytorch_grad_cam_formula(method):
+    """The raw maps (before ReLU) equal pytorch-grad-cam's get_cam_image on signed random tensors.
+
+    On the layers above the gradient is 0 wherever the activation is negative (a ReLU/ReLU6 follows),
+    so Layer-CAM and Grad-CAM element-wise give identical maps there; signed activations and
+    gradients tell every formula apart (and eigencam's sign convention is checked without a ReLU).
+    """
+    import pytorch_grad_cam
+    import torch
+
+    from camrt.methods.base import GraphOutputs
+    from camrt.registry import build_method_registry
+
+    rng = np.random.default_rng(5)
+    acts = (rng.standard_normal((2, 64, 7, 9)) + 0.3).astype(np.float32)
+    grads = (rng.standard_normal((2, 64, 7, 9)) * 1e-2).astype(np.float32)
+    values = {contract.activation_output("L"): acts, contract.gradient_output("L"): grads}
+    ours = build_method_registry().get(method)().explain(GraphOutputs(values, np.empty(0)), layer="L")
+    layer = torch.nn.Conv2d(1, 1, 1)  # a stand-in model: only the class's get_cam_image runs, on our tensors
+    with getattr(pytorch_grad_cam, METHODS[method])(model=layer, target_layers=[layer]) as reference_cam:
+        reference = reference_cam.get_cam_image(None, layer, None, acts, grads, False)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape == (2, 7, 9)
+    scale = np.abs(reference).max()
+    assert np.abs(ours - reference).max() <= 1e-5 * scale, f"{method}: raw maps differ"
+
+
+def test_methods_listed_by_cli():
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(), ["methods", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    listed = {m["name"]: m for m in json.loads(result.stdout)}
+    for method in METHODS:
+        assert method in listed, f"{method} missing from `camrt methods --json`: {sorted(listed)}"
+        assert listed[method]["plugin"].startswith("camrt.methods.")
+        assert listed[method]["description"]
+    assert listed["eigencam"]["requires"] == {"activations": True, "gradients": False, "input_gradient": None}
+    assert listed["layercam"]["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
