@@ -67,6 +67,37 @@ class GraphIndex:
         for name, value in self.constants.items():
             self.shapes[name] = tuple(value.shape)
             self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+        for node in self.nodes:
+            if (node.op_type in ("MaxPool", "AveragePool") and attribute(node, "ceil_mode", 0)
+                    and self.consumers.get(node.output[0])):
+                self._check_ceil_mode_pool(node)
+
+    def _check_ceil_mode_pool(self, node: onnx.NodeProto) -> None:
+        """Refuse a ceil_mode pool whose last window starts in the right padding and whose output
+        is consumed: ONNX shape inference counts that window, onnxruntime (like torch) drops it, so
+        every static shape downstream would be wrong (the pool rules compute their own sizes)."""
+        in_shape, out_shape = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if in_shape is None or out_shape is None:
+            return
+        n = len(in_shape) - 2
+        kernel = list(attribute(node, "kernel_shape"))
+        strides = list(attribute(node, "strides", [1] * n))
+        dilations = list(attribute(node, "dilations", [1] * n))
+        pads = list(attribute(node, "pads", [0] * (2 * n)))
+        for axis in range(n):
+            size, inferred = in_shape[2 + axis], out_shape[2 + axis]
+            if not (isinstance(size, int) and isinstance(inferred, int)):
+                continue
+            span = size + pads[axis] + pads[n + axis] - dilations[axis] * (kernel[axis] - 1) - 1
+            out = -(-span // strides[axis]) + 1
+            if (out - 1) * strides[axis] >= size + pads[axis]:
+                out -= 1
+            if out != inferred:
+                raise ExportError(
+                    f"node {node.name!r} ({node.op_type}, ceil_mode): its last window starts in the padding, so "
+                    f"ONNX shape inference says {inferred} outputs along axis {2 + axis} where onnxruntime "
+                    f"computes {out}; export the model without ceil_mode for this pool."
+                )
 
     def shape(self, name: str) -> tuple[Dim, ...] | None:
         return self.shapes.get(name)
