@@ -75,10 +75,15 @@ class Explainer:
             if method_options:
                 raise UsageError("give method options to the method instance, not to the Explainer")
             self.method = method
+            #: Who provides the method: the registering plugin's name, or the class's module.
+            self.method_plugin = type(method).__module__
         else:
             from .registry import build_method_registry
 
-            self.method = build_method_registry().get(method)(**method_options)
+            registry = build_method_registry()
+            cls = registry.get(method)
+            self.method = cls(**method_options)
+            self.method_plugin = registry.plugin_of(cls.name)
         self.layers: tuple[str, ...] = self._resolve_layers(layer)
         self.fetch: tuple[str, ...] = (
             contract.LOGITS_OUTPUT,
@@ -86,6 +91,9 @@ class Explainer:
             *self.method.requires.outputs(self.layers),
         )
         self._check_outputs()
+        if self.method.requires.tail:
+            for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
+                self.session.tail_plan(name)
         self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
 
     # -- setup ---------------------------------------------------------------------------
@@ -141,6 +149,31 @@ class Explainer:
         )
 
     # -- explaining ----------------------------------------------------------------------
+    def _checked(self, maps: Any, layer: str | None, outputs: GraphOutputs) -> np.ndarray:
+        """The method's raw maps, or PluginError naming the method and its plugin.
+
+        The boundary between camrt and method code: raw maps must be a real-valued [B, h, w]
+        array, one map per input, and finite (postprocessing would turn a NaN into a NaN heatmap).
+        """
+        batch = outputs.inputs.shape[0]
+        who = f"method {self.method.name!r} (plugin {self.method_plugin!r}) returned"
+        where = f"for layer {layer!r}" if layer is not None else "for the input"
+        if not isinstance(maps, np.ndarray) or maps.ndim != 3 or maps.shape[0] != batch or 0 in maps.shape:
+            raise PluginError(
+                f"{who} {getattr(maps, 'shape', type(maps).__name__)} {where}; "
+                f"expected raw maps [B, h, w] with B = {batch}"
+            )
+        if maps.dtype.kind not in "fiu":
+            raise PluginError(f"{who} raw maps of dtype {maps.dtype} {where}; expected real numbers (float32)")
+        bad = int(np.count_nonzero(~np.isfinite(maps)))
+        if bad:
+            names = self.method.requires.outputs(self.layers)
+            inputs_bad = [n for n in names if n in outputs.values and not np.isfinite(outputs.values[n]).all()]
+            hint = (f"; its inputs {', '.join(inputs_bad)} already hold non-finite values (the model or image)"
+                    if inputs_bad else "; its inputs were finite")
+            raise PluginError(f"{who} {bad} non-finite value(s) (NaN or inf) in raw maps {maps.shape} {where}{hint}")
+        return maps
+
     def prepare(self, images: Any) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """(NCHW float32 model input, the (H, W) each heatmap is returned at)."""
         from .images import check_image, preprocess
@@ -179,15 +212,13 @@ class Explainer:
         """
         x, sizes = self.prepare(images)
         values = self.session.run(x, self._targets(targets, x.shape[0]), self.fetch)
-        outputs = GraphOutputs(values, x)
+        from .context import ExplainContext
+
+        context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
+        outputs = GraphOutputs(values, x, context)
         method = self.method
-        raw = [method.explain(outputs, layer=layer) for layer in (self.layers or (None,))]
-        for layer, maps in zip(self.layers or (None,), raw):
-            if not isinstance(maps, np.ndarray) or maps.ndim != 3 or maps.shape[0] != x.shape[0]:
-                raise PluginError(
-                    f"method {method.name!r} returned {getattr(maps, 'shape', type(maps).__name__)} "
-                    f"for layer {layer!r}; expected raw maps [B, h, w] with B = {x.shape[0]}"
-                )
+        raw = [self._checked(method.explain(outputs, layer=layer), layer, outputs)
+               for layer in (self.layers or (None,))]
         logits = outputs.logits
         target_index = outputs.target_index.astype(np.int64)
         softmax = bool(self.info.score.get("softmax", False))
@@ -206,5 +237,6 @@ class Explainer:
                 label=labels[target] if labels and 0 <= target < len(labels) else None,
                 layer=layer_field,
                 method=method.name,
+                extra={key: value[i] for key, value in context.extra.items()},
             ))
         return results

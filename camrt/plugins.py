@@ -34,6 +34,10 @@ DEFAULT_PLUGINS = (
     "camrt.methods.guided_backprop",
     "camrt.methods.deconvnet",
     "camrt.methods.guided_gradcam",
+    "camrt.methods.scorecam",
+    "camrt.methods.ablationcam",
+    "camrt.methods.smoothgrad",
+    "camrt.methods.integrated_gradients",
 )
 
 _lock = threading.Lock()
@@ -60,7 +64,9 @@ def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: set[
         load_entrypoints = os.environ.get("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     if load_entrypoints:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in blocked or pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+            # Blocked by entry-point name or by module name: checked before loading, so a blocked
+            # plugin's code never runs.
+            if {ep.name, ep.module} & blocked or pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
                 continue
             try:
                 plugin = ep.load()

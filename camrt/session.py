@@ -12,6 +12,7 @@ import mmap
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -223,6 +224,7 @@ class ExplainSession:
             self._model = onnx.load(self.path)
         except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
             raise ModelError(f"{self.path}: cannot load this camrt file: {_first_line(exc)}") from None
+        #: fetch set -> session; ("tail", layer) -> TailPlan.
         self._sessions: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
@@ -310,26 +312,204 @@ class ExplainSession:
         t = self.check_targets(targets, x.shape[0])
         fetch = list(dict.fromkeys(fetch))
         session = self.prepare(fetch)
-        feeds_needed = {i.name for i in session.get_inputs()}
-        step = self.static_batch or x.shape[0] or 1
         if x.shape[0] == 0:
             raise InputError("empty batch")
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, x.shape[0], step):
-            xs, ts = x[start:start + step], t[start:start + step]
-            real = xs.shape[0]
+        feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
+        needed = {i.name for i in session.get_inputs()}
+        values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch)
+        return dict(zip(fetch, values))
+
+    # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
+    def layer_tensor(self, layer: str) -> str:
+        """The graph tensor behind ``camrt/act/<layer>`` (the input of that Identity node)."""
+        name = contract.activation_output(layer)
+        for node in self._model.graph.node:
+            if name in node.output:
+                if node.op_type != "Identity" or not node.input:
+                    raise ContractError(f"{self.path}: {name!r} is not an Identity of the layer's tensor; "
+                                        "re-export the model with `camrt export`")
+                return node.input[0]
+        raise ModelError(f"{self.path} has no layer {layer!r} (no output {name!r}); "
+                         f"re-export it with `camrt export ... --layer {layer}`")
+
+    def tail_plan(self, layer: str) -> "TailPlan":
+        """The cached tail of `layer`: a session of the forward nodes between the layer's tensor and
+        ``camrt/logits``, with the layer's tensor as a graph input.
+
+        Tensors the tail reads that do not depend on the layer (skip connections that start before
+        it) become further inputs, ``side`` names, computed by a forward pass (`tail_side_tensors`).
+        Raises ModelError when the logits do not depend on the layer at all.
+        """
+        key = ("tail", layer)
+        plan = self._sessions.get(key)
+        if plan is not None:
+            return plan
+        import onnxruntime as ort
+
+        tensor = self.layer_tensor(layer)
+        with self._lock:
+            if key not in self._sessions:
+                tail, side_model, side = _tail_graphs(self._model, tensor, contract.LOGITS_OUTPUT, self.path, layer)
+                try:
+                    session = ort.InferenceSession(tail.SerializeToString(), sess_options=self._options,
+                                                   providers=self._providers)
+                    side_session = (ort.InferenceSession(side_model.SerializeToString(), sess_options=self._options,
+                                                         providers=self._providers) if side_model is not None else None)
+                except _ort_errors() as exc:
+                    raise ModelError(f"{self.path}: onnxruntime cannot load the tail graph of layer {layer!r}: "
+                                     f"{_first_line(exc)}") from None
+                self._sessions[key] = TailPlan(layer, tensor, tuple(side), session, side_session)
+            return self._sessions[key]
+
+    def tail_side_tensors(self, layer: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The tensors besides the layer's that the tail of `layer` reads, for model inputs `inputs`
+        (one forward pass; empty, and no pass, when the layer dominates every path to the logits)."""
+        plan = self.tail_plan(layer)
+        if not plan.side:
+            return {}
+        x = self.check_inputs(inputs)
+        direct = {name: x for name in plan.side if name == self.info.input_name}
+        computed = [name for name in plan.side if name not in direct]
+        if computed:
+            values = self._run_chunked(plan.side_session, {self.info.input_name: x}, computed)
+            direct.update(zip(computed, values))
+        return direct
+
+    def run_tail(self, layer: str, activations: np.ndarray, side: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """``camrt/logits`` [N, classes] computed from the layer's (edited) activations [N, ...].
+
+        `side`: the plan's side tensors, one row per activation row (see `tail_side_tensors`)."""
+        plan = self.tail_plan(layer)
+        acts = np.ascontiguousarray(activations, dtype=np.float32)
+        if acts.ndim < 1 or acts.shape[0] == 0:
+            raise InputError(f"tail of layer {layer!r}: empty batch of activations")
+        feeds = {plan.tensor: acts}
+        for name in plan.side:
+            if side is None or name not in side:
+                raise ModelError(f"the tail of layer {layer!r} also reads {name!r} (a connection that starts before "
+                                 "the layer); pass it in `side` (ExplainSession.tail_side_tensors)")
+            value = np.asarray(side[name])
+            if value.shape[0] != acts.shape[0]:
+                raise InputError(f"tail of layer {layer!r}: side tensor {name!r} has {value.shape[0]} rows "
+                                 f"for {acts.shape[0]} activation rows")
+            feeds[name] = value
+        return self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
+
+    def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str]) -> list[np.ndarray]:
+        """Run `session` on batched feeds, in chunks of the static batch size when the file has one."""
+        rows = next(iter(feeds.values())).shape[0]
+        step = self.static_batch or rows
+        parts = []
+        for start in range(0, rows, step):
+            chunk = {k: v[start:start + step] for k, v in feeds.items()}
+            real = next(iter(chunk.values())).shape[0]
             if real < step:  # a static-batch graph: pad the last chunk, drop the padding after
-                xs = np.concatenate([xs, np.repeat(xs[-1:], step - real, axis=0)])
-                ts = np.concatenate([ts, np.repeat(ts[-1:], step - real)])
-            feeds = {self.info.input_name: xs, contract.TARGET_INPUT: ts}
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
             try:
-                values = session.run(fetch, {k: v for k, v in feeds.items() if k in feeds_needed})
+                values = session.run(list(fetch), chunk)
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {_first_line(exc)}") from None
             parts.append([v[:real] for v in values])
         if len(parts) == 1:
-            return dict(zip(fetch, parts[0]))
-        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(fetch)}
+            return parts[0]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]
+
+
+@dataclass(frozen=True)
+class TailPlan:
+    """The tail of one layer: its session, the layer tensor it is fed, and its side inputs."""
+
+    layer: str
+    tensor: str
+    side: tuple[str, ...]
+    session: Any
+    side_session: Any = None
+
+
+def _tail_graphs(model, tensor: str, logits: str, path: str, layer: str):
+    """(tail model, side model or None, side tensor names) for the forward path tensor -> logits."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    # Constant tensors: initializers and whatever is computed from them alone (Constant nodes, ...).
+    const = set(initializers)
+    for node in graph.node:
+        if all((not i) or i in const for i in node.input):
+            const.update(node.output)
+    # Tensors that depend on the layer's tensor.
+    dependent = {tensor}
+    for node in graph.node:
+        if any(i in dependent for i in node.input):
+            dependent.update(node.output)
+    if logits not in dependent:
+        raise ModelError(f"{path}: {logits!r} does not depend on layer {layer!r}; its tail graph is empty")
+    # The forward nodes the logits need, cut at the layer's tensor.
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack, seen = [], [logits], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == tensor:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None:
+            continue
+        if not any(o in dependent for o in node.output) and not all(o in const for o in node.output):
+            continue  # a side tensor: computed before the layer, fed from a forward pass
+        needed.append(id(node))
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                stack.extend(i for n in sub.node for i in n.input if i)
+    keep = set(needed)
+    nodes = [n for n in graph.node if id(n) in keep]
+    produced = {o for n in nodes for o in n.output}
+    read = []
+    for node in nodes:
+        read.extend(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                inner = {o for n in sub.node for o in n.output}
+                read.extend(i for n in sub.node for i in n.input if i and i not in inner)
+    side = [name for name in dict.fromkeys(read)
+            if name not in produced and name not in initializers and name != tensor
+            and (name in producer or any(g.name == name for g in graph.input))]
+    infos = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+    missing = [name for name in [tensor, *side] if name not in infos]
+    if missing:
+        import onnx
+
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            infos.update({v.name: v for v in inferred.graph.value_info if v.name in missing})
+        except Exception:  # inference is a nicety: without it the inputs are declared float of any shape
+            pass
+    act_info = infos.get(contract.ACTIVATION_PREFIX + layer)
+
+    def info(name: str):
+        found = infos.get(name) or (act_info if name == tensor else None)
+        if found is not None and found.type.HasField("tensor_type"):
+            value = type(found)()
+            value.CopyFrom(found)
+            value.name = name
+            return value
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    outputs = [o for o in graph.output if o.name == logits]
+    used = produced | set(read)
+    tail_graph = helper.make_graph(
+        nodes, graph.name + "_tail", [info(tensor), *(info(n) for n in side)], outputs,
+        initializer=[i for i in graph.initializer if i.name in used],
+        value_info=[v for v in graph.value_info if v.name in produced],
+    )
+    tail = helper.make_model(tail_graph, opset_imports=list(model.opset_import))
+    tail.ir_version = model.ir_version
+    computed = [n for n in side if n in producer]
+    side_model = None
+    if computed:
+        side_model = _subgraph(model, computed, extra_outputs=[info(n) for n in computed])
+    return tail, side_model, side
 
 
 def _dims(value_info) -> tuple[int | str | None, ...]:
@@ -337,8 +517,10 @@ def _dims(value_info) -> tuple[int | str | None, ...]:
                  for d in value_info.type.tensor_type.shape.dim)
 
 
-def _subgraph(model, outputs: Sequence[str]):
-    """A copy of `model` reduced to the nodes, inputs and initializers that `outputs` need."""
+def _subgraph(model, outputs: Sequence[str], extra_outputs: Sequence[Any] = ()):
+    """A copy of `model` reduced to the nodes, inputs and initializers that `outputs` need.
+
+    `extra_outputs`: value infos of intermediate tensors (named in `outputs`) to expose as outputs."""
     from onnx import helper
 
     graph = model.graph
@@ -354,7 +536,8 @@ def _subgraph(model, outputs: Sequence[str]):
     pruned = helper.make_graph(
         list(reversed(nodes)), graph.name,
         [i for i in graph.input if i.name in needed],
-        [o for o in graph.output if o.name in outputs],
+        [o for o in graph.output if o.name in outputs]
+        + [v for v in extra_outputs if v.name not in {o.name for o in graph.output}],
         initializer=[i for i in graph.initializer if i.name in needed],
         value_info=[v for v in graph.value_info if v.name in needed],
     )

@@ -32,10 +32,16 @@ class Requirements:
     activations: bool = False
     gradients: bool = False
     input_gradient: str | None = None
+    #: The method runs further passes through the file (perturbed inputs: Score-CAM, SmoothGrad,
+    #: Integrated Gradients) through ``outputs.context`` (`camrt.context.ExplainContext`).
+    extra_passes: bool = False
+    #: The method runs the layer's tail graph (activations -> logits: Ablation-CAM); the runtime
+    #: builds it when the file is opened, so a layer without a tail fails early.
+    tail: bool = False
 
     @property
     def uses_layers(self) -> bool:
-        return self.activations or self.gradients
+        return self.activations or self.gradients or self.tail
 
     def outputs(self, layers: Sequence[str]) -> list[str]:
         """The output names to fetch for `layers`."""
@@ -50,7 +56,13 @@ class Requirements:
         return names
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields; ``extra_passes`` and ``tail`` only when set (single-pass methods keep the
+        three-key form)."""
+        data = dataclasses.asdict(self)
+        for key in ("extra_passes", "tail"):
+            if not data[key]:
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,15 @@ class GraphOutputs:
     values: Mapping[str, np.ndarray]
     #: The preprocessed model input, NCHW float32.
     inputs: np.ndarray
+    #: Further passes through the same file (`camrt.context.ExplainContext`); set by the Explainer.
+    context: Any = None
+
+    def require_context(self, method: str):
+        """The ExplainContext, or PluginError when the caller gave none."""
+        if self.context is None:
+            raise PluginError(f"method {method!r} runs further passes through the file; it needs "
+                              "GraphOutputs(..., context=ExplainContext(...)) (the Explainer gives one)")
+        return self.context
 
     def get(self, name: str) -> np.ndarray:
         try:

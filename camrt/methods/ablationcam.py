@@ -1,0 +1,79 @@
+"""Ablation-CAM.
+
+Desai, Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional Network via
+Gradient-free Localization", WACV 2020, eq. 3 and 5 (as pytorch-grad-cam 1.5.7 implements them):
+
+    w_k^c = (y^c - y^c_k) / y^c            (y^c_k: the target score with channel A^k set to 0)
+    L^c = ReLU(sum_k w_k^c A^k)
+
+y^c_k is computed by the layer's tail graph (the forward nodes from the layer's tensor to
+``camrt/logits``, cut from the same file): one tail pass per channel, `batch_size` ablated copies
+at a time. As in pytorch-grad-cam, a channel is set to 0 when the sample's activations have
+minimum 0 (after a ReLU) and to min(A) - 1e7 otherwise (signed layers; not in the paper).
+y^c is the tail's score of the unedited activations (the same computation as y^c_k, so the
+difference carries no rounding of a different graph). The ReLU, upsampling and normalisation are
+`camrt.postprocess`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from ..hookspecs import hookimpl
+from .base import GraphOutputs, Method, Requirements
+
+#: pytorch-grad-cam's AblationLayer: ablated value for layers with negative activations.
+ABLATION_OFFSET = 1e7
+
+
+class AblationCAM(Method):
+    """Ablation-CAM: channels weighted by the relative drop of the target score when each is zeroed (Desai & Ramaswamy 2020)."""
+
+    name = "ablationcam"
+    aliases = ("ablation-cam",)
+    requires = Requirements(activations=True, tail=True)
+
+    @dataclass(frozen=True)
+    class Options:
+        """batch_size: ablated copies per tail pass."""
+
+        batch_size: int = 32
+
+        def __post_init__(self):
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+        context = outputs.require_context(self.name)
+        acts = outputs.activation(layer).astype(np.float32, copy=False)
+        targets = outputs.target_index.astype(np.int64)
+        batch, channels = acts.shape[:2]
+        step = self.options.batch_size
+        weights = np.empty((batch, channels), dtype=np.float32)
+        for b in range(batch):
+            low = acts[b].min()
+            value = np.float32(0.0 if low == 0 else low - ABLATION_OFFSET)
+            original = context.tail(layer, acts[b][None], samples=[b])[0, targets[b]]
+            for start in range(0, channels, step):
+                stop = min(start + step, channels)
+                edited = np.repeat(acts[b][None], stop - start, axis=0)
+                edited[np.arange(stop - start), np.arange(start, stop)] = value
+                scores = context.tail(layer, edited, samples=np.full(stop - start, b))[:, targets[b]]
+                weights[b, start:stop] = (original - scores) / original
+        return weights
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        weights = self.weights(outputs, layer)
+        acts = outputs.activation(layer).astype(np.float32, copy=False)
+        batch, channels, height, width = acts.shape
+        return np.matmul(weights[:, None, :], acts.reshape(batch, channels, -1)).reshape(batch, height, width)
+
+
+@hookimpl
+def register_methods(register):
+    register(AblationCAM)

@@ -1,0 +1,98 @@
+"""Score-CAM.
+
+Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual Explanations for
+Convolutional Neural Networks", CVPR Workshops 2020 (arXiv:1910.01279), sec. 3 and Algorithm 1:
+
+    H^k = s(Up(A^k))                       (Up: bilinear upsampling to the input size,
+                                            s: min-max normalisation to [0, 1])
+    C(A^k) = f^c(X o H^k) - f^c(X_b)       (eq. 5: the increase of confidence, f^c the logit)
+    alpha_k^c = exp(C(A^k)) / sum_k' exp(C(A^k'))   (Algorithm 1: softmax over the channels)
+    L^c = ReLU(sum_k alpha_k^c A^k)        (eq. 6)
+
+camrt follows the paper's Algorithm 1. The baseline term f^c(X_b) is the same for every channel,
+so the channel softmax removes it: alpha = softmax_k(f^c(X o H^k)), and no baseline pass is run.
+Where implementations disagree:
+- the authors' code (haofanwang/Score-CAM) weights by the class probability softmax_c(f(X o H^k))_c
+  (a softmax over classes) with no channel softmax: not the paper's Algorithm 1;
+- pytorch-grad-cam 1.5.7 uses the same weights as camrt (softmax over channels of the target
+  logits) but upsamples with align_corners=True (UpsamplingBilinear2d);
+- torchcam 0.5 also reduces to softmax_k(f^c(M_k)) (it subtracts the unmasked input's logit, a
+  constant) but normalises A^k before upsampling.
+camrt's masks are the paper's s(Up(A^k)) with pixel-centre bilinear upsampling (cv2 INTER_LINEAR,
+= torch ``interpolate(..., align_corners=False)`` as in the authors' code); the weights match
+pytorch-grad-cam's and torchcam's formula. Channels that are constant have no mask (s is
+undefined): as in the authors' code they are skipped (weight 0, left out of the softmax).
+The ReLU of eq. 6, upsampling and normalisation of the map are `camrt.postprocess`'s.
+
+Cost: one forward pass per non-constant channel and sample, run `batch_size` masked inputs at a
+time (at most `batch_size` masked inputs are held at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from ..hookspecs import hookimpl
+from ..postprocess import upsample
+from .base import GraphOutputs, Method, Requirements
+
+
+class ScoreCAM(Method):
+    """Score-CAM: channels weighted by the softmax over channels of the target logit of the input masked by each channel (Wang et al. 2020)."""
+
+    name = "scorecam"
+    aliases = ("score-cam",)
+    requires = Requirements(activations=True, extra_passes=True)
+
+    @dataclass(frozen=True)
+    class Options:
+        """batch_size: masked inputs per forward pass."""
+
+        batch_size: int = 32
+
+        def __post_init__(self):
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+        """alpha [B, K] (float64)."""
+        context = outputs.require_context(self.name)
+        acts = outputs.activation(layer).astype(np.float32, copy=False)
+        x = outputs.inputs
+        targets = outputs.target_index.astype(np.int64)
+        batch, channels = acts.shape[:2]
+        size = x.shape[2:]
+        step = self.options.batch_size
+        alpha = np.zeros((batch, channels), dtype=np.float64)
+        for b in range(batch):
+            flat = acts[b].reshape(channels, -1)
+            live = np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))  # constant channels have no mask
+            scores = np.empty(live.size, dtype=np.float64)
+            for start in range(0, live.size, step):
+                chosen = live[start:start + step]
+                masks = upsample(acts[b, chosen], size)  # [n, H, W]
+                low = masks.min(axis=(1, 2), keepdims=True)
+                high = masks.max(axis=(1, 2), keepdims=True)
+                masks = (masks - low) / (high - low)
+                logits = context.forward(x[b][None] * masks[:, None])
+                scores[start:start + chosen.size] = logits[:, targets[b]]
+            if live.size:
+                shifted = np.exp(scores - scores.max())
+                alpha[b, live] = shifted / shifted.sum()
+        return alpha
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        alpha = self.weights(outputs, layer).astype(np.float32)
+        acts = outputs.activation(layer).astype(np.float32, copy=False)
+        batch, channels, height, width = acts.shape
+        return np.matmul(alpha[:, None, :], acts.reshape(batch, channels, -1)).reshape(batch, height, width)
+
+
+@hookimpl
+def register_methods(register):
+    register(ScoreCAM)

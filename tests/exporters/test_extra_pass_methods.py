@@ -1,0 +1,206 @@
+"""Methods that run further passes through the contract file (`camrt.context.ExplainContext`).
+
+resnet18 (fixed random weights, tests/exporters/models.py) exported once, rules vanilla, layers
+layer4 (Ablation-CAM), layer1 (Score-CAM: 64 channels keep the oracle's forward passes few) and
+layer4.1.conv1 (a tail that also reads the skip connection from layer4.0). Each method is checked
+against an oracle run in torch on the same model and input:
+- Ablation-CAM == pytorch-grad-cam 1.5.7 AblationCAM, min-max maps, max diff <= 1e-4;
+- Score-CAM == the paper's Algorithm 1 written here in torch (torchcam normalises before upsampling
+  and pytorch-grad-cam upsamples with align_corners=True, so neither is the paper's formula),
+  min-max maps, max diff <= 1e-4;
+- SmoothGrad == Captum NoiseTunnel(Saliency(abs=False)) fed camrt's noise, relative L2 <= 1e-2;
+- Integrated Gradients == Captum IntegratedGradients (same steps, baseline, method), relative L2
+  <= 1e-2; completeness within 1% at 64 Gauss-Legendre steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from camrt import contract
+
+from .models import load
+
+pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("captum")
+pytest.importorskip("skimage")
+
+LAYERS = ["layer4", "layer1", "layer4.1.conv1"]
+TARGETS = [285, 967, 450]
+
+
+def _minmax(m):
+    m = m - m.min()
+    return m / (m.max() + 1e-7)
+
+
+def _rel_l2(a, b):
+    return float(np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel()))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from camrt_exporters.export import export_torch, write_model
+
+    from .test_cam_methods_parity import _photos
+
+    model = load("resnet18")
+    onnx_model, _ = export_torch(model, layers=LAYERS, rules=[contract.RULE_VANILLA])
+    path = tmp_path_factory.mktemp("extra-pass") / "resnet18.camrt.onnx"
+    write_model(onnx_model, path)
+    return model, str(path), _photos()
+
+
+def test_tail_graph_reproduces_logits(exported):
+    from camrt.session import ExplainSession
+
+    _, path, x = exported
+    session = ExplainSession(path)
+    got = session.run(x, TARGETS, [contract.LOGITS_OUTPUT, *(contract.activation_output(n) for n in LAYERS)])
+    logits = got[contract.LOGITS_OUTPUT]
+    assert session.tail_plan("layer4").side == ()  # layer4 dominates: avgpool + fc only
+    plan = session.tail_plan("layer4.1.conv1")
+    assert len(plan.side) == 1  # the skip connection from layer4.0's output
+    for layer in ("layer4", "layer4.1.conv1"):
+        side = session.tail_side_tensors(layer, x)
+        tail = session.run_tail(layer, got[contract.activation_output(layer)], side)
+        assert np.abs(tail - logits).max() <= 1e-4 * np.abs(logits).max(), layer
+    with pytest.raises(Exception, match="side"):
+        session.run_tail("layer4.1.conv1", got[contract.activation_output("layer4.1.conv1")])
+
+
+def test_ablationcam_matches_pytorch_grad_cam(exported):
+    import torch
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+
+    model, path, x = exported
+    x, targets = x[:1], TARGETS[:1]  # pytorch-grad-cam runs the whole model once per channel
+    results = Explainer(path, method="ablationcam", layer="layer4", batch_size=48).explain(x, targets=targets)
+    with AblationCAM(model=model, target_layers=[model.layer4], batch_size=64) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets])
+    for i, r in enumerate(results):
+        assert np.ptp(reference[i]) > 0.5
+        diff = float(np.abs(_minmax(r.heatmap) - _minmax(reference[i])).max())
+        print(f"ablationcam sample {i}: max diff {diff:.2e}")
+        assert diff <= 1e-4, diff
+
+
+def _scorecam_oracle(model, module, x, targets):
+    """Score-CAM, Algorithm 1 of Wang et al. 2020, in torch: masks s(Up(A^k)) (bilinear, pixel
+    centres), alpha = softmax over channels of the target logit of X o H^k (the baseline term is a
+    constant, it cancels), map = ReLU(sum_k alpha_k A^k), upsampled and min-max normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    store = {}
+    handle = module.register_forward_hook(lambda m, a, o: store.__setitem__("a", o.detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    handle.remove()
+    acts = store["a"]
+    maps = []
+    with torch.no_grad():
+        for b, t in enumerate(targets):
+            up = F.interpolate(acts[b:b + 1].transpose(0, 1), size=x.shape[2:], mode="bilinear", align_corners=False)
+            low = up.amin(dim=(2, 3), keepdim=True)
+            high = up.amax(dim=(2, 3), keepdim=True)
+            live = (high > low).flatten()
+            masks = ((up - low) / (high - low))[live]
+            scores = torch.cat([model(torch.from_numpy(x[b:b + 1]) * masks[i:i + 16])[:, t]
+                                for i in range(0, masks.shape[0], 16)])
+            alpha = torch.zeros(acts.shape[1], dtype=torch.float64)
+            alpha[live] = torch.softmax(scores.double(), dim=0)
+            cam = torch.relu(torch.einsum("k,khw->hw", alpha.float(), acts[b]))
+            cam = F.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
+            maps.append(_minmax(cam.numpy()))
+    return maps
+
+
+def test_scorecam_matches_paper_formula(exported):
+    from camrt import Explainer
+
+    model, path, x = exported
+    x, targets = x[:2], TARGETS[:2]
+    results = Explainer(path, method="scorecam", layer="layer1", batch_size=24).explain(x, targets=targets)
+    reference = _scorecam_oracle(model, model.layer1, x, targets)
+    for i, r in enumerate(results):
+        assert np.ptp(reference[i]) > 0.5
+        diff = float(np.abs(_minmax(r.heatmap) - reference[i]).max())
+        print(f"scorecam sample {i}: max diff {diff:.2e}")
+        assert diff <= 1e-4, diff
+
+
+def test_smoothgrad_matches_captum_noise_tunnel(exported, monkeypatch):
+    import torch
+    from captum.attr import NoiseTunnel, Saliency
+
+    from camrt.context import ExplainContext
+    from camrt.methods.base import GraphOutputs
+    from camrt.methods.smoothgrad import SmoothGrad, noise_sigma
+    from camrt.session import ExplainSession
+
+    model, path, x = exported
+    x, targets = x[:2], TARGETS[:2]
+    n, spread, seed = 6, 0.15, 3
+    method = SmoothGrad(n_samples=n, stdev_spread=spread, seed=seed, batch_size=4)
+    session = ExplainSession(path)
+    values = session.run(x, targets, [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT])
+    ours = method.attribution(GraphOutputs(values, x, ExplainContext(session, x, values[contract.TARGET_INDEX_OUTPUT])))
+
+    # camrt's documented noise: default_rng(seed), sample by sample, copy by copy, times sigma.
+    rng = np.random.default_rng(seed)
+    sigma = noise_sigma(x, spread)
+    noise = np.concatenate([rng.standard_normal((n, *x.shape[1:]), dtype=np.float32) * sigma[b] for b in range(len(x))])
+    calls = []
+
+    def fixed_noise(mean, std, *args, **kwargs):  # Captum draws torch.normal(0, std) of the expanded input
+        calls.append(tuple(std.shape))
+        return torch.from_numpy(noise)
+
+    monkeypatch.setattr(torch, "normal", fixed_noise)
+    reference = NoiseTunnel(Saliency(model)).attribute(
+        torch.from_numpy(x), nt_type="smoothgrad", nt_samples=n, stdevs=float(sigma[0]), target=targets, abs=False
+    ).detach().numpy()
+    monkeypatch.undo()
+    assert calls == [noise.shape]
+    err = _rel_l2(ours, reference)
+    print(f"smoothgrad relative L2 {err:.2e}")
+    assert err <= 1e-2
+    maps = __import__("camrt").Explainer(path, method="smoothgrad", n_samples=2).explain(x, targets=targets)
+    assert all(m.heatmap.shape == x.shape[2:] for m in maps)
+
+
+def test_integrated_gradients_matches_captum(exported):
+    import torch
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    from camrt import Explainer
+    from camrt.context import ExplainContext
+    from camrt.methods.base import GraphOutputs
+    from camrt.methods.integrated_gradients import IntegratedGradients
+    from camrt.session import ExplainSession
+
+    model, path, x = exported
+    x, targets = x[:2], TARGETS[:2]
+    session = ExplainSession(path)
+    values = session.run(x, targets, [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT])
+    context = ExplainContext(session, x, values[contract.TARGET_INDEX_OUTPUT])
+    steps = 16
+    ours = IntegratedGradients(steps=steps, method="riemann_trapezoid", batch_size=5).attribution(
+        GraphOutputs(values, x, context))
+    reference = CaptumIG(model).attribute(torch.from_numpy(x), baselines=torch.zeros(1, *x.shape[1:]),
+                                          target=targets, n_steps=steps, method="riemann_trapezoid").detach().numpy()
+    err = _rel_l2(ours, reference)
+    print(f"integrated gradients (riemann_trapezoid, {steps} steps) relative L2 {err:.2e}")
+    assert err <= 1e-2
+
+    result = Explainer(path, method="integrated-gradients", steps=64).explain(x[:1], targets=targets[:1])[0]
+    completeness = result.extra["completeness"]
+    relative = abs(completeness["delta"]) / abs(completeness["score_difference"])
+    print(f"integrated gradients (gausslegendre, 64 steps) completeness {completeness}, relative {relative:.2e}")
+    assert relative <= 1e-2
+    assert result.record()["completeness"] == completeness

@@ -1,0 +1,359 @@
+"""The plugin path: the packaged example plugin, entry-point loading, blocking, and the checks at
+the method boundary, each failure named after its plugin.
+
+In-process tests use real `importlib.metadata.EntryPoint` objects whose modules are written into
+a temporary folder, so `ep.load()` really imports them; only the `entry_points()` listing is
+replaced. One slow test installs camrt and plugins/camrt-example into a fresh virtual environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from camrt import plugins, postprocess
+from camrt.errors import PluginError
+from camrt.hookspecs import hookimpl
+from camrt.methods.base import Method
+from camrt.plugins import create_plugin_manager, get_plugin_manager
+from camrt.registry import build_method_registry
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "plugins" / "camrt-example"
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def example(monkeypatch):
+    """The example plugin's module, imported from its source folder (not installed in .venv)."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.delitem(sys.modules, "camrt_example", raising=False)
+    module = importlib.import_module("camrt_example")
+    yield module
+    sys.modules.pop("camrt_example", None)
+
+
+@pytest.fixture
+def on_global_manager():
+    """Register plugin objects on the process-wide manager (what Explainer uses) for one test."""
+    pm = get_plugin_manager()
+    registered = []
+
+    def register(obj, name: str):
+        pm.register(obj, name=name)
+        registered.append(obj)
+        return obj
+
+    yield register
+    for obj in registered:
+        pm.unregister(obj)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("camrt_exporters")
+    from tests.runtime.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("plugins") / "tiny.camrt.onnx"))
+
+
+MODULES = {
+    "camrt_test_good": """
+        import camrt
+
+        class Good(camrt.ActivationWeightingMethod):
+            name = "test-good"
+
+            def weights(self, activations, gradients):
+                return gradients.mean(axis=(2, 3))
+
+        @camrt.hookimpl
+        def register_methods(register):
+            register(Good)
+    """,
+    "camrt_test_broken_import": """
+        raise RuntimeError("broken on purpose at import")
+    """,
+    "camrt_test_broken_register": """
+        import camrt
+
+        @camrt.hookimpl
+        def register_methods(register):
+            raise ValueError("bad registration on purpose")
+    """,
+}
+
+
+@pytest.fixture
+def entry_points(tmp_path, monkeypatch):
+    """`entry_points(name=module, ...)`: makes these the only entry points of group camrt.
+
+    The modules of MODULES are written to a temporary folder on sys.path and imported for real
+    by `EntryPoint.load()`. Returns the list of group names the fake listing was asked for.
+    """
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for module, source in MODULES.items():
+        (folder / f"{module}.py").write_text(textwrap.dedent(source))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(plugins, "load_failures", {})  # the module global, not the process's record
+    asked: list[str] = []
+
+    def install(**named: str) -> list[str]:
+        eps = [importlib.metadata.EntryPoint(name, value, plugins.ENTRY_POINT_GROUP) for name, value in named.items()]
+
+        def fake_entry_points(*, group: str):
+            asked.append(group)
+            return [ep for ep in eps if ep.group == group]
+
+        monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+        return asked
+
+    yield install
+    for module in MODULES:
+        sys.modules.pop(module, None)
+
+
+# --- the example plugin -------------------------------------------------------------------------
+
+
+def test_example_registers_max_gradcam_under_its_plugin_name(example):
+    pm = create_plugin_manager(load_entrypoints=False, blocked=set())
+    pm.register(example, name="example")
+    registry = build_method_registry(pm)
+    assert registry.get("max-gradcam") is example.MaxGradCAM
+    assert registry.get("MaxGradCAM") is example.MaxGradCAM  # alias, case-insensitive
+    assert registry.plugin_of("max-gradcam") == "example"
+    assert registry.plugin_of("gradcam") == "camrt.methods.gradcam"  # the built-ins still there
+    described = example.MaxGradCAM.describe()
+    assert described["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
+    assert "toy" in described["description"].lower()  # `camrt methods` says it is a toy
+
+
+def test_max_gradcam_closed_form_on_the_tiny_model(example, on_global_manager, tiny):
+    """On `conv` (pre-ReLU) the gradient of logit c is W[c, k]/(hw) masked by conv > 0: the
+    weight is its spatial max, which differs from Grad-CAM's mean."""
+    from camrt.explainer import Explainer
+    from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
+
+    on_global_manager(example, "example")
+    explainer = Explainer(tiny.path, method="max-gradcam", device="cpu", layer="conv")
+    assert explainer.method_plugin == "example"
+    x = np.random.default_rng(5).normal(size=(3, 3, HEIGHT, WIDTH)).astype(np.float32)
+    results = explainer.explain(x, targets=[0, 2, 4])
+    conv = numpy_forward(tiny, x)["conv"]
+    hw = conv.shape[2] * conv.shape[3]
+    for i, (result, target) in enumerate(zip(results, [0, 2, 4])):
+        grad = (tiny.w2[target][:, None, None] / hw) * (conv[i] > 0)
+        weights = grad.max(axis=(1, 2))
+        expected = postprocess.finalize([np.einsum("k,khw->hw", weights, conv[i])], (HEIGHT, WIDTH))
+        np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+        assert result.method == "max-gradcam" and result.layer == "conv" and result.target == target
+        mean_weights = grad.mean(axis=(1, 2))
+        assert not np.allclose(weights, mean_weights)  # the toy really is a different method here
+
+
+def test_readme_testing_examples_run(example):
+    """The snippets under "Testing a plugin" in the example's README are run, so they cannot rot."""
+    text = (EXAMPLE / "README.md").read_text()
+    section = text[text.index("## Testing a plugin"):text.index("## Disabling and blocking")]
+    blocks = section.split("```python\n")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block.split("```")[0], "README.md", "exec"), {})  # noqa: S102 - our own docs
+
+
+# --- entry-point loading ------------------------------------------------------------------------
+
+
+def test_plugin_failing_at_import_is_recorded_and_the_others_load(entry_points):
+    entry_points(broken="camrt_test_broken_import", good="camrt_test_good")
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert set(plugins.load_failures) == {"broken"}
+    message = plugins.load_failures["broken"]
+    assert "'broken'" in message and "camrt_test_broken_import" in message and "broken on purpose at import" in message
+    assert pm.get_plugin("broken") is None and pm.get_plugin("good") is not None
+    registry = build_method_registry(pm)
+    assert registry.plugin_of("test-good") == "good" and registry.plugin_of("gradcam") == "camrt.methods.gradcam"
+
+
+def test_register_methods_raising_names_the_plugin_and_blocking_it_recovers(entry_points):
+    entry_points(good="camrt_test_good", badreg="camrt_test_broken_register")
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert plugins.load_failures == {}  # it imports fine; it fails when asked to register
+    with pytest.raises(PluginError, match=r"plugin 'badreg' failed in register_methods: ValueError\('bad registration on purpose'\)"):
+        build_method_registry(pm)
+    registry = build_method_registry(create_plugin_manager(load_entrypoints=True, blocked={"badreg"}))
+    assert registry.plugin_of("test-good") == "good"
+
+
+@pytest.mark.parametrize("block", ["broken", "camrt_test_broken_import", " other , broken "])
+def test_blocked_plugin_is_never_imported(entry_points, monkeypatch, block):
+    """By entry-point name or module name, from CAMRT_BLOCK_PLUGINS (spaces and other names allowed)."""
+    entry_points(broken="camrt_test_broken_import", good="camrt_test_good")
+    monkeypatch.setenv("CAMRT_BLOCK_PLUGINS", block)
+    pm = create_plugin_manager(load_entrypoints=True)
+    assert plugins.load_failures == {}
+    assert "camrt_test_broken_import" not in sys.modules
+    assert pm.get_plugin("good") is not None
+
+
+def test_blocking_a_builtin_method(entry_points, monkeypatch):
+    entry_points()
+    monkeypatch.setenv("CAMRT_BLOCK_PLUGINS", "camrt.methods.saliency")
+    registry = build_method_registry(create_plugin_manager(load_entrypoints=True))
+    assert "saliency" not in registry.names() and "gradcam" in registry.names()
+    with pytest.raises(PluginError, match="unknown method 'saliency'"):
+        registry.get("saliency")
+
+
+@pytest.mark.parametrize(("value", "loads"), [("1", False), ("yes", False), ("0", True), ("", True)])
+def test_disable_autoload_env(entry_points, monkeypatch, value, loads):
+    asked = entry_points(good="camrt_test_good")
+    monkeypatch.setenv("CAMRT_DISABLE_PLUGIN_AUTOLOAD", value)
+    pm = create_plugin_manager(blocked=set())
+    assert (pm.get_plugin("good") is not None) is loads
+    assert asked == (["camrt"] if loads else [])  # disabled: the installed entry points are not even listed
+    assert pm.get_plugin("camrt.methods.gradcam") is not None  # built-ins load either way
+
+
+# --- the method boundary in the Explainer -------------------------------------------------------
+
+
+def _method_returning(make):
+    class BadMaps(Method):
+        """Returns whatever the test asks for."""
+
+        name = "bad-maps"
+
+        def explain(self, outputs, *, layer):
+            return make(outputs.inputs.shape[0])
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(BadMaps)
+
+    return Plugin()
+
+
+@pytest.mark.parametrize(("make", "complaint"), [
+    (lambda b: np.zeros((b, 4), np.float32), r"\(2, 4\) for the input; expected raw maps \[B, h, w\] with B = 2"),
+    (lambda b: np.zeros((b + 1, 3, 3), np.float32), r"\(3, 3, 3\) for the input; expected .* B = 2"),
+    (lambda b: np.zeros((b, 0, 3), np.float32), r"\(2, 0, 3\)"),
+    (lambda b: [[[0.0]]] * b, r"list for the input"),
+    (lambda b: np.zeros((b, 3, 3), np.complex64), r"raw maps of dtype complex64 for the input; expected real numbers"),
+    (lambda b: np.full((b, 3, 3), np.nan, np.float32), r"18 non-finite value\(s\) \(NaN or inf\) in raw maps \(2, 3, 3\) for the input; its inputs were finite"),
+    (lambda b: np.where(np.eye(3, dtype=bool), np.inf, 0).astype(np.float32)[None].repeat(b, 0),
+     r"6 non-finite value\(s\)"),
+], ids=["2d", "batch", "empty", "list", "complex", "nan", "inf"])
+def test_bad_raw_maps_are_caught_naming_method_and_plugin(tiny, on_global_manager, make, complaint):
+    from camrt.explainer import Explainer
+
+    on_global_manager(_method_returning(make), "test-bad-maps")
+    explainer = Explainer(tiny.path, method="bad-maps", device="cpu")
+    x = np.zeros((2, 3, 12, 16), np.float32)
+    with pytest.raises(PluginError, match=r"^method 'bad-maps' \(plugin 'test-bad-maps'\) returned " + complaint):
+        explainer.explain(x)
+
+
+def test_non_finite_inputs_are_blamed_on_the_model_or_image(tiny):
+    """A NaN pixel makes `feat` NaN (its gradient W[c]/(hw) stays finite on the GAP head): the
+    message names the built-in method and the one output that was already NaN."""
+    from camrt.explainer import Explainer
+
+    x = np.zeros((1, 3, 12, 16), np.float32)
+    x[0, 0, 3, 3] = np.nan
+    with pytest.raises(PluginError, match=r"method 'gradcam' \(plugin 'camrt.methods.gradcam'\) returned .* "
+                                          r"for layer 'feat'; its inputs camrt/act/feat already hold non-finite values \(the model or image\)$"):
+        Explainer(tiny.path, method="gradcam", device="cpu", layer="feat").explain(x, targets=0)
+
+
+class _Direct(Method):
+    """A method passed as an instance, never registered."""
+
+    name = "direct"
+
+    def explain(self, outputs, *, layer):
+        return np.zeros(3, np.float32)
+
+
+def test_method_instance_is_named_by_its_module(tiny):
+    from camrt.explainer import Explainer
+
+    with pytest.raises(PluginError, match=rf"^method 'direct' \(plugin '{__name__}'\) returned \(3,\) for the input"):
+        Explainer(tiny.path, method=_Direct(), device="cpu").explain(np.zeros((1, 3, 12, 16), np.float32))
+
+
+# --- a real install -----------------------------------------------------------------------------
+
+
+def _copy_sources(dest: Path) -> tuple[Path, Path]:
+    """camrt's and the plugin's sources, copied so that pip's in-tree build leaves the checkout alone."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    core = dest / "camrt-src"
+    shutil.copytree(REPO / "camrt", core / "camrt", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, core / name)
+    plugin = shutil.copytree(EXAMPLE, dest / "camrt-example-src", ignore=ignore)
+    return core, plugin
+
+
+def _camrt_methods(venv_bin: Path, cwd: Path, **env: str) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "CAMRT_BLOCK_PLUGINS", "PYTHONPATH", "VIRTUAL_ENV")}
+    environment.update(env)
+    done = subprocess.run([str(venv_bin / "camrt"), "methods", "--json"], capture_output=True, text=True,
+                          env=environment, cwd=cwd, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {m["name"]: m["plugin"] for m in json.loads(done.stdout)}
+
+
+@pytest.mark.slow
+def test_installed_plugin_is_listed_and_can_be_blocked(tmp_path):
+    """pip-installs camrt and plugins/camrt-example into a fresh virtual environment and asks
+    `camrt methods --json` there, with the environment's plugin switches on and off.
+
+    The venv is created WITHOUT --system-site-packages and pip resolves every dependency (numpy,
+    onnx, onnxruntime, opencv-python-headless, pluggy, click) from the configured index: this
+    proves the plugin's pyproject, entry point and dependency on camrt as a user would meet them.
+    It takes 15-30 s on the 2-core dev machine (wheels come from the local mirror), well under
+    the 90 s at which a --system-site-packages venv would have been the cheaper honest choice.
+    Sources are copied first so the in-tree build writes nothing into the checkout.
+    """
+    core, plugin = _copy_sources(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    bin_dir = venv / "bin"
+    started = time.monotonic()
+    install = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", str(core), str(plugin)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    print(f"pip install into a fresh venv: {time.monotonic() - started:.1f} s")
+
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import camrt, camrt_example; print(camrt.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert where.stdout.strip().startswith(str(venv))  # the installed copy, not the checkout
+
+    listed = _camrt_methods(bin_dir, tmp_path)
+    assert listed["max-gradcam"] == "example"
+    assert listed["gradcam"] == "camrt.methods.gradcam"
+    for env in ({"CAMRT_BLOCK_PLUGINS": "example"}, {"CAMRT_BLOCK_PLUGINS": "camrt_example"},
+                {"CAMRT_DISABLE_PLUGIN_AUTOLOAD": "1"}):
+        listed = _camrt_methods(bin_dir, tmp_path, **env)
+        assert "max-gradcam" not in listed, env
+        assert listed["gradcam"] == "camrt.methods.gradcam", env
