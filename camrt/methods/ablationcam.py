@@ -17,13 +17,12 @@ difference carries no rounding of a different graph). The ReLU, upsampling and n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UsageError
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, Method, Requirements
+from .base import BatchOptions, GraphOutputs, Method, Requirements
 
 #: pytorch-grad-cam's AblationLayer: ablated value for layers with negative activations.
 ABLATION_OFFSET = 1e7
@@ -36,15 +35,7 @@ class AblationCAM(Method):
     aliases = ("ablation-cam",)
     requires = Requirements(activations=True, tail=True)
 
-    @dataclass(frozen=True)
-    class Options:
-        """batch_size: ablated copies per tail pass."""
-
-        batch_size: int = 32
-
-        def __post_init__(self):
-            if self.batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    Options = BatchOptions
 
     def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         context = outputs.require_context(self.name)

@@ -134,6 +134,17 @@ def _coerce(value: Any, annotation: Any, method: str, name: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """batch_size: inputs (or activation copies) per extra pass; bounds the memory of a run."""
+
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
 class Method(ABC):
     """An explanation method. Subclasses set `name`, `requires` and optionally `aliases`, `Options`."""
 

@@ -30,14 +30,13 @@ time (at most `batch_size` masked inputs are held at once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UsageError
 from ..hookspecs import hookimpl
 from ..postprocess import upsample
-from .base import GraphOutputs, Method, Requirements
+from .base import BatchOptions, GraphOutputs, Method, Requirements
 
 
 class ScoreCAM(Method):
@@ -47,15 +46,7 @@ class ScoreCAM(Method):
     aliases = ("score-cam",)
     requires = Requirements(activations=True, extra_passes=True)
 
-    @dataclass(frozen=True)
-    class Options:
-        """batch_size: masked inputs per forward pass."""
-
-        batch_size: int = 32
-
-        def __post_init__(self):
-            if self.batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    Options = BatchOptions
 
     def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         """alpha [B, K] (float64)."""
