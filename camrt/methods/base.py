@@ -232,9 +232,19 @@ class InputGradientMethod(Method):
 
 
 class ActivationWeightingMethod(Method):
-    """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`."""
+    """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`.
+
+    Option eigen_smooth (pytorch-grad-cam's): the map is instead the projection of the weighted
+    activations w_k A^k on their first principal component (camrt.methods.projection).
+    """
 
     requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
+
+    @dataclass(frozen=True)
+    class Options:
+        """eigen_smooth: first principal component of the weighted activations instead of their sum."""
+
+        eigen_smooth: bool = False
 
     @abstractmethod
     def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -249,5 +259,9 @@ class ActivationWeightingMethod(Method):
         batch, channels, height, width = activations.shape
         if weights.shape != (batch, channels):
             raise PluginError(f"method {self.name!r} returned weights of shape {weights.shape}, expected {(batch, channels)}")
+        if self.options.eigen_smooth:
+            from .projection import first_principal_component
+
+            return first_principal_component(weights[:, :, None, None] * activations)
         flat = activations.reshape(batch, channels, height * width).astype(np.float32, copy=False)
         return np.matmul(weights[:, None, :], flat).reshape(batch, height, width)

@@ -164,3 +164,28 @@ def test_methods_listed_by_cli():
         assert listed[method]["description"]
     assert listed["eigencam"]["requires"] == {"activations": True, "gradients": False, "input_gradient": None}
     assert listed["layercam"]["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam"])
+def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
+    """eigen_smooth=True: the first principal component of the weighted activations, as
+    pytorch-grad-cam computes it (same sign convention), within the same 1e-4."""
+    import pytorch_grad_cam
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+    from camrt_exporters.torch_frontend import parse_layer
+
+    name, layer, model, path, x = exported
+    if (name, method) in KNOWN:
+        pytest.xfail(KNOWN[(name, method)][1])
+    ours = Explainer(path, method=method, eigen_smooth=True).explain(x, targets=TARGETS)
+    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", **METHODS}[method])
+    module = dict(model.named_modules())[parse_layer(model, layer).module]
+    with reference_class(model=model, target_layers=[module]) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in TARGETS], eigen_smooth=True)
+    for i, result in enumerate(ours):
+        assert np.ptp(reference[i]) > 0, f"{name}/{method} sample {i}: degenerate reference map"
+        diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
+        assert diff <= TOLERANCE, f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}"

@@ -175,5 +175,9 @@ def test_input_gradient_method_and_layer_refusal(tiny, rng):
 
 
 def test_unknown_method_options():
-    with pytest.raises(UsageError, match=r"no option\(s\) alpha.*takes no options"):
+    with pytest.raises(UsageError, match=r"no option\(s\) alpha; valid options: eigen_smooth"):
         GradCAM(alpha=1)
+    from camrt.methods.saliency import Saliency
+
+    with pytest.raises(UsageError, match=r"no option\(s\) alpha.*takes no options"):
+        Saliency(alpha=1)
