@@ -26,7 +26,7 @@ from camrt import plugins, postprocess
 from camrt.errors import PluginError
 from camrt.hookspecs import hookimpl
 from camrt.methods.base import Method
-from camrt.plugins import create_plugin_manager, get_plugin_manager
+from camrt.plugins import create_plugin_manager
 from camrt.registry import build_method_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,22 +44,6 @@ def example(monkeypatch):
     module = importlib.import_module("camrt_example")
     yield module
     sys.modules.pop("camrt_example", None)
-
-
-@pytest.fixture
-def on_global_manager():
-    """Register plugin objects on the process-wide manager (what Explainer uses) for one test."""
-    pm = get_plugin_manager()
-    registered = []
-
-    def register(obj, name: str):
-        pm.register(obj, name=name)
-        registered.append(obj)
-        return obj
-
-    yield register
-    for obj in registered:
-        pm.unregister(obj)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +128,13 @@ def test_example_registers_max_gradcam_under_its_plugin_name(example):
     assert "toy" in described["description"].lower()  # `camrt methods` says it is a toy
 
 
-def test_max_gradcam_closed_form_on_the_tiny_model(example, on_global_manager, tiny):
+def test_max_gradcam_closed_form_on_the_tiny_model(example, plugin, tiny):
     """On `conv` (pre-ReLU) the gradient of logit c is W[c, k]/(hw) masked by conv > 0: the
     weight is its spatial max, which differs from Grad-CAM's mean."""
     from camrt.explainer import Explainer
     from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
 
-    on_global_manager(example, "example")
+    plugin(example, "example")
     explainer = Explainer(tiny.path, method="max-gradcam", device="cpu", layer="conv")
     assert explainer.method_plugin == "example"
     x = np.random.default_rng(5).normal(size=(3, 3, HEIGHT, WIDTH)).astype(np.float32)
@@ -261,10 +245,10 @@ def _method_returning(make):
     (lambda b: np.where(np.eye(3, dtype=bool), np.inf, 0).astype(np.float32)[None].repeat(b, 0),
      r"6 non-finite value\(s\)"),
 ], ids=["2d", "batch", "empty", "list", "complex", "nan", "inf"])
-def test_bad_raw_maps_are_caught_naming_method_and_plugin(tiny, on_global_manager, make, complaint):
+def test_bad_raw_maps_are_caught_naming_method_and_plugin(tiny, plugin, make, complaint):
     from camrt.explainer import Explainer
 
-    on_global_manager(_method_returning(make), "test-bad-maps")
+    plugin(_method_returning(make), "test-bad-maps")
     explainer = Explainer(tiny.path, method="bad-maps", device="cpu")
     x = np.zeros((2, 3, 12, 16), np.float32)
     with pytest.raises(PluginError, match=r"^method 'bad-maps' \(plugin 'test-bad-maps'\) returned " + complaint):

@@ -35,21 +35,3 @@ def make_model(exporter, tmp_path_factory) -> Callable[..., TinyModel]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
-
-
-@pytest.fixture
-def plugin(request):
-    """Register a plugin object on the process-wide manager for one test only."""
-    from camrt.plugins import get_plugin_manager
-
-    pm = get_plugin_manager()
-    registered = []
-
-    def register(obj, name: str):
-        pm.register(obj, name=name)
-        registered.append(obj)
-        return obj
-
-    yield register
-    for obj in registered:
-        pm.unregister(obj)
