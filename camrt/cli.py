@@ -7,12 +7,14 @@ camrt errors become one message on stderr and the exit code of `camrt.errors.Exi
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import click
@@ -20,7 +22,8 @@ import click
 from . import __version__
 from .errors import CamrtError, ExitCode, InputError, UsageError
 
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+#: A fixed help width, so that the checked-in help texts (docs/cli/) do not depend on the terminal.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100}
 
 
 class CamrtCommandError(click.ClickException):
@@ -82,14 +85,39 @@ class CamrtGroup(click.Group):
 #: The JSON-lines log written into OUTDIR when --format includes "jsonl".
 RECORDS_FILE = "camrt-records.jsonl"
 JSONL_FORMAT = "jsonl"
+DEFAULT_OUTDIR = "camrt-out"
+#: The fields of every record, in this order (a method's extra fields, `outputs`, `width`,
+#: `height`, and `rank` / `skipped` where they apply, come after them).
+RECORD_FIELDS = ("input", "status", "error", "method", "layer", "target", "label", "score", "probability",
+                 "heatmap", "overlay", "elapsed_ms")
+_GLOB_CHARS = frozenset("*?[")
 
 
-def iter_inputs(specs: Iterable[str], stdin: TextIO, skip_dir: str | None = None) -> Iterator[str]:
+def iter_inputs(specs: Iterable[str], stdin: TextIO, skip_dir: str | None = None,
+                warn: Callable[[str], None] | None = None) -> Iterator[str]:
     """Paths to explain, lazily: files as given, directories walked (image extensions, sorted,
-    hidden names and `skip_dir` skipped), "-" reads one path per line from stdin."""
+    hidden names and `skip_dir` skipped), globs expanded (sorted, `**` recursive; a matched
+    directory is walked), "-" reads one path per line from stdin."""
     from .images import IMAGE_EXTENSIONS
 
+    warn = warn or _warn
     skip = os.path.realpath(skip_dir) if skip_dir else None
+
+    def walk(folder: str) -> Iterator[str]:
+        found = False
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda e: warn(
+                f"cannot list {e.filename}: {e.strerror or e}")):
+            dirnames[:] = sorted(
+                d for d in dirnames
+                if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != skip
+            )
+            for name in sorted(filenames):
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    found = True
+                    yield os.path.join(dirpath, name)
+        if not found:
+            warn(f"no image files under {folder}")
+
     for spec in specs:
         if spec == "-":
             for line in stdin:
@@ -97,24 +125,19 @@ def iter_inputs(specs: Iterable[str], stdin: TextIO, skip_dir: str | None = None
                 if line.strip():
                     yield line
         elif os.path.isdir(spec):
-            found = False
-            for dirpath, dirnames, filenames in os.walk(spec, onerror=_walk_error):
-                dirnames[:] = sorted(
-                    d for d in dirnames
-                    if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != skip
-                )
-                for name in sorted(filenames):
-                    if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                        found = True
-                        yield os.path.join(dirpath, name)
-            if not found:
-                click.echo(f"camrt: warning: no image files under {spec}", err=True)
+            yield from walk(spec)
+        elif not os.path.lexists(spec) and _GLOB_CHARS & set(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                warn(f"no files match {spec}")
+            for match in matches:
+                yield from (walk(match) if os.path.isdir(match) else (match,))
         else:
-            yield spec
+            yield spec  # a missing file becomes an error record naming it
 
 
-def _walk_error(error: OSError) -> None:
-    click.echo(f"camrt: warning: cannot list {error.filename}: {error.strerror or error}", err=True)
+def _warn(message: str) -> None:
+    click.echo(f"camrt: warning: {message}", err=True)
 
 
 def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -126,7 +149,9 @@ def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 class OutputNames:
-    """Unique output stems within one run: the second `a/x.png` and `b/x.png` becomes `x-2`."""
+    """Unique output stems within one run, claimed in input order: the second `a/x.png` and
+    `b/x.png` becomes `x-2`. The same input list gives the same names (how --skip-existing finds
+    an interrupted run's outputs)."""
 
     def __init__(self) -> None:
         self._used: set[str] = set()
@@ -141,19 +166,37 @@ class OutputNames:
         return name
 
 
-def parse_target(text: str) -> int:
+@dataclass(frozen=True)
+class TargetChoice:
+    """--target: a class index, top-1 (index -1), or the top k classes (top_k = k)."""
+
+    index: int = -1
+    top_k: int | None = None
+
+    @property
+    def ranks(self) -> list[int | None]:
+        """Rank per record of one input: [None] for one target, [1..k] for top-k."""
+        return list(range(1, self.top_k + 1)) if self.top_k else [None]
+
+
+def parse_target(text: str) -> TargetChoice:
     from . import contract
 
     value = text.strip().lower()
     if value in ("top1", "top-1", str(contract.TOP1_TARGET)):
-        return contract.TOP1_TARGET
+        return TargetChoice(contract.TOP1_TARGET)
+    if value.startswith("topk:"):
+        k = value[len("topk:"):]
+        if not k.isdigit() or int(k) < 1:
+            raise UsageError(f"--target topk:K needs a whole number K >= 1, got {text!r}")
+        return TargetChoice(contract.TOP1_TARGET, int(k))
     try:
         target = int(value)
     except ValueError:
-        raise UsageError(f"--target must be a class index or top1, got {text!r}") from None
+        raise UsageError(f"--target must be a class index, top1 or topk:K, got {text!r}") from None
     if target < 0:
-        raise UsageError(f"--target must be a class index >= 0 or top1, got {text!r}")
-    return target
+        raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
+    return TargetChoice(target)
 
 
 def _split_formats(text: str) -> list[str]:
@@ -173,15 +216,14 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-def _base_record(spec: str, explainer: Any) -> dict[str, Any]:
-    return {
-        "input": spec, "status": "ok", "error": None,
-        "method": explainer.method.name,
-        "layer": ",".join(explainer.layers) if explainer.layers else None,
-        "target": None, "label": None, "score": None, "probability": None,
-        "heatmap": None, "overlay": None, "outputs": {},
-        "width": None, "height": None, "elapsed_ms": None,
-    }
+def _base_record(spec: str, explainer: Any, rank: int | None) -> dict[str, Any]:
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(input=spec, status="ok", method=explainer.method.name,
+                  layer=",".join(explainer.layers) if explainer.layers else None, outputs={},
+                  width=None, height=None)
+    if rank is not None:
+        record["rank"] = rank
+    return record
 
 
 def _fail(record: dict[str, Any], message: str) -> None:
@@ -189,116 +231,255 @@ def _fail(record: dict[str, Any], message: str) -> None:
     record["error"] = message
 
 
-def _explain_chunk(explainer: Any, chunk: list[str], target: int, renderers: list[Any], outdir: str,
-                   names: OutputNames, options: dict[str, Any]) -> list[dict[str, Any]]:
-    from .images import load_image
-    from .render import write_atomic
+@dataclass
+class ExplainRun:
+    """One `camrt explain` invocation: what to compute and where the files go."""
 
-    records, images, millis = [], [], []
-    for spec in chunk:
-        start = time.perf_counter()
-        record = _base_record(spec, explainer)
-        try:
-            image = load_image(spec)
-            record["height"], record["width"] = int(image.shape[0]), int(image.shape[1])
-        except InputError as exc:
-            _fail(record, str(exc))
-            image = None
-        records.append(record)
-        images.append(image)
-        millis.append((time.perf_counter() - start) * 1000)
-    good = [i for i, image in enumerate(images) if image is not None]
-    if good:
-        start = time.perf_counter()
-        results = explainer.explain([images[i] for i in good], targets=[target] * len(good))
-        share = (time.perf_counter() - start) * 1000 / len(good)
-        for i, result in zip(good, results):
+    explainer: Any
+    target: TargetChoice
+    renderers: list[Any]
+    outdir: str
+    options: dict[str, Any]
+    skip_existing: bool
+    names: OutputNames = field(default_factory=OutputNames)
+
+    def output_path(self, name: str, rank: int | None, renderer: Any) -> str:
+        return os.path.join(self.outdir, f"{name}{'' if rank is None else f'.top{rank}'}{renderer.suffix}")
+
+    def _set_output(self, record: dict[str, Any], renderer: Any, path: str) -> None:
+        record["outputs"][renderer.name] = path
+        if renderer.field not in record or renderer.field in ("heatmap", "overlay"):
+            record[renderer.field] = path
+
+    def explain_chunk(self, chunk: list[str]) -> list[dict[str, Any]]:
+        """The records of a batch of input paths, in input order (top-k: k records per input)."""
+        from .images import load_image
+
+        explainer = self.explainer
+        per_input: list[list[dict[str, Any]]] = []
+        images, millis, names = [], [], []
+        for spec in chunk:
             start = time.perf_counter()
-            record = records[i]
-            record.update(result.record())
-            name = names.claim(chunk[i])
-            for renderer in renderers:
-                path = os.path.join(outdir, name + renderer.suffix)
+            name = self.names.claim(spec)
+            records = [_base_record(spec, explainer, rank) for rank in self.target.ranks]
+            image = None
+            if self.skip_existing and self._done(name):
+                for record in records:
+                    record["skipped"] = True
+                    for renderer in self.renderers:
+                        self._set_output(record, renderer, self.output_path(name, record.get("rank"), renderer))
+            else:
                 try:
-                    write_atomic(path, lambda temp: renderer.write(temp, result.heatmap, images[i], options))
-                except Exception as exc:  # a failed write is this input's error record, the run goes on
-                    _fail(record, f"cannot write {path} ({renderer.name}): {exc}")
-                    break
-                record["outputs"][renderer.name] = path
-                if renderer.field not in record or renderer.field in ("heatmap", "overlay"):
-                    record[renderer.field] = path
-            millis[i] += share + (time.perf_counter() - start) * 1000
-    for record, ms in zip(records, millis):
-        record["elapsed_ms"] = round(ms, 3)
-    return records
+                    image = load_image(spec)
+                except InputError as exc:
+                    records = records[:1]
+                    records[0].pop("rank", None)
+                    _fail(records[0], str(exc))
+                else:
+                    for record in records:
+                        record["height"], record["width"] = int(image.shape[0]), int(image.shape[1])
+            per_input.append(records)
+            images.append(image)
+            names.append(name)
+            millis.append((time.perf_counter() - start) * 1000)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if good:
+            start = time.perf_counter()
+            batch = [images[i] for i in good]
+            if self.target.top_k:
+                results = explainer.explain_top_k(batch, self.target.top_k)
+            else:
+                results = [[r] for r in explainer.explain(batch, targets=[self.target.index] * len(good))]
+            share = (time.perf_counter() - start) * 1000 / len(good)
+            for i, ranked in zip(good, results):
+                start = time.perf_counter()
+                for record, result in zip(per_input[i], ranked):
+                    record.update(result.record())
+                    self._write(record, names[i], result.heatmap, images[i])
+                millis[i] += share + (time.perf_counter() - start) * 1000
+        out = []
+        for records, ms in zip(per_input, millis):
+            for record in records:
+                record["elapsed_ms"] = round(ms / len(records), 3)
+                out.append(record)
+        return out
+
+    def _done(self, name: str) -> bool:
+        return all(os.path.isfile(self.output_path(name, rank, renderer))
+                   for rank in self.target.ranks for renderer in self.renderers)
+
+    def _write(self, record: dict[str, Any], name: str, heatmap: Any, image: Any) -> None:
+        from .render import write_atomic
+
+        for renderer in self.renderers:
+            path = self.output_path(name, record.get("rank"), renderer)
+            try:
+                write_atomic(path, lambda temp: renderer.write(temp, heatmap, image, self.options))
+            except Exception as exc:  # a failed write is this input's error record, the run goes on
+                _fail(record, f"cannot write {path} ({renderer.name}): {exc}")
+                return
+            self._set_output(record, renderer, path)
 
 
-@click.command("explain", context_settings=CONTEXT_SETTINGS)
+class Progress:
+    """`done/total inputs, N failed, rate` on one stderr line, redrawn; only on a terminal."""
+
+    def __init__(self, total: int | None, stream: TextIO):
+        self.total, self.stream = total, stream
+        self.done = self.failed = 0
+        self.started = time.monotonic()
+
+    def update(self, records: list[dict[str, Any]]) -> None:
+        self.done += len({r["input"] for r in records})
+        self.failed += sum(r["status"] != "ok" for r in records)
+        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        bar = ""
+        if self.total:
+            filled = int(30 * self.done / self.total)
+            bar = "[" + "#" * filled + "." * (30 - filled) + "] "
+        self.stream.write(f"\r{bar}{self.done}{of} inputs, {self.failed} failed, {rate:.1f}/s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def open_log(path: str, resume: bool) -> TextIO:
+    """A JSON-lines file, truncated; when resuming, appended to after dropping a last line that an
+    interrupted run left unfinished."""
+    if resume and os.path.exists(path):
+        with open(path, "rb+") as handle:
+            data = handle.read()
+            if data and not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)
+        return open(path, "a", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+EXPLAIN_EPILOG = """\b
+Examples:
+  camrt explain model.camrt.onnx photo.jpg photos/ -m gradcam -o out/
+  camrt explain model.camrt.onnx 'photos/**/*.jpg' --target topk:3 --format png,npy,jsonl -o out/
+  camrt explain model.camrt.onnx photos/ --target 2 --colormap turbo --alpha 0.4 -o out/
+  camrt explain model.camrt.onnx photos/ -m saliency --format npy --jsonl records.jsonl -o out/
+  find photos -name '*.jpg' | camrt explain model.camrt.onnx - --skip-existing -o out/
+"""
+
+
+@click.command("explain", context_settings=CONTEXT_SETTINGS, epilog=EXPLAIN_EPILOG)
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-m", "--method", default="gradcam", show_default=True, help="Explanation method (see `camrt methods`).")
 @click.option("-O", "--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="A method option (repeatable; see `camrt methods`).")
-@click.option("--target", default="top1", show_default=True, help="Class index to explain, or top1.")
-@click.option("--layer", "layers", multiple=True, help="Layer to explain (repeat to fuse several); default: the file's default layer.")
+@click.option("-o", "--output", "outdir", default=DEFAULT_OUTDIR, show_default=True, metavar="OUTDIR",
+              help="Output directory (created if needed).")
+@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K",
+              help="Class index to explain, the top-1 class, or the K best classes (K records per input).")
+@click.option("--layer", "layers", multiple=True,
+              help="Layer to explain (repeat to fuse several); default: the file's default layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--format", "formats", default="png,npy", show_default=True,
-              help=f"Comma-separated outputs: png (overlay), npy (heatmap), {JSONL_FORMAT} (records also into OUTDIR/{RECORDS_FILE}), or a plugin's renderer.")
-@click.option("-o", "--output", "outdir", required=True, metavar="OUTDIR", help="Output directory (created if needed).")
+              help=f"Comma-separated outputs: png (overlay), npy (heatmap), {JSONL_FORMAT} (records also "
+                   f"into OUTDIR/{RECORDS_FILE}), or a plugin's renderer.")
+@click.option("--colormap", default="jet", show_default=True, help="OpenCV colormap of the overlay (jet, turbo, viridis, ...).")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Heatmap weight in the overlay: alpha * colormap + (1 - alpha) * image.")
+@click.option("--softmax", is_flag=True, help="Report the softmax probability even if the model has no softmax.")
+@click.option("--skip-existing", is_flag=True,
+              help="Skip inputs whose output files all exist (resume an interrupted run; logs are appended to).")
+@click.option("--fail-fast", is_flag=True, help="Stop after the batch in which an input failed.")
+@click.option("--jsonl", "jsonl_path", metavar="FILE", help="Write the records to FILE instead of stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
-                    method_options: tuple[str, ...], target: str,
-                    layers: tuple[str, ...], batch_size: int, device: str, threads: int | None,
-                    formats: str, outdir: str) -> None:
-    """Explain MODEL's decisions on INPUT images (files, directories, or - for paths on stdin).
+                    method_options: tuple[str, ...], outdir: str, target: str, layers: tuple[str, ...],
+                    batch_size: int, device: str, threads: int | None, formats: str, colormap: str,
+                    alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
+                    jsonl_path: str | None, quiet: bool) -> None:
+    """Explain MODEL's decisions on INPUT images: files, directories (walked for image files),
+    globs, or - for paths on stdin.
 
-    Writes <stem>.heatmap.npy and <stem>.overlay.png per input into OUTDIR (inputs with the same
-    stem get <stem>-2, <stem>-3, ...) and prints one JSON line per input. Exit code 0 when every
-    input was explained, 1 when some failed.
+    Writes <stem>.overlay.png and <stem>.heatmap.npy per input into OUTDIR (top-k:
+    <stem>.top<rank>.*; inputs with the same stem get <stem>-2, <stem>-3, ...), each file
+    atomically, and prints one JSON line per input (per class with top-k). Exit code 0 when every
+    input was explained, 1 when some failed (their records say why), 2 for a usage error, 3 for a
+    model or contract error.
     """
     from .explainer import Explainer
     from .registry import build_renderer_registry
-    from .render import DEFAULT_ALPHA
+    from .render import colormap_code, remove_stale_temporaries
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    target_index = parse_target(target)
-    options_given = _parse_options(method_options)
+    choice = parse_target(target)
+    colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
-                          **options_given)
-    if target_index >= explainer.num_classes:
-        raise UsageError(f"--target {target_index} is out of range: {model} has {explainer.num_classes} classes (0..{explainer.num_classes - 1})")
+                          softmax=True if softmax else None, **_parse_options(method_options))
+    if choice.index >= explainer.num_classes or (choice.top_k or 0) > explainer.num_classes:
+        given = f"topk:{choice.top_k}" if choice.top_k else str(choice.index)
+        raise UsageError(f"--target {given} is out of range: {model} has {explainer.num_classes} classes "
+                         f"(0..{explainer.num_classes - 1})")
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
-    log = None
-    if JSONL_FORMAT in wanted:
-        log = open(os.path.join(outdir, RECORDS_FILE), "w", encoding="utf-8")
-    stdin = sys.stdin
-    names = OutputNames()
-    options = {"alpha": DEFAULT_ALPHA}
+    if skip_existing:
+        remove_stale_temporaries(outdir)
+    warn = (lambda message: None) if quiet else _warn
+    paths: Iterable[str] = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
+    progress = None
+    if not quiet and _is_terminal(sys.stderr):
+        if "-" not in inputs:  # a stdin list streams; others are listed first for the total
+            paths = list(paths)
+        progress = Progress(len(paths) if isinstance(paths, list) else None, sys.stderr)
+    run = ExplainRun(explainer, choice, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing)
+    logs = []
     total = failed = 0
     try:
-        for chunk in _chunks(iter_inputs(inputs, stdin, skip_dir=outdir), batch_size):
-            for record in _explain_chunk(explainer, chunk, target_index, renderers, outdir, names, options):
-                total += 1
-                failed += record["status"] != "ok"
+        if JSONL_FORMAT in wanted:
+            logs.append(open_log(os.path.join(outdir, RECORDS_FILE), skip_existing))
+        if jsonl_path not in (None, "-"):
+            logs.append(open_log(jsonl_path, skip_existing))
+        to_stdout = jsonl_path in (None, "-")
+        for chunk in _chunks(iter(paths), batch_size):
+            records = run.explain_chunk(chunk)
+            for record in records:
                 line = json.dumps(record, ensure_ascii=False)
-                click.echo(line)
-                if log is not None:
+                if to_stdout:
+                    click.echo(line)
+                for log in logs:
                     log.write(line + "\n")
                     log.flush()
+            total += len(records)
+            chunk_failed = sum(record["status"] != "ok" for record in records)
+            failed += chunk_failed
+            if progress is not None:
+                progress.update(records)
+            if chunk_failed and fail_fast:
+                warn("stopping at the first failed batch (--fail-fast)")
+                break
     finally:
-        if log is not None:
+        for log in logs:
             log.close()
+        if progress is not None:
+            progress.close()
     if total == 0:
         raise UsageError("no input images found")
     if failed:
         ctx.exit(int(ExitCode.SOME_INPUTS_FAILED))
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # --- camrt methods / inspect ------------------------------------------------------------------

@@ -68,8 +68,11 @@ class Explainer:
         device: str = "auto",
         threads: int | None = None,
         layer: str | Sequence[str] | None = None,
+        softmax: bool | None = None,
         **method_options: Any,
     ):
+        """softmax: give each result the softmax probability of its target; None: when the file's
+        model ends in a softmax (its score metadata says so)."""
         self.session = ExplainSession(path, device=device, threads=threads)
         if isinstance(method, Method):
             if method_options:
@@ -95,6 +98,7 @@ class Explainer:
             for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
                 self.session.tail_plan(name)
         self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
+        self.softmax = bool(self.info.score.get("softmax", False)) if softmax is None else bool(softmax)
 
     # -- setup ---------------------------------------------------------------------------
     @property
@@ -211,7 +215,25 @@ class Explainer:
         (an int, or -1/None for top-1).
         """
         x, sizes = self.prepare(images)
-        values = self.session.run(x, self._targets(targets, x.shape[0]), self.fetch)
+        return self._explain_prepared(x, sizes, self._targets(targets, x.shape[0]))
+
+    def explain_top_k(self, images: Any, k: int) -> list[list[Explanation]]:
+        """For each image, explanations of its k highest-scoring classes, best first.
+
+        Ties rank the lower class index first (as ArgMax, and so top-1, does). The class order
+        comes from one forward pass; each rank is then explained like `explain` with those targets.
+        """
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_classes:
+            raise UsageError(f"top-k: k must be in 1..{self.num_classes} (the model's classes), got {k!r}")
+        x, sizes = self.prepare(images)
+        logits = self.session.run(x, [contract.TOP1_TARGET] * x.shape[0], [contract.LOGITS_OUTPUT])[
+            contract.LOGITS_OUTPUT]
+        ranked = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        by_rank = [self._explain_prepared(x, sizes, ranked[:, rank].tolist()) for rank in range(int(k))]
+        return [[by_rank[rank][i] for rank in range(int(k))] for i in range(x.shape[0])]
+
+    def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], targets: list[int]) -> list[Explanation]:
+        values = self.session.run(x, targets, self.fetch)
         from .context import ExplainContext
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
@@ -221,8 +243,7 @@ class Explainer:
                for layer in (self.layers or (None,))]
         logits = outputs.logits
         target_index = outputs.target_index.astype(np.int64)
-        softmax = bool(self.info.score.get("softmax", False))
-        probabilities = _softmax(logits) if softmax else None
+        probabilities = _softmax(logits) if self.softmax else None
         labels = self.info.labels
         layer_field = ",".join(self.layers) if self.layers else None
         results = []

@@ -8,6 +8,7 @@ and moves the finished file into place with ``os.replace``, so a reader never se
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -18,24 +19,45 @@ from .hookspecs import hookimpl
 
 #: Weight of the heatmap in the overlay: overlay = alpha * colormap + (1 - alpha) * image.
 DEFAULT_ALPHA = 0.5
+DEFAULT_COLORMAP = "jet"
 
 
-def colorize(heatmap: np.ndarray) -> np.ndarray:
-    """JET colormap of a [0, 1] heatmap as HWC uint8 BGR (cv2.applyColorMap of uint8(255 * h))."""
+def colormap_names() -> list[str]:
+    """OpenCV's colormaps (cv2.COLORMAP_<NAME>), lower case: jet, turbo, viridis, inferno, ..."""
+    import cv2
+
+    return sorted(name[len("COLORMAP_"):].lower() for name in dir(cv2) if name.startswith("COLORMAP_"))
+
+
+def colormap_code(name: str) -> int:
+    """The cv2.COLORMAP_* constant of `name` (case-insensitive); UsageError listing the names."""
+    import cv2
+
+    from .errors import UsageError
+
+    code = getattr(cv2, f"COLORMAP_{name.strip().upper()}", None)
+    if not isinstance(code, int):
+        raise UsageError(f"unknown colormap {name!r}; choose one of {', '.join(colormap_names())}")
+    return code
+
+
+def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """The colormap of a [0, 1] heatmap as HWC uint8 BGR (cv2.applyColorMap of uint8(255 * h))."""
     import cv2
 
     scaled = np.uint8(np.clip(heatmap, 0.0, 1.0) * 255)
-    return cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    return cv2.applyColorMap(scaled, colormap_code(colormap))
 
 
-def overlay(heatmap: np.ndarray, image: np.ndarray | None, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+def overlay(heatmap: np.ndarray, image: np.ndarray | None, alpha: float = DEFAULT_ALPHA,
+            colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """The heatmap's colormap blended over the RGB image, as HWC uint8 BGR (OpenCV's order).
 
     Without an image the colormap alone. The heatmap must have the image's height and width.
     """
     import cv2
 
-    colored = colorize(heatmap)
+    colored = colorize(heatmap, colormap)
     if image is None:
         return colored
     if image.shape[:2] != heatmap.shape:
@@ -47,7 +69,8 @@ def overlay(heatmap: np.ndarray, image: np.ndarray | None, alpha: float = DEFAUL
 def write_overlay_png(path: str, heatmap: np.ndarray, image: np.ndarray | None, options: dict) -> None:
     import cv2
 
-    ok, encoded = cv2.imencode(".png", overlay(heatmap, image, options.get("alpha", DEFAULT_ALPHA)))
+    ok, encoded = cv2.imencode(".png", overlay(heatmap, image, options.get("alpha", DEFAULT_ALPHA),
+                                            options.get("colormap", DEFAULT_COLORMAP)))
     if not ok:
         raise OSError(f"OpenCV could not encode {path} as PNG")
     with open(path, "wb") as handle:
@@ -89,3 +112,19 @@ def write_atomic(path: str, write: Callable[[str], Any]) -> None:
 def register_renderers(register):
     register("npy", write_heatmap_npy, suffix=".heatmap.npy", field="heatmap")
     register("png", write_overlay_png, suffix=".overlay.png", field="overlay")
+
+
+#: Temporary files of `write_atomic`: ".<name>.<12 hex digits>.tmp<suffix>".
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?$")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the temporary files an interrupted run (killed inside `write_atomic`) left in
+    `directory`; return their paths. Only for resuming: a live writer's temporary would go too."""
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
+from camrt.layers import spatial_candidates
 from camrt.errors import ExportError
 
 from .autodiff.graph import GraphIndex
@@ -73,16 +74,10 @@ def choose_score(index: GraphIndex, output: str, use_softmax_output: bool = Fals
     return ScoreChoice(tensor, output, through_softmax)
 
 
-def default_layer(index: GraphIndex, image_input: str, score: str) -> str:
-    """The last tensor with spatial extent (rank 4, H and W > 1) on a path from the input to the score."""
-    on_path = active_tensors(index, score, [image_input])
-    for node in reversed(index.nodes):
-        for out in node.output:
-            shape = index.shape(out)
-            if (out in on_path and shape is not None and len(shape) == 4
-                    and all(isinstance(d, int) and d > 1 for d in shape[2:])):
-                return out
-    raise ExportError("no tensor with spatial extent (rank 4, H and W > 1) feeds the score; name a layer")
+def layer_candidates(index: GraphIndex, image_input: str, score: str) -> list[str]:
+    """Tensors with spatial extent on a path from the input to the score, in graph order
+    (the rule lives in camrt.layers, shared with `camrt inspect`)."""
+    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]))
 
 
 def _value_info(name: str, elem_type: int, shape) -> onnx.ValueInfoProto:

@@ -11,12 +11,13 @@ import onnx
 
 from camrt import contract
 from camrt.errors import ExportError, PluginError
+from camrt.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
-from .contract_file import build_contract_model, choose_score, contract_metadata, default_layer, prepare
+from .contract_file import build_contract_model, choose_score, contract_metadata, layer_candidates, prepare
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -48,7 +49,7 @@ def resolve_rule_sets(names: Sequence[str]) -> tuple[RuleSet, list[RuleSet]]:
 
 
 def _choose_layer(candidates: list[str], framework: str) -> str:
-    choice = get_plugin_manager().hook.choose_target_layer(candidates=candidates, framework=framework)
+    choice = choose_default_layer(candidates, framework)
     if choice is None:
         raise ExportError("no layer with spatial extent feeds the score; name one with --layer")
     return choice
@@ -165,7 +166,7 @@ def export_onnx(
             close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
             raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
     if not names:
-        names = [_choose_layer([default_layer(index, image.name, score.tensor)], "onnx")]
+        names = [_choose_layer(layer_candidates(index, image.name, score.tensor), "onnx")]
         log(f"default layer: {names[0]} (the last tensor with spatial extent)")
     height, width = dims[2].dim_value, dims[3].dim_value
     preprocessing = preprocessing or contract.Preprocessing(height, width)

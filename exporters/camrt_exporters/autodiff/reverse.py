@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from camrt.errors import ExportError, UnsupportedOpError
+from camrt.layers import tensors_between
 
 from .graph import Dim, GraphIndex
 
@@ -212,15 +213,7 @@ class RuleContext:
 
 def active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
     """Float tensors that depend on a `wrt` tensor and that the score depends on."""
-    depends = set(wrt)
-    for node in index.nodes:
-        if any(i in depends for i in node.input if i):
-            depends.update(o for o in node.output if o and index.is_float(o))
-    needed = {score}
-    for node in reversed(index.nodes):
-        if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
-    return depends & needed
+    return tensors_between(index.nodes, wrt, score, keep=index.is_float)
 
 
 def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], score: str) -> list[str]:
