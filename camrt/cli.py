@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import click
 
 from . import __version__
-from .errors import CamrtError, ExitCode, InputError, UsageError
+from .errors import CamrtError, ExitCode, InputError, ModelError, UsageError
 
 #: A fixed help width, so that the checked-in help texts (docs/cli/) do not depend on the terminal.
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100}
@@ -497,10 +497,18 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-@click.command("methods", context_settings=CONTEXT_SETTINGS)
+METHODS_EPILOG = """\b
+Examples:
+  camrt methods
+  camrt methods --json
+"""
+
+
+@click.command("methods", context_settings=CONTEXT_SETTINGS, epilog=METHODS_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects instead of a table.")
 def methods_command(as_json: bool) -> None:
-    """List the registered explanation methods."""
+    """List the registered explanation methods: aliases, what each needs from the file
+    (activations, gradients, input gradients of a rule set) and its options (-O KEY=VALUE)."""
     from .registry import build_method_registry
 
     registry = build_method_registry()
@@ -516,7 +524,7 @@ def methods_command(as_json: bool) -> None:
 
 
 def contract_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows: the contract metadata and the registered methods the file supports."""
+    """What `camrt inspect` shows for a camrt file: its contract and the methods it supports."""
     from dataclasses import asdict
 
     from .registry import build_method_registry
@@ -532,6 +540,7 @@ def contract_summary(path: str) -> dict[str, Any]:
             supported.append(cls.name)
     return {
         "file": path,
+        "camrt_file": True,
         "contract_version": info.version,
         "exporter_version": info.exporter_version,
         "source": info.source,
@@ -546,17 +555,37 @@ def contract_summary(path: str) -> dict[str, Any]:
     }
 
 
-@click.command("inspect", context_settings=CONTEXT_SETTINGS)
-@click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
-def inspect_command(model: str, as_json: bool) -> None:
-    """Show the camrt contract of MODEL: layers, rule sets, preprocessing, labels."""
-    summary = contract_summary(model)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+def onnx_summary(path: str) -> dict[str, Any]:
+    """What `camrt inspect` shows for a plain ONNX file: the layer candidates an export would
+    choose from and its default (camrt.layers, the exporter's own rule)."""
+    import onnx
+
+    from .layers import onnx_layers
+    from .session import _first_line
+
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
+        raise ModelError(f"{path}: cannot load this ONNX file: {_first_line(exc)}") from None
+    layers = onnx_layers(model, path)
+    return {
+        "file": path,
+        "camrt_file": False,
+        "input": layers.image_input,
+        "input_shape": list(layers.input_shape),
+        "output": layers.output,
+        "candidates": [{"layer": name, "shape": list(shape)} for name, shape in layers.candidates],
+        "default_layer": layers.default,
+    }
+
+
+def _shape_text(shape: list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _contract_text(summary: dict[str, Any]) -> list[str]:
     p = summary["preprocessing"]
-    lines = [
+    return [
         f"file:             {summary['file']}",
         f"contract version: {summary['contract_version']} (exporter {summary['exporter_version'] or '?'})",
         f"source:           {json.dumps(summary['source'])}",
@@ -570,19 +599,70 @@ def inspect_command(model: str, as_json: bool) -> None:
         f"score:            {json.dumps(summary['score'])}",
         f"methods:          {', '.join(summary['methods']) or '(none)'}",
     ]
-    click.echo("\n".join(lines))
+
+
+def _onnx_text(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        f"file:             {summary['file']} (plain ONNX, not a camrt file: make one with `camrt export`)",
+        f"input:            {summary['input']} {_shape_text(summary['input_shape'])}",
+        f"output:           {summary['output']}",
+        f"default layer:    {summary['default_layer'] or '(none: no tensor with spatial extent feeds the output)'}",
+        "layer candidates (tensors with spatial extent between the input and the output, in graph order):",
+    ]
+    rows = [[c["layer"], _shape_text(c["shape"]), "(default)" if c["layer"] == summary["default_layer"] else ""]
+            for c in summary["candidates"]]
+    if rows:
+        lines.extend("  " + line for line in _table(rows).splitlines())
+    return lines
+
+
+INSPECT_EPILOG = """\b
+Examples:
+  camrt inspect model.camrt.onnx
+  camrt inspect model.camrt.onnx --json
+  camrt inspect plain.onnx
+"""
+
+
+@click.command("inspect", context_settings=CONTEXT_SETTINGS, epilog=INSPECT_EPILOG)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def inspect_command(model: str, as_json: bool) -> None:
+    """Show the camrt contract of MODEL (layers, rule sets, preprocessing, labels, methods), or for
+    a plain ONNX file the candidate layers with their shapes and the default `camrt export` would
+    choose."""
+    from . import contract
+    from .session import read_metadata
+
+    is_camrt = contract.META_CONTRACT_VERSION in read_metadata(model)
+    summary = contract_summary(model) if is_camrt else onnx_summary(model)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo("\n".join(_contract_text(summary) if is_camrt else _onnx_text(summary)))
 
 
 # --- the group ----------------------------------------------------------------------------------
 
 
+GROUP_EPILOG = """\b
+Examples:
+  camrt --version
+  camrt explain model.camrt.onnx photos/ -o out/
+  camrt inspect --help
+"""
+
+
 def build_cli() -> CamrtGroup:
     """A fresh `camrt` group (tests build their own; `cli` below is the process-wide one)."""
 
-    @click.group(cls=CamrtGroup, context_settings=CONTEXT_SETTINGS)
+    @click.group(cls=CamrtGroup, context_settings=CONTEXT_SETTINGS, epilog=GROUP_EPILOG)
     @click.version_option(__version__, "--version", prog_name="camrt", message="%(prog)s %(version)s")
     def group() -> None:
-        """camrt: explain image models where they are deployed (onnxruntime, no PyTorch)."""
+        """camrt: explain image models where they are deployed (onnxruntime, no PyTorch).
+
+        Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 3 model or contract error.
+        """
 
     for command in (explain_command, methods_command, inspect_command):
         group.add_builtin(command)

@@ -39,23 +39,9 @@ def numpy_forward(model: TinyModel, x: np.ndarray) -> dict[str, np.ndarray]:
     return {"conv": conv, "feat": feat, "logits": logits}
 
 
-def build_tiny_model(
-    path: str,
-    *,
-    seed: int = 0,
-    batch: int | str = "N",
-    layers: tuple[str, ...] = ("feat", "conv"),
-    rule_sets: tuple[str, ...] = ("vanilla", "guided"),
-    labels: list[str] | None = LABELS,
-    preprocessing: contract.Preprocessing | None = None,
-    metadata_overrides: dict[str, str | None] | None = None,
-) -> TinyModel:
-    import onnx
+def tiny_onnx(seed: int = 0, batch: int | str = "N"):
+    """The plain ONNX classifier (no camrt contract) and its weights (w1, b1, w2, b2)."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from camrt_exporters.autodiff.graph import GraphIndex
-    from camrt_exporters.autodiff.rules import GUIDED, VANILLA
-    from camrt_exporters.contract_file import build_contract_model, choose_score, contract_metadata, prepare
 
     rng = np.random.default_rng(seed)
     w1 = rng.normal(0, 0.5, (CHANNELS, 3, 3, 3)).astype(np.float32)
@@ -77,7 +63,28 @@ def build_tiny_model(
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, CLASSES])],
         initializer=[numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
     )
-    model = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), (w1, b1, w2, b2)
+
+
+def build_tiny_model(
+    path: str,
+    *,
+    seed: int = 0,
+    batch: int | str = "N",
+    layers: tuple[str, ...] = ("feat", "conv"),
+    rule_sets: tuple[str, ...] = ("vanilla", "guided"),
+    labels: list[str] | None = LABELS,
+    preprocessing: contract.Preprocessing | None = None,
+    metadata_overrides: dict[str, str | None] | None = None,
+) -> TinyModel:
+    import onnx
+
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.autodiff.rules import GUIDED, VANILLA
+    from camrt_exporters.contract_file import build_contract_model, choose_score, contract_metadata, prepare
+
+    plain, (w1, b1, w2, b2) = tiny_onnx(seed, batch)
+    model = prepare(plain)
     index = GraphIndex(model)
     score = choose_score(index, "probs")
     preprocessing = preprocessing or contract.Preprocessing(HEIGHT, WIDTH)
