@@ -241,6 +241,9 @@ class ExplainRun:
     outdir: str
     options: dict[str, Any]
     skip_existing: bool
+    #: Resuming with a records log: input -> its ok records from the earlier run(s). An input is
+    #: done only when its files exist and its records were logged (a kill can fall between them).
+    previous: dict[str, list[dict[str, Any]]] | None = None
     names: OutputNames = field(default_factory=OutputNames)
 
     def output_path(self, name: str, rank: int | None, renderer: Any) -> str:
@@ -263,7 +266,9 @@ class ExplainRun:
             name = self.names.claim(spec)
             records = [_base_record(spec, explainer, rank) for rank in self.target.ranks]
             image = None
-            if self.skip_existing and self._done(name):
+            if self.skip_existing and self._done(name, spec):
+                if self.previous is not None:
+                    records = [dict(record) for record in self.previous[spec]]
                 for record in records:
                     record["skipped"] = True
                     for renderer in self.renderers:
@@ -304,7 +309,9 @@ class ExplainRun:
                 out.append(record)
         return out
 
-    def _done(self, name: str) -> bool:
+    def _done(self, name: str, spec: str) -> bool:
+        if self.previous is not None and len(self.previous.get(spec, ())) != len(self.target.ranks):
+            return False
         return all(os.path.isfile(self.output_path(name, rank, renderer))
                    for rank in self.target.ranks for renderer in self.renderers)
 
@@ -344,6 +351,26 @@ class Progress:
     def close(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
+
+
+def logged_records(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The ok records of earlier runs in these JSON-lines logs, by input (the last run's win;
+    an unfinished last line is ignored)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break
+                record = json.loads(line)
+                if record.get("status") == "ok":
+                    mine = found.setdefault(record["input"], [])
+                    if record.get("rank", 1) == 1:
+                        mine.clear()
+                    mine.append({k: v for k, v in record.items() if k != "skipped"})
+    return found
 
 
 def open_log(path: str, resume: bool) -> TextIO:
@@ -391,7 +418,8 @@ Examples:
               help="Heatmap weight in the overlay: alpha * colormap + (1 - alpha) * image.")
 @click.option("--softmax", is_flag=True, help="Report the softmax probability even if the model has no softmax.")
 @click.option("--skip-existing", is_flag=True,
-              help="Skip inputs whose output files all exist (resume an interrupted run; logs are appended to).")
+              help="Resume an interrupted run: skip inputs whose output files all exist and, when a records "
+                   "log is kept (jsonl format or --jsonl FILE), whose records it holds; logs are appended to.")
 @click.option("--fail-fast", is_flag=True, help="Stop after the batch in which an input failed.")
 @click.option("--jsonl", "jsonl_path", metavar="FILE", help="Write the records to FILE instead of stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
@@ -438,14 +466,17 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
         if "-" not in inputs:  # a stdin list streams; others are listed first for the total
             paths = list(paths)
         progress = Progress(len(paths) if isinstance(paths, list) else None, sys.stderr)
-    run = ExplainRun(explainer, choice, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing)
+    log_paths = [os.path.join(outdir, RECORDS_FILE)] if JSONL_FORMAT in wanted else []
+    if jsonl_path not in (None, "-"):
+        log_paths.append(jsonl_path)
+    previous = logged_records(log_paths) if skip_existing and log_paths else None
+    run = ExplainRun(explainer, choice, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing,
+                     previous)
     logs = []
     total = failed = 0
     try:
-        if JSONL_FORMAT in wanted:
-            logs.append(open_log(os.path.join(outdir, RECORDS_FILE), skip_existing))
-        if jsonl_path not in (None, "-"):
-            logs.append(open_log(jsonl_path, skip_existing))
+        for path in log_paths:
+            logs.append(open_log(path, skip_existing))
         to_stdout = jsonl_path in (None, "-")
         for chunk in _chunks(iter(paths), batch_size):
             records = run.explain_chunk(chunk)
