@@ -30,6 +30,16 @@ def test_cli_and_runtime_modules_never_import_torch():
     assert "torch" not in loaded and "camrt_exporters" not in loaded and "onnxruntime" not in loaded
 
 
+def test_building_the_cli_with_plugins_autoloaded_stays_light():
+    """What bench/import_time.py times: the CLI built and its commands listed (camrt-exporters'
+    `export` included, as installed): the exporters' plugin module is imported, but none of the
+    heavy modules (torch, onnxruntime, OpenCV, onnx)."""
+    code = ("import os; os.environ['CAMRT_DISABLE_PLUGIN_AUTOLOAD'] = '0'\n"
+            "import camrt.cli\nnames = camrt.cli.build_cli().list_commands(None)\n"
+            "assert 'export' in names and 'explain' in names, names")
+    assert _modules_after(code) == ["camrt_exporters"]
+
+
 def test_explain_run_with_plugins_autoloaded_never_imports_torch(tiny, tmp_path, rng):
     """A real `camrt explain` process, entry-point plugins (camrt-exporters) loaded as in production."""
     image = write_image(str(tmp_path / "x.png"), random_image(rng, 20, 20))
