@@ -1,8 +1,8 @@
 #!/bin/sh
-# Install the camrt runtime (no torch) from a source tree into the Python environment of $PYTHON.
+# Install the camrt runtime (no torch) into the Python environment of $PYTHON (default python3).
 # The Dockerfiles run this; tests/runtime/test_docker_recipe.py runs it in a fresh virtual env.
 #
-#   usage: install-runtime.sh cpu|gpu [SOURCE]      (SOURCE: the camrt source tree, default .)
+#   usage: install-runtime.sh cpu|gpu [SOURCE]      (SOURCE: camrt's source tree or wheel, default .)
 #          install-runtime.sh check-cpu|check-gpu   (only the final check, of an installed env)
 #
 # gpu: onnxruntime-gpu in place of onnxruntime. Both distributions ship the same `onnxruntime`

@@ -307,3 +307,21 @@ def test_progress_only_on_a_terminal(tiny, six, tmp_path):
     assert "6/6 inputs, 0 failed" in shown and "[" + "#" * 30 + "]" in shown
     assert _stderr_on_a_terminal([*args, "--quiet"]) == ""
     assert run(*args).stderr == ""  # not a terminal: no progress
+
+
+def test_device_cuda(tiny, six, tmp_path):
+    """Without a CUDA provider (this machine's onnxruntime): a usage error saying what to install.
+    With one: the same records as on the CPU, heatmaps within 1e-4."""
+    import onnxruntime
+
+    args = ["explain", tiny.path, *six, "--format", "npy"]
+    cuda = run(*args, "-o", str(tmp_path / "cuda"), "--device", "cuda")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert cuda.exit_code == ExitCode.USAGE_ERROR
+        assert "onnxruntime-gpu" in cuda.stderr and "--device cpu" in cuda.stderr
+        return
+    cpu = run(*args, "-o", str(tmp_path / "cpu"), "--device", "cpu")
+    assert cuda.exit_code == cpu.exit_code == 0
+    for a, b in zip(records_of(cuda.stdout), records_of(cpu.stdout), strict=True):
+        assert a["target"] == b["target"]
+        np.testing.assert_allclose(np.load(a["heatmap"]), np.load(b["heatmap"]), atol=1e-4)

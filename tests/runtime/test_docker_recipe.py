@@ -96,7 +96,11 @@ def test_install_script_in_a_fresh_venv(tiny, tmp_path, rng):
         return subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                               cwd=tmp_path, env=_clean_env(PYTHON=python, **env))
 
-    done = script("cpu", str(source))
+    # Built once into a wheel, which both flavours install (the images install the source tree).
+    subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True, timeout=600, env=_clean_env())
+    (package,) = (tmp_path / "dist").glob("camrt-*.whl")
+    done = script("cpu", str(package))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"camrt {__version__}" in done.stdout
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
@@ -117,7 +121,7 @@ def test_install_script_in_a_fresh_venv(tiny, tmp_path, rng):
 
     # GPU: onnxruntime swapped for onnxruntime-gpu (a stand-in wheel here; no GPU on this machine).
     wheel = _fake_gpu_wheel(tmp_path)
-    done = script("gpu", str(source), ONNXRUNTIME_GPU=str(wheel))
+    done = script("gpu", str(package), ONNXRUNTIME_GPU=str(wheel))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "with onnxruntime-gpu 1.99.0" in done.stdout
     listed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
