@@ -29,7 +29,7 @@ class Explanation:
     heatmap: np.ndarray  # float32 [H, W] in [0, 1]
     target: int  # the class explained (top-1 resolved)
     score: float | None  # the logit of the target (None if not finite)
-    probability: float | None  # softmax of the logits at the target, when the model ends in a softmax
+    probability: float | None  # softmax of the logits at the target (model ends in a softmax, or softmax=True)
     label: str | None  # the target's class name, when the file has labels
     layer: str | None  # the explained layer(s), comma-joined; None for layer-free methods
     method: str
