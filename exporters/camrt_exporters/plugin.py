@@ -70,6 +70,10 @@ def register_commands(cli):
         size = _floats(input_size, 2, "--input-size")
         defaults = contract.Preprocessing(224, 224)
         is_onnx = source.endswith(".onnx")
+        torch_only = [flag for flag, given in (("--weights", weights), ("--opset", opset is not None)) if given]
+        if is_onnx and torch_only:
+            raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
+                                   "(its weights are in it; its opset is kept, raised to 16 when older)")
         preprocessing = None
         if size or mean or std or scale is not None or channel_order != "rgb" or not is_onnx:
             height, width = (int(size[0]), int(size[1])) if size else (224, 224)

@@ -58,3 +58,13 @@ def test_export_help_examples_run(cli, tmp_path, monkeypatch):
     with torch.no_grad():
         expected = squeezenet(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_torch_only_options_on_an_onnx_source_are_refused(cli, tmp_path):
+    onnx.save(tiny_onnx()[0], str(tmp_path / "plain.onnx"))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "plain.onnx"), "--opset", "18", "--weights",
+                                      str(weights), "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "--weights and --opset apply to torch sources" in result.stderr
+    assert not (tmp_path / "x.onnx").exists()
