@@ -692,7 +692,8 @@ def build_cli() -> CamrtGroup:
     def group() -> None:
         """camrt: explain image models where they are deployed (onnxruntime, no PyTorch).
 
-        Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 3 model or contract error.
+        Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 3 model or contract error,
+        4 internal error (a bug: the traceback is printed).
         """
 
     for command in (explain_command, methods_command, inspect_command):
@@ -710,6 +711,12 @@ def main(argv: list[str] | None = None) -> None:
     except CamrtError as exc:  # raised outside a command (e.g. while loading plugins)
         click.echo(f"camrt: error: {exc}", err=True)
         sys.exit(int(exc.exit_code))
+    except Exception:  # a bug (camrt's or a plugin's): its own exit code, never 1 ("some inputs failed")
+        import traceback
+
+        traceback.print_exc()
+        click.echo("camrt: internal error (the traceback above); please report it", err=True)
+        sys.exit(int(ExitCode.INTERNAL_ERROR))
 
 
 if __name__ == "__main__":

@@ -325,3 +325,29 @@ def test_device_cuda(tiny, six, tmp_path):
     for a, b in zip(records_of(cuda.stdout), records_of(cpu.stdout), strict=True):
         assert a["target"] == b["target"]
         np.testing.assert_allclose(np.load(a["heatmap"]), np.load(b["heatmap"]), atol=1e-4)
+
+
+def test_a_crashing_method_exits_4_not_1(tiny, six, tmp_path, plugin, capsys):
+    """A bug is not "some inputs failed": exit code 4 (ExitCode.INTERNAL_ERROR) with the traceback."""
+    from camrt.cli import main
+    from camrt.hookspecs import hookimpl
+    from camrt.methods.gradcam import GradCAM
+
+    class Crashing(GradCAM):
+        name = "test-crashing"
+        aliases = ()
+
+        def explain(self, outputs, *, layer):
+            raise RuntimeError("bug on purpose")
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Crashing)
+
+    plugin(Plugin(), "test-crashing-plugin")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", tiny.path, six[0], "-m", "test-crashing", "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == ExitCode.INTERNAL_ERROR == 4
+    err = capsys.readouterr().err
+    assert "RuntimeError: bug on purpose" in err and "camrt: internal error" in err
