@@ -687,7 +687,7 @@ Examples:
 def build_cli() -> CamrtGroup:
     """A fresh `camrt` group (tests build their own; `cli` below is the process-wide one)."""
 
-    @click.group(cls=CamrtGroup, context_settings=CONTEXT_SETTINGS, epilog=GROUP_EPILOG)
+    @click.group("camrt", cls=CamrtGroup, context_settings=CONTEXT_SETTINGS, epilog=GROUP_EPILOG)
     @click.version_option(__version__, "--version", prog_name="camrt", message="%(prog)s %(version)s")
     def group() -> None:
         """camrt: explain image models where they are deployed (onnxruntime, no PyTorch).

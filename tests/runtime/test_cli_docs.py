@@ -38,6 +38,8 @@ def test_help_texts_are_checked_in(with_exporters):
         assert path.exists(), f"{path} missing: run `python -m tests.runtime.cli_docs`"
         assert path.read_text() == text, f"{path} is stale: run `python -m tests.runtime.cli_docs`"
     assert sorted(p.stem for p in DOCS.glob("*.txt")) == sorted(texts)  # no doc of a removed command
+    for name, text in texts.items():  # as a user types them
+        assert text.startswith(f"Usage: camrt {'' if name == 'camrt' else name + ' '}"), text.splitlines()[0]
 
 
 @pytest.fixture
