@@ -407,8 +407,10 @@ Examples:
               help="Class index to explain, the top-1 class, or the K best classes (K records per input).")
 @click.option("--layer", "layers", multiple=True,
               help="Layer to explain (repeat to fuse several); default: the file's default layer.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per onnxruntime run.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime offers it (onnxruntime-gpu), else the CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--format", "formats", default="png,npy", show_default=True,
               help=f"Comma-separated outputs: png (overlay), npy (heatmap), {JSONL_FORMAT} (records also "
