@@ -31,8 +31,8 @@ def _floats(text: str | None, count: int, option: str) -> tuple[float, ...] | No
 
 EXPORT_EPILOG = """\b
 Examples:
-  camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided -o r18.camrt.onnx
-  camrt export torchvision.models:squeezenet1_1 --weights squeezenet.pth --input-size 96,96 --labels labels.txt -o sq.camrt.onnx
+  camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
+  camrt export torchvision.models:squeezenet1_1 --weights squeezenet.pth --input-size 64,64 --labels labels.txt -o sq.camrt.onnx
   camrt export plain.onnx --mean 0.5 --std 0.5 --channel-order bgr -o plain.camrt.onnx
 """
 

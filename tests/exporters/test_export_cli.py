@@ -16,15 +16,12 @@ from click.testing import CliRunner
 from camrt import contract
 from camrt.cli import build_cli
 from camrt.session import ExplainSession
-from tests.runtime.cli_docs import DOCS, examples
+from tests.runtime.cli_docs import DOCS, examples, exporters_plugin  # noqa: F401 (a fixture)
 from tests.runtime.tiny import tiny_onnx
 
 
 @pytest.fixture
-def cli(plugin):
-    import camrt_exporters.plugin
-
-    plugin(camrt_exporters.plugin, "exporters")
+def cli(exporters_plugin):
     return build_cli()
 
 
@@ -47,12 +44,12 @@ def test_export_help_examples_run(cli, tmp_path, monkeypatch):
     r18 = inspect("r18.camrt.onnx")
     assert r18["layers"] == ["layer4", "layer3"] and r18["rule_sets"] == ["vanilla", "guided"]
     sq = inspect("sq.camrt.onnx")
-    assert (sq["preprocessing"]["height"], sq["preprocessing"]["width"]) == (96, 96) and sq["labels"] == 1000
+    assert (sq["preprocessing"]["height"], sq["preprocessing"]["width"]) == (64, 64) and sq["labels"] == 1000
     plain = inspect("plain.camrt.onnx")
     p = plain["preprocessing"]
     assert p["mean"] == [0.5] * 3 and p["std"] == [0.5] * 3 and p["channel_order"] == "bgr"
     # --weights: the file computes the logits of the torch model holding those weights.
-    x = np.random.default_rng(1).normal(size=(2, 3, 96, 96)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
     session = ExplainSession("sq.camrt.onnx", device="cpu")
     logits = session.run(x, [-1, -1], [contract.LOGITS_OUTPUT])[contract.LOGITS_OUTPUT]
     with torch.no_grad():

@@ -18,19 +18,11 @@ from click.testing import CliRunner
 from camrt.cli import build_cli
 from camrt.images import load_image
 
-from .cli_docs import DOCS, examples, help_texts
+from .cli_docs import DOCS, examples, exporters_plugin, help_texts  # noqa: F401 (a fixture)
 from .tiny import random_image, tiny_onnx, write_image
 
 
-@pytest.fixture
-def with_exporters(exporter, plugin):
-    """The CLI as installed with camrt-exporters: `camrt export` listed."""
-    import camrt_exporters.plugin
-
-    plugin(camrt_exporters.plugin, "exporters")
-
-
-def test_help_texts_are_checked_in(with_exporters):
+def test_help_texts_are_checked_in(exporter, exporters_plugin):
     texts = help_texts()
     assert {"camrt", "explain", "inspect", "methods", "export"} <= set(texts)
     for name, text in texts.items():
