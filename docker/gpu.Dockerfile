@@ -1,9 +1,9 @@
-# The GPU image: the camrt runtime with onnxruntime-gpu (CUDA 12, cuDNN 9) on NVIDIA's CUDA runtime
+# The GPU image: the camrt runtime with onnxruntime-gpu (onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9) on NVIDIA's CUDA runtime
 # base; no PyTorch. Build from the repository root and run with the NVIDIA container toolkit:
 #   docker build -f docker/gpu.Dockerfile -t camrt:gpu .
 #   docker run --rm --gpus all -v "$PWD:/data" camrt:gpu explain /data/model.camrt.onnx /data/photos \
 #       --device cuda -o /data/out
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 ARG ONNXRUNTIME_GPU=onnxruntime-gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/camrt/bin:$PATH
