@@ -8,7 +8,7 @@ explaining the model: low correlation is what a faithful method should show.
 
 camrt works on the contract file itself: the parameter layers are the Conv, ConvTranspose, Gemm
 and MatMul nodes that compute ``camrt/logits`` with an initializer as their weight; cascade depth k
-re-initialises the weight and bias of the last k of them (in graph order) with values drawn from
+re-initialises the weight and bias (a MatMul's: the Add after it) of the last k of them (in graph order) with values drawn from
 N(0, std of the original tensor) (``numpy.random.default_rng((seed, layer position))``; a tensor
 of one repeated value is kept). BatchNormalization statistics are kept. The gradient subgraph
 reads some weights through constants the exporter derived from them (a Conv's flipped, transposed
@@ -99,6 +99,18 @@ class Cascade:
         #: Parameter nodes, last first: the cascade order.
         self.layers = [n for n in reversed(forward_nodes)
                        if n.op_type in PARAMETER_OPS and len(n.input) > 1 and n.input[1] in self.initializers]
+        consumers: dict[str, list[Any]] = {}
+        for node in forward_nodes:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        #: Per layer: its weight and bias initializers (a MatMul's bias is the Add that follows it).
+        self.parameters: list[list[str]] = []
+        for node in self.layers:
+            names = [n for n in node.input[1:3] if n in self.initializers]
+            after = consumers.get(node.output[0], [])
+            if node.op_type == "MatMul" and len(after) == 1 and after[0].op_type == "Add":
+                names += [n for n in after[0].input if n in self.initializers]
+            self.parameters.append(names)
         if not self.layers:
             raise ModelError(f"{path}: no Conv/Gemm/MatMul with weights computes {contract.LOGITS_OUTPUT!r}; "
                              "nothing to randomize")
@@ -139,9 +151,7 @@ class Cascade:
             for position in range(done, depth):
                 node = self.layers[position]
                 rng = np.random.default_rng((seed, position))
-                for name in node.input[1:3]:
-                    if name not in self.initializers:
-                        continue
+                for name in self.parameters[position]:
                     value = numpy_helper.to_array(self.initializers[name])
                     spread = float(value.std())
                     if spread == 0.0:
@@ -194,7 +204,8 @@ class ModelRandomization(Metric):
                 self._folder = tempfile.TemporaryDirectory(prefix="camrt-randomization-")
             folder = tempfile.mkdtemp(dir=self._folder.name)
             files = cascade.write_stages(depths, folder, self.options.seed)
-            self._stages[path] = (depths, [cascade.layers[d - 1].name for d in depths], files)
+            self._stages[path] = (depths, [cascade.layers[d - 1].name or cascade.layers[d - 1].output[0]
+                                            for d in depths], files)
         return self._stages[path]
 
     def evaluate(self, batch: EvalBatch) -> list[dict[str, Any]]:
