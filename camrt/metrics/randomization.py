@@ -199,7 +199,9 @@ class ModelRandomization(Metric):
         if path not in self._stages:
             cascade = Cascade(path)
             count = len(cascade.layers)
-            depths = sorted({int(round(d)) for d in np.linspace(1, count, min(self.options.stages, count))})
+            stages = min(self.options.stages, count)
+            # from the last layer alone to every layer; one stage: every layer
+            depths = sorted({int(round(d)) for d in np.linspace(1, count, stages)}) if stages > 1 else [count]
             if self._folder is None:
                 self._folder = tempfile.TemporaryDirectory(prefix="camrt-randomization-")
             folder = tempfile.mkdtemp(dir=self._folder.name)
