@@ -71,13 +71,19 @@ class Evaluation:
         """Every scalar result of the metrics -> "higher" or "lower" is better."""
         return {name: better for metric in self.metrics for name, better in metric.fields.items()}
 
-    def _explainer(self, method: str, path: str | None = None, instance: Any = None):
+    def _explainer(self, method: str):
         from ..explainer import Explainer
 
-        if instance is not None:
-            return Explainer(path, method=instance, device=self.device, threads=self.threads, layer=self.layers)
         return Explainer(self.model, method=method, device=self.device, threads=self.threads, layer=self.layers,
                          **self.method_options.get(method, {}))
+
+    def _reexplainer(self, explainer: Any):
+        """path -> an Explainer of `explainer`'s method instance (same options and layers) for that file."""
+        from ..explainer import Explainer
+
+        layers = list(explainer.layers) or None
+        return lambda path: Explainer(path, method=explainer.method, device=self.device, threads=self.threads,
+                                      layer=layers)
 
     def run(self, inputs: Iterable[tuple[str, np.ndarray | CamrtError]]) -> Iterator[dict[str, Any]]:
         """inputs: (name, HWC uint8 RGB image, or the error that loading it raised). One record per
@@ -108,7 +114,7 @@ class Evaluation:
                 inputs=x, heatmaps=np.stack([r.heatmap for r in results]), targets=targets,
                 context=ExplainContext(explainer.session, x, targets), score=self.score,
                 batch_size=self.batch_size, names=names, images=images, explainer=explainer,
-                reexplainer=lambda path: self._explainer(explainer.method.name, path, explainer.method),
+                reexplainer=self._reexplainer(explainer),
             )
             clean = batch.clean_scores()
             per_metric = [metric.evaluate(batch) for metric in self.metrics]

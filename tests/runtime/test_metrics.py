@@ -374,15 +374,18 @@ def test_eval_command_records_summary_files_and_bad_input(tiny, tmp_path):
     rng = np.random.default_rng(4)
     good = write_image(str(tmp_path / "good.png"), random_image(rng, 24, 32))
     (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "boxes.csv").write_text("image,x0,y0,x1,y1\ngood.png,0,0,31,23\n")  # the whole image: a hit
     out = tmp_path / "out"
     result = CliRunner().invoke(build_cli(), [
         "eval", tiny.path, good, str(tmp_path / "bad.png"), "-m", "gradcam,saliency", "--metric",
-        "deletion,insertion,confidence", "-P", "deletion.steps=4", "-P", "insertion.steps=4", "-o", str(out), "--plot"])
+        "deletion,insertion,confidence", "-P", "deletion.steps=4", "-P", "insertion.steps=4", "-o", str(out), "--plot",
+        "--boxes", str(tmp_path / "boxes.csv")])
     assert result.exit_code == 1, result.stderr  # one input could not be read
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["method"], r["status"]) for r in records] == [
         ("gradcam", "ok"), ("gradcam", "error"), ("saliency", "ok"), ("saliency", "error")]
     assert len(records[0]["deletion_curve"]["score"]) == 5 and records[0]["score_type"] == "probability"
+    assert records[0]["pointing_game"] == 1.0  # --boxes adds the pointing game
     assert "bad.png" in records[1]["error"]
     summary = json.loads((out / "eval-summary.json").read_text())
     assert summary["gradcam"]["images"] == 1
