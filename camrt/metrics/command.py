@@ -1,7 +1,7 @@
 """`camrt eval`: methods x metrics over images, added to the CLI through the `register_commands` hook.
 
     camrt eval MODEL.onnx INPUT... -m gradcam,saliency --metric deletion,insertion,confidence \
-        [-o OUTDIR] [--plot] [--boxes FILE] [-P deletion.steps=50]
+        [-o OUTDIR] [--plot] [--boxes FILE] [-P deletion.steps=50] [-O smoothgrad.n_samples=8]
 
 One JSON line per image and method on stdout; the summary table (means over the images) on
 stderr. With -o, OUTDIR gets eval-records.jsonl, eval-summary.json and eval-summary.txt, and with
@@ -22,17 +22,17 @@ SUMMARY_JSON = "eval-summary.json"
 SUMMARY_TEXT = "eval-summary.txt"
 
 
-def parse_metric_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """("deletion.steps=50", ...) -> {"deletion": {"steps": "50"}}."""
+def parse_named_options(items: tuple[str, ...], flag: str) -> dict[str, dict[str, str]]:
+    """("deletion.steps=50", ...) -> {"deletion": {"steps": "50"}} (metric or method options)."""
     from ..errors import UsageError
 
     options: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        metric, dot, name = key.partition(".")
-        if not sep or not dot or not metric.strip() or not name.strip():
-            raise UsageError(f"--metric-option expects METRIC.KEY=VALUE, got {item!r}")
-        options.setdefault(metric.strip(), {})[name.strip()] = value
+        owner, dot, name = key.partition(".")
+        if not sep or not dot or not owner.strip() or not name.strip():
+            raise UsageError(f"{flag} expects NAME.KEY=VALUE, got {item!r}")
+        options.setdefault(owner.strip(), {})[name.strip()] = value
     return options
 
 
@@ -78,6 +78,8 @@ def build_command():
                        "or a plugin's (see `camrt metrics`).")
     @click.option("-P", "--metric-option", "metric_options", multiple=True, metavar="METRIC.KEY=VALUE",
                   help="A metric option, e.g. deletion.steps=50 or road.percentiles=20,40,60,80 (repeatable).")
+    @click.option("-O", "--method-option", "method_options", multiple=True, metavar="METHOD.KEY=VALUE",
+                  help="A method option, e.g. smoothgrad.n_samples=8 (repeatable; see `camrt methods`).")
     @click.option("--boxes", default=None, metavar="FILE", help="Ground-truth boxes for the pointing game (JSON or CSV).")
     @click.option("--score", type=click.Choice(["probability", "logit"]), default="probability", show_default=True,
                   help="The class score the metrics compare: softmax probability or logit.")
@@ -92,7 +94,7 @@ def build_command():
     @click.option("--plot", is_flag=True, help="Write deletion/insertion curves and the methods' overlays as PNG (needs -o).")
     @click.pass_context
     def eval_command(ctx: click.Context, model: str, inputs: tuple[str, ...], methods: str, metrics: str,
-                     metric_options: tuple[str, ...], boxes: str | None, score: str, layers: tuple[str, ...],
+                     metric_options: tuple[str, ...], method_options: tuple[str, ...], boxes: str | None, score: str, layers: tuple[str, ...],
                      batch_size: int, images_per_batch: int, device: str, threads: int | None,
                      outdir: str | None, plot: bool) -> None:
         """Score METHODS' heatmaps of MODEL on INPUT images with faithfulness metrics and sanity checks.
@@ -110,14 +112,15 @@ def build_command():
 
         if plot and not outdir:
             raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
-        options = parse_metric_options(metric_options)
+        options = parse_named_options(metric_options, "--metric-option")
         wanted = _split(metrics)
         if boxes is not None:
             pointing = build_metric_registry().get("pointing").name
             if not any(build_metric_registry().get(m).name == pointing for m in wanted):
                 wanted.append(pointing)
             options.setdefault(pointing, {})["boxes"] = boxes
-        evaluation = Evaluation(model, _split(methods), wanted, metric_options=options, layers=layers,
+        evaluation = Evaluation(model, _split(methods), wanted, metric_options=options,
+                                method_options=parse_named_options(method_options, "--method-option"), layers=layers,
                                 device=device, threads=threads, score=score, batch_size=batch_size,
                                 images_per_batch=images_per_batch, keep_maps=plot)
         loaded: list[tuple[str, Any]] = []

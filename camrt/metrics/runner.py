@@ -57,6 +57,9 @@ class Evaluation:
         options_of = {registry.get(key).name: value for key, value in metric_options.items()}
         self.metrics: list[Metric] = [cls(**options_of.get(cls.name, {})) for cls in classes]
         self.method_options = {method_registry.get(k).name: dict(v) for k, v in (method_options or {}).items()}
+        unused = [k for k in self.method_options if k not in self.methods]
+        if unused:
+            raise UsageError(f"options given for method(s) {', '.join(unused)}, which are not evaluated")
         self.model, self.layers, self.device, self.threads = model, list(layers or []) or None, device, threads
         self.score, self.batch_size, self.images_per_batch = score, batch_size, images_per_batch
         if images_per_batch < 1:

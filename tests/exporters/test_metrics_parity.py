@@ -100,11 +100,13 @@ def test_confidence_matches_torchcam_and_pytorch_grad_cam(setup):
         stub.maps = torch.from_numpy(heatmaps[i:i + 1])
         metric.update(torch.from_numpy(x[i:i + 1]), class_idx=[target])
         reference = metric.summary()
+        print("average drop", ours[i]["average_drop"], reference["avg_drop"])
         assert close(ours[i]["average_drop"], reference["avg_drop"])
         assert ours[i]["increase_in_confidence"] == reference["conf_increase"]
     with torch.no_grad():
         change = CamMultImageConfidenceChange()(torch.from_numpy(x), heatmaps,
                                                 [ClassifierOutputTarget(t) for t in TARGETS], model)
+    print("confidence change", [r["confidence_change"] for r in ours], change)
     assert close([r["confidence_change"] for r in ours], change)
     assert np.abs(change).min() > 1e-2  # the comparison is not between zeros
 
@@ -126,6 +128,7 @@ def test_deletion_insertion_match_torchcam(setup):
         stub.maps = torch.from_numpy(heatmaps[i:i + 1])
         metric.update(torch.from_numpy(x[i:i + 1]), class_idx=[target])
         reference = metric.summary()
+        print("deletion/insertion", deletion[i]["deletion_auc"], insertion[i]["insertion_auc"], reference)
         assert close(deletion[i]["deletion_auc"], reference["deletion_auc"])
         assert close(insertion[i]["insertion_auc"], reference["insertion_auc"])
 
