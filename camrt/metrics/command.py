@@ -146,6 +146,7 @@ def build_command():
                 click.echo(line)
                 if log is not None:
                     log.write(line + "\n")
+                    log.flush()
             table = evaluation.summary_table()
             click.echo(table, err=True)
             if outdir:

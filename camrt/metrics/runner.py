@@ -47,7 +47,8 @@ class Evaluation:
         from ..registry import build_metric_registry, build_method_registry
 
         method_registry = build_method_registry()
-        self.methods = [method_registry.get(name).name for name in _unique(methods, "methods")]
+        self._method_classes = {cls.name: cls for cls in (method_registry.get(n) for n in _unique(methods, "methods"))}
+        self.methods = list(self._method_classes)
         registry = build_metric_registry()
         classes = list(dict.fromkeys(registry.get(name) for name in _unique(metrics, "metrics")))
         metric_options = dict(metric_options or {})
@@ -77,8 +78,10 @@ class Evaluation:
     def _explainer(self, method: str):
         from ..explainer import Explainer
 
-        return Explainer(self.model, method=method, device=self.device, threads=self.threads, layer=self.layers,
-                         **self.method_options.get(method, {}))
+        # --layer concerns the methods that explain a layer; the input-space ones take none
+        uses_layers = self._method_classes[method].requires.uses_layers
+        return Explainer(self.model, method=method, device=self.device, threads=self.threads,
+                         layer=self.layers if uses_layers else None, **self.method_options.get(method, {}))
 
     def _reexplainer(self, explainer: Any):
         """path -> an Explainer of `explainer`'s method instance (same options and layers) for that file."""
