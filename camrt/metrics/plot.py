@@ -18,9 +18,12 @@ PANEL_WIDTH, PANEL_HEIGHT = 360, 280
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 30, 78  # margins; the legend sits in the bottom one
 TILE = 224
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (200, 200, 200)
-#: BGR line colours, one per method in order (Tableau 10).
+#: BGR line colours, one per method in order (Tableau 20: the dark tones, then the light ones).
 COLOURS = ((180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
-           (194, 119, 227), (127, 127, 127), (34, 189, 188), (207, 190, 23))
+           (194, 119, 227), (127, 127, 127), (34, 189, 188), (207, 190, 23), (232, 199, 174), (120, 187, 255),
+           (138, 223, 152), (150, 152, 255), (213, 176, 197), (148, 156, 196), (210, 182, 247), (199, 199, 199),
+           (141, 219, 219), (229, 218, 158))
+LEGEND_COLUMNS, LEGEND_ROW = 4, 14
 
 
 def colour(index: int) -> tuple[int, int, int]:
@@ -65,7 +68,9 @@ def plot_curves(path: str, curves: Mapping[str, Mapping[str, tuple[Sequence[floa
     if not kinds:
         raise ValueError("no deletion or insertion curves to plot")
     low, high = score_range(curves)
-    canvas = np.full((PANEL_HEIGHT, PANEL_WIDTH * len(kinds), 3), 255, np.uint8)
+    rows = -(-len(curves) // LEGEND_COLUMNS)
+    extra = max(0, rows - 4) * LEGEND_ROW  # the bottom margin holds four legend rows
+    canvas = np.full((PANEL_HEIGHT + extra, PANEL_WIDTH * len(kinds), 3), 255, np.uint8)
     for k, kind in enumerate(kinds):
         panel = CurvePanel(low, high, x0=k * PANEL_WIDTH)
         (left, top), (right, bottom) = panel.pixel(0, high), panel.pixel(1, low)
@@ -84,7 +89,7 @@ def plot_curves(path: str, curves: Mapping[str, Mapping[str, tuple[Sequence[floa
             points = np.array([panel.pixel(f, s) for f, s in zip(fractions, scores)], np.int32)
             cv2.polylines(canvas, [points], False, colour(m), 2, cv2.LINE_AA)
     for m, method in enumerate(curves):  # the legend, under the panels
-        x, y = 10 + (m % 4) * 170, PANEL_HEIGHT - BOTTOM + 34 + (m // 4) * 14
+        x, y = 10 + (m % LEGEND_COLUMNS) * 170, PANEL_HEIGHT - BOTTOM + 34 + (m // LEGEND_COLUMNS) * LEGEND_ROW
         cv2.line(canvas, (x, y - 4), (x + 18, y - 4), colour(m), 2)
         _text(canvas, method, (x + 24, y))
     _write_png(path, canvas)
