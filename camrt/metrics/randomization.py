@@ -69,13 +69,14 @@ def _conv_backward_kernel(weight: np.ndarray, group: int) -> np.ndarray:
 
 
 def _transforms(node, name: str, value: np.ndarray):
-    """(label, function) candidates for how the exporter may have derived a constant from `value`."""
-    yield "copy", lambda w: w
+    """How camrt's backward rules may derive a constant from `value`: a copy, a MatMul's transposed
+    operand, a stride-1 Conv's backward kernel."""
+    yield lambda w: w
     if value.ndim >= 2:
-        yield "transpose", lambda w: np.swapaxes(w, -1, -2)
+        yield lambda w: np.swapaxes(w, -1, -2)
     if node.op_type == "Conv" and name == node.input[1] and value.ndim >= 3:
         group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
-        yield "conv-backward kernel", lambda w: _conv_backward_kernel(w, group)
+        yield lambda w: _conv_backward_kernel(w, group)
 
 
 class Cascade:
@@ -129,7 +130,7 @@ class Cascade:
             ordered = np.sort(value, axis=None) if ordered is None else ordered
             if not np.array_equal(np.sort(candidate, axis=None), ordered):
                 continue
-            match = next((fn for label, fn in _transforms(node, name, value)
+            match = next((fn for fn in _transforms(node, name, value)
                           if fn(value).shape == candidate.shape and np.array_equal(fn(value), candidate)), None)
             if match is None:
                 raise ModelError(
@@ -141,9 +142,8 @@ class Cascade:
 
     def write_stages(self, depths: list[int], folder: str, seed: int) -> list[str]:
         """Files with the last `depth` layers randomized, for each depth (ascending)."""
-        from onnx import numpy_helper
-
         import onnx
+        from onnx import numpy_helper
 
         paths = []
         done = 0
