@@ -29,6 +29,16 @@ def register_methods(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def register_metrics(register: Callable[..., None]) -> None:
+    """Register evaluation metrics for ``camrt eval``: ``register(MetricClass)``.
+
+    Called once when the metric registry is built. ``MetricClass`` subclasses
+    ``camrt.metrics.base.Metric`` (``evaluate(batch) -> one dict of results per image``); a
+    duplicate name or alias raises ``PluginError``.
+    """
+
+
+@hookspec
 def register_renderers(register: Callable[..., None]) -> None:
     """Register output formats: ``register(name, write_function, *, suffix=None, field=None)``.
 

@@ -38,6 +38,12 @@ DEFAULT_PLUGINS = (
     "camrt.methods.ablationcam",
     "camrt.methods.smoothgrad",
     "camrt.methods.integrated_gradients",
+    "camrt.metrics.deletion",
+    "camrt.metrics.confidence",
+    "camrt.metrics.road",
+    "camrt.metrics.pointing",
+    "camrt.metrics.randomization",
+    "camrt.metrics.command",
 )
 
 _lock = threading.Lock()

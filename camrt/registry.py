@@ -1,7 +1,8 @@
-"""Registries of methods and renderers, built from the `register_methods` / `register_renderers` hooks.
+"""Registries of methods, metrics and renderers, built from the `register_methods`, `register_metrics`
+and `register_renderers` hooks.
 
 Each plugin's hook implementation is called on its own so that errors name the plugin. Nothing is
-dropped silently: a duplicate name or alias, a class that is not a `Method`, and an unknown name
+dropped silently: a duplicate name or alias, a class that is not a `Method` (`Metric`), and an unknown name
 raise PluginError listing what is registered.
 """
 
@@ -16,6 +17,7 @@ import pluggy
 
 from .errors import PluginError
 from .methods.base import Method
+from .metrics.base import Metric
 
 
 def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]]) -> None:
@@ -31,41 +33,48 @@ def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable
             raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}") from exc
 
 
-class MethodRegistry:
-    """Method classes by name and alias (case-insensitive)."""
+class ClassRegistry:
+    """Plugin classes of one kind (methods, metrics) by name and alias (case-insensitive).
+
+    Subclasses set `kind` (the word used in messages) and `base` (the class every entry subclasses).
+    """
+
+    kind: str = "class"
+    base: type = object
 
     def __init__(self) -> None:
-        self._classes: dict[str, type[Method]] = {}  # canonical name -> class
+        self._classes: dict[str, type] = {}  # canonical name -> class
         self._plugins: dict[str, str] = {}  # canonical name -> plugin name
         self._lookup: dict[str, str] = {}  # name or alias (lower case) -> canonical name
 
     def register(self, cls: Any, plugin: str = "<direct>") -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a subclass of camrt Method")
+        kind = self.kind
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a subclass of camrt {self.base.__name__}")
         if inspect.isabstract(cls):
             missing = ", ".join(sorted(cls.__abstractmethods__))
-            raise PluginError(f"plugin {plugin!r} registered method class {cls.__name__} that does not implement {missing}")
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} that does not implement {missing}")
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.strip():
-            raise PluginError(f"plugin {plugin!r} registered method class {cls.__name__} without a `name`")
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a `name`")
         keys = [name.lower(), *(alias.lower() for alias in cls.aliases)]
         for key in keys:
             owner = self._lookup.get(key)
             if owner is not None or keys.count(key) > 1:
-                by = f" by plugin {self._plugins[owner]!r} (method {owner!r})" if owner else " twice by the same class"
+                by = f" by plugin {self._plugins[owner]!r} ({kind} {owner!r})" if owner else " twice by the same class"
                 raise PluginError(
-                    f"plugin {plugin!r}: method name {key!r} is already registered{by}; "
-                    f"registered methods: {self.listing()}"
+                    f"plugin {plugin!r}: {kind} name {key!r} is already registered{by}; "
+                    f"registered {kind}s: {self.listing()}"
                 )
         self._classes[name] = cls
         self._plugins[name] = plugin
         for key in keys:
             self._lookup[key] = name
 
-    def get(self, name: str) -> type[Method]:
+    def get(self, name: str) -> type:
         canonical = self._lookup.get(name.lower())
         if canonical is None:
-            raise PluginError(f"unknown method {name!r}; registered methods: {self.listing()}")
+            raise PluginError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.listing()}")
         return self._classes[canonical]
 
     def plugin_of(self, name: str) -> str:
@@ -83,21 +92,42 @@ class MethodRegistry:
             parts.append(f"{name} (aliases: {', '.join(aliases)})" if aliases else name)
         return ", ".join(parts)
 
-    def __iter__(self) -> Iterator[type[Method]]:
+    def __iter__(self) -> Iterator[type]:
         return (self._classes[name] for name in self.names())
 
     def __len__(self) -> int:
         return len(self._classes)
 
 
-def build_method_registry(pm: pluggy.PluginManager | None = None) -> MethodRegistry:
+class MethodRegistry(ClassRegistry):
+    """Method classes (`camrt.methods.base.Method`) by name and alias."""
+
+    kind = "method"
+    base = Method
+
+
+class MetricRegistry(ClassRegistry):
+    """Metric classes (`camrt.metrics.base.Metric`) by name and alias."""
+
+    kind = "metric"
+    base = Metric
+
+
+def _build_class_registry(registry: ClassRegistry, hook_name: str, pm: pluggy.PluginManager | None) -> ClassRegistry:
     if pm is None:
         from .plugins import get_plugin_manager
 
         pm = get_plugin_manager()
-    registry = MethodRegistry()
-    _call_each(pm, "register_methods", lambda plugin: lambda cls: registry.register(cls, plugin))
+    _call_each(pm, hook_name, lambda plugin: lambda cls: registry.register(cls, plugin))
     return registry
+
+
+def build_method_registry(pm: pluggy.PluginManager | None = None) -> MethodRegistry:
+    return _build_class_registry(MethodRegistry(), "register_methods", pm)
+
+
+def build_metric_registry(pm: pluggy.PluginManager | None = None) -> MetricRegistry:
+    return _build_class_registry(MetricRegistry(), "register_metrics", pm)
 
 
 #: write(path, heatmap [H, W] float32 in [0, 1], image HWC uint8 RGB or None, options dict) -> None

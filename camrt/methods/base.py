@@ -115,7 +115,7 @@ class GraphOutputs:
         return self._spatial(contract.input_gradient_output(rule_set))
 
 
-def _coerce(value: Any, annotation: Any, method: str, name: str) -> Any:
+def _coerce(value: Any, annotation: Any, owner: str, name: str) -> Any:
     """Options given as text (from the CLI) become the declared type."""
     if not isinstance(value, str) or annotation in (str, Any):
         return value
@@ -130,7 +130,7 @@ def _coerce(value: Any, annotation: Any, method: str, name: str) -> Any:
         if annotation in (int, float):
             return annotation(value)
     except ValueError:
-        raise UsageError(f"method {method!r}: option {name!r} must be {annotation.__name__}, got {value!r}") from None
+        raise UsageError(f"{owner}: option {name!r} must be {annotation.__name__}, got {value!r}") from None
     return value
 
 
@@ -151,6 +151,8 @@ class Method(ABC):
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[Requirements] = Requirements()
+    #: What it is called in messages (`camrt.metrics.base.Metric` reuses the options machinery).
+    kind: ClassVar[str] = "method"
     #: Whether the postprocessing applies ReLU to the raw maps (methods whose maps are signed on
     #: purpose turn it off).
     relu: ClassVar[bool] = True
@@ -168,13 +170,13 @@ class Method(ABC):
         unknown = sorted(set(options) - set(fields))
         if unknown:
             valid = ", ".join(sorted(fields)) if fields else "none (it takes no options)"
-            raise UsageError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; valid options: {valid}")
+            raise UsageError(f"{cls.kind} {cls.name!r} has no option(s) {', '.join(unknown)}; valid options: {valid}")
         hints = typing.get_type_hints(cls.Options)
-        values = {key: _coerce(value, hints.get(key, Any), cls.name, key) for key, value in options.items()}
+        values = {key: _coerce(value, hints.get(key, Any), f"{cls.kind} {cls.name!r}", key) for key, value in options.items()}
         try:
             return cls.Options(**values)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"method {cls.name!r}: bad options: {exc}") from None
+            raise UsageError(f"{cls.kind} {cls.name!r}: bad options: {exc}") from None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

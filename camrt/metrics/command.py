@@ -1,0 +1,200 @@
+"""`camrt eval`: methods x metrics over images, added to the CLI through the `register_commands` hook.
+
+    camrt eval MODEL.onnx INPUT... -m gradcam,saliency --metric deletion,insertion,confidence \
+        [-o OUTDIR] [--plot] [--boxes FILE] [-P deletion.steps=50] [-O smoothgrad.n_samples=8]
+
+One JSON line per image and method on stdout; the summary table (means over the images) on
+stderr. With -o, OUTDIR gets eval-records.jsonl, eval-summary.json and eval-summary.txt, and with
+--plot, per image, <stem>.curves.png (deletion/insertion curves of every method) and
+<stem>.methods.png (every method's overlay side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..hookspecs import hookimpl
+
+RECORDS_FILE = "eval-records.jsonl"
+SUMMARY_JSON = "eval-summary.json"
+SUMMARY_TEXT = "eval-summary.txt"
+
+
+def parse_named_options(items: tuple[str, ...], flag: str) -> dict[str, dict[str, str]]:
+    """("deletion.steps=50", ...) -> {"deletion": {"steps": "50"}} (metric or method options)."""
+    from ..errors import UsageError
+
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        owner, dot, name = key.partition(".")
+        if not sep or not dot or not owner.strip() or not name.strip():
+            raise UsageError(f"{flag} expects NAME.KEY=VALUE, got {item!r}")
+        options.setdefault(owner.strip(), {})[name.strip()] = value
+    return options
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: Any) -> list[str]:
+    """<stem>.curves.png and <stem>.methods.png per image; returns the paths written."""
+    from .plot import plot_curves, plot_overlays
+
+    written = []
+    for record_input, image in images.items():
+        stem = names.claim(record_input)
+        records = [r for r in evaluation.records if r["input"] == record_input and r["status"] == "ok"]
+        curves = {r["method"]: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
+                                for kind in ("deletion", "insertion") if f"{kind}_curve" in r}
+                  for r in records}
+        if any(curves.values()):
+            path = os.path.join(outdir, f"{stem}.curves.png")
+            plot_curves(path, {m: c for m, c in curves.items() if c}, title=stem)
+            written.append(path)
+        maps = evaluation.maps.get(record_input)
+        if maps:
+            path = os.path.join(outdir, f"{stem}.methods.png")
+            plot_overlays(path, image, maps, title=stem)
+            written.append(path)
+    return written
+
+
+def build_command():
+    import click
+
+    from ..cli import CONTEXT_SETTINGS
+
+    @click.command("eval", context_settings=CONTEXT_SETTINGS)
+    @click.argument("model")
+    @click.argument("inputs", nargs=-1, required=True)
+    @click.option("-m", "--method", "methods", default="gradcam", show_default=True,
+                  help="Comma-separated methods to compare (see `camrt methods`).")
+    @click.option("--metric", "metrics", default="deletion,insertion,confidence", show_default=True,
+                  help="Comma-separated metrics: deletion, insertion, confidence, road, pointing, randomization, "
+                       "or a plugin's (see `camrt metrics`).")
+    @click.option("-P", "--metric-option", "metric_options", multiple=True, metavar="METRIC.KEY=VALUE",
+                  help="A metric option, e.g. deletion.steps=50 or road.percentiles=20,40,60,80 (repeatable).")
+    @click.option("-O", "--method-option", "method_options", multiple=True, metavar="METHOD.KEY=VALUE",
+                  help="A method option, e.g. smoothgrad.n_samples=8 (repeatable; see `camrt methods`).")
+    @click.option("--boxes", default=None, metavar="FILE", help="Ground-truth boxes for the pointing game (JSON or CSV).")
+    @click.option("--score", type=click.Choice(["probability", "logit"]), default="probability", show_default=True,
+                  help="The class score the metrics compare: softmax probability or logit.")
+    @click.option("--layer", "layers", multiple=True, help="Layer to explain (default: the file's default layer).")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                  help="Perturbed inputs per onnxruntime run.")
+    @click.option("--images-per-batch", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+    @click.option("-o", "--output", "outdir", default=None, metavar="OUTDIR",
+                  help="Write records, summary (and figures with --plot) here.")
+    @click.option("--plot", is_flag=True, help="Write deletion/insertion curves and the methods' overlays as PNG (needs -o).")
+    @click.pass_context
+    def eval_command(ctx: click.Context, model: str, inputs: tuple[str, ...], methods: str, metrics: str,
+                     metric_options: tuple[str, ...], method_options: tuple[str, ...], boxes: str | None, score: str, layers: tuple[str, ...],
+                     batch_size: int, images_per_batch: int, device: str, threads: int | None,
+                     outdir: str | None, plot: bool) -> None:
+        """Score METHODS' heatmaps of MODEL on INPUT images with faithfulness metrics and sanity checks.
+
+        Prints one JSON line per image and method, then the summary table (means) on stderr.
+        Exit code 0 when every input was evaluated, 1 when some could not be read.
+        """
+        import sys
+
+        from ..cli import OutputNames, iter_inputs
+        from ..errors import ExitCode, InputError, UsageError
+        from ..images import load_image
+        from ..registry import build_metric_registry
+        from .runner import Evaluation
+
+        if plot and not outdir:
+            raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
+        options = parse_named_options(metric_options, "--metric-option")
+        wanted = _split(metrics)
+        if boxes is not None:
+            pointing = build_metric_registry().get("pointing").name
+            if not any(build_metric_registry().get(m).name == pointing for m in wanted):
+                wanted.append(pointing)
+            options.setdefault(pointing, {})["boxes"] = boxes
+        evaluation = Evaluation(model, _split(methods), wanted, metric_options=options,
+                                method_options=parse_named_options(method_options, "--method-option"), layers=layers,
+                                device=device, threads=threads, score=score, batch_size=batch_size,
+                                images_per_batch=images_per_batch, keep_maps=plot)
+        loaded: list[tuple[str, Any]] = []
+        for spec in iter_inputs(inputs, sys.stdin, skip_dir=outdir):
+            try:
+                loaded.append((spec, load_image(spec)))
+            except InputError as exc:
+                loaded.append((spec, exc))
+        if not loaded:
+            raise UsageError("no input images found")
+        log = None
+        if outdir:
+            try:
+                os.makedirs(outdir, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
+            log = open(os.path.join(outdir, RECORDS_FILE), "w", encoding="utf-8")
+        failed = False
+        try:
+            for record in evaluation.run(loaded):
+                failed |= record["status"] != "ok"
+                line = json.dumps(record, ensure_ascii=False)
+                click.echo(line)
+                if log is not None:
+                    log.write(line + "\n")
+                    log.flush()
+            table = evaluation.summary_table()
+            click.echo(table, err=True)
+            if outdir:
+                with open(os.path.join(outdir, SUMMARY_JSON), "w", encoding="utf-8") as handle:
+                    json.dump(evaluation.summary(), handle, indent=2)
+                with open(os.path.join(outdir, SUMMARY_TEXT), "w", encoding="utf-8") as handle:
+                    handle.write(table + "\n")
+            if plot:
+                images = {name: image for name, image in loaded if not isinstance(image, Exception)}
+                for path in write_figures(evaluation, outdir, images, OutputNames()):
+                    click.echo(f"camrt: wrote {path}", err=True)
+        finally:
+            evaluation.close()
+            if log is not None:
+                log.close()
+        if failed:
+            ctx.exit(int(ExitCode.SOME_INPUTS_FAILED))
+
+    return eval_command
+
+
+def build_metrics_command():
+    import click
+
+    from ..cli import CONTEXT_SETTINGS
+
+    @click.command("metrics", context_settings=CONTEXT_SETTINGS)
+    @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects instead of a table.")
+    def metrics_command(as_json: bool) -> None:
+        """List the registered evaluation metrics (for `camrt eval --metric`)."""
+        from ..registry import build_metric_registry
+
+        registry = build_metric_registry()
+        described = [dict(cls.describe(), plugin=registry.plugin_of(cls.name)) for cls in registry]
+        if as_json:
+            click.echo(json.dumps(described, indent=2))
+            return
+        for m in described:
+            fields = ", ".join(f"{name} ({better} is better)" for name, better in m["fields"].items())
+            options = ", ".join(f"{o['name']}={o['default']}" for o in m["options"]) or "-"
+            aliases = f" (aliases: {', '.join(m['aliases'])})" if m["aliases"] else ""
+            click.echo(f"{m['name']}{aliases} [{m['plugin']}]\n  {m['description']}\n  results: {fields}\n"
+                       f"  options: {options}")
+
+    return metrics_command
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(build_command())
+    cli.add_command(build_metrics_command())
