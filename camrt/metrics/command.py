@@ -22,6 +22,19 @@ SUMMARY_JSON = "eval-summary.json"
 SUMMARY_TEXT = "eval-summary.txt"
 
 
+EVAL_EPILOG = """\b
+Examples:
+  camrt eval model.camrt.onnx photos/ -m gradcam,saliency --metric deletion,insertion -P deletion.steps=8 -P insertion.steps=8
+  camrt eval model.camrt.onnx photo.jpg --metric confidence,road -o eval-out/ --plot
+"""
+
+METRICS_EPILOG = """\b
+Examples:
+  camrt metrics
+  camrt metrics --json
+"""
+
+
 def parse_named_options(items: tuple[str, ...], flag: str) -> dict[str, dict[str, str]]:
     """("deletion.steps=50", ...) -> {"deletion": {"steps": "50"}} (metric or method options)."""
     from ..errors import UsageError
@@ -68,7 +81,7 @@ def build_command():
 
     from ..cli import CONTEXT_SETTINGS
 
-    @click.command("eval", context_settings=CONTEXT_SETTINGS)
+    @click.command("eval", context_settings=CONTEXT_SETTINGS, epilog=EVAL_EPILOG)
     @click.argument("model")
     @click.argument("inputs", nargs=-1, required=True)
     @click.option("-m", "--method", "methods", default="gradcam", show_default=True,
@@ -86,7 +99,8 @@ def build_command():
     @click.option("--layer", "layers", multiple=True, help="Layer to explain (default: the file's default layer).")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                   help="Perturbed inputs per onnxruntime run.")
-    @click.option("--images-per-batch", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option("--images-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
+                  help="Images explained and scored together.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
     @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
     @click.option("-o", "--output", "outdir", default=None, metavar="OUTDIR",
@@ -173,7 +187,7 @@ def build_metrics_command():
 
     from ..cli import CONTEXT_SETTINGS
 
-    @click.command("metrics", context_settings=CONTEXT_SETTINGS)
+    @click.command("metrics", context_settings=CONTEXT_SETTINGS, epilog=METRICS_EPILOG)
     @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects instead of a table.")
     def metrics_command(as_json: bool) -> None:
         """List the registered evaluation metrics (for `camrt eval --metric`)."""
