@@ -210,9 +210,12 @@ def _explain_chunk(explainer: Any, chunk: list[str], target: int, renderers: lis
     good = [i for i, image in enumerate(images) if image is not None]
     if good:
         start = time.perf_counter()
-        results = explainer.explain([images[i] for i in good], targets=[target] * len(good))
+        results = _explain_each(explainer, [images[i] for i in good], target)
         share = (time.perf_counter() - start) * 1000 / len(good)
         for i, result in zip(good, results):
+            if isinstance(result, InputError):
+                _fail(records[i], str(result))
+                continue
             start = time.perf_counter()
             record = records[i]
             record.update(result.record())
@@ -231,6 +234,18 @@ def _explain_chunk(explainer: Any, chunk: list[str], target: int, renderers: lis
     for record, ms in zip(records, millis):
         record["elapsed_ms"] = round(ms, 3)
     return records
+
+
+def _explain_each(explainer: Any, images: list[Any], target: int) -> list[Any]:
+    """An Explanation or the InputError of each image: when one input of a batch fails (e.g. the
+    model produced NaN for it), the batch is explained again one image at a time so that only that
+    input gets an error record."""
+    try:
+        return explainer.explain(images, targets=[target] * len(images))
+    except InputError as exc:
+        if len(images) == 1:
+            return [exc]
+    return [_explain_each(explainer, [image], target)[0] for image in images]
 
 
 @click.command("explain", context_settings=CONTEXT_SETTINGS)

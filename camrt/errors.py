@@ -39,6 +39,16 @@ class InputError(CamrtError):
     exit_code = ExitCode.SOME_INPUTS_FAILED
 
 
+class NonFiniteError(InputError):
+    """The model produced NaN or inf for some rows of a batch; no heatmap is made from them.
+
+    `rows`: the offending row indices of the run (the inputs, for `Explainer.explain`)."""
+
+    def __init__(self, message: str, rows: list[int]):
+        self.rows = rows
+        super().__init__(message)
+
+
 class UsageError(CamrtError):
     """Bad arguments or options."""
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import contract
-from .errors import ContractError, InputError, ModelError, UsageError, require_regular_file
+from .errors import ContractError, InputError, ModelError, NonFiniteError, UsageError, require_regular_file
 
 DEVICES = ("auto", "cpu", "cuda")
 #: Op domains onnxruntime implements itself; any other domain needs a custom-op library.
@@ -493,6 +493,10 @@ class ExplainSession:
             raise InputError(f"model input must be NCHW (4 dimensions), got shape {array.shape}")
         if not np.issubdtype(array.dtype, np.floating):
             raise InputError(f"model input must be float32 NCHW, got dtype {array.dtype}")
+        finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1) if array.size else np.ones(0, bool)
+        if not finite.all():
+            rows = np.flatnonzero(~finite).tolist()
+            raise NonFiniteError(f"model input row(s) {rows} hold NaN or inf; give finite pixel values", rows)
         for axis, (want, got) in enumerate(zip(self.input_shape, array.shape)):
             if axis and isinstance(want, int) and want != got:
                 raise InputError(f"model input has shape {array.shape}; {self.path} expects {self.input_shape}")
@@ -510,6 +514,7 @@ class ExplainSession:
         feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch)
+        _check_finite(dict(zip(fetch, values)), "the model")
         return dict(zip(fetch, values))
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
@@ -586,7 +591,9 @@ class ExplainSession:
                 raise InputError(f"tail of layer {layer!r}: side tensor {name!r} has {value.shape[0]} rows "
                                  f"for {acts.shape[0]} activation rows")
             feeds[name] = value
-        return self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
+        logits = self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
+        _check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
+        return logits
 
     def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str]) -> list[np.ndarray]:
         """Run `session` on batched feeds, in chunks of the static batch size when the file has one."""
@@ -606,6 +613,25 @@ class ExplainSession:
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]
+
+
+def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
+    """NonFiniteError naming the rows and outputs where `what` produced NaN or inf.
+
+    A NaN activation or gradient would become a NaN (or silently normalised) heatmap; the rows are
+    refused instead, so that a batch run can report them as error records."""
+    bad: dict[int, list[str]] = {}
+    for name, value in values.items():
+        if value.dtype.kind == "f" and value.ndim and value.size:
+            for row in np.flatnonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(axis=1)):
+                bad.setdefault(int(row), []).append(name)
+    if bad:
+        rows = sorted(bad)
+        detail = "; ".join(f"row {row}: {', '.join(bad[row])}" for row in rows[:8])
+        raise NonFiniteError(
+            f"{what} produced NaN or inf ({detail}{'; ...' if len(rows) > 8 else ''}); no heatmap is made "
+            "from non-finite values: check the image and the model (e.g. a Log, Sqrt or Div that meets 0 or "
+            "a negative number)", rows)
 
 
 @dataclass(frozen=True)
