@@ -175,14 +175,14 @@ def test_plugin_failing_at_import_is_recorded_and_the_others_load(entry_points):
     assert registry.plugin_of("test-good") == "good" and registry.plugin_of("gradcam") == "camrt.methods.gradcam"
 
 
-def test_register_methods_raising_names_the_plugin_and_blocking_it_recovers(entry_points):
+def test_register_methods_raising_names_the_plugin_and_the_others_still_register(entry_points):
     entry_points(good="camrt_test_good", badreg="camrt_test_broken_register")
     pm = create_plugin_manager(load_entrypoints=True, blocked=set())
     assert plugins.load_failures == {}  # it imports fine; it fails when asked to register
-    with pytest.raises(PluginError, match=r"plugin 'badreg' failed in register_methods: ValueError\('bad registration on purpose'\)"):
-        build_method_registry(pm)
-    registry = build_method_registry(create_plugin_manager(load_entrypoints=True, blocked={"badreg"}))
-    assert registry.plugin_of("test-good") == "good"
+    registry = build_method_registry(pm)
+    expected = "plugin 'badreg' failed in register_methods: ValueError('bad registration on purpose')"
+    assert registry.failures == {"badreg": expected} and plugins.load_failures == {"badreg": expected}
+    assert registry.plugin_of("test-good") == "good" and registry.plugin_of("gradcam") == "camrt.methods.gradcam"
 
 
 @pytest.mark.parametrize("block", ["broken", "camrt_test_broken_import", " other , broken "])
