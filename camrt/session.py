@@ -425,12 +425,12 @@ class ExplainSession:
 
     def _check_image_input(self, value_info) -> None:
         """The image input must be float32 NCHW and agree with the preprocessing metadata."""
-        from onnx import TensorProto, helper
+        from onnx import TensorProto
 
         elem_type = value_info.type.tensor_type.elem_type
         if elem_type != TensorProto.FLOAT:
             raise ContractError(
-                f"{self.path}: the image input {value_info.name!r} is {helper.tensor_dtype_to_string(elem_type)}; "
+                f"{self.path}: the image input {value_info.name!r} is {TensorProto.DataType.Name(elem_type).lower()}; "
                 "camrt feeds float32 images: export a float32 model with `camrt export`"
             )
         p = self.info.preprocessing
