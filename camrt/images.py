@@ -315,6 +315,20 @@ def to_rgb8(image: np.ndarray, what: str = "image") -> np.ndarray:
     raise InputError(f"{what}: unsupported image layout {image.shape}")
 
 
+_opencv_quieted = False
+
+
+def _quiet_opencv() -> None:
+    """OpenCV logs warnings to stderr for the damaged files camrt reports itself; silence them
+    once, unless the user configured OpenCV's logging ($OPENCV_LOG_LEVEL)."""
+    global _opencv_quieted
+    if not _opencv_quieted and "OPENCV_LOG_LEVEL" not in os.environ:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    _opencv_quieted = True
+
+
 def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """Decode encoded image bytes into HWC uint8 RGB.
 
@@ -330,6 +344,7 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
     _check_pixels(what, name, width, height, limit)
     if _jpeg_truncated(data):
         raise InputError(f"{what}: cannot decode: truncated JPEG (no end-of-image marker)")
+    _quiet_opencv()
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     except cv2.error as exc:
