@@ -181,7 +181,9 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
     try:
         preprocessing = contract.Preprocessing.from_json(pre_text)
         problem = _preprocessing_problem(preprocessing)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except KeyError as exc:
+        problem = f"no {exc.args[0]!r} field"
+    except (ValueError, TypeError, AttributeError) as exc:
         problem = str(exc)
     if problem:
         raise ContractError(f"{path}: metadata {contract.META_PREPROCESSING!r} is malformed ({problem}); re-export the model with `camrt export`")
