@@ -195,7 +195,7 @@ class Explainer:
     def _targets(self, targets: Any, batch: int) -> list[int]:
         if targets is None:
             return [contract.TOP1_TARGET] * batch
-        if isinstance(targets, (bool, np.bool_)) or not isinstance(targets, (int, np.integer, Iterable)):
+        if isinstance(targets, (bool, np.bool_, str, bytes)) or not isinstance(targets, (int, np.integer, Iterable)):
             raise InputError(f"targets must be None, an integer or one integer per input, got {targets!r}")
         if isinstance(targets, (int, np.integer)):
             return [int(targets)] * batch
