@@ -277,7 +277,7 @@ def differentiate(
     ctx = RuleContext(index, prefix, patches)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
-    wanted = set(wrt)
+    wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for
     for node in reversed(index.nodes):
         if not any(o in active for o in node.output):
             continue
