@@ -181,7 +181,8 @@ def _radiance(data: bytes) -> tuple[int, int]:
     match = re.fullmatch(rb"([-+])([XY]) (\d+) ([-+])([XY]) (\d+)", line.strip())
     if not match or match.group(2) == match.group(5):
         raise _BadHeader("no resolution line")
-    return int(match.group(6)), int(match.group(3))  # "-Y rows +X columns"
+    first, second = int(match.group(3)), int(match.group(6))
+    return (second, first) if match.group(2) == b"Y" else (first, second)  # "-Y rows +X columns" or rotated
 
 
 def _boxes(data: bytes, start: int, end: int):
