@@ -6,11 +6,12 @@ It registers through the same `register_commands` hook as third-party plugins do
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import click
+from typing import TYPE_CHECKING, Any
 
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import click
 
 
 def describe_plugins(pm: Any = None) -> dict[str, Any]:
@@ -39,7 +40,9 @@ def describe_plugins(pm: Any = None) -> dict[str, Any]:
 
 
 @hookimpl
-def register_commands(cli: click.Group) -> None:
+def register_commands(cli: "click.Group") -> None:
+    import click  # here, not at import: library use of the plugin manager needs no click
+
     @cli.command("plugins", context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of a table.")
     def plugins_command(as_json: bool) -> None:
