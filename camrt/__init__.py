@@ -27,6 +27,7 @@ _LAZY = {
     "ModelError": "camrt.errors",
     "ContractError": "camrt.errors",
     "InputError": "camrt.errors",
+    "NonFiniteError": "camrt.errors",
     "UsageError": "camrt.errors",
     "PluginError": "camrt.errors",
     "ExitCode": "camrt.errors",

@@ -290,14 +290,15 @@ class ExplainRun:
         good = [i for i, image in enumerate(images) if image is not None]
         if good:
             start = time.perf_counter()
-            batch = [images[i] for i in good]
-            if self.target.top_k:
-                results = explainer.explain_top_k(batch, self.target.top_k)
-            else:
-                results = [[r] for r in explainer.explain(batch, targets=[self.target.index] * len(good))]
+            results = self._explain_each([images[i] for i in good])
             share = (time.perf_counter() - start) * 1000 / len(good)
             for i, ranked in zip(good, results):
                 start = time.perf_counter()
+                if isinstance(ranked, InputError):
+                    per_input[i] = per_input[i][:1]
+                    per_input[i][0].pop("rank", None)
+                    _fail(per_input[i][0], str(ranked))
+                    continue
                 for record, result in zip(per_input[i], ranked):
                     record.update(result.record())
                     self._write(record, names[i], result.heatmap, images[i])
@@ -308,6 +309,19 @@ class ExplainRun:
                 record["elapsed_ms"] = round(ms / len(records), 3)
                 out.append(record)
         return out
+
+    def _explain_each(self, images: list[Any]) -> list[Any]:
+        """Per image, its Explanations (best class first) or its InputError: when one input of a
+        batch fails (e.g. the model produced NaN for it), the batch is explained again one image at
+        a time so that only that input gets an error record."""
+        try:
+            if self.target.top_k:
+                return self.explainer.explain_top_k(images, self.target.top_k)
+            return [[r] for r in self.explainer.explain(images, targets=[self.target.index] * len(images))]
+        except InputError as exc:
+            if len(images) == 1:
+                return [exc]
+        return [self._explain_each([image])[0] for image in images]
 
     def _done(self, name: str, spec: str) -> bool:
         if self.previous is not None and len(self.previous.get(spec, ())) != len(self.target.ranks):

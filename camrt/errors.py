@@ -39,6 +39,16 @@ class InputError(CamrtError):
     exit_code = ExitCode.SOME_INPUTS_FAILED
 
 
+class NonFiniteError(InputError):
+    """The model produced NaN or inf for some rows of a batch; no heatmap is made from them.
+
+    `rows`: the offending row indices of the run (the inputs, for `Explainer.explain`)."""
+
+    def __init__(self, message: str, rows: list[int]):
+        self.rows = rows
+        super().__init__(message)
+
+
 class UsageError(CamrtError):
     """Bad arguments or options."""
 
@@ -83,10 +93,14 @@ class ValidationError(ExportError):
 
 
 def require_regular_file(path: str | os.PathLike, error: type[CamrtError]) -> str:
-    """`path` as a str, or `error` naming it when it does not exist or is not a regular file."""
+    """`path` as a str, or `error` naming it when it does not exist or is not a regular file
+    (a directory, a FIFO, a device, a broken symbolic link)."""
     path = os.fspath(path)
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise error(f"{path}: no such file (a broken symbolic link to {os.readlink(path)!r})")
         raise error(f"{path}: no such file")
     if not os.path.isfile(path):
-        raise error(f"{path}: not a file")
+        kind = "a directory" if os.path.isdir(path) else "a FIFO, socket or device"
+        raise error(f"{path}: not a file ({kind})")
     return path

@@ -10,7 +10,7 @@ An Explainer is safe to share between threads: it keeps no per-call state.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,11 +69,13 @@ class Explainer:
         threads: int | None = None,
         layer: str | Sequence[str] | None = None,
         softmax: bool | None = None,
+        custom_op_libraries: Sequence[str | os.PathLike] | None = None,
         **method_options: Any,
     ):
         """softmax: give each result the softmax probability of its target; None: when the file's
-        model ends in a softmax (its score metadata says so)."""
-        self.session = ExplainSession(path, device=device, threads=threads)
+        model ends in a softmax (its score metadata says so). custom_op_libraries: onnxruntime
+        custom-op libraries the file may use (refused otherwise)."""
+        self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries)
         if isinstance(method, Method):
             if method_options:
                 raise UsageError("give method options to the method instance, not to the Explainer")
@@ -170,12 +172,9 @@ class Explainer:
         if maps.dtype.kind not in "fiu":
             raise PluginError(f"{who} raw maps of dtype {maps.dtype} {where}; expected real numbers (float32)")
         bad = int(np.count_nonzero(~np.isfinite(maps)))
-        if bad:
-            names = self.method.requires.outputs(self.layers)
-            inputs_bad = [n for n in names if n in outputs.values and not np.isfinite(outputs.values[n]).all()]
-            hint = (f"; its inputs {', '.join(inputs_bad)} already hold non-finite values (the model or image)"
-                    if inputs_bad else "; its inputs were finite")
-            raise PluginError(f"{who} {bad} non-finite value(s) (NaN or inf) in raw maps {maps.shape} {where}{hint}")
+        if bad:  # the session refuses non-finite model outputs, so this is the method's doing
+            raise PluginError(f"{who} {bad} non-finite value(s) (NaN or inf) in raw maps {maps.shape} {where}; "
+                              "its inputs were finite")
         return maps
 
     def prepare(self, images: Any) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -201,9 +200,13 @@ class Explainer:
     def _targets(self, targets: Any, batch: int) -> list[int]:
         if targets is None:
             return [contract.TOP1_TARGET] * batch
+        if isinstance(targets, (bool, np.bool_, str, bytes)) or not isinstance(targets, (int, np.integer, Iterable)):
+            raise InputError(f"targets must be None, an integer or one integer per input, got {targets!r}")
         if isinstance(targets, (int, np.integer)):
             return [int(targets)] * batch
         targets = list(targets)
+        if any(isinstance(t, (bool, np.bool_)) for t in targets):
+            raise InputError(f"targets must be integers, got {targets!r}")
         return [contract.TOP1_TARGET if t is None else t for t in targets]
 
     def explain(self, images: Any, targets: Any = None) -> list[Explanation]:

@@ -24,7 +24,8 @@ def register_methods(register: Callable[..., None]) -> None:
     """Register explanation methods: ``register(MethodClass)``.
 
     Called once when the method registry is built. ``MethodClass`` subclasses
-    ``camrt.methods.base.Method``; a duplicate name or alias raises ``PluginError``.
+    ``camrt.methods.base.Method``. A plugin whose implementation raises or registers a duplicate
+    name or alias is left out as a whole and recorded in ``camrt.plugins.load_failures``.
     """
 
 
@@ -47,8 +48,8 @@ def register_renderers(register: Callable[..., None]) -> None:
     ``heatmap`` is float32 [H, W] in [0, 1], ``image`` HWC uint8 RGB of the same size (or None),
     ``options`` a dict (e.g. ``alpha``). ``suffix`` follows the input's stem in the file name
     (default ``"." + name``); ``field`` is the JSON record key of the written path (default
-    ``name``). A duplicate name raises ``PluginError``. Called once when the renderer registry is
-    built.
+    ``name``). A duplicate name leaves the plugin out, recorded in ``camrt.plugins.load_failures``.
+    Called once when the renderer registry is built.
     """
 
 

@@ -1,7 +1,14 @@
-"""The plugin manager: built-in plugins, entry points of group ``camrt``, blocking and disabling.
+"""The plugin manager: built-in plugins, entry points of group ``camrt``, listed modules, blocking.
+
+Only these are ever imported as plugins: the built-in modules below, the entry points of group
+``camrt`` of installed distributions, and modules named explicitly (``CAMRT_PLUGINS`` or
+`create_plugin_manager(modules=...)`). Nothing is imported because of a file name, a folder, or
+anything a model file says. A plugin that fails to import or to register is left out, recorded
+with its name in `load_failures` (shown by ``camrt plugins``), and the others still load.
 
 Environment:
-- ``CAMRT_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (built-ins still load).
+- ``CAMRT_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (built-ins and listed modules still load).
+- ``CAMRT_PLUGINS=module,...`` loads these modules as plugins, by import name.
 - ``CAMRT_BLOCK_PLUGINS=a,b`` blocks the named plugins (entry-point names or module names).
 """
 
@@ -11,6 +18,7 @@ import importlib
 import importlib.metadata
 import os
 import threading
+from collections.abc import Iterable
 
 import pluggy
 
@@ -18,9 +26,11 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "camrt"
+PLUGINS_ENV = "CAMRT_PLUGINS"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
     "camrt.builtin_hooks",
+    "camrt.plugin_commands",
     "camrt.render",
     "camrt.methods.gradcam",
     "camrt.methods.gradcam_plusplus",
@@ -45,27 +55,50 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.randomization",
     "camrt.metrics.command",
 )
+ORIGIN_BUILTIN = "built-in"
+ORIGIN_ENTRY_POINT = "entry point"
+ORIGIN_LISTED = f"listed ({PLUGINS_ENV})"
 
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
-#: Plugins that failed to load: name -> message. Reported by `camrt plugins`.
+#: Plugins that failed to load or register: name -> message. Reported by `camrt plugins`.
 load_failures: dict[str, str] = {}
+#: How each plugin of the process-wide manager came in: name -> one of the ORIGIN_* values.
+origins: dict[str, str] = {}
 
 
-def _env_list(name: str) -> set[str]:
-    return {item.strip() for item in os.environ.get(name, "").split(",") if item.strip()}
+def _env_list(name: str) -> list[str]:
+    return list(dict.fromkeys(item.strip() for item in os.environ.get(name, "").split(",") if item.strip()))
 
 
-def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: set[str] | None = None) -> pluggy.PluginManager:
-    """A fresh manager with the built-ins and (unless disabled) the entry-point plugins."""
+def _register_third_party(pm: pluggy.PluginManager, name: str, load, described: str, origin: str) -> None:
+    """Import (via `load`) and register one plugin; a failure is recorded and leaves no trace."""
+    plugin = None
+    try:
+        plugin = load()
+        pm.register(plugin, name=name)
+        pm.check_pending()  # a hook implementation without a hook specification
+    except Exception as exc:  # a broken plugin must not take the others down
+        if plugin is not None and pm.is_registered(plugin):
+            pm.unregister(plugin)
+        load_failures[name] = f"plugin {name!r} ({described}) failed to load: {exc!r}"
+        return
+    origins[name] = origin
+
+
+def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: Iterable[str] | None = None,
+                          modules: Iterable[str] | None = None) -> pluggy.PluginManager:
+    """A fresh manager with the built-ins, the entry-point plugins (unless disabled) and the
+    listed `modules` (default: $CAMRT_PLUGINS)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    blocked = _env_list("CAMRT_BLOCK_PLUGINS") if blocked is None else blocked
+    blocked = set(_env_list("CAMRT_BLOCK_PLUGINS") if blocked is None else blocked)
     for name in blocked:
         pm.set_blocked(name)
     for module_name in DEFAULT_PLUGINS:
         if module_name not in blocked:
             pm.register(importlib.import_module(module_name), name=module_name)
+            origins[module_name] = ORIGIN_BUILTIN
     if load_entrypoints is None:
         load_entrypoints = os.environ.get("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     if load_entrypoints:
@@ -74,11 +107,12 @@ def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: set[
             # plugin's code never runs.
             if {ep.name, ep.module} & blocked or pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
                 continue
-            try:
-                plugin = ep.load()
-                pm.register(plugin, name=ep.name)
-            except Exception as exc:  # a broken plugin must not take the others down
-                load_failures[ep.name] = f"plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}"
+            _register_third_party(pm, ep.name, ep.load, ep.value, ORIGIN_ENTRY_POINT)
+    for module_name in (_env_list(PLUGINS_ENV) if modules is None else modules):
+        if module_name in blocked or pm.get_plugin(module_name) is not None:
+            continue
+        _register_third_party(pm, module_name, lambda m=module_name: importlib.import_module(m), "module",
+                              ORIGIN_LISTED)
     pm.check_pending()
     return pm
 
@@ -98,6 +132,7 @@ def reset_plugin_manager() -> None:
     with _lock:
         _manager = None
         load_failures.clear()
+        origins.clear()
 
 
 def ensure_registered(pm: pluggy.PluginManager, module_name: str) -> None:

@@ -1,9 +1,11 @@
 """Registries of methods, metrics and renderers, built from the `register_methods`, `register_metrics`
 and `register_renderers` hooks.
 
-Each plugin's hook implementation is called on its own so that errors name the plugin. Nothing is
-dropped silently: a duplicate name or alias, a class that is not a `Method` (`Metric`), and an unknown name
-raise PluginError listing what is registered.
+Each plugin's hook implementation is called on its own so that errors name the plugin. A plugin
+whose hook raises, or registers something invalid (a duplicate name or alias, a class that is not
+a `Method` or `Metric`), is left out as a whole and its failure is recorded with its name in
+`camrt.plugins.load_failures` (listed by `camrt plugins`, and quoted when a missing method is asked
+for); the other plugins still register. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -20,17 +22,30 @@ from .methods.base import Method
 from .metrics.base import Metric
 
 
-def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]]) -> None:
-    """Call every implementation of `hook_name`, one by one, with a register bound to its plugin."""
+def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]],
+               forget: Callable[[str], None]) -> dict[str, str]:
+    """Call every implementation of `hook_name`, one by one, with a register bound to its plugin.
+
+    A plugin that fails is rolled back with `forget(plugin)`; returns plugin name -> message."""
+    from . import plugins
+
+    failures: dict[str, str] = {}
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():  # registration order: built-ins first, so a clash blames the newcomer
         kwargs = {"register": make_register(impl.plugin_name)}
         try:
             impl.function(*[kwargs[arg] for arg in impl.argnames])
-        except PluginError:
-            raise
-        except Exception as exc:  # a plugin's own bug: report it with the plugin's name
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}") from exc
+        except Exception as exc:  # PluginError from the registry, or a plugin's own bug
+            message = str(exc) if isinstance(exc, PluginError) else (
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}")
+            forget(impl.plugin_name)
+            failures[impl.plugin_name] = message
+            plugins.load_failures[impl.plugin_name] = message
+    return failures
+
+
+def _failures_text(failures: dict[str, str]) -> str:
+    return f"; plugins that failed to register: {'; '.join(failures.values())}" if failures else ""
 
 
 class ClassRegistry:
@@ -46,6 +61,8 @@ class ClassRegistry:
         self._classes: dict[str, type] = {}  # canonical name -> class
         self._plugins: dict[str, str] = {}  # canonical name -> plugin name
         self._lookup: dict[str, str] = {}  # name or alias (lower case) -> canonical name
+        #: Plugins left out: plugin name -> why.
+        self.failures: dict[str, str] = {}
 
     def register(self, cls: Any, plugin: str = "<direct>") -> None:
         kind = self.kind
@@ -71,10 +88,17 @@ class ClassRegistry:
         for key in keys:
             self._lookup[key] = name
 
+    def forget_plugin(self, plugin: str) -> None:
+        """Remove every class `plugin` registered."""
+        for name in [n for n, owner in self._plugins.items() if owner == plugin]:
+            del self._classes[name], self._plugins[name]
+            self._lookup = {key: canonical for key, canonical in self._lookup.items() if canonical != name}
+
     def get(self, name: str) -> type:
         canonical = self._lookup.get(name.lower())
         if canonical is None:
-            raise PluginError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.listing()}")
+            raise PluginError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.listing()}"
+                              f"{_failures_text(self.failures)}")
         return self._classes[canonical]
 
     def plugin_of(self, name: str) -> str:
@@ -118,7 +142,8 @@ def _build_class_registry(registry: ClassRegistry, hook_name: str, pm: pluggy.Pl
         from .plugins import get_plugin_manager
 
         pm = get_plugin_manager()
-    _call_each(pm, hook_name, lambda plugin: lambda cls: registry.register(cls, plugin))
+    registry.failures = _call_each(pm, hook_name, lambda plugin: lambda cls: registry.register(cls, plugin),
+                                   registry.forget_plugin)
     return registry
 
 
@@ -148,6 +173,12 @@ class Renderer:
 class RendererRegistry:
     def __init__(self) -> None:
         self._renderers: dict[str, Renderer] = {}
+        #: Plugins left out: plugin name -> why.
+        self.failures: dict[str, str] = {}
+
+    def forget_plugin(self, plugin: str) -> None:
+        """Remove every renderer `plugin` registered."""
+        self._renderers = {key: r for key, r in self._renderers.items() if r.plugin != plugin}
 
     def register(self, name: str, write: WriteFunction, *, suffix: str | None = None,
                  field: str | None = None, plugin: str = "<direct>") -> None:
@@ -164,7 +195,8 @@ class RendererRegistry:
     def get(self, name: str) -> Renderer:
         renderer = self._renderers.get(name.lower())
         if renderer is None:
-            raise PluginError(f"unknown output format {name!r}; registered renderers: {', '.join(self.names()) or '(none)'}")
+            raise PluginError(f"unknown output format {name!r}; registered renderers: {', '.join(self.names()) or '(none)'}"
+                              f"{_failures_text(self.failures)}")
         return renderer
 
     def names(self) -> list[str]:
@@ -186,5 +218,5 @@ def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererR
             registry.register(name, write, suffix=suffix, field=field, plugin=plugin)
         return register
 
-    _call_each(pm, "register_renderers", make_register)
+    registry.failures = _call_each(pm, "register_renderers", make_register, registry.forget_plugin)
     return registry

@@ -3,6 +3,13 @@
 The metadata is read straight from the file's top-level protobuf fields (`read_contract`), so the
 contract version is checked before onnxruntime sees the graph and without importing `onnx`.
 onnxruntime itself is imported only when a session is created.
+
+Hostile files: the graph is loaded without its external data first; every tensor that keeps its
+data in another file must name a file inside the model's folder (no absolute path, no `..`, no
+symbolic link out of the folder), checked before any of it is read. Nodes of custom op domains
+(which need a custom-op library) are refused unless libraries are given (`custom_op_libraries`
+or ``CAMRT_CUSTOM_OP_LIBRARIES``); the graph must then pass `onnx.checker` before onnxruntime
+sees it.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +26,14 @@ from typing import Any
 import numpy as np
 
 from . import contract
-from .errors import ContractError, InputError, ModelError, UsageError, require_regular_file
+from .errors import ContractError, InputError, ModelError, NonFiniteError, UsageError, require_regular_file
 
 DEVICES = ("auto", "cpu", "cuda")
+#: Op domains onnxruntime implements itself; any other domain needs a custom-op library.
+BUILTIN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+#: Built-in-domain ops that make onnxruntime read files named in the model (execution-provider caches).
+FILE_READING_OPS = frozenset({("com.microsoft", "EPContext")})
+CUSTOM_OP_LIBRARIES_ENV = "CAMRT_CUSTOM_OP_LIBRARIES"
 
 # --- reading metadata_props without parsing the graph -------------------------------------
 # ModelProto field numbers (onnx.proto3): 1 ir_version, 7 graph, 14 metadata_props;
@@ -118,6 +131,30 @@ def _json(meta: Mapping[str, str], key: str, path: str, default: Any = None, req
         raise ContractError(f"{path}: metadata {key!r} is not valid JSON ({exc}); re-export the model with `camrt export`") from None
 
 
+#: Largest model input side the runtime accepts from metadata (a bound on what a file can make it allocate).
+MAX_INPUT_SIDE = 16384
+
+
+def _preprocessing_problem(p: contract.Preprocessing) -> str | None:
+    """What is wrong with preprocessing read from a file, or None."""
+    for name in ("height", "width"):
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INPUT_SIDE:
+            return f"{name} {value!r} is not an integer in 1..{MAX_INPUT_SIDE}"
+    for name in ("mean", "std"):
+        values = getattr(p, name)
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                       for v in values):
+            return f"{name} {list(values)!r} is not 3 finite numbers"
+    if not all(p.std):
+        return f"std {list(p.std)!r} has a zero"
+    if isinstance(p.scale, bool) or not isinstance(p.scale, (int, float)) or not np.isfinite(p.scale):
+        return f"scale {p.scale!r} is not a finite number"
+    if not isinstance(p.channel_order, str) or p.channel_order.lower() not in ("rgb", "bgr"):
+        return f"channel order {p.channel_order!r} is not rgb or bgr"
+    return None
+
+
 def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.ContractInfo:
     """Turn `metadata_props` into a ContractInfo; refuse unknown contract versions."""
     from . import __version__
@@ -143,8 +180,13 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
         raise ContractError(f"{path}: the camrt metadata lacks {contract.META_PREPROCESSING!r}; re-export the model with `camrt export`")
     try:
         preprocessing = contract.Preprocessing.from_json(pre_text)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ContractError(f"{path}: metadata {contract.META_PREPROCESSING!r} is malformed ({exc}); re-export the model with `camrt export`") from None
+        problem = _preprocessing_problem(preprocessing)
+    except KeyError as exc:
+        problem = f"no {exc.args[0]!r} field"
+    except (ValueError, TypeError, AttributeError) as exc:
+        problem = str(exc)
+    if problem:
+        raise ContractError(f"{path}: metadata {contract.META_PREPROCESSING!r} is malformed ({problem}); re-export the model with `camrt export`")
     layers = _json(meta, contract.META_LAYERS, path, default=[])
     labels = _json(meta, contract.META_LABELS, path)
     return contract.ContractInfo(
@@ -164,6 +206,134 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
 def read_contract(path: str | os.PathLike) -> contract.ContractInfo:
     """Check that `path` is a camrt file this runtime understands and return its contract."""
     return parse_contract(read_metadata(path), os.fspath(path))
+
+
+# --- loading the graph safely ---------------------------------------------------------------
+
+
+def _custom_op_libraries(given: Sequence[str | os.PathLike] | None) -> list[str]:
+    if given is None:
+        given = [p for p in os.environ.get(CUSTOM_OP_LIBRARIES_ENV, "").split(os.pathsep) if p.strip()]
+    elif isinstance(given, (str, os.PathLike)):
+        given = [given]
+    return [require_regular_file(library, UsageError) for library in given]
+
+
+def _graphs(graph):
+    """`graph` and every subgraph in its nodes' attributes (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if (attr.HasField("g") or attr.graphs) else ():
+                yield from _graphs(sub)
+
+
+def _nodes(model):
+    for graph in _graphs(model.graph):
+        yield from graph.node
+    for function in model.functions:
+        yield from function.node
+
+
+def _tensors(model):
+    """Every TensorProto of the model: initializers, sparse initializers, tensor attributes."""
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+    for node in _nodes(model):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+
+
+def check_custom_ops(model, path: str, allowed: bool) -> None:
+    """ModelError naming the first node that needs a custom-op library, unless `allowed`.
+
+    Calls of functions defined in the file itself are fine (their bodies are checked too)."""
+    if allowed:
+        return
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in _nodes(model):
+        domain = node.domain or ""
+        if (domain, node.op_type) in FILE_READING_OPS:
+            raise ModelError(
+                f"{path}: node {node.name!r} is a {domain}.{node.op_type} node, which makes onnxruntime read a "
+                "file named in the model; camrt refuses it (re-export the model with `camrt export`)"
+            )
+        if domain not in BUILTIN_DOMAINS and (domain, node.op_type) not in local:
+            raise ModelError(
+                f"{path}: node {node.name!r} uses op {node.op_type!r} of the custom domain {domain!r}, which needs "
+                f"a custom-op library; camrt loads one only when asked (custom_op_libraries=[...] or "
+                f"{CUSTOM_OP_LIBRARIES_ENV}=/path/to/library.so)"
+            )
+
+
+def check_external_data(model, path: str) -> None:
+    """ModelError for any tensor whose external data is not a file inside the model's folder.
+
+    Runs on the model loaded WITHOUT its external data: nothing outside the folder is opened."""
+    from onnx import TensorProto
+
+    folder = os.path.dirname(os.path.abspath(path))
+    real_folder = os.path.realpath(folder)
+    for tensor in _tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+
+        def refuse(reason: str) -> None:
+            raise ModelError(
+                f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, {reason}; camrt reads "
+                f"external data only from files inside the model's folder {folder}"
+            )
+
+        if not location:
+            refuse("which names no file")
+        if os.path.isabs(location) or re.match(r"^([A-Za-z]:|[\\/])", location):
+            refuse("an absolute path")
+        if ".." in re.split(r"[\\/]", location):
+            refuse("a path with '..'")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([target, real_folder]) != real_folder:
+            refuse(f"which resolves to {target} outside the folder (a symbolic link)")
+        if not os.path.isfile(target):
+            refuse("which does not exist or is not a regular file")
+        try:
+            offset, length = int(entries.get("offset", 0)), int(entries.get("length", -1))
+        except ValueError:
+            refuse(f"with a malformed offset or length {entries}")
+        size = os.path.getsize(target)
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            refuse(f"with offset {offset} and length {length} beyond the file's {size} bytes")
+
+
+def load_checked_model(path: str, allow_custom_ops: bool = False):
+    """The ModelProto of `path` with its external data, after the checks above and onnx.checker."""
+    import onnx
+    from onnx import external_data_helper
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
+        raise ModelError(f"{path}: cannot load this camrt file: {_first_line(exc)}") from None
+    check_external_data(model, path)
+    check_custom_ops(model, path, allow_custom_ops)
+    try:
+        external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:  # onnx raises OSError, ValueError and its own types
+        raise ModelError(f"{path}: cannot read the model's external data: {_first_line(exc)}") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError, or protobuf errors for huge models
+        raise ModelError(f"{path}: not a valid ONNX graph ({_first_line(exc)}); re-export it with `camrt export`") from None
+    return model
 
 
 # --- the session ---------------------------------------------------------------------------
@@ -191,7 +361,10 @@ class ExplainSession:
     thread-safe (onnxruntime's `InferenceSession.run` is); sessions are created under a lock.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 custom_op_libraries: Sequence[str | os.PathLike] | None = None):
+        """custom_op_libraries: shared libraries registered with onnxruntime, which also allows
+        nodes of custom op domains; None: from $CAMRT_CUSTOM_OP_LIBRARIES (os.pathsep-separated)."""
         self.path = os.fspath(path)
         if device not in DEVICES:
             raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
@@ -200,7 +373,6 @@ class ExplainSession:
         self.info = read_contract(self.path)
         self.device = device
 
-        import onnx
         import onnxruntime as ort
 
         from .plugins import get_plugin_manager
@@ -220,10 +392,13 @@ class ExplainSession:
         self._options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
         if threads is not None:
             self._options.intra_op_num_threads = threads
-        try:
-            self._model = onnx.load(self.path)
-        except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
-            raise ModelError(f"{self.path}: cannot load this camrt file: {_first_line(exc)}") from None
+        libraries = _custom_op_libraries(custom_op_libraries)
+        for library in libraries:
+            try:
+                self._options.register_custom_ops_library(library)
+            except _ort_errors() as exc:
+                raise UsageError(f"cannot load the custom-op library {library}: {_first_line(exc)}") from None
+        self._model = load_checked_model(self.path, allow_custom_ops=bool(libraries))
         #: fetch set -> session; ("tail", layer) -> TailPlan.
         self._sessions: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
@@ -235,6 +410,7 @@ class ExplainSession:
             if needed not in inputs:
                 raise ContractError(f"{self.path}: the graph has no input {needed!r}; re-export the model with `camrt export`")
         self.input_shape = inputs[self.info.input_name]
+        self._check_image_input(next(i for i in graph.input if i.name == self.info.input_name))
         outputs = {o.name: _dims(o) for o in graph.output}
         self.output_names: tuple[str, ...] = tuple(outputs)
         for needed in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT):
@@ -242,12 +418,31 @@ class ExplainSession:
                 raise ContractError(f"{self.path}: the graph has no output {needed!r}; re-export the model with `camrt export`")
         logits_shape = outputs[contract.LOGITS_OUTPUT]
         classes = logits_shape[1] if len(logits_shape) == 2 else None
-        if not isinstance(classes, int):
+        if not isinstance(classes, int) or classes < 1:
             raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
         self.num_classes: int = classes
         batch = self.input_shape[0] if self.input_shape else None
         #: The graph's batch size when it is static (the file then runs in chunks of it), else None.
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+
+    def _check_image_input(self, value_info) -> None:
+        """The image input must be float32 NCHW and agree with the preprocessing metadata."""
+        from onnx import TensorProto
+
+        elem_type = value_info.type.tensor_type.elem_type
+        if elem_type != TensorProto.FLOAT:
+            raise ContractError(
+                f"{self.path}: the image input {value_info.name!r} is {TensorProto.DataType.Name(elem_type).lower()}; "
+                "camrt feeds float32 images: export a float32 model with `camrt export`"
+            )
+        p = self.info.preprocessing
+        shape = self.input_shape
+        if len(shape) != 4 or any(isinstance(want, int) and want != got
+                                  for want, got in zip(shape[1:], (3, p.height, p.width))):
+            raise ContractError(
+                f"{self.path}: the image input {value_info.name!r} has shape {shape} but the preprocessing metadata "
+                f"says [N, 3, {p.height}, {p.width}]; re-export the model with `camrt export`"
+            )
 
     def prepare(self, fetch: Sequence[str]):
         """The onnxruntime session of the subgraph computing `fetch` (created once, then cached)."""
@@ -300,6 +495,10 @@ class ExplainSession:
             raise InputError(f"model input must be NCHW (4 dimensions), got shape {array.shape}")
         if not np.issubdtype(array.dtype, np.floating):
             raise InputError(f"model input must be float32 NCHW, got dtype {array.dtype}")
+        finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1) if array.size else np.ones(0, bool)
+        if not finite.all():
+            rows = np.flatnonzero(~finite).tolist()
+            raise NonFiniteError(f"model input row(s) {rows} hold NaN or inf; give finite pixel values", rows)
         for axis, (want, got) in enumerate(zip(self.input_shape, array.shape)):
             if axis and isinstance(want, int) and want != got:
                 raise InputError(f"model input has shape {array.shape}; {self.path} expects {self.input_shape}")
@@ -317,6 +516,7 @@ class ExplainSession:
         feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch)
+        _check_finite(dict(zip(fetch, values)), "the model")
         return dict(zip(fetch, values))
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
@@ -393,7 +593,9 @@ class ExplainSession:
                 raise InputError(f"tail of layer {layer!r}: side tensor {name!r} has {value.shape[0]} rows "
                                  f"for {acts.shape[0]} activation rows")
             feeds[name] = value
-        return self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
+        logits = self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
+        _check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
+        return logits
 
     def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str]) -> list[np.ndarray]:
         """Run `session` on batched feeds, in chunks of the static batch size when the file has one."""
@@ -413,6 +615,25 @@ class ExplainSession:
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]
+
+
+def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
+    """NonFiniteError naming the rows and outputs where `what` produced NaN or inf.
+
+    A NaN activation or gradient would become a NaN (or silently normalised) heatmap; the rows are
+    refused instead, so that a batch run can report them as error records."""
+    bad: dict[int, list[str]] = {}
+    for name, value in values.items():
+        if value.dtype.kind == "f" and value.ndim and value.size:
+            for row in np.flatnonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(axis=1)):
+                bad.setdefault(int(row), []).append(name)
+    if bad:
+        rows = sorted(bad)
+        detail = "; ".join(f"row {row}: {', '.join(bad[row])}" for row in rows[:8])
+        raise NonFiniteError(
+            f"{what} produced NaN or inf ({detail}{'; ...' if len(rows) > 8 else ''}); no heatmap is made "
+            "from non-finite values: check the image and the model (e.g. a Log, Sqrt or Div that meets 0 or "
+            "a negative number)", rows)
 
 
 @dataclass(frozen=True)

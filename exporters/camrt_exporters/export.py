@@ -132,6 +132,34 @@ def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProt
     return inputs[0]
 
 
+#: Float types the gradient graph cannot use: onnxruntime's CPU kernels lack them for the backward
+#: ops (e.g. ScatterElements with reduction "add" has no float16 kernel).
+_UNSUPPORTED_FLOATS = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None:
+    """ExportError unless the image input is float32 and no tensor of the graph is 16-bit float.
+
+    Integer (quantized) graphs need no check here: their QuantizeLinear/QLinear* ops on the path
+    to the score have no backward rule and are refused by name when differentiated."""
+    elem_type = image.type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise ExportError(
+            f"the image input {image.name!r} is {onnx.TensorProto.DataType.Name(elem_type).lower()}; camrt exports "
+            "models that take float32 images: export the float32 model (quantize or cast after camrt, not before)"
+        )
+    tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
+    typed = [(t.name, t.data_type) for t in tensors]
+    typed += [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.value_info, *model.graph.output]]
+    typed += [(n.output[0], a.i) for n in model.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    for name, kind in typed:
+        if kind in _UNSUPPORTED_FLOATS:
+            raise ExportError(
+                f"tensor {name!r} is {_UNSUPPORTED_FLOATS[kind]}; camrt's gradient graphs run in float32 "
+                "(onnxruntime's CPU kernels lack 16-bit floats for them): export the float32 model"
+            )
+
+
 def export_onnx(
     path: str | os.PathLike,
     *,
@@ -149,6 +177,7 @@ def export_onnx(
     except Exception as exc:  # protobuf raises DecodeError, onnx raises others
         raise ExportError(f"{os.fspath(path)!r} is not a readable ONNX file: {exc}") from exc
     image = _image_input(source, input_name)
+    _require_float32(source, image)
     dims = image.type.tensor_type.shape.dim
     if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]):
         raise ExportError(f"image input {image.name!r} must be NCHW with static C, H, W; got {dims}")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ValidationError
+from camrt.errors import ExportError, ValidationError
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -65,18 +65,53 @@ def raise_on_failures(checks: list[Check]) -> list[Check]:
     return checks
 
 
-def session_for(model: onnx.ModelProto):
-    import onnxruntime as ort
+class _OrtSession:
+    """An onnxruntime session whose failures are ExportErrors (the exported graph does not run)."""
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    def __init__(self, model: onnx.ModelProto):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise ExportError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._session.get_outputs()]
+
+    def run(self, fetch, feeds):
+        try:
+            return self._session.run(fetch, feeds)
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise ExportError(f"onnxruntime cannot run the exported graph: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def session_for(model: onnx.ModelProto) -> _OrtSession:
+    return _OrtSession(model)
 
 
 def run_contract(model: onnx.ModelProto, image_input: str, x: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     session = session_for(model)
-    names = [o.name for o in session.get_outputs()]
+    names = session.output_names()
     return dict(zip(names, session.run(None, {image_input: x, contract.TARGET_INPUT: targets})))
+
+
+def require_finite(outputs: dict[str, np.ndarray]) -> None:
+    """ValidationError listing every output that holds NaN or inf on the validation input.
+
+    A graph that produces them on ordinary (standard normal) inputs would give NaN heatmaps; the
+    runtime also refuses non-finite outputs per input, for inputs that only some images reach."""
+    bad = [f"{name}: {int(np.count_nonzero(~np.isfinite(value)))} NaN/inf value(s) of {value.size} on the "
+           "validation input (the graph itself produces them, e.g. a Log, Sqrt or Div meeting 0 or a negative number)"
+           for name, value in outputs.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    if bad:
+        raise ValidationError(bad)
 
 
 def validate_against_torch(model, contract_model, refs, layers: dict[str, str], rule_sets, image_input: str,
@@ -92,6 +127,7 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, *input_size)).astype(np.float32)
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 1], dtype=np.int64))
+    require_finite(got)
     targets = torch.tensor(got[contract.TARGET_INDEX_OUTPUT])
     checks = []
     for rule_set in rule_sets:
@@ -167,6 +203,7 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *input_shape)).astype(np.float32)
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
+    require_finite(got)
     targets = got[contract.TARGET_INDEX_OUTPUT]
     checks = []
     vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)

@@ -236,6 +236,17 @@ def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], sc
     return path
 
 
+def _integer_break(index: GraphIndex, active: set[str]) -> str:
+    """Why a path can carry no gradient: the first node turning an active tensor into integers."""
+    for node in index.nodes:
+        outputs = [o for o in node.output if o]
+        if outputs and any(i in active for i in node.input) and not any(index.is_float(o) for o in outputs):
+            kind = onnx.TensorProto.DataType.Name(index.dtypes.get(outputs[0], 0)).lower()
+            return (f": the path goes through node {node.name!r} ({node.op_type}), whose output is {kind}; "
+                    "integer (quantized) graphs cannot be differentiated: export the float model")
+    return ""
+
+
 def differentiate(
     index: GraphIndex,
     score: str,
@@ -259,7 +270,7 @@ def differentiate(
     ctx = RuleContext(index, prefix, patches)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
-    wanted = set(wrt)
+    wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for
     for node in reversed(index.nodes):
         if not any(o in active for o in node.output):
             continue
@@ -292,7 +303,7 @@ def differentiate(
     gradients: dict[str, str] = {}
     for name in wanted:
         if name not in contributions:
-            raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}")
+            raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}{_integer_break(index, active)}")
         gradients[name] = ctx.add_n(contributions[name])
     return Backward(ctx.nodes, ctx.initializers, gradients)
 

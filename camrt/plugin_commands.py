@@ -1,0 +1,61 @@
+"""Built-in plugin adding `camrt plugins`: which plugins loaded, where from, and which failed.
+
+It registers through the same `register_commands` hook as third-party plugins do.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import click
+
+
+def describe_plugins(pm: Any = None) -> dict[str, Any]:
+    """{"plugins": [{name, origin, module, hooks}], "failures": {name: message}} for `pm`.
+
+    The method and renderer registries are built first, so that plugins failing in their
+    `register_*` hooks are among the failures."""
+    from . import plugins
+    from .registry import build_method_registry, build_renderer_registry
+
+    pm = pm or plugins.get_plugin_manager()
+    build_method_registry(pm)
+    build_renderer_registry(pm)
+    listed = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None:  # a blocked name
+            continue
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
+        listed.append({
+            "name": name,
+            "origin": plugins.origins.get(name, "registered at run time"),
+            "module": getattr(plugin, "__name__", type(plugin).__module__),
+            "hooks": hooks,
+        })
+    return {"plugins": listed, "failures": dict(sorted(plugins.load_failures.items()))}
+
+
+@hookimpl
+def register_commands(cli: "click.Group") -> None:
+    import click  # here, not at import: library use of the plugin manager needs no click
+
+    @cli.command("plugins", context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of a table.")
+    def plugins_command(as_json: bool) -> None:
+        """List the loaded plugins (built-in, entry points, CAMRT_PLUGINS) and the ones that failed."""
+        described = describe_plugins()
+        if as_json:
+            click.echo(json.dumps(described, indent=2))
+            return
+        rows = [["NAME", "ORIGIN", "HOOKS"]] + [
+            [p["name"], p["origin"], ", ".join(p["hooks"]) or "-"] for p in described["plugins"]]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
+        if described["failures"]:
+            click.echo("\nfailed to load:")
+            for message in described["failures"].values():
+                click.echo(f"  {message}")
