@@ -17,13 +17,14 @@ if TYPE_CHECKING:
 def describe_plugins(pm: Any = None) -> dict[str, Any]:
     """{"plugins": [{name, origin, module, hooks}], "failures": {name: message}} for `pm`.
 
-    The method and renderer registries are built first, so that plugins failing in their
+    The method, metric and renderer registries are built first, so that plugins failing in their
     `register_*` hooks are among the failures."""
     from . import plugins
-    from .registry import build_method_registry, build_renderer_registry
+    from .registry import build_method_registry, build_metric_registry, build_renderer_registry
 
     pm = pm or plugins.get_plugin_manager()
     build_method_registry(pm)
+    build_metric_registry(pm)
     build_renderer_registry(pm)
     listed = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
@@ -39,11 +40,20 @@ def describe_plugins(pm: Any = None) -> dict[str, Any]:
     return {"plugins": listed, "failures": dict(sorted(plugins.load_failures.items()))}
 
 
+PLUGINS_EPILOG = """\b
+Examples:
+  camrt plugins
+  camrt plugins --json
+"""
+
+
 @hookimpl
 def register_commands(cli: "click.Group") -> None:
     import click  # here, not at import: library use of the plugin manager needs no click
 
-    @cli.command("plugins", context_settings={"help_option_names": ["-h", "--help"]})
+    from .cli import CONTEXT_SETTINGS
+
+    @cli.command("plugins", context_settings=CONTEXT_SETTINGS, epilog=PLUGINS_EPILOG)
     @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of a table.")
     def plugins_command(as_json: bool) -> None:
         """List the loaded plugins (built-in, entry points, CAMRT_PLUGINS) and the ones that failed."""

@@ -64,7 +64,7 @@ def _run_example(line: str, workspace):
 
 def test_runtime_examples_run(workspace):
     ran = 0
-    for command in ("camrt", "explain", "inspect", "methods", "eval", "metrics"):
+    for command in ("camrt", "explain", "inspect", "methods", "eval", "metrics", "plugins"):
         for line in examples((DOCS / f"{command}.txt").read_text()):
             result = _run_example(line, workspace)
             assert result.exit_code == 0, f"{line}\n{result.output}"
