@@ -38,6 +38,8 @@ DEFAULT_PLUGINS = (
     "camrt.methods.ablationcam",
     "camrt.methods.smoothgrad",
     "camrt.methods.integrated_gradients",
+    "camrt.methods.cam",
+    "camrt.methods.fullgrad",
 )
 
 _lock = threading.Lock()

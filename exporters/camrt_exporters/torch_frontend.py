@@ -189,8 +189,13 @@ class TapModel:
         return _Wrapper().eval()
 
 
-def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None):
-    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors."""
+def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
+                   fold_batchnorm: bool = True):
+    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors.
+
+    fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
+    rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
+    removal alone."""
     import onnx
     import torch
 
@@ -203,8 +208,13 @@ def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int],
         with _quiet_export():
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, input_names=[IMAGE_INPUT], output_names=[LOGITS, *tap_names],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), **kwargs,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), optimize=fold_batchnorm, **kwargs,
             )
+            if not fold_batchnorm:
+                import onnxscript.optimizer
+
+                onnxscript.optimizer.fold_constants(program.model)
+                onnxscript.optimizer.remove_unused_nodes(program.model)
         program.save(buffer)
     except Exception as exc:  # torch.export raises a wide range of types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
