@@ -294,3 +294,37 @@ def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: s
         "grads": [g.numpy() for g in grads[:-1]],
         "input_grad": grads[-1].numpy(),
     }
+
+
+def fullgrad_bias_terms(model, x, targets) -> list[tuple[str, "np.ndarray"]]:
+    """Torch oracle of FullGrad's bias terms: (module name, d score / d output * bias) for every call
+    of a Conv2d with a bias or a BatchNorm2d (effective bias beta - mean * gamma / sqrt(var + eps)),
+    in call order, skipping all-zero biases (as the exporter does). The gradient is taken by a tensor
+    hook registered when the module returns, so an in-place op afterwards (ReLU(inplace=True))
+    does not change which tensor it belongs to (pytorch-grad-cam's way)."""
+    import torch
+
+    records: list[dict] = []
+
+    def hook(module, args, output, name):
+        if isinstance(module, torch.nn.BatchNorm2d):
+            bias = -(module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)) + module.bias
+        else:
+            bias = module.bias
+        record = {"name": name, "bias": bias.detach()}
+        records.append(record)
+        output.register_hook(lambda grad: record.__setitem__("grad", grad.detach()))
+
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+               for name, module in model.named_modules()
+               if type(module) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and module.bias is not None]
+    try:
+        x = x.clone().requires_grad_(True)
+        logits = model(x)
+        score = logits.gather(1, torch.where(targets < 0, logits.argmax(dim=1), targets)[:, None]).sum()
+        torch.autograd.grad(score, [x])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(r["name"], (r["grad"] * r["bias"][None, :, None, None]).numpy())
+            for r in records if bool((r["bias"].float() != 0).any())]
