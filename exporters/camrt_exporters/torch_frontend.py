@@ -272,11 +272,14 @@ def relu_backward(rule_set: str):
         F.relu = original
 
 
-def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla"):
-    """Torch autograd oracle: logits, layer activations and gradients, and the input gradient."""
+def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
+                        bias_terms: bool = False):
+    """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
+    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`)."""
     import torch
 
     taps = _Taps(model, sorted({r.module for r in refs}))
+    bias_taps = _BiasTermTaps(model) if bias_terms else None
     try:
         with relu_backward(rule_set):
             x = x.clone().requires_grad_(True)
@@ -287,44 +290,49 @@ def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: s
             grads = torch.autograd.grad(score, [*acts, x])
     finally:
         taps.remove()
+        if bias_taps is not None:
+            bias_taps.remove()
     return {
         "logits": logits.detach().numpy(),
         "target": resolved.numpy(),
         "acts": [a.detach().numpy() for a in acts],
         "grads": [g.numpy() for g in grads[:-1]],
         "input_grad": grads[-1].numpy(),
+        "bias_terms": bias_taps.terms() if bias_taps is not None else [],
     }
 
 
-def fullgrad_bias_terms(model, x, targets) -> list[tuple[str, "np.ndarray"]]:
-    """Torch oracle of FullGrad's bias terms: (module name, d score / d output * bias) for every call
-    of a Conv2d with a bias or a BatchNorm2d (effective bias beta - mean * gamma / sqrt(var + eps)),
-    in call order, skipping all-zero biases (as the exporter does). The gradient is taken by a tensor
-    hook registered when the module returns, so an in-place op afterwards (ReLU(inplace=True))
-    does not change which tensor it belongs to (pytorch-grad-cam's way)."""
-    import torch
+class _BiasTermTaps:
+    """FullGrad's bias terms in torch: d score / d output * bias for every call of a Conv2d with a
+    bias or a BatchNorm2d (effective bias beta - mean * gamma / sqrt(var + eps)), in call order,
+    skipping all-zero biases (as the exporter does). The gradient comes from a tensor hook
+    registered when the module returns, so an in-place op afterwards (ReLU(inplace=True)) does not
+    change which tensor it belongs to (pytorch-grad-cam's way)."""
 
-    records: list[dict] = []
+    def __init__(self, model):
+        import torch
 
-    def hook(module, args, output, name):
+        self.records: list[dict] = []
+        self.handles = [module.register_forward_hook(self._record)
+                        for module in model.modules()
+                        if type(module) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and module.bias is not None]
+
+    def _record(self, module, args, output):
+        import torch
+
         if isinstance(module, torch.nn.BatchNorm2d):
             bias = -(module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)) + module.bias
         else:
             bias = module.bias
-        record = {"name": name, "bias": bias.detach()}
-        records.append(record)
+        record = {"bias": bias.detach()}
+        self.records.append(record)
         output.register_hook(lambda grad: record.__setitem__("grad", grad.detach()))
 
-    handles = [module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
-               for name, module in model.named_modules()
-               if type(module) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and module.bias is not None]
-    try:
-        x = x.clone().requires_grad_(True)
-        logits = model(x)
-        score = logits.gather(1, torch.where(targets < 0, logits.argmax(dim=1), targets)[:, None]).sum()
-        torch.autograd.grad(score, [x])
-    finally:
-        for handle in handles:
+    def remove(self):
+        for handle in self.handles:
             handle.remove()
-    return [(r["name"], (r["grad"] * r["bias"][None, :, None, None]).numpy())
-            for r in records if bool((r["bias"].float() != 0).any())]
+
+    def terms(self) -> list:
+        return [(r["grad"] * r["bias"][None, :, None, None]).numpy()
+                for r in self.records if bool((r["bias"] != 0).any())]
+

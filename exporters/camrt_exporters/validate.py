@@ -96,9 +96,8 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     bias_terms = [o.name for o in contract_model.graph.output if o.name.startswith(contract.BIAS_GRADIENT_PREFIX)]
     checks = _cam_weight_checks(got)
     for rule_set in rule_sets:
-        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set), refs)
         terms = bias_terms if rule_set == contract.RULE_VANILLA else []
-        ref.update(_bias_term_reference(model, x, targets, terms))
+        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms)), refs, terms)
         pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set, terms)
                    if name in got]
         truth = None
@@ -128,21 +127,6 @@ def _torch_checks(refs, rule_set: str, bias_terms=()):
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
 
 
-def _bias_term_reference(model, x: np.ndarray, targets, names: list[str]) -> dict[str, np.ndarray]:
-    """Torch's FullGrad bias terms keyed by the file's outputs: both are in execution order."""
-    if not names:
-        return {}
-    import torch
-
-    from .torch_frontend import fullgrad_bias_terms
-
-    terms = fullgrad_bias_terms(model, torch.from_numpy(x).to(next(model.parameters()).dtype), targets)
-    if len(terms) != len(names):
-        raise ValidationError([f"the file has {len(names)} FullGrad bias terms, the torch model "
-                               f"{len(terms)} calls of a Conv2d with a bias or a BatchNorm2d"])
-    return {name: term for name, (_, term) in zip(names, terms)}
-
-
 def _cam_weight_checks(got: dict[str, np.ndarray]) -> list[Check]:
     """CAM weights against the closed form of a GAP + FC head: the layer's gradient is w^c / (h w)
     at every position, so its spatial sum is w^c."""
@@ -156,9 +140,13 @@ def _cam_weight_checks(got: dict[str, np.ndarray]) -> list[Check]:
     return checks
 
 
-def _flatten(ref: dict, refs) -> dict[str, np.ndarray]:
-    """reference_gradients() output keyed by contract names; the rule set is the caller's."""
-    flat = {contract.LOGITS_OUTPUT: ref["logits"]}
+def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
+    """reference_gradients() output keyed by contract names; the rule set is the caller's. The
+    file's bias terms (`bias_terms`) and torch's are both in execution order."""
+    if len(ref["bias_terms"]) != len(bias_terms):
+        raise ValidationError([f"the file has {len(bias_terms)} FullGrad bias terms, the torch model "
+                               f"{len(ref['bias_terms'])} calls of a Conv2d with a bias or a BatchNorm2d"])
+    flat = {contract.LOGITS_OUTPUT: ref["logits"], **dict(zip(bias_terms, ref["bias_terms"]))}
     for layer, act, grad in zip(refs, ref["acts"], ref["grads"]):
         flat[contract.activation_output(layer.name)] = act
         flat[contract.gradient_output(layer.name)] = grad
@@ -175,9 +163,8 @@ def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_
     from .torch_frontend import reference_gradients
 
     model64 = copy.deepcopy(model).double()
-    truth = _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set), refs)
-    truth.update(_bias_term_reference(model64, x, targets, list(bias_terms)))
-    return truth
+    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms)),
+                    refs, bias_terms)
 
 
 def _directional_check(name: str, score: Callable[[np.ndarray], float], point: np.ndarray, grad: np.ndarray,

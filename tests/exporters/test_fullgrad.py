@@ -1,7 +1,7 @@
 """FullGrad against pytorch-grad-cam 1.5.7's FullGrad, and its bias terms against the full-gradient
 completeness identity.
 
-Models: resnet18 (224x224) and mobilenet_v2 (112x112, to keep the test short), fixed random weights
+Models: resnet18 (224x224) and mobilenet_v2 (64x64, to keep the test short), fixed random weights
 with calibrated BatchNorm statistics, exported once each with `fullgrad=True` (BatchNormalization
 nodes kept unfused, so the file's bias-carrying nodes are pytorch-grad-cam's BatchNorm2d modules;
 neither model has a Conv2d with a bias). Random NCHW inputs, explicit targets, heatmaps at the input
@@ -24,7 +24,7 @@ from .models import load
 from .test_input_gradients import FLOAT32_FLOOR, _input, l2_rel
 
 pytest.importorskip("pytorch_grad_cam")
-MODELS = {"resnet18": 224, "mobilenet_v2": 112}
+MODELS = {"resnet18": 224, "mobilenet_v2": 64}
 TARGETS = [1, 250]
 PGC_L2 = 1e-2
 

@@ -166,3 +166,31 @@ def test_cam_weights_only_for_a_gap_and_linear_head(tmp_path, pool, flatten, lin
         x = np.random.default_rng(4).standard_normal((3, 3, 8, 8)).astype(np.float32)
         got = run_contract(exported, "image", x, np.array([4, 0, 2]))
         np.testing.assert_array_equal(got[contract.cam_weights_output(layer)], weight[[4, 0, 2]])
+
+
+def test_cli_export_fullgrad_adds_the_bias_terms_and_the_vanilla_input_gradient(source, tmp_path):
+    """`camrt export --fullgrad`: one bias term per bias-carrying Conv (here the one Conv), the vanilla
+    input gradient added to the requested rule sets, and `fullgrad` runs on the file; the term is
+    d score / d conv * b, checked against d score / d conv from the same file exported with the layer."""
+    from click.testing import CliRunner
+
+    from camrt import Explainer
+    from camrt.cli import build_cli
+    from camrt.session import read_contract
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.plugin import register_commands
+
+    cli = build_cli()
+    register_commands(cli=cli)  # the exporters' plugin hook (entry-point autoloading is off in tests)
+    out = tmp_path / "fullgrad.camrt.onnx"
+    result = CliRunner().invoke(cli, ["export", str(source), "--fullgrad", "--rules", "guided",
+                                              "--layer", "conv", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = read_contract(out)
+    assert info.bias_terms == ["conv"] and info.rule_sets == ["guided", "vanilla"]
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = run_contract(onnx.load(out), "image", x, np.array([-1, 2]))
+    bias = GraphIndex(onnx.load(source)).value("conv_b")  # a Constant node
+    np.testing.assert_allclose(got[contract.bias_gradient_output("conv")],
+                               got[contract.gradient_output("conv")] * bias[None, :, None, None], rtol=1e-6)
+    assert Explainer(out, method="fullgrad").explain(x)[0].heatmap.shape == (16, 16)
