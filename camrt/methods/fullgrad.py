@@ -12,7 +12,8 @@ as pytorch-grad-cam 1.5.7's ``FullGrad`` computes it (camrt matches it):
   pytorch-grad-cam takes every ``Conv2d`` with a bias and every ``BatchNorm2d``; a BatchNorm's
   bias is its effective bias beta - mean * gamma / sqrt(var + eps). The exporter's ``--fullgrad``
   keeps BatchNormalization nodes unfused and puts d f / d (node output) * b in
-  ``camrt/bias_grad/<node>``;
+  ``camrt/bias_grad/<node>`` (an all-zero bias, which torch exports for a Conv2d without one, adds
+  psi(0) = 0 and is left out);
 - grad_x f ⊙ x is one map per colour channel, each |.| and rescaled; each bias term is |.| and
   rescaled per channel, upsampled, and summed over its channels; all maps are summed, and the sum
   is rescaled once (by `camrt.postprocess`, which applies no ReLU: the sum is >= 0).

@@ -125,15 +125,16 @@ def find_cam_head(index: GraphIndex, tensor: str, score: str) -> CamHead | None:
     global average pooling -> [Flatten/Reshape/Squeeze] -> Gemm, or MatMul [-> Add], with a constant
     weight; None for any other head."""
     on_path = active_tensors(index, score, [tensor])
-    node = _single_consumer(index, tensor, on_path)
+
+    def reader(name: str) -> onnx.NodeProto | None:
+        return None if name == score else _single_consumer(index, name, on_path)
+
+    node = reader(tensor)
     if node is None or not _is_global_average_pool(index, node):
         return None
-    channels = index.shape(tensor)[1]
-    current = node.output[0]
-    node = _single_consumer(index, current, on_path)
+    current, node = node.output[0], reader(node.output[0])
     while node is not None and node.op_type in _FLATTENING_OPS:
-        current = node.output[0]
-        node = _single_consumer(index, current, on_path)
+        current, node = node.output[0], reader(node.output[0])
     if node is None or index.shape(current) is None or len(index.shape(current)) != 2 or node.input[0] != current:
         return None
     if node.op_type == "Gemm" and not attribute(node, "transA", 0):
@@ -143,16 +144,13 @@ def find_cam_head(index: GraphIndex, tensor: str, score: str) -> CamHead | None:
     else:
         return None
     weight = index.value(head.weight)
-    if weight is None or weight.ndim != 2 or weight.shape[1 if head.rows_are_classes else 0] != channels:
+    if weight is None or weight.ndim != 2 or weight.shape[1 if head.rows_are_classes else 0] != index.shape(tensor)[1]:
         return None
-    out = node.output[0]
-    node = _single_consumer(index, out, on_path) if out != score else None
+    out, node = node.output[0], reader(node.output[0])
     if node is not None and node.op_type == "Add" and any(index.value(i) is not None for i in node.input):
-        out = node.output[0]
-        node = _single_consumer(index, out, on_path) if out != score else None
+        out, node = node.output[0], reader(node.output[0])
     while node is not None and node.op_type == "Identity":
-        out = node.output[0]
-        node = _single_consumer(index, out, on_path) if out != score else None
+        out, node = node.output[0], reader(node.output[0])
     return head if out == score else None
 
 
@@ -273,9 +271,9 @@ def build_contract_model(
                                        [batch, index.shape(tensor)[1]]))
             cam_layers.append(layer)
 
-    bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     if fullgrad and not any(r.name == vanilla.name for r in input_rule_sets):
         raise ExportError("FullGrad needs the vanilla input gradient: add 'vanilla' to the rule sets")
+    bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     passes: list[tuple[RuleSet, list[str]]] = []
     vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms)]))
     if any(r.name == vanilla.name for r in input_rule_sets):
