@@ -16,13 +16,17 @@ as pytorch-grad-cam 1.5.7's ``FullGrad`` computes it (camrt matches it):
   psi(0) = 0 and is left out);
 - grad_x f ⊙ x is one map per colour channel, each |.| and rescaled; each bias term is |.| and
   rescaled per channel, upsampled, and summed over its channels; all maps are summed, and the sum
-  is rescaled once (by `camrt.postprocess`, which applies no ReLU: the sum is >= 0).
-Upsampling is linear, so each resolution's rescaled channel maps are summed first and upsampled
-once (the same sum up to float32 rounding, without holding every upsampled channel).
+  is rescaled once (by `camrt.postprocess`, which applies no ReLU: the sum is >= 0). Bilinear
+  resizing is linear, so a term's rescaled channel maps are summed before it is upsampled (the same
+  sum up to float32 rounding, without holding every upsampled channel).
+Option eigen_smooth (pytorch-grad-cam's): the 3 + L maps are rescaled again, resized to 1/8 of the
+input size, projected on their first principal component (`camrt.methods.projection`), and that
+one map is rescaled and resized back.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +34,19 @@ import numpy as np
 from .. import contract, postprocess
 from ..hookspecs import hookimpl
 from .base import GraphOutputs, Method, Requirements
+from .projection import first_principal_component
+
+#: pytorch-grad-cam's eigen_smooth works at 1/8 of the input size ("this method typically has a very
+#: large number of channels").
+EIGEN_SMOOTH_DOWNSCALE = 8
+
+
+def _rescale_and_resize(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """psi's rescaling and resizing of each map of [B, M, h, w] (pytorch-grad-cam's
+    ``scale_accross_batch_and_channels``) -> [B, M, H, W]."""
+    batch, count = maps.shape[:2]
+    flat = postprocess.normalize(maps.reshape(batch * count, *maps.shape[2:]))
+    return postprocess.upsample(flat, size).reshape(batch, count, *size)
 
 
 class FullGrad(Method):
@@ -40,19 +57,30 @@ class FullGrad(Method):
     requires = Requirements(input_gradient=contract.RULE_VANILLA, bias_gradients=True)
     relu: ClassVar[bool] = False
 
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+    @dataclass(frozen=True)
+    class Options:
+        """eigen_smooth: the first principal component of the 3 + L maps instead of their sum."""
+
+        eigen_smooth: bool = False
+
+    def layer_maps(self, outputs: GraphOutputs) -> np.ndarray:
+        """[B, 3 + L, H, W]: psi of grad_x ⊙ x per colour channel, then of each bias term summed over its channels."""
         x = outputs.inputs
         size = x.shape[2:]
-        input_term = np.abs(outputs.input_gradient(contract.RULE_VANILLA) * x)
-        total = postprocess.normalize(input_term).sum(axis=1, dtype=np.float32)
-        by_resolution: dict[tuple[int, int], np.ndarray] = {}
+        maps = [_rescale_and_resize(np.abs(outputs.input_gradient(contract.RULE_VANILLA) * x), size)]
         for term in outputs.bias_gradients():
             channel_sum = postprocess.normalize(np.abs(term)).sum(axis=1, dtype=np.float32)
-            key = channel_sum.shape[1:]
-            by_resolution[key] = channel_sum if key not in by_resolution else by_resolution[key] + channel_sum
-        for maps in by_resolution.values():
-            total += postprocess.upsample(maps, size)
-        return total
+            maps.append(postprocess.upsample(channel_sum, size)[:, None])
+        return np.concatenate(maps, axis=1)
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        maps = self.layer_maps(outputs)
+        if not self.options.eigen_smooth:
+            return maps.sum(axis=1, dtype=np.float32)
+        size = maps.shape[2:]
+        small = (size[0] // EIGEN_SMOOTH_DOWNSCALE, size[1] // EIGEN_SMOOTH_DOWNSCALE)
+        projected = first_principal_component(_rescale_and_resize(maps, small))
+        return _rescale_and_resize(projected[:, None], size)[:, 0]
 
 
 @hookimpl

@@ -42,13 +42,13 @@ def exported(request, tmp_path_factory):
     return name, model, str(path), _input(name, size)
 
 
-def _pytorch_grad_cam(model, x):
+def _pytorch_grad_cam(model, x, eigen_smooth=False):
     import torch
     from pytorch_grad_cam import FullGrad
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     with FullGrad(model, []) as cam:
-        return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in TARGETS])
+        return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in TARGETS], eigen_smooth=eigen_smooth)
 
 
 def test_bias_terms_are_pytorch_grad_cams_modules(exported):
@@ -102,3 +102,17 @@ def test_bias_terms_complete_the_logit(exported):
     print(f"{name}: logits {logits}, decomposition {total}, |parts| {scale}")
     assert len(terms) == 20
     np.testing.assert_array_less(np.abs(total - logits), 1e-5 * scale)
+
+
+@pytest.mark.parametrize("exported", ["resnet18"], indirect=True)
+def test_fullgrad_eigen_smooth_matches_pytorch_grad_cam(exported):
+    """eigen_smooth=True: the first principal component of the 3 + L maps at 1/8 of the input size,
+    as pytorch-grad-cam computes it (same SVD sign convention), within the same relative L2."""
+    from camrt import Explainer
+
+    name, model, path, x = exported
+    ours = np.stack([r.heatmap for r in Explainer(path, method="fullgrad", eigen_smooth=True).explain(x, targets=TARGETS)])
+    reference = _pytorch_grad_cam(model, x, eigen_smooth=True)
+    figures = [l2_rel(ours[i], reference[i]) for i in range(len(x))]
+    print(f"{name} fullgrad eigen_smooth: relative L2 vs pytorch-grad-cam {figures}")
+    assert all(np.ptp(m) > 0.5 for m in reference) and max(figures) <= PGC_L2, figures
