@@ -8,6 +8,10 @@ pytorch-grad-cam class is run once per model. The targets are EfficientNet-Lite0
 the photographs (Egyptian cat, espresso, and 450 for the astronaut), explicit for both models: a
 class with no positive evidence at the layer gives an all-zero map on both sides, which would
 compare nothing, so every reference map is checked to be non-degenerate.
+
+CAM (not in pytorch-grad-cam) is compared with torchcam's CAM at the layer that feeds each model's
+global average pooling (CAM_LAYERS), with the closed form CAM = Grad-CAM x h*w there, and refused at
+a layer without such a head.
 """
 
 from __future__ import annotations
