@@ -536,6 +536,7 @@ def _requires_text(requires: dict[str, Any]) -> str:
     parts = [key for key in ("activations", "gradients") if requires.get(key)]
     if requires.get("input_gradient"):
         parts.append(f"input_gradient:{requires['input_gradient']}")
+    parts += [key for key in ("cam_weights", "bias_gradients", "extra_passes", "tail") if requires.get(key)]
     return ", ".join(parts) or "-"
 
 
@@ -580,10 +581,7 @@ def contract_summary(path: str) -> dict[str, Any]:
     info = read_contract(path)
     supported = []
     for cls in build_method_registry():
-        requires = cls.requires
-        ok = (not requires.uses_layers or bool(info.layers)) and (
-            requires.input_gradient is None or requires.input_gradient in info.rule_sets)
-        if ok:
+        if cls.requires.supported_by(info):
             supported.append(cls.name)
     return {
         "file": path,

@@ -26,6 +26,12 @@ TARGET_INDEX_OUTPUT = "camrt/target_index"
 ACTIVATION_PREFIX = "camrt/act/"
 GRADIENT_PREFIX = "camrt/grad/"
 INPUT_GRADIENT_PREFIX = "camrt/input_grad/"
+#: float [B, K]: the classifier weight row of the explained class for a layer followed by global
+#: average pooling and a fully connected layer (CAM's w_k^c), gathered in the graph by the target.
+CAM_WEIGHTS_PREFIX = "camrt/cam_weights/"
+#: float [B, C, h, w]: d score / d (node output) * bias, per bias-carrying Conv / BatchNormalization
+#: node (FullGrad's bias-gradient terms; `camrt export --fullgrad`).
+BIAS_GRADIENT_PREFIX = "camrt/bias_grad/"
 
 #: Backward rule sets a file can carry input gradients for.
 RULE_VANILLA = "vanilla"
@@ -45,6 +51,14 @@ def input_gradient_output(rule_set: str) -> str:
     return INPUT_GRADIENT_PREFIX + rule_set
 
 
+def cam_weights_output(layer: str) -> str:
+    return CAM_WEIGHTS_PREFIX + layer
+
+
+def bias_gradient_output(node: str) -> str:
+    return BIAS_GRADIENT_PREFIX + node
+
+
 # --- metadata_props keys ------------------------------------------------------------------
 META_CONTRACT_VERSION = "camrt.contract_version"
 META_SOURCE = "camrt.source"  # JSON: {"framework": "torch"|"onnx", "model": "..."}
@@ -56,6 +70,8 @@ META_RULE_SETS = "camrt.rule_sets"  # JSON list of rule sets with input gradient
 META_SCORE = "camrt.score"  # JSON: {"tensor": ..., "softmax": bool}
 META_EXPORTER_VERSION = "camrt.exporter_version"
 META_INPUT = "camrt.input"  # name of the image input
+META_CAM_LAYERS = "camrt.cam_layers"  # JSON list of the layers with a cam_weights output (GAP + FC head)
+META_BIAS_TERMS = "camrt.bias_terms"  # JSON list of the nodes with a bias_grad output; absent: not exported
 
 
 @dataclass(frozen=True)
@@ -98,3 +114,7 @@ class ContractInfo:
     source: dict = field(default_factory=dict)
     score: dict = field(default_factory=dict)
     exporter_version: str = ""
+    #: Layers with CAM weights; None when the file predates CAM (no such metadata).
+    cam_layers: list[str] | None = None
+    #: Nodes with FullGrad bias-gradient terms; None when the file was exported without them.
+    bias_terms: list[str] | None = None

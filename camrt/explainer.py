@@ -93,7 +93,7 @@ class Explainer:
         self.fetch: tuple[str, ...] = (
             contract.LOGITS_OUTPUT,
             contract.TARGET_INDEX_OUTPUT,
-            *self.method.requires.outputs(self.layers),
+            *self.method.requires.outputs(self.layers, self.info),
         )
         self._check_outputs()
         if self.method.requires.tail:
@@ -138,17 +138,32 @@ class Explainer:
         return tuple(dict.fromkeys(layers))
 
     def _check_outputs(self) -> None:
+        requires = self.method.requires
+        if requires.cam_weights and self.info.cam_layers is not None:
+            no_head = [layer for layer in self.layers if layer not in self.info.cam_layers]
+            if no_head:
+                raise ModelError(
+                    f"method {self.method.name!r}: layer(s) {', '.join(no_head)} of {self.session.path} are not "
+                    "followed by global average pooling and a fully connected classifier, so CAM's class "
+                    "weights do not exist for them; use -m gradcam (equal to CAM on such a head) or a layer "
+                    f"that feeds the pooling (with CAM weights here: {', '.join(self.info.cam_layers) or 'none'})"
+                )
         missing = [name for name in self.fetch if name not in self.session.output_names]
+        if requires.bias_gradients and not self.info.bias_terms:
+            missing.append(contract.bias_gradient_output("<node>") + " (FullGrad's bias-gradient terms)")
         if not missing:
             return
         flags: list[str] = []
         for layer in self.layers:
-            if any(name in missing for name in (contract.activation_output(layer), contract.gradient_output(layer))):
+            if any(name in missing for name in (contract.activation_output(layer), contract.gradient_output(layer),
+                                                contract.cam_weights_output(layer))):
                 flags.append(f"--layer {layer}")
-        rule = self.method.requires.input_gradient
+        rule = requires.input_gradient
         if rule is not None and contract.input_gradient_output(rule) in missing:
             rules = list(dict.fromkeys([*self.info.rule_sets, rule]))
             flags.append(f"--rules {','.join(rules)}")
+        if requires.bias_gradients and not self.info.bias_terms:
+            flags.append("--fullgrad")
         raise ModelError(
             f"method {self.method.name!r} needs output(s) {', '.join(missing)}, which {self.session.path} "
             f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"

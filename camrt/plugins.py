@@ -48,6 +48,8 @@ DEFAULT_PLUGINS = (
     "camrt.methods.ablationcam",
     "camrt.methods.smoothgrad",
     "camrt.methods.integrated_gradients",
+    "camrt.methods.cam",
+    "camrt.methods.fullgrad",
     "camrt.metrics.deletion",
     "camrt.metrics.confidence",
     "camrt.metrics.road",

@@ -200,7 +200,19 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
         source=_json(meta, contract.META_SOURCE, path, default={}) or {},
         score=_json(meta, contract.META_SCORE, path, default={}) or {},
         exporter_version=meta.get(contract.META_EXPORTER_VERSION, ""),
+        cam_layers=_names(meta, contract.META_CAM_LAYERS, path),
+        bias_terms=_names(meta, contract.META_BIAS_TERMS, path),
     )
+
+
+def _names(meta: Mapping[str, str], key: str, path: str) -> list[str] | None:
+    """An optional JSON list of names (None when the key is absent)."""
+    names = _json(meta, key, path)
+    if names is None:
+        return None
+    if not isinstance(names, list):
+        raise ContractError(f"{path}: metadata {key!r} must be a JSON list; re-export the model with `camrt export`")
+    return [str(name) for name in names]
 
 
 def read_contract(path: str | os.PathLike) -> contract.ContractInfo:

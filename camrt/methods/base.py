@@ -38,28 +38,46 @@ class Requirements:
     #: The method runs the layer's tail graph (activations -> logits: Ablation-CAM); the runtime
     #: builds it when the file is opened, so a layer without a tail fails early.
     tail: bool = False
+    #: ``camrt/cam_weights/<layer>``: the classifier weights of the target class (CAM); the
+    #: exporter adds them only for layers followed by global average pooling and a linear layer.
+    cam_weights: bool = False
+    #: ``camrt/bias_grad/<node>`` of every bias-carrying Conv / BatchNormalization node, listed in
+    #: the file's metadata (FullGrad; ``camrt export --fullgrad``).
+    bias_gradients: bool = False
 
     @property
     def uses_layers(self) -> bool:
-        return self.activations or self.gradients or self.tail
+        return self.activations or self.gradients or self.tail or self.cam_weights
 
-    def outputs(self, layers: Sequence[str]) -> list[str]:
-        """The output names to fetch for `layers`."""
+    def outputs(self, layers: Sequence[str], info: contract.ContractInfo | None = None) -> list[str]:
+        """The output names to fetch for `layers` (bias-gradient terms: those `info` lists)."""
         names: list[str] = []
         for layer in layers if self.uses_layers else ():
             if self.activations:
                 names.append(contract.activation_output(layer))
             if self.gradients:
                 names.append(contract.gradient_output(layer))
+            if self.cam_weights:
+                names.append(contract.cam_weights_output(layer))
         if self.input_gradient is not None:
             names.append(contract.input_gradient_output(self.input_gradient))
+        if self.bias_gradients and info is not None:
+            names += [contract.bias_gradient_output(node) for node in info.bias_terms or ()]
         return names
 
+    def supported_by(self, info: contract.ContractInfo) -> bool:
+        """Whether a file with this metadata can serve the method (at its default layer)."""
+        layer = info.default_layer or (info.layers[0] if info.layers else None)
+        return ((not self.uses_layers or layer is not None)
+                and (self.input_gradient is None or self.input_gradient in info.rule_sets)
+                and (not self.cam_weights or layer in (info.cam_layers or ()))
+                and (not self.bias_gradients or bool(info.bias_terms)))
+
     def to_dict(self) -> dict[str, Any]:
-        """The fields; ``extra_passes`` and ``tail`` only when set (single-pass methods keep the
-        three-key form)."""
+        """The fields; the optional ones (``extra_passes``, ``tail``, ``cam_weights``,
+        ``bias_gradients``) only when set (single-pass methods keep the three-key form)."""
         data = dataclasses.asdict(self)
-        for key in ("extra_passes", "tail"):
+        for key in ("extra_passes", "tail", "cam_weights", "bias_gradients"):
             if not data[key]:
                 del data[key]
         return data
@@ -113,6 +131,18 @@ class GraphOutputs:
     def input_gradient(self, rule_set: str) -> np.ndarray:
         """[B, C, H, W] gradient of the target score with respect to the input, under `rule_set`."""
         return self._spatial(contract.input_gradient_output(rule_set))
+
+    def cam_weights(self, layer: str) -> np.ndarray:
+        """[B, K]: the classifier weights of each sample's target class over `layer`'s channels."""
+        name = contract.cam_weights_output(layer)
+        value = self.get(name)
+        if value.ndim != 2:
+            raise ModelError(f"output {name!r} has shape {value.shape}; expected [B, channels]")
+        return value
+
+    def bias_gradients(self) -> list[np.ndarray]:
+        """The fetched FullGrad terms d score / d (node output) * bias, [B, C, h, w] each, in file order."""
+        return [self._spatial(name) for name in self.values if name.startswith(contract.BIAS_GRADIENT_PREFIX)]
 
 
 def _coerce(value: Any, annotation: Any, owner: str, name: str) -> Any:

@@ -14,7 +14,7 @@ from camrt import contract
 from camrt.layers import spatial_candidates
 from camrt.errors import ExportError
 
-from .autodiff.graph import GraphIndex
+from .autodiff.graph import GraphIndex, attribute
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
@@ -80,6 +80,117 @@ def layer_candidates(index: GraphIndex, image_input: str, score: str) -> list[st
     return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]))
 
 
+@dataclass
+class CamHead:
+    """The classifier after a layer's global average pooling: score = pooled @ W' * alpha + bias."""
+
+    weight: str  # a constant: [classes, K] when `rows_are_classes`, else [K, classes]
+    rows_are_classes: bool
+    alpha: float
+
+
+#: Ops between the pooled [B, K, 1, 1] tensor and the classifier's [B, K] input.
+_FLATTENING_OPS = ("Flatten", "Reshape", "Squeeze", "Identity")
+
+
+def _single_consumer(index: GraphIndex, tensor: str, on_path: set[str]) -> onnx.NodeProto | None:
+    """The one node on the path to the score that reads `tensor` (None when there are several)."""
+    consumers = [n for n in index.consumers.get(tensor, []) if any(o in on_path for o in n.output)]
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def _is_global_average_pool(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """GlobalAveragePool, ReduceMean over exactly H and W, or an AveragePool whose one window is the map."""
+    shape = index.shape(node.input[0])
+    if shape is None or len(shape) != 4:
+        return False
+    if node.op_type == "GlobalAveragePool":
+        return True
+    if node.op_type == "ReduceMean":
+        axes = index.value(node.input[1]) if len(node.input) > 1 and node.input[1] else attribute(node, "axes")
+        return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
+    if node.op_type == "AveragePool":
+        pads = attribute(node, "pads", [0, 0, 0, 0])
+        return list(attribute(node, "kernel_shape", [])) == list(shape[2:]) and not any(pads)
+    return False
+
+
+def find_cam_head(index: GraphIndex, tensor: str, score: str) -> CamHead | None:
+    """The classifier weights of CAM (Zhou et al. 2016) when `tensor` reaches `score` only through
+    global average pooling -> [Flatten/Reshape/Squeeze] -> Gemm, or MatMul [-> Add], with a constant
+    weight; None for any other head."""
+    on_path = active_tensors(index, score, [tensor])
+
+    def reader(name: str) -> onnx.NodeProto | None:
+        return None if name == score else _single_consumer(index, name, on_path)
+
+    node = reader(tensor)
+    if node is None or not _is_global_average_pool(index, node):
+        return None
+    current, node = node.output[0], reader(node.output[0])
+    while node is not None and node.op_type in _FLATTENING_OPS:
+        current, node = node.output[0], reader(node.output[0])
+    if node is None or index.shape(current) is None or len(index.shape(current)) != 2 or node.input[0] != current:
+        return None
+    if node.op_type == "Gemm" and not attribute(node, "transA", 0):
+        head = CamHead(node.input[1], bool(attribute(node, "transB", 0)), float(attribute(node, "alpha", 1.0)))
+    elif node.op_type == "MatMul":
+        head = CamHead(node.input[1], False, 1.0)
+    else:
+        return None
+    weight = index.value(head.weight)
+    if weight is None or weight.ndim != 2 or weight.shape[1 if head.rows_are_classes else 0] != index.shape(tensor)[1]:
+        return None
+    out, node = node.output[0], reader(node.output[0])
+    if node is not None and node.op_type == "Add" and any(index.value(i) is not None for i in node.input):
+        out, node = node.output[0], reader(node.output[0])
+    while node is not None and node.op_type == "Identity":
+        out, node = node.output[0], reader(node.output[0])
+    return head if out == score else None
+
+
+@dataclass
+class BiasTerm:
+    """A bias-carrying Conv / BatchNormalization node: FullGrad's d score / d output * bias."""
+
+    node: str
+    output: str
+    bias: np.ndarray  # [C]; a BatchNorm's effective bias beta - mean * gamma / sqrt(var + eps)
+
+
+def find_bias_terms(index: GraphIndex, score: str, image_input: str) -> list[BiasTerm]:
+    """Every 2-D Conv with a bias and every BatchNormalization on the path from the image to the
+    score (pytorch-grad-cam's FullGrad: every Conv2d with a bias and every BatchNorm2d), in graph order."""
+    on_path = active_tensors(index, score, [image_input])
+    terms = []
+    for node in index.nodes:
+        output = node.output[0] if node.output else ""
+        shape = index.shape(output)
+        if output not in on_path or shape is None or len(shape) != 4:
+            continue
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            bias = _constant(index, node, node.input[2], "bias")
+        elif node.op_type == "BatchNormalization":
+            gamma, beta, mean, var = (_constant(index, node, name, what) for name, what in
+                                      zip(node.input[1:5], ("scale", "B", "input_mean", "input_var")))
+            eps = np.float32(attribute(node, "epsilon", 1e-5))
+            # torch's (and pytorch-grad-cam's) float32 order: -(mean * gamma / sqrt(var + eps)) + beta
+            bias = -(mean * gamma / np.sqrt(var + eps)) + beta
+        else:
+            continue
+        if np.any(bias != 0):  # psi(grad * 0) = 0 adds nothing (torch's bias-free Conv2d exports a zero bias)
+            terms.append(BiasTerm(node.name, output, np.asarray(bias, dtype=np.float32)))
+    return terms
+
+
+def _constant(index: GraphIndex, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+    value = index.value(name)
+    if value is None:
+        raise ExportError(f"node {node.name!r} ({node.op_type}): FullGrad needs its {what} ({name!r}) to be a "
+                          "constant; it is computed at run time. Export without --fullgrad.")
+    return value.astype(np.float32)
+
+
 def _value_info(name: str, elem_type: int, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, list(shape) if shape is not None else None)
 
@@ -94,10 +205,14 @@ def build_contract_model(
     vanilla: RuleSet,
     metadata: dict[str, str],
     keep_outputs: Sequence[str],
+    fullgrad: bool = False,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
-    `layers` maps layer names (as the user gave them) to tensor names in `model`.
+    `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
+    global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
+    FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
+    with the lists of both.
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -141,9 +256,21 @@ def build_contract_model(
     outputs.append(_value_info(contract.TARGET_INDEX_OUTPUT, TensorProto.INT64, [batch]))
     for layer, tensor in layers.items():
         expose(contract.activation_output(layer), tensor)
+    cam_layers = []
+    for layer, tensor in layers.items():
+        head = find_cam_head(index, tensor, score.tensor)
+        if head is not None:
+            nodes.extend(_cam_weight_nodes(head, contract.TARGET_INDEX_OUTPUT, contract.cam_weights_output(layer),
+                                           const))
+            outputs.append(_value_info(contract.cam_weights_output(layer), index.dtypes.get(tensor, TensorProto.FLOAT),
+                                       [batch, index.shape(tensor)[1]]))
+            cam_layers.append(layer)
 
+    if fullgrad and not any(r.name == vanilla.name for r in input_rule_sets):
+        raise ExportError("FullGrad needs the vanilla input gradient: add 'vanilla' to the rule sets")
+    bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     passes: list[tuple[RuleSet, list[str]]] = []
-    vanilla_wrt = list(dict.fromkeys(layers.values()))
+    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms)]))
     if any(r.name == vanilla.name for r in input_rule_sets):
         vanilla_wrt.append(image_input)
     if vanilla_wrt:
@@ -156,6 +283,12 @@ def build_contract_model(
         if rule_set.name == vanilla.name:
             for layer, tensor in layers.items():
                 expose(contract.gradient_output(layer), backward.gradients[tensor], like=tensor)
+            for term in bias_terms:
+                name = contract.bias_gradient_output(term.node)
+                bias = const(name + "/bias", term.bias.reshape(1, -1, 1, 1))
+                nodes.append(helper.make_node("Mul", [backward.gradients[term.output], bias], [name], name=name + "/mul"))
+                outputs.append(_value_info(name, index.dtypes.get(term.output, TensorProto.FLOAT),
+                                           index.shape(term.output)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
 
@@ -170,6 +303,9 @@ def build_contract_model(
     )
     result = helper.make_model(new_graph, opset_imports=list(model.opset_import), producer_name="camrt-exporters")
     result.ir_version = model.ir_version
+    metadata = {**metadata, contract.META_CAM_LAYERS: json.dumps(cam_layers)}
+    if fullgrad:
+        metadata[contract.META_BIAS_TERMS] = json.dumps([term.node for term in bias_terms])
     for key, value in metadata.items():
         result.metadata_props.add(key=key, value=value)
     try:
@@ -177,6 +313,22 @@ def build_contract_model(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the generated camrt graph is not valid ONNX: {exc}") from exc
     return result
+
+
+def _cam_weight_nodes(head: CamHead, target: str, output: str, const) -> list[onnx.NodeProto]:
+    """Gather the target's weight row [B, K] (times Gemm's alpha) from the classifier's weights."""
+    gathered = output + "/gather"
+    nodes = [helper.make_node("Gather", [head.weight, target], [gathered], name=gathered,
+                              axis=0 if head.rows_are_classes else 1)]
+    if not head.rows_are_classes:  # [K, B] -> [B, K]
+        nodes.append(helper.make_node("Transpose", [gathered], [output + "/rows"], name=output + "/transpose", perm=[1, 0]))
+        gathered = output + "/rows"
+    if head.alpha != 1.0:
+        alpha = const(output + "/alpha", np.float32(head.alpha))
+        nodes.append(helper.make_node("Mul", [gathered, alpha], [output], name=output + "/alpha_mul"))
+    else:
+        nodes.append(helper.make_node("Identity", [gathered], [output], name=output + "/identity"))
+    return nodes
 
 
 def contract_metadata(

@@ -86,9 +86,16 @@ def export_torch(
     labels: str | Sequence[str] | None = None,
     source_name: str = "",
     opset: int | None = None,
+    fullgrad: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
-    """Export a torch classifier; validated against torch autograd. Returns the model and the checks."""
+    """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
+
+    fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
+    BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
+    graph is then exported unoptimised (BatchNormalization nodes kept, as pytorch-grad-cam hooks
+    BatchNorm2d modules); the file runs somewhat slower for every method.
+    """
     from .torch_frontend import export_forward, parse_layer, spatial_candidates
 
     model = model.eval()
@@ -98,7 +105,7 @@ def export_torch(
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
-    forward, logits, tensors = export_forward(model, refs, input_size, opset)
+    forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad)
     forward = prepare(forward)
     index = GraphIndex(forward)
     score = choose_score(index, logits)
@@ -113,7 +120,7 @@ def export_torch(
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits],
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad,
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
     return result, checks
@@ -169,9 +176,13 @@ def export_onnx(
     labels: str | Sequence[str] | None = None,
     input_name: str | None = None,
     use_softmax_output: bool = False,
+    fullgrad: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
-    """Export any ONNX classifier (layers are tensor names); validated by finite differences."""
+    """Export any ONNX classifier (layers are tensor names); validated by finite differences.
+
+    fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
+    (a BatchNorm already folded into its Conv counts once)."""
     try:
         source = onnx.load(os.fspath(path))
     except Exception as exc:  # protobuf raises DecodeError, onnx raises others
@@ -212,7 +223,7 @@ def export_onnx(
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[o.name for o in forward.graph.output],
+        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
                                          tuple(d.dim_value for d in dims[1:]))

@@ -54,8 +54,10 @@ def register_commands(cli):
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
     @click.option("--softmax-output", is_flag=True, help="Differentiate the softmax output instead of the logits before it.")
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
+    @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
+                  "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, softmax_output, opset):
+               input_name, softmax_output, opset, fullgrad):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -85,6 +87,8 @@ def register_commands(cli):
                 channel_order=channel_order,
             )
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
+        if fullgrad and contract.RULE_VANILLA not in rule_names:
+            rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
         if is_onnx:
             if preprocessing is not None and not size:
@@ -94,12 +98,13 @@ def register_commands(cli):
                 preprocessing = contract.Preprocessing(dims[2].dim_value, dims[3].dim_value, preprocessing.mean,
                                                        preprocessing.std, preprocessing.scale, channel_order)
             model, checks = export_onnx(source, layers=layers, rules=rule_names, preprocessing=preprocessing,
-                                        labels=labels, input_name=input_name, use_softmax_output=softmax_output, log=log)
+                                        labels=labels, input_name=input_name, use_softmax_output=softmax_output,
+                                        fullgrad=fullgrad, log=log)
         else:
             module = load_model(source, weights)
             model, checks = export_torch(module, layers=layers, input_size=(preprocessing.height, preprocessing.width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
-                                         source_name=source, opset=opset, log=log)
+                                         source_name=source, opset=opset, fullgrad=fullgrad, log=log)
         for check in checks:
             log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")
         write_model(model, output)

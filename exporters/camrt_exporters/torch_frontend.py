@@ -189,8 +189,13 @@ class TapModel:
         return _Wrapper().eval()
 
 
-def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None):
-    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors."""
+def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
+                   fold_batchnorm: bool = True):
+    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors.
+
+    fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
+    rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
+    removal alone."""
     import onnx
     import torch
 
@@ -203,8 +208,13 @@ def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int],
         with _quiet_export():
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, input_names=[IMAGE_INPUT], output_names=[LOGITS, *tap_names],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), **kwargs,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), optimize=fold_batchnorm, **kwargs,
             )
+            if not fold_batchnorm:
+                import onnxscript.optimizer
+
+                onnxscript.optimizer.fold_constants(program.model)
+                onnxscript.optimizer.remove_unused_nodes(program.model)
         program.save(buffer)
     except Exception as exc:  # torch.export raises a wide range of types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
@@ -262,11 +272,14 @@ def relu_backward(rule_set: str):
         F.relu = original
 
 
-def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla"):
-    """Torch autograd oracle: logits, layer activations and gradients, and the input gradient."""
+def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
+                        bias_terms: bool = False):
+    """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
+    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`)."""
     import torch
 
     taps = _Taps(model, sorted({r.module for r in refs}))
+    bias_taps = _BiasTermTaps(model) if bias_terms else None
     try:
         with relu_backward(rule_set):
             x = x.clone().requires_grad_(True)
@@ -277,10 +290,49 @@ def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: s
             grads = torch.autograd.grad(score, [*acts, x])
     finally:
         taps.remove()
+        if bias_taps is not None:
+            bias_taps.remove()
     return {
         "logits": logits.detach().numpy(),
         "target": resolved.numpy(),
         "acts": [a.detach().numpy() for a in acts],
         "grads": [g.numpy() for g in grads[:-1]],
         "input_grad": grads[-1].numpy(),
+        "bias_terms": bias_taps.terms() if bias_taps is not None else [],
     }
+
+
+class _BiasTermTaps:
+    """FullGrad's bias terms in torch: d score / d output * bias for every call of a Conv2d with a
+    bias or a BatchNorm2d (effective bias beta - mean * gamma / sqrt(var + eps)), in call order,
+    skipping all-zero biases (as the exporter does). The gradient comes from a tensor hook
+    registered when the module returns, so an in-place op afterwards (ReLU(inplace=True)) does not
+    change which tensor it belongs to (pytorch-grad-cam's way)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.records: list[dict] = []
+        self.handles = [module.register_forward_hook(self._record)
+                        for module in model.modules()
+                        if type(module) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and module.bias is not None]
+
+    def _record(self, module, args, output):
+        import torch
+
+        if isinstance(module, torch.nn.BatchNorm2d):
+            bias = -(module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)) + module.bias
+        else:
+            bias = module.bias
+        record = {"bias": bias.detach()}
+        self.records.append(record)
+        output.register_hook(lambda grad: record.__setitem__("grad", grad.detach()))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def terms(self) -> list:
+        return [(r["grad"] * r["bias"][None, :, None, None]).numpy()
+                for r in self.records if bool((r["bias"] != 0).any())]
+

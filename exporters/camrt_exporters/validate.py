@@ -129,38 +129,60 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 1], dtype=np.int64))
     require_finite(got)
     targets = torch.tensor(got[contract.TARGET_INDEX_OUTPUT])
-    checks = []
+    bias_terms = [o.name for o in contract_model.graph.output if o.name.startswith(contract.BIAS_GRADIENT_PREFIX)]
+    checks = _cam_weight_checks(got)
     for rule_set in rule_sets:
-        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set), refs)
-        pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set) if name in got]
+        terms = bias_terms if rule_set == contract.RULE_VANILLA else []
+        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms)), refs, terms)
+        pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set, terms)
+                   if name in got]
         truth = None
         for name, metric, tol, kind in pending:
             check = Check(name, metric(got[name], ref[name]), tol, kind)
             if not check.ok:
                 if truth is None:
-                    truth = _float64_reference(model, refs, x, targets, rule_set)
+                    truth = _float64_reference(model, refs, x, targets, rule_set, terms)
                 own_error = metric(ref[name], truth[name])
                 check = Check(name, metric(got[name], truth[name]), max(2 * own_error, tol),
                               f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
-                if not check.ok and name.startswith(contract.GRADIENT_PREFIX):
+                if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX)):
                     check = Check(name, l2_rel(got[name], truth[name]), SWITCH_L2_REL,
                                   "relative-L2 vs torch float64 (a downstream switch flipped in onnxruntime)")
             checks.append(check)
     return raise_on_failures(checks)
 
 
-def _torch_checks(refs, rule_set: str):
+def _torch_checks(refs, rule_set: str, bias_terms=()):
     if rule_set == contract.RULE_VANILLA:
         yield contract.LOGITS_OUTPUT, max_rel, FORWARD_MAX_REL, "max-relative"
         for ref in refs:
             yield contract.activation_output(ref.name), max_rel, FORWARD_MAX_REL, "max-relative"
             yield contract.gradient_output(ref.name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+    for name in bias_terms:
+        yield name, max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
 
 
-def _flatten(ref: dict, refs) -> dict[str, np.ndarray]:
-    """reference_gradients() output keyed by contract names; the rule set is the caller's."""
-    flat = {contract.LOGITS_OUTPUT: ref["logits"]}
+def _cam_weight_checks(got: dict[str, np.ndarray]) -> list[Check]:
+    """CAM weights against the closed form of a GAP + FC head: the layer's gradient is w^c / (h w)
+    at every position, so its spatial sum is w^c."""
+    checks = []
+    for name, weights in got.items():
+        if name.startswith(contract.CAM_WEIGHTS_PREFIX):
+            layer = name[len(contract.CAM_WEIGHTS_PREFIX):]
+            spatial_sum = got[contract.gradient_output(layer)].astype(np.float64).sum(axis=(2, 3))
+            checks.append(Check(name, max_rel(weights, spatial_sum), FORWARD_MAX_REL,
+                                "max-relative vs the spatial sum of the layer gradient"))
+    return checks
+
+
+def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
+    """reference_gradients() output keyed by contract names; the rule set is the caller's. The
+    file's bias terms (`bias_terms`) and torch's are both in execution order."""
+    if len(ref["bias_terms"]) != len(bias_terms):
+        raise ValidationError([f"the file has {len(bias_terms)} FullGrad bias terms, the torch model "
+                               f"{len(ref['bias_terms'])} calls of a Conv2d with a bias or a BatchNorm2d"])
+    flat = {contract.LOGITS_OUTPUT: ref["logits"], **dict(zip(bias_terms, ref["bias_terms"]))}
     for layer, act, grad in zip(refs, ref["acts"], ref["grads"]):
         flat[contract.activation_output(layer.name)] = act
         flat[contract.gradient_output(layer.name)] = grad
@@ -169,7 +191,7 @@ def _flatten(ref: dict, refs) -> dict[str, np.ndarray]:
     return flat
 
 
-def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str) -> dict[str, np.ndarray]:
+def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_terms=()) -> dict[str, np.ndarray]:
     import copy
 
     import torch
@@ -177,7 +199,8 @@ def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str) -> di
     from .torch_frontend import reference_gradients
 
     model64 = copy.deepcopy(model).double()
-    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set), refs)
+    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms)),
+                    refs, bias_terms)
 
 
 def _directional_check(name: str, score: Callable[[np.ndarray], float], point: np.ndarray, grad: np.ndarray,
@@ -205,7 +228,7 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
     require_finite(got)
     targets = got[contract.TARGET_INDEX_OUTPUT]
-    checks = []
+    checks = _cam_weight_checks(got)
     vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
     if vanilla_input in got:
         scorer = _scorer(forward_model, score_tensor, targets, image_input, x, overridden=image_input)

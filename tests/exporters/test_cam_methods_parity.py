@@ -8,6 +8,10 @@ pytorch-grad-cam class is run once per model. The targets are EfficientNet-Lite0
 the photographs (Egyptian cat, espresso, and 450 for the astronaut), explicit for both models: a
 class with no positive evidence at the layer gives an all-zero map on both sides, which would
 compare nothing, so every reference map is checked to be non-degenerate.
+
+CAM (not in pytorch-grad-cam) is compared with torchcam's CAM at the layer that feeds each model's
+global average pooling (CAM_LAYERS), with the closed form CAM = Grad-CAM x h*w there, and refused at
+a layer without such a head.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ METHODS = {
     "eigengradcam": "EigenGradCAM",
 }
 MODELS = [("resnet18", "layer4"), ("efficientnet_lite0", "_bn1")]
+#: model -> (the layer that feeds its global average pooling: CAM's, a layer CAM is not defined for)
+CAM_LAYERS = {"resnet18": ("layer4", "layer3"), "efficientnet_lite0": ("_swish@1", "_bn1")}
 TARGETS = [285, 967, 450]
 TOLERANCE = 1e-4
 #: (model, method) -> (looser bound that still must hold, why 1e-4 is out of reach)
@@ -67,12 +73,14 @@ def _photos():
 
 @pytest.fixture(scope="module", params=MODELS, ids=[name for name, _ in MODELS])
 def exported(request, tmp_path_factory):
-    """(name, layer, torch model, path of its contract file, input batch), exported once per model."""
+    """(name, layer, torch model, path of its contract file, input batch), exported once per model
+    (with CAM_LAYERS' layers too)."""
     from camrt_exporters.export import export_torch, write_model
 
     name, layer = request.param
     model = load(name)
-    onnx_model, _ = export_torch(model, layers=[layer], rules=[contract.RULE_VANILLA])
+    layers = list(dict.fromkeys([layer, *CAM_LAYERS[name]]))  # the first one is the default layer
+    onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA])
     path = tmp_path_factory.mktemp("cam-methods") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
     x = _photos()
@@ -189,3 +197,73 @@ def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
         assert np.ptp(reference[i]) > 0, f"{name}/{method} sample {i}: degenerate reference map"
         diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
         assert diff <= TOLERANCE, f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}"
+
+
+def _cam_raw_maps(path, method, layer, x):
+    """camrt's raw maps [B, h, w] (before postprocessing) of `method` at `layer`."""
+    from camrt import Explainer
+    from camrt.methods.base import GraphOutputs
+
+    explainer = Explainer(path, method=method, layer=layer)
+    values = explainer.session.run(x, TARGETS, explainer.fetch)
+    return explainer.method.explain(GraphOutputs(values, x), layer=layer)
+
+
+def test_cam_matches_torchcam(exported):
+    """CAM (Zhou et al. 2016) against torchcam 0.5's CAM, which weights the hooked layer's maps by the
+    fc weights of the class, applies no ReLU and min-max normalises at the layer's resolution (eps
+    1e-8) without upsampling. So the comparison is at the layer's resolution (camrt's raw maps, min-max
+    normalised), plus camrt's heatmap against torchcam's raw map through camrt's postprocessing."""
+    import torch
+    from torchcam.methods import CAM
+
+    from camrt import Explainer, postprocess
+    from camrt_exporters.torch_frontend import parse_layer
+
+    name, _, model, path, x = exported
+    layer = CAM_LAYERS[name][0]
+    fc = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][0]
+    with CAM(model, target_layer=parse_layer(model, layer).module, fc_layer=fc) as extractor:
+        with torch.no_grad():
+            model(torch.from_numpy(x))
+        reference = extractor(class_idx=TARGETS, normalized=False)[0].numpy()
+    ours = _cam_raw_maps(path, "cam", layer, x)
+    assert ours.shape == reference.shape
+    diffs = [float(np.abs(_minmax(ours[i]) - _minmax(reference[i])).max()) for i in range(len(x))]
+    results = Explainer(path, method="cam", layer=layer).explain(x, targets=TARGETS)
+    heatmap_diffs = [float(np.abs(r.heatmap - postprocess.finalize([reference[i]], x.shape[2:], apply_relu=False)).max())
+                     for i, r in enumerate(results)]
+    message = f"cam on {name}/{layer}: max diff per sample {diffs}, heatmaps {heatmap_diffs}"
+    print(message)
+    assert all(np.ptp(m) > 0 for m in reference), f"{name}: flat reference maps"
+    assert max(diffs) <= TOLERANCE and max(heatmap_diffs) <= TOLERANCE, message
+
+
+def test_cam_equals_gradcam_on_gap_fc_head(exported):
+    """Closed form: on GAP -> FC, d y^c / d A^k_ij = w_k^c / (h w), so Grad-CAM's raw map is CAM's
+    divided by h w, and after Grad-CAM's ReLU both give the same normalised map."""
+    from camrt import postprocess
+
+    name, _, _, path, x = exported
+    layer = CAM_LAYERS[name][0]
+    cam = _cam_raw_maps(path, "cam", layer, x)
+    gradcam = _cam_raw_maps(path, "gradcam", layer, x)
+    area = cam.shape[1] * cam.shape[2]
+    scale = np.abs(cam).max(axis=(1, 2), keepdims=True)
+    assert np.abs(gradcam * area - cam).max(axis=(1, 2)).max() <= 1e-4 * scale.min(), name
+    diff = np.abs(postprocess.normalize(postprocess.relu(cam)) - postprocess.normalize(postprocess.relu(gradcam))).max()
+    assert diff <= TOLERANCE, f"{name}: normalised maps differ by {diff:.2e}"
+
+
+def test_cam_refuses_a_layer_without_gap_fc_head(exported):
+    """resnet18's layer3 feeds layer4, EfficientNet-Lite0's _bn1 its head activation: the file has
+    no class weights for them and `cam` says so, naming the layer and pointing to gradcam."""
+    from camrt import Explainer
+    from camrt.errors import ModelError
+    from camrt.session import read_contract
+
+    name, _, _, path, _ = exported
+    cam_layer, other = CAM_LAYERS[name]
+    assert read_contract(path).cam_layers == [cam_layer]
+    with pytest.raises(ModelError, match=rf"layer\(s\) {other} .*not followed by global average pooling.*gradcam"):
+        Explainer(path, method="cam", layer=other)

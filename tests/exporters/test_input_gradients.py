@@ -31,9 +31,9 @@ def l2_rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-def _input(name):
+def _input(name, size=224):
     if name != "efficientnet_lite0":
-        return np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+        return np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     import cv2
     import skimage.data
 

@@ -94,3 +94,103 @@ def test_not_onnx_is_refused(tmp_path):
     path.write_text("this is not a model")
     with pytest.raises(ExportError, match="not a readable ONNX file"):
         export_onnx(path)
+
+
+def _head_model(pool: str, flatten: str, linear: str) -> tuple[onnx.ModelProto, np.ndarray]:
+    """image -> Conv -> Relu ("relu", 4 channels) -> pool -> flatten -> linear -> logits (5 classes);
+    returns the model and the [classes, channels] weights of the class scores over the pooled channels."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(7)  # seeds 5, 11: finite-difference validation of "conv" trips on a ReLU kink
+    conv_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight = rng.standard_normal((5, 4)).astype(np.float32)  # class x channel
+    inits = {"conv_w": conv_w, "bias": rng.standard_normal(5).astype(np.float32),
+             "shape": np.array([-1, 4], dtype=np.int64), "axes": np.array([2, 3], dtype=np.int64)}
+    nodes = [helper.make_node("Conv", ["image", "conv_w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"])]
+    nodes.append({
+        "gap": helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+        "reducemean": helper.make_node("ReduceMean", ["relu"], ["pooled"], axes=[2, 3], keepdims=1),
+        "averagepool": helper.make_node("AveragePool", ["relu"], ["pooled"], kernel_shape=[8, 8]),
+    }[pool])
+    nodes.append({
+        "flatten": helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        "reshape": helper.make_node("Reshape", ["pooled", "shape"], ["flat"]),
+        "squeeze": helper.make_node("Squeeze", ["pooled", "axes"], ["flat"]),
+    }[flatten])
+    expected = weight
+    if linear == "gemm":
+        inits["w"] = weight
+        nodes.append(helper.make_node("Gemm", ["flat", "w", "bias"], ["logits"], transB=1))
+    elif linear == "gemm_alpha":
+        inits["w"] = weight.T.copy()
+        nodes.append(helper.make_node("Gemm", ["flat", "w", "bias"], ["logits"], alpha=2.0))
+        expected = 2 * weight
+    elif linear == "matmul_add":
+        inits["w"] = weight.T.copy()
+        nodes += [helper.make_node("MatMul", ["flat", "w"], ["product"]),
+                  helper.make_node("Add", ["product", "bias"], ["logits"])]
+    elif linear == "two_layers":
+        inits["w"], inits["w2"] = rng.standard_normal((4, 4)).astype(np.float32), weight
+        nodes += [helper.make_node("Gemm", ["flat", "w"], ["hidden"], transB=1),
+                  helper.make_node("Relu", ["hidden"], ["hidden_relu"]),
+                  helper.make_node("Gemm", ["hidden_relu", "w2", "bias"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), expected
+
+
+@pytest.mark.parametrize("pool, flatten, linear, layer, has_head", [
+    ("gap", "flatten", "gemm", "relu", True),
+    ("reducemean", "reshape", "matmul_add", "relu", True),
+    ("averagepool", "squeeze", "gemm_alpha", "relu", True),
+    ("gap", "flatten", "gemm", "conv", False),  # the Relu lies between the layer and the pooling
+    ("gap", "flatten", "two_layers", "relu", False),
+])
+def test_cam_weights_only_for_a_gap_and_linear_head(tmp_path, pool, flatten, linear, layer, has_head):
+    """CAM's class weights (Zhou et al. 2016) exist for a layer that feeds global average pooling ->
+    flatten -> one linear layer, in each of the forms ONNX files spell them; the output is the
+    target's row of the linear layer's weights over the channels (times Gemm's alpha). Any other
+    layer or head gets no CAM weights."""
+    model, weight = _head_model(pool, flatten, linear)
+    path = tmp_path / "head.onnx"
+    onnx.save(model, path)
+    exported, _ = export_onnx(path, layers=[layer], rules=["vanilla"])
+    meta = {p.key: p.value for p in exported.metadata_props}
+    assert meta[contract.META_CAM_LAYERS] == (f'["{layer}"]' if has_head else "[]")
+    names = [o.name for o in exported.graph.output]
+    assert (contract.cam_weights_output(layer) in names) == has_head
+    if has_head:
+        x = np.random.default_rng(4).standard_normal((3, 3, 8, 8)).astype(np.float32)
+        got = run_contract(exported, "image", x, np.array([4, 0, 2]))
+        np.testing.assert_array_equal(got[contract.cam_weights_output(layer)], weight[[4, 0, 2]])
+
+
+def test_cli_export_fullgrad_adds_the_bias_terms_and_the_vanilla_input_gradient(source, tmp_path):
+    """`camrt export --fullgrad`: one bias term per bias-carrying Conv (here the one Conv), the vanilla
+    input gradient added to the requested rule sets, and `fullgrad` runs on the file; the term is
+    d score / d conv * b, checked against d score / d conv from the same file exported with the layer."""
+    from click.testing import CliRunner
+
+    from camrt import Explainer
+    from camrt.cli import build_cli
+    from camrt.session import read_contract
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.plugin import register_commands
+
+    cli = build_cli()
+    register_commands(cli=cli)  # the exporters' plugin hook (entry-point autoloading is off in tests)
+    out = tmp_path / "fullgrad.camrt.onnx"
+    result = CliRunner().invoke(cli, ["export", str(source), "--fullgrad", "--rules", "guided",
+                                              "--layer", "conv", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = read_contract(out)
+    assert info.bias_terms == ["conv"] and info.rule_sets == ["guided", "vanilla"]
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = run_contract(onnx.load(out), "image", x, np.array([-1, 2]))
+    bias = GraphIndex(onnx.load(source)).value("conv_b")  # a Constant node
+    np.testing.assert_allclose(got[contract.bias_gradient_output("conv")],
+                               got[contract.gradient_output("conv")] * bias[None, :, None, None], rtol=1e-6)
+    assert Explainer(out, method="fullgrad").explain(x)[0].heatmap.shape == (16, 16)

@@ -76,6 +76,7 @@ def build_tiny_model(
     labels: list[str] | None = LABELS,
     preprocessing: contract.Preprocessing | None = None,
     metadata_overrides: dict[str, str | None] | None = None,
+    fullgrad: bool = False,
 ) -> TinyModel:
     import onnx
 
@@ -102,6 +103,7 @@ def build_tiny_model(
     built = build_contract_model(
         model, image_input="image", score=score, layers={name: name for name in layers},
         input_rule_sets=[chosen[r] for r in rule_sets], vanilla=VANILLA, metadata=meta, keep_outputs=["probs"],
+        fullgrad=fullgrad,
     )
     onnx.save(built, path)
     return TinyModel(path, w1, b1, w2, b2, preprocessing)
