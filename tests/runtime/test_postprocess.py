@@ -83,5 +83,8 @@ def test_finalize_invariants(raw, height, width, factor):
     assert out.min() >= 0 and out.max() <= 1
     scaled = postprocess.finalize([raw * np.float32(factor)], (height, width))
     spread = float(np.maximum(raw, 0).max() - np.maximum(raw, 0).min())
-    if spread * min(factor, 1) > 1e-2:  # away from the epsilon's influence
+    # The final normalisation of a resized map that came out (nearly) constant amplifies float32
+    # rounding (e.g. a 2x3 map shrunk to 1x2), so invariance is only expected away from that.
+    resized = postprocess.upsample(postprocess.normalize(postprocess.relu(raw)), (height, width))
+    if spread * min(factor, 1) > 1e-2 and float(resized.max() - resized.min()) > 1e-2:
         np.testing.assert_allclose(scaled, out, atol=1e-4)
