@@ -35,9 +35,12 @@ DEFAULT_PLUGINS = (
     "camrt.methods.deconvnet",
     "camrt.methods.guided_gradcam",
     "camrt.methods.scorecam",
+    "camrt.methods.sscam",
+    "camrt.methods.iscam",
     "camrt.methods.ablationcam",
     "camrt.methods.smoothgrad",
     "camrt.methods.integrated_gradients",
+    "camrt.methods.smooth_gradcam_plusplus",
 )
 
 _lock = threading.Lock()

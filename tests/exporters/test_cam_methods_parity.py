@@ -55,12 +55,12 @@ def _minmax(m):
     return m / (m.max() + 1e-7)
 
 
-def _photos():
-    """chelsea, coffee, astronaut at 224x224, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
+def _photos(size: int = 224):
+    """chelsea, coffee, astronaut at size x size, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
     import cv2
     import skimage.data
 
-    photos = [cv2.resize(getattr(skimage.data, n)(), (224, 224), interpolation=cv2.INTER_AREA)
+    photos = [cv2.resize(getattr(skimage.data, n)(), (size, size), interpolation=cv2.INTER_AREA)
               for n in ("chelsea", "coffee", "astronaut")]
     return ((np.stack(photos).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
 
