@@ -17,7 +17,7 @@ The baseline term cancels in the channel softmax, as in Score-CAM.
 Difference from torchcam's ISCAM (default n_samples=10, as here): torchcam min-max normalises A^k
 before upsampling (camrt: s(Up(A^k)), as Score-CAM's paper) and keeps constant channels (camrt
 skips them). With the masks made the same way the maps agree within 1e-4
-(tests/exporters/test_score_family.py). Deterministic: no seed.
+(tests/exporters/test_perturbation_methods.py). Deterministic: no seed.
 
 Cost: N forward passes per non-constant channel and sample.
 """

@@ -20,7 +20,7 @@ model input, camrt takes), where camrt follows the paper: torchcam's denominator
 sum_ab A^k_ab D^3_ab (one value per channel) instead of sum_ab A^k_ab * D^3_ij; it weights
 alpha by ReLU of the last noisy copy's gradient instead of ReLU(D^1); it combines the last noisy
 copy's activations instead of the clean input's; and its eps is 1e-8. The test reproduces both
-formulas from torchcam's own noisy passes fed camrt's noise (tests/exporters/test_score_family.py).
+formulas from torchcam's own noisy passes fed camrt's noise (tests/exporters/test_perturbation_methods.py).
 
 Randomness: ``numpy.random.default_rng(seed).standard_normal`` (float32) times `std`, drawn
 sample by sample, copy by copy, each of the model input's shape [C, H, W] (as camrt's SmoothGrad).

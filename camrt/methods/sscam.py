@@ -18,7 +18,7 @@ input resolution: a fixed seed gives the same maps whatever `batch_size`.
 Differences from torchcam 0.5's SSCAM (whose defaults, n_samples=35 and std=2.0, camrt takes):
 torchcam min-max normalises A^k before upsampling (camrt: the paper's s(Up(A^k))), and gives
 constant channels the mask 0 + noise (camrt skips them, as its Score-CAM does). With the masks made
-the paper's way and the same noise, the maps agree within 1e-4 (tests/exporters/test_score_family.py).
+the paper's way and the same noise, the maps agree within 1e-4 (tests/exporters/test_perturbation_methods.py).
 
 Cost: N forward passes per non-constant channel and sample (35 x 512 for a ResNet layer4).
 """

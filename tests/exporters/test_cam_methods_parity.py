@@ -196,38 +196,3 @@ def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
         assert np.ptp(reference[i]) > 0, f"{name}/{method} sample {i}: degenerate reference map"
         diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
         assert diff <= TOLERANCE, f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}"
-
-
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "eigencam"])
-def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
-    """aug_smooth=True: the mean of the heatmaps of the six flipped / scaled inputs (ttach's
-    HorizontalFlip x Multiply([0.9, 1, 1.1]), each heatmap flipped back), as pytorch-grad-cam's
-    forward_augmentation_smoothing computes it, within 1e-4 on min-max maps (camrt normalises the
-    mean once more; pytorch-grad-cam does not). Score-CAM: tests/exporters/test_score_family.py."""
-    from camrt import Explainer
-
-    name, layer, model, path, x = exported
-    x, targets = x[1:2], TARGETS[1:2]  # one input: seven passes on each side
-    explainer = Explainer(path, method=method, aug_smooth=True)
-    (ours,) = explainer.explain(x, targets=targets)
-    (reference,) = _reference_maps(model, layer, method, x, targets, aug_smooth=True)
-    (plain,) = _reference_maps(model, layer, method, x, targets)
-    assert np.ptp(reference) > 0.5, f"{name}/{method}: degenerate reference map"
-    diff = float(np.abs(_minmax(ours.heatmap) - _minmax(reference)).max())
-    print(f"{name}/{method} aug_smooth: max diff {diff:.2e}")
-    assert diff <= TOLERANCE, f"{name}/{method} aug_smooth: max diff {diff:.2e}"
-    assert float(np.abs(_minmax(plain) - _minmax(reference)).max()) > 10 * TOLERANCE  # the option changes the map
-    logits = explainer.session.run(x, targets, [contract.LOGITS_OUTPUT])[contract.LOGITS_OUTPUT]
-    assert ours.target == targets[0] and ours.score == float(logits[0, targets[0]])  # the original input's record
-
-
-def test_aug_smooth_is_refused_for_input_methods(exported):
-    from camrt import Explainer
-    from camrt.errors import UsageError
-
-    path = exported[3]
-    with pytest.raises(UsageError, match="aug_smooth applies to CAM-family"):
-        Explainer(path, method="saliency", aug_smooth=True)
-    with pytest.raises(UsageError, match="must be bool"):
-        Explainer(path, method="gradcam", aug_smooth="sometimes")
-    assert Explainer(path, method="gradcam", aug_smooth="true").aug_smooth is True  # text from `-O aug_smooth=true`
