@@ -20,6 +20,8 @@ _LAZY = {
     "preprocess": "camrt.images",
     "Method": "camrt.methods.base",
     "ActivationWeightingMethod": "camrt.methods.base",
+    "ElementwiseWeightingMethod": "camrt.methods.base",
+    "ScoreWeightedMethod": "camrt.methods.scorecam",
     "Requirements": "camrt.methods.base",
     "GraphOutputs": "camrt.methods.base",
     "hookimpl": "camrt.hookspecs",

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import contract, postprocess
 from .errors import InputError, ModelError, PluginError, UsageError
-from .methods.base import GraphOutputs, Method
+from .methods.base import GraphOutputs, Method, _coerce
 from .session import ExplainSession
 
 
@@ -70,11 +70,15 @@ class Explainer:
         layer: str | Sequence[str] | None = None,
         softmax: bool | None = None,
         custom_op_libraries: Sequence[str | os.PathLike] | None = None,
+        aug_smooth: bool | str = False,
         **method_options: Any,
     ):
         """softmax: give each result the softmax probability of its target; None: when the file's
         model ends in a softmax (its score metadata says so). custom_op_libraries: onnxruntime
-        custom-op libraries the file may use (refused otherwise)."""
+        custom-op libraries the file may use (refused otherwise). aug_smooth: average the heatmaps
+        of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
+        `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family (layer) methods only. Other
+        keyword arguments are the method's options."""
         self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries)
         if isinstance(method, Method):
             if method_options:
@@ -90,6 +94,7 @@ class Explainer:
             self.method = cls(**method_options)
             self.method_plugin = registry.plugin_of(cls.name)
         self.layers: tuple[str, ...] = self._resolve_layers(layer)
+        self.aug_smooth: bool = self._check_aug_smooth(aug_smooth)
         self.fetch: tuple[str, ...] = (
             contract.LOGITS_OUTPUT,
             contract.TARGET_INDEX_OUTPUT,
@@ -136,6 +141,15 @@ class Explainer:
                 f"re-export it with `camrt export ... {flags}`"
             )
         return tuple(dict.fromkeys(layers))
+
+    def _check_aug_smooth(self, aug_smooth: bool | str) -> bool:
+        value = _coerce(aug_smooth, bool, self.method.name, "aug_smooth")
+        if not isinstance(value, bool):
+            raise UsageError(f"aug_smooth must be true or false, got {aug_smooth!r}")
+        if value and not self.method.requires.uses_layers:
+            raise UsageError(f"aug_smooth applies to CAM-family (layer) methods; method {self.method.name!r} "
+                             "explains the input")
+        return value
 
     def _check_outputs(self) -> None:
         requires = self.method.requires
@@ -224,6 +238,28 @@ class Explainer:
             raise InputError(f"targets must be integers, got {targets!r}")
         return [contract.TOP1_TARGET if t is None else t for t in targets]
 
+    def _raw_maps(self, outputs: GraphOutputs) -> list[np.ndarray]:
+        """The method's checked raw maps, one [B, h, w] array per explained layer."""
+        return [self._checked(self.method.explain(outputs, layer=layer), layer, outputs)
+                for layer in (self.layers or (None,))]
+
+    def _augmented_raw_maps(self, x: np.ndarray, targets: np.ndarray,
+                            raw: list[np.ndarray]) -> list[tuple[bool, list[np.ndarray]]]:
+        """(flip, raw maps) for each augmented copy of the input (aug_smooth); the unchanged copy
+        reuses `raw`. Every copy explains the class resolved for the original input (for top-1,
+        pytorch-grad-cam takes each copy's own top-1 instead)."""
+        from .context import ExplainContext
+
+        augmented = []
+        for flip, factor in postprocess.AUGMENTATIONS:
+            if not flip and factor == 1.0:
+                augmented.append((flip, raw))
+                continue
+            x_aug = postprocess.augment(x, flip, factor)
+            values = self.session.run(x_aug, targets, self.fetch)
+            augmented.append((flip, self._raw_maps(GraphOutputs(values, x_aug, ExplainContext(self.session, x_aug, targets)))))
+        return augmented
+
     def explain(self, images: Any, targets: Any = None) -> list[Explanation]:
         """Explain a batch.
 
@@ -257,17 +293,22 @@ class Explainer:
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
         method = self.method
-        raw = [self._checked(method.explain(outputs, layer=layer), layer, outputs)
-               for layer in (self.layers or (None,))]
+        raw = self._raw_maps(outputs)
         logits = outputs.logits
         target_index = outputs.target_index.astype(np.int64)
+        augmented = self._augmented_raw_maps(x, target_index, raw) if self.aug_smooth else None
         probabilities = _softmax(logits) if self.softmax else None
         labels = self.info.labels
         layer_field = ",".join(self.layers) if self.layers else None
         results = []
         for i, size in enumerate(sizes):
             target = int(target_index[i])
-            heatmap = postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
+            if augmented is None:
+                heatmap = postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
+            else:
+                heatmap = postprocess.merge_augmented([
+                    (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=method.relu))
+                    for flip, maps_t in augmented])
             results.append(Explanation(
                 heatmap=heatmap,
                 target=target,

@@ -12,6 +12,13 @@ heatmap that is shown and saved. It is pytorch-grad-cam's pipeline (`base_cam.py
 Each step runs exactly once per heatmap, here and nowhere else. With one layer, step 2's
 normalisation only stretches the upsampled map back to exactly [0, 1] (bilinear upsampling need
 not hit the low-resolution extremes).
+
+Test-time augmentation (the explainer's ``aug_smooth``; pytorch-grad-cam's
+``forward_augmentation_smoothing`` with its default ttach transforms): the input is flipped
+horizontally or not and multiplied by 0.9, 1 or 1.1 (`AUGMENTATIONS`, ttach's order); each of the
+six inputs gets its full heatmap (steps 1-2 above), which is flipped back, and the six are
+averaged (`merge_augmented`). pytorch-grad-cam returns that mean as it is; camrt min-max
+normalises it once more, so that every heatmap spans [0, 1].
 """
 
 from __future__ import annotations
@@ -75,3 +82,21 @@ def finalize(maps: Sequence[np.ndarray], size: tuple[int, int], *, apply_relu: b
             raise ValueError(f"a raw map must be [h, w], got {raw.shape}")
         per_layer.append(upsample(normalize(relu(raw) if apply_relu else raw), size))
     return normalize(fuse(per_layer))
+
+
+#: (horizontal flip, factor) of each augmented input: ttach.Compose([HorizontalFlip(),
+#: Multiply([0.9, 1, 1.1])]) as pytorch-grad-cam 1.5.7's aug_smooth uses it, in ttach's order.
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+
+
+def augment(inputs: np.ndarray, flip: bool, factor: float) -> np.ndarray:
+    """An augmented copy of model inputs [B, C, H, W]: flipped along W if `flip`, times `factor`."""
+    flipped = inputs[..., ::-1] if flip else inputs
+    return np.ascontiguousarray(flipped * np.float32(factor), dtype=np.float32)
+
+
+def merge_augmented(heatmaps: Sequence[tuple[bool, np.ndarray]]) -> np.ndarray:
+    """(flip, heatmap [H, W] of the augmented input) pairs -> the mean of the heatmaps flipped back,
+    min-max normalised."""
+    restored = [heatmap[:, ::-1] if flip else heatmap for flip, heatmap in heatmaps]
+    return normalize(np.mean(np.stack(restored).astype(np.float32), axis=0, dtype=np.float32))

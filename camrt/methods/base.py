@@ -217,6 +217,8 @@ class Method(ABC):
             default = f.default if f.default is not dataclasses.MISSING else None
             kind = hints.get(f.name, Any)
             options.append({"name": f.name, "type": getattr(kind, "__name__", str(kind)), "default": default})
+        if cls.requires.uses_layers:  # the explainer's option for every layer method (camrt.postprocess)
+            options.append({"name": "aug_smooth", "type": "bool", "default": False})
         doc = (cls.__doc__ or "").strip().splitlines()
         return {
             "name": cls.name,
@@ -263,6 +265,13 @@ class InputGradientMethod(Method):
         return channel_max_abs(self.attribution(outputs, layer=layer))
 
 
+@dataclass(frozen=True)
+class EigenSmoothOptions:
+    """eigen_smooth: first principal component of the weighted activations instead of their sum."""
+
+    eigen_smooth: bool = False
+
+
 class ActivationWeightingMethod(Method):
     """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`.
 
@@ -272,22 +281,24 @@ class ActivationWeightingMethod(Method):
 
     requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
 
-    @dataclass(frozen=True)
-    class Options:
-        """eigen_smooth: first principal component of the weighted activations instead of their sum."""
-
-        eigen_smooth: bool = False
+    Options = EigenSmoothOptions
 
     @abstractmethod
     def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         """Channel weights [B, K] from activations and gradients [B, K, h, w]."""
 
+    def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+        """Channel weights [B, K] of `layer`: `weights` of its activations and gradients (methods
+        that need further passes, e.g. Smooth Grad-CAM++, override this instead)."""
+        activations = outputs.activation(layer)
+        gradients = outputs.gradient(layer) if self.requires.gradients else np.zeros_like(activations)
+        return self.weights(activations, gradients)
+
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
         if layer is None:
             raise UsageError(f"method {self.name!r} needs a layer")
         activations = outputs.activation(layer)
-        gradients = outputs.gradient(layer) if self.requires.gradients else np.zeros_like(activations)
-        weights = np.asarray(self.weights(activations, gradients), dtype=np.float32)
+        weights = np.asarray(self.layer_weights(outputs, layer), dtype=np.float32)
         batch, channels, height, width = activations.shape
         if weights.shape != (batch, channels):
             raise PluginError(f"method {self.name!r} returned weights of shape {weights.shape}, expected {(batch, channels)}")
@@ -297,3 +308,30 @@ class ActivationWeightingMethod(Method):
             return first_principal_component(weights[:, :, None, None] * activations)
         flat = activations.reshape(batch, channels, height * width).astype(np.float32, copy=False)
         return np.matmul(weights[:, None, :], flat).reshape(batch, height, width)
+
+
+class ElementwiseWeightingMethod(Method):
+    """The element-wise CAM family (HiResCAM, Grad-CAM element-wise, Layer-CAM): map = sum_k of
+    per-element weighted activations [B, K, h, w]; subclasses implement `weighted_activations`.
+
+    Option eigen_smooth (pytorch-grad-cam's ``get_cam_image`` of these classes): the map is the
+    projection of the weighted activations on their first principal component instead of their sum.
+    """
+
+    requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
+
+    Options = EigenSmoothOptions
+
+    @abstractmethod
+    def weighted_activations(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """[B, K, h, w] from activations and gradients [B, K, h, w]."""
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        weighted = self.weighted_activations(outputs.activation(layer), outputs.gradient(layer))
+        if self.options.eigen_smooth:
+            from .projection import first_principal_component
+
+            return first_principal_component(weighted)
+        return weighted.sum(axis=1, dtype=np.float32)

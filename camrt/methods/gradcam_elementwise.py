@@ -8,29 +8,26 @@ L^c_ij = sum_k ReLU(dS^c / dA^k_ij * A^k_ij) -- like HiResCAM (Draelos & Carin 2
 element-wise product is rectified before the channel sum, so negative evidence in one channel
 cannot cancel positive evidence in another. The final ReLU, upsampling and normalisation are
 applied by `camrt.postprocess`.
+Option eigen_smooth (pytorch-grad-cam's): the first principal component of the weighted
+activations instead of their sum (camrt.methods.base.ElementwiseWeightingMethod).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, Method, Requirements
+from .base import ElementwiseWeightingMethod
 
 
-class GradCAMElementWise(Method):
+class GradCAMElementWise(ElementwiseWeightingMethod):
     """Grad-CAM element-wise: rectified gradient x activation, summed over channels (pytorch-grad-cam)."""
 
     name = "gradcam-elementwise"
     aliases = ("gradcamelementwise", "grad-cam-elementwise")
-    requires = Requirements(activations=True, gradients=True)
 
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        product = outputs.gradient(layer) * outputs.activation(layer)
-        return np.maximum(product, 0).sum(axis=1, dtype=np.float32)
+    def weighted_activations(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        return np.maximum(gradients * activations, 0)
 
 
 @hookimpl

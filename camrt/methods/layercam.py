@@ -9,29 +9,26 @@ M^c = ReLU(sum_k w^kc * A^k)  (element-wise product, summed over channels).
 The outer ReLU, upsampling and normalisation are applied by `camrt.postprocess`. Multi-layer
 maps are fused by `camrt.postprocess` like every other method (the mean, as pytorch-grad-cam
 does), not by the paper's tanh rescaling (eq. 9) and element-wise max (as torchcam does).
+Option eigen_smooth (pytorch-grad-cam's): the first principal component of the weighted
+activations instead of their sum (camrt.methods.base.ElementwiseWeightingMethod).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, Method, Requirements
+from .base import ElementwiseWeightingMethod
 
 
-class LayerCAM(Method):
+class LayerCAM(ElementwiseWeightingMethod):
     """Layer-CAM: activations weighted element-wise by their positive gradients (Jiang et al. 2021)."""
 
     name = "layercam"
     aliases = ("layer-cam",)
-    requires = Requirements(activations=True, gradients=True)
 
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        weights = np.maximum(outputs.gradient(layer), 0)
-        return (weights * outputs.activation(layer)).sum(axis=1, dtype=np.float32)
+    def weighted_activations(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        return np.maximum(gradients, 0) * activations
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Score-CAM.
+"""Score-CAM, and the score-weighting machinery SS-CAM and IS-CAM share (`ScoreWeightedMethod`).
 
 Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual Explanations for
 Convolutional Neural Networks", CVPR Workshops 2020 (arXiv:1910.01279), sec. 3 and Algorithm 1:
@@ -17,19 +17,23 @@ Where implementations disagree:
 - pytorch-grad-cam 1.5.7 uses the same weights as camrt (softmax over channels of the target
   logits) but upsamples with align_corners=True (UpsamplingBilinear2d);
 - torchcam 0.5 also reduces to softmax_k(f^c(M_k)) (it subtracts the unmasked input's logit, a
-  constant) but normalises A^k before upsampling.
+  constant) but normalises A^k before upsampling (s(Up(A^k)) != Up(s(A^k)): bilinear upsampling
+  does not reach the low-resolution extremes), in Score-CAM, SS-CAM and IS-CAM alike.
 camrt's masks are the paper's s(Up(A^k)) with pixel-centre bilinear upsampling (cv2 INTER_LINEAR,
 = torch ``interpolate(..., align_corners=False)`` as in the authors' code); the weights match
 pytorch-grad-cam's and torchcam's formula. Channels that are constant have no mask (s is
 undefined): as in the authors' code they are skipped (weight 0, left out of the softmax).
 The ReLU of eq. 6, upsampling and normalisation of the map are `camrt.postprocess`'s.
 
-Cost: one forward pass per non-constant channel and sample, run `batch_size` masked inputs at a
-time (at most `batch_size` masked inputs are held at once).
+`ScoreWeightedMethod` is that pipeline with one variation point, `perturb`: SS-CAM
+(camrt.methods.sscam) and IS-CAM (camrt.methods.iscam) score each mask over `n_samples`
+perturbed copies (noisy masks; scaled masks) and average the target logits before the softmax.
+
+Cost: one forward pass per non-constant channel, sample and perturbation, run `batch_size` masked
+inputs at a time (at most `batch_size` masked inputs are held at once).
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 
@@ -39,14 +43,36 @@ from ..postprocess import upsample
 from .base import BatchOptions, GraphOutputs, Method, Requirements
 
 
-class ScoreCAM(Method):
-    """Score-CAM: channels weighted by the softmax over channels of the target logit of the input masked by each channel (Wang et al. 2020)."""
+def score_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H^k = s(Up(A^k)) for non-constant channels [n, h, w] -> [n, H, W] float32 in [0, 1]."""
+    masks = upsample(activations, size)
+    low = masks.min(axis=(1, 2), keepdims=True)
+    high = masks.max(axis=(1, 2), keepdims=True)
+    return (masks - low) / (high - low)
 
-    name = "scorecam"
-    aliases = ("score-cam",)
+
+class ScoreWeightedMethod(Method):
+    """The Score-CAM family: alpha = softmax over channels of the mean target logit of the input
+    masked by each channel's perturbed masks; map = sum_k alpha_k A^k.
+
+    Subclasses set `n_samples` (perturbations per mask; an option or a constant) and implement
+    `perturb`. For each sample, perturbation i = 0..n_samples-1 runs over the live channels in
+    chunks of `batch_size`, in that order (so a seeded noise stream does not depend on batch_size).
+    """
+
     requires = Requirements(activations=True, extra_passes=True)
 
-    Options = BatchOptions
+    def samples(self) -> int:
+        """Perturbations per mask."""
+        return 1
+
+    def perturb(self, masks: np.ndarray, index: int, rng: np.random.Generator | None) -> np.ndarray:
+        """The `index`-th perturbation of masks [n, H, W] (the identity for Score-CAM)."""
+        return masks
+
+    def rng(self) -> np.random.Generator | None:
+        """The random stream of one call (None for deterministic perturbations)."""
+        return None
 
     def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         """alpha [B, K] (float64)."""
@@ -57,20 +83,21 @@ class ScoreCAM(Method):
         batch, channels = acts.shape[:2]
         size = x.shape[2:]
         step = self.options.batch_size
+        samples = self.samples()
+        rng = self.rng()
         alpha = np.zeros((batch, channels), dtype=np.float64)
         for b in range(batch):
             flat = acts[b].reshape(channels, -1)
             live = np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))  # constant channels have no mask
-            scores = np.empty(live.size, dtype=np.float64)
-            for start in range(0, live.size, step):
-                chosen = live[start:start + step]
-                masks = upsample(acts[b, chosen], size)  # [n, H, W]
-                low = masks.min(axis=(1, 2), keepdims=True)
-                high = masks.max(axis=(1, 2), keepdims=True)
-                masks = (masks - low) / (high - low)
-                logits = context.forward(x[b][None] * masks[:, None])
-                scores[start:start + chosen.size] = logits[:, targets[b]]
+            scores = np.zeros(live.size, dtype=np.float64)
+            for index in range(samples):
+                for start in range(0, live.size, step):
+                    chosen = live[start:start + step]
+                    masks = self.perturb(score_masks(acts[b, chosen], size), index, rng)
+                    logits = context.forward(x[b][None] * masks[:, None])
+                    scores[start:start + chosen.size] += logits[:, targets[b]]
             if live.size:
+                scores /= samples
                 shifted = np.exp(scores - scores.max())
                 alpha[b, live] = shifted / shifted.sum()
         return alpha
@@ -82,6 +109,15 @@ class ScoreCAM(Method):
         acts = outputs.activation(layer).astype(np.float32, copy=False)
         batch, channels, height, width = acts.shape
         return np.matmul(alpha[:, None, :], acts.reshape(batch, channels, -1)).reshape(batch, height, width)
+
+
+class ScoreCAM(ScoreWeightedMethod):
+    """Score-CAM: channels weighted by the softmax over channels of the target logit of the input masked by each channel (Wang et al. 2020)."""
+
+    name = "scorecam"
+    aliases = ("score-cam",)
+
+    Options = BatchOptions
 
 
 @hookimpl

@@ -61,12 +61,12 @@ def _minmax(m):
     return m / (m.max() + 1e-7)
 
 
-def _photos():
-    """chelsea, coffee, astronaut at 224x224, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
+def _photos(size: int = 224):
+    """chelsea, coffee, astronaut at size x size, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
     import cv2
     import skimage.data
 
-    photos = [cv2.resize(getattr(skimage.data, n)(), (224, 224), interpolation=cv2.INTER_AREA)
+    photos = [cv2.resize(getattr(skimage.data, n)(), (size, size), interpolation=cv2.INTER_AREA)
               for n in ("chelsea", "coffee", "astronaut")]
     return ((np.stack(photos).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
 
@@ -174,25 +174,32 @@ def test_methods_listed_by_cli():
     assert listed["layercam"]["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam"])
-def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
-    """eigen_smooth=True: the first principal component of the weighted activations, as
-    pytorch-grad-cam computes it (same sign convention), within the same 1e-4."""
+def _reference_maps(model, layer, method, x, targets, **options):
+    """pytorch-grad-cam's maps of `method` (camrt's name) on `layer` for explicit targets."""
     import pytorch_grad_cam
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from camrt import Explainer
     from camrt_exporters.torch_frontend import parse_layer
+
+    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", **METHODS}[method])
+    module = dict(model.named_modules())[parse_layer(model, layer).module]
+    with reference_class(model=model, target_layers=[module]) as cam:
+        return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets], **options)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"])
+def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
+    """eigen_smooth=True: the first principal component of the weighted activations (channel
+    weighting) or of the element-wise weighted activations (HiResCAM, Grad-CAM element-wise,
+    Layer-CAM), as pytorch-grad-cam computes it (same sign convention), within the same 1e-4."""
+    from camrt import Explainer
 
     name, layer, model, path, x = exported
     if (name, method) in KNOWN:
         pytest.xfail(KNOWN[(name, method)][1])
     ours = Explainer(path, method=method, eigen_smooth=True).explain(x, targets=TARGETS)
-    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", **METHODS}[method])
-    module = dict(model.named_modules())[parse_layer(model, layer).module]
-    with reference_class(model=model, target_layers=[module]) as cam:
-        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in TARGETS], eigen_smooth=True)
+    reference = _reference_maps(model, layer, method, x, TARGETS, eigen_smooth=True)
     for i, result in enumerate(ours):
         assert np.ptp(reference[i]) > 0, f"{name}/{method} sample {i}: degenerate reference map"
         diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())

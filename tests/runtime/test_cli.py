@@ -174,7 +174,8 @@ def test_methods_json_and_table():
     (gradcam,) = [m for m in json.loads(result.stdout) if m["name"] == "gradcam"]
     assert gradcam["aliases"] == list(GradCAM.aliases)
     assert gradcam["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
-    assert gradcam["options"] == [{"name": "eigen_smooth", "type": "bool", "default": False}]
+    assert gradcam["options"] == [{"name": "eigen_smooth", "type": "bool", "default": False},
+                                  {"name": "aug_smooth", "type": "bool", "default": False}]
     assert gradcam["plugin"] == "camrt.methods.gradcam"
     table = run("methods").stdout.splitlines()
     assert table[0].split()[:3] == ["NAME", "ALIASES", "REQUIRES"]

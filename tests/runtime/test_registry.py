@@ -95,7 +95,8 @@ def test_options_typed_and_unknown_rejected():
         WithOptions(power="high")
     described = WithOptions.describe()
     assert described["options"] == [{"name": "power", "type": "float", "default": 1.0},
-                                     {"name": "absolute", "type": "bool", "default": False}]
+                                     {"name": "absolute", "type": "bool", "default": False},
+                                     {"name": "aug_smooth", "type": "bool", "default": False}]  # the explainer's
     assert described["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
 
 
