@@ -68,8 +68,11 @@ class Explainer:
         device: str = "auto",
         threads: int | None = None,
         layer: str | Sequence[str] | None = None,
+        device_postprocess: bool = False,
         **method_options: Any,
     ):
+        """device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
+        that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM)."""
         self.session = ExplainSession(path, device=device, threads=threads)
         if isinstance(method, Method):
             if method_options:
@@ -94,7 +97,20 @@ class Explainer:
         if self.method.requires.tail:
             for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
                 self.session.tail_plan(name)
-        self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
+        self._fused = self._fused_session() if device_postprocess else None
+        if self._fused is None:
+            self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
+
+    def _fused_session(self):
+        from . import fused
+
+        method = self.method
+        if getattr(method, "weights_graph", None) is None or getattr(method.options, "eigen_smooth", False):
+            raise UsageError(f"method {method.name!r} cannot make its heatmaps inside the session (it has no "
+                             "ONNX weights_graph, or eigen_smooth is on); use device_postprocess=False")
+        return self.session.prepare(
+            self.fetch, name=f"heatmap:{method.name}",
+            extend=lambda model: fused.heatmap_model(model, self.layers, method.weights_graph, method.relu))
 
     # -- setup ---------------------------------------------------------------------------
     @property
@@ -211,6 +227,8 @@ class Explainer:
         (an int, or -1/None for top-1).
         """
         x, sizes = self.prepare(images)
+        if self._fused is not None:
+            return self._explain_fused(x, self._targets(targets, x.shape[0]), sizes)
         values = self.session.run(x, self._targets(targets, x.shape[0]), self.fetch)
         from .context import ExplainContext
 
@@ -219,16 +237,38 @@ class Explainer:
         method = self.method
         raw = [self._checked(method.explain(outputs, layer=layer), layer, outputs)
                for layer in (self.layers or (None,))]
-        logits = outputs.logits
-        target_index = outputs.target_index.astype(np.int64)
+        heatmaps = [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
+                    for i, size in enumerate(sizes)]
+        return self._explanations(values, heatmaps, context.extra)
+
+    def _explain_fused(self, x: np.ndarray, targets: list, sizes: list[tuple[int, int]]) -> list[Explanation]:
+        """One session run per distinct heatmap size (one run when the images share a size)."""
+        from . import fused
+
+        fetch = [fused.HEATMAP_OUTPUT, contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
+        heatmaps: list = [None] * len(sizes)
+        values = {name: [None] * len(sizes) for name in fetch[1:]}
+        for size in dict.fromkeys(sizes):
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            got = self.session.run(x[rows], [targets[i] for i in rows], fetch, session=self._fused,
+                                   fixed={fused.SIZE_INPUT: np.asarray(size, dtype=np.int64)})
+            for j, i in enumerate(rows):
+                heatmaps[i] = got[fused.HEATMAP_OUTPUT][j]
+                for name in fetch[1:]:
+                    values[name][i] = got[name][j]
+        return self._explanations({k: np.stack(v) for k, v in values.items()}, heatmaps, {})
+
+    def _explanations(self, values, heatmaps: list[np.ndarray], extra: dict) -> list[Explanation]:
+        method = self.method
+        logits = values[contract.LOGITS_OUTPUT]
+        target_index = values[contract.TARGET_INDEX_OUTPUT].astype(np.int64)
         softmax = bool(self.info.score.get("softmax", False))
         probabilities = _softmax(logits) if softmax else None
         labels = self.info.labels
         layer_field = ",".join(self.layers) if self.layers else None
         results = []
-        for i, size in enumerate(sizes):
+        for i, heatmap in enumerate(heatmaps):
             target = int(target_index[i])
-            heatmap = postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
             results.append(Explanation(
                 heatmap=heatmap,
                 target=target,
@@ -237,6 +277,6 @@ class Explainer:
                 label=labels[target] if labels and 0 <= target < len(labels) else None,
                 layer=layer_field,
                 method=method.name,
-                extra={key: value[i] for key, value in context.extra.items()},
+                extra={key: value[i] for key, value in extra.items()},
             ))
         return results

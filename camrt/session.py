@@ -11,7 +11,7 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,20 +249,24 @@ class ExplainSession:
         #: The graph's batch size when it is static (the file then runs in chunks of it), else None.
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
 
-    def prepare(self, fetch: Sequence[str]):
-        """The onnxruntime session of the subgraph computing `fetch` (created once, then cached)."""
-        key = tuple(sorted(set(fetch)))
+    def prepare(self, fetch: Sequence[str], extend: Callable[[Any], Any] | None = None, name: str = ""):
+        """The onnxruntime session of the subgraph computing `fetch` (created once, then cached).
+
+        extend: a function of the pruned ONNX model returning the model the session runs (e.g.
+        `camrt.fused.heatmap_model`), cached under `name` next to `fetch`."""
+        key = tuple(sorted(set(fetch))) + ((f"extended:{name}",) if extend is not None else ())
         session = self._sessions.get(key)
         if session is not None:
             return session
-        missing = [name for name in key if name not in self.output_names]
+        missing = [n for n in set(fetch) if n not in self.output_names]
         if missing:
-            raise ModelError(f"{self.path} has no output(s) {missing}; re-export it with `camrt export`")
+            raise ModelError(f"{self.path} has no output(s) {sorted(missing)}; re-export it with `camrt export`")
         import onnxruntime as ort
 
         with self._lock:
             if key not in self._sessions:
-                subgraph = _subgraph(self._model, key).SerializeToString()
+                pruned = _subgraph(self._model, sorted(set(fetch)))
+                subgraph = (extend(pruned) if extend is not None else pruned).SerializeToString()
                 try:
                     self._sessions[key] = ort.InferenceSession(subgraph, sess_options=self._options,
                                                                providers=self._providers)
@@ -306,17 +310,21 @@ class ExplainSession:
         return np.ascontiguousarray(array, dtype=np.float32)
 
     # -- running -------------------------------------------------------------------------
-    def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run forward (and backward) once; return only the `fetch` outputs."""
+    def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str], session=None,
+            fixed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run forward (and backward) once; return only the `fetch` outputs.
+
+        session: one made by `prepare(..., extend=...)` (default: the pruned subgraph of `fetch`);
+        fixed: its feeds without a batch axis."""
         x = self.check_inputs(inputs)
         t = self.check_targets(targets, x.shape[0])
         fetch = list(dict.fromkeys(fetch))
-        session = self.prepare(fetch)
+        session = session or self.prepare(fetch)
         if x.shape[0] == 0:
             raise InputError("empty batch")
         feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
         needed = {i.name for i in session.get_inputs()}
-        values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch)
+        values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
         return dict(zip(fetch, values))
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
@@ -395,8 +403,11 @@ class ExplainSession:
             feeds[name] = value
         return self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
 
-    def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str]) -> list[np.ndarray]:
-        """Run `session` on batched feeds, in chunks of the static batch size when the file has one."""
+    def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                     fixed: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run `session` on batched feeds, in chunks of the static batch size when the file has one.
+
+        fixed: feeds without a batch axis, given whole to every chunk."""
         rows = next(iter(feeds.values())).shape[0]
         step = self.static_batch or rows
         parts = []
@@ -406,7 +417,7 @@ class ExplainSession:
             if real < step:  # a static-batch graph: pad the last chunk, drop the padding after
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
             try:
-                values = session.run(list(fetch), chunk)
+                values = session.run(list(fetch), {**chunk, **(fixed or {})})
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {_first_line(exc)}") from None
             parts.append([v[:real] for v in values])
