@@ -220,8 +220,18 @@ class ExplainSession:
         self._options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
         if threads is not None:
             self._options.intra_op_num_threads = threads
+        from .protoslice import SlicedModel, Unsliceable
+
+        #: The file with its initializers left as bytes (camrt.protoslice: no copy of the weights
+        #: through Python), or None when it keeps them as external data; then `_model` holds them.
+        self._sliced: SlicedModel | None = None
+        self._full: Any = None
         try:
-            self._model = onnx.load(self.path)
+            try:
+                self._sliced = SlicedModel(self.path)
+                self._model = self._sliced.model
+            except Unsliceable:
+                self._model = self._full = onnx.load(self.path)
         except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
             raise ModelError(f"{self.path}: cannot load this camrt file: {_first_line(exc)}") from None
         #: fetch set -> session; ("tail", layer) -> TailPlan.
@@ -229,7 +239,7 @@ class ExplainSession:
         self._lock = threading.Lock()
 
         graph = self._model.graph
-        initializers = {i.name for i in graph.initializer}
+        initializers = set(self._sliced.initializers) if self._sliced else {i.name for i in graph.initializer}
         inputs = {i.name: _dims(i) for i in graph.input if i.name not in initializers}
         for needed in (self.info.input_name, contract.TARGET_INPUT):
             if needed not in inputs:
@@ -266,7 +276,7 @@ class ExplainSession:
         with self._lock:
             if key not in self._sessions:
                 pruned = _subgraph(self._model, sorted(set(fetch)))
-                subgraph = (extend(pruned) if extend is not None else pruned).SerializeToString()
+                subgraph = self._serialize(extend(pruned) if extend is not None else pruned)
                 try:
                     self._sessions[key] = ort.InferenceSession(subgraph, sess_options=self._options,
                                                                providers=self._providers)
@@ -274,6 +284,18 @@ class ExplainSession:
                     raise ModelError(f"{self.path}: onnxruntime cannot load this camrt file: {_first_line(exc)}") from None
                 self.providers = list(self._sessions[key].get_providers())
             return self._sessions[key]
+
+    def _serialize(self, model) -> bytes:
+        """A model derived from `_model`, with the initializers it reads, as bytes for onnxruntime."""
+        return self._sliced.serialize(model) if self._sliced else model.SerializeToString()
+
+    def _full_model(self):
+        """The whole ONNX model, initializers parsed (loaded on first use: the tail graphs need it)."""
+        if self._full is None:
+            import onnx
+
+            self._full = onnx.load(self.path)
+        return self._full
 
     def __repr__(self) -> str:
         return f"ExplainSession({self.path!r}, providers={self.providers})"
@@ -357,7 +379,7 @@ class ExplainSession:
         tensor = self.layer_tensor(layer)
         with self._lock:
             if key not in self._sessions:
-                tail, side_model, side = _tail_graphs(self._model, tensor, contract.LOGITS_OUTPUT, self.path, layer)
+                tail, side_model, side = _tail_graphs(self._full_model(), tensor, contract.LOGITS_OUTPUT, self.path, layer)
                 try:
                     session = ort.InferenceSession(tail.SerializeToString(), sess_options=self._options,
                                                    providers=self._providers)
