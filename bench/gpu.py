@@ -98,12 +98,17 @@ def export(model, folder: Path) -> tuple[str, str, dict]:
 
     start = time.perf_counter()
     onnx_model, checks = export_torch(model.cpu(), layers=[LAYER], rules=[contract.RULE_VANILLA])
+    exported_ir = onnx_model.ir_version
+    # onnxruntime 1.31 reads IR <= 13 (onnx 1.23's make_model default is newer); the graph is float32
+    # with standard ops, which IR 10 covers
+    onnx_model.ir_version = min(exported_ir, 10)
     camrt_path = folder / "model.camrt.onnx"
     write_model(onnx_model, camrt_path)
     outputs = [o.name for o in onnx_model.graph.output if not o.name.startswith("camrt/")]
     forward_path = folder / "model.forward.onnx"
     write_model(_subgraph(onnx_model, outputs[:1]), forward_path)
-    info = {"export_s": round(time.perf_counter() - start, 1), "ir_version": onnx_model.ir_version,
+    info = {"export_s": round(time.perf_counter() - start, 1), "ir_version_exported": exported_ir,
+            "ir_version": onnx_model.ir_version,
             "opset": [(o.domain, o.version) for o in onnx_model.opset_import],
             "validation_checks": len(checks), "file_mb": round(camrt_path.stat().st_size / 2**20, 1)}
     onnx.checker.check_model(str(camrt_path))
