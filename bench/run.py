@@ -470,10 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(BENCH / "results"), help="folder for the JSON and Markdown")
     parser.add_argument("--cache", default=str(BENCH / ".cache"), help="folder for the exported models")
     parser.add_argument("--machine", default=None, help="machine name in the file name (default: the hostname)")
+    parser.add_argument("--render", metavar="JSON", help="write the Markdown of a results file (a .partial.json too)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        result.setdefault("agreement", [])
+        result.update(summarise(result["records"]))
+        Path(args.render).with_suffix(".md").write_text(markdown(result))
         return 0
     config = CONFIGS[args.config]
     started = time.perf_counter()
@@ -487,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": versions(), "pass_batch": PASS_BATCH,
               "skipped": [list(s) for s in SKIP], "records": []}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['date'][:10]}-{args.machine or socket.gethostname()}" + ("" if args.config == "full" else f"-{args.config}")
+    partial = out / f"{stem}.partial.json"
     with tempfile.TemporaryDirectory(prefix="camrt-bench-") as scratch:
         maps_dir = Path(scratch)
         for spec in plan(config, paths, args.threads, maps_dir):
@@ -494,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = run_worker(spec, args.threads)
             result["records"].append({k: spec[k] for k in ("impl", "model", "method", "variant", "key", "options")
                                       if k in spec} | measured)
+            partial.write_text(json.dumps(result, indent=1) + "\n")  # a long run that dies keeps its figures
         result["agreement"] = compare(result["records"], maps_dir)
         result.update(summarise(result["records"]))
         exact = [r for r in result["records"] if r["method"] == "scorecam" and r["impl"] == "camrt"]
@@ -512,9 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         result["startup"] = startup(paths[config["models"][0]], args.threads, config["startup_repeats"], Path(scratch))
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['date'][:10]}-{args.machine or socket.gethostname()}" + ("" if args.config == "full" else f"-{args.config}")
+    partial.unlink(missing_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     log(f"wrote {out / stem}.json and .md")
@@ -574,6 +584,8 @@ def markdown(result: dict) -> str:
         lines.append("")
         lines.append("Deletion: mean target probability while the most salient pixels are removed in 16 steps "
                      "(lower is better).")
+    if "startup" not in result:
+        return "\n".join(lines + ["", "(partial run: no start-up figures)", ""])
     st = result["startup"]
     cold = st["cold_one_image"]
     med = statistics.median
