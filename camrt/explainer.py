@@ -71,13 +71,16 @@ class Explainer:
         softmax: bool | None = None,
         custom_op_libraries: Sequence[str | os.PathLike] | None = None,
         aug_smooth: bool | str = False,
+        device_postprocess: bool = False,
         **method_options: Any,
     ):
         """softmax: give each result the softmax probability of its target; None: when the file's
         model ends in a softmax (its score metadata says so). custom_op_libraries: onnxruntime
         custom-op libraries the file may use (refused otherwise). aug_smooth: average the heatmaps
         of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
-        `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family (layer) methods only. Other
+        `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family (layer) methods only.
+        device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
+        that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM). Other
         keyword arguments are the method's options."""
         self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries)
         if isinstance(method, Method):
@@ -104,8 +107,22 @@ class Explainer:
         if self.method.requires.tail:
             for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
                 self.session.tail_plan(name)
-        self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
         self.softmax = bool(self.info.score.get("softmax", False)) if softmax is None else bool(softmax)
+        self._fused = self._fused_session() if device_postprocess else None
+        if self._fused is None:
+            self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
+
+    def _fused_session(self):
+        from . import fused
+
+        method = self.method
+        if getattr(method, "weights_graph", None) is None or getattr(method.options, "eigen_smooth", False) \
+                or self.aug_smooth:
+            raise UsageError(f"method {method.name!r} cannot make its heatmaps inside the session (it has no "
+                             "ONNX weights_graph, or eigen_smooth or aug_smooth is on); use device_postprocess=False")
+        return self.session.prepare(
+            self.fetch, name=f"heatmap:{method.name}",
+            extend=lambda model: fused.heatmap_model(model, self.layers, method.weights_graph, method.relu))
 
     # -- setup ---------------------------------------------------------------------------
     @property
@@ -287,28 +304,52 @@ class Explainer:
         return [[by_rank[rank][i] for rank in range(int(k))] for i in range(x.shape[0])]
 
     def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], targets: list[int]) -> list[Explanation]:
+        if self._fused is not None:
+            return self._explain_fused(x, targets, sizes)
         values = self.session.run(x, targets, self.fetch)
         from .context import ExplainContext
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
-        method = self.method
+        relu = self.method.relu
         raw = self._raw_maps(outputs)
-        logits = outputs.logits
-        target_index = outputs.target_index.astype(np.int64)
-        augmented = self._augmented_raw_maps(x, target_index, raw) if self.aug_smooth else None
+        if not self.aug_smooth:
+            heatmaps = [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=relu)
+                        for i, size in enumerate(sizes)]
+        else:
+            augmented = self._augmented_raw_maps(x, outputs.target_index.astype(np.int64), raw)
+            heatmaps = [postprocess.merge_augmented([
+                (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu))
+                for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
+        return self._explanations(values, heatmaps, context.extra)
+
+    def _explain_fused(self, x: np.ndarray, targets: list, sizes: list[tuple[int, int]]) -> list[Explanation]:
+        """One session run per distinct heatmap size (one run when the images share a size)."""
+        from . import fused
+
+        fetch = [fused.HEATMAP_OUTPUT, contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
+        heatmaps: list = [None] * len(sizes)
+        values = {name: [None] * len(sizes) for name in fetch[1:]}
+        for size in dict.fromkeys(sizes):
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            got = self.session.run(x[rows], [targets[i] for i in rows], fetch, session=self._fused,
+                                   fixed={fused.SIZE_INPUT: np.asarray(size, dtype=np.int64)})
+            for j, i in enumerate(rows):
+                heatmaps[i] = got[fused.HEATMAP_OUTPUT][j]
+                for name in fetch[1:]:
+                    values[name][i] = got[name][j]
+        return self._explanations({k: np.stack(v) for k, v in values.items()}, heatmaps, {})
+
+    def _explanations(self, values, heatmaps: list[np.ndarray], extra: dict) -> list[Explanation]:
+        method = self.method
+        logits = values[contract.LOGITS_OUTPUT]
+        target_index = values[contract.TARGET_INDEX_OUTPUT].astype(np.int64)
         probabilities = _softmax(logits) if self.softmax else None
         labels = self.info.labels
         layer_field = ",".join(self.layers) if self.layers else None
         results = []
-        for i, size in enumerate(sizes):
+        for i, heatmap in enumerate(heatmaps):
             target = int(target_index[i])
-            if augmented is None:
-                heatmap = postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu)
-            else:
-                heatmap = postprocess.merge_augmented([
-                    (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=method.relu))
-                    for flip, maps_t in augmented])
             results.append(Explanation(
                 heatmap=heatmap,
                 target=target,
@@ -317,6 +358,6 @@ class Explainer:
                 label=labels[target] if labels and 0 <= target < len(labels) else None,
                 layer=layer_field,
                 method=method.name,
-                extra={key: value[i] for key, value in context.extra.items()},
+                extra={key: value[i] for key, value in extra.items()},
             ))
         return results

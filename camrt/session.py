@@ -19,7 +19,7 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,6 +348,22 @@ def load_checked_model(path: str, allow_custom_ops: bool = False):
     return model
 
 
+def check_graph(model, initializers, path: str) -> None:
+    """onnx.checker on a graph whose initializers were left as bytes (camrt.protoslice): each is
+    stood in for by a one-element tensor of its name, which is all the structural checks read
+    (every input defined, topological order, known ops and attributes)."""
+    import onnx
+    from onnx import helper
+
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    skeleton.graph.initializer.extend(helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0]) for name in initializers)
+    try:
+        onnx.checker.check_model(skeleton)
+    except Exception as exc:  # onnx.checker.ValidationError
+        raise ModelError(f"{path}: not a valid ONNX graph ({_first_line(exc)}); re-export it with `camrt export`") from None
+
+
 # --- the session ---------------------------------------------------------------------------
 
 
@@ -410,13 +426,29 @@ class ExplainSession:
                 self._options.register_custom_ops_library(library)
             except _ort_errors() as exc:
                 raise UsageError(f"cannot load the custom-op library {library}: {_first_line(exc)}") from None
-        self._model = load_checked_model(self.path, allow_custom_ops=bool(libraries))
+        from .protoslice import SlicedModel, Unsliceable
+
+        #: The file with its initializers left as bytes (camrt.protoslice: no copy of the weights
+        #: through Python), or None when it keeps them as external data; then `_model` holds them,
+        #: loaded by `load_checked_model` (external data confined to the model's folder).
+        self._sliced: SlicedModel | None = None
+        self._full: Any = None
+        try:
+            self._sliced = SlicedModel(self.path)
+        except Unsliceable:
+            self._model = self._full = load_checked_model(self.path, allow_custom_ops=bool(libraries))
+        except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
+            raise ModelError(f"{self.path}: cannot load this camrt file: {_first_line(exc)}") from None
+        else:
+            self._model = self._sliced.model
+            check_custom_ops(self._model, self.path, bool(libraries))
+            check_graph(self._model, self._sliced.initializers, self.path)
         #: fetch set -> session; ("tail", layer) -> TailPlan.
         self._sessions: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
         graph = self._model.graph
-        initializers = {i.name for i in graph.initializer}
+        initializers = set(self._sliced.initializers) if self._sliced else {i.name for i in graph.initializer}
         inputs = {i.name: _dims(i) for i in graph.input if i.name not in initializers}
         for needed in (self.info.input_name, contract.TARGET_INPUT):
             if needed not in inputs:
@@ -456,20 +488,24 @@ class ExplainSession:
                 f"says [N, 3, {p.height}, {p.width}]; re-export the model with `camrt export`"
             )
 
-    def prepare(self, fetch: Sequence[str]):
-        """The onnxruntime session of the subgraph computing `fetch` (created once, then cached)."""
-        key = tuple(sorted(set(fetch)))
+    def prepare(self, fetch: Sequence[str], extend: Callable[[Any], Any] | None = None, name: str = ""):
+        """The onnxruntime session of the subgraph computing `fetch` (created once, then cached).
+
+        extend: a function of the pruned ONNX model returning the model the session runs (e.g.
+        `camrt.fused.heatmap_model`), cached under `name` next to `fetch`."""
+        key = tuple(sorted(set(fetch))) + ((f"extended:{name}",) if extend is not None else ())
         session = self._sessions.get(key)
         if session is not None:
             return session
-        missing = [name for name in key if name not in self.output_names]
+        missing = [n for n in set(fetch) if n not in self.output_names]
         if missing:
-            raise ModelError(f"{self.path} has no output(s) {missing}; re-export it with `camrt export`")
+            raise ModelError(f"{self.path} has no output(s) {sorted(missing)}; re-export it with `camrt export`")
         import onnxruntime as ort
 
         with self._lock:
             if key not in self._sessions:
-                subgraph = _subgraph(self._model, key).SerializeToString()
+                pruned = _subgraph(self._model, sorted(set(fetch)))
+                subgraph = self._serialize(extend(pruned) if extend is not None else pruned)
                 try:
                     self._sessions[key] = ort.InferenceSession(subgraph, sess_options=self._options,
                                                                providers=self._providers)
@@ -477,6 +513,18 @@ class ExplainSession:
                     raise ModelError(f"{self.path}: onnxruntime cannot load this camrt file: {_first_line(exc)}") from None
                 self.providers = list(self._sessions[key].get_providers())
             return self._sessions[key]
+
+    def _serialize(self, model) -> bytes:
+        """A model derived from `_model`, with the initializers it reads, as bytes for onnxruntime."""
+        return self._sliced.serialize(model) if self._sliced else model.SerializeToString()
+
+    def _full_model(self):
+        """The whole ONNX model, initializers parsed (loaded on first use: the tail graphs need it)."""
+        if self._full is None:
+            import onnx
+
+            self._full = onnx.load(self.path)
+        return self._full
 
     def __repr__(self) -> str:
         return f"ExplainSession({self.path!r}, providers={self.providers})"
@@ -517,17 +565,21 @@ class ExplainSession:
         return np.ascontiguousarray(array, dtype=np.float32)
 
     # -- running -------------------------------------------------------------------------
-    def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run forward (and backward) once; return only the `fetch` outputs."""
+    def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str], session=None,
+            fixed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run forward (and backward) once; return only the `fetch` outputs.
+
+        session: one made by `prepare(..., extend=...)` (default: the pruned subgraph of `fetch`);
+        fixed: its feeds without a batch axis."""
         x = self.check_inputs(inputs)
         t = self.check_targets(targets, x.shape[0])
         fetch = list(dict.fromkeys(fetch))
-        session = self.prepare(fetch)
+        session = session or self.prepare(fetch)
         if x.shape[0] == 0:
             raise InputError("empty batch")
         feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
         needed = {i.name for i in session.get_inputs()}
-        values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch)
+        values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
         _check_finite(dict(zip(fetch, values)), "the model")
         return dict(zip(fetch, values))
 
@@ -561,7 +613,7 @@ class ExplainSession:
         tensor = self.layer_tensor(layer)
         with self._lock:
             if key not in self._sessions:
-                tail, side_model, side = _tail_graphs(self._model, tensor, contract.LOGITS_OUTPUT, self.path, layer)
+                tail, side_model, side = _tail_graphs(self._full_model(), tensor, contract.LOGITS_OUTPUT, self.path, layer)
                 try:
                     session = ort.InferenceSession(tail.SerializeToString(), sess_options=self._options,
                                                    providers=self._providers)
@@ -609,8 +661,11 @@ class ExplainSession:
         _check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
         return logits
 
-    def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str]) -> list[np.ndarray]:
-        """Run `session` on batched feeds, in chunks of the static batch size when the file has one."""
+    def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
+                     fixed: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run `session` on batched feeds, in chunks of the static batch size when the file has one.
+
+        fixed: feeds without a batch axis, given whole to every chunk."""
         rows = next(iter(feeds.values())).shape[0]
         step = self.static_batch or rows
         parts = []
@@ -620,7 +675,7 @@ class ExplainSession:
             if real < step:  # a static-batch graph: pad the last chunk, drop the padding after
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
             try:
-                values = session.run(list(fetch), chunk)
+                values = session.run(list(fetch), {**chunk, **(fixed or {})})
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {_first_line(exc)}") from None
             parts.append([v[:real] for v in values])

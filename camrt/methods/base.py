@@ -283,6 +283,10 @@ class ActivationWeightingMethod(Method):
 
     Options = EigenSmoothOptions
 
+    #: Optional: the same weights as ONNX nodes, for heatmaps made inside the session
+    #: (`camrt.fused`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
+    weights_graph = None
+
     @abstractmethod
     def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         """Channel weights [B, K] from activations and gradients [B, K, h, w]."""
