@@ -25,7 +25,8 @@ the repeats after warm-up, CUDA synchronised:
   they come back;
 - the same session with IOBinding (input already on the GPU, heatmaps copied to the host);
 - camrt's default host path (activations and gradients to the host, numpy + OpenCV), for contrast.
-TF32 is off everywhere (torch matmul and cuDNN; onnxruntime CUDA provider use_tf32=0). Parity: max
+TF32 is off everywhere (torch matmul and cuDNN; onnxruntime CUDA provider use_tf32=0) unless --tf32 (speed with
+the frameworks' defaults; top-1 targets of a random-weight model can then differ). Parity: max
 abs difference of the min-max heatmaps of every implementation vs pytorch-grad-cam's.
 Writes gpu-<date>.json and gpu-<date>.md into --out (default $OUT, else bench/results).
 """
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="resnet18, batch 2, 2 repeats (a CPU check of the script)")
     parser.add_argument("--batches", default="32,64")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tf32", action="store_true",
+                        help="leave TF32 on, as torch's cuDNN and onnxruntime do by default (speed; parity then ~1e-3)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -138,10 +141,11 @@ def main(argv=None) -> int:
             ort.preload_dlls()
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise SystemExit(f"onnxruntime {ort.__version__} has no CUDA provider: {ort.get_available_providers()}")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = True
-    get_plugin_manager().register(TF32Off(), name="bench-gpu-tf32-off")
+    if not args.tf32:
+        get_plugin_manager().register(TF32Off(), name="bench-gpu-tf32-off")
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     name = "resnet18" if args.smoke else "resnet50"
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     host = Explainer(camrt_path, method="gradcam", device=args.device)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"] if args.device == "cuda"
+    providers = ([("CUDAExecutionProvider", {"use_tf32": int(args.tf32)}), "CPUExecutionProvider"] if args.device == "cuda"
                  else ["CPUExecutionProvider"])
     plain = ort.InferenceSession(forward_path, options, providers=providers)
     ort_device = "cuda" if args.device == "cuda" else "cpu"
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
 
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-              "model": name, "layer": LAYER, "smoke": args.smoke, "tf32": False, "cudnn_benchmark": True,
+              "model": name, "layer": LAYER, "smoke": args.smoke, "tf32": args.tf32, "cudnn_benchmark": True,
               "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()},
               "providers": fused.session.providers, "export": export_info, "batches": {}}
     for batch in batches:
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-{result['date'][:10]}" + ("-smoke" if args.smoke else "")
+    stem = f"gpu-{result['date'][:10]}" + ("-tf32" if args.tf32 else "") + ("-smoke" if args.smoke else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     log(f"wrote {out / stem}.json and .md")
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     lines = [f"# camrt Grad-CAM on {result['device']} ({result['model']}, {result['layer']}), {result['date']}", "",
-             f"fp32, TF32 off; torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}; "
+             f"fp32, TF32 {'on (defaults)' if result['tf32'] else 'off'}; torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}; "
              f"providers {result['providers']}; exported on the machine in {result['export']['export_s']} s "
              f"(IR {result['export']['ir_version']}).", ""]
     for batch, data in result["batches"].items():

@@ -84,6 +84,17 @@ CONFIGS = {
         "budget_s": 2.0,
         "startup_repeats": 1,
     },
+    # the targets' cases on ResNet-50 only (about 15 minutes on 2 quiet cores)
+    "core": {
+        "models": ["resnet50"],
+        "batches": [1, 8],
+        "methods": ["gradcam", "gradcam++", "saliency", "scorecam"],
+        "heavy_models": ["resnet50"],
+        "scorecam_top": [256],
+        "repeats": 5,
+        "budget_s": 10.0,
+        "startup_repeats": 3,
+    },
     "full": {
         "models": ["resnet50", "mobilenet_v3_large", "efficientnet_lite0"],
         "batches": [1, 8, 32],

@@ -1,4 +1,6 @@
 import os
+import sys
+import textwrap
 
 import pytest
 
@@ -22,3 +24,16 @@ def plugin():
     yield register
     for obj in registered:
         pm.unregister(obj)
+
+
+def write_plugin_modules(folder, modules: dict[str, str], monkeypatch) -> None:
+    """Write `modules` (name -> source) into `folder`, put it first on sys.path, forget earlier
+    imports of those names, and give camrt.plugins a fresh failure record for the test."""
+    from camrt import plugins
+
+    folder.mkdir()
+    for module, source in modules.items():
+        (folder / f"{module}.py").write_text(textwrap.dedent(source))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(plugins, "load_failures", {})  # the module global, not the process's record

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from camrt.hookspecs import hookimpl
 from camrt.methods.base import Method
 from camrt.plugins import create_plugin_manager
 from camrt.registry import build_method_registry
+
+from .conftest import write_plugin_modules
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "camrt-example"
@@ -88,13 +89,7 @@ def entry_points(tmp_path, monkeypatch):
     The modules of MODULES are written to a temporary folder on sys.path and imported for real
     by `EntryPoint.load()`. Returns the list of group names the fake listing was asked for.
     """
-    folder = tmp_path / "site"
-    folder.mkdir()
-    for module, source in MODULES.items():
-        (folder / f"{module}.py").write_text(textwrap.dedent(source))
-        monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setattr(plugins, "load_failures", {})  # the module global, not the process's record
+    write_plugin_modules(tmp_path / "site", MODULES, monkeypatch)
     asked: list[str] = []
 
     def install(**named: str) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from camrt import plugins
 from camrt.errors import ExitCode, InputError
 from camrt.plugins import create_plugin_manager
 
+from ..conftest import write_plugin_modules
 from .tally import record, refused
 
 
@@ -121,13 +121,7 @@ MODULES = {
 
 @pytest.fixture
 def plugin_modules(tmp_path, monkeypatch):
-    folder = tmp_path / "site"
-    folder.mkdir()
-    for module, source in MODULES.items():
-        (folder / f"{module}.py").write_text(textwrap.dedent(source))
-        monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setattr(plugins, "load_failures", {})
+    write_plugin_modules(tmp_path / "site", MODULES, monkeypatch)
     monkeypatch.setattr(plugins, "origins", {})
     monkeypatch.setattr(plugins, "_manager", None)
     yield
