@@ -271,7 +271,8 @@ def test_scorecam_aug_smooth_matches_pytorch_grad_cam(exported, monkeypatch):
     assert np.ptp(reference[0]) > 0.5 and diff <= TOLERANCE
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise",
+                                    "layercam", "eigencam", "eigengradcam"])
 def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
     """aug_smooth=True: the mean of the heatmaps of the six flipped / scaled inputs (ttach's
     HorizontalFlip x Multiply([0.9, 1, 1.1]), each heatmap flipped back), as pytorch-grad-cam's
@@ -288,9 +289,11 @@ def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
     plain = _reference_maps(model, layer, method, x, TARGETS)
     logits = explainer.session.run(x, TARGETS, [contract.LOGITS_OUTPUT])[contract.LOGITS_OUTPUT]
     for i, result in enumerate(ours):
-        assert np.ptp(reference[i]) > 0.5, f"{name}/{method}: degenerate reference map {i}"
+        # pytorch-grad-cam returns the mean of six [0, 1] maps un-normalised: its range shrinks
+        # where the copies disagree, but a map of (nearly) one value would make the comparison void
+        assert np.ptp(reference[i]) > 0.05, f"{name}/{method}: degenerate reference map {i}"
         diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
-        print(f"{name}/{method} aug_smooth sample {i}: max diff {diff:.2e}")
+        print(f"{name}/{method} aug_smooth sample {i}: max diff {diff:.2e} (reference range {np.ptp(reference[i]):.2f})")
         assert diff <= TOLERANCE, f"{name}/{method} aug_smooth sample {i}: max diff {diff:.2e}"
         assert float(np.abs(_minmax(plain[i]) - _minmax(reference[i])).max()) > 10 * TOLERANCE  # the option matters
         assert result.target == TARGETS[i] and result.score == float(logits[i, TARGETS[i]])  # the original input's record
