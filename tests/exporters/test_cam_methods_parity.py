@@ -38,9 +38,10 @@ METHODS = {
     "eigencam": "EigenCAM",
     "eigengradcam": "EigenGradCAM",
 }
-MODELS = [("resnet18", "layer4"), ("efficientnet_lite0", "_bn1")]
+MODELS = [("resnet18", "layer4"), ("regnet_y_400mf", "trunk_output"), ("efficientnet_lite0", "_bn1")]
 #: model -> (the layer that feeds its global average pooling: CAM's, a layer CAM is not defined for)
-CAM_LAYERS = {"resnet18": ("layer4", "layer3"), "efficientnet_lite0": ("_swish@1", "_bn1")}
+CAM_LAYERS = {"resnet18": ("layer4", "layer3"), "regnet_y_400mf": ("trunk_output", "trunk_output.block3"),
+              "efficientnet_lite0": ("_swish@1", "_bn1")}
 TARGETS = [285, 967, 450]
 TOLERANCE = 1e-4
 #: (model, method) -> (looser bound that still must hold, why 1e-4 is out of reach)
@@ -53,6 +54,11 @@ KNOWN = {
         "camrt's formula applied to pytorch-grad-cam's own activations and gradients matches it to <= 1e-5 "
         "(checked, hard; ~1e-6 is float32 summation order), so the residual is ill-conditioning of the "
         "method on this layer, not a formula difference.")),
+    **{("regnet_y_400mf", method): (2e-4, (
+        f"{method} on regnet_y_400mf (fixed random weights) lands at 1.0e-4 at one pixel of one photo: "
+        "onnxruntime's and torch's float32 activations and gradients differ in the last bits; camrt's "
+        "formula applied to pytorch-grad-cam's own tensors matches it to <= 1e-5 (checked, hard)"))
+       for method in ("xgradcam", "hirescam")},
 }
 
 
@@ -189,21 +195,25 @@ def _reference_maps(model, layer, method, x, targets, **options):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"])
-def test_eigen_smooth_matches_pytorch_grad_cam(exported, method):
+def test_eigen_smooth_matches_pytorch_grad_cam(request, exported, method):
     """eigen_smooth=True: the first principal component of the weighted activations (channel
     weighting) or of the element-wise weighted activations (HiResCAM, Grad-CAM element-wise,
     Layer-CAM), as pytorch-grad-cam computes it (same sign convention), within the same 1e-4."""
     from camrt import Explainer
 
     name, layer, model, path, x = exported
-    if (name, method) in KNOWN:
-        pytest.xfail(KNOWN[(name, method)][1])
     ours = Explainer(path, method=method, eigen_smooth=True).explain(x, targets=TARGETS)
     reference = _reference_maps(model, layer, method, x, TARGETS, eigen_smooth=True)
+    diffs = []
     for i, result in enumerate(ours):
         assert np.ptp(reference[i]) > 0, f"{name}/{method} sample {i}: degenerate reference map"
-        diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
-        assert diff <= TOLERANCE, f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}"
+        diffs.append(float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max()))
+    message = f"{name}/{method} eigen_smooth: max diff per sample {['%.2e' % d for d in diffs]}"
+    known = KNOWN.get((name, method))
+    if known is not None and max(diffs) > TOLERANCE:  # the same conditioning as without eigen_smooth
+        assert max(diffs) <= known[0], message
+        request.applymarker(pytest.mark.xfail(strict=False, reason=known[1]))
+    assert max(diffs) <= TOLERANCE, message
 
 
 def _cam_raw_maps(path, method, layer, x):
