@@ -188,7 +188,7 @@ def _reference_maps(model, layer, method, x, targets, **options):
 
     from camrt_exporters.torch_frontend import parse_layer
 
-    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", **METHODS}[method])
+    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", "ablationcam": "AblationCAM", **METHODS}[method])
     module = dict(model.named_modules())[parse_layer(model, layer).module]
     with reference_class(model=model, target_layers=[module]) as cam:
         return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets], **options)

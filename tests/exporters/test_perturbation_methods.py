@@ -1,5 +1,6 @@
 """Methods and options that run perturbed inputs: SS-CAM, IS-CAM and Smooth Grad-CAM++ against
-torchcam 0.5; aug_smooth (gradcam, gradcam++, layercam, eigencam, scorecam) against pytorch-grad-cam 1.5.7.
+torchcam 0.5; aug_smooth (every CAM method pytorch-grad-cam has, Score-CAM and Ablation-CAM included) against
+pytorch-grad-cam 1.5.7.
 
 Models: resnet18 (fixed random weights, layer1: 64 channels) and EfficientNet-Lite0 (real weights,
 _blocks.1: 24 channels, signed), exported at 32x32 (8x8 maps) so that the per-channel forward passes
@@ -272,7 +273,7 @@ def test_scorecam_aug_smooth_matches_pytorch_grad_cam(exported, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise",
-                                    "layercam", "eigencam", "eigengradcam"])
+                                    "layercam", "eigencam", "eigengradcam", "ablationcam"])
 def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
     """aug_smooth=True: the mean of the heatmaps of the six flipped / scaled inputs (ttach's
     HorizontalFlip x Multiply([0.9, 1, 1.1]), each heatmap flipped back), as pytorch-grad-cam's
@@ -283,6 +284,9 @@ def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
     from .test_cam_methods_parity import _reference_maps
 
     name, layer, model, _, path, x = exported
+    if method == "ablationcam" and name == "efficientnet_lite0":
+        pytest.xfail("no reference: pytorch-grad-cam's AblationLayer replaces the block and cannot be called with "
+                     "EfficientNet-Lite's drop_connect_rate keyword (TypeError inside pytorch-grad-cam)")
     explainer = Explainer(path, method=method, aug_smooth=True)
     ours = explainer.explain(x, targets=TARGETS)
     reference = _reference_maps(model, layer, method, x, TARGETS, aug_smooth=True)
