@@ -33,7 +33,7 @@ from .test_input_gradients import _input
 captum = pytest.importorskip("captum")
 pytestmark = [pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients:UserWarning"),
               pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations:UserWarning")]
-MODELS = ["resnet18", "efficientnet_lite0"]
+MODELS = ["resnet18", "mobilenet_v3_large", "efficientnet_lite0"]
 CAPTUM_L2 = 1e-2
 #: explicit targets per sample (-1: top-1, resolved in the graph)
 TARGETS = [contract.TOP1_TARGET, 250]
