@@ -1,9 +1,11 @@
 """Methods that run further passes through the contract file (`camrt.context.ExplainContext`).
 
-resnet18 (fixed random weights, tests/exporters/models.py) exported once, rules vanilla, layers
-layer4 (Ablation-CAM), layer1 (Score-CAM: 64 channels keep the oracle's forward passes few) and
-layer4.1.conv1 (a tail that also reads the skip connection from layer4.0). Each method is checked
-against an oracle run in torch on the same model and input:
+resnet18 and mobilenet_v3_large (fixed random weights, tests/exporters/models.py), each exported
+once, rules vanilla, with three layers (CASES): one for Ablation-CAM (resnet18 layer4,
+mobilenet_v3_large features.4.block.1: both after a ReLU), one for Score-CAM (few channels keep the oracle's forward passes
+few: layer1, features.3) and one whose tail also reads a skip connection (layer4.1.conv1,
+features.15.block.0). Each method is checked against an oracle run in torch on the same model and
+input:
 - Ablation-CAM == pytorch-grad-cam 1.5.7 AblationCAM, min-max maps, max diff <= 1e-4;
 - Score-CAM == the paper's Algorithm 1 written here in torch (torchcam normalises before upsampling
   and pytorch-grad-cam upsamples with align_corners=True, so neither is the paper's formula),
@@ -26,7 +28,11 @@ pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("captum")
 pytest.importorskip("skimage")
 
-LAYERS = ["layer4", "layer1", "layer4.1.conv1"]
+#: model -> (Ablation-CAM's layer, Score-CAM's layer, a layer whose tail reads one skip connection)
+CASES = {
+    "resnet18": ("layer4", "layer1", "layer4.1.conv1"),
+    "mobilenet_v3_large": ("features.4.block.1", "features.3", "features.15.block.0"),
+}
 TARGETS = [285, 967, 450]
 
 
@@ -39,35 +45,41 @@ def _rel_l2(a, b):
     return float(np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel()))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    """(torch model, contract file path, photos, (ablation layer, score layer, skip layer))."""
     from camrt_exporters.export import export_torch, write_model
 
     from .test_cam_methods_parity import _photos
 
-    model = load("resnet18")
-    onnx_model, _ = export_torch(model, layers=LAYERS, rules=[contract.RULE_VANILLA])
-    path = tmp_path_factory.mktemp("extra-pass") / "resnet18.camrt.onnx"
+    name = request.param
+    model = load(name)
+    onnx_model, _ = export_torch(model, layers=list(CASES[name]), rules=[contract.RULE_VANILLA])
+    path = tmp_path_factory.mktemp("extra-pass") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
-    return model, str(path), _photos()
+    return model, str(path), _photos(), CASES[name]
+
+
+def _module(model, layer):
+    return dict(model.named_modules())[layer]
 
 
 def test_tail_graph_reproduces_logits(exported):
     from camrt.session import ExplainSession
 
-    _, path, x = exported
+    _, path, x, (ablation, _, skip) = exported
     session = ExplainSession(path)
-    got = session.run(x, TARGETS, [contract.LOGITS_OUTPUT, *(contract.activation_output(n) for n in LAYERS)])
+    got = session.run(x, TARGETS, [contract.LOGITS_OUTPUT, *(contract.activation_output(n) for n in (ablation, skip))])
     logits = got[contract.LOGITS_OUTPUT]
-    assert session.tail_plan("layer4").side == ()  # layer4 dominates: avgpool + fc only
-    plan = session.tail_plan("layer4.1.conv1")
-    assert len(plan.side) == 1  # the skip connection from layer4.0's output
-    for layer in ("layer4", "layer4.1.conv1"):
+    assert session.tail_plan(ablation).side == ()  # the layer dominates everything after it
+    plan = session.tail_plan(skip)
+    assert len(plan.side) == 1  # the skip connection around the block
+    for layer in (ablation, skip):
         side = session.tail_side_tensors(layer, x)
         tail = session.run_tail(layer, got[contract.activation_output(layer)], side)
         assert np.abs(tail - logits).max() <= 1e-4 * np.abs(logits).max(), layer
     with pytest.raises(Exception, match="side"):
-        session.run_tail("layer4.1.conv1", got[contract.activation_output("layer4.1.conv1")])
+        session.run_tail(skip, got[contract.activation_output(skip)])
 
 
 def test_ablationcam_matches_pytorch_grad_cam(exported):
@@ -77,10 +89,10 @@ def test_ablationcam_matches_pytorch_grad_cam(exported):
 
     from camrt import Explainer
 
-    model, path, x = exported
+    model, path, x, (layer, _, _) = exported
     x, targets = x[:1], TARGETS[:1]  # pytorch-grad-cam runs the whole model once per channel
-    results = Explainer(path, method="ablationcam", layer="layer4", batch_size=48).explain(x, targets=targets)
-    with AblationCAM(model=model, target_layers=[model.layer4], batch_size=64) as cam:
+    results = Explainer(path, method="ablationcam", layer=layer, batch_size=48).explain(x, targets=targets)
+    with AblationCAM(model=model, target_layers=[_module(model, layer)], batch_size=64) as cam:
         reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets])
     for i, r in enumerate(results):
         assert np.ptp(reference[i]) > 0.5
@@ -127,10 +139,10 @@ def _scorecam_oracle(model, module, x, targets, top=0):
 def test_scorecam_matches_paper_formula(exported):
     from camrt import Explainer
 
-    model, path, x = exported
+    model, path, x, (_, layer, _) = exported
     x, targets = x[:2], TARGETS[:2]
-    results = Explainer(path, method="scorecam", layer="layer1", batch_size=24).explain(x, targets=targets)
-    reference = _scorecam_oracle(model, model.layer1, x, targets)
+    results = Explainer(path, method="scorecam", layer=layer, batch_size=24).explain(x, targets=targets)
+    reference = _scorecam_oracle(model, _module(model, layer), x, targets)
     for i, r in enumerate(results):
         assert np.ptp(reference[i]) > 0.5
         diff = float(np.abs(_minmax(r.heatmap) - reference[i]).max())
@@ -142,16 +154,16 @@ def test_scorecam_top_channels_matches_the_formula_on_those_channels(exported):
     """Option top_channels=N: Algorithm 1 over the N channels of largest activation variance only."""
     from camrt import Explainer
 
-    model, path, x = exported
-    exact = Explainer(path, method="scorecam", layer="layer1", batch_size=24).explain(x[:1], targets=TARGETS[:1])
-    fast = Explainer(path, method="scorecam", layer="layer1", batch_size=24, top_channels=12).explain(
+    model, path, x, (_, layer, _) = exported
+    exact = Explainer(path, method="scorecam", layer=layer, batch_size=24).explain(x[:1], targets=TARGETS[:1])
+    fast = Explainer(path, method="scorecam", layer=layer, batch_size=24, top_channels=12).explain(
         x[:1], targets=TARGETS[:1])
-    reference = _scorecam_oracle(model, model.layer1, x[:1], TARGETS[:1], top=12)[0]
+    reference = _scorecam_oracle(model, _module(model, layer), x[:1], TARGETS[:1], top=12)[0]
     diff = float(np.abs(_minmax(fast[0].heatmap) - reference).max())
     print(f"scorecam top_channels=12: max diff {diff:.2e} vs the formula on those channels; "
           f"{float(np.abs(fast[0].heatmap - exact[0].heatmap).max()):.2e} vs the exact map")
     assert diff <= 1e-4, diff
-    assert np.abs(fast[0].heatmap - exact[0].heatmap).max() > 1e-3  # 12 of 64 channels: not the exact map
+    assert np.abs(fast[0].heatmap - exact[0].heatmap).max() > 1e-3  # 12 of 64 (24) channels: not the exact map
 
 
 def test_smoothgrad_matches_captum_noise_tunnel(exported, monkeypatch):
@@ -163,7 +175,7 @@ def test_smoothgrad_matches_captum_noise_tunnel(exported, monkeypatch):
     from camrt.methods.smoothgrad import SmoothGrad, noise_sigma
     from camrt.session import ExplainSession
 
-    model, path, x = exported
+    model, path, x, _ = exported
     x, targets = x[:2], TARGETS[:2]
     n, spread, seed = 6, 0.15, 3
     method = SmoothGrad(n_samples=n, stdev_spread=spread, seed=seed, batch_size=4)
@@ -204,7 +216,7 @@ def test_integrated_gradients_matches_captum(exported):
     from camrt.methods.integrated_gradients import IntegratedGradients
     from camrt.session import ExplainSession
 
-    model, path, x = exported
+    model, path, x, _ = exported
     x, targets = x[:2], TARGETS[:2]
     session = ExplainSession(path)
     values = session.run(x, targets, [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT])
