@@ -8,8 +8,11 @@ Gradient-free Localization", WACV 2020, eq. 3 and 5 (as pytorch-grad-cam 1.5.7 i
 
 y^c_k is computed by the layer's tail graph (the forward nodes from the layer's tensor to
 ``camrt/logits``, cut from the same file): one tail pass per channel, `batch_size` ablated copies
-at a time. As in pytorch-grad-cam, a channel is set to 0 when the sample's activations have
-minimum 0 (after a ReLU) and to min(A) - 1e7 otherwise (signed layers; not in the paper).
+at a time. A channel is ablated by setting it to 0, as the paper does, on every layer. This is
+pytorch-grad-cam's choice after a ReLU (minimum 0); on signed layers it writes min(A) - 1e7
+instead, and because it takes that minimum over the batch of copies it is editing, the i-th copy
+of a batch gets min(A) - (i + 1) * 1e7 (its maps there depend on its batch_size). camrt follows
+the paper; the tests compare signed layers with pytorch-grad-cam given a zeroing AblationLayer.
 y^c is the tail's score of the unedited activations (the same computation as y^c_k, so the
 difference carries no rounding of a different graph). The ReLU, upsampling and normalisation are
 `camrt.postprocess`'s.
@@ -17,16 +20,11 @@ difference carries no rounding of a different graph). The ReLU, upsampling and n
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..errors import UsageError
 from ..hookspecs import hookimpl
 from .base import BatchOptions, GraphOutputs, Method, Requirements
-
-#: pytorch-grad-cam's AblationLayer: ablated value for layers with negative activations.
-ABLATION_OFFSET = 1e7
-
 
 class AblationCAM(Method):
     """Ablation-CAM: channels weighted by the relative drop of the target score when each is zeroed (Desai & Ramaswamy 2020)."""
@@ -45,13 +43,11 @@ class AblationCAM(Method):
         step = self.options.batch_size
         weights = np.empty((batch, channels), dtype=np.float32)
         for b in range(batch):
-            low = acts[b].min()
-            value = np.float32(0.0 if low == 0 else low - ABLATION_OFFSET)
             original = context.tail(layer, acts[b][None], samples=[b])[0, targets[b]]
             for start in range(0, channels, step):
                 stop = min(start + step, channels)
                 edited = np.repeat(acts[b][None], stop - start, axis=0)
-                edited[np.arange(stop - start), np.arange(start, stop)] = value
+                edited[np.arange(stop - start), np.arange(start, stop)] = 0.0
                 scores = context.tail(layer, edited, samples=np.full(stop - start, b))[:, targets[b]]
                 weights[b, start:stop] = (original - scores) / original
         return weights

@@ -28,10 +28,11 @@ pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("captum")
 pytest.importorskip("skimage")
 
-#: model -> (Ablation-CAM's layer, Score-CAM's layer, a layer whose tail reads one skip connection)
+#: model -> (Ablation-CAM's layer, Score-CAM's layer, a layer whose tail reads one skip connection,
+#: a signed layer (negative values: no ReLU after it) for Ablation-CAM)
 CASES = {
-    "resnet18": ("layer4", "layer1", "layer4.1.conv1"),
-    "mobilenet_v3_large": ("features.4.block.1", "features.3", "features.15.block.0"),
+    "resnet18": ("layer4", "layer1", "layer4.1.conv1", "layer4.0.downsample"),
+    "mobilenet_v3_large": ("features.4.block.1", "features.3", "features.15.block.0", "features.15"),
 }
 TARGETS = [285, 967, 450]
 
@@ -47,7 +48,7 @@ def _rel_l2(a, b):
 
 @pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory):
-    """(torch model, contract file path, photos, (ablation layer, score layer, skip layer))."""
+    """(torch model, contract file path, photos, CASES' layers of the model)."""
     from camrt_exporters.export import export_torch, write_model
 
     from .test_cam_methods_parity import _photos
@@ -67,7 +68,7 @@ def _module(model, layer):
 def test_tail_graph_reproduces_logits(exported):
     from camrt.session import ExplainSession
 
-    _, path, x, (ablation, _, skip) = exported
+    _, path, x, (ablation, _, skip, _) = exported
     session = ExplainSession(path)
     got = session.run(x, TARGETS, [contract.LOGITS_OUTPUT, *(contract.activation_output(n) for n in (ablation, skip))])
     logits = got[contract.LOGITS_OUTPUT]
@@ -82,23 +83,50 @@ def test_tail_graph_reproduces_logits(exported):
         session.run_tail(skip, got[contract.activation_output(skip)])
 
 
-def test_ablationcam_matches_pytorch_grad_cam(exported):
+def _check_ablationcam(model, path, x, layer, ablation_layer=None):
+    """camrt's Ablation-CAM of the first photo against pytorch-grad-cam's, min-max maps within 1e-4."""
     import torch
     from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.ablation_layer import AblationLayer
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from camrt import Explainer
 
-    model, path, x, (layer, _, _) = exported
     x, targets = x[:1], TARGETS[:1]  # pytorch-grad-cam runs the whole model once per channel
     results = Explainer(path, method="ablationcam", layer=layer, batch_size=48).explain(x, targets=targets)
-    with AblationCAM(model=model, target_layers=[_module(model, layer)], batch_size=64) as cam:
+    with AblationCAM(model=model, target_layers=[_module(model, layer)], batch_size=64,
+                     ablation_layer=ablation_layer or AblationLayer()) as cam:
         reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets])
     for i, r in enumerate(results):
         assert np.ptp(reference[i]) > 0.5
         diff = float(np.abs(_minmax(r.heatmap) - _minmax(reference[i])).max())
-        print(f"ablationcam sample {i}: max diff {diff:.2e}")
+        print(f"ablationcam {layer} sample {i}: max diff {diff:.2e}")
         assert diff <= 1e-4, diff
+
+
+def test_ablationcam_matches_pytorch_grad_cam(exported):
+    """After a ReLU (minimum 0) pytorch-grad-cam zeroes the ablated channel, as the paper does."""
+    model, path, x, (layer, _, _, _) = exported
+    _check_ablationcam(model, path, x, layer)
+
+
+def test_ablationcam_on_a_signed_layer_zeroes_channels_as_the_paper(exported):
+    """On a signed layer camrt still sets the channel to 0 (the paper); pytorch-grad-cam writes
+    min - 1e7 there, cumulatively within its batch, so it is given an AblationLayer that zeroes."""
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    from camrt.session import ExplainSession
+
+    class ZeroingAblationLayer(AblationLayer):
+        def __call__(self, x):
+            output = self.activations
+            output[np.arange(output.size(0)), self.indices[:output.size(0)]] = 0
+            return output
+
+    model, path, x, (_, _, _, layer) = exported
+    acts = ExplainSession(path).run(x[:1], TARGETS[:1], [contract.activation_output(layer)])
+    assert acts[contract.activation_output(layer)].min() < 0  # signed indeed
+    _check_ablationcam(model, path, x, layer, ZeroingAblationLayer())
 
 
 def _scorecam_oracle(model, module, x, targets, top=0):
@@ -139,7 +167,7 @@ def _scorecam_oracle(model, module, x, targets, top=0):
 def test_scorecam_matches_paper_formula(exported):
     from camrt import Explainer
 
-    model, path, x, (_, layer, _) = exported
+    model, path, x, (_, layer, _, _) = exported
     x, targets = x[:2], TARGETS[:2]
     results = Explainer(path, method="scorecam", layer=layer, batch_size=24).explain(x, targets=targets)
     reference = _scorecam_oracle(model, _module(model, layer), x, targets)
@@ -154,7 +182,7 @@ def test_scorecam_top_channels_matches_the_formula_on_those_channels(exported):
     """Option top_channels=N: Algorithm 1 over the N channels of largest activation variance only."""
     from camrt import Explainer
 
-    model, path, x, (_, layer, _) = exported
+    model, path, x, (_, layer, _, _) = exported
     exact = Explainer(path, method="scorecam", layer=layer, batch_size=24).explain(x[:1], targets=TARGETS[:1])
     fast = Explainer(path, method="scorecam", layer=layer, batch_size=24, top_channels=12).explain(
         x[:1], targets=TARGETS[:1])
