@@ -116,13 +116,13 @@ class Explainer:
         from . import fused
 
         method = self.method
-        if getattr(method, "weights_graph", None) is None or getattr(method.options, "eigen_smooth", False) \
-                or self.aug_smooth:
+        weights_graph = method.session_weights_graph()
+        if weights_graph is None or self.aug_smooth:
             raise UsageError(f"method {method.name!r} cannot make its heatmaps inside the session (it has no "
                              "ONNX weights_graph, or eigen_smooth or aug_smooth is on); use device_postprocess=False")
         return self.session.prepare(
             self.fetch, name=f"heatmap:{method.name}",
-            extend=lambda model: fused.heatmap_model(model, self.layers, method.weights_graph, method.relu))
+            extend=lambda model: fused.heatmap_model(model, self.layers, weights_graph, method.relu))
 
     # -- setup ---------------------------------------------------------------------------
     @property

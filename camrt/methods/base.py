@@ -232,6 +232,12 @@ class Method(ABC):
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
         """Raw maps [B, h, w] (float32) for `layer` (None for methods that use no layer)."""
 
+    def session_weights_graph(self):
+        """For heatmaps made inside the session (`camrt.fused`): a function
+        ``(builder, activation, gradient) -> name of the [B, K, 1, 1] channel weights`` that builds
+        this method's weights as ONNX nodes, or None when it cannot with its options."""
+        return None
+
 
 def channel_max_abs(attribution: np.ndarray) -> np.ndarray:
     """Input-space attributions [B, C, H, W] -> maps [B, H, W]: the max over channels of |value|.
@@ -286,6 +292,10 @@ class ActivationWeightingMethod(Method):
     #: Optional: the same weights as ONNX nodes, for heatmaps made inside the session
     #: (`camrt.fused`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
     weights_graph = None
+
+    def session_weights_graph(self):
+        # the projection of eigen_smooth has no ONNX form here
+        return None if self.options.eigen_smooth else self.weights_graph
 
     @abstractmethod
     def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
