@@ -78,7 +78,7 @@ class Explainer:
         model ends in a softmax (its score metadata says so). custom_op_libraries: onnxruntime
         custom-op libraries the file may use (refused otherwise). aug_smooth: average the heatmaps
         of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
-        `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family (layer) methods only.
+        `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family methods and FullGrad only.
         device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
         that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM). Other
         keyword arguments are the method's options."""
@@ -163,9 +163,9 @@ class Explainer:
         value = _coerce(aug_smooth, bool, self.method.name, "aug_smooth")
         if not isinstance(value, bool):
             raise UsageError(f"aug_smooth must be true or false, got {aug_smooth!r}")
-        if value and not self.method.requires.uses_layers:
-            raise UsageError(f"aug_smooth applies to CAM-family (layer) methods; method {self.method.name!r} "
-                             "explains the input")
+        if value and not self.method.takes_aug_smooth():
+            raise UsageError(f"aug_smooth applies to CAM-family methods (those that explain a layer, and "
+                             f"fullgrad); method {self.method.name!r} does not take it")
         return value
 
     def _check_outputs(self) -> None:

@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
-from .base import BatchOptions, GraphOutputs, Method, Requirements
+from .base import BatchedCAMOptions, ChannelWeightingMethod, GraphOutputs, Requirements
 
-class AblationCAM(Method):
+
+class AblationCAM(ChannelWeightingMethod):
     """Ablation-CAM: channels weighted by the relative drop of the target score when each is zeroed (Desai & Ramaswamy 2020)."""
 
     name = "ablationcam"
     aliases = ("ablation-cam",)
     requires = Requirements(activations=True, tail=True)
 
-    Options = BatchOptions
+    Options = BatchedCAMOptions
 
-    def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+    def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         context = outputs.require_context(self.name)
         acts = outputs.activation(layer).astype(np.float32, copy=False)
         targets = outputs.target_index.astype(np.int64)
@@ -51,14 +51,6 @@ class AblationCAM(Method):
                 scores = context.tail(layer, edited, samples=np.full(stop - start, b))[:, targets[b]]
                 weights[b, start:stop] = (original - scores) / original
         return weights
-
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        weights = self.weights(outputs, layer)
-        acts = outputs.activation(layer).astype(np.float32, copy=False)
-        batch, channels, height, width = acts.shape
-        return np.matmul(weights[:, None, :], acts.reshape(batch, channels, -1)).reshape(batch, height, width)
 
 
 @hookimpl

@@ -217,7 +217,7 @@ class Method(ABC):
             default = f.default if f.default is not dataclasses.MISSING else None
             kind = hints.get(f.name, Any)
             options.append({"name": f.name, "type": getattr(kind, "__name__", str(kind)), "default": default})
-        if cls.requires.uses_layers:  # the explainer's option for every layer method (camrt.postprocess)
+        if cls.takes_aug_smooth():  # the explainer's option (camrt.postprocess)
             options.append({"name": "aug_smooth", "type": "bool", "default": False})
         doc = (cls.__doc__ or "").strip().splitlines()
         return {
@@ -227,6 +227,12 @@ class Method(ABC):
             "options": options,
             "description": doc[0] if doc else "",
         }
+
+    @classmethod
+    def takes_aug_smooth(cls) -> bool:
+        """Whether the explainer's aug_smooth (test-time augmentation) applies: the CAM family,
+        i.e. methods that explain a layer (FullGrad, which pytorch-grad-cam also smooths, says so)."""
+        return cls.requires.uses_layers
 
     @abstractmethod
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
@@ -278,16 +284,55 @@ class EigenSmoothOptions:
     eigen_smooth: bool = False
 
 
-class ActivationWeightingMethod(Method):
-    """The CAM family: map = sum_k w_k A^k; subclasses implement only `weights`.
+@dataclass(frozen=True)
+class BatchedCAMOptions(BatchOptions, EigenSmoothOptions):
+    """batch_size: inputs (or activation copies) per extra pass; eigen_smooth: first principal
+    component of the weighted activations instead of their sum."""
 
-    Option eigen_smooth (pytorch-grad-cam's): the map is instead the projection of the weighted
-    activations w_k A^k on their first principal component (camrt.methods.projection).
+
+class ChannelWeightingMethod(Method):
+    """The CAM family's shape: map = sum_k w_k A^k, one weight per channel; subclasses implement
+    `layer_weights` (from one pass's tensors, or from further passes: Score-CAM, Ablation-CAM).
+
+    Option eigen_smooth (pytorch-grad-cam's ``get_cam_image``): the map is instead the projection
+    of the weighted activations w_k A^k on their first principal component (camrt.methods.projection).
     """
 
-    requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
+    requires: ClassVar[Requirements] = Requirements(activations=True)
 
     Options = EigenSmoothOptions
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not issubclass(cls.Options, EigenSmoothOptions):  # fail where the class is written, not mid-run
+            raise PluginError(f"{cls.__module__}.{cls.__qualname__}.Options must subclass "
+                              "camrt.EigenSmoothOptions (the CAM family's eigen_smooth option)")
+
+    @abstractmethod
+    def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+        """Channel weights [B, K] of `layer`."""
+
+    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
+        if layer is None:
+            raise UsageError(f"method {self.name!r} needs a layer")
+        activations = outputs.activation(layer).astype(np.float32, copy=False)
+        weights = np.asarray(self.layer_weights(outputs, layer), dtype=np.float32)
+        batch, channels, height, width = activations.shape
+        if weights.shape != (batch, channels):
+            raise PluginError(f"method {self.name!r} returned weights of shape {weights.shape}, expected {(batch, channels)}")
+        if self.options.eigen_smooth:
+            from .projection import first_principal_component
+
+            return first_principal_component(weights[:, :, None, None] * activations)
+        flat = activations.reshape(batch, channels, height * width)
+        return np.matmul(weights[:, None, :], flat).reshape(batch, height, width)
+
+
+class ActivationWeightingMethod(ChannelWeightingMethod):
+    """The gradient CAM family: channel weights from one pass's activations and gradients;
+    subclasses implement only `weights`."""
+
+    requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
 
     #: Optional: the same weights as ONNX nodes, for heatmaps made inside the session
     #: (`camrt.fused`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
@@ -302,26 +347,11 @@ class ActivationWeightingMethod(Method):
         """Channel weights [B, K] from activations and gradients [B, K, h, w]."""
 
     def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
-        """Channel weights [B, K] of `layer`: `weights` of its activations and gradients (methods
-        that need further passes, e.g. Smooth Grad-CAM++, override this instead)."""
+        """`weights` of the layer's activations and gradients (methods that need further passes,
+        e.g. Smooth Grad-CAM++, override this instead)."""
         activations = outputs.activation(layer)
         gradients = outputs.gradient(layer) if self.requires.gradients else np.zeros_like(activations)
         return self.weights(activations, gradients)
-
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        activations = outputs.activation(layer)
-        weights = np.asarray(self.layer_weights(outputs, layer), dtype=np.float32)
-        batch, channels, height, width = activations.shape
-        if weights.shape != (batch, channels):
-            raise PluginError(f"method {self.name!r} returned weights of shape {weights.shape}, expected {(batch, channels)}")
-        if self.options.eigen_smooth:
-            from .projection import first_principal_component
-
-            return first_principal_component(weights[:, :, None, None] * activations)
-        flat = activations.reshape(batch, channels, height * width).astype(np.float32, copy=False)
-        return np.matmul(weights[:, None, :], flat).reshape(batch, height, width)
 
 
 class ElementwiseWeightingMethod(Method):

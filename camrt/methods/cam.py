@@ -13,7 +13,8 @@ the file has no such output and the method refuses the layer (Grad-CAM generalis
 on a GAP + FC head: d y^c / d f_k(x, y) = w_k^c / Z).
 
 The paper's M_c is signed and has no ReLU (torchcam's CAM neither), so none is applied; the map is
-min-max normalised and upsampled by `camrt.postprocess`.
+min-max normalised and upsampled by `camrt.postprocess`. Option eigen_smooth as for the CAM family
+(`camrt.methods.base.ChannelWeightingMethod`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, Method, Requirements
+from .base import ChannelWeightingMethod, GraphOutputs, Requirements
 
 
-class CAM(Method):
+class CAM(ChannelWeightingMethod):
     """CAM: feature maps weighted by the classifier weights of the class, for a GAP + FC head (Zhou et al. 2016)."""
 
     name = "cam"
@@ -35,12 +35,8 @@ class CAM(Method):
     requires = Requirements(activations=True, cam_weights=True)
     relu: ClassVar[bool] = False
 
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        activations = outputs.activation(layer).astype(np.float32, copy=False)
-        weights = outputs.cam_weights(layer).astype(np.float32, copy=False)
-        return np.einsum("bk,bkhw->bhw", weights, activations, dtype=np.float32)
+    def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+        return outputs.cam_weights(layer)
 
 
 @hookimpl

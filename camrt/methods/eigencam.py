@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import UsageError
 from ..hookspecs import hookimpl
 from .base import GraphOutputs, Method, Requirements
-from .projection import first_principal_component
+from .projection import ProjectionOptions, first_principal_component
 
 
 class EigenCAM(Method):
@@ -27,6 +27,7 @@ class EigenCAM(Method):
 
     name = "eigencam"
     aliases = ("eigen-cam",)
+    Options = ProjectionOptions
     requires = Requirements(activations=True)
 
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import UsageError
 from ..hookspecs import hookimpl
 from .base import GraphOutputs, Method, Requirements
-from .projection import first_principal_component
+from .projection import ProjectionOptions, first_principal_component
 
 
 class EigenGradCAM(Method):
@@ -25,6 +25,7 @@ class EigenGradCAM(Method):
 
     name = "eigengradcam"
     aliases = ("eigen-grad-cam",)
+    Options = ProjectionOptions
     requires = Requirements(activations=True, gradients=True)
 
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:

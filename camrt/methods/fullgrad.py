@@ -22,6 +22,7 @@ as pytorch-grad-cam 1.5.7's ``FullGrad`` computes it (camrt matches it):
 Option eigen_smooth (pytorch-grad-cam's): the 3 + L maps are rescaled again, resized to 1/8 of the
 input size, projected on their first principal component (`camrt.methods.projection`), and that
 one map is rescaled and resized back.
+The explainer's aug_smooth applies as to the CAM family (pytorch-grad-cam's FullGrad takes it too).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class FullGrad(Method):
         """eigen_smooth: the first principal component of the 3 + L maps instead of their sum."""
 
         eigen_smooth: bool = False
+
+    @classmethod
+    def takes_aug_smooth(cls) -> bool:
+        return True  # pytorch-grad-cam's FullGrad is one of its CAMs and takes aug_smooth
 
     def layer_maps(self, outputs: GraphOutputs) -> np.ndarray:
         """[B, 3 + L, H, W]: psi of grad_x ⊙ x per colour channel, then of each bias term summed over its channels."""

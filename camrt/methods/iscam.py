@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hookspecs import hookimpl
-from .base import BatchOptions
+from .base import BatchedCAMOptions
 from .scorecam import ScoreWeightedMethod
 
 
@@ -45,8 +45,8 @@ class ISCAM(ScoreWeightedMethod):
     aliases = ("is-cam",)
 
     @dataclass(frozen=True)
-    class Options(BatchOptions):
-        """n_samples integration steps; batch_size masked inputs per pass."""
+    class Options(BatchedCAMOptions):
+        """n_samples integration steps; batch_size masked inputs per pass; eigen_smooth as Score-CAM."""
 
         n_samples: int = 10
 

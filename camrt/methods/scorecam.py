@@ -45,10 +45,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
 from ..postprocess import upsample
-from .base import BatchOptions, GraphOutputs, Method, Requirements
+from .base import BatchedCAMOptions, ChannelWeightingMethod, GraphOutputs, Requirements
 
 
 def score_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -60,8 +59,9 @@ def score_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ScoreCAMOptions(BatchOptions):
-    """top_channels: score only the N channels of largest activation variance (0: all, the exact method)."""
+class ScoreCAMOptions(BatchedCAMOptions):
+    """top_channels: score only the N channels of largest activation variance (0: all, the exact
+    method); batch_size masked inputs per pass; eigen_smooth as Grad-CAM's."""
 
     top_channels: int = 0
 
@@ -79,7 +79,7 @@ def highest_variance_channels(flat: np.ndarray, live: np.ndarray, top: int) -> n
     return np.sort(live[np.argsort(-variance, kind="stable")[:top]])
 
 
-class ScoreWeightedMethod(Method):
+class ScoreWeightedMethod(ChannelWeightingMethod):
     """The Score-CAM family: alpha = softmax over channels of the mean target logit of the input
     masked by each channel's perturbed masks; map = sum_k alpha_k A^k.
 
@@ -106,7 +106,7 @@ class ScoreWeightedMethod(Method):
         """The random stream of one call (None for deterministic perturbations)."""
         return None
 
-    def weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
+    def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         """alpha [B, K] (float64)."""
         context = outputs.require_context(self.name)
         acts = outputs.activation(layer).astype(np.float32, copy=False)
@@ -134,14 +134,6 @@ class ScoreWeightedMethod(Method):
                 shifted = np.exp(scores - scores.max())
                 alpha[b, live] = shifted / shifted.sum()
         return alpha
-
-    def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
-        if layer is None:
-            raise UsageError(f"method {self.name!r} needs a layer")
-        alpha = self.weights(outputs, layer).astype(np.float32)
-        acts = outputs.activation(layer).astype(np.float32, copy=False)
-        batch, channels, height, width = acts.shape
-        return np.matmul(alpha[:, None, :], acts.reshape(batch, channels, -1)).reshape(batch, height, width)
 
 
 class ScoreCAM(ScoreWeightedMethod):

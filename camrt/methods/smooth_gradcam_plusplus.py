@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import contract
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, Requirements
+from .base import BatchedCAMOptions, GraphOutputs, Requirements
 from .gradcam_plusplus import GradCAMPlusPlus, plusplus_weights
 
 
@@ -47,7 +47,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
     requires = Requirements(activations=True, gradients=True, extra_passes=True)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(BatchedCAMOptions):
         """n_samples noisy inputs, noise std (absolute, on the model input), numpy seed, batch_size
         noisy inputs per pass; eigen_smooth as Grad-CAM++."""
 
@@ -55,11 +55,11 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         std: float = 0.3
         seed: int = 0
         batch_size: int = 16
-        eigen_smooth: bool = False
 
         def __post_init__(self):
-            if self.n_samples < 1 or self.batch_size < 1:
-                raise ValueError("n_samples and batch_size must be >= 1")
+            super().__post_init__()
+            if self.n_samples < 1:
+                raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
             if not self.std >= 0:
                 raise ValueError(f"std must be >= 0, got {self.std}")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hookspecs import hookimpl
-from .base import BatchOptions
+from .base import BatchedCAMOptions
 from .scorecam import ScoreWeightedMethod
 
 
@@ -41,8 +41,9 @@ class SSCAM(ScoreWeightedMethod):
     aliases = ("ss-cam",)
 
     @dataclass(frozen=True)
-    class Options(BatchOptions):
-        """n_samples noisy copies of each mask, noise std (on masks in [0, 1]), numpy seed; batch_size masked inputs per pass."""
+    class Options(BatchedCAMOptions):
+        """n_samples noisy copies of each mask, noise std (on masks in [0, 1]), numpy seed; batch_size masked
+        inputs per pass; eigen_smooth as Score-CAM."""
 
         n_samples: int = 35
         std: float = 2.0

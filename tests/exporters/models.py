@@ -82,9 +82,10 @@ def switch_states(outputs) -> "np.ndarray":
     return np.concatenate([np.stack([o == 0, o == 6]).ravel() for o in outputs])
 
 
-def switch_flips(model, model64, x, after: str | None = None) -> tuple[int, int]:
+def switch_flips(model, model64, x, after: str | None = None, **export_options) -> tuple[int, int]:
     """How many ReLU/ReLU6 switch states downstream of module `after` (all when None) differ from
-    torch float64's, in onnxruntime's and in torch float32's forward pass on input x."""
+    torch float64's, in onnxruntime's (the file exported with `export_options`) and in torch
+    float32's forward pass on input x."""
     import numpy as np
     import torch
 
@@ -93,7 +94,7 @@ def switch_flips(model, model64, x, after: str | None = None) -> tuple[int, int]
     from camrt_exporters.validate import run_contract
 
     layers = switch_layers(model, after)
-    onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA])
+    onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA], **export_options)
     got = run_contract(onnx_model, onnx_model.graph.input[0].name, x, np.full(len(x), contract.TOP1_TARGET))
     targets = torch.from_numpy(got[contract.TARGET_INDEX_OUTPUT])
     ours = switch_states([got[contract.activation_output(layer)] for layer in layers])

@@ -113,20 +113,27 @@ def test_ablationcam_matches_pytorch_grad_cam(exported):
 def test_ablationcam_on_a_signed_layer_zeroes_channels_as_the_paper(exported):
     """On a signed layer camrt still sets the channel to 0 (the paper); pytorch-grad-cam writes
     min - 1e7 there, cumulatively within its batch, so it is given an AblationLayer that zeroes."""
-    from pytorch_grad_cam.ablation_layer import AblationLayer
-
     from camrt.session import ExplainSession
-
-    class ZeroingAblationLayer(AblationLayer):
-        def __call__(self, x):
-            output = self.activations
-            output[np.arange(output.size(0)), self.indices[:output.size(0)]] = 0
-            return output
 
     model, path, x, (_, _, _, layer) = exported
     acts = ExplainSession(path).run(x[:1], TARGETS[:1], [contract.activation_output(layer)])
     assert acts[contract.activation_output(layer)].min() < 0  # signed indeed
-    _check_ablationcam(model, path, x, layer, ZeroingAblationLayer())
+    _check_ablationcam(model, path, x, layer, zeroing_ablation_layer())
+
+
+def zeroing_ablation_layer():
+    """pytorch-grad-cam's AblationLayer, but setting the ablated channel to 0 on any layer (the
+    paper; pytorch-grad-cam writes min - 1e7 on signed layers) and accepting the keyword arguments
+    of the module it replaces (EfficientNet-Lite's blocks take drop_connect_rate)."""
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    class ZeroingAblationLayer(AblationLayer):
+        def __call__(self, x, **kwargs):
+            output = self.activations
+            output[np.arange(output.size(0)), self.indices[:output.size(0)]] = 0
+            return output
+
+    return ZeroingAblationLayer()
 
 
 def _scorecam_oracle(model, module, x, targets, top=0):

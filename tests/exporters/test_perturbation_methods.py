@@ -247,8 +247,7 @@ def test_smooth_gradcampp_without_noise_is_gradcampp(exported):
 
 
 def test_scorecam_aug_smooth_matches_pytorch_grad_cam(exported, monkeypatch):
-    """aug_smooth for Score-CAM: pytorch-grad-cam's ScoreCAM upsamples its masks with
-    align_corners=True; with the paper's align_corners=False (patched in) it is camrt's Score-CAM."""
+    """aug_smooth for Score-CAM: pytorch-grad-cam's ScoreCAM with the paper's upsampling patched in."""
     import torch
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -262,8 +261,7 @@ def test_scorecam_aug_smooth_matches_pytorch_grad_cam(exported, monkeypatch):
         for factor in (0.9, 1.0, 1.1):
             _assert_no_constant_channels(_activations(model, module_name, (x[..., ::-1] if flip else x) * factor))
     ours = Explainer(path, method="scorecam", layer=layer, aug_smooth=True, batch_size=32).explain(x, targets=targets)
-    monkeypatch.setattr(torch.nn, "UpsamplingBilinear2d",
-                        lambda size: torch.nn.Upsample(size=size, mode="bilinear", align_corners=False))
+    _patch_score_cam_upsampling(monkeypatch)
     with ScoreCAM(model=model, target_layers=[module]) as cam:
         reference = cam(torch.from_numpy(np.ascontiguousarray(x)), targets=[ClassifierOutputTarget(targets[0])],
                         aug_smooth=True)
@@ -284,13 +282,11 @@ def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
     from .test_cam_methods_parity import _reference_maps
 
     name, layer, model, _, path, x = exported
-    if method == "ablationcam" and name == "efficientnet_lite0":
-        pytest.xfail("no reference: pytorch-grad-cam's AblationLayer replaces the block and cannot be called with "
-                     "EfficientNet-Lite's drop_connect_rate keyword (TypeError inside pytorch-grad-cam)")
+    cam_options = _ablation_options(name) if method == "ablationcam" else None
     explainer = Explainer(path, method=method, aug_smooth=True)
     ours = explainer.explain(x, targets=TARGETS)
-    reference = _reference_maps(model, layer, method, x, TARGETS, aug_smooth=True)
-    plain = _reference_maps(model, layer, method, x, TARGETS)
+    reference = _reference_maps(model, layer, method, x, TARGETS, cam_options, aug_smooth=True)
+    plain = _reference_maps(model, layer, method, x, TARGETS, cam_options)
     logits = explainer.session.run(x, TARGETS, [contract.LOGITS_OUTPUT])[contract.LOGITS_OUTPUT]
     for i, result in enumerate(ours):
         # pytorch-grad-cam returns the mean of six [0, 1] maps un-normalised: its range shrinks
@@ -301,6 +297,86 @@ def test_aug_smooth_matches_pytorch_grad_cam(exported, method):
         assert diff <= TOLERANCE, f"{name}/{method} aug_smooth sample {i}: max diff {diff:.2e}"
         assert float(np.abs(_minmax(plain[i]) - _minmax(reference[i])).max()) > 10 * TOLERANCE  # the option matters
         assert result.target == TARGETS[i] and result.score == float(logits[i, TARGETS[i]])  # the original input's record
+
+
+def _ablation_options(name):
+    """pytorch-grad-cam's AblationCAM options for the model: EfficientNet-Lite0's _blocks.1 is signed
+    (no ReLU after it), where pytorch-grad-cam does not zero channels as the paper and camrt do, and its
+    blocks take a keyword argument; both are handled by a zeroing AblationLayer."""
+    from .test_extra_pass_methods import zeroing_ablation_layer
+
+    return {"ablation_layer": zeroing_ablation_layer()} if name == "efficientnet_lite0" else {}
+
+
+def _patch_score_cam_upsampling(monkeypatch):
+    """pytorch-grad-cam's ScoreCAM upsamples its masks with align_corners=True; with the paper's
+    align_corners=False (patched in) it is camrt's Score-CAM."""
+    import torch
+
+    monkeypatch.setattr(torch.nn, "UpsamplingBilinear2d",
+                        lambda size: torch.nn.Upsample(size=size, mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_eigen_smooth_matches_pytorch_grad_cam(exported, method, monkeypatch):
+    """eigen_smooth=True for the methods whose channel weights take further passes: the first
+    principal component of the weighted activations, as pytorch-grad-cam's get_cam_image computes it
+    (Score-CAM with the paper's upsampling patched in; Ablation-CAM with channels zeroed)."""
+    from camrt import Explainer
+
+    from .test_cam_methods_parity import _reference_maps
+
+    name, layer, model, module_name, path, x = exported
+    if method == "scorecam":
+        _assert_no_constant_channels(_activations(model, module_name, x))
+        _patch_score_cam_upsampling(monkeypatch)
+    cam_options = _ablation_options(name) if method == "ablationcam" else None
+    ours = Explainer(path, method=method, eigen_smooth=True).explain(x, targets=TARGETS)
+    reference = _reference_maps(model, layer, method, x, TARGETS, cam_options, eigen_smooth=True)
+    plain = _reference_maps(model, layer, method, x, TARGETS, cam_options)
+    for i, result in enumerate(ours):
+        assert np.ptp(reference[i]) > 0.5, f"{name}/{method}: degenerate reference map {i}"
+        diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference[i])).max())
+        print(f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}")
+        assert diff <= TOLERANCE, f"{name}/{method} eigen_smooth sample {i}: max diff {diff:.2e}"
+        assert float(np.abs(_minmax(plain[i]) - _minmax(reference[i])).max()) > 10 * TOLERANCE  # the option matters
+
+
+@pytest.mark.parametrize("method", ["sscam", "iscam"])
+def test_eigen_smooth_of_torchcam_weights(exported, method):
+    """eigen_smooth=True for SS-CAM and IS-CAM (not in pytorch-grad-cam): pytorch-grad-cam's
+    projection (get_2d_projection) of torchcam's channel weights (paper masks, camrt's noise) times
+    the activations."""
+    import torch
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+    from torchcam.methods import ISCAM as TorchcamISCAM
+    from torchcam.methods import SSCAM as TorchcamSSCAM
+
+    from camrt.methods.iscam import ISCAM
+    from camrt.methods.sscam import SSCAM
+
+    name, layer, model, module_name, path, x = exported
+    _assert_no_constant_channels(_activations(model, module_name, x))
+    samples, std, seed = 2, 2.0, 3
+    if method == "sscam":
+        ours = _camrt_raw(path, SSCAM(n_samples=samples, std=std, seed=seed, eigen_smooth=True), x, layer)
+        channels = _activations(model, module_name, x).shape[1]
+        noise = np.random.default_rng(seed).standard_normal((len(x), samples, channels, SIZE, SIZE), dtype=np.float32)
+        draws = [noise[:, i] * np.float32(std) for i in range(samples)]
+        cam_class, kwargs = TorchcamSSCAM, {"num_samples": samples, "std": std}
+        setup = lambda cam: setattr(cam, "_distrib", _FixedNoise(draws))  # noqa: E731
+    else:
+        ours = _camrt_raw(path, ISCAM(n_samples=samples, eigen_smooth=True), x, layer)
+        cam_class, kwargs, setup = TorchcamISCAM, {"num_samples": samples}, None
+    with _paper_masks(cam_class)(model, target_layer=module_name, input_shape=x.shape[1:], batch_size=32,
+                                 **kwargs) as cam:
+        if setup:
+            setup(cam)
+        with torch.no_grad():
+            model(torch.from_numpy(x))
+            weights = cam._get_weights(TARGETS)[0]
+        weighted = (weights[:, :, None, None] * cam.hook_a[0]).numpy()
+    _compare(ours, np.maximum(get_2d_projection(weighted), 0), f"{method} eigen_smooth {name}/{layer}")
 
 
 def test_aug_smooth_is_refused_for_input_methods(exported):
@@ -329,8 +405,8 @@ def test_methods_listed_with_options():
     result = CliRunner().invoke(build_cli(), ["methods", "--json"], catch_exceptions=False)
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     expected = {
-        "sscam": ({"batch_size", "n_samples", "std", "seed", "aug_smooth"}, False),
-        "iscam": ({"batch_size", "n_samples", "aug_smooth"}, False),
+        "sscam": ({"batch_size", "n_samples", "std", "seed", "eigen_smooth", "aug_smooth"}, False),
+        "iscam": ({"batch_size", "n_samples", "eigen_smooth", "aug_smooth"}, False),
         "smooth-gradcam++": ({"n_samples", "std", "seed", "batch_size", "eigen_smooth", "aug_smooth"}, True),
     }
     for name, (options, gradients) in expected.items():
@@ -338,7 +414,7 @@ def test_methods_listed_with_options():
         assert listed[name]["requires"]["extra_passes"] is True and listed[name]["requires"]["gradients"] is gradients
     assert "smoothgradcampp" in listed["smooth-gradcam++"]["aliases"]
     assert SSCAM(n_samples="3", std="0.5").options.std == 0.5
-    with pytest.raises(UsageError, match="valid options: batch_size, n_samples, seed, std"):
+    with pytest.raises(UsageError, match="valid options: batch_size, eigen_smooth, n_samples, seed, std"):
         SSCAM(sigma=1)
     with pytest.raises(UsageError, match="n_samples must be >= 1"):
         SSCAM(n_samples=0)

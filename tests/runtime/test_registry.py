@@ -11,7 +11,7 @@ import pytest
 
 from camrt.errors import PluginError, UsageError
 from camrt.hookspecs import hookimpl
-from camrt.methods.base import ActivationWeightingMethod, Method
+from camrt.methods.base import ActivationWeightingMethod, EigenSmoothOptions, Method
 from camrt.methods.gradcam import GradCAM
 from camrt.registry import MethodRegistry, build_method_registry, build_renderer_registry
 
@@ -79,7 +79,7 @@ def test_options_typed_and_unknown_rejected():
         name = "with-options"
 
         @dataclass(frozen=True)
-        class Options:
+        class Options(EigenSmoothOptions):
             power: float = 1.0
             absolute: bool = False
 
@@ -89,15 +89,65 @@ def test_options_typed_and_unknown_rejected():
 
     method = WithOptions(power="2", absolute="yes")
     assert method.options == WithOptions.Options(power=2.0, absolute=True)
-    with pytest.raises(UsageError, match=r"no option\(s\) powr; valid options: absolute, power"):
+    with pytest.raises(UsageError, match=r"no option\(s\) powr; valid options: absolute, eigen_smooth, power"):
         WithOptions(powr=2)
     with pytest.raises(UsageError, match="must be float"):
         WithOptions(power="high")
     described = WithOptions.describe()
-    assert described["options"] == [{"name": "power", "type": "float", "default": 1.0},
+    assert described["options"] == [{"name": "eigen_smooth", "type": "bool", "default": False},
+                                     {"name": "power", "type": "float", "default": 1.0},
                                      {"name": "absolute", "type": "bool", "default": False},
                                      {"name": "aug_smooth", "type": "bool", "default": False}]  # the explainer's
     assert described["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
+
+
+def test_cam_family_options_must_keep_eigen_smooth():
+    """The CAM family's map reads options.eigen_smooth: an Options without it is refused when the
+    class is defined, naming the class and the base to use."""
+    with pytest.raises(PluginError, match=r"Bare.Options must subclass camrt.EigenSmoothOptions"):
+        class Bare(ActivationWeightingMethod):
+            name = "bare"
+
+            @dataclass(frozen=True)
+            class Options:
+                power: float = 1.0
+
+            def weights(self, activations, gradients):
+                return gradients.mean(axis=(2, 3))
+
+
+def test_channel_weighting_plugin_gets_eigen_smooth_and_shape_check():
+    """A plugin on ChannelWeightingMethod implements only layer_weights; the map, eigen_smooth and
+    the weights' shape check come from the base (against numpy's own sum and SVD)."""
+    from camrt import contract
+    from camrt.methods.base import ChannelWeightingMethod, GraphOutputs
+
+    class Uniform(ChannelWeightingMethod):
+        name = "uniform"
+
+        def layer_weights(self, outputs, layer):
+            return np.ones(outputs.activation(layer).shape[:2])
+
+    acts = np.random.default_rng(1).standard_normal((2, 5, 3, 4)).astype(np.float32)
+    outputs = GraphOutputs({contract.activation_output("L"): acts}, np.empty(0))
+    np.testing.assert_allclose(Uniform().explain(outputs, layer="L"), acts.sum(axis=1), rtol=1e-5, atol=1e-6)
+    smooth = Uniform(eigen_smooth=True).explain(outputs, layer="L")
+    for i in range(2):
+        matrix = acts[i].reshape(5, -1).T
+        matrix = matrix - matrix.mean(axis=0)
+        v1 = np.linalg.svd(matrix.astype(np.float64))[2][0]
+        expected = (matrix @ v1).reshape(3, 4)
+        sign = np.sign((smooth[i] * expected).sum())  # the principal direction's sign is LAPACK's
+        np.testing.assert_allclose(smooth[i], sign * expected, rtol=1e-4, atol=1e-5)
+
+    class Wrong(Uniform):
+        name = "wrong"
+
+        def layer_weights(self, outputs, layer):
+            return np.ones(3)
+
+    with pytest.raises(PluginError, match=r"method 'wrong' returned weights of shape \(3,\), expected \(2, 5\)"):
+        Wrong().explain(outputs, layer="L")
 
 
 def test_duplicate_renderer(plugin):
