@@ -2,10 +2,11 @@
 completeness identity.
 
 Models: resnet18 (224x224) and mobilenet_v2 (64x64, to keep the test short), fixed random weights
-with calibrated BatchNorm statistics, exported once each with `fullgrad=True` (BatchNormalization
+with calibrated BatchNorm statistics, on random NCHW inputs, and EfficientNet-Lite0 with its real
+weights on two photographs (224x224); each exported once with `fullgrad=True` (BatchNormalization
 nodes kept unfused, so the file's bias-carrying nodes are pytorch-grad-cam's BatchNorm2d modules;
-neither model has a Conv2d with a bias). Random NCHW inputs, explicit targets, heatmaps at the input
-size on both sides (no resampling). FullGrad is built on the input gradient, which crosses every
+no model has a Conv2d with a bias). Explicit targets, heatmaps at the input size on both sides
+(no resampling). FullGrad is built on the input gradient, which crosses every
 ReLU/ReLU6 switch, so the criterion is the one for input-gradient methods: relative L2
 <= 1e-2 against pytorch-grad-cam, and no worse than twice pytorch-grad-cam's own error against
 pytorch-grad-cam run on a float64 copy of the model (floor: test_input_gradients.FLOAT32_FLOOR), or,
@@ -26,7 +27,7 @@ from .models import load, switch_flips
 from .test_input_gradients import FLOAT32_FLOOR, _input, l2_rel
 
 pytest.importorskip("pytorch_grad_cam")
-MODELS = {"resnet18": 224, "mobilenet_v2": 64}
+MODELS = {"resnet18": 224, "mobilenet_v2": 64, "efficientnet_lite0": 224}
 TARGETS = [1, 250]
 PGC_L2 = 1e-2
 
