@@ -426,6 +426,9 @@ Examples:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime offers it (onnxruntime-gpu), else the CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--graph-optimization", type=click.Choice(["all", "extended", "basic", "none"]), default="all",
+              show_default=True, help="onnxruntime's graph optimisations: 'extended' leaves out the NCHWc "
+                                      "kernels of 'all': slower, closer to float64 on ill-conditioned layers.")
 @click.option("--format", "formats", default="png,npy", show_default=True,
               help=f"Comma-separated outputs: png (overlay), npy (heatmap), {JSONL_FORMAT} (records also "
                    f"into OUTDIR/{RECORDS_FILE}), or a plugin's renderer.")
@@ -442,8 +445,8 @@ Examples:
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
                     method_options: tuple[str, ...], outdir: str, target: str, layers: tuple[str, ...],
-                    batch_size: int, device: str, threads: int | None, formats: str, colormap: str,
-                    alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
+                    batch_size: int, device: str, threads: int | None, graph_optimization: str, formats: str,
+                    colormap: str, alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
                     jsonl_path: str | None, quiet: bool) -> None:
     """Explain MODEL's decisions on INPUT images: files, directories (walked for image files),
     globs, or - for paths on stdin.
@@ -464,7 +467,8 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     choice = parse_target(target)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
-                          softmax=True if softmax else None, **_parse_options(method_options))
+                          softmax=True if softmax else None, graph_optimization=graph_optimization,
+                          **_parse_options(method_options))
     if choice.index >= explainer.num_classes or (choice.top_k or 0) > explainer.num_classes:
         given = f"topk:{choice.top_k}" if choice.top_k else str(choice.index)
         raise UsageError(f"--target {given} is out of range: {model} has {explainer.num_classes} classes "

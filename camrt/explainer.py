@@ -72,6 +72,7 @@ class Explainer:
         custom_op_libraries: Sequence[str | os.PathLike] | None = None,
         aug_smooth: bool | str = False,
         device_postprocess: bool = False,
+        graph_optimization: str = "all",
         **method_options: Any,
     ):
         """softmax: give each result the softmax probability of its target; None: when the file's
@@ -80,9 +81,12 @@ class Explainer:
         of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
         `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family methods and FullGrad only.
         device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
-        that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM). Other
-        keyword arguments are the method's options."""
-        self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries)
+        that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM).
+        graph_optimization: onnxruntime's optimisation level, "all" (fastest) or "extended" (closer to
+        float64 on ill-conditioned layers), "basic", "none" (`camrt.session.GRAPH_OPTIMIZATIONS`).
+        Other keyword arguments are the method's options."""
+        self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries,
+                                      graph_optimization=graph_optimization)
         if isinstance(method, Method):
             if method_options:
                 raise UsageError("give method options to the method instance, not to the Explainer")

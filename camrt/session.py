@@ -29,6 +29,11 @@ from . import contract
 from .errors import ContractError, InputError, ModelError, NonFiniteError, UsageError, require_regular_file
 
 DEVICES = ("auto", "cpu", "cuda")
+#: onnxruntime's graph optimisation levels by camrt's names. "all" (onnxruntime's default) includes
+#: the NCHWc layout transform, whose CPU convolution kernels round differently: on ill-conditioned
+#: methods and layers (XGrad-CAM on a signed layer) "extended" gives maps closer to a float64 run,
+#: for a longer run time (measured in the README).
+GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "none")
 #: Op domains onnxruntime implements itself; any other domain needs a custom-op library.
 BUILTIN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 #: Built-in-domain ops that make onnxruntime read files named in the model (execution-provider caches).
@@ -390,12 +395,17 @@ class ExplainSession:
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 custom_op_libraries: Sequence[str | os.PathLike] | None = None):
+                 custom_op_libraries: Sequence[str | os.PathLike] | None = None,
+                 graph_optimization: str = "all"):
         """custom_op_libraries: shared libraries registered with onnxruntime, which also allows
-        nodes of custom op domains; None: from $CAMRT_CUSTOM_OP_LIBRARIES (os.pathsep-separated)."""
+        nodes of custom op domains; None: from $CAMRT_CUSTOM_OP_LIBRARIES (os.pathsep-separated).
+        graph_optimization: onnxruntime's optimisation level (`GRAPH_OPTIMIZATIONS`)."""
         self.path = os.fspath(path)
         if device not in DEVICES:
             raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        if graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise UsageError(f"unknown graph_optimization {graph_optimization!r}; choose one of "
+                             f"{', '.join(GRAPH_OPTIMIZATIONS)}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         self.info = read_contract(self.path)
@@ -418,6 +428,10 @@ class ExplainSession:
         self._providers = providers
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3  # errors only: keep the CLI's stderr for camrt's messages
+        level = ort.GraphOptimizationLevel
+        self._options.graph_optimization_level = {
+            "all": level.ORT_ENABLE_ALL, "extended": level.ORT_ENABLE_EXTENDED,
+            "basic": level.ORT_ENABLE_BASIC, "none": level.ORT_DISABLE_ALL}[graph_optimization]
         if threads is not None:
             self._options.intra_op_num_threads = threads
         libraries = _custom_op_libraries(custom_op_libraries)

@@ -1,6 +1,7 @@
-"""saliency, guided-backprop, deconvnet and guided-gradcam against Captum on the same model and input.
+"""saliency, guided-backprop, deconvnet and guided-gradcam against Captum on the same model and input,
+and guided-backprop against pytorch-grad-cam's GuidedBackpropReLUModel.
 
-resnet18 (fixed random weights) on random inputs and EfficientNet-Lite0 (real weights) on real
+resnet18 and mobilenet_v3_large (fixed random weights) on random inputs and EfficientNet-Lite0 (real weights) on real
 photographs (scikit-image's chelsea and coffee, (x - 127) / 128), each exported once with the
 vanilla, guided and deconvnet input gradients. Compared, relative L2 ||camrt - Captum|| / ||Captum||
 <= 1e-2 (input gradients cross every ReLU switch, some of which flip in float32 between
@@ -91,14 +92,14 @@ def _run(exported, method):
     return attribution, maps, [r.heatmap for r in results], targets
 
 
-def _check(exported, label, figures, relu_sensitive=False):
+def _check(exported, label, figures, relu_sensitive=False, reference="Captum"):
     name = exported["name"]
     text = ", ".join(f"{k} {v:.2e}" for k, v in figures.items())
-    message = (f"{name} {label}: relative L2 vs Captum: {text} (bound {CAPTUM_L2:.0e}); forward Relu ops "
+    message = (f"{name} {label}: relative L2 vs {reference}: {text} (bound {CAPTUM_L2:.0e}); forward Relu ops "
                f"{exported['relu_ops']}, nn.ReLU calls {exported['relu_modules']}")
     print(message)
     if max(figures.values()) > CAPTUM_L2 and relu_sensitive and exported["relu_ops"] != exported["relu_modules"]:
-        pytest.xfail(f"{message}: camrt overrides every Relu op, Captum only nn.ReLU modules")
+        pytest.xfail(f"{message}: camrt overrides every Relu op, {reference} only nn.ReLU modules")
     assert max(figures.values()) <= CAPTUM_L2, message
 
 
@@ -166,3 +167,28 @@ def test_guided_gradcam(exported):
         "attribution": l2_rel(attribution, ref), "map": l2_rel(maps, ref_maps),
         "heatmap": _heatmap_figure(heatmaps, ref_maps, method.relu),
     }, relu_sensitive=True)
+
+
+def test_guided_backprop_matches_pytorch_grad_cam(exported):
+    """guided-backprop against pytorch-grad-cam 1.5.7's GuidedBackpropReLUModel (which replaces every
+    nn.ReLU module by a guided one and returns the first image's input gradient as [H, W, C]), one
+    image at a time, relative L2 <= 1e-2 on the signed attribution and on the map; its distance to a
+    float64 run is test_input_gradients' (the same guided rule set)."""
+    import copy
+
+    import torch
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    from camrt.methods.guided_backprop import GuidedBackprop
+
+    method = GuidedBackprop()
+    attribution, maps, heatmaps, targets = _run(exported, method)
+    guided = GuidedBackpropReLUModel(copy.deepcopy(exported["model"]), device="cpu")
+    x = exported["x"]
+    ref = np.stack([guided(torch.from_numpy(x[i:i + 1].copy()), target_category=t).transpose(2, 0, 1)
+                    for i, t in enumerate(targets)])
+    ref_maps = np.abs(ref).max(axis=1)
+    _check(exported, "guided-backprop", {
+        "attribution": l2_rel(attribution, ref), "map": l2_rel(maps, ref_maps),
+        "heatmap": _heatmap_figure(heatmaps, ref_maps, method.relu),
+    }, relu_sensitive=True, reference="pytorch-grad-cam")

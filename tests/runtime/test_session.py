@@ -10,7 +10,7 @@ import pytest
 from camrt import contract
 from camrt.errors import ContractError, InputError, ModelError, UsageError
 from camrt.images import preprocess
-from camrt.session import ExplainSession, read_contract, read_metadata
+from camrt.session import GRAPH_OPTIMIZATIONS, ExplainSession, read_contract, read_metadata
 
 from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
 
@@ -124,6 +124,28 @@ def test_bad_inputs_and_options(tiny, rng):
         session.run(np.zeros((1, 3, HEIGHT + 1, WIDTH), np.float32), [-1], [contract.LOGITS_OUTPUT])
     with pytest.raises(ModelError, match="no output"):
         session.run(_batch(tiny, rng, 1), [-1], ["camrt/act/absent"])
+
+
+@pytest.mark.parametrize("level", GRAPH_OPTIMIZATIONS)
+def test_graph_optimization_levels_compute_the_model(tiny, rng, level):
+    """Every onnxruntime optimisation level computes the model (float64 numpy forward) and its
+    gradient (closed form for the tiny model: d logit_c / d feat = w2[c] / (h w)); an unknown level
+    is refused with the valid ones."""
+    session = ExplainSession(tiny.path, device="cpu", graph_optimization=level)
+    x = _batch(tiny, rng, 2)
+    feat = contract.activation_output("feat")
+    out = session.run(x, np.array([1, 3]), [contract.LOGITS_OUTPUT, feat, contract.gradient_output("feat")])
+    expected = numpy_forward(tiny, x)
+    np.testing.assert_allclose(out[contract.LOGITS_OUTPUT], expected["logits"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[feat], expected["feat"], rtol=1e-4, atol=1e-5)
+    area = expected["feat"].shape[2] * expected["feat"].shape[3]
+    grad = np.broadcast_to(tiny.w2[[1, 3], :, None, None] / area, expected["feat"].shape)
+    np.testing.assert_allclose(out[contract.gradient_output("feat")], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_graph_optimization(tiny):
+    with pytest.raises(UsageError, match="unknown graph_optimization 'fast'; choose one of all, extended, basic, none"):
+        ExplainSession(tiny.path, graph_optimization="fast")
 
 
 def test_cuda_without_gpu_provider(tiny):
