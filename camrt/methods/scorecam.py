@@ -25,9 +25,10 @@ pytorch-grad-cam's and torchcam's formula. Channels that are constant have no ma
 undefined): as in the authors' code they are skipped (weight 0, left out of the softmax).
 The ReLU of eq. 6, upsampling and normalisation of the map are `camrt.postprocess`'s.
 
-`ScoreWeightedMethod` is that pipeline with one variation point, `perturb`: SS-CAM
-(camrt.methods.sscam) and IS-CAM (camrt.methods.iscam) score each mask over `n_samples`
-perturbed copies (noisy masks; scaled masks) and average the target logits before the softmax.
+`ScoreWeightedMethod` is that pipeline with one variation point, `masked_inputs` (by default
+X o `perturb`(H^k)): SS-CAM (camrt.methods.sscam) and IS-CAM (camrt.methods.iscam) score each mask
+over `n_samples` perturbed copies (noisy masks or noisy masked inputs; scaled masks) and average the
+target logits before the softmax.
 
 Cost: one forward pass per non-constant channel, sample and perturbation, run `batch_size` masked
 inputs at a time (at most `batch_size` masked inputs are held at once).
@@ -98,6 +99,11 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
         """The `index`-th perturbation of masks [n, H, W] (the identity for Score-CAM)."""
         return masks
 
+    def masked_inputs(self, image: np.ndarray, masks: np.ndarray, index: int,
+                      rng: np.random.Generator | None) -> np.ndarray:
+        """The `index`-th perturbed masked inputs [n, C, H, W] of one image [C, H, W]: X o perturb(H^k)."""
+        return image[None] * self.perturb(masks, index, rng)[:, None]
+
     def channels_to_score(self, flat: np.ndarray, live: np.ndarray) -> np.ndarray:
         """Which of the non-constant channels `live` (activations `flat` [K, h*w]) get a pass: all."""
         return live
@@ -126,8 +132,7 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
             for index in range(samples):
                 for start in range(0, live.size, step):
                     chosen = live[start:start + step]
-                    masks = self.perturb(score_masks(acts[b, chosen], size), index, rng)
-                    logits = context.forward(x[b][None] * masks[:, None])
+                    logits = context.forward(self.masked_inputs(x[b], score_masks(acts[b, chosen], size), index, rng))
                     scores[start:start + chosen.size] += logits[:, targets[b]]
             if live.size:
                 scores /= samples

@@ -136,11 +136,13 @@ def zeroing_ablation_layer():
     return ZeroingAblationLayer()
 
 
-def _scorecam_oracle(model, module, x, targets, top=0):
+def _scorecam_oracle(model, module, x, targets, top=0, input_noise=None):
     """Score-CAM, Algorithm 1 of Wang et al. 2020, in torch: masks s(Up(A^k)) (bilinear, pixel
     centres), alpha = softmax over channels of the target logit of X o H^k (the baseline term is a
     constant, it cancels), map = ReLU(sum_k alpha_k A^k), upsampled and min-max normalised.
-    top > 0: only the `top` channels of largest activation variance are scored (Faster Score-CAM)."""
+    top > 0: only the `top` channels of largest activation variance are scored (Faster Score-CAM).
+    input_noise (SS-CAM's noise="input"): a function (sample, live channels) -> noise [N, n, C, H, W];
+    each channel's score is then the mean target logit of X o H^k + noise[i] over the N copies."""
     import torch
     import torch.nn.functional as F
 
@@ -161,8 +163,11 @@ def _scorecam_oracle(model, module, x, targets, top=0):
                 variance = torch.where(live, acts[b].flatten(1).var(dim=1, unbiased=False), -1.0)
                 live = torch.zeros_like(live).index_fill_(0, torch.topk(variance, top).indices, True)
             masks = ((up - low) / (high - low))[live]
-            scores = torch.cat([model(torch.from_numpy(x[b:b + 1]) * masks[i:i + 16])[:, t]
-                                for i in range(0, masks.shape[0], 16)])
+            masked = torch.from_numpy(x[b:b + 1]) * masks
+            copies = [masked] if input_noise is None else [masked + torch.from_numpy(n)
+                                                           for n in input_noise(b, masks.shape[0])]
+            scores = torch.stack([torch.cat([model(inputs[i:i + 16])[:, t] for i in range(0, inputs.shape[0], 16)])
+                                  for inputs in copies]).double().mean(dim=0)
             alpha = torch.zeros(acts.shape[1], dtype=torch.float64)
             alpha[live] = torch.softmax(scores.double(), dim=0)
             cam = torch.relu(torch.einsum("k,khw->hw", alpha.float(), acts[b]))
@@ -183,6 +188,31 @@ def test_scorecam_matches_paper_formula(exported):
         diff = float(np.abs(_minmax(r.heatmap) - reference[i]).max())
         print(f"scorecam sample {i}: max diff {diff:.2e}")
         assert diff <= 1e-4, diff
+
+
+def test_sscam_input_noise_matches_the_formula(exported):
+    """SS-CAM with noise="input" (the paper's second variant): noise of the input's shape added to
+    each masked input, drawn in camrt's documented order, against the formula written in torch."""
+    from camrt import Explainer
+
+    model, path, x, (_, layer, _, _) = exported
+    x, targets = x[:2], TARGETS[:2]
+    samples, std, seed = 2, 0.5, 11
+    results = Explainer(path, method="sscam", layer=layer, noise="input", n_samples=samples, std=std, seed=seed,
+                        batch_size=24).explain(x, targets=targets)
+    rng = np.random.default_rng(seed)
+
+    def noise(sample, live):  # sample by sample, copy by copy, live channel by channel
+        return [rng.standard_normal((live, *x.shape[1:]), dtype=np.float32) * np.float32(std) for _ in range(samples)]
+
+    reference = _scorecam_oracle(model, _module(model, layer), x, targets, input_noise=noise)
+    plain = Explainer(path, method="scorecam", layer=layer).explain(x, targets=targets)
+    for i, r in enumerate(results):
+        assert np.ptp(reference[i]) > 0.5
+        diff = float(np.abs(_minmax(r.heatmap) - reference[i]).max())
+        print(f"sscam noise=input sample {i}: max diff {diff:.2e}")
+        assert diff <= 1e-4, diff
+        assert np.abs(r.heatmap - plain[i].heatmap).max() > 1e-3  # the noise matters (10x the bound)
 
 
 def test_scorecam_top_channels_matches_the_formula_on_those_channels(exported):

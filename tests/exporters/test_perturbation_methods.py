@@ -413,7 +413,7 @@ def test_methods_listed_with_options():
     result = CliRunner().invoke(build_cli(), ["methods", "--json"], catch_exceptions=False)
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     expected = {
-        "sscam": ({"batch_size", "n_samples", "std", "seed", "eigen_smooth", "aug_smooth"}, False),
+        "sscam": ({"batch_size", "n_samples", "std", "seed", "noise", "eigen_smooth", "aug_smooth"}, False),
         "iscam": ({"batch_size", "n_samples", "eigen_smooth", "aug_smooth"}, False),
         "smooth-gradcam++": ({"n_samples", "std", "seed", "batch_size", "eigen_smooth", "aug_smooth"}, True),
     }
@@ -422,7 +422,9 @@ def test_methods_listed_with_options():
         assert listed[name]["requires"]["extra_passes"] is True and listed[name]["requires"]["gradients"] is gradients
     assert "smoothgradcampp" in listed["smooth-gradcam++"]["aliases"]
     assert SSCAM(n_samples="3", std="0.5").options.std == 0.5
-    with pytest.raises(UsageError, match="valid options: batch_size, eigen_smooth, n_samples, seed, std"):
+    with pytest.raises(UsageError, match="valid options: batch_size, eigen_smooth, n_samples, noise, seed, std"):
         SSCAM(sigma=1)
     with pytest.raises(UsageError, match="n_samples must be >= 1"):
         SSCAM(n_samples=0)
+    with pytest.raises(UsageError, match="noise must be 'mask' or 'input', got 'pixels'"):
+        SSCAM(noise="pixels")
