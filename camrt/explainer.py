@@ -147,9 +147,14 @@ class Explainer:
         if layer is None or (not isinstance(layer, str) and len(layer) == 0):
             default = self.info.default_layer or (self.info.layers[0] if self.info.layers else None)
             if default is None:
+                needs = ", ".join(what for what, needed in (
+                    ("activations", requires.activations), ("gradients", requires.gradients),
+                    ("CAM class weights", requires.cam_weights), ("tail graph", requires.tail)) if needed)
+                rule = requires.input_gradient
+                flags = ["--layer NAME", *([self._rules_flag(rule)] if rule and rule not in self.info.rule_sets else [])]
                 raise ModelError(
-                    f"method {self.method.name!r} needs a layer's activations and gradients but {path} "
-                    "has no layers; re-export it with `camrt export ... --layer NAME`"
+                    f"method {self.method.name!r} needs a layer's {needs} but {path} has no layers; "
+                    f"re-export it with `camrt export ... {' '.join(flags)}`"
                 )
             return (default,)
         layers = (layer,) if isinstance(layer, str) else tuple(layer)
@@ -171,6 +176,10 @@ class Explainer:
             raise UsageError(f"aug_smooth applies to CAM-family methods (those that explain a layer, and "
                              f"fullgrad); method {self.method.name!r} does not take it")
         return value
+
+    def _rules_flag(self, rule: str) -> str:
+        """The `camrt export` flag that keeps the file's rule sets and adds `rule`."""
+        return f"--rules {','.join(dict.fromkeys([*self.info.rule_sets, rule]))}"
 
     def _check_outputs(self) -> None:
         requires = self.method.requires
@@ -195,8 +204,7 @@ class Explainer:
                 flags.append(f"--layer {layer}")
         rule = requires.input_gradient
         if rule is not None and contract.input_gradient_output(rule) in missing:
-            rules = list(dict.fromkeys([*self.info.rule_sets, rule]))
-            flags.append(f"--rules {','.join(rules)}")
+            flags.append(self._rules_flag(rule))
         if requires.bias_gradients and not self.info.bias_terms:
             flags.append("--fullgrad")
         raise ModelError(

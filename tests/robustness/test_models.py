@@ -15,6 +15,7 @@ from onnx import external_data_helper, helper
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
 from camrt.explainer import Explainer
+from camrt.registry import build_method_registry
 from camrt.session import CUSTOM_OP_LIBRARIES_ENV, ExplainSession
 
 from .tally import refused
@@ -99,6 +100,28 @@ def test_missing_outputs_name_the_export_flags(tmp_path, exporter):
     path = _copy_model(build_tiny_model(str(tmp_path / "full.onnx")), tmp_path, "no_grad.onnx", drop_gradient)
     refused(lambda: Explainer(path, method="gradcam", device="cpu", layer="feat"), ModelError, path,
             "camrt/grad/feat", "--layer feat")
+
+
+@pytest.mark.parametrize("method", sorted(build_method_registry().names()))
+def test_every_method_names_what_a_bare_file_lacks(tmp_path_factory, exporter, method):
+    """A file with no layers and no input gradients: every built-in method is refused when the file
+    is opened, naming the method, the file, what it needs from it and the `camrt export` flags that
+    add it (all of them at once: guided-gradcam needs a layer and the guided rule set)."""
+    from tests.runtime.tiny import build_tiny_model
+
+    bare = build_tiny_model(str(tmp_path_factory.mktemp(method) / "bare.onnx"), layers=(), rule_sets=())
+    requires = build_method_registry().get(method).requires
+    expected = []
+    if requires.uses_layers:
+        expected += ["has no layers", "--layer NAME"]
+        expected += [what for what, needed in (("activations", requires.activations), ("gradients", requires.gradients),
+                                               ("CAM class weights", requires.cam_weights)) if needed]
+    if requires.input_gradient:
+        expected.append(f"--rules {requires.input_gradient}")
+    if requires.bias_gradients:
+        expected.append("--fullgrad")
+    refused(lambda: Explainer(bare.path, method=method, device="cpu"), ModelError, bare.path,
+            f"method {method!r}", "camrt export", *expected)
 
 
 def test_float16_image_input_is_refused(tmp_path, tiny):
