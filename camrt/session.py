@@ -32,7 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 #: onnxruntime's graph optimisation levels by camrt's names. "all" (onnxruntime's default) includes
 #: the NCHWc layout transform, whose CPU convolution kernels round differently: on ill-conditioned
 #: methods and layers (XGrad-CAM on a signed layer) "extended" gives maps closer to a float64 run,
-#: for a longer run time (measured in the README).
+#: for a longer run time (bench/graph_optimization.py).
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "none")
 #: Op domains onnxruntime implements itself; any other domain needs a custom-op library.
 BUILTIN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
