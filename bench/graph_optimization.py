@@ -7,7 +7,7 @@ max |difference| of min-max heatmaps against pytorch-grad-cam 1.5.7 in float32 a
 pytorch-grad-cam on a float64 copy of the model (the truth), next to pytorch-grad-cam float32's own
 distance to it. XGrad-CAM divides by channel sums, which cancel on signed layers (EfficientNet-Lite0's
 `_bn1`): the case where rounding shows. Usage:
-    python bench/graph_optimization.py [--threads 2] [--repeats 10] [--out bench/results/NAME]
+    python bench/graph_optimization.py [--threads 2] [--repeats 10] [--models M,...] [--out bench/results/NAME]
 """
 
 from __future__ import annotations
@@ -68,13 +68,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", default="efficientnet_lite0,resnet50,mobilenet_v3_large")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="exported models (bench/run.py's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = photos()
     rows = []
     for name in args.models.split(","):
         layer = MODELS[name]
-        path = prepare_model(name, ROOT / "bench" / ".cache")["camrt"]
+        path = prepare_model(name, Path(args.cache))["camrt"]
         model = load(name)  # the weights the cached file was exported from (fixed seed / real weights)
         reference = reference_maps(model, layer, x)
         truth = reference_maps(copy.deepcopy(model).double(), layer, x.astype(np.float64))

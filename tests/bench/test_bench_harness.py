@@ -1,5 +1,5 @@
-"""The benchmark harnesses run (never a speed assertion): bench/run.py's smoke configuration and
-bench/gpu.py's CPU mode.
+"""The benchmark harnesses run (never a speed assertion): bench/run.py's smoke configuration,
+bench/gpu.py's CPU mode and bench/graph_optimization.py on resnet18.
 
 Oracle of each run: the heatmaps of the anchors in the same run. camrt's Grad-CAM maps (host and
 in-session postprocessing) must equal pytorch-grad-cam 1.5.7's within 1e-4, its saliency maps
@@ -64,3 +64,16 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     assert len(batch["timings"]) == 7
     for name, diff in batch["max_abs_diff_vs_pgc"].items():
         assert diff <= 1e-4, (name, diff)
+
+
+def test_graph_optimization_bench_runs_and_both_levels_agree_with_float64(tmp_path):
+    """Oracle: pytorch-grad-cam on a float64 copy of the model, in the same run."""
+    out = tmp_path / "graph-optimization"
+    _run(["bench/graph_optimization.py", "--models", "resnet18", "--repeats", "1", "--cache", str(tmp_path / "cache"),
+          "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["level"] for row in rows] == ["all", "extended"]
+    for row in rows:
+        assert row["median_ms"] > 0
+        assert row["vs_float64"] <= 1e-4 and row["vs_pytorch_grad_cam"] <= 1e-4, row
+    assert "| resnet18 | layer4 | extended |" in out.with_suffix(".md").read_text()
