@@ -103,6 +103,8 @@ def build_command():
                   help="Images explained and scored together.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
     @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+    @click.option("--graph-optimization", type=click.Choice(["all", "extended", "basic", "none"]), default="all",
+                  show_default=True, help="onnxruntime's graph optimisations (see `camrt explain --help`).")
     @click.option("-o", "--output", "outdir", default=None, metavar="OUTDIR",
                   help="Write records, summary (and figures with --plot) here.")
     @click.option("--plot", is_flag=True, help="Write deletion/insertion curves and the methods' overlays as PNG (needs -o).")
@@ -110,7 +112,7 @@ def build_command():
     def eval_command(ctx: click.Context, model: str, inputs: tuple[str, ...], methods: str, metrics: str,
                      metric_options: tuple[str, ...], method_options: tuple[str, ...], boxes: str | None, score: str, layers: tuple[str, ...],
                      batch_size: int, images_per_batch: int, device: str, threads: int | None,
-                     outdir: str | None, plot: bool) -> None:
+                     graph_optimization: str, outdir: str | None, plot: bool) -> None:
         """Score METHODS' heatmaps of MODEL on INPUT images with faithfulness metrics and sanity checks.
 
         Prints one JSON line per image and method, then the summary table (means) on stderr.
@@ -136,7 +138,8 @@ def build_command():
         evaluation = Evaluation(model, _split(methods), wanted, metric_options=options,
                                 method_options=parse_named_options(method_options, "--method-option"), layers=layers,
                                 device=device, threads=threads, score=score, batch_size=batch_size,
-                                images_per_batch=images_per_batch, keep_maps=plot)
+                                images_per_batch=images_per_batch, keep_maps=plot,
+                                graph_optimization=graph_optimization)
         loaded: list[tuple[str, Any]] = []
         for spec in iter_inputs(inputs, sys.stdin, skip_dir=outdir):
             try:

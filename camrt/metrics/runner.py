@@ -43,7 +43,7 @@ class Evaluation:
                  method_options: Mapping[str, Mapping[str, Any]] | None = None,
                  layers: Sequence[str] | None = None, device: str = "auto", threads: int | None = None,
                  score: str = "probability", batch_size: int = 32, images_per_batch: int = 8,
-                 keep_maps: bool = False):
+                 keep_maps: bool = False, graph_optimization: str = "all"):
         from ..registry import build_metric_registry, build_method_registry
 
         method_registry = build_method_registry()
@@ -62,6 +62,7 @@ class Evaluation:
         if unused:
             raise UsageError(f"options given for method(s) {', '.join(unused)}, which are not evaluated")
         self.model, self.layers, self.device, self.threads = model, list(layers or []) or None, device, threads
+        self.graph_optimization = graph_optimization
         self.score, self.batch_size, self.images_per_batch = score, batch_size, images_per_batch
         if images_per_batch < 1:
             raise UsageError(f"images_per_batch must be >= 1, got {images_per_batch}")
@@ -81,7 +82,8 @@ class Evaluation:
         # --layer concerns the methods that explain a layer; the input-space ones take none
         uses_layers = self._method_classes[method].requires.uses_layers
         return Explainer(self.model, method=method, device=self.device, threads=self.threads,
-                         layer=self.layers if uses_layers else None, **self.method_options.get(method, {}))
+                         layer=self.layers if uses_layers else None, graph_optimization=self.graph_optimization,
+                         **self.method_options.get(method, {}))
 
     def _reexplainer(self, explainer: Any):
         """path -> an Explainer of `explainer`'s method instance (same options and layers) for that file."""
@@ -89,7 +91,7 @@ class Evaluation:
 
         layers = list(explainer.layers) or None
         return lambda path: Explainer(path, method=explainer.method, device=self.device, threads=self.threads,
-                                      layer=layers)
+                                      layer=layers, graph_optimization=self.graph_optimization)
 
     def run(self, inputs: Iterable[tuple[str, np.ndarray | CamrtError]]) -> Iterator[dict[str, Any]]:
         """inputs: (name, HWC uint8 RGB image, or the error that loading it raised). One record per

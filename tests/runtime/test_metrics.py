@@ -400,3 +400,8 @@ def test_eval_command_records_summary_files_and_bad_input(tiny, tmp_path):
     assert "deletion_auc" in result.stderr
     bad = CliRunner().invoke(build_cli(), ["eval", tiny.path, good, "--metric", "nope"])
     assert bad.exit_code == 2 and "registered metrics:" in bad.stderr
+    # without onnxruntime's graph optimisations: the same scores, rounding apart
+    plain = CliRunner().invoke(build_cli(), ["eval", tiny.path, good, "-m", "gradcam", "--metric", "deletion",
+                                             "-P", "deletion.steps=4", "--graph-optimization", "none"])
+    assert plain.exit_code == 0, plain.stderr
+    assert json.loads(plain.stdout.splitlines()[0])["deletion_auc"] == pytest.approx(records[0]["deletion_auc"], rel=1e-5)
