@@ -121,9 +121,10 @@ class Explainer:
 
         method = self.method
         weights_graph = method.session_weights_graph()
-        if weights_graph is None or self.aug_smooth:
+        if weights_graph is None or self.aug_smooth or (len(self.layers) > 1 and method.layer_fusion() != "mean"):
             raise UsageError(f"method {method.name!r} cannot make its heatmaps inside the session (it has no "
-                             "ONNX weights_graph, or eigen_smooth or aug_smooth is on); use device_postprocess=False")
+                             "ONNX weights_graph, or eigen_smooth or aug_smooth is on, or it fuses several layers "
+                             "other than by the mean); use device_postprocess=False")
         return self.session.prepare(
             self.fetch, name=f"heatmap:{method.name}",
             extend=lambda model: fused.heatmap_model(model, self.layers, weights_graph, method.relu))
@@ -323,15 +324,15 @@ class Explainer:
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
-        relu = self.method.relu
+        relu, fusion = self.method.relu, self.method.layer_fusion()
         raw = self._raw_maps(outputs)
         if not self.aug_smooth:
-            heatmaps = [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=relu)
+            heatmaps = [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=relu, fusion=fusion)
                         for i, size in enumerate(sizes)]
         else:
             augmented = self._augmented_raw_maps(x, outputs.target_index.astype(np.int64), raw)
             heatmaps = [postprocess.merge_augmented([
-                (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu))
+                (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu, fusion=fusion))
                 for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
         return self._explanations(values, heatmaps, context.extra)
 

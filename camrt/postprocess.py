@@ -7,7 +7,14 @@ heatmap that is shown and saved. It is pytorch-grad-cam's pipeline (`base_cam.py
 1. per layer: ReLU, min-max normalisation ``(x - min) / (max - min + 1e-7)`` at the layer's own
    resolution (so that layers of different scales weigh the same in the fusion), bilinear
    upsampling with ``cv2.resize(..., INTER_LINEAR)`` (pixel-centre aligned);
-2. fusion: the mean over layers, then one min-max normalisation of the result.
+2. fusion (``fusion="mean"``, every method's default): the mean over layers, then one min-max
+   normalisation of the result.
+
+Layer-CAM's own fusion (``fusion="tanh-max"``; Jiang et al. 2021, eq. 9 and sec. III-C, as torchcam's
+``LayerCAM.fuse_cams`` does it): per layer ReLU and min-max normalisation, then tanh(2 x) (the paper's
+scaling with gamma = 2, which lifts the weak responses of shallow layers), bilinear upsampling to the
+largest layer's resolution, the element-wise maximum over layers, and only then the upsampling to
+the heatmap size and one min-max normalisation.
 
 Each step runs exactly once per heatmap, here and nowhere else. With one layer, step 2's
 normalisation only stretches the upsampled map back to exactly [0, 1] (bilinear upsampling need
@@ -71,17 +78,31 @@ def fuse(maps: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack([np.asarray(m, dtype=np.float32) for m in maps]), axis=0, dtype=np.float32)
 
 
-def finalize(maps: Sequence[np.ndarray], size: tuple[int, int], *, apply_relu: bool = True) -> np.ndarray:
+#: Layer-CAM's gamma in tanh(gamma * normalised map) (Jiang et al. 2021, eq. 9).
+TANH_GAMMA = 2.0
+
+#: The ways to fuse the maps of several layers (`finalize`'s ``fusion``).
+FUSIONS = ("mean", "tanh-max")
+
+
+def finalize(maps: Sequence[np.ndarray], size: tuple[int, int], *, apply_relu: bool = True,
+             fusion: str = "mean") -> np.ndarray:
     """The raw maps of one sample (one [h, w] map per layer) -> one [H, W] float32 heatmap in [0, 1]."""
     if not maps:
         raise ValueError("finalize needs at least one map")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     per_layer = []
     for raw in maps:
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim != 2:
             raise ValueError(f"a raw map must be [h, w], got {raw.shape}")
-        per_layer.append(upsample(normalize(relu(raw) if apply_relu else raw), size))
-    return normalize(fuse(per_layer))
+        per_layer.append(normalize(relu(raw) if apply_relu else raw))
+    if fusion == "tanh-max" and len(per_layer) > 1:
+        largest = (max(m.shape[0] for m in per_layer), max(m.shape[1] for m in per_layer))
+        scaled = [upsample(np.tanh(np.float32(TANH_GAMMA) * m), largest) for m in per_layer]
+        return normalize(upsample(np.max(np.stack(scaled), axis=0), size))
+    return normalize(fuse([upsample(m, size) for m in per_layer]))
 
 
 #: (horizontal flip, factor) of each augmented input: ttach.Compose([HorizontalFlip(),

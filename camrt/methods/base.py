@@ -238,6 +238,11 @@ class Method(ABC):
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
         """Raw maps [B, h, w] (float32) for `layer` (None for methods that use no layer)."""
 
+    def layer_fusion(self) -> str:
+        """How the maps of several layers are fused: one of `camrt.postprocess.FUSIONS` (the mean;
+        Layer-CAM lets its options choose)."""
+        return "mean"
+
     def session_weights_graph(self):
         """For heatmaps made inside the session (`camrt.fused`): a function
         ``(builder, activation, gradient) -> name of the [B, K, 1, 1] channel weights`` that builds

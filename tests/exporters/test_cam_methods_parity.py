@@ -43,6 +43,16 @@ MODELS = [("resnet18", "layer4"), ("regnet_y_400mf", "trunk_output"), ("efficien
 #: model -> (the layer that feeds its global average pooling: CAM's, a layer CAM is not defined for)
 CAM_LAYERS = {"resnet18": ("layer4", "layer3"), "regnet_y_400mf": ("trunk_output", "trunk_output.block3"),
               "efficientnet_lite0": ("_swish@1", "_bn1")}
+#: model -> two layers of different resolutions (7x7 and 14x14), for multi-layer fusion
+MULTI_LAYERS = {"resnet18": ("layer4", "layer3"), "regnet_y_400mf": ("trunk_output", "trunk_output.block3"),
+                "efficientnet_lite0": ("_bn1", "_blocks.10")}
+#: model -> (hard bound against the reference, why 1e-4 is out of reach) for MULTI_LAYERS' second layer
+SWITCH_CROSSING = {"regnet_y_400mf": (2e-2, (
+    "below trunk_output, regnet_y_400mf's gradients (fixed random weights) cross block4's ReLUs, and 3 of "
+    "their switches on these photos differ from torch float64's in onnxruntime's forward pass and 3 in "
+    "torch float32's (checked, hard: switch_flips). Grad-CAM at trunk_output.block3 is then up to 1.5e-2 "
+    "(camrt) and 5.7e-3 (pytorch-grad-cam float32) from pytorch-grad-cam's float64 run (measured), the "
+    "issue's switch-crossing case; bound 2e-2 against the reference, hard"))}
 TARGETS = [285, 967, 450]
 TOLERANCE = 1e-4
 #: (model, method) -> (looser bound against pytorch-grad-cam and bound against pytorch-grad-cam run on a
@@ -87,12 +97,12 @@ def _photos(size: int = 224):
 @pytest.fixture(scope="module", params=MODELS, ids=[name for name, _ in MODELS])
 def exported(request, tmp_path_factory):
     """(name, layer, torch model, path of its contract file, input batch), exported once per model
-    (with CAM_LAYERS' layers too)."""
+    (with CAM_LAYERS' and MULTI_LAYERS' layers too)."""
     from camrt_exporters.export import export_torch, write_model
 
     name, layer = request.param
     model = load(name)
-    layers = list(dict.fromkeys([layer, *CAM_LAYERS[name]]))  # the first one is the default layer
+    layers = list(dict.fromkeys([layer, *CAM_LAYERS[name], *MULTI_LAYERS[name]]))  # the first one is the default
     onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA])
     path = tmp_path_factory.mktemp("cam-methods") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
@@ -213,18 +223,96 @@ def test_methods_listed_by_cli():
 
 
 def _reference_maps(model, layer, method, x, targets, cam_options=None, **options):
-    """pytorch-grad-cam's maps of `method` (camrt's name) on `layer` for explicit targets
-    (`cam_options`: keyword arguments of the pytorch-grad-cam class)."""
+    """pytorch-grad-cam's maps of `method` (camrt's name) on `layer` (or a tuple of layers) for
+    explicit targets (`cam_options`: keyword arguments of the pytorch-grad-cam class)."""
     import pytorch_grad_cam
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", "ablationcam": "AblationCAM", "scorecam": "ScoreCAM", **METHODS}[method])
+    modules = _modules(model, (layer,) if isinstance(layer, str) else layer)
+    with reference_class(model=model, target_layers=modules, **(cam_options or {})) as cam:
+        return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets], **options)
+
+
+_FLIPS: dict[str, tuple[int, int]] = {}
+
+
+def _check_fusion(request, name, model, x, diffs, message):
+    """max(diffs) <= 1e-4, or, where the second layer's gradients cross flipping ReLU switches
+    (SWITCH_CROSSING), the looser hard bound, with the flips shown in both float32 implementations."""
+    print(message)
+    if name in SWITCH_CROSSING and max(diffs) > TOLERANCE:
+        from .models import switch_flips
+
+        loose, reason = SWITCH_CROSSING[name]
+        assert max(diffs) <= loose, message
+        if name not in _FLIPS:  # one count per model for the module
+            _FLIPS[name] = switch_flips(model, copy.deepcopy(model).double(), x, after=MULTI_LAYERS[name][1])
+        flips_ours, flips_torch = _FLIPS[name]
+        assert flips_ours > 0 and flips_torch > 0, f"{message}; no switch flips ({flips_ours}, {flips_torch})"
+        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
+    assert max(diffs) <= TOLERANCE, message
+
+
+def _modules(model, layers):
+    """The torch modules of camrt layer names."""
     from camrt_exporters.torch_frontend import parse_layer
 
-    reference_class = getattr(pytorch_grad_cam, {"gradcam": "GradCAM", "ablationcam": "AblationCAM", "scorecam": "ScoreCAM", **METHODS}[method])
-    module = dict(model.named_modules())[parse_layer(model, layer).module]
-    with reference_class(model=model, target_layers=[module], **(cam_options or {})) as cam:
-        return cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets], **options)
+    named = dict(model.named_modules())
+    return [named[parse_layer(model, layer).module] for layer in layers]
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_several_layers_mean_fusion_matches_pytorch_grad_cam(request, exported, method):
+    """Two layers of different resolutions fused by the mean (pytorch-grad-cam's
+    aggregate_multi_layers: per layer ReLU, min-max and upsampling, then the mean and one min-max),
+    within the same 1e-4; Layer-CAM with fusion="mean" (its default is the paper's, tested below)."""
+    from camrt import Explainer
+
+    name, _, model, path, x = exported
+    layers = MULTI_LAYERS[name]
+    options = {"fusion": "mean"} if method == "layercam" else {}
+    results = Explainer(path, method=method, layer=list(layers), **options).explain(x, targets=TARGETS)
+    assert all(r.layer == ",".join(layers) for r in results)
+    reference = _reference_maps(model, layers, method, x, TARGETS)
+    assert all(np.ptp(m) > 0.5 for m in reference), f"{name}/{method}: degenerate reference maps"
+    diffs = [float(np.abs(_minmax(r.heatmap) - _minmax(reference[i])).max()) for i, r in enumerate(results)]
+    message = f"{name}/{method} layers {layers}, mean fusion: max diff per sample {['%.2e' % d for d in diffs]}"
+    _check_fusion(request, name, model, x, diffs, message)
+
+
+def test_layercam_paper_fusion_matches_torchcam(request, exported):
+    """Layer-CAM's own fusion (Jiang et al. 2021, eq. 9: tanh(2 M) of each normalised layer map, then
+    the element-wise maximum at the largest layer's resolution) against torchcam's LayerCAM and its
+    fuse_cams on the same two layers; torchcam stops at the fused 14x14 map, so the reference is
+    upsampled with torch's bilinear (align_corners=False) and min-max normalised. The mean fusion is
+    checked to give a different map, so the comparison tells the two apart."""
+    import torch
+    from torchcam.methods import LayerCAM
+
+    from camrt import Explainer
+    from camrt_exporters.torch_frontend import parse_layer
+
+    name, _, model, path, x = exported
+    layers = MULTI_LAYERS[name]
+    explainer = Explainer(path, method="layercam", layer=list(layers))
+    assert explainer.method.layer_fusion() == "tanh-max"
+    results = explainer.explain(x, targets=TARGETS)
+    with LayerCAM(model, target_layer=[parse_layer(model, layer).module for layer in layers]) as extractor:
+        cams = extractor(class_idx=TARGETS, scores=model(torch.from_numpy(x)))
+        fused = extractor.fuse_cams(cams)
+    upsampled = torch.nn.functional.interpolate(fused[:, None], size=x.shape[2:], mode="bilinear",
+                                                align_corners=False)[:, 0].detach().numpy()
+    reference = [_minmax(m) for m in upsampled]
+    assert all(np.ptp(m) > 0.5 for m in reference), f"{name}: degenerate reference maps"
+    diffs = [float(np.abs(_minmax(r.heatmap) - reference[i]).max()) for i, r in enumerate(results)]
+    mean_fused = Explainer(path, method="layercam", layer=list(layers), fusion="mean").explain(x, targets=TARGETS)
+    apart = min(float(np.abs(r.heatmap - m.heatmap).max()) for r, m in zip(results, mean_fused))
+    message = (f"{name} layercam layers {layers}, paper fusion: max diff per sample {['%.2e' % d for d in diffs]}; "
+               f"mean fusion differs by >= {apart:.2e}")
+    assert apart > 0.05, message
+    _check_fusion(request, name, model, x, diffs, message)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam",

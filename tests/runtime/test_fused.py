@@ -45,3 +45,19 @@ def test_fused_nchw_batch_at_model_resolution(tiny, rng):
 def test_fused_refused_for_methods_without_an_onnx_weights_graph(tiny, method, options):
     with pytest.raises(UsageError, match="inside the session"):
         Explainer(tiny.path, method=method, device="cpu", device_postprocess=True, **options)
+
+
+def test_fused_refused_for_a_fusion_other_than_the_mean(tiny):
+    """The session's graph fuses layers by the mean only: a weights-graph method that fuses
+    otherwise (here Grad-CAM with Layer-CAM's tanh-max fusion) is refused with several layers."""
+    from camrt.methods.gradcam import GradCAM
+
+    class TanhMaxGradCAM(GradCAM):
+        name = "tanh-max-gradcam"
+
+        def layer_fusion(self) -> str:
+            return "tanh-max"
+
+    Explainer(tiny.path, method=TanhMaxGradCAM(), layer="feat", device="cpu", device_postprocess=True)
+    with pytest.raises(UsageError, match="other than by the mean"):
+        Explainer(tiny.path, method=TanhMaxGradCAM(), layer=["feat", "conv"], device="cpu", device_postprocess=True)

@@ -88,3 +88,14 @@ def test_finalize_invariants(raw, height, width, factor):
     resized = postprocess.upsample(postprocess.normalize(postprocess.relu(raw)), (height, width))
     if spread * min(factor, 1) > 1e-2 and float(resized.max() - resized.min()) > 1e-2:
         np.testing.assert_allclose(scaled, out, atol=1e-4)
+
+
+def test_fusion_choices(rng):
+    """One layer: every fusion gives the same heatmap; an unknown fusion is refused naming the valid ones.
+    (The tanh-max fusion of several layers is tested against torchcam's LayerCAM.fuse_cams in
+    tests/exporters/test_cam_methods_parity.py.)"""
+    raw = rng.normal(size=(5, 7)).astype(np.float32)
+    np.testing.assert_array_equal(postprocess.finalize([raw], (20, 30), fusion="tanh-max"),
+                                  postprocess.finalize([raw], (20, 30)))
+    with pytest.raises(ValueError, match="mean, tanh-max"):
+        postprocess.finalize([raw], (20, 30), fusion="max")
