@@ -175,6 +175,15 @@ class BatchOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def check_sampling(n_samples: int, **scales: float) -> None:
+    """The option checks of the sampling methods: n_samples >= 1 and each noise scale >= 0 (not NaN)."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    for name, value in scales.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 class Method(ABC):
     """An explanation method. Subclasses set `name`, `requires` and optionally `aliases`, `Options`."""
 

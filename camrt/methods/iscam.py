@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hookspecs import hookimpl
-from .base import BatchedCAMOptions
+from .base import BatchedCAMOptions, check_sampling
 from .scorecam import ScoreWeightedMethod
 
 
@@ -52,8 +52,7 @@ class ISCAM(ScoreWeightedMethod):
 
         def __post_init__(self):
             super().__post_init__()
-            if self.n_samples < 1:
-                raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+            check_sampling(self.n_samples)
 
     def samples(self) -> int:
         return self.options.n_samples

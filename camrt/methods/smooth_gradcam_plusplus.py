@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import contract
 from ..hookspecs import hookimpl
-from .base import BatchedCAMOptions, GraphOutputs, Requirements
+from .base import BatchedCAMOptions, GraphOutputs, Requirements, check_sampling
 from .gradcam_plusplus import GradCAMPlusPlus, plusplus_weights
 
 
@@ -58,10 +58,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
 
         def __post_init__(self):
             super().__post_init__()
-            if self.n_samples < 1:
-                raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-            if not self.std >= 0:
-                raise ValueError(f"std must be >= 0, got {self.std}")
+            check_sampling(self.n_samples, std=self.std)
 
     def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         context = outputs.require_context(self.name)

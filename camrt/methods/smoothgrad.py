@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import contract
 from ..hookspecs import hookimpl
-from .base import GraphOutputs, InputGradientMethod, Requirements
+from .base import GraphOutputs, InputGradientMethod, Requirements, check_sampling
 
 
 def noise_sigma(x: np.ndarray, stdev_spread: float) -> np.ndarray:
@@ -50,10 +50,9 @@ class SmoothGrad(InputGradientMethod):
         batch_size: int = 16
 
         def __post_init__(self):
-            if self.n_samples < 1 or self.batch_size < 1:
-                raise ValueError("n_samples and batch_size must be >= 1")
-            if not self.stdev_spread >= 0:
-                raise ValueError(f"stdev_spread must be >= 0, got {self.stdev_spread}")
+            check_sampling(self.n_samples, stdev_spread=self.stdev_spread)
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def attribution(self, outputs: GraphOutputs, *, layer: str | None = None) -> np.ndarray:
         context = outputs.require_context(self.name)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hookspecs import hookimpl
-from .base import BatchedCAMOptions
+from .base import BatchedCAMOptions, check_sampling
 from .scorecam import ScoreWeightedMethod
 
 
@@ -63,10 +63,7 @@ class SSCAM(ScoreWeightedMethod):
 
         def __post_init__(self):
             super().__post_init__()
-            if self.n_samples < 1:
-                raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-            if not self.std >= 0:
-                raise ValueError(f"std must be >= 0, got {self.std}")
+            check_sampling(self.n_samples, std=self.std)
             if self.noise not in ("mask", "input"):
                 raise ValueError(f"noise must be 'mask' or 'input', got {self.noise!r}")
 

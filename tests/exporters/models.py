@@ -47,23 +47,31 @@ def load(name: str):
     return model
 
 
-def switch_layers(model, after: str | None = None) -> list[str]:
-    """Every call of a ReLU or ReLU6 module that runs after module `after` returns (all calls when
-    `after` is None), in call order, as export layer names ("name", or "name@k" for the k-th call of
-    a module called several times)."""
+def module_calls(model, names) -> list[str]:
+    """The names of the modules `names`, one per call, in call order, in a forward pass of a zero image."""
     import torch
 
     events: list[str] = []
     modules = dict(model.named_modules())
-    watched = [n for n, m in modules.items() if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
     hooks = [modules[n].register_forward_hook(lambda m, a, o, name=n: events.append(name))
-             for n in dict.fromkeys([*watched, *([after] if after else [])])]
+             for n in dict.fromkeys(names)]
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, 224, 224))
     finally:
         for hook in hooks:
             hook.remove()
+    return events
+
+
+def switch_layers(model, after: str | None = None) -> list[str]:
+    """Every call of a ReLU or ReLU6 module that runs after module `after` returns (all calls when
+    `after` is None), in call order, as export layer names ("name", or "name@k" for the k-th call of
+    a module called several times)."""
+    import torch
+
+    watched = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
+    events = module_calls(model, [*watched, *([after] if after else [])])
     counts = {n: events.count(n) for n in watched}
     seen: dict[str, int] = {}
     labelled = []

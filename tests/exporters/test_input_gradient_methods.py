@@ -28,7 +28,7 @@ import pytest
 
 from camrt import contract
 
-from .models import ARCHITECTURES, load
+from .models import ARCHITECTURES, load, module_calls
 from .test_input_gradients import _input
 
 captum = pytest.importorskip("captum")
@@ -48,15 +48,7 @@ def l2_rel(a, b):
 def _relu_module_calls(model) -> int:
     import torch
 
-    calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, 224, 224))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return len(calls)
+    return len(module_calls(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]))
 
 
 @pytest.fixture(scope="module", params=MODELS)

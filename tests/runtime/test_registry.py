@@ -101,6 +101,20 @@ def test_options_typed_and_unknown_rejected():
     assert described["requires"] == {"activations": True, "gradients": True, "input_gradient": None}
 
 
+@pytest.mark.parametrize("method, noise", [("smoothgrad", "stdev_spread"), ("smooth-gradcam++", "std"),
+                                           ("sscam", "std"), ("iscam", None)])
+def test_sampling_options_checked(method, noise):
+    """Every sampling method refuses n_samples < 1 and a negative or NaN noise scale, naming the option."""
+    cls = build_method_registry().get(method)
+    with pytest.raises(UsageError, match=f"{re.escape(method)}'.*n_samples must be >= 1, got 0"):
+        cls(n_samples=0)
+    for bad in (-0.5, float("nan")):
+        if noise is not None:
+            with pytest.raises(UsageError, match=f"{noise} must be >= 0, got {bad}"):
+                cls(**{noise: bad})
+    assert cls(n_samples="2").options.n_samples == 2
+
+
 def test_cam_family_options_must_keep_eigen_smooth():
     """The CAM family's map reads options.eigen_smooth: an Options without it is refused when the
     class is defined, naming the class and the base to use."""
