@@ -85,13 +85,17 @@ TANH_GAMMA = 2.0
 FUSIONS = ("mean", "tanh-max")
 
 
+def check_fusion(fusion: str) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+
+
 def finalize(maps: Sequence[np.ndarray], size: tuple[int, int], *, apply_relu: bool = True,
              fusion: str = "mean") -> np.ndarray:
     """The raw maps of one sample (one [h, w] map per layer) -> one [H, W] float32 heatmap in [0, 1]."""
     if not maps:
         raise ValueError("finalize needs at least one map")
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    check_fusion(fusion)
     per_layer = []
     for raw in maps:
         raw = np.asarray(raw, dtype=np.float32)

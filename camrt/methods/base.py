@@ -304,15 +304,8 @@ class BatchedCAMOptions(BatchOptions, EigenSmoothOptions):
     component of the weighted activations instead of their sum."""
 
 
-class ChannelWeightingMethod(Method):
-    """The CAM family's shape: map = sum_k w_k A^k, one weight per channel; subclasses implement
-    `layer_weights` (from one pass's tensors, or from further passes: Score-CAM, Ablation-CAM).
-
-    Option eigen_smooth (pytorch-grad-cam's ``get_cam_image``): the map is instead the projection
-    of the weighted activations w_k A^k on their first principal component (camrt.methods.projection).
-    """
-
-    requires: ClassVar[Requirements] = Requirements(activations=True)
+class EigenSmoothMethod(Method):
+    """A method whose map reads ``options.eigen_smooth``: its Options must keep the option."""
 
     Options = EigenSmoothOptions
 
@@ -321,6 +314,17 @@ class ChannelWeightingMethod(Method):
         if not issubclass(cls.Options, EigenSmoothOptions):  # fail where the class is written, not mid-run
             raise PluginError(f"{cls.__module__}.{cls.__qualname__}.Options must subclass "
                               "camrt.EigenSmoothOptions (the CAM family's eigen_smooth option)")
+
+
+class ChannelWeightingMethod(EigenSmoothMethod):
+    """The CAM family's shape: map = sum_k w_k A^k, one weight per channel; subclasses implement
+    `layer_weights` (from one pass's tensors, or from further passes: Score-CAM, Ablation-CAM).
+
+    Option eigen_smooth (pytorch-grad-cam's ``get_cam_image``): the map is instead the projection
+    of the weighted activations w_k A^k on their first principal component (camrt.methods.projection).
+    """
+
+    requires: ClassVar[Requirements] = Requirements(activations=True)
 
     @abstractmethod
     def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
@@ -368,7 +372,7 @@ class ActivationWeightingMethod(ChannelWeightingMethod):
         return self.weights(activations, gradients)
 
 
-class ElementwiseWeightingMethod(Method):
+class ElementwiseWeightingMethod(EigenSmoothMethod):
     """The element-wise CAM family (HiResCAM, Grad-CAM element-wise, Layer-CAM): map = sum_k of
     per-element weighted activations [B, K, h, w]; subclasses implement `weighted_activations`.
 
@@ -377,8 +381,6 @@ class ElementwiseWeightingMethod(Method):
     """
 
     requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
-
-    Options = EigenSmoothOptions
 
     @abstractmethod
     def weighted_activations(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hookspecs import hookimpl
-from ..postprocess import FUSIONS
+from ..postprocess import check_fusion
 from .base import ElementwiseWeightingMethod, EigenSmoothOptions
 
 
@@ -42,8 +42,7 @@ class LayerCAM(ElementwiseWeightingMethod):
         fusion: str = "tanh-max"
 
         def __post_init__(self):
-            if self.fusion not in FUSIONS:
-                raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+            check_fusion(self.fusion)
 
     def weighted_activations(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         return np.maximum(gradients, 0) * activations

@@ -99,3 +99,8 @@ def test_fusion_choices(rng):
                                   postprocess.finalize([raw], (20, 30)))
     with pytest.raises(ValueError, match="mean, tanh-max"):
         postprocess.finalize([raw], (20, 30), fusion="max")
+    from camrt import UsageError
+    from camrt.methods.layercam import LayerCAM
+
+    with pytest.raises(UsageError, match="'layercam'.*fusion must be one of mean, tanh-max, got 'max'"):
+        LayerCAM(fusion="max")

@@ -11,7 +11,7 @@ import pytest
 
 from camrt.errors import PluginError, UsageError
 from camrt.hookspecs import hookimpl
-from camrt.methods.base import ActivationWeightingMethod, EigenSmoothOptions, Method
+from camrt.methods.base import ActivationWeightingMethod, EigenSmoothOptions, ElementwiseWeightingMethod, Method
 from camrt.methods.gradcam import GradCAM
 from camrt.registry import MethodRegistry, build_method_registry, build_renderer_registry
 
@@ -115,19 +115,17 @@ def test_sampling_options_checked(method, noise):
     assert cls(n_samples="2").options.n_samples == 2
 
 
-def test_cam_family_options_must_keep_eigen_smooth():
+@pytest.mark.parametrize("base", [ActivationWeightingMethod, ElementwiseWeightingMethod])
+def test_cam_family_options_must_keep_eigen_smooth(base):
     """The CAM family's map reads options.eigen_smooth: an Options without it is refused when the
-    class is defined, naming the class and the base to use."""
+    class is defined, naming the class and the base to use (channel and element-wise weighting)."""
     with pytest.raises(PluginError, match=r"Bare.Options must subclass camrt.EigenSmoothOptions"):
-        class Bare(ActivationWeightingMethod):
+        class Bare(base):
             name = "bare"
 
             @dataclass(frozen=True)
             class Options:
                 power: float = 1.0
-
-            def weights(self, activations, gradients):
-                return gradients.mean(axis=(2, 3))
 
 
 def test_channel_weighting_plugin_gets_eigen_smooth_and_shape_check():
