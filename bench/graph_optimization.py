@@ -32,15 +32,6 @@ METHOD = "xgradcam"
 TARGETS = [285, 967, 450]
 
 
-def photos() -> np.ndarray:
-    import cv2
-    import skimage.data
-
-    images = [cv2.resize(getattr(skimage.data, n)(), (224, 224), interpolation=cv2.INTER_AREA)
-              for n in ("chelsea", "coffee", "astronaut")]
-    return ((np.stack(images).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-
-
 def reference_maps(model, layer: str, x: np.ndarray) -> np.ndarray:
     import torch
     from pytorch_grad_cam import XGradCAM
@@ -61,7 +52,7 @@ def main() -> int:
     import torch
 
     from camrt import Explainer
-    from tests.exporters.models import load
+    from tests.exporters.models import load, photos
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)

@@ -111,3 +111,14 @@ def switch_flips(model, model64, x, after: str | None = None, **export_options) 
     truth = switch_states(reference_gradients(model64, [parse_layer(model64, n) for n in layers],
                                               torch.from_numpy(x).double(), targets)["acts"])
     return int((ours != truth).sum()), int((torch32 != truth).sum())
+
+
+def photos(size: int = 224):
+    """chelsea, coffee, astronaut at size x size, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
+    import cv2
+    import numpy as np
+    import skimage.data
+
+    images = [cv2.resize(getattr(skimage.data, n)(), (size, size), interpolation=cv2.INTER_AREA)
+              for n in ("chelsea", "coffee", "astronaut")]
+    return ((np.stack(images).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()

@@ -24,7 +24,7 @@ import pytest
 
 from camrt import contract
 
-from .models import load
+from .models import load, photos
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("skimage")
@@ -84,16 +84,6 @@ def _minmax(m):
     return m / (m.max() + 1e-7)
 
 
-def _photos(size: int = 224):
-    """chelsea, coffee, astronaut at size x size, EfficientNet-Lite's (x - 127) / 128, NCHW float32."""
-    import cv2
-    import skimage.data
-
-    photos = [cv2.resize(getattr(skimage.data, n)(), (size, size), interpolation=cv2.INTER_AREA)
-              for n in ("chelsea", "coffee", "astronaut")]
-    return ((np.stack(photos).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-
-
 @pytest.fixture(scope="module", params=MODELS, ids=[name for name, _ in MODELS])
 def exported(request, tmp_path_factory):
     """(name, layer, torch model, path of its contract file, input batch), exported once per model
@@ -106,7 +96,7 @@ def exported(request, tmp_path_factory):
     onnx_model, _ = export_torch(model, layers=layers, rules=[contract.RULE_VANILLA])
     path = tmp_path_factory.mktemp("cam-methods") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
-    x = _photos()
+    x = photos()
     return name, layer, model, str(path), x
 
 

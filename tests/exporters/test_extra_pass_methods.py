@@ -22,7 +22,7 @@ import pytest
 
 from camrt import contract
 
-from .models import load
+from .models import load, photos
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("captum")
@@ -51,14 +51,13 @@ def exported(request, tmp_path_factory):
     """(torch model, contract file path, photos, CASES' layers of the model)."""
     from camrt_exporters.export import export_torch, write_model
 
-    from .test_cam_methods_parity import _photos
 
     name = request.param
     model = load(name)
     onnx_model, _ = export_torch(model, layers=list(CASES[name]), rules=[contract.RULE_VANILLA])
     path = tmp_path_factory.mktemp("extra-pass") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
-    return model, str(path), _photos(), CASES[name]
+    return model, str(path), photos(), CASES[name]
 
 
 def _module(model, layer):

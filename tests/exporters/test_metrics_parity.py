@@ -24,8 +24,8 @@ import pytest
 
 from camrt import contract
 
-from .models import load
-from .test_cam_methods_parity import TARGETS, _photos
+from .models import load, photos
+from .test_cam_methods_parity import TARGETS
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchcam")
@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     onnx_model, _ = export_torch(model, layers=["layer4"], rules=[contract.RULE_VANILLA])
     path = str(tmp_path_factory.mktemp("metrics") / "resnet18.camrt.onnx")
     write_model(onnx_model, path)
-    x = _photos()
+    x = photos()
     explainer = Explainer(path, "gradcam", device="cpu")
     heatmaps = np.stack([r.heatmap for r in explainer.explain(x, targets=TARGETS)])
     assert all(h.std() > 0.05 for h in heatmaps)  # non-degenerate maps

@@ -29,7 +29,7 @@ import pytest
 
 from camrt import contract
 
-from .models import load
+from .models import load, photos
 
 pytest.importorskip("torchcam")
 pytest.importorskip("pytorch_grad_cam")
@@ -52,14 +52,13 @@ def exported(request, tmp_path_factory):
     from camrt_exporters.export import export_torch, write_model
     from camrt_exporters.torch_frontend import parse_layer
 
-    from .test_cam_methods_parity import _photos
 
     name, layer = request.param
     model = load(name)
     onnx_model, _ = export_torch(model, layers=[layer], input_size=(SIZE, SIZE), rules=[contract.RULE_VANILLA])
     path = tmp_path_factory.mktemp("score-family") / f"{name}.camrt.onnx"
     write_model(onnx_model, path)
-    return name, layer, model, parse_layer(model, layer).module, str(path), _photos(SIZE)[:len(TARGETS)]
+    return name, layer, model, parse_layer(model, layer).module, str(path), photos(SIZE)[:len(TARGETS)]
 
 
 _sessions: dict = {}
