@@ -36,12 +36,23 @@ def load_model(spec: str, weights: str | None = None):
         if not hasattr(obj, part):
             raise ExportError(f"{module_name!r} has no attribute {attr!r} (source {spec!r})")
         obj = getattr(obj, part)
-    model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+    model = _call_factory(spec, obj) if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"source {spec!r} did not produce a torch.nn.Module but {type(model).__name__}")
     if weights:
         load_weights(model, weights)
     return model.eval()
+
+
+def _call_factory(spec: str, factory):
+    """factory(), its failure (e.g. downloading weights offline) an ExportError naming the factory."""
+    try:
+        return factory()
+    except Exception as exc:  # a user's factory may raise anything
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"the model factory {spec!r} failed: {type(exc).__name__}: {first_line} "
+                          "(pass an offline factory, or --weights FILE with a factory that builds the "
+                          "model without weights)") from exc
 
 
 def load_weights(model, path: str) -> None:
