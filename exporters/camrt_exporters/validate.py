@@ -1,7 +1,7 @@
 """Validation of an exported camrt file before it is written.
 
 Torch front end: onnxruntime's activations and gradients against torch autograd.
-ONNX front end: central finite differences along random directions.
+ONNX front end: central finite differences along unit directions (each row's gradient, random ones).
 Every mismatching tensor is reported; a failure raises ValidationError and nothing is written.
 """
 
@@ -224,7 +224,7 @@ def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_
                     refs, bias_terms)
 
 
-def fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Unit-norm float64 directions over the movable elements: each batch row's gradient direction,
     then FD_RANDOM_DIRECTIONS random ones. Exact zeros (ReLU outputs) tie inside MaxPool windows,
     where no derivative exists, so they stay put."""
@@ -269,7 +269,7 @@ def _directional_check(name: str, score: "_Scorer", point: np.ndarray, grad: np.
                        rng: np.random.Generator) -> Check:
     if grad.shape != point.shape:
         return Check(name, float("inf"), FD_REL, f"shape {grad.shape} vs the tensor's {point.shape}")
-    results = [_directional_error(score, point, grad, v) for v in fd_directions(point, grad, rng)]
+    results = [_directional_error(score, point, grad, v) for v in _fd_directions(point, grad, rng)]
     error, tolerance = max(results, key=lambda r: r[0] / r[1], default=(0.0, FD_REL))
     return Check(name, error, tolerance, "finite-difference (unit directions, relative to ||g||)")
 
