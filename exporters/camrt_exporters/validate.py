@@ -27,22 +27,27 @@ SWITCH_L2_REL = 1e-2
 #: Finite-difference checks (ONNX front end). Along a unit-norm direction v the directional
 #: derivative <g, v> is at most ||g|| (g over v's support), so the error of a central difference
 #: D_h is measured in units of that bound: a scale-free number that means the same for every model.
-#: Correct gradients measured 7e-5..1e-3 (torchvision resnet18, mobilenet_v3_large at 112 and 224,
-#: random weights); a wrong rule (a negated Conv or Relu, an Add dropping an operand, a Gemm weight
-#: not transposed, a pooling divisor off) 0.2..1.8. 1e-2 sits between them with 10x room on each side.
+#: Correct gradients measured 7e-5..2e-3 (torchvision resnet18, resnet50, mobilenet_v2/v3_large,
+#: efficientnet_b0, squeezenet1_1, regnet_y_400mf; random weights; 112 and 224), one regnet row at
+#: 112 9e-3..1.3e-2 (a ReLU kink very near the point); a wrong rule (a negated Conv or Relu, an Add
+#: dropping an operand, a Gemm weight not transposed, a pooling divisor off) 0.2..1.8 on a small
+#: residual net. 1e-2 plus the round-off allowance below sits between them.
 FD_REL = 1e-2
 #: Steps h, in units of the tensor's RMS, tried in this order until one agrees. A unit-direction step
 #: moves the whole tensor by h*RMS in L2 norm, each element by about h*RMS/sqrt(n): too little to
 #: cross many ReLU/MaxPool/Hardswish kinks (whose error grows with h; the old check moved each
 #: element by 1e-3*max|x|, the whole 224x224 image by over 1), large enough that the score's float32
-#: round-off (error ~ round-off / h) stays small. The best step depends on the model, hence several;
-#: the most favourable one decides and is reported.
-FD_STEPS = (1e-2, 3e-2, 1e-1)
+#: round-off (error ~ round-off / h) stays small. The best step depends on the model (kinks near the
+#: point want a small one, round-off a large one), hence several; the first that agrees decides.
+FD_STEPS = (1e-2, 3e-2, 1e-1, 3e-3)
 #: Absolute float32 round-off of one score evaluation, in units of eps32 * sum_b max_c |logits[b, c]|.
-#: Measured 0.8..2.2 for the difference of two evaluations on resnet18 and mobilenet_v3_large; 16
-#: leaves 7x room. A central difference at step h carries at most round-off / h of it, which is added
-#: to FD_REL (in the same units) as the step's tolerance.
-SCORE_ROUNDOFF_ULPS = 16
+#: Measured 0.8..2.2 for the difference of two evaluations on resnet18 and mobilenet_v3_large; 8
+#: leaves 3.6x room. A central difference at step h carries at most round-off / h of it, which is
+#: added to FD_REL (in the same units) as the step's tolerance. Where ||g|| * h is below the
+#: round-off (a score that float32 cannot resolve, e.g. a random-weight googlenet whose logits do
+#: not depend on the image: ||g|| 3e-13) the tolerance grows accordingly: such a file passes,
+#: unverified, with its tolerance in the log.
+SCORE_ROUNDOFF_ULPS = 8
 #: Random unit directions per tensor, besides each batch row's own gradient direction (which detects
 #: any error that changes <g, g>: a sign, a scale, most dropped terms); random ones catch the rest.
 FD_RANDOM_DIRECTIONS = 2
@@ -241,12 +246,13 @@ def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator
 
 
 def _directional_error(score: "_Scorer", point: np.ndarray, grad: np.ndarray, v: np.ndarray) -> tuple[float, float]:
-    """(error, tolerance) at the best-conditioned of FD_STEPS: error |D_h - <g, dx>/2h| / max(||g on
-    v's support||, |D_h|), tolerance FD_REL plus the score's round-off / h in the same units.
+    """(error, tolerance) at the first of FD_STEPS that agrees, else at the most lenient one:
+    error |D_h - <g, dx>/2h| / max(||g on v's support||, |D_h|), tolerance FD_REL plus the score's
+    round-off / h in the same units.
 
     dx is the displacement actually taken (x+ - x- after rounding to float32), so rounding the
     point does not count as error. The denominator makes a zero or tiny gradient whose score does
-    move fail (error 1), as it must. Stops at the first step that agrees."""
+    move fail (error 1), as it must."""
     g = grad.astype(np.float64)
     bound = float(np.linalg.norm(g[v != 0]))
     rms = float(np.sqrt(np.mean(point.astype(np.float64) ** 2))) or 1.0
