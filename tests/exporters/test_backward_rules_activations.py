@@ -1,0 +1,145 @@
+"""Finite-difference checks of the activation, Max/Min, PRelu and reduction backward rules
+(the harness: tests/exporters/rule_harness.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from .rule_harness import FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes
+
+
+def _normal(rng, shape):
+    return rng.standard_normal(shape) * 1.5
+
+
+UNARY = {
+    "Elu": lambda rng, s: away_from(rng, s, -3, 2, kinks=[0]),
+    "Selu": lambda rng, s: away_from(rng, s, -3, 2, kinks=[0]),
+    "ThresholdedRelu": lambda rng, s: away_from(rng, s, -1, 3, kinks=[1.0]),
+    "Mish": _normal,
+    "Softsign": lambda rng, s: away_from(rng, s, -3, 3, kinks=[0]),
+    "Sin": _normal,
+    "Cos": _normal,
+    # piecewise constant: away from the jumps (Round's at half-integers), FD gives 0 too
+    "Sign": lambda rng, s: away_from(rng, s, -2, 2, kinks=[0]),
+    "Floor": lambda rng, s: away_from(rng, s, -2.9, 2.9, kinks=[-2, -1, 0, 1, 2]),
+    "Ceil": lambda rng, s: away_from(rng, s, -2.9, 2.9, kinks=[-2, -1, 0, 1, 2]),
+    "Round": lambda rng, s: away_from(rng, s, -2.4, 2.4, kinks=[-1.5, -0.5, 0.5, 1.5]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+@FEW
+@given(x_shape=shapes(), seed=seeds)
+def test_unary(op, x_shape, seed):
+    rng = np.random.default_rng(seed)
+    check(Case([node(op, ["X"])], UNARY[op](rng, x_shape)), rng)
+
+
+@FEW
+@given(x_shape=shapes(), seed=seeds, alpha=st.floats(0.3, 2.0))
+def test_elu_alpha(x_shape, seed, alpha):
+    rng = np.random.default_rng(seed)
+    check(Case([node("Elu", ["X"], alpha=alpha)], away_from(rng, x_shape, -3, 2, kinks=[0])), rng)
+
+
+@FEW
+@given(x_shape=shapes(), seed=seeds, alpha=st.floats(0.3, 2.0))
+def test_celu(x_shape, seed, alpha):
+    """Celu is float32-only in ONNX, so no float64 harness: onnxruntime's float32 gradient against
+    the closed form dy/dx = 1 for x > 0, exp(x/alpha) otherwise."""
+    rng = np.random.default_rng(seed)
+    x = away_from(rng, x_shape, -3, 2, kinks=[0])
+    case = Case([node("Celu", ["X"], alpha=alpha)], x)
+    g = rng.standard_normal(x_shape)
+    session = ort.InferenceSession(gradient_model(case, np.float32).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    _, dx = session.run(None, {"X": x.astype(np.float32), "G": g.astype(np.float32)})
+    np.testing.assert_allclose(dx, g * np.where(x > 0, 1.0, np.exp(x / alpha)), rtol=1e-5, atol=1e-6)
+
+
+@FEW
+@given(x_shape=shapes(), seed=seeds, alpha=st.floats(0.5, 2.0), gamma=st.floats(0.5, 2.0))
+def test_selu_attributes(x_shape, seed, alpha, gamma):
+    rng = np.random.default_rng(seed)
+    check(Case([node("Selu", ["X"], alpha=alpha, gamma=gamma)], away_from(rng, x_shape, -3, 2, kinks=[0])), rng)
+
+
+@FEW
+@given(x_shape=shapes(min_rank=3), seed=seeds, per_channel=st.booleans())
+def test_prelu(x_shape, seed, per_channel):
+    """Slope per channel ([C, 1, ...], as torch exports it) or a scalar, a constant."""
+    rng = np.random.default_rng(seed)
+    slope_shape = [x_shape[1]] + [1] * (len(x_shape) - 2) if per_channel else [1]
+    slope = rng.uniform(-0.5, 0.5, slope_shape)
+    check(Case([node("PRelu", ["X", "S"])], away_from(rng, x_shape, -2, 2, kinks=[0]), {"S": slope}), rng)
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+@SOME
+@given(data=st.data(), x_shape=shapes(), seed=seeds, operands=st.integers(1, 3))
+def test_max_min(op, data, x_shape, seed, operands):
+    """Variadic with constants that broadcast to X; values pairwise distinct (no ties)."""
+    rng = np.random.default_rng(seed)
+    inits, inputs = {}, ["X"]
+    for i in range(operands - 1):
+        w_shape, _ = data.draw(broadcast_partner(x_shape, widen=False))
+        inits[f"W{i}"] = np.zeros(w_shape)
+        inputs.append(f"W{i}")
+    values = distinct(rng, [int(np.prod(x_shape))] + [int(np.prod(v.shape)) or 1 for v in inits.values()], gap=0.05)
+    x = rng.permutation(values.ravel())[: int(np.prod(x_shape))].reshape(x_shape)
+    pool = np.setdiff1d(distinct(rng, (256,), gap=0.05) + 20.0, x)  # disjoint from X
+    offset = 0
+    for name, v in inits.items():
+        inits[name] = pool[offset:offset + v.size].reshape(v.shape) * rng.choice([-1.0, 1.0])
+        offset += v.size
+    perm = data.draw(st.permutations(inputs))
+    check(Case([node(op, perm)], x, inits), rng)
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceMean"])
+@SOME
+@given(data=st.data(), x_shape=shapes(max_rank=4), seed=seeds, keepdims=st.sampled_from([None, 0, 1]),
+       opset=st.sampled_from([13, 18]))
+def test_reduce(op, data, x_shape, seed, keepdims, opset):
+    """Axes as an attribute (opset 13) or a constant input (18), negative axes, keepdims;
+    distinct values for ReduceMax/Min (no ties)."""
+    rng = np.random.default_rng(seed)
+    rank = len(x_shape)
+    attrs = {} if keepdims is None else {"keepdims": keepdims}
+    axes = data.draw(st.lists(st.integers(1, rank - 1), min_size=1, max_size=rank - 1, unique=True))
+    axes = [a - rank if data.draw(st.booleans()) else a for a in axes]
+    inits, inputs = {}, ["X"]
+    uses_input = opset >= 18 or op == "ReduceSum"
+    if uses_input:
+        inits["axes"] = np.array(axes, dtype=np.int64)
+        inputs.append("axes")
+    else:
+        attrs["axes"] = axes
+    x = distinct(rng, x_shape) if op in ("ReduceMax", "ReduceMin") else rng.standard_normal(x_shape)
+    check(Case([node(op, inputs, **attrs)], x, inits, opset=opset), rng)
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@FEW
+@given(seed=seeds)
+def test_reduce_extremum_ties_share(op, seed):
+    """Tied extrema share the gradient equally (torch's amax/amin): a closed form."""
+    rng = np.random.default_rng(seed)
+    x = np.array([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 0.5, 0.5]]) * (1 if op == "ReduceMax" else -1)
+    case = Case([node(op, ["X", "axes"], keepdims=0)], x, {"axes": np.array([1])})
+    g = rng.standard_normal(2)
+    session = ort.InferenceSession(gradient_model(case, np.float32).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    _, dx = session.run(None, {"X": x.astype(np.float32), "G": g.astype(np.float32)})
+    expected = np.array([[0, g[0] / 2, g[0] / 2, 0], [g[1] / 3, 0, g[1] / 3, g[1] / 3]])
+    np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-6)
+
+
+#: ops whose rules this file tests (test_backward_rules.py checks every VANILLA rule is tested)
+TESTED_OPS = {*UNARY, "Elu", "Celu", "Selu", "PRelu", "Max", "Min", "ReduceMax", "ReduceMin", "ReduceL2",
+              "ReduceSumSquare"}
