@@ -215,6 +215,8 @@ class Case:
     opset: int = OPSET
     #: False: X's batch dimension is static (for ops that reduce over the batch)
     dynamic_batch: bool = True
+    #: axes of X besides the batch with symbolic dims (torch's exports with dynamic spatial dims)
+    symbolic_axes: tuple[int, ...] = ()
 
 
 def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
@@ -226,6 +228,8 @@ def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
 
 def forward_model(case: Case, dtype) -> onnx.ModelProto:
     x_dims = [BATCH if case.dynamic_batch else case.x.shape[0], *case.x.shape[1:]]
+    for axis in case.symbolic_axes:
+        x_dims[axis] = f"d{axis}"
     graph = helper.make_graph(
         case.nodes,
         "forward",

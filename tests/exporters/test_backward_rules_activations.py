@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from .rule_harness import FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes
@@ -138,6 +138,57 @@ def test_reduce_extremum_ties_share(op, seed):
     _, dx = session.run(None, {"X": x.astype(np.float32), "G": g.astype(np.float32)})
     expected = np.array([[0, g[0] / 2, g[0] / 2, 0], [g[1] / 3, 0, g[1] / 3, g[1] / 3]])
     np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-6)
+
+
+
+# --------------------------------------------------------------------------------------------
+# reductions and normalisations over symbolic (dynamic) dims: torch's exports with dynamic axes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"])
+@SOME
+@given(data=st.data(), x_shape=shapes(min_rank=3, max_rank=4), seed=seeds, keepdims=st.sampled_from([0, 1]),
+       with_batch=st.booleans())
+def test_reduce_over_symbolic_axes(op, data, x_shape, seed, keepdims, with_batch):
+    """Reduced axes with symbolic dims, the dynamic batch among them or not (ReduceMean's count
+    is then taken at run time)."""
+    rng = np.random.default_rng(seed)
+    rank = len(x_shape)
+    axes = data.draw(st.lists(st.integers(1, rank - 1), min_size=1, max_size=rank - 1, unique=True))
+    symbolic = tuple(data.draw(st.lists(st.sampled_from(axes), min_size=1, unique=True)))
+    axes = [0, *axes] if with_batch else axes
+    x = distinct(rng, x_shape) if op == "ReduceMax" else rng.standard_normal(x_shape)
+    case = Case([node(op, ["X", "axes"], keepdims=keepdims)], x, {"axes": np.array(axes, dtype=np.int64)},
+                batch_independent=not with_batch, symbolic_axes=symbolic)
+    check(case, rng)
+
+
+@FEW
+@given(x_shape=shapes(min_rank=3, max_rank=4), seed=seeds)
+def test_global_average_pool_symbolic_spatial(x_shape, seed):
+    rng = np.random.default_rng(seed)
+    symbolic = tuple(range(2, len(x_shape)))
+    check(Case([node("GlobalAveragePool", ["X"])], rng.standard_normal(x_shape), symbolic_axes=symbolic), rng)
+
+
+@FEW
+@given(x_shape=shapes(min_rank=3, max_rank=3), seed=seeds)
+def test_layer_normalization_symbolic_sequence(x_shape, seed):
+    """[batch, tokens, features] with a symbolic token count, normalised over tokens and features."""
+    rng = np.random.default_rng(seed)
+    assume(x_shape[1] * x_shape[2] >= 3)
+    case = Case([node("LayerNormalization", ["X", "scale"], axis=1)], rng.standard_normal(x_shape) * 2,
+                {"scale": rng.standard_normal(x_shape[1:])}, symbolic_axes=(1,))
+    check(case, rng)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@FEW
+@given(x_shape=shapes(min_rank=3, max_rank=3), seed=seeds)
+def test_softmax_symbolic_axis(op, x_shape, seed):
+    rng = np.random.default_rng(seed)
+    check(Case([node(op, ["X"], axis=-1)], rng.standard_normal(x_shape), symbolic_axes=(1, 2)), rng)
 
 
 #: ops whose rules this file tests (test_backward_rules.py checks every VANILLA rule is tested)

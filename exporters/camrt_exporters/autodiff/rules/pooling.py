@@ -232,16 +232,19 @@ def layer_normalization(ctx: RuleContext, node, grads):
     if any(ctx.needs(i) for i in range(1, len(node.input))):
         raise ExportError(f"node {node.name!r} (LayerNormalization): gradients w.r.t. scale/bias are not supported")
     x, scale = node.input[:2]
-    shape = ctx.static_shape(x)
+    shape = ctx.shape(x)
     rank = len(shape)
     axis = attribute(node, "axis", -1) % rank
     axes = list(range(axis, rank))
-    inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
     mean = ctx.forward_output(1, "mean")
     rstd = ctx.forward_output(2, "inv_std_dev")
     to = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(x))
     if attribute(node, "stash_type", TensorProto.FLOAT) != to:  # Mean and InvStdDev have the stash type
         mean, rstd = (ctx.emit("Cast", [t], to=to) for t in (mean, rstd))
+    if all(isinstance(d, int) for d in shape[axis:]):
+        inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
+    else:  # normalised axes with symbolic dims (a dynamic sequence length)
+        inv_count = _inverse_count(ctx, x, mean)
     xhat = ctx.mul(ctx.emit("Sub", [x, mean]), rstd)
     gh = ctx.mul(grads[0], scale)
     axes_const = ctx.ints(axes)
