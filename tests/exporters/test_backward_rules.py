@@ -26,6 +26,7 @@ from .rule_harness import (
     finite_differences, forward_model, gradient_model, node, pool_taps, reference, seeds, shapes, spec_pads,
 )
 from .test_backward_rules_activations import TESTED_OPS as ACTIVATION_AND_REDUCTION_OPS
+from .test_backward_rules_normalization import TESTED_OPS as NORMALIZATION_OPS
 
 
 # --------------------------------------------------------------------------------------------
@@ -992,7 +993,7 @@ TESTED_OPS = {
     "Conv", "Gemm", "MatMul", "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
     "ReduceSum", "BatchNormalization", "LayerNormalization", "Softmax", "LogSoftmax", "Reshape", "Flatten",
     "Squeeze", "Unsqueeze", "Transpose", "Expand", "Concat", "Split", "Slice", "Pad", "Gather",
-    *ACTIVATION_AND_REDUCTION_OPS,
+    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS,
 }
 
 
