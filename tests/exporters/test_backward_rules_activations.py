@@ -9,7 +9,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from .rule_harness import FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes
+from .rule_harness import (
+    FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes,
+)
 
 
 def _normal(rng, shape):
@@ -99,6 +101,22 @@ def test_max_min(op, data, x_shape, seed, operands):
         offset += v.size
     perm = data.draw(st.permutations(inputs))
     check(Case([node(op, perm)], x, inits), rng)
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_max_min_ties_split(op):
+    """Tied operands share the gradient equally (torch's maximum/minimum): a closed form, with a
+    broadcast operand tying two of X's elements, and Max(X, X) whose derivative is exactly 1."""
+    x = np.array([[1.0, 2.0, -1.0]]) * (1 if op == "Max" else -1)
+    w = np.array([2.0]) * (1 if op == "Max" else -1)
+    g = np.array([[0.6, -1.0, 0.3]])
+    # Max(X, W, X): W wins at 0 and 2; at 1 a three-way tie, X's two occurrences get 2 * g / 3
+    for inputs, want in ((["X", "W", "X"], [[0.0, -2.0 / 3, 0.0]]), (["X", "X"], g)):
+        case = Case([node(op, inputs)], x, {"W": w})
+        session = ort.InferenceSession(gradient_model(case, np.float32).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        _, dx = session.run(None, {"X": x.astype(np.float32), "G": g.astype(np.float32)})
+        np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceMean"])

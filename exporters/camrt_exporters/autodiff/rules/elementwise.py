@@ -245,12 +245,13 @@ def _gelu_tanh(ctx: RuleContext, x: str, g: str) -> list[str]:
 
 @rule("Max", "Min")
 def max_min(ctx, node, grads):
-    """dy/dx_i = 1 where x_i is the selected operand. Ties: every tied operand gets the full
-    gradient (onnxruntime's and torch's maximum/minimum split a tie in halves; inputs away from
-    ties are exact either way)."""
+    """dy/dx_i = 1 where x_i is the selected operand. Ties: the tied operands split the gradient
+    equally (torch's maximum/minimum give each of two g/2), so Max(x, x) has derivative 1."""
     y, g = node.output[0], grads[0]
-    return [ctx.unbroadcast(ctx.mul(g, _mask(ctx, "Equal", x, y, y)), x, y) if ctx.needs(i) else None
-            for i, x in enumerate(node.input)]
+    hits = [_mask(ctx, "Equal", x, y, y) for x in node.input]
+    share = ctx.emit("Div", [g, ctx.add_n(hits)])
+    return [ctx.unbroadcast(ctx.mul(share, hit), x, y) if ctx.needs(i) else None
+            for i, (x, hit) in enumerate(zip(node.input, hits))]
 
 
 @rule("PRelu")
