@@ -16,9 +16,10 @@ from .rule_harness import SOME, Case, check, gradient_model, node, seeds, shapes
 
 @SOME
 @given(x_shape=shapes(min_rank=3, max_rank=4), seed=seeds, epsilon=st.sampled_from([1e-5, 0.1]),
-       symbolic=st.booleans())
-def test_instance_normalization(x_shape, seed, epsilon, symbolic):
-    """Per-channel scale and bias; spatial dims static or symbolic."""
+       symbolic=st.booleans(), opset=st.sampled_from([13, 18]))
+def test_instance_normalization(x_shape, seed, epsilon, symbolic, opset):
+    """Per-channel scale and bias; spatial dims static or symbolic; opset 13 (ReduceMean's axes an
+    attribute, as in torch's legacy exports) and 18."""
     rng = np.random.default_rng(seed)
     # over 2 elements xhat = +-1 and the gradient is ~0 by cancellation (as LayerNormalization)
     assume(int(np.prod(x_shape[2:])) >= 3)
@@ -26,7 +27,7 @@ def test_instance_normalization(x_shape, seed, epsilon, symbolic):
     inits = {"scale": rng.standard_normal(channels), "bias": rng.standard_normal(channels)}
     case = Case([node("InstanceNormalization", ["X", "scale", "bias"], epsilon=epsilon)],
                 rng.standard_normal(x_shape) * 2, inits,
-                symbolic_axes=tuple(range(2, len(x_shape))) if symbolic else ())
+                symbolic_axes=tuple(range(2, len(x_shape))) if symbolic else (), opset=opset)
     check(case, rng)
 
 

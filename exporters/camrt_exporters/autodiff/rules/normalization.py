@@ -17,10 +17,12 @@ def _standardisation_back(ctx: RuleContext, x: str, gh: str, axes: list[int], ep
     gradient w.r.t. xhat: dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat)). The statistics
     are recomputed with ReduceMean, so the element count is right for symbolic dims too. `like`:
     a forward tensor of x's type."""
-    axes_const = ctx.ints(axes)
+    axes_const = ctx.ints(axes) if ctx.opset >= 18 else None
 
-    def mean_over(t: str) -> str:
-        return ctx.emit("ReduceMean", [t, axes_const], keepdims=1)
+    def mean_over(t: str) -> str:  # ReduceMean takes its axes as an input from opset 18
+        if axes_const is not None:
+            return ctx.emit("ReduceMean", [t, axes_const], keepdims=1)
+        return ctx.emit("ReduceMean", [t], axes=axes, keepdims=1)
 
     centred_x = ctx.emit("Sub", [x, mean_over(x)])
     variance = mean_over(ctx.mul(centred_x, centred_x))
