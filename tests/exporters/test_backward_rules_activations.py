@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from camrt_exporters.autodiff.graph import GraphIndex
+from camrt_exporters.autodiff.reverse import ForwardPatches, differentiate
+from camrt_exporters.autodiff.rules import VANILLA
 
 from .rule_harness import (
     FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes,
@@ -212,3 +221,53 @@ def test_softmax_symbolic_axis(op, x_shape, seed):
 #: ops whose rules this file tests (test_backward_rules.py checks every VANILLA rule is tested)
 TESTED_OPS = {*UNARY, "Elu", "Celu", "Selu", "PRelu", "Max", "Min", "ReduceMax", "ReduceMin", "ReduceL2",
               "ReduceSumSquare"}
+
+
+# --------------------------------------------------------------------------------------------
+# torch's legacy exporter (opset 17, dynamic batch and spatial dims) against torch autograd
+# --------------------------------------------------------------------------------------------
+
+
+def test_torch_legacy_export_matches_autograd():
+    """A ConvNeXt-V2 GRN (ReduceL2), GroupNorm (exported as InstanceNormalization), PReLU, Mish,
+    Max, Sin, Selu, amax (ReduceMax) and means over dynamic H, W: d<G, Y>/dX against autograd."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(2, 4)
+            self.prelu = torch.nn.PReLU(4)
+
+        def forward(self, x):
+            x = torch.nn.functional.mish(self.prelu(self.norm(x))).permute(0, 2, 3, 1)
+            gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+            y = (0.7 * (x * gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + x).permute(0, 3, 1, 2)
+            y = torch.maximum(y, torch.tensor(0.05)).sin() + torch.nn.functional.selu(y)
+            return y.amax(dim=2).mean(dim=2, keepdim=True) + y.mean((2, 3)).unsqueeze(-1)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x, g = torch.randn(2, 4, 5, 6), torch.randn(2, 4, 1)
+    buffer = io.BytesIO()
+    torch.onnx.export(block, (x,), buffer, input_names=["X"], output_names=["Y"], opset_version=17, dynamo=False,
+                      dynamic_axes={"X": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    exported = {n.op_type for n in model.graph.node}
+    assert {"InstanceNormalization", "PRelu", "ReduceL2", "Max", "Sin", "Selu", "ReduceMax", "ReduceMean"} <= exported
+    patches = ForwardPatches()
+    backward = differentiate(GraphIndex(model), score="Y", seed="G", wrt=["X"], rules=VANILLA, patches=patches,
+                             prefix="bwd")
+    graph = helper.make_graph(
+        [patches.apply(n) for n in model.graph.node] + backward.nodes
+        + [helper.make_node("Identity", [backward.gradients["X"]], ["dX"])],
+        "gradient",
+        [model.graph.input[0], helper.make_tensor_value_info("G", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("dX", TensorProto.FLOAT, None)],
+        initializer=[*model.graph.initializer, *backward.initializers],
+    )
+    gradient = helper.make_model(graph, opset_imports=model.opset_import)
+    gradient.ir_version = model.ir_version
+    session = ort.InferenceSession(gradient.SerializeToString(), providers=["CPUExecutionProvider"])
+    dx = session.run(None, {"X": x.numpy(), "G": g.numpy()})[0]
+    x.requires_grad_()
+    (block(x) * g).sum().backward()
+    np.testing.assert_allclose(dx, x.grad.numpy(), rtol=0, atol=1e-5 * np.abs(x.grad.numpy()).max())
