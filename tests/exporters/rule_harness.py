@@ -215,6 +215,10 @@ class Case:
     opset: int = OPSET
     #: False: X's batch dimension is static (for ops that reduce over the batch)
     dynamic_batch: bool = True
+    #: axes of X besides the batch with symbolic dims (torch's exports with dynamic spatial dims)
+    symbolic_axes: tuple[int, ...] = ()
+    #: Y has X's shape, declared because ONNX shape inference leaves it unknown (GroupNormalization)
+    y_shaped_like_x: bool = False
 
 
 def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
@@ -226,11 +230,13 @@ def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
 
 def forward_model(case: Case, dtype) -> onnx.ModelProto:
     x_dims = [BATCH if case.dynamic_batch else case.x.shape[0], *case.x.shape[1:]]
+    for axis in case.symbolic_axes:
+        x_dims[axis] = f"d{axis}"
     graph = helper.make_graph(
         case.nodes,
         "forward",
         [helper.make_tensor_value_info("X", ELEM[dtype], x_dims)],
-        [helper.make_tensor_value_info("Y", ELEM[dtype], None)],
+        [helper.make_tensor_value_info("Y", ELEM[dtype], x_dims if case.y_shaped_like_x else None)],
         initializer=[_cast_init(k, v, dtype) for k, v in case.inits.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])

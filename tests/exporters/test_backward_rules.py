@@ -25,6 +25,8 @@ from .rule_harness import (
     BATCH, FEW, RTOL_F32, RTOL_F64, SOME, Case, away_from, broadcast_partner, check, distinct,
     finite_differences, forward_model, gradient_model, node, pool_taps, reference, seeds, shapes, spec_pads,
 )
+from .test_backward_rules_activations import TESTED_OPS as ACTIVATION_AND_REDUCTION_OPS
+from .test_backward_rules_normalization import TESTED_OPS as NORMALIZATION_OPS
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,23 +768,23 @@ def test_modified_relu_rules_in_a_network(dtype, seed, batch, widths):
 
 
 def test_missing_rule_names_op_node_and_path():
-    """Sin has no rule: the error names the op type, the node and the path from it to the score."""
-    nodes = [node("Relu", ["X"], ["A"]), helper.make_node("Sin", ["A"], ["B"], name="the_sine"),
+    """Atan has no rule: the error names the op type, the node and the path from it to the score."""
+    nodes = [node("Relu", ["X"], ["A"]), helper.make_node("Atan", ["A"], ["B"], name="the_arctangent"),
              node("Tanh", ["B"], ["C"]), node("Mul", ["C", "W"])]
     case = Case(nodes, np.ones((1, 3)), {"W": np.ones(3)})
     with pytest.raises(UnsupportedOpError) as caught:
         gradient_model(case, np.float32)
     err = caught.value
-    assert (err.op_type, err.node_name, err.rule_set) == ("Sin", "the_sine", "vanilla")
-    assert err.path == ["the_sine", "Tanh_C", "Mul_Y", "score 'Y'"]
+    assert (err.op_type, err.node_name, err.rule_set) == ("Atan", "the_arctangent", "vanilla")
+    assert err.path == ["the_arctangent", "Tanh_C", "Mul_Y", "score 'Y'"]
     message = str(err)
-    for part in ("'Sin'", "'the_sine'", "the_sine -> Tanh_C -> Mul_Y -> score 'Y'", "register_gradient_rules"):
+    for part in ("'Atan'", "'the_arctangent'", "the_arctangent -> Tanh_C -> Mul_Y -> score 'Y'", "register_gradient_rules"):
         assert part in message
 
 
 def test_missing_rule_in_a_modified_rule_set_falls_back_then_errors():
-    """GUIDED has no Sin rule and neither has its base: the error names the guided rule set."""
-    case = Case([helper.make_node("Sin", ["X"], ["Y"], name="s")], np.ones((1, 2)))
+    """GUIDED has no Atan rule and neither has its base: the error names the guided rule set."""
+    case = Case([helper.make_node("Atan", ["X"], ["Y"], name="s")], np.ones((1, 2)))
     with pytest.raises(UnsupportedOpError, match="rule set 'guided'"):
         gradient_model(case, np.float32, GUIDED)
 
@@ -991,6 +993,7 @@ TESTED_OPS = {
     "Conv", "Gemm", "MatMul", "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
     "ReduceSum", "BatchNormalization", "LayerNormalization", "Softmax", "LogSoftmax", "Reshape", "Flatten",
     "Squeeze", "Unsqueeze", "Transpose", "Expand", "Concat", "Split", "Slice", "Pad", "Gather",
+    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS,
 }
 
 

@@ -241,3 +241,99 @@ def _gelu_tanh(ctx: RuleContext, x: str, g: str) -> list[str]:
     right = ctx.mul(ctx.mul(x, ctx.emit("Sub", [one, ctx.mul(t, t)])), du)
     slope = ctx.mul(ctx.emit("Add", [left, right]), ctx.const(0.5, like=x))
     return [ctx.mul(g, slope)]
+
+
+@rule("Max", "Min")
+def max_min(ctx, node, grads):
+    """dy/dx_i = 1 where x_i is the selected operand. Ties: the tied operands split the gradient
+    equally (torch's maximum/minimum give each of two g/2), so Max(x, x) has derivative 1."""
+    y, g = node.output[0], grads[0]
+    hits = [_mask(ctx, "Equal", x, y, y) for x in node.input]
+    share = ctx.emit("Div", [g, ctx.add_n(hits)])
+    return [ctx.unbroadcast(ctx.mul(share, hit), x, y) if ctx.needs(i) else None
+            for i, (x, hit) in enumerate(zip(node.input, hits))]
+
+
+@rule("PRelu")
+def prelu(ctx, node, grads):
+    """y = x if x > 0 else slope*x: dy/dx = 1 for x > 0, slope otherwise (slope at 0, as torch)."""
+    if ctx.needs(1):
+        raise ExportError(f"node {node.name!r} (PRelu): gradients w.r.t. the slope are not supported")
+    x, slope = node.input
+    y = node.output[0]
+    positive = ctx.emit("Greater", [x, ctx.const(0.0, like=x)])
+    factor = ctx.emit("Where", [positive, ctx.const(1.0, like=x), slope])
+    return [ctx.unbroadcast(ctx.mul(grads[0], factor), x, y), None]
+
+
+def _exp_linear(ctx: RuleContext, x: str, g: str, alpha: float, scale: float, width: float) -> str:
+    """Shared by Elu/Selu/Celu: y = scale*x for x > 0, scale*alpha*(exp(x/width) - 1) otherwise,
+    so dy/dx = scale for x > 0, scale*alpha/width*exp(x/width) for x <= 0 (left slope at 0)."""
+    left = ctx.mul(ctx.emit("Exp", [ctx.mul(x, ctx.const(1.0 / width, like=x))]),
+                   ctx.const(scale * alpha / width, like=x))
+    slope = ctx.emit("Where", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)]), ctx.const(scale, like=x), left])
+    return ctx.mul(g, slope)
+
+
+@rule("Elu")
+def elu(ctx, node, grads):
+    """dy/dx = 1 for x > 0, alpha*exp(x) otherwise."""
+    return [_exp_linear(ctx, node.input[0], grads[0], attribute(node, "alpha", 1.0), 1.0, 1.0)]
+
+
+@rule("Selu")
+def selu(ctx, node, grads):
+    """dy/dx = gamma for x > 0, gamma*alpha*exp(x) otherwise."""
+    alpha = attribute(node, "alpha", 1.67326319217681884765625)
+    gamma = attribute(node, "gamma", 1.05070102214813232421875)
+    return [_exp_linear(ctx, node.input[0], grads[0], alpha, gamma, 1.0)]
+
+
+@rule("Celu")
+def celu(ctx, node, grads):
+    """y = max(0, x) + min(0, alpha*(exp(x/alpha) - 1)): dy/dx = 1 for x > 0, exp(x/alpha) otherwise."""
+    alpha = attribute(node, "alpha", 1.0)
+    return [_exp_linear(ctx, node.input[0], grads[0], alpha, 1.0, alpha)]
+
+
+@rule("ThresholdedRelu")
+def thresholded_relu(ctx, node, grads):
+    """y = x for x > alpha, else 0: dy/dx = 1[x > alpha] (0 at the jump)."""
+    x = node.input[0]
+    return [ctx.mul(grads[0], _mask(ctx, "Greater", x, ctx.const(attribute(node, "alpha", 1.0), like=x), x))]
+
+
+@rule("Mish")
+def mish(ctx, node, grads):
+    """y = x*tanh(sp), sp = softplus(x): dy/dx = t + x*(1 - t^2)*sigmoid(x), t = tanh(sp)."""
+    x = node.input[0]
+    t = ctx.emit("Tanh", [ctx.emit("Softplus", [x])])
+    one_minus_t2 = ctx.emit("Sub", [ctx.const(1.0, like=x), ctx.mul(t, t)])
+    slope = ctx.emit("Add", [t, ctx.mul(ctx.mul(x, one_minus_t2), ctx.emit("Sigmoid", [x]))])
+    return [ctx.mul(grads[0], slope)]
+
+
+@rule("Softsign")
+def softsign(ctx, node, grads):
+    """y = x/(1 + |x|): dy/dx = 1/(1 + |x|)^2."""
+    x = node.input[0]
+    denominator = ctx.emit("Add", [ctx.const(1.0, like=x), ctx.emit("Abs", [x])])
+    return [ctx.emit("Div", [grads[0], ctx.mul(denominator, denominator)])]
+
+
+@rule("Sin")
+def sin(ctx, node, grads):
+    """d sin(x)/dx = cos(x)."""
+    return [ctx.mul(grads[0], ctx.emit("Cos", [node.input[0]]))]
+
+
+@rule("Cos")
+def cos(ctx, node, grads):
+    """d cos(x)/dx = -sin(x)."""
+    return [ctx.emit("Neg", [ctx.mul(grads[0], ctx.emit("Sin", [node.input[0]]))])]
+
+
+@rule("Sign", "Floor", "Ceil", "Round")
+def piecewise_constant(ctx, node, grads):
+    """Piecewise-constant: dy/dx = 0 (also at the jumps, as torch)."""
+    return [ctx.zeros_like(node.input[0])]

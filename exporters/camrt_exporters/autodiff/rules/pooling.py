@@ -21,11 +21,27 @@ def _broadcast_back(ctx: RuleContext, g: str, x: str, scale: float) -> str:
     return ctx.emit("Expand", [scaled, ctx.shape_of(x)])
 
 
+def _inverse_count(ctx: RuleContext, x: str, y: str) -> str:
+    """1 / (elements of x per element of the reduction y), at run time: Size(y) / Size(x), for
+    reductions over dynamic axes."""
+    to = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(x))
+    return ctx.emit("Div", [ctx.emit("Cast", [ctx.emit("Size", [y])], to=to),
+                            ctx.emit("Cast", [ctx.emit("Size", [x])], to=to)])
+
+
+def _mean_back(ctx: RuleContext, g: str, x: str, y: str, axes: list[int]) -> str:
+    """Broadcast the gradient of a mean of x over `axes` back to x: g / count."""
+    shape = ctx.shape(x)
+    if all(isinstance(shape[a], int) for a in axes):
+        return _broadcast_back(ctx, g, x, 1.0 / float(np.prod([shape[a] for a in axes])))
+    return ctx.emit("Expand", [ctx.mul(g, _inverse_count(ctx, x, y)), ctx.shape_of(x)])
+
+
 @rule("GlobalAveragePool")
 def global_average_pool(ctx, node, grads):
+    """dx = g / (number of spatial cells), counted at run time where a spatial dim is dynamic."""
     x = node.input[0]
-    count = int(np.prod(ctx.static_shape(x)[2:]))
-    return [_broadcast_back(ctx, grads[0], x, 1.0 / count)]
+    return [_mean_back(ctx, grads[0], x, node.output[0], list(range(2, ctx.index.rank(x))))]
 
 
 @rule("GlobalMaxPool")
@@ -45,32 +61,68 @@ def _reduce_axes(ctx: RuleContext, node) -> list[int] | None:
     return None if axes is None else list(axes)
 
 
-def _reduction_rule(mean: bool):
+def _reduction_axes(ctx: RuleContext, node) -> list[int] | None:
+    """The sorted non-negative axes a Reduce* node reduces, or None for noop_with_empty_axes."""
+    rank = ctx.index.rank(node.input[0])
+    axes = _reduce_axes(ctx, node)
+    if not axes:
+        return None if attribute(node, "noop_with_empty_axes", 0) else list(range(rank))
+    return sorted(a % rank for a in axes)
+
+
+def _keep(ctx: RuleContext, node, t: str, axes: list[int]) -> str:
+    """`t` (shaped like the reduction's output) with the reduced axes kept as size 1."""
+    return t if attribute(node, "keepdims", 1) else ctx.emit("Unsqueeze", [t, ctx.ints(axes)])
+
+
+def _reduction_rule(back):
+    """A Reduce* rule from back(ctx, node, g, axes) -> dx, where g has the reduced axes kept."""
     def reduce(ctx: RuleContext, node, grads):
-        x = node.input[0]
-        rank = ctx.index.rank(x)
-        axes = _reduce_axes(ctx, node)
-        if not axes:
-            if attribute(node, "noop_with_empty_axes", 0):
-                return [grads[0]] + [None] * (len(node.input) - 1)
-            axes = list(range(rank))
-        axes = sorted(a % rank for a in axes)
-        g = grads[0]
-        if not attribute(node, "keepdims", 1):
-            g = ctx.emit("Unsqueeze", [g, ctx.ints(axes)])
-        scale = 1.0
-        if mean:
-            shape = ctx.shape(x)
-            if any(not isinstance(shape[a], int) for a in axes):
-                raise ExportError(f"node {node.name!r} (ReduceMean): reduces over a dynamic axis")
-            scale = 1.0 / float(np.prod([shape[a] for a in axes]))
-        return [_broadcast_back(ctx, g, x, scale)] + [None] * (len(node.input) - 1)
+        axes = _reduction_axes(ctx, node)
+        rest = [None] * (len(node.input) - 1)
+        if axes is None:
+            return [grads[0]] + rest
+        return [back(ctx, node, _keep(ctx, node, grads[0], axes), axes)] + rest
 
     return reduce
 
 
-RULES["ReduceMean"] = _reduction_rule(mean=True)
-RULES["ReduceSum"] = _reduction_rule(mean=False)
+def _sum_back(ctx, node, g, axes):
+    """y = sum x: dx = g broadcast back."""
+    return _broadcast_back(ctx, g, node.input[0], 1.0)
+
+
+def _mean_reduction_back(ctx, node, g, axes):
+    """y = mean x: dx = g / count (a run-time count over dynamic axes)."""
+    return _mean_back(ctx, g, node.input[0], node.output[0], axes)
+
+
+def _extremum_back(ctx, node, g, axes):
+    """y = max (min) x: dx = g * 1[x == y] / (number of ties): tied extrema share the gradient,
+    as torch's amax/amin."""
+    x = node.input[0]
+    hit = _mask(ctx, "Equal", x, _keep(ctx, node, node.output[0], axes), x)
+    count = ctx.emit("ReduceSum", [hit, ctx.ints(axes)], keepdims=1)
+    return ctx.mul(ctx.emit("Div", [g, count]), hit)
+
+
+def _l2_back(ctx, node, g, axes):
+    """y = sqrt(sum x^2): dx = g * x / y (undefined at y = 0, where this gives NaN as torch's norm)."""
+    x = node.input[0]
+    return ctx.mul(x, ctx.emit("Div", [g, _keep(ctx, node, node.output[0], axes)]))
+
+
+def _sum_square_back(ctx, node, g, axes):
+    """y = sum x^2: dx = 2 * x * g."""
+    x = node.input[0]
+    return ctx.mul(ctx.mul(x, ctx.const(2.0, like=x)), g)
+
+
+RULES["ReduceMean"] = _reduction_rule(_mean_reduction_back)
+RULES["ReduceSum"] = _reduction_rule(_sum_back)
+RULES["ReduceMax"] = RULES["ReduceMin"] = _reduction_rule(_extremum_back)
+RULES["ReduceL2"] = _reduction_rule(_l2_back)
+RULES["ReduceSumSquare"] = _reduction_rule(_sum_square_back)
 
 
 def _pool_output_size(size, k, s, d, begin, end, ceil_mode) -> int:
@@ -180,16 +232,19 @@ def layer_normalization(ctx: RuleContext, node, grads):
     if any(ctx.needs(i) for i in range(1, len(node.input))):
         raise ExportError(f"node {node.name!r} (LayerNormalization): gradients w.r.t. scale/bias are not supported")
     x, scale = node.input[:2]
-    shape = ctx.static_shape(x)
+    shape = ctx.shape(x)
     rank = len(shape)
     axis = attribute(node, "axis", -1) % rank
     axes = list(range(axis, rank))
-    inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
     mean = ctx.forward_output(1, "mean")
     rstd = ctx.forward_output(2, "inv_std_dev")
     to = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(x))
     if attribute(node, "stash_type", TensorProto.FLOAT) != to:  # Mean and InvStdDev have the stash type
         mean, rstd = (ctx.emit("Cast", [t], to=to) for t in (mean, rstd))
+    if all(isinstance(d, int) for d in shape[axis:]):
+        inv_count = ctx.const(1.0 / float(np.prod(shape[axis:])), like=x)
+    else:  # normalised axes with symbolic dims (a dynamic sequence length)
+        inv_count = _inverse_count(ctx, x, mean)
     xhat = ctx.mul(ctx.emit("Sub", [x, mean]), rstd)
     gh = ctx.mul(grads[0], scale)
     axes_const = ctx.ints(axes)
