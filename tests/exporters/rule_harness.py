@@ -215,6 +215,8 @@ class Case:
     opset: int = OPSET
     #: False: X's batch dimension is static (for ops that reduce over the batch)
     dynamic_batch: bool = True
+    #: non-batch axes of X given symbolic dims (as shape inference leaves some exported files)
+    symbolic_axes: tuple[int, ...] = ()
 
 
 def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
@@ -226,6 +228,8 @@ def _cast_init(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
 
 def forward_model(case: Case, dtype) -> onnx.ModelProto:
     x_dims = [BATCH if case.dynamic_batch else case.x.shape[0], *case.x.shape[1:]]
+    for axis in case.symbolic_axes:
+        x_dims[axis] = f"S{axis}"
     graph = helper.make_graph(
         case.nodes,
         "forward",

@@ -36,7 +36,7 @@ def expand(ctx: RuleContext, node, grads):
 def gather(ctx: RuleContext, node, grads):
     """Along axis 0 (any indices, e.g. the run-time indices torch's as_strided becomes on a flattened
     batch): scatter-add g into zeros. Along another axis, with constant indices: contract g with
-    one_hot(indices) (repeated indices add up), the axis moved last for a MatMul, then back."""
+    one_hot(indices) (repeated indices add up)."""
     x, indices = node.input
     rank = ctx.index.rank(x)
     axis = attribute(node, "axis", 0) % rank
@@ -44,11 +44,21 @@ def gather(ctx: RuleContext, node, grads):
         return [_scatter_rows(ctx, x, indices, grads[0]), None]
     shape = ctx.static_shape(x)
     picked = ctx.require_value(indices, "the gather indices").reshape(-1) % shape[axis]
-    one_hot = np.eye(shape[axis])[picked]
     flat = ctx.emit("Reshape", [grads[0], ctx.ints([0] * axis + [-1, *shape[axis + 1:]])])
+    return [along_axis(ctx, flat, axis, rank, np.eye(shape[axis])[picked], like=x), None]
+
+
+def along_axis(ctx: RuleContext, g: str, axis: int, rank: int, matrix: np.ndarray, like: str) -> str:
+    """Contract axis `axis` of `g` (length matrix.shape[0]) with `matrix`: out[..., j, ...] =
+    sum_i g[..., i, ...] matrix[i, j]. A MatMul, with the axis moved last unless it is one of the
+    last two."""
+    if axis == rank - 1:
+        return ctx.emit("MatMul", [g, ctx.const(matrix, like=like)])
+    if axis == rank - 2:
+        return ctx.emit("MatMul", [ctx.const(np.ascontiguousarray(matrix.T), like=like), g])
     to_last = [a for a in range(rank) if a != axis] + [axis]
-    spread = ctx.emit("MatMul", [ctx.emit("Transpose", [flat], perm=to_last), ctx.const(one_hot, like=x)])
-    return [ctx.emit("Transpose", [spread], perm=[int(a) for a in np.argsort(to_last)]), None]
+    spread = ctx.emit("MatMul", [ctx.emit("Transpose", [g], perm=to_last), ctx.const(matrix, like=like)])
+    return ctx.emit("Transpose", [spread], perm=[int(a) for a in np.argsort(to_last)])
 
 
 def _scatter_rows(ctx: RuleContext, x: str, indices: str, g: str) -> str:
@@ -61,22 +71,26 @@ def _scatter_rows(ctx: RuleContext, x: str, indices: str, g: str) -> str:
                     reduction="add")
 
 
-def _axis_sizes(ctx: RuleContext, names, axis: int) -> list[int]:
-    sizes = []
-    for name in names:
-        dim = (ctx.shape(name) or [None] * (axis + 1))[axis]
-        if not isinstance(dim, int):
-            raise ExportError(f"node {ctx.node.name!r} ({ctx.node.op_type}): needs static sizes along axis {axis}")
-        sizes.append(dim)
-    return sizes
+def _extent(ctx: RuleContext, name: str, axis: int) -> str:
+    """The length of `name` along `axis` as a 1-element int64 tensor: a constant when static, else read at run time."""
+    dim = (ctx.shape(name) or [None] * (axis + 1))[axis]
+    if isinstance(dim, int):
+        return ctx.ints([dim])
+    return ctx.emit("Shape", [name], start=axis, end=axis + 1)
 
 
 @rule("Concat")
 def concat(ctx: RuleContext, node, grads):
+    """dX_i is the i-th piece of g along the axis; the piece sizes are read at run time where shape
+    inference lost them (e.g. a class token concatenated to a dynamic-batch sequence)."""
     rank = ctx.index.rank(node.output[0])
     axis = attribute(node, "axis") % rank
-    sizes = _axis_sizes(ctx, node.input, axis)
-    parts = ctx.emit("Split", [grads[0], ctx.ints(sizes)], n_outputs=len(sizes), axis=axis)
+    sizes = [(ctx.shape(name) or [None] * rank)[axis] for name in node.input]
+    if all(isinstance(size, int) for size in sizes):
+        split = ctx.ints(sizes)
+    else:
+        split = ctx.emit("Concat", [_extent(ctx, name, axis) for name in node.input], axis=0)
+    parts = ctx.emit("Split", [grads[0], split], n_outputs=len(sizes), axis=axis)
     parts = parts if isinstance(parts, list) else [parts]
     return [p if ctx.needs(i) else None for i, p in enumerate(parts)]
 
@@ -89,48 +103,80 @@ def split(ctx: RuleContext, node, grads):
     return [ctx.emit("Concat", pieces, axis=axis)] + [None] * (len(node.input) - 1)
 
 
+def _slice_parameters(ctx: RuleContext, node) -> tuple[list[int], list[int], list[int], list[int]]:
+    """starts, ends, axes, steps of a Slice node (attributes before opset 10, constant inputs after)."""
+    if ctx.opset < 10:
+        starts, ends = list(attribute(node, "starts")), list(attribute(node, "ends"))
+        axes = list(attribute(node, "axes", list(range(len(starts)))))
+        return starts, ends, axes, [1] * len(starts)
+    starts = ctx.require_value(node.input[1], "the slice starts").tolist()
+    ends = ctx.require_value(node.input[2], "the slice ends").tolist()
+    axes = (ctx.require_value(node.input[3], "the slice axes").tolist()
+            if len(node.input) > 3 and node.input[3] else list(range(len(starts))))
+    steps = (ctx.require_value(node.input[4], "the slice steps").tolist()
+             if len(node.input) > 4 and node.input[4] else [1] * len(starts))
+    return starts, ends, axes, steps
+
+
+def _runtime_bounds(ctx: RuleContext, x: str, axis: int, start: int, end: int) -> tuple[str, str]:
+    """(begin, tail) pads of a unit-step slice of a dynamic axis: start and end wrapped and clamped
+    to [0, extent] at run time (ONNX Slice semantics), tail = extent - max(end, start)."""
+    extent = _extent(ctx, x, axis)
+
+    def clamped(bound: int) -> str:
+        if bound >= 0:
+            return ctx.emit("Min", [ctx.ints([bound]), extent])
+        return ctx.emit("Max", [ctx.emit("Add", [extent, ctx.ints([bound])]), ctx.ints([0])])
+
+    begin = clamped(start)
+    tail = ctx.emit("Sub", [extent, ctx.emit("Max", [clamped(end), begin])])
+    return begin, tail
+
+
 @rule("Slice")
 def slice_(ctx: RuleContext, node, grads):
-    """Zero-pad the gradient back to the input's extent (unit steps only)."""
-    x = node.input[0]
+    """dX is g put back at the sliced positions, zeros elsewhere. Unit steps: zero-pad g (pads read at
+    run time on a dynamic axis). Other steps (negative ones too): along such an axis of static extent
+    n, g @ one_hot(picked positions) with picked = range(n)[start:end:step] (ONNX clamps as Python does)."""
+    x, g = node.input[0], grads[0]
     shape = ctx.shape(x)
     rank = len(shape)
-    if ctx.opset < 10:
-        starts, ends = attribute(node, "starts"), attribute(node, "ends")
-        axes = attribute(node, "axes", list(range(len(starts))))
-        steps = [1] * len(starts)
-    else:
-        starts = ctx.require_value(node.input[1], "the slice starts").tolist()
-        ends = ctx.require_value(node.input[2], "the slice ends").tolist()
-        axes = (ctx.require_value(node.input[3], "the slice axes").tolist()
-                if len(node.input) > 3 and node.input[3] else list(range(len(starts))))
-        steps = (ctx.require_value(node.input[4], "the slice steps").tolist()
-                 if len(node.input) > 4 and node.input[4] else [1] * len(starts))
-    if any(s != 1 for s in steps):
-        raise ExportError(f"node {node.name!r} (Slice): only unit steps are supported by the backward rule")
-    begins, tails = [0] * rank, [0] * rank
-    for start, end, axis in zip(starts, ends, axes):
+    begins: list[str | int] = [0] * rank
+    tails: list[str | int] = [0] * rank
+    for start, end, axis, step in zip(*_slice_parameters(ctx, node)):
         axis %= rank
         dim = shape[axis]
-        if not isinstance(dim, int):
-            if start == 0 and end >= np.iinfo(np.int32).max:  # all of it, e.g. a batch axis
-                continue
-            raise ExportError(f"node {node.name!r} (Slice): slices a dynamic axis {axis}")
-        start = min(max(start + dim if start < 0 else start, 0), dim)
-        end = min(max(end + dim if end < 0 else end, 0), dim)
-        begins[axis], tails[axis] = start, dim - max(end, start)
-    return [ctx.emit("Pad", [grads[0], ctx.ints(begins + tails)], mode="constant")] + [None] * (len(node.input) - 1)
+        if step != 1:
+            if not isinstance(dim, int):
+                raise ExportError(
+                    f"node {node.name!r} (Slice): step {step} along axis {axis}, whose extent is not static; "
+                    "export with a fixed input size (--input-size)")
+            picked = np.arange(dim)[start:end:step]
+            g = along_axis(ctx, g, axis, rank, np.eye(dim)[picked], like=x)
+        elif isinstance(dim, int):
+            start = min(max(start + dim if start < 0 else start, 0), dim)
+            end = min(max(end + dim if end < 0 else end, 0), dim)
+            begins[axis], tails[axis] = start, dim - max(end, start)
+        elif not (start == 0 and end >= np.iinfo(np.int32).max):  # all of a dynamic axis needs no pads
+            begins[axis], tails[axis] = _runtime_bounds(ctx, x, axis, start, end)
+    pads = begins + tails
+    if any(isinstance(p, str) for p in pads):
+        pads_input = ctx.emit("Concat", [p if isinstance(p, str) else ctx.ints([p]) for p in pads], axis=0)
+    else:
+        pads_input = ctx.ints(pads)
+    if any(pads):
+        g = ctx.emit("Pad", [g, pads_input], mode="constant")
+    return [g] + [None] * (len(node.input) - 1)
 
 
 @rule("Pad")
 def pad(ctx: RuleContext, node, grads):
-    """Crop the gradient back to the unpadded region (constant mode, non-negative pads)."""
-    x = node.input[0]
+    """Crop the gradient back to the unpadded region (constant mode, non-negative pads): a Slice from
+    the begin pads to minus the end pads, so no extent needs to be static."""
     mode = attribute(node, "mode", b"constant")
     if mode not in (b"constant", "constant"):
         raise ExportError(f"node {node.name!r} (Pad): only constant padding has a backward rule, got {mode!r}")
-    shape = ctx.static_shape(x)
-    rank = len(shape)
+    rank = ctx.index.rank(node.input[0])
     if ctx.opset < 11:
         pads = list(attribute(node, "pads"))
     else:
@@ -141,8 +187,45 @@ def pad(ctx: RuleContext, node, grads):
     if min(pads) < 0:
         raise ExportError(f"node {node.name!r} (Pad): negative pads are not supported by the backward rule")
     n = len(axes)
-    starts = pads[:n]
-    if any(not isinstance(shape[a], int) for a in axes if pads[axes.index(a)] or pads[n + axes.index(a)]):
-        raise ExportError(f"node {node.name!r} (Pad): pads a dynamic axis")
-    ends = [pads[i] + shape[a] if isinstance(shape[a], int) else np.iinfo(np.int64).max for i, a in enumerate(axes)]
-    return [ctx.emit("Slice", [grads[0], ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)])] + [None] * (len(node.input) - 1)
+    ends = [-end if end else np.iinfo(np.int64).max for end in pads[n:]]
+    return [ctx.emit("Slice", [grads[0], ctx.ints(pads[:n]), ctx.ints(ends), ctx.ints(axes)])] + [None] * (len(node.input) - 1)
+
+
+@rule("Tile")
+def tile(ctx: RuleContext, node, grads):
+    """Y = tile(X, r): Y viewed as [r0, d0, r1, d1, ...] repeats X along the r axes, so
+    dX = ReduceSum of that view of g over the r axes (the extents d read at run time)."""
+    x = node.input[0]
+    repeats = ctx.require_value(node.input[1], "the repeats").astype(np.int64)
+    rank = len(repeats)
+    pairs = ctx.emit("Concat", [ctx.const(repeats[:, None], dtype=np.int64),
+                                ctx.emit("Unsqueeze", [ctx.shape_of(x), ctx.ints([1])])], axis=1)
+    view = ctx.emit("Reshape", [grads[0], ctx.emit("Reshape", [pairs, ctx.ints([-1])])])
+    return [ctx.emit("ReduceSum", [view, ctx.ints(list(range(0, 2 * rank, 2)))], keepdims=0), None]
+
+
+def _depth_to_space_mode(node) -> str:
+    mode = attribute(node, "mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("DCR", "CRD"):
+        raise ExportError(f"node {node.name!r} (DepthToSpace): unknown mode {mode!r}")
+    return mode
+
+
+@rule("DepthToSpace")
+def depth_to_space(ctx: RuleContext, node, grads):
+    """A permutation of X, so dX is g permuted back: SpaceToDepth(g) for mode DCR (its exact
+    inverse); for CRD, g viewed as [N, C/b², H, b, W, b], transposed to [N, C/b², b, b, H, W]."""
+    block = attribute(node, "blocksize")
+    if _depth_to_space_mode(node) == "DCR":
+        return [ctx.emit("SpaceToDepth", [grads[0]], blocksize=block)]
+    _, c, h, w = ctx.static_shape(node.input[0])
+    view = ctx.emit("Reshape", [grads[0], ctx.ints([0, c // block**2, h, block, w, block])])
+    moved = ctx.emit("Transpose", [view], perm=[0, 1, 3, 5, 2, 4])
+    return [ctx.emit("Reshape", [moved, ctx.ints([0, c, h, w])])]
+
+
+@rule("SpaceToDepth")
+def space_to_depth(ctx: RuleContext, node, grads):
+    """The inverse permutation of DepthToSpace in mode DCR, so dX = DepthToSpace(g, DCR)."""
+    return [ctx.emit("DepthToSpace", [grads[0]], blocksize=attribute(node, "blocksize"), mode="DCR")]
