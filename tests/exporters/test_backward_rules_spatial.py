@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from onnx import numpy_helper
+from onnx.reference.op_run import OpRun
 
 from camrt.errors import ExportError
 from camrt_exporters.autodiff.graph import GraphIndex
@@ -43,6 +45,75 @@ def torch_gradient(forward, x: np.ndarray, g: np.ndarray) -> np.ndarray:
 # Resize
 # --------------------------------------------------------------------------------------------
 
+def resize_matrix(n: int, m: int, scale: float, mode: str, transform: str, nearest_mode: str,
+                  cubic_coeff_a: float, exclude_outside: int) -> np.ndarray:
+    """R [m, n] of one axis, from the ONNX Resize spec in float64: the output extent m is the
+    integer one (floor(n * scale) for scales), the scale the given one (m / n for sizes)."""
+    x = np.arange(m, dtype=np.float64)
+    source = {
+        "half_pixel": (x + 0.5) / scale - 0.5,
+        "pytorch_half_pixel": (x + 0.5) / scale - 0.5 if m > 1 else np.zeros(m),
+        "align_corners": x * (n - 1) / (m - 1) if m > 1 else np.zeros(m),
+        "asymmetric": x / scale,
+    }[transform]
+    matrix = np.zeros((m, n))
+    rows = np.arange(m)
+    if mode == "nearest":
+        rounded = {
+            "round_prefer_floor": np.where(source % 1 == 0.5, np.floor(source), np.round(source)),
+            "round_prefer_ceil": np.floor(source + 0.5),
+            "floor": np.floor(source),
+            "ceil": np.ceil(source),
+        }[nearest_mode]
+        matrix[rows, np.clip(rounded, 0, n - 1).astype(int)] = 1.0
+    elif mode == "linear":
+        source = np.clip(source, 0, n - 1)
+        low = np.floor(source).astype(int)
+        np.add.at(matrix, (rows, low), 1 - (source - low))
+        np.add.at(matrix, (rows, np.minimum(low + 1, n - 1)), source - low)
+    else:
+        a = cubic_coeff_a
+        low = np.floor(source).astype(int)
+        for tap in range(-1, 3):
+            d = np.abs(source - (low + tap))
+            weight = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                              np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0.0))
+            position = low + tap
+            if exclude_outside:
+                weight = np.where((position >= 0) & (position < n), weight, 0.0)
+            np.add.at(matrix, (rows, np.clip(position, 0, n - 1)), weight)
+        if exclude_outside:
+            matrix /= matrix.sum(axis=1, keepdims=True)
+    return matrix
+
+
+class Resize(OpRun):
+    """The reference evaluator's Resize computes align_corners with the unrounded output extent
+    (n * scale) when given scales, where the spec (and onnxruntime) use the integer one; this is
+    the spec, separable along every axis (nearest, linear, cubic; no antialias, no crop)."""
+
+    op_domain = ""
+
+    def _run(self, x, roi=None, scales=None, sizes=None, antialias=0, axes=None, coordinate_transformation_mode="half_pixel",
+             cubic_coeff_a=-0.75, exclude_outside=0, extrapolation_value=0.0, keep_aspect_ratio_policy="stretch",
+             mode="nearest", nearest_mode="round_prefer_floor"):
+        assert not antialias and keep_aspect_ratio_policy == "stretch"
+        axes = [a % x.ndim for a in (axes if axes is not None else range(x.ndim))]
+        y = x
+        for i, axis in enumerate(axes):
+            n = x.shape[axis]
+            if scales is not None and len(scales):
+                scale = float(scales[i])
+                m = int(np.floor(n * scale))
+            else:
+                m = int(sizes[i])
+                scale = m / n
+            matrix = resize_matrix(n, m, scale, mode, coordinate_transformation_mode, nearest_mode,
+                                   cubic_coeff_a, exclude_outside)
+            y = np.moveaxis(np.tensordot(y, matrix, axes=([axis], [1])), -1, axis)
+        return (y.astype(x.dtype),)
+
+
 TRANSFORMS = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"]
 NEAREST_MODES = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
 
@@ -64,12 +135,26 @@ def test_resize(data, x_shape, seed, mode, transform, by):
     if by == "scales":
         scales = [data.draw(st.sampled_from([0.5, 0.6, 1.0, 1.5, 2.0, 3.0])) for _ in range(2)]
         assume(all(int(n * s) >= 1 for n, s in zip(x_shape[2:], scales)))
-        inits = {"scales": np.array([1.0, 1.0, *scales], dtype=np.float32)}
-        inputs = ["X", "", "scales"]
+        nodes, inits = _resize_by_scales([1.0, 1.0, *scales], **attrs)
     else:
-        inits = {"sizes": np.array([*x_shape[:2], *(data.draw(st.integers(1, 7)) for _ in range(2))], dtype=np.int64)}
-        inputs = ["X", "", "", "sizes"]
-    check(Case([node("Resize", inputs, **attrs)], rng.standard_normal(x_shape), inits), rng)
+        nodes, inits = _resize_by_sizes([data.draw(st.integers(1, 7)) for _ in range(2)], **attrs)
+    check(Case(nodes, rng.standard_normal(x_shape), inits, reference_ops=(Resize,)), rng)
+
+
+def _resize_by_scales(scales, **attrs):
+    """Resize(X, scales): float32 scales in a Constant node (the harness stores initializers in the
+    tested float type)."""
+    scales_node = node("Constant", [], ["scales"], value=numpy_helper.from_array(np.array(scales, dtype=np.float32)))
+    return [scales_node, node("Resize", ["X", "", "scales"], **attrs)], {}
+
+
+def _resize_by_sizes(spatial, **attrs):
+    """Resize(X, sizes) with sizes = Concat(Shape(X)[:2], spatial) computed at run time, as torch
+    writes F.interpolate(size=...) with a dynamic batch."""
+    nodes = [node("Shape", ["X"], ["batch_channels"], start=0, end=2),
+             node("Concat", ["batch_channels", "spatial"], ["sizes"], axis=0),
+             node("Resize", ["X", "", "", "sizes"], **attrs)]
+    return nodes, {"spatial": np.array(spatial, dtype=np.int64)}
 
 
 @FEW
@@ -79,10 +164,11 @@ def test_resize_axes_attribute(data, seed, by):
     rng = np.random.default_rng(seed)
     axes = data.draw(st.sampled_from([[3], [2, 3], [-1, -2]]))
     if by == "scales":
-        inits, inputs = {"scales": np.array([2.0, 0.5][:len(axes)], dtype=np.float32)}, ["X", "", "scales"]
+        nodes, inits = _resize_by_scales([2.0, 0.5][:len(axes)], mode="linear", axes=axes)
     else:
-        inits, inputs = {"sizes": np.array([5, 3][:len(axes)], dtype=np.int64)}, ["X", "", "", "sizes"]
-    check(Case([node("Resize", inputs, mode="linear", axes=axes)], rng.standard_normal((2, 2, 4, 4)), inits), rng)
+        inits = {"sizes": np.array([5, 3][:len(axes)], dtype=np.int64)}
+        nodes = [node("Resize", ["X", "", "", "sizes"], mode="linear", axes=axes)]
+    check(Case(nodes, rng.standard_normal((2, 2, 4, 4)), inits, reference_ops=(Resize,)), rng)
 
 
 #: ONNX Resize attributes that torch's exporters write for F.interpolate
@@ -105,25 +191,24 @@ def test_resize_matches_torch_interpolate(torch_args, onnx_attrs, size):
     gradient (upsampling, downsampling, non-square)."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 4, 6))
-    inits = {"sizes": np.array([2, 3, *size], dtype=np.int64)}
-    case = Case([node("Resize", ["X", "", "", "sizes"], **onnx_attrs)], x, inits)
+    nodes, inits = _resize_by_sizes(size, **onnx_attrs)
+    case = Case(nodes, x, inits)
     g = rng.standard_normal((2, 3, *size))
     want = torch_gradient(lambda t: F.interpolate(t, size=size, **torch_args), x, g)
     np.testing.assert_allclose(run_gradient(case, g), want, rtol=0, atol=1e-5)
 
 
 def test_resize_of_a_dynamic_spatial_axis_is_refused():
-    case = Case([node("Resize", ["X", "", "scales"], mode="linear")], np.ones((1, 1, 2, 2)),
-                {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}, symbolic_axes=(2,))
+    nodes, _ = _resize_by_scales([1, 1, 2, 2], mode="linear")
+    case = Case(nodes, np.ones((1, 1, 2, 2)), symbolic_axes=(2,))
     with pytest.raises(ExportError, match=r"'Resize_Y' \(Resize\): resizes axis 2.*--input-size"):
         gradient_model(case, np.float32)
 
 
 def test_resize_crop_and_resize_is_refused():
-    case = Case([node("Resize", ["X", "roi", "scales"], mode="linear",
-                      coordinate_transformation_mode="tf_crop_and_resize")], np.ones((1, 1, 2, 2)),
-                {"roi": np.array([0, 0, 0, 0, 1, 1, 1, 1.0], dtype=np.float32),
-                 "scales": np.array([1, 1, 2, 2], dtype=np.float32)})
+    nodes, _ = _resize_by_scales([1, 1, 2, 2], mode="linear", coordinate_transformation_mode="tf_crop_and_resize")
+    nodes[-1].input[1] = "roi"
+    case = Case(nodes, np.ones((1, 1, 2, 2)), {"roi": np.array([0, 0, 0, 0, 1, 1, 1, 1.0])})
     with pytest.raises(ExportError, match=r"'Resize_Y' \(Resize\): coordinate_transformation_mode 'tf_crop_and_resize'"):
         gradient_model(case, np.float32)
 
@@ -204,3 +289,152 @@ def test_concat_with_a_dynamic_extent_along_the_axis(data, seed, tokens, batch):
     case = Case(nodes, rng.standard_normal((batch, tokens, width)), inits, symbolic_axes=(1,))
     assert not isinstance(GraphIndex(forward_model(case, np.float32)).shape("C")[1], int)
     check(case, rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile, DepthToSpace, SpaceToDepth
+# --------------------------------------------------------------------------------------------
+
+
+@FEW
+@given(data=st.data(), x_shape=shapes(min_rank=2, max_rank=4, max_side=3, max_size=24), seed=seeds,
+       tile_batch=st.booleans())
+def test_tile(data, x_shape, seed, tile_batch):
+    """Repeats 1-3 along every axis; the batch is tiled only when static."""
+    rng = np.random.default_rng(seed)
+    repeats = [2 if tile_batch else 1] + [data.draw(st.integers(1, 3)) for _ in x_shape[1:]]
+    check(Case([node("Tile", ["X", "repeats"])], rng.standard_normal(x_shape),
+               {"repeats": np.array(repeats, dtype=np.int64)}, batch_independent=not tile_batch,
+               dynamic_batch=not tile_batch), rng)
+
+
+@FEW
+@given(seed=seeds, block=st.integers(1, 3), channels=st.integers(1, 2), h=st.integers(1, 3), w=st.integers(1, 3),
+       mode=st.sampled_from(["DCR", "CRD"]))
+def test_depth_to_space(seed, block, channels, h, w, mode):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, channels * block**2, h, w))
+    check(Case([node("DepthToSpace", ["X"], blocksize=block, mode=mode)], x), rng)
+
+
+@FEW
+@given(seed=seeds, block=st.integers(1, 3), channels=st.integers(1, 2), h=st.integers(1, 2), w=st.integers(1, 3))
+def test_space_to_depth(seed, block, channels, h, w):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, channels, h * block, w * block))
+    check(Case([node("SpaceToDepth", ["X"], blocksize=block)], x), rng)
+
+
+# --------------------------------------------------------------------------------------------
+# ConvTranspose
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def conv_transpose_cases(draw):
+    """(x shape, W shape, attributes) of a 1-D or 2-D ConvTranspose: groups, strides, dilations,
+    pads and output_padding (smaller than the stride, as torch requires)."""
+    n = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 2))
+    c_in, c_out = group * draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    kernel = [draw(st.integers(1, 3)) for _ in range(n)]
+    strides = [draw(st.integers(1, 3)) for _ in range(n)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(n)]
+    pads = [draw(st.integers(0, (k - 1) * d)) for k, d in zip(kernel * 2, dilations * 2)]
+    output_padding = [draw(st.integers(0, s - 1)) for s in strides]
+    spatial = [draw(st.integers(1, 4)) for _ in range(n)]
+    out = [(i - 1) * s + op + (k - 1) * d + 1 - pb - pe
+           for i, s, op, k, d, pb, pe in zip(spatial, strides, output_padding, kernel, dilations, pads[:n], pads[n:])]
+    assume(min(out) >= 1)
+    attrs = dict(group=group, strides=strides, dilations=dilations, pads=pads, output_padding=output_padding,
+                 kernel_shape=kernel)
+    return (draw(st.integers(1, 2)), c_in, *spatial), (c_in, c_out, *kernel), attrs
+
+
+@SOME
+@given(case=conv_transpose_cases(), seed=seeds, bias=st.booleans())
+def test_conv_transpose(case, seed, bias):
+    x_shape, w_shape, attrs = case
+    rng = np.random.default_rng(seed)
+    inits = {"W": rng.standard_normal(w_shape)}
+    if bias:
+        inits["B"] = rng.standard_normal(w_shape[1] * attrs["group"])
+    inputs = ["X", "W", "B"] if bias else ["X", "W"]
+    check(Case([node("ConvTranspose", inputs, **attrs)], rng.standard_normal(x_shape), inits), rng)
+
+
+@pytest.mark.parametrize("stride,padding,output_padding,dilation,groups", [
+    (2, 1, 1, 1, 1), (2, 0, 0, 1, 2), (3, 1, 2, 1, 1), (1, 1, 0, 2, 2), (2, 2, 1, 2, 1),
+])
+def test_conv_transpose_matches_torch(stride, padding, output_padding, dilation, groups):
+    """The gradient of torch's nn.ConvTranspose2d as exported (explicit pads, output_padding)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 5, 3))
+    w = rng.standard_normal((4, 3, 3, 3))
+    attrs = dict(strides=[stride] * 2, pads=[padding] * 4, output_padding=[output_padding] * 2,
+                 dilations=[dilation] * 2, group=groups, kernel_shape=[3, 3])
+    case = Case([node("ConvTranspose", ["X", "W"], **attrs)], x, {"W": w})
+
+    def forward(t):
+        return F.conv_transpose2d(t, torch.tensor(w), stride=stride, padding=padding, output_padding=output_padding,
+                                  groups=groups, dilation=dilation)
+
+    g = rng.standard_normal(forward(torch.tensor(x)).shape)
+    np.testing.assert_allclose(run_gradient(case, g), torch_gradient(forward, x, g), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("attrs,refused", [
+    (dict(auto_pad="SAME_UPPER"), "auto_pad 'SAME_UPPER'"),
+    (dict(output_shape=[4, 4]), "output_shape"),
+])
+def test_conv_transpose_unsupported_attributes_are_refused(attrs, refused):
+    case = Case([node("ConvTranspose", ["X", "W"], strides=[2, 2], **attrs)], np.ones((1, 1, 2, 2)),
+                {"W": np.ones((1, 1, 1, 1))})
+    with pytest.raises(ExportError, match=rf"'ConvTranspose_Y' \(ConvTranspose\): (the )?{refused}"):
+        gradient_model(case, np.float32)
+
+
+def test_conv_transpose_weight_gradient_is_refused():
+    nodes = [node("Tanh", ["X"], ["W"]), node("ConvTranspose", ["X", "W"])]
+    with pytest.raises(ExportError, match=r"ConvTranspose weights or bias are not supported"):
+        gradient_model(Case(nodes, np.ones((1, 1, 2, 2))), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Einsum
+# --------------------------------------------------------------------------------------------
+
+#: (equation, operand shapes); operand "X" is the tested input, "T" is Tanh(X) (so a gradient flows
+#: through both), the others are constants. A batch letter in a constant needs a static batch.
+EINSUMS = [
+    ("bhwc,cd->bhwd", [("X", (2, 2, 3, 3)), ("W", (3, 2))]),  # a channels-last linear layer
+    ("bij,bjk->bik", [("X", (2, 3, 3)), ("T", (2, 3, 3))]),  # batched matmul, both operands on the path
+    ("bchw,bkc->bkhw", [("X", (2, 3, 2, 2)), ("W", (2, 2, 3))]),
+    ("bkc,bchw->bkhw", [("X", (2, 2, 3)), ("W", (2, 3, 2, 2))]),
+    ("ij,jk", [("X", (2, 3)), ("W", (3, 4))]),  # implicit output 'ik'
+    ("bij,jk->bk", [("X", (2, 3, 2)), ("W", (2, 2))]),  # i summed in X alone: its gradient broadcasts
+    ("bi,ij,jk->bk", [("X", (2, 3)), ("W", (3, 2)), ("V", (2, 4))]),
+    ("bhwc,bhwc->bhw", [("X", (2, 2, 2, 3)), ("X", (2, 2, 2, 3))]),  # X twice: both contributions add
+    ("bi,j->bij", [("X", (2, 3)), ("W", (2,))]),  # outer product
+    ("b i , i j -> b j", [("X", (2, 3)), ("W", (3, 2))]),  # spaces are allowed
+]
+
+
+@pytest.mark.parametrize("equation,operands", EINSUMS, ids=[e for e, _ in EINSUMS])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_einsum(equation, operands, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(dict(operands)["X"])
+    inits = {name: rng.standard_normal(shape) for name, shape in operands if name not in ("X", "T")}
+    static_batch = any(name in inits and term.strip()[0] == "b"
+                       for (name, _), term in zip(operands, equation.split("->")[0].split(",")))
+    nodes = [node("Tanh", ["X"], ["T"]), node("Einsum", [name for name, _ in operands], equation=equation)]
+    check(Case(nodes, x, inits, batch_independent=not static_batch, dynamic_batch=not static_batch), rng)
+
+
+@pytest.mark.parametrize("equation,refused", [("bii->bi", "repeats an index"), ("...ij,jk->...ik", "ellipsis")])
+def test_einsum_unsupported_equations_are_refused(equation, refused):
+    case = Case([node("Einsum", ["X", "W"] if "," in equation else ["X"], equation=equation)], np.ones((1, 2, 2)),
+                {"W": np.ones((2, 2))})
+    with pytest.raises(ExportError, match=rf"'Einsum_Y' \(Einsum\): .*{refused}"):
+        gradient_model(case, np.float32)

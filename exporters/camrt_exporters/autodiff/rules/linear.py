@@ -115,3 +115,76 @@ def gemm(ctx: RuleContext, node, grads):
     if len(node.input) > 2 and ctx.needs(2):
         out[2] = ctx.unbroadcast(ctx.mul(g, ctx.const(beta, like=y)), node.input[2], y)
     return out
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: RuleContext, node, grads):
+    """ConvTranspose is the adjoint of the convolution with the same W, so dX = Conv(g, W): W's layout
+    [C_in, C_out/group, k...] is Conv's [M, C/group, k...], with the same strides, dilations, group and
+    begin pads; the end pads less output_padding (g cropped at the end where that is negative)."""
+    _only_data_gradient(ctx, node, "ConvTranspose weights or bias")
+    x, w = node.input[0], node.input[1]
+    n = ctx.index.rank(x) - 2
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "", "VALID"):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad!r} has no backward rule; "
+                          "export the model with explicit pads")
+    if attribute(node, "output_shape", None):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): the output_shape attribute has no backward rule; "
+                          "export the model with explicit pads and output_padding")
+    kernel = list(attribute(node, "kernel_shape", None) or ctx.static_shape(w)[2:])
+    strides = list(attribute(node, "strides", [1] * n))
+    dilations = list(attribute(node, "dilations", [1] * n))
+    pads = list(attribute(node, "pads", [0] * (2 * n))) if auto_pad != "VALID" else [0] * (2 * n)
+    output_padding = list(attribute(node, "output_padding", [0] * n))
+    ends = [end - extra for end, extra in zip(pads[n:], output_padding)]
+    g = grads[0]
+    if min(ends) < 0:  # output_padding beyond the end pads: those outputs see no input
+        big = np.iinfo(np.int64).max
+        g = ctx.emit("Slice", [g, ctx.ints([0] * n), ctx.ints([e if e < 0 else big for e in ends]),
+                               ctx.ints(list(range(2, n + 2)))])
+    return [ctx.emit("Conv", [g, w], strides=strides, dilations=dilations, group=attribute(node, "group", 1),
+                     kernel_shape=kernel, pads=pads[:n] + [max(e, 0) for e in ends])] + [None] * (len(node.input) - 1)
+
+
+def _einsum_terms(node) -> tuple[list[str], str]:
+    """The operand subscripts and the output subscript of an Einsum (implicit output: the letters
+    that occur once, sorted)."""
+    equation = attribute(node, "equation")
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "..." in equation:
+        raise ExportError(f"node {node.name!r} (Einsum): equation {equation!r} has an ellipsis, which the backward "
+                          "rule does not support")
+    operands, arrow, output = equation.partition("->")
+    terms = operands.split(",")
+    if not arrow:
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    for term in terms:
+        if len(set(term)) != len(term):
+            raise ExportError(f"node {node.name!r} (Einsum): operand {term!r} of equation {equation!r} repeats an "
+                              "index (a diagonal), which the backward rule does not support")
+    return terms, output
+
+
+@rule("Einsum")
+def einsum(ctx: RuleContext, node, grads):
+    """Y = einsum(X_1, ..., X_n) is linear in each operand: dX_i = einsum(g, X_j for j != i) onto X_i's
+    subscripts, then broadcast (Expand) along the letters only X_i has (the forward summed them)."""
+    terms, output = _einsum_terms(node)
+    out: list[str | None] = []
+    for i, (term, name) in enumerate(zip(terms, node.input)):
+        if not ctx.needs(i):
+            out.append(None)
+            continue
+        others = [(t, other) for j, (t, other) in enumerate(zip(terms, node.input)) if j != i]
+        reachable = set(output).union(*(set(t) for t, _ in others))
+        kept = "".join(c for c in term if c in reachable)
+        equation = ",".join([output, *(t for t, _ in others)]) + "->" + kept
+        grad = ctx.emit("Einsum", [grads[0], *(other for _, other in others)], equation=equation)
+        if kept != term:
+            summed = [axis for axis, c in enumerate(term) if c not in reachable]
+            grad = ctx.emit("Expand", [ctx.emit("Unsqueeze", [grad, ctx.ints(summed)]), ctx.shape_of(name)])
+        out.append(grad)
+    return out

@@ -32,15 +32,50 @@ def _text(node, name: str, default: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | None, list[int] | None]:
-    """Per axis of X: the node's scales or its sizes (one of them), `axes` (opset 18) expanded."""
+#: a sizes entry f"axis{a}": X's own extent along axis a (run-time sizes as torch writes them)
+Unchanged = str
+
+
+def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[int | Unchanged] | None:
+    """The entries of `name` when it is a constant or a piece of Shape(X) (Shape with start/end, a
+    constant Slice or Gather of Shape(X)); None when it is anything else."""
+    value = ctx.value(name)
+    if value is not None:
+        return value.reshape(-1).astype(np.int64).tolist()
+    producer = ctx.index.producer.get(name)
+    rank = ctx.index.rank(x)
+    if producer is None:
+        return None
+    if producer.op_type == "Shape" and producer.input[0] == x:
+        start, end = attribute(producer, "start", 0), attribute(producer, "end", rank)
+        return [f"axis{a}" for a in range(rank)[start:end]]
+    if producer.op_type in ("Slice", "Gather", "Cast") and producer.input[0]:
+        whole = _shape_piece(ctx, producer.input[0], x)
+        if whole is None or producer.op_type == "Cast":
+            return whole
+        if producer.op_type == "Gather":
+            indices = ctx.value(producer.input[1])
+            return None if indices is None else [whole[i] for i in indices.reshape(-1).tolist()]
+        bounds = [ctx.value(i) for i in producer.input[1:]]
+        if len(bounds) > 3 or any(b is None or b.size != 1 for b in bounds):
+            return None
+        return whole[slice(*(int(b.reshape(-1)[0]) for b in bounds))]
+    if producer.op_type == "Concat":
+        pieces = [_shape_piece(ctx, piece, x) for piece in producer.input]
+        return None if any(p is None for p in pieces) else [e for p in pieces for e in p]
+    return None
+
+
+def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | None, list[int | Unchanged | None] | None]:
+    """Per axis of X: the node's scales or its sizes (one of them), `axes` (opset 18) expanded. Sizes
+    computed at run time are traced to constants and pieces of Shape(X) where possible."""
     scales_input, sizes_input = (1, None) if ctx.opset < 11 else (2, 3)
     scales = sizes = None
     if len(node.input) > scales_input and node.input[scales_input]:
         given = ctx.require_value(node.input[scales_input], "the scales").astype(float).tolist()
         scales = given if given else None  # opset 11-12 pass an empty scales tensor with sizes
     if sizes_input is not None and len(node.input) > sizes_input and node.input[sizes_input]:
-        sizes = ctx.require_value(node.input[sizes_input], "the sizes").astype(np.int64).tolist()
+        sizes = _shape_piece(ctx, node.input[sizes_input], node.input[0]) or [None] * rank
     axes = [a % rank for a in attribute(node, "axes", list(range(rank)))]
     if scales is not None:
         full = [1.0] * rank
@@ -49,7 +84,7 @@ def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | 
         return full, None
     if sizes is None:
         raise ExportError(f"node {node.name!r} (Resize): neither scales nor sizes is given")
-    full_sizes: list[int | None] = [None] * rank
+    full_sizes: list[int | Unchanged | None] = [f"axis{a}" for a in range(rank)]
     for a, s in zip(axes, sizes):
         full_sizes[a] = s
     return None, full_sizes
@@ -100,14 +135,17 @@ def resize(ctx: RuleContext, node, grads):
     rank = len(x_shape)
     scales, sizes = _scales_and_sizes(ctx, node, rank)
     g = grads[0]
+    out_shape = ctx.shape(y) or [None] * rank
     for axis in range(rank):
         scale = scales[axis] if scales is not None else None
         size = sizes[axis] if sizes is not None else None
         extent = x_shape[axis]
-        if (scale == 1.0) if scales is not None else (size is None or size == extent):
+        if scales is None and size is None:  # computed at run time in a way not traced: the inferred extent
+            size = out_shape[axis] if isinstance(out_shape[axis], int) else None
+        if (scale == 1.0) if scales is not None else (size == f"axis{axis}" or size == extent):
             continue
-        if not isinstance(extent, int):
-            raise ExportError(f"node {node.name!r} (Resize): resizes axis {axis}, whose extent is not static; "
+        if not isinstance(extent, int) or (scales is None and not isinstance(size, int)):
+            raise ExportError(f"node {node.name!r} (Resize): resizes axis {axis}, whose input or output extent is not static; "
                               "export with a fixed input size (--input-size)")
         g = along_axis(ctx, g, axis, rank, _probe(ctx, node, extent, scale, size), like=x)
     return [g] + [None] * (len(node.input) - 1)
