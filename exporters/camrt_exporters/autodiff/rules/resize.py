@@ -56,10 +56,11 @@ def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[int | Unchanged] |
         if producer.op_type == "Gather":
             indices = ctx.value(producer.input[1])
             return None if indices is None else [whole[i] for i in indices.reshape(-1).tolist()]
-        bounds = [ctx.value(i) for i in producer.input[1:]]
-        if len(bounds) > 3 or any(b is None or b.size != 1 for b in bounds):
+        starts, ends, axes, steps = (ctx.value(i) if i else None for i in [*producer.input[1:], "", ""][:4])
+        if starts is None or ends is None or (axes is not None and axes.tolist() not in ([0], [-1])):
             return None
-        return whole[slice(*(int(b.reshape(-1)[0]) for b in bounds))]
+        step = 1 if steps is None else int(steps.reshape(-1)[0])
+        return whole[int(starts.reshape(-1)[0]):int(ends.reshape(-1)[0]):step]
     if producer.op_type == "Concat":
         pieces = [_shape_piece(ctx, piece, x) for piece in producer.input]
         return None if any(p is None for p in pieces) else [e for p in pieces for e in p]
