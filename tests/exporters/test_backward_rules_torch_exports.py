@@ -1,8 +1,9 @@
-"""The resampling and data-moving rules on graphs as torch's legacy exporter (dynamo=False) writes
-them with a dynamic batch: a tiny network per construct (ViT's class token, F.interpolate,
-ConvTranspose, pixel shuffles, einsum, strided and flipped slices, repeat) is exported, its input
-gradient built by `differentiate` and run in onnxruntime, and compared with torch autograd in
-float64 at batch 1 and 3."""
+"""The resampling and data-moving rules on graphs as torch's exporters (dynamo=False, opset 17, and
+dynamo=True, opset 18) write them with a dynamic batch: a tiny network per construct (ViT's class
+token, F.interpolate, ConvTranspose, pixel shuffles, einsum, strided and flipped slices, repeat) is
+exported, its input gradient built by `differentiate` and run in onnxruntime, and compared with
+torch autograd in float64 at batch 1 and 3. The legacy exports are the ones whose shape inference
+loses the token count that Concat's rule once required."""
 
 from __future__ import annotations
 
@@ -86,19 +87,31 @@ class Shuffles(nn.Module):
         return torch.einsum("bchw,ck->bk", x, self.head)
 
 
-@pytest.mark.parametrize("network", [ClassToken, Interpolations, TransposedConvolutions, Shuffles])
-def test_input_gradient_of_a_legacy_export_with_dynamic_batch(network):
-    torch.manual_seed(0)
-    model = network().eval()
-    buffer = io.BytesIO()
+def export(model: nn.Module, dynamo: bool) -> onnx.ModelProto:
+    """The model with input "X" of dynamic batch and output "Y" (plus an input "G", the cotangent)."""
+    x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), buffer, dynamo=False, opset_version=17,
-                          input_names=["X"], output_names=["Y"], dynamic_axes={"X": {0: "N"}, "Y": {0: "N"}})
-    graph = onnx.load_from_string(buffer.getvalue())
+        if dynamo:
+            graph = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, input_names=["X"], output_names=["Y"],
+                                      dynamic_shapes={"x": {0: torch.export.Dim("N", min=1, max=64)}}).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17, input_names=["X"],
+                              output_names=["Y"], dynamic_axes={"X": {0: "N"}, "Y": {0: "N"}})
+            graph = onnx.load_from_string(buffer.getvalue())
     for i, node in enumerate(graph.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
     graph.graph.input.append(helper.make_tensor_value_info("G", TensorProto.FLOAT, ["N", CLASSES]))
+    return graph
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("network", [ClassToken, Interpolations, TransposedConvolutions, Shuffles])
+def test_input_gradient_of_an_export_with_dynamic_batch(network, dynamo):
+    torch.manual_seed(0)
+    model = network().eval()
+    graph = export(model, dynamo)
     patches = ForwardPatches()
     backward = differentiate(GraphIndex(graph), "Y", "G", ["X"], VANILLA, patches, "bwd")
     nodes = [patches.apply(n) for n in graph.graph.node]
