@@ -32,11 +32,12 @@ def _text(node, name: str, default: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-#: a sizes entry f"axis{a}": X's own extent along axis a (run-time sizes as torch writes them)
-Unchanged = str
+#: one entry of a Resize's sizes: an int; f"axis{a}", X's own extent along axis a (run-time sizes
+#: copy it from Shape(X), as torch writes them); None when not known at export time
+SizeEntry = int | str | None
 
 
-def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[int | Unchanged] | None:
+def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[SizeEntry] | None:
     """The entries of `name` when it is a constant or a piece of Shape(X) (Shape with start/end, a
     constant Slice or Gather of Shape(X)); None when it is anything else."""
     value = ctx.value(name)
@@ -67,7 +68,7 @@ def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[int | Unchanged] |
     return None
 
 
-def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | None, list[int | Unchanged | None] | None]:
+def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | None, list[SizeEntry] | None]:
     """Per axis of X: the node's scales or its sizes (one of them), `axes` (opset 18) expanded. Sizes
     computed at run time are traced to constants and pieces of Shape(X) where possible."""
     scales_input, sizes_input = (1, None) if ctx.opset < 11 else (2, 3)
@@ -85,7 +86,7 @@ def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | 
         return full, None
     if sizes is None:
         raise ExportError(f"node {node.name!r} (Resize): neither scales nor sizes is given")
-    full_sizes: list[int | Unchanged | None] = [f"axis{a}" for a in range(rank)]
+    full_sizes: list[SizeEntry] = [f"axis{a}" for a in range(rank)]
     for a, s in zip(axes, sizes):
         full_sizes[a] = s
     return None, full_sizes
@@ -94,7 +95,7 @@ def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | 
 def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int | None) -> np.ndarray:
     """R [out, extent]: onnxruntime's Resize, with this node's attributes, of the identity basis laid
     out as [extent, 1, extent, 1] and resized along axis 2 only."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only when a Resize is differentiated, as camrt imports it only for a session
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _SIZE_ATTRIBUTES}
     if ctx.opset < 11:
@@ -108,7 +109,6 @@ def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int |
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [extent, 1, extent, 1])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ctx.opset)])
-    model.ir_version = min(model.ir_version, 9)
     basis = np.eye(extent, dtype=np.float32).reshape(extent, 1, extent, 1)
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -120,7 +120,8 @@ def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int |
 
 @rule("Resize")
 def resize(ctx: RuleContext, node, grads):
-    """dX = g x_a R_a^T over the resized axes a (module docstring); roi, scales and sizes are constants."""
+    """dX = g x_a R_a^T over the resized axes a (module docstring). The scales must be constants; sizes
+    computed at run time are traced (or read from the inferred output shape)."""
     x, y = node.input[0], node.output[0]
     transform = _text(node, "coordinate_transformation_mode", "asymmetric" if ctx.opset < 11 else "half_pixel")
     if transform == "tf_crop_and_resize":
