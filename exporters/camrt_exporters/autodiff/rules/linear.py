@@ -117,6 +117,31 @@ def gemm(ctx: RuleContext, node, grads):
     return out
 
 
+def _conv_transpose_pads(ctx: RuleContext, node, n: int, kernel, strides, dilations, output_padding) -> list[int]:
+    """Explicit [begins..., ends...] pads of a ConvTranspose. auto_pad SAME_*: the output is
+    input * stride and the total padding goes mostly to the end (SAME_UPPER) or the begin
+    (SAME_LOWER), as onnxruntime and the reference evaluator do it."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if attribute(node, "output_shape", None):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): the output_shape attribute has no backward rule; "
+                          "export the model with explicit pads and output_padding")
+    if auto_pad in ("NOTSET", ""):
+        return list(attribute(node, "pads", [0] * (2 * n)))
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): unknown auto_pad {auto_pad!r}")
+    spatial = ctx.static_shape(node.input[0])[2:]
+    totals = [(i - 1) * s + op + (k - 1) * d + 1 - i * s
+              for i, s, op, k, d in zip(spatial, strides, output_padding, kernel, dilations)]
+    if min(totals) < 0:
+        raise ExportError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad!r} with a kernel smaller than "
+                          "the stride has no backward rule; export the model with explicit pads")
+    begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    return begins + [t - b for t, b in zip(totals, begins)]
+
+
 @rule("ConvTranspose")
 def conv_transpose(ctx: RuleContext, node, grads):
     """ConvTranspose is the adjoint of the convolution with the same W, so dX = Conv(g, W): W's layout
@@ -125,19 +150,11 @@ def conv_transpose(ctx: RuleContext, node, grads):
     _only_data_gradient(ctx, node, "ConvTranspose weights or bias")
     x, w = node.input[0], node.input[1]
     n = ctx.index.rank(x) - 2
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "", "VALID"):
-        raise ExportError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad!r} has no backward rule; "
-                          "export the model with explicit pads")
-    if attribute(node, "output_shape", None):
-        raise ExportError(f"node {node.name!r} (ConvTranspose): the output_shape attribute has no backward rule; "
-                          "export the model with explicit pads and output_padding")
     kernel = list(attribute(node, "kernel_shape", None) or ctx.static_shape(w)[2:])
     strides = list(attribute(node, "strides", [1] * n))
     dilations = list(attribute(node, "dilations", [1] * n))
-    pads = list(attribute(node, "pads", [0] * (2 * n))) if auto_pad != "VALID" else [0] * (2 * n)
     output_padding = list(attribute(node, "output_padding", [0] * n))
+    pads = _conv_transpose_pads(ctx, node, n, kernel, strides, dilations, output_padding)
     ends = [end - extra for end, extra in zip(pads[n:], output_padding)]
     g = grads[0]
     if min(ends) < 0:  # output_padding beyond the end pads: those outputs see no input
