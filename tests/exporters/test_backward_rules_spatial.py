@@ -21,6 +21,7 @@ from onnx.reference.op_run import OpRun
 
 from camrt.errors import ExportError
 from camrt_exporters.autodiff.graph import GraphIndex
+from camrt_exporters.contract_file import prepare
 
 from .rule_harness import (
     FEW, RTOL_F32, SOME, Case, check, finite_differences, forward_model, gradient_model, node, reference, seeds, shapes,
@@ -494,3 +495,33 @@ def test_einsum_unsupported_equations_are_refused(equation, refused):
                 {"W": np.ones((2, 2))})
     with pytest.raises(ExportError, match=rf"'Einsum_Y' \(Einsum\): .*{refused}"):
         gradient_model(case, np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Upsample (opset 7-9), which the front end converts to Resize
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [
+    "nearest",
+    pytest.param("linear", marks=pytest.mark.xfail(strict=True, reason=(
+        "onnx's version converter turns Upsample(linear) (asymmetric coordinates) into a Resize with the default "
+        "half_pixel transform: the converted file computes another function (front end, contract_file.prepare)"))),
+])
+def test_upsample_converted_by_the_front_end(mode):
+    """An opset-9 Upsample, lifted to opset 17 by `prepare`, then differentiated by the Resize rule: the
+    gradient is the original file's, A^T g with A (Upsample is linear) read off onnxruntime's run of
+    the opset-9 file on the identity basis (the reference evaluator has no linear Upsample)."""
+    rng = np.random.default_rng(0)
+    scales = node("Constant", [], ["scales"], value=numpy_helper.from_array(np.array([1, 1, 2, 3], dtype=np.float32)))
+    case = Case([scales, node("Upsample", ["X", "scales"], mode=mode)], rng.standard_normal((2, 2, 3, 2)), opset=9)
+    original = ort.InferenceSession(forward_model(case, np.float32).SerializeToString(), providers=["CPUExecutionProvider"])
+    per_sample = case.x[0].size
+    basis = np.eye(per_sample, dtype=np.float32).reshape(per_sample, *case.x.shape[1:])
+    jacobian = original.run(None, {"X": basis})[0].reshape(per_sample, -1)  # [input position, output position]
+    g = rng.standard_normal((2, 2, 6, 6))
+    want = (g.reshape(2, -1) @ jacobian.T).reshape(case.x.shape)
+    converted = prepare(forward_model(case, np.float32))
+    converted_case = Case(list(converted.graph.node), case.x,
+                          {init.name: numpy_helper.to_array(init) for init in converted.graph.initializer}, opset=17)
+    np.testing.assert_allclose(run_gradient(converted_case, g), want, rtol=0, atol=1e-5 * np.abs(want).max())
