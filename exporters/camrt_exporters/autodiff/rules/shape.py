@@ -16,12 +16,14 @@ rule = registering(RULES)
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(ctx: RuleContext, node, grads):
+    """The same elements in another shape: dX = g reshaped to X's (run-time) shape."""
     x = node.input[0]
     return [ctx.emit("Reshape", [grads[0], ctx.shape_of(x)])] + [None] * (len(node.input) - 1)
 
 
 @rule("Transpose")
 def transpose(ctx: RuleContext, node, grads):
+    """dX = g transposed by the inverse permutation."""
     rank = ctx.index.rank(node.input[0])
     perm = attribute(node, "perm", None) or list(reversed(range(rank)))
     return [ctx.emit("Transpose", [grads[0]], perm=[int(i) for i in np.argsort(perm)])]
@@ -29,6 +31,7 @@ def transpose(ctx: RuleContext, node, grads):
 
 @rule("Expand")
 def expand(ctx: RuleContext, node, grads):
+    """Y broadcasts X: dX = g summed over the broadcast axes."""
     return [ctx.unbroadcast(grads[0], node.input[0], node.output[0]), None]
 
 
@@ -97,6 +100,7 @@ def concat(ctx: RuleContext, node, grads):
 
 @rule("Split")
 def split(ctx: RuleContext, node, grads):
+    """dX = the pieces' gradients concatenated back (zeros for pieces no gradient reaches)."""
     rank = ctx.index.rank(node.input[0])
     axis = attribute(node, "axis", 0) % rank
     pieces = [g if g is not None else ctx.zeros_like(out) for g, out in zip(grads, node.output)]
