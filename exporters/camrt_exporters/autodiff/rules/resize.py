@@ -71,13 +71,12 @@ def _shape_piece(ctx: RuleContext, name: str, x: str) -> list[SizeEntry] | None:
 def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | None, list[SizeEntry] | None]:
     """Per axis of X: the node's scales or its sizes (one of them), `axes` (opset 18) expanded. Sizes
     computed at run time are traced to constants and pieces of Shape(X) where possible."""
-    scales_input, sizes_input = (1, None) if ctx.opset < 11 else (2, 3)
     scales = sizes = None
-    if len(node.input) > scales_input and node.input[scales_input]:
-        given = ctx.require_value(node.input[scales_input], "the scales").astype(float).tolist()
+    if len(node.input) > 2 and node.input[2]:
+        given = ctx.require_value(node.input[2], "the scales").astype(float).tolist()
         scales = given if given else None  # opset 11-12 pass an empty scales tensor with sizes
-    if sizes_input is not None and len(node.input) > sizes_input and node.input[sizes_input]:
-        sizes = _shape_piece(ctx, node.input[sizes_input], node.input[0]) or [None] * rank
+    if len(node.input) > 3 and node.input[3]:
+        sizes = _shape_piece(ctx, node.input[3], node.input[0]) or [None] * rank
     axes = [a % rank for a in attribute(node, "axes", list(range(rank)))]
     if scales is not None:
         full = [1.0] * rank
@@ -98,10 +97,7 @@ def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int |
     import onnxruntime as ort  # only when a Resize is differentiated, as camrt imports it only for a session
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _SIZE_ATTRIBUTES}
-    if ctx.opset < 11:
-        inputs = ["X", "scales"]
-    else:
-        inputs = ["X", "", "scales"] if scale is not None else ["X", "", "", "sizes"]
+    inputs = ["X", "", "scales"] if scale is not None else ["X", "", "", "sizes"]
     inits = ([numpy_helper.from_array(np.array([1, 1, scale, 1], dtype=np.float32), "scales")] if scale is not None
              else [numpy_helper.from_array(np.array([extent, 1, size, 1], dtype=np.int64), "sizes")])
     graph = helper.make_graph(
@@ -120,11 +116,10 @@ def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int |
 
 @rule("Resize")
 def resize(ctx: RuleContext, node, grads):
-    """dX = g x_a R_a^T over the resized axes a (module docstring). The scales must be constants; sizes
-    computed at run time are traced (or read from the inferred output shape)."""
+    """dX = g x_a R_a^T over the resized axes a (module docstring). Opset 11+ (X, roi, scales, sizes); the
+    scales must be constants, sizes computed at run time are traced (or read from the inferred output shape)."""
     x, y = node.input[0], node.output[0]
-    transform = _text(node, "coordinate_transformation_mode", "asymmetric" if ctx.opset < 11 else "half_pixel")
-    if transform == "tf_crop_and_resize":
+    if _text(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise ExportError(f"node {node.name!r} (Resize): coordinate_transformation_mode 'tf_crop_and_resize' "
                           "has no backward rule")
     mode = _text(node, "mode", "nearest")
