@@ -347,6 +347,30 @@ def test_concat_with_a_dynamic_extent_along_the_axis(data, seed, tokens, batch):
     check(case, rng)
 
 
+@SOME
+@given(data=st.data(), x_shape=shapes(min_rank=2, max_rank=4, max_side=4), seed=seeds, index_rank=st.integers(0, 2),
+       runtime_indices=st.booleans())
+def test_gather_along_a_symbolic_axis(data, x_shape, seed, index_rank, runtime_indices):
+    """Gather along a non-batch axis whose extent shape inference lost (CaiT/XCiT/PiT/CoaT's x[:, 0] in
+    legacy exports), with constant indices (negative, repeated) or indices computed at run time
+    (here from Shape(X): the last position, x[:, -1] written as x[:, n - 1])."""
+    rng = np.random.default_rng(seed)
+    rank = len(x_shape)
+    axis = data.draw(st.integers(1, rank - 1))
+    dim = x_shape[axis]
+    if runtime_indices:
+        nodes = [node("Shape", ["X"], ["extent"], start=axis, end=axis + 1),
+                 node("Sub", ["extent", "one"], ["last"]),
+                 node("Reshape", ["last", "index_shape"], ["I"])]
+        inits = {"one": np.array([1], dtype=np.int64), "index_shape": np.array([1] * index_rank, dtype=np.int64)}
+    else:
+        nodes = []
+        inits = {"I": rng.integers(-dim, dim, size=tuple(data.draw(st.integers(1, 3)) for _ in range(index_rank)))}
+    symbolic = tuple(range(1, rank)) if data.draw(st.booleans()) else (axis,)
+    nodes.append(node("Gather", ["X", "I"], axis=axis - rank if data.draw(st.booleans()) else axis))
+    check(Case(nodes, rng.standard_normal(x_shape), inits, symbolic_axes=symbolic), rng)
+
+
 # --------------------------------------------------------------------------------------------
 # Tile, DepthToSpace, SpaceToDepth
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from camrt.errors import ExportError
 
@@ -37,16 +38,18 @@ def expand(ctx: RuleContext, node, grads):
 
 @rule("Gather")
 def gather(ctx: RuleContext, node, grads):
-    """Along axis 0 (any indices, e.g. the run-time indices torch's as_strided becomes on a flattened
-    batch): scatter-add g into zeros. Along another axis, with constant indices: contract g with
-    one_hot(indices) (repeated indices add up)."""
+    """dX is g put back at the gathered positions, repeated indices adding up. Constant indices along
+    a non-batch axis, with static extents: g contracted with one_hot(indices). Otherwise (axis 0,
+    e.g. the run-time indices torch's as_strided becomes on a flattened batch; run-time indices;
+    extents shape inference lost): a scatter-add of g into zeros."""
     x, indices = node.input
     rank = ctx.index.rank(x)
     axis = attribute(node, "axis", 0) % rank
-    if axis == 0:
-        return [_scatter_rows(ctx, x, indices, grads[0]), None]
-    shape = ctx.static_shape(x)
-    picked = ctx.require_value(indices, "the gather indices").reshape(-1) % shape[axis]
+    shape = ctx.shape(x) or (None,) * rank
+    picked = ctx.value(indices)
+    if axis == 0 or picked is None or not all(isinstance(d, int) for d in shape[1:]):
+        return [_scatter_along(ctx, x, axis, indices, grads[0]), None]
+    picked = picked.reshape(-1) % shape[axis]
     flat = ctx.emit("Reshape", [grads[0], ctx.ints([0] * axis + [-1, *shape[axis + 1:]])])
     return [along_axis(ctx, flat, axis, rank, np.eye(shape[axis])[picked], like=x), None]
 
@@ -64,14 +67,32 @@ def along_axis(ctx: RuleContext, g: str, axis: int, rank: int, matrix: np.ndarra
     return ctx.emit("Transpose", [spread], perm=[int(a) for a in np.argsort(to_last)])
 
 
-def _scatter_rows(ctx: RuleContext, x: str, indices: str, g: str) -> str:
-    """dx[i] = sum of g over the positions whose index is i: ScatterND(zeros, indices[..., None], g, add)."""
-    rows = ctx.emit("Gather", [ctx.shape_of(x), ctx.ints([0])], axis=0)
+def _scatter_along(ctx: RuleContext, x: str, axis: int, indices: str, g: str) -> str:
+    """dX[..., i, ...] (i along `axis`) = the sum of g over the positions whose index is i: a scatter-add
+    along axis 0, with X's `axis` and g's index axes moved first (and back)."""
+    rank = ctx.index.rank(x)
+    if axis == 0:
+        return _scatter_rows(ctx, ctx.shape_of(x), x, indices, g)
+    index_rank = ctx.index.rank(indices)
+    if index_rank is None:
+        raise ExportError(f"node {ctx.node.name!r} (Gather): the rank of the indices {indices!r} is unknown; "
+                          "run ONNX shape inference on the model first")
+    x_first = [axis] + [a for a in range(rank) if a != axis]
+    g_first = [*range(axis, axis + index_rank), *range(axis), *range(axis + index_rank, rank + index_rank - 1)]
+    moved_shape = ctx.emit("Gather", [ctx.shape_of(x), ctx.ints(x_first)], axis=0)
+    scattered = _scatter_rows(ctx, moved_shape, x, indices, ctx.emit("Transpose", [g], perm=g_first))
+    return ctx.emit("Transpose", [scattered], perm=[int(a) for a in np.argsort(x_first)])
+
+
+def _scatter_rows(ctx: RuleContext, shape: str, like: str, indices: str, g: str) -> str:
+    """out[i] = sum of g over the positions whose index is i, for out of run-time `shape` and the dtype of
+    `like`: ScatterND(zeros, indices[..., None] (negative ones wrapped), g, add)."""
+    rows = ctx.emit("Gather", [shape, ctx.ints(0)], axis=0)  # a scalar: the indices keep their shape
     indices = ctx.emit("Cast", [indices], to=onnx.TensorProto.INT64)
     wrapped = ctx.emit("Where", [ctx.emit("Less", [indices, ctx.ints(0)]),
                                  ctx.emit("Add", [indices, rows]), indices])
-    return ctx.emit("ScatterND", [ctx.zeros_like(x), ctx.emit("Unsqueeze", [wrapped, ctx.ints([-1])]), g],
-                    reduction="add")
+    zeros = ctx.emit("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, dtype=ctx.np_dtype(like))))
+    return ctx.emit("ScatterND", [zeros, ctx.emit("Unsqueeze", [wrapped, ctx.ints([-1])]), g], reduction="add")
 
 
 def _extent(ctx: RuleContext, name: str, axis: int) -> str:
