@@ -317,6 +317,30 @@ def test_slice_of_a_dynamic_axis(data, seed, x_shape, axis):
 
 
 @FEW
+@given(seed=seeds, x_shape=st.tuples(st.integers(1, 3), st.integers(1, 7), st.integers(1, 2)), symbolic=st.booleans(),
+       how=st.sampled_from(["chunk0", "chunk1", "chunk2", "last_half"]))
+def test_slice_with_bounds_computed_at_run_time(seed, x_shape, symbolic, how):
+    """Starts and ends computed from Shape(X), as torch's legacy exporter writes chunk/split of a
+    dynamic axis (MaxViT's q, k, v): chunk k of 3 is [k * ceil(n/3), (k + 1) * ceil(n/3)); and a
+    negative run-time start, x[:, -(n // 2):] with the end a constant."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Shape", ["X"], ["extent"], start=1, end=2)]
+    if how.startswith("chunk"):
+        k = int(how[-1])
+        nodes += [node("Add", ["extent", "two"], ["rounded_up"]), node("Div", ["rounded_up", "three"], ["size"]),
+                  node("Mul", ["size", "k"], ["starts"]), node("Mul", ["size", "k1"], ["ends"])]
+        inits = {"two": np.array([2]), "three": np.array([3]), "k": np.array([k]), "k1": np.array([k + 1])}
+        assume(k * -(-x_shape[1] // 3) < x_shape[1])  # a non-empty chunk
+    else:
+        nodes += [node("Div", ["extent", "two"], ["half"]), node("Neg", ["half"], ["starts"])]
+        inits = {"two": np.array([2]), "ends": np.array([BIG])}
+        assume(x_shape[1] >= 2)
+    inits = {name: np.asarray(v, dtype=np.int64) for name, v in {**inits, "axes": np.array([1])}.items()}
+    nodes.append(node("Slice", ["X", "starts", "ends", "axes"]))
+    check(Case(nodes, rng.standard_normal(x_shape), inits, symbolic_axes=(1,) if symbolic else ()), rng)
+
+
+@FEW
 @given(seed=seeds, pads=st.lists(st.integers(0, 2), min_size=4, max_size=4), x_shape=st.tuples(st.integers(1, 3), st.integers(1, 3)))
 def test_pad_of_dynamic_axes(seed, pads, x_shape):
     """Pad of the dynamic batch axis and a symbolic one: the crop needs no static extent."""

@@ -128,27 +128,51 @@ def split(ctx: RuleContext, node, grads):
     return [ctx.emit("Concat", pieces, axis=axis)] + [None] * (len(node.input) - 1)
 
 
-def _slice_parameters(ctx: RuleContext, node) -> tuple[list[int], list[int], list[int], list[int]]:
-    """starts, ends, axes, steps of a Slice node (attributes before opset 10, constant inputs after)."""
+#: a Slice bound: a constant, or the name of a 1-element int64 tensor computed at run time
+Bound = int | str
+
+
+def _slice_bounds(ctx: RuleContext, name: str, what: str, count: int | None) -> list[Bound]:
+    """The starts or ends of a Slice: constants, or per-axis pieces of a run-time tensor (torch's legacy
+    exporter computes them from Shape for chunk/split of a dynamic axis)."""
+    value = ctx.value(name)
+    if value is not None:
+        return value.tolist()
+    if count is None:
+        raise ExportError(f"node {ctx.node.name!r} (Slice): {what} ({name!r}) are computed at run time and "
+                          "their count is unknown; run ONNX shape inference on the model first")
+    bounds = ctx.emit("Cast", [name], to=onnx.TensorProto.INT64)
+    return [ctx.emit("Slice", [bounds, ctx.ints([i]), ctx.ints([i + 1])]) for i in range(count)]
+
+
+def _slice_parameters(ctx: RuleContext, node) -> tuple[list[Bound], list[Bound], list[int], list[int]]:
+    """starts, ends, axes, steps of a Slice node (attributes before opset 10, inputs after: axes and
+    steps constant, starts and ends possibly computed at run time)."""
     if ctx.opset < 10:
         starts, ends = list(attribute(node, "starts")), list(attribute(node, "ends"))
         axes = list(attribute(node, "axes", list(range(len(starts)))))
         return starts, ends, axes, [1] * len(starts)
-    starts = ctx.require_value(node.input[1], "the slice starts").tolist()
-    ends = ctx.require_value(node.input[2], "the slice ends").tolist()
     axes = (ctx.require_value(node.input[3], "the slice axes").tolist()
-            if len(node.input) > 3 and node.input[3] else list(range(len(starts))))
+            if len(node.input) > 3 and node.input[3] else None)
+    count = len(axes) if axes is not None else (ctx.shape(node.input[1]) or [None])[0]
+    starts = _slice_bounds(ctx, node.input[1], "the slice starts", count)
+    ends = _slice_bounds(ctx, node.input[2], "the slice ends", count)
+    axes = axes if axes is not None else list(range(len(starts)))
     steps = (ctx.require_value(node.input[4], "the slice steps").tolist()
              if len(node.input) > 4 and node.input[4] else [1] * len(starts))
     return starts, ends, axes, steps
 
 
-def _runtime_bounds(ctx: RuleContext, x: str, axis: int, start: int, end: int) -> tuple[str, str]:
-    """(begin, tail) pads of a unit-step slice of a dynamic axis: start and end wrapped and clamped
-    to [0, extent] at run time (ONNX Slice semantics), tail = extent - max(end, start)."""
+def _runtime_bounds(ctx: RuleContext, x: str, axis: int, start: Bound, end: Bound) -> tuple[str, str]:
+    """(begin, tail) pads of a unit-step slice of a dynamic axis or with bounds computed at run time:
+    start and end wrapped and clamped to [0, extent] at run time (ONNX Slice semantics), tail =
+    extent - max(end, start)."""
     extent = _extent(ctx, x, axis)
 
-    def clamped(bound: int) -> str:
+    def clamped(bound: Bound) -> str:
+        if isinstance(bound, str):
+            wrapped = ctx.emit("Where", [ctx.emit("Less", [bound, ctx.ints([0])]), ctx.emit("Add", [bound, extent]), bound])
+            return ctx.emit("Min", [ctx.emit("Max", [wrapped, ctx.ints([0])]), extent])
         if bound >= 0:
             return ctx.emit("Min", [ctx.ints([bound]), extent])
         return ctx.emit("Max", [ctx.emit("Add", [extent, ctx.ints([bound])]), ctx.ints([0])])
@@ -160,9 +184,10 @@ def _runtime_bounds(ctx: RuleContext, x: str, axis: int, start: int, end: int) -
 
 @rule("Slice")
 def slice_(ctx: RuleContext, node, grads):
-    """dX is g put back at the sliced positions, zeros elsewhere. Unit steps: zero-pad g (pads read at
-    run time on a dynamic axis). Other steps (negative ones too): along such an axis of static extent
-    n, g @ one_hot(picked positions) with picked = range(n)[start:end:step] (ONNX clamps as Python does)."""
+    """dX is g put back at the sliced positions, zeros elsewhere. Unit steps: zero-pad g (pads computed at
+    run time on a dynamic axis or for run-time bounds). Other steps (negative ones too), with constant
+    bounds along an axis of static extent n: g @ one_hot(picked positions), picked =
+    range(n)[start:end:step] (ONNX clamps as Python does)."""
     x, g = node.input[0], grads[0]
     shape = ctx.shape(x)
     rank = len(shape)
@@ -171,13 +196,19 @@ def slice_(ctx: RuleContext, node, grads):
     for start, end, axis, step in zip(*_slice_parameters(ctx, node)):
         axis %= rank
         dim = shape[axis]
+        runtime = isinstance(start, str) or isinstance(end, str)
         if step != 1:
             if not isinstance(dim, int):
                 raise ExportError(
                     f"node {node.name!r} (Slice): step {step} along axis {axis}, whose extent is not static; "
                     "export with a fixed input size (--input-size)")
+            if runtime:
+                raise ExportError(f"node {node.name!r} (Slice): step {step} with starts or ends computed at run "
+                                  "time has no backward rule")
             picked = np.arange(dim)[start:end:step]
             g = along_axis(ctx, g, axis, rank, np.eye(dim)[picked], like=x)
+        elif runtime:
+            begins[axis], tails[axis] = _runtime_bounds(ctx, x, axis, start, end)
         elif isinstance(dim, int):
             start = min(max(start + dim if start < 0 else start, 0), dim)
             end = min(max(end + dim if end < 0 else end, 0), dim)
