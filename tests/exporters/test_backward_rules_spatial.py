@@ -525,6 +525,12 @@ EINSUMS = [
     ("bhwc,bhwc->bhw", [("X", (2, 2, 2, 3)), ("X", (2, 2, 2, 3))]),  # X twice: both contributions add
     ("bi,j->bij", [("X", (2, 3)), ("W", (2,))]),  # outer product
     ("b i , i j -> b j", [("X", (2, 3)), ("W", (3, 2))]),  # spaces are allowed
+    ("...ij,jk->...ik", [("X", (2, 3, 2, 3)), ("W", (3, 2))]),  # an ellipsis, spelled out in spare letters
+    ("b...c,cd->b...d", [("X", (2, 2, 2, 3)), ("W", (3, 2))]),
+    ("...ij,...jk->...ik", [("X", (2, 3, 3)), ("T", (2, 3, 3))]),
+    ("...ij,jk->...ik", [("X", (2, 3, 2)), ("W", (2, 2))]),
+    ("...ij,ij->...", [("X", (2, 2, 3)), ("W", (2, 3))]),
+    ("...i,i", [("X", (2, 2, 3)), ("W", (3,))]),  # implicit output '...'
 ]
 
 
@@ -540,10 +546,13 @@ def test_einsum(equation, operands, seed):
     check(Case(nodes, x, inits, batch_independent=not static_batch, dynamic_batch=not static_batch), rng)
 
 
-@pytest.mark.parametrize("equation,refused", [("bii->bi", "repeats an index"), ("...ij,jk->...ik", "ellipsis")])
-def test_einsum_unsupported_equations_are_refused(equation, refused):
-    case = Case([node("Einsum", ["X", "W"] if "," in equation else ["X"], equation=equation)], np.ones((1, 2, 2)),
-                {"W": np.ones((2, 2))})
+@pytest.mark.parametrize("equation,x_shape,w_shape,refused", [
+    ("bii->bi", (1, 2, 2), None, "repeats an index"),
+    ("...ij,...jk->...ik", (1, 2, 2, 2), (2, 1, 2, 2), "broadcasts a size-1 dimension of its ellipsis"),
+])
+def test_einsum_unsupported_equations_are_refused(equation, x_shape, w_shape, refused):
+    case = Case([node("Einsum", ["X", "W"] if w_shape else ["X"], equation=equation)], np.ones(x_shape),
+                {"W": np.ones(w_shape)} if w_shape else {}, dynamic_batch=False)
     with pytest.raises(ExportError, match=rf"'Einsum_Y' \(Einsum\): .*{refused}"):
         gradient_model(case, np.float32)
 

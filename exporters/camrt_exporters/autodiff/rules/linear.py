@@ -1,6 +1,8 @@
-"""Backward rules of Conv, Gemm and MatMul."""
+"""Backward rules of Conv, ConvTranspose, Gemm, MatMul and Einsum."""
 
 from __future__ import annotations
+
+import string
 
 import numpy as np
 
@@ -165,19 +167,19 @@ def conv_transpose(ctx: RuleContext, node, grads):
                      kernel_shape=kernel, pads=pads[:n] + [max(e, 0) for e in ends])] + [None] * (len(node.input) - 1)
 
 
-def _einsum_terms(node) -> tuple[list[str], str]:
-    """The operand subscripts and the output subscript of an Einsum (implicit output: the letters
-    that occur once, sorted)."""
+def _einsum_terms(ctx: RuleContext, node) -> tuple[list[str], str]:
+    """The operand subscripts and the output subscript of an Einsum (implicit output: the ellipsis, then
+    the letters that occur once, sorted), an ellipsis spelled out in spare letters (right-aligned, as
+    it broadcasts)."""
     equation = attribute(node, "equation")
     equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
-    if "..." in equation:
-        raise ExportError(f"node {node.name!r} (Einsum): equation {equation!r} has an ellipsis, which the backward "
-                          "rule does not support")
     operands, arrow, output = equation.partition("->")
     terms = operands.split(",")
     if not arrow:
-        letters = "".join(terms)
-        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        letters = "".join(terms).replace(".", "")
+        output = ("..." if "..." in operands else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if "..." in equation:
+        terms, output = _spell_out_ellipsis(ctx, node, equation, terms, output)
     for term in terms:
         if len(set(term)) != len(term):
             raise ExportError(f"node {node.name!r} (Einsum): operand {term!r} of equation {equation!r} repeats an "
@@ -185,11 +187,33 @@ def _einsum_terms(node) -> tuple[list[str], str]:
     return terms, output
 
 
+def _spell_out_ellipsis(ctx: RuleContext, node, equation: str, terms: list[str], output: str) -> tuple[list[str], str]:
+    spare = [c for c in string.ascii_uppercase + string.ascii_lowercase if c not in equation]
+    widths = []
+    for term, name in zip(terms, node.input):
+        rank = ctx.index.rank(name)
+        if "..." in term and rank is None:
+            raise ExportError(f"node {node.name!r} (Einsum): the rank of {name!r} is unknown, so the ellipsis of "
+                              f"{equation!r} cannot be spelled out; run ONNX shape inference on the model first")
+        widths.append(rank - (len(term) - 3) if "..." in term else 0)
+    letters = "".join(spare[:max(widths)])
+    terms = [term.replace("...", letters[len(letters) - width:]) for term, width in zip(terms, widths)]
+    extents: dict[str, set[int]] = {}
+    for term, name in zip(terms, node.input):
+        for letter, dim in zip(term, ctx.shape(name) or ()):
+            if letter in letters and isinstance(dim, int):
+                extents.setdefault(letter, set()).add(dim)
+    if any(len(dims) > 1 for dims in extents.values()):
+        raise ExportError(f"node {node.name!r} (Einsum): equation {equation!r} broadcasts a size-1 dimension of its "
+                          "ellipsis, which the backward rule does not support")
+    return terms, output.replace("...", letters)
+
+
 @rule("Einsum")
 def einsum(ctx: RuleContext, node, grads):
     """Y = einsum(X_1, ..., X_n) is linear in each operand: dX_i = einsum(g, X_j for j != i) onto X_i's
     subscripts, then broadcast (Expand) along the letters only X_i has (the forward summed them)."""
-    terms, output = _einsum_terms(node)
+    terms, output = _einsum_terms(ctx, node)
     out: list[str | None] = []
     for i, (term, name) in enumerate(zip(terms, node.input)):
         if not ctx.needs(i):
