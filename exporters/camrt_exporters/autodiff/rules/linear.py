@@ -188,6 +188,8 @@ def _einsum_terms(ctx: RuleContext, node) -> tuple[list[str], str]:
 
 
 def _spell_out_ellipsis(ctx: RuleContext, node, equation: str, terms: list[str], output: str) -> tuple[list[str], str]:
+    """terms and output with "..." replaced by letters the equation does not use, as many as each operand's
+    rank leaves (the output takes the widest); refused where a static size-1 dimension would broadcast."""
     spare = [c for c in string.ascii_uppercase + string.ascii_lowercase if c not in equation]
     widths = []
     for term, name in zip(terms, node.input):
