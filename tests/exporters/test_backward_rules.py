@@ -21,6 +21,7 @@ from camrt_exporters.autodiff.graph import GraphIndex
 from camrt_exporters.autodiff.reverse import ForwardPatches, differentiate
 from camrt_exporters.autodiff.rules import DECONVNET, GUIDED, VANILLA
 
+from .test_backward_rules_spatial import TESTED_OPS as SPATIAL_OPS
 from .rule_harness import (
     BATCH, FEW, RTOL_F32, RTOL_F64, SOME, Case, away_from, broadcast_partner, check, distinct,
     finite_differences, forward_model, gradient_model, node, pool_taps, reference, seeds, shapes, spec_pads,
@@ -940,13 +941,6 @@ def test_ceil_mode_pool_whose_last_window_starts_in_the_padding_is_refused():
         check(Case(nodes, distinct(rng, (1, 1, 4, 4))), rng)
 
 
-def test_slice_dynamic_batch_part_is_refused():
-    inits = {"starts": np.array([1], dtype=np.int64), "ends": np.array([2], dtype=np.int64),
-             "axes": np.array([0], dtype=np.int64)}
-    with pytest.raises(ExportError, match="slices a dynamic axis 0"):
-        gradient_model(Case([node("Slice", ["X", "starts", "ends", "axes"])], np.ones((2, 4)), inits), np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # rules added with these tests
 # --------------------------------------------------------------------------------------------
@@ -993,7 +987,7 @@ TESTED_OPS = {
     "Conv", "Gemm", "MatMul", "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
     "ReduceSum", "BatchNormalization", "LayerNormalization", "Softmax", "LogSoftmax", "Reshape", "Flatten",
     "Squeeze", "Unsqueeze", "Transpose", "Expand", "Concat", "Split", "Slice", "Pad", "Gather",
-    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS,
+    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS, *SPATIAL_OPS,
 }
 
 

@@ -1,6 +1,8 @@
-"""Backward rules of Conv, Gemm and MatMul."""
+"""Backward rules of Conv, ConvTranspose, Gemm, MatMul and Einsum."""
 
 from __future__ import annotations
+
+import string
 
 import numpy as np
 
@@ -114,4 +116,118 @@ def gemm(ctx: RuleContext, node, grads):
         out[1] = ctx.emit("Transpose", [grad], perm=[1, 0]) if trans_b else grad
     if len(node.input) > 2 and ctx.needs(2):
         out[2] = ctx.unbroadcast(ctx.mul(g, ctx.const(beta, like=y)), node.input[2], y)
+    return out
+
+
+def _conv_transpose_pads(ctx: RuleContext, node, n: int, kernel, strides, dilations, output_padding) -> list[int]:
+    """Explicit [begins..., ends...] pads of a ConvTranspose. auto_pad SAME_*: the output is
+    input * stride and the total padding goes mostly to the end (SAME_UPPER) or the begin
+    (SAME_LOWER), as onnxruntime and the reference evaluator do it."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if attribute(node, "output_shape", None):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): the output_shape attribute has no backward rule; "
+                          "export the model with explicit pads and output_padding")
+    if auto_pad in ("NOTSET", ""):
+        return list(attribute(node, "pads", [0] * (2 * n)))
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ExportError(f"node {node.name!r} (ConvTranspose): unknown auto_pad {auto_pad!r}")
+    spatial = ctx.static_shape(node.input[0])[2:]
+    totals = [(i - 1) * s + op + (k - 1) * d + 1 - i * s
+              for i, s, op, k, d in zip(spatial, strides, output_padding, kernel, dilations)]
+    if min(totals) < 0:
+        raise ExportError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad!r} with a kernel smaller than "
+                          "the stride has no backward rule; export the model with explicit pads")
+    begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    return begins + [t - b for t, b in zip(totals, begins)]
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: RuleContext, node, grads):
+    """ConvTranspose is the adjoint of the convolution with the same W, so dX = Conv(g, W): W's layout
+    [C_in, C_out/group, k...] is Conv's [M, C/group, k...], with the same strides, dilations, group and
+    begin pads; the end pads less output_padding (g cropped at the end where that is negative)."""
+    _only_data_gradient(ctx, node, "ConvTranspose weights or bias")
+    x, w = node.input[0], node.input[1]
+    n = ctx.index.rank(x) - 2
+    kernel = list(attribute(node, "kernel_shape", None) or ctx.static_shape(w)[2:])
+    strides = list(attribute(node, "strides", [1] * n))
+    dilations = list(attribute(node, "dilations", [1] * n))
+    output_padding = list(attribute(node, "output_padding", [0] * n))
+    pads = _conv_transpose_pads(ctx, node, n, kernel, strides, dilations, output_padding)
+    ends = [end - extra for end, extra in zip(pads[n:], output_padding)]
+    g = grads[0]
+    if min(ends) < 0:  # output_padding beyond the end pads: those outputs see no input
+        big = np.iinfo(np.int64).max
+        g = ctx.emit("Slice", [g, ctx.ints([0] * n), ctx.ints([e if e < 0 else big for e in ends]),
+                               ctx.ints(list(range(2, n + 2)))])
+    return [ctx.emit("Conv", [g, w], strides=strides, dilations=dilations, group=attribute(node, "group", 1),
+                     kernel_shape=kernel, pads=pads[:n] + [max(e, 0) for e in ends])] + [None] * (len(node.input) - 1)
+
+
+def _einsum_terms(ctx: RuleContext, node) -> tuple[list[str], str]:
+    """The operand subscripts and the output subscript of an Einsum (implicit output: the ellipsis, then
+    the letters that occur once, sorted), an ellipsis spelled out in spare letters (right-aligned, as
+    it broadcasts)."""
+    equation = attribute(node, "equation")
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    operands, arrow, output = equation.partition("->")
+    terms = operands.split(",")
+    if not arrow:
+        letters = "".join(terms).replace(".", "")
+        output = ("..." if "..." in operands else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if "..." in equation:
+        terms, output = _spell_out_ellipsis(ctx, node, equation, terms, output)
+    for term in terms:
+        if len(set(term)) != len(term):
+            raise ExportError(f"node {node.name!r} (Einsum): operand {term!r} of equation {equation!r} repeats an "
+                              "index (a diagonal), which the backward rule does not support")
+    return terms, output
+
+
+def _spell_out_ellipsis(ctx: RuleContext, node, equation: str, terms: list[str], output: str) -> tuple[list[str], str]:
+    """terms and output with "..." replaced by letters the equation does not use, as many as each operand's
+    rank leaves (the output takes the widest); refused where a static size-1 dimension would broadcast."""
+    spare = [c for c in string.ascii_uppercase + string.ascii_lowercase if c not in equation]
+    widths = []
+    for term, name in zip(terms, node.input):
+        rank = ctx.index.rank(name)
+        if "..." in term and rank is None:
+            raise ExportError(f"node {node.name!r} (Einsum): the rank of {name!r} is unknown, so the ellipsis of "
+                              f"{equation!r} cannot be spelled out; run ONNX shape inference on the model first")
+        widths.append(rank - (len(term) - 3) if "..." in term else 0)
+    letters = "".join(spare[:max(widths)])
+    terms = [term.replace("...", letters[len(letters) - width:]) for term, width in zip(terms, widths)]
+    extents: dict[str, set[int]] = {}
+    for term, name in zip(terms, node.input):
+        for letter, dim in zip(term, ctx.shape(name) or ()):
+            if letter in letters and isinstance(dim, int):
+                extents.setdefault(letter, set()).add(dim)
+    if any(len(dims) > 1 for dims in extents.values()):
+        raise ExportError(f"node {node.name!r} (Einsum): equation {equation!r} broadcasts a size-1 dimension of its "
+                          "ellipsis, which the backward rule does not support")
+    return terms, output.replace("...", letters)
+
+
+@rule("Einsum")
+def einsum(ctx: RuleContext, node, grads):
+    """Y = einsum(X_1, ..., X_n) is linear in each operand: dX_i = einsum(g, X_j for j != i) onto X_i's
+    subscripts, then broadcast (Expand) along the letters only X_i has (the forward summed them)."""
+    terms, output = _einsum_terms(ctx, node)
+    out: list[str | None] = []
+    for i, (term, name) in enumerate(zip(terms, node.input)):
+        if not ctx.needs(i):
+            out.append(None)
+            continue
+        others = [(t, other) for j, (t, other) in enumerate(zip(terms, node.input)) if j != i]
+        reachable = set(output).union(*(set(t) for t, _ in others))
+        kept = "".join(c for c in term if c in reachable)
+        equation = ",".join([output, *(t for t, _ in others)]) + "->" + kept
+        grad = ctx.emit("Einsum", [grads[0], *(other for _, other in others)], equation=equation)
+        if kept != term:
+            summed = [axis for axis, c in enumerate(term) if c not in reachable]
+            grad = ctx.emit("Expand", [ctx.emit("Unsqueeze", [grad, ctx.ints(summed)]), ctx.shape_of(name)])
+        out.append(grad)
     return out
