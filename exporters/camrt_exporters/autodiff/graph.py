@@ -29,14 +29,49 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
     return tuple(dims)
 
 
+def _has_unknown_dims(model: onnx.ModelProto) -> bool:
+    """Whether a float tensor's shape is missing or has a dimension ONNX shape inference left unknown
+    (unnamed, or named `unk__N` by it)."""
+    for vi in [*model.graph.value_info, *model.graph.output]:
+        tensor = vi.type.tensor_type
+        if tensor.elem_type not in FLOAT_TYPES:
+            continue
+        if not tensor.HasField("shape") or any(
+                not d.HasField("dim_value") and not (d.dim_param and not d.dim_param.startswith("unk__"))
+                for d in tensor.shape.dim):
+            return True
+    return False
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the shapes of its tensors. ONNX shape inference first; where it leaves a
+    dimension unknown (e.g. a Pad whose pads are computed from Shape, as EfficientNet's "same"
+    padding does), onnxruntime's symbolic shape inference, which evaluates such shape arithmetic."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ExportError(f"ONNX shape inference failed: {exc}") from exc
+    if not _has_unknown_dims(inferred):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - it cannot handle every graph; ONNX's shapes then stand
+        return inferred
+    if symbolic is None:
+        return inferred
+    try:
+        return onnx.shape_inference.infer_shapes(symbolic, data_prop=True)
+    except Exception:  # noqa: BLE001 - keep ONNX's own result when the two disagree
+        return inferred
+
+
 class GraphIndex:
     """Index of `model.graph` after ONNX shape inference. The model is not modified."""
 
     def __init__(self, model: onnx.ModelProto):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception as exc:  # onnx raises several unrelated types here
-            raise ExportError(f"ONNX shape inference failed: {exc}") from exc
+        inferred = infer_shapes(model)
         self.graph = inferred.graph
         self.opset = next(
             (o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0
