@@ -29,42 +29,85 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
     return tuple(dims)
 
 
-def _has_unknown_dims(model: onnx.ModelProto) -> bool:
-    """Whether a float tensor's shape is missing or has a dimension ONNX shape inference left unknown
-    (unnamed, or named `unk__N` by it)."""
-    for vi in [*model.graph.value_info, *model.graph.output]:
-        tensor = vi.type.tensor_type
-        if tensor.elem_type not in FLOAT_TYPES:
+#: The batch size of the run that measures the shapes ONNX shape inference leaves unknown.
+_MEASURING_BATCH = 2
+
+
+def _is_unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """Unnamed, or named `unk__N` by ONNX shape inference for a value it could not derive."""
+    return not dim.HasField("dim_value") and not (dim.dim_param and not dim.dim_param.startswith("unk__"))
+
+
+def _unknown_shapes(model: onnx.ModelProto) -> list[str]:
+    """Float node outputs whose shape is missing or has an unknown dimension."""
+    typed = {vi.name: vi.type.tensor_type for vi in [*model.graph.value_info, *model.graph.output]}
+    unknown = []
+    for node in model.graph.node:
+        for out in node.output:
+            tensor = typed.get(out)
+            if node.op_type == "Constant" or not out or (tensor is not None and tensor.elem_type not in FLOAT_TYPES):
+                continue
+            if tensor is None or not tensor.HasField("shape") or any(_is_unknown(d) for d in tensor.shape.dim):
+                unknown.append(out)
+    return unknown
+
+
+def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of tensors `names` in one onnxruntime run on zeros, with batch _MEASURING_BATCH
+    for the graph inputs' symbolic first dimension; {} when an input has another open dimension."""
+    import onnxruntime as ort
+
+    initializers = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
             continue
-        if not tensor.HasField("shape") or any(
-                not d.HasField("dim_value") and not (d.dim_param and not d.dim_param.startswith("unk__"))
-                for d in tensor.shape.dim):
-            return True
-    return False
+        dims = _dims(graph_input.type)
+        if dims is None or any(not isinstance(d, int) for d in dims[1:]):
+            return {}
+        shape = [d if isinstance(d, int) and d > 0 else _MEASURING_BATCH for d in dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+        feeds[graph_input.name] = np.zeros(shape, dtype=dtype)
+    measuring = onnx.ModelProto()
+    measuring.CopyFrom(model)
+    del measuring.graph.output[:]
+    measuring.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(measuring.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return {name: value.shape for name, value in zip(names, session.run(names, feeds))}
+    except Exception:  # noqa: BLE001 - onnxruntime's own types; the shapes then stay unknown
+        return {}
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with the shapes of its tensors. ONNX shape inference first; where it leaves a
-    dimension unknown (e.g. a Pad whose pads are computed from Shape, as EfficientNet's "same"
-    padding does), onnxruntime's symbolic shape inference, which evaluates such shape arithmetic."""
+    """`model` with the shapes of its tensors: ONNX shape inference, and where it leaves a dimension
+    unknown (e.g. a Pad whose pads are computed from Shape, as EfficientNet's "same" padding is),
+    the shape measured in one onnxruntime run at the model's static size. A measured first
+    dimension equal to the run's batch becomes the image's batch symbol."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # onnx raises several unrelated types here
         raise ExportError(f"ONNX shape inference failed: {exc}") from exc
-    if not _has_unknown_dims(inferred):
+    unknown = _unknown_shapes(inferred)
+    measured = _measured_shapes(model, unknown) if unknown else {}
+    if not measured:
         return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # noqa: BLE001 - it cannot handle every graph; ONNX's shapes then stand
-        return inferred
-    if symbolic is None:
-        return inferred
-    try:
-        return onnx.shape_inference.infer_shapes(symbolic, data_prop=True)
-    except Exception:  # noqa: BLE001 - keep ONNX's own result when the two disagree
-        return inferred
+    inputs = [_dims(i.type) for i in model.graph.input]
+    batch = next((dims[0] for dims in inputs if dims and isinstance(dims[0], str)), "batch")
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    kept = [vi for vi in inferred.graph.value_info if vi.name not in measured]
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(kept)
+    for name, shape in measured.items():
+        dims = [batch if i == 0 and d == _MEASURING_BATCH else d for i, d in enumerate(shape)]
+        inferred.graph.value_info.append(
+            onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, dims))
+    for output in inferred.graph.output:
+        if output.name in measured:
+            output.CopyFrom(next(vi for vi in inferred.graph.value_info if vi.name == output.name))
+    return inferred
 
 
 class GraphIndex:
