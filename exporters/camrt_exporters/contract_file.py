@@ -14,7 +14,7 @@ from camrt import contract
 from camrt.layers import spatial_candidates
 from camrt.errors import ExportError
 
-from .autodiff.graph import GraphIndex, attribute
+from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
@@ -38,7 +38,7 @@ _SCORE_ACTIVATIONS = ("Softmax", "Sigmoid")
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """Name every node uniquely, lift the opset to one the backward rules can emit, and fold the
     constant subgraphs (so backward rules see the weights as constants)."""
-    model = fold_constants(_upgrade_opset(model))
+    model = fold_shape_arithmetic(fold_constants(_upgrade_opset(model)))
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -116,6 +116,51 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.initializer.extend([*inits, *(numpy_helper.from_array(v, name) for name, v in values.items())])
     del graph.node[:]
     graph.node.extend(kept)
+    return model
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the tensors computed from constants and Shape nodes alone (padding or reshape sizes
+    a converter computes from the input's size) whose values are the same at two batch sizes:
+    the file is pinned to one image size, so only the batch can change them."""
+    graph = model.graph
+    derived = {i.name for i in graph.initializer}
+    shape_nodes = []
+    for node in graph.node:
+        from_shapes = node.op_type in ("Shape", "Size", "Constant") or (
+            node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+            and all(i in derived for i in node.input if i) and node.input)
+        if from_shapes:
+            derived.update(o for o in node.output if o)
+            shape_nodes.append(node)
+    folded = {id(n) for n in shape_nodes if n.op_type != "Constant"}
+    read = {i for n in graph.node if id(n) not in folded for i in n.input} | {o.name for o in graph.output}
+    frontier = [o for n in shape_nodes if id(n) in folded for o in n.output if o in read]
+    if not frontier:
+        return model
+    small, large = run_for(model, frontier, 2), run_for(model, frontier, 3)
+    if small is None or large is None:
+        return model
+    fixed = {name: small[name] for name in frontier
+             if small[name].shape == large[name].shape and np.array_equal(small[name], large[name])}
+    if not fixed:
+        return model
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in fixed.items())
+    return _without_dead_nodes(model, produced_elsewhere=set(fixed))
+
+
+def _without_dead_nodes(model: onnx.ModelProto, produced_elsewhere: set[str]) -> onnx.ModelProto:
+    """Drop the nodes whose outputs are now initializers, then those whose outputs nothing reads."""
+    graph = model.graph
+    nodes = [n for n in graph.node if not any(o in produced_elsewhere for o in n.output)]
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
     return model
 
 

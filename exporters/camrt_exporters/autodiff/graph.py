@@ -52,33 +52,42 @@ def _unknown_shapes(model: onnx.ModelProto) -> list[str]:
     return unknown
 
 
-def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """The shapes of tensors `names` in one onnxruntime run on zeros, with batch _MEASURING_BATCH
-    for the graph inputs' symbolic first dimension; {} when an input has another open dimension."""
-    import onnxruntime as ort
-
+def zero_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
+    """Zeros for every graph input, `batch` for an open first dimension; None when an input has
+    another open dimension (the model then cannot run at one pinned size)."""
     initializers = {i.name for i in model.graph.initializer}
     feeds = {}
     for graph_input in model.graph.input:
         if graph_input.name in initializers:
             continue
         dims = _dims(graph_input.type)
-        if dims is None or any(not isinstance(d, int) for d in dims[1:]):
-            return {}
-        shape = [d if isinstance(d, int) and d > 0 else _MEASURING_BATCH for d in dims]
+        if dims is None or any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
+            return None
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in dims]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
         feeds[graph_input.name] = np.zeros(shape, dtype=dtype)
-    measuring = onnx.ModelProto()
-    measuring.CopyFrom(model)
-    del measuring.graph.output[:]
-    measuring.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return feeds
+
+
+def run_for(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.ndarray] | None:
+    """Tensors `names` of `model` in one onnxruntime run on zero inputs (see `zero_feeds`);
+    None when the model cannot run that way."""
+    import onnxruntime as ort
+
+    feeds = zero_feeds(model, batch)
+    if feeds is None:
+        return None
+    running = onnx.ModelProto()
+    running.CopyFrom(model)
+    del running.graph.output[:]
+    running.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(measuring.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return {name: value.shape for name, value in zip(names, session.run(names, feeds))}
-    except Exception:  # noqa: BLE001 - onnxruntime's own types; the shapes then stay unknown
-        return {}
+        session = ort.InferenceSession(running.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return dict(zip(names, session.run(names, feeds)))
+    except Exception:  # noqa: BLE001 - onnxruntime's own types; the caller keeps what it knew
+        return None
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -91,9 +100,10 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises several unrelated types here
         raise ExportError(f"ONNX shape inference failed: {exc}") from exc
     unknown = _unknown_shapes(inferred)
-    measured = _measured_shapes(model, unknown) if unknown else {}
-    if not measured:
+    values = run_for(model, unknown, _MEASURING_BATCH) if unknown else None
+    if not values:
         return inferred
+    measured = {name: value.shape for name, value in values.items()}
     inputs = [_dims(i.type) for i in model.graph.input]
     batch = next((dims[0] for dims in inputs if dims and isinstance(dims[0], str)), "batch")
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
