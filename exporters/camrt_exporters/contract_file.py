@@ -53,6 +53,13 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
+    gone = next((n for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)), None)
+    if gone is not None:
+        raise ExportError(
+            f"the model uses opset {opset}; camrt needs >= {MIN_OPSET}, and node {gone.name or gone.op_type!r} "
+            f"({gone.op_type}) has no counterpart in current ONNX opsets to convert it to. Re-export the model "
+            "with opset 17 or newer."
+        )
     try:
         from onnx import version_converter
 

@@ -19,6 +19,8 @@ from camrt.errors import ExportError
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
 
+from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
+
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, torch_equivalent
 
 torch = pytest.importorskip("torch")
@@ -308,3 +310,153 @@ def test_reducemean_matmul_head_behind_an_activation(tmp_path, activation):
     got = assert_matches_autograd(exported, module, normal((2, 3, 16, 16), seed=9))
     rows = module.fc.weight.detach().numpy()[got[contract.TARGET_INDEX_OUTPUT]]
     np.testing.assert_allclose(got[contract.cam_weights_output(layer)], rows, rtol=1e-6)
+
+
+# --- several outputs ----------------------------------------------------------------------------
+
+class ThreeHeads(torch.nn.Module):
+    """A face-detector-like head: box regression [B, 4], landmarks [B, 10], class probabilities
+    softmax([B, 5]), in that order."""
+
+    def __init__(self, probabilities: bool = True):
+        super().__init__()
+        self.net, self.probabilities = TinyCnn(), probabilities
+        torch.manual_seed(2)
+        self.boxes, self.landmarks = torch.nn.Linear(8, 4), torch.nn.Linear(8, 10)
+
+    def pooled(self, x):
+        return self.net.features(x).mean((2, 3))
+
+    def logits(self, x):
+        return self.net.fc(self.pooled(x))
+
+    def forward(self, x):
+        pooled = self.pooled(x)
+        scores = self.net.fc(pooled)
+        return self.boxes(pooled), self.landmarks(pooled), torch.softmax(scores, 1) if self.probabilities else scores
+
+
+HEADS = ["boxes", "landmarks", "probabilities"]
+
+
+def test_the_output_behind_a_softmax_is_explained_and_said(tmp_path):
+    module = ThreeHeads()
+    path = torch_export(module, tmp_path / "heads.onnx", (1, 3, 16, 16), {"input": {0: "b"}}, output_names=HEADS)
+    said = []
+    exported, _ = export_onnx(path, rules=["vanilla"], log=said.append)
+    assert any(line.startswith("explained output: probabilities") and "--score-output" in line for line in said)
+    score = json.loads(meta(exported)[contract.META_SCORE])
+    assert score["output"] == "probabilities" and score["softmax"]
+    got = assert_matches_autograd(exported, module, normal((2, 3, 16, 16), seed=10))
+    assert {"boxes", "landmarks", "probabilities"} <= set(got)  # the model's own outputs stay
+
+
+def test_score_output_chooses_another_output(tmp_path):
+    module = ThreeHeads()
+    path = torch_export(module, tmp_path / "heads.onnx", (1, 3, 16, 16), {"input": {0: "b"}}, output_names=HEADS)
+    exported, _ = export_onnx(path, rules=["vanilla"], output="landmarks")
+    assert json.loads(meta(exported)[contract.META_SCORE])["output"] == "landmarks"
+    assert_matches_autograd(exported, module, normal((2, 3, 16, 16), seed=11),
+                            logits=lambda t: module.landmarks(module.pooled(t)))
+    with pytest.raises(ExportError, match=r"--score-output 'scores' is not an output.*'boxes', 'landmarks'"):
+        export_onnx(path, rules=["vanilla"], output="scores")
+
+
+def test_several_plausible_outputs_without_an_activation_are_refused(tmp_path):
+    path = torch_export(ThreeHeads(probabilities=False), tmp_path / "heads.onnx", (1, 3, 16, 16),
+                        {"input": {0: "b"}}, output_names=HEADS)
+    with pytest.raises(ExportError) as info:
+        export_onnx(path, rules=["vanilla"])
+    message = str(info.value)
+    assert "--score-output" in message and "['boxes', 'landmarks', 'probabilities']" in message
+    assert "\n" not in message
+
+
+# --- preprocessing: what the runtime feeds the model ---------------------------------------------
+
+def _photo(height: int = 40, width: int = 56) -> np.ndarray:
+    """A smooth, colourful HWC uint8 RGB image (each channel different)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([(rows * 255 // height), (cols * 255 // width), ((rows + cols) * 7) % 256], -1).astype(np.uint8)
+
+
+def _source_logits(path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def _explain_cli(tmp_path, source, *flags):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+    from camrt.explainer import Explainer
+
+    target = tmp_path / "model.camrt.onnx"
+    result = CliRunner().invoke(build_cli(), ["export", str(source), "-o", str(target), "--rules", "vanilla", *flags],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return Explainer(target, method="gradcam", device="cpu")
+
+
+def test_bgr_and_127_5_preprocessing_feed_the_model_what_it_expects(tmp_path, exporters_plugin):
+    """--channel-order bgr --scale 1 --mean 127.5 --std 127.5 (a Caffe/TF-style model): the
+    explained input is (bgr - 127.5) / 127.5, resized to the pinned 24x32 (non-square)."""
+    import cv2
+
+    path = torch_export(TinyCnn(), tmp_path / "bgr.onnx", (1, 3, 16, 16), DYNAMIC_HW)
+    explainer = _explain_cli(tmp_path, path, "--input-size", "24,32", "--channel-order", "bgr", "--scale", "1",
+                             "--mean", "127.5", "--std", "127.5")
+    image = _photo()
+    resized = cv2.resize(image, (32, 24), interpolation=cv2.INTER_LINEAR)
+    expected = ((resized[:, :, ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+    fed, _ = explainer.prepare([image])
+    np.testing.assert_allclose(fed, expected, rtol=0, atol=1e-6)
+    logits = _source_logits(path, expected)
+    explanation, = explainer.explain([image])
+    assert explanation.target == int(logits.argmax())
+    assert explanation.score == pytest.approx(float(logits.max()), rel=1e-5)
+
+
+def test_grayscale_model_takes_one_mean_and_std_and_is_fed_the_luma(tmp_path, exporters_plugin):
+    module = TinyCnn(channels=1)
+    path = torch_export(module, tmp_path / "gray.onnx", (1, 1, 20, 20), {"input": {0: "b"}})
+    explainer = _explain_cli(tmp_path, path, "--mean", "0.5", "--std", "0.25")
+    p = explainer.info.preprocessing
+    assert (p.mean, p.std) == ((0.5,), (0.25,))
+    image = _photo(20, 20)
+    luma = 0.299 * image[:, :, 0] + 0.587 * image[:, :, 1] + 0.114 * image[:, :, 2]  # ITU-R BT.601
+    expected = ((luma / 255 - 0.5) / 0.25).astype(np.float32)[None, None]
+    fed, _ = explainer.prepare([image])
+    assert fed.shape == (1, 1, 20, 20)
+    # OpenCV rounds the luma to 8 bits: at most half a grey level apart
+    np.testing.assert_allclose(fed, expected, rtol=0, atol=0.5 / 255 / 0.25 + 1e-6)
+    logits = _source_logits(path, fed)
+    explanation, = explainer.explain([image])
+    assert explanation.target == int(logits.argmax())
+    assert explanation.score == pytest.approx(float(logits.max()), rel=1e-5)
+    assert explanation.heatmap.shape == (20, 20)
+
+
+def test_grayscale_mean_with_three_values_is_refused(tmp_path):
+    path = torch_export(TinyCnn(channels=1), tmp_path / "gray.onnx", (1, 1, 20, 20), {"input": {0: "b"}})
+    with pytest.raises(ExportError, match=r"3/3 values for a model with 1 input channel"):
+        export_onnx(path, rules=["vanilla"], preprocessing=contract.Preprocessing(20, 20))
+
+
+def test_an_old_opset_that_cannot_be_converted_is_refused_by_node(tmp_path):
+    """ImageScaler (opset <= 9, since removed from ONNX) has nothing to be converted to."""
+    graph = helper.make_graph(
+        [helper.make_node("ImageScaler", ["image"], ["scaled"], name="scaler", scale=2.0),
+         helper.make_node("GlobalAveragePool", ["scaled"], ["pooled"], name="gap"),
+         helper.make_node("Flatten", ["pooled"], ["logits"], name="flatten")],
+        "old", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    path = tmp_path / "opset9.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ExportError, match=r"opset 9; camrt needs >= 16, and node 'scaler' \(ImageScaler\) has no "
+                                          r"counterpart.*Re-export the model with opset 17 or newer"):
+        export_onnx(path, rules=["vanilla"])
