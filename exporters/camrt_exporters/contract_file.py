@@ -11,8 +11,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.layers import spatial_candidates
 from camrt.errors import ExportError
+from camrt.layers import spatial_candidates
 
 from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate

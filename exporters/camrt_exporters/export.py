@@ -18,8 +18,14 @@ from camrt.plugins import ensure_registered, get_plugin_manager
 from . import __version__
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
-from .contract_file import (build_contract_model, choose_score, contract_metadata, layer_candidates, prepare,
-                            require_batch_carried)
+from .contract_file import (
+    build_contract_model,
+    choose_score,
+    contract_metadata,
+    layer_candidates,
+    prepare,
+    require_batch_carried,
+)
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
