@@ -66,7 +66,8 @@ def register_commands(cli):
                   "required when its height/width are open, e.g. symbolic or -1).")
     @click.option("--mean", help="Per-channel mean after scaling: one value or one per input channel "
                   "(default ImageNet's for 3-channel inputs).")
-    @click.option("--std", help="Per-channel std (default ImageNet's for torch sources).")
+    @click.option("--std", help="Per-channel std: one value or one per input channel (default ImageNet's for "
+                  "3-channel inputs).")
     @click.option("--scale", type=float, help="Pixel scale applied before mean/std (default 1/255).")
     @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
     @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
