@@ -150,7 +150,7 @@ def _preprocessing_problem(p: contract.Preprocessing) -> str | None:
         values = getattr(p, name)
         if len(values) not in (1, 3) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                 and np.isfinite(v) for v in values):
-            return f"{name} {list(values)!r} is not 3 (or, grayscale, 1) finite numbers"
+            return f"{name} {list(values)!r} is not 3 finite numbers (or 1, for a grayscale model)"
     if len(p.mean) != len(p.std):
         return f"mean {list(p.mean)!r} and std {list(p.std)!r} have different lengths"
     if not all(p.std):
