@@ -190,6 +190,9 @@ def _pin_image_geometry(image: onnx.ValueInfoProto, input_size: tuple[int, int] 
     A literal -1, symbolic or missing batch becomes the dynamic batch `batch`. Open (symbolic or -1)
     H, W take `input_size` (--input-size); static ones must agree with it. Modifies `image` in place.
     """
+    if not image.type.tensor_type.HasField("shape"):
+        raise ExportError(f"image input {image.name!r} declares no shape; camrt needs NCHW with a static channel "
+                          "count: re-export the model with the input's shape")
     dims = image.type.tensor_type.shape.dim
     if len(dims) != 4:
         raise ExportError(f"image input {image.name!r} must be NCHW (rank 4); it has rank {len(dims)}")

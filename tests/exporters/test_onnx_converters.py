@@ -79,10 +79,12 @@ def autograd_instead_of_self_check(monkeypatch):
     monkeypatch.setattr(camrt_exporters.export, "validate_finite_differences", lambda *args, **kwargs: [])
 
 
-def torch_export(module, path, shape, dynamic_axes=None, opset: int = 17, output_names=None):
+def torch_export(module, path, shape, dynamic_axes=None, opset: int = 17, output_names=None,
+                 keep_initializers_as_inputs: bool = False):
     module.eval()
     torch.onnx.export(module, torch.zeros(shape), str(path), dynamo=False, input_names=["input"],
-                      output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset)
+                      output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
+                      keep_initializers_as_inputs=keep_initializers_as_inputs)
     return path
 
 
@@ -283,10 +285,13 @@ def test_reshape_hard_coding_the_batch_is_refused_by_node(tmp_path):
         export_onnx(path, rules=["vanilla"])
 
 
-@pytest.mark.parametrize("opset", [11, 13])
-def test_old_opsets_are_converted(tmp_path, opset):
+@pytest.mark.parametrize(("opset", "weights_as_inputs"), [(11, False), (11, True), (13, False)])
+def test_old_opsets_are_converted(tmp_path, opset, weights_as_inputs):
+    """Opsets 11-13 are converted to 17; old exports also list their weights as graph inputs."""
     module = TinyCnn()
-    path = torch_export(module, tmp_path / f"opset{opset}.onnx", (1, 3, 16, 16), {"input": {0: "b"}}, opset=opset)
+    path = torch_export(module, tmp_path / f"opset{opset}.onnx", (1, 3, 16, 16), {"input": {0: "b"}}, opset=opset,
+                        keep_initializers_as_inputs=weights_as_inputs)
+    assert (len(onnx.load(path).graph.input) > 1) == weights_as_inputs
     exported, _ = export_onnx(path, rules=["vanilla"])
     assert next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")) >= 16
     assert_matches_autograd(exported, module, normal((2, 3, 16, 16), seed=8))
