@@ -93,17 +93,14 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     constant = {i.name for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output} | _read_in_subgraphs(graph)  # names that must stay
     alias: dict[str, str] = {}
     folded: list[onnx.NodeProto] = []
     kept: list[onnx.NodeProto] = []
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = alias.get(name, name)
-        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
-                    and all(i in constant for i in node.input if i)
-                    and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
-        if node.op_type == "Constant" or not foldable:
+        if node.op_type == "Constant" or not (_foldable_op(node) and all(i in constant for i in node.input if i)):
             kept.append(node)
             if node.op_type == "Constant":
                 constant.update(node.output)
@@ -118,7 +115,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     read = {i for n in kept for i in n.input} | outputs
     wanted = [o for n in folded for o in n.output if o in read]
     values = _evaluate(model, folded, wanted) if wanted else {}
-    inits = [i for i in graph.initializer if i.name in read or i.name in {g.name for g in graph.input}]
+    graph_inputs = {g.name for g in graph.input}
+    inits = [i for i in graph.initializer if i.name in read or i.name in graph_inputs]
     del graph.initializer[:]
     graph.initializer.extend([*inits, *(numpy_helper.from_array(v, name) for name, v in values.items())])
     del graph.node[:]
@@ -135,8 +133,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     shape_nodes = []
     for node in graph.node:
         from_shapes = node.op_type in ("Shape", "Size", "Constant") or (
-            node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
-            and all(i in derived for i in node.input if i) and node.input)
+            _foldable_op(node) and node.input and all(i in derived for i in node.input if i))
         if from_shapes:
             derived.update(o for o in node.output if o)
             shape_nodes.append(node)
@@ -153,22 +150,39 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     if not fixed:
         return model
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in fixed.items())
-    return _without_dead_nodes(model, produced_elsewhere=set(fixed))
+    _drop_dead(graph, [n for n in shape_nodes if id(n) in folded], now_constant=set(fixed))
+    return model
 
 
-def _without_dead_nodes(model: onnx.ModelProto, produced_elsewhere: set[str]) -> onnx.ModelProto:
-    """Drop the nodes whose outputs are now initializers, then those whose outputs nothing reads."""
-    graph = model.graph
-    nodes = [n for n in graph.node if not any(o in produced_elsewhere for o in n.output)]
-    needed = {o.name for o in graph.output}
+def _drop_dead(graph: onnx.GraphProto, candidates: list[onnx.NodeProto], now_constant: set[str]) -> None:
+    """Remove the `candidates` whose outputs are now initializers or are no longer read."""
+    removable = {id(n) for n in candidates}
+    needed = {o.name for o in graph.output} | _read_in_subgraphs(graph)
     kept = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
+    for node in reversed(graph.node):
+        dead = any(o in now_constant for o in node.output) or not any(o in needed for o in node.output)
+        if id(node) not in removable or not dead:
             kept.append(node)
             needed.update(i for i in node.input if i)
     del graph.node[:]
     graph.node.extend(reversed(kept))
-    return model
+
+
+def _foldable_op(node: onnx.NodeProto) -> bool:
+    """A standard op whose value depends on its inputs alone (no randomness, no subgraph)."""
+    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
+
+
+def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Names read by the nodes of control-flow subgraphs (If, Loop, Scan bodies), at any depth."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(i for n in sub.node for i in n.input)
+                names |= _read_in_subgraphs(sub)
+    return names
 
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
