@@ -258,6 +258,41 @@ def test_shapes_onnx_cannot_infer_are_measured(tmp_path):
     assert_matches_autograd(exported, module, normal((3, 3, 16, 16), seed=6))
 
 
+class Tokens(torch.nn.Module):
+    """A per-position linear layer over flattened tokens [B*h*w, C] (as LeViT's layers are
+    exported): ONNX shape inference cannot tell the token count, a multiple of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCnn()
+        torch.manual_seed(3)
+        self.mix = torch.nn.Linear(8, 8)
+
+    def logits(self, x):
+        features = self.net.features(x)
+        b, c, h, w = features.shape
+        tokens = F.relu(self.mix(features.permute(0, 2, 3, 1).flatten(0, 2)))
+        return self.net.fc(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).mean((2, 3)))
+
+    forward = logits
+
+
+def test_measured_dimensions_proportional_to_the_batch_stay_symbolic(tmp_path):
+    """Measured at two batch sizes, the token count is batch*64, not the 128 of one run at batch 2
+    (which would read as a hard-coded batch); the layer after the tokens is explainable."""
+    module = Tokens()
+    path = torch_export(module, tmp_path / "tokens.onnx", (1, 3, 16, 16), {"input": {0: "b"}})
+    flat = next(n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Flatten")
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.contract_file import prepare
+
+    source = onnx.load(path)
+    del source.graph.value_info[:]
+    assert GraphIndex(prepare(source)).shape(flat) == ("b*64", 8)
+    exported, _ = export_onnx(path, layers=["/Reshape_output_0"], rules=["vanilla"])
+    assert_matches_autograd(exported, module, normal((3, 3, 16, 16), seed=12))
+
+
 class FlattenTo(torch.nn.Module):
     def __init__(self, shape):
         super().__init__()

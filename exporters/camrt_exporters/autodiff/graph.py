@@ -29,8 +29,9 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
     return tuple(dims)
 
 
-#: The batch size of the run that measures the shapes ONNX shape inference leaves unknown.
-_MEASURING_BATCH = 2
+#: The two batch sizes of the runs that measure the shapes ONNX shape inference leaves unknown:
+#: a dimension that differs between them depends on the batch.
+_MEASURING_BATCHES = (2, 3)
 
 
 def _is_unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
@@ -93,31 +94,41 @@ def run_for(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, n
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with the shapes of its tensors: ONNX shape inference, and where it leaves a dimension
     unknown (e.g. a Pad whose pads are computed from Shape, as EfficientNet's "same" padding is),
-    the shape measured in one onnxruntime run at the model's static size. A measured first
-    dimension equal to the run's batch becomes the image's batch symbol."""
+    the shape measured in onnxruntime runs at the model's static size and two batch sizes."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # onnx raises several unrelated types here
         raise ExportError(f"ONNX shape inference failed: {exc}") from exc
     unknown = _unknown_shapes(inferred)
-    values = run_for(model, unknown, _MEASURING_BATCH) if unknown else None
-    if not values:
+    runs = [run_for(model, unknown, batch) for batch in _MEASURING_BATCHES] if unknown else []
+    if not runs or any(run is None for run in runs):
         return inferred
-    measured = {name: value.shape for name, value in values.items()}
     inputs = [_dims(i.type) for i in model.graph.input]
     batch = next((dims[0] for dims in inputs if dims and isinstance(dims[0], str)), "batch")
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    measured = {name: [_batch_dim(sizes, batch) for sizes in zip(*(run[name].shape for run in runs))]
+                for name in unknown if len({run[name].ndim for run in runs}) == 1}
     kept = [vi for vi in inferred.graph.value_info if vi.name not in measured]
     del inferred.graph.value_info[:]
     inferred.graph.value_info.extend(kept)
-    for name, shape in measured.items():
-        dims = [batch if i == 0 and d == _MEASURING_BATCH else d for i, d in enumerate(shape)]
+    for name, dims in measured.items():
         inferred.graph.value_info.append(
             onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, dims))
     for output in inferred.graph.output:
         if output.name in measured:
             output.CopyFrom(next(vi for vi in inferred.graph.value_info if vi.name == output.name))
     return inferred
+
+
+def _batch_dim(sizes: tuple[int, ...], batch: str) -> Dim:
+    """A dimension measured at the batch sizes _MEASURING_BATCHES: static when equal in both runs,
+    `batch` or `batch*k` when proportional to the batch, unknown (None) otherwise."""
+    if len(set(sizes)) == 1:
+        return sizes[0]
+    factors = {size / run_batch for size, run_batch in zip(sizes, _MEASURING_BATCHES)}
+    if len(factors) == 1 and (factor := factors.pop()).is_integer():
+        return batch if factor == 1 else f"{batch}*{int(factor)}"
+    return None
 
 
 class GraphIndex:
