@@ -3,7 +3,7 @@ batch, as a user would export them, through `camrt export`.
 
 The gradients are checked against torch autograd on the module the file came from; the `camrt
 export` runs end to end (with its own finite-difference self-check) are xfail until that check
-stops refusing correct gradients (branch `selfcheck`)."""
+stops refusing correct gradients (branch `selfcheck`); only that refusal makes them xfail."""
 
 from __future__ import annotations
 
