@@ -499,3 +499,35 @@ def test_an_old_opset_that_cannot_be_converted_is_refused_by_node(tmp_path):
     with pytest.raises(ExportError, match=r"opset 9; camrt needs >= 16, and node 'scaler' \(ImageScaler\) has no "
                                           r"counterpart.*Re-export the model with opset 17 or newer"):
         export_onnx(path, rules=["vanilla"])
+
+
+def test_folding_keeps_the_names_control_flow_subgraphs_read(tmp_path):
+    """A constant behind an Identity that an If branch reads keeps its name: the folded model runs
+    and computes what the source does."""
+    import onnxruntime as ort
+
+    from camrt_exporters.contract_file import prepare
+
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Add", ["x", "scale"], [name], name=f"{name}_add")], name, [],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["scale_shared"], ["scale"], name="dedup"),
+         helper.make_node("Mul", ["x", "scale"], ["scaled"], name="mul"),
+         helper.make_node("If", ["flag"], ["chosen"], name="if", then_branch=branch("then_out"),
+                          else_branch=branch("else_out"))],
+        "control_flow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("chosen", TensorProto.FLOAT, [2])],
+        initializer=[numpy_helper.from_array(np.array([2.0, 3.0], np.float32), "scale_shared")])
+    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source.ir_version = 8
+    folded = prepare(source)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {"x": np.array([1.0, -1.0], np.float32), "flag": np.array(True)}
+    run = lambda model: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, feeds)
+    for got, expected in zip(run(folded), [np.array([2.0, -3.0]), np.array([3.0, 2.0])]):
+        np.testing.assert_array_equal(got, expected)
