@@ -79,7 +79,8 @@ class Preprocessing:
     """How the runtime turns an 8-bit image into the model input.
 
     x = ((pixel * scale) - mean) / std, per channel, in `channel_order`, resized to
-    (height, width) without cropping; layout NCHW float32.
+    (height, width) without cropping; layout NCHW float32. One mean/std value per channel: three
+    (RGB or BGR) or one (the image's luma, for grayscale models).
     """
 
     height: int
@@ -88,6 +89,10 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     scale: float = 1.0 / 255.0
     channel_order: str = "rgb"
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

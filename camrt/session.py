@@ -148,9 +148,11 @@ def _preprocessing_problem(p: contract.Preprocessing) -> str | None:
             return f"{name} {value!r} is not an integer in 1..{MAX_INPUT_SIDE}"
     for name in ("mean", "std"):
         values = getattr(p, name)
-        if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                                       for v in values):
-            return f"{name} {list(values)!r} is not 3 finite numbers"
+        if len(values) not in (1, 3) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and np.isfinite(v) for v in values):
+            return f"{name} {list(values)!r} is not 3 finite numbers (or 1, for a grayscale model)"
+    if len(p.mean) != len(p.std):
+        return f"mean {list(p.mean)!r} and std {list(p.std)!r} have different lengths"
     if not all(p.std):
         return f"std {list(p.std)!r} has a zero"
     if isinstance(p.scale, bool) or not isinstance(p.scale, (int, float)) or not np.isfinite(p.scale):
@@ -496,10 +498,10 @@ class ExplainSession:
         p = self.info.preprocessing
         shape = self.input_shape
         if len(shape) != 4 or any(isinstance(want, int) and want != got
-                                  for want, got in zip(shape[1:], (3, p.height, p.width))):
+                                  for want, got in zip(shape[1:], (p.channels, p.height, p.width))):
             raise ContractError(
                 f"{self.path}: the image input {value_info.name!r} has shape {shape} but the preprocessing metadata "
-                f"says [N, 3, {p.height}, {p.width}]; re-export the model with `camrt export`"
+                f"says [N, {p.channels}, {p.height}, {p.width}]; re-export the model with `camrt export`"
             )
 
     def prepare(self, fetch: Sequence[str], extend: Callable[[Any], Any] | None = None, name: str = ""):

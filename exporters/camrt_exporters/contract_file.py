@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,10 +11,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.layers import spatial_candidates
 from camrt.errors import ExportError
+from camrt.layers import spatial_candidates
 
-from .autodiff.graph import GraphIndex, attribute
+from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
@@ -24,12 +24,21 @@ MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 class ScoreChoice:
     tensor: str  # the differentiated [B, num_classes] tensor
     output: str  # the model output it belongs to
-    through_softmax: bool  # whether `output` is softmax(tensor)
+    activation: str | None = None  # "Softmax" or "Sigmoid" when `output` is activation(tensor)
+
+    @property
+    def through_softmax(self) -> bool:
+        return self.activation == "Softmax"
+
+
+#: Final activations whose input (the logits) is differentiated instead of their output.
+_SCORE_ACTIVATIONS = ("Softmax", "Sigmoid")
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Name every node uniquely and lift the opset to one the backward rules can emit."""
-    model = _upgrade_opset(model)
+    """Name every node uniquely, lift the opset to one the backward rules can emit, and fold the
+    constant subgraphs (so backward rules see the weights as constants)."""
+    model = fold_shape_arithmetic(fold_constants(_upgrade_opset(model)))
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -44,34 +53,228 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
+    gone = next((n for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)), None)
+    if gone is not None:
+        raise ExportError(
+            f"the model uses opset {opset}; camrt needs >= {MIN_OPSET}, and node {gone.name or gone.op_type!r} "
+            f"({gone.op_type}) has no counterpart in current ONNX opsets to convert it to. Re-export the model "
+            "with opset 17 or newer."
+        )
     try:
         from onnx import version_converter
 
-        return version_converter.convert_version(model, 17)
+        converted = version_converter.convert_version(model, 17)
+        onnx.checker.check_model(converted)
+        return converted
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ExportError(
-            f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion "
-            f"failed ({exc}). Re-export the model with opset 17 or newer."
+            f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion to opset 17 "
+            f"failed ({_first_line(exc)}). Re-export the model with opset 17 or newer."
         ) from exc
 
 
-def choose_score(index: GraphIndex, output: str, use_softmax_output: bool = False) -> ScoreChoice:
-    """The logits behind `output`: the input of a final Softmax (through Identity nodes) unless told otherwise."""
-    tensor = output
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+#: Ops never folded: their value changes from run to run.
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                               "Multinomial", "Bernoulli"})
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every node computed from constants alone by an initializer of the same name.
+
+    Converters write weights as Constant nodes, behind Identity nodes (torch's legacy exporter
+    deduplicates equal initializers that way) or behind small subgraphs (a Transpose or Reshape of
+    a weight); backward rules need them as constants. An Identity of a constant is bypassed (its
+    consumers read the constant itself, no copy); other nodes are evaluated once with onnxruntime.
+    Tensors that depend on a graph input keep their names, so --layer names stay valid.
+    """
+    graph = model.graph
+    constant = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output} | _read_in_subgraphs(graph)  # names that must stay
+    alias: dict[str, str] = {}
+    folded: list[onnx.NodeProto] = []
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+        if node.op_type == "Constant" or not (_foldable_op(node) and all(i in constant for i in node.input if i)):
+            kept.append(node)
+            if node.op_type == "Constant":
+                constant.update(node.output)
+            continue
+        constant.update(o for o in node.output if o)
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+        else:
+            folded.append(node)
+    if not folded and not alias:
+        return model
+    read = {i for n in kept for i in n.input} | outputs
+    wanted = [o for n in folded for o in n.output if o in read]
+    values = _evaluate(model, folded, wanted) if wanted else {}
+    graph_inputs = {g.name for g in graph.input}
+    inits = [i for i in graph.initializer if i.name in read or i.name in graph_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend([*inits, *(numpy_helper.from_array(v, name) for name, v in values.items())])
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the tensors computed from constants and Shape nodes alone (padding or reshape sizes
+    a converter computes from the input's size) whose values are the same at two batch sizes:
+    the file is pinned to one image size, so only the batch can change them."""
+    graph = model.graph
+    derived = {i.name for i in graph.initializer}
+    shape_nodes = []
+    for node in graph.node:
+        from_shapes = node.op_type in ("Shape", "Size", "Constant") or (
+            _foldable_op(node) and node.input and all(i in derived for i in node.input if i))
+        if from_shapes:
+            derived.update(o for o in node.output if o)
+            shape_nodes.append(node)
+    folded = {id(n) for n in shape_nodes if n.op_type != "Constant"}
+    read = {i for n in graph.node if id(n) not in folded for i in n.input} | {o.name for o in graph.output}
+    frontier = [o for n in shape_nodes if id(n) in folded for o in n.output if o in read]
+    if not frontier:
+        return model
+    small, large = run_for(model, frontier, 2), run_for(model, frontier, 3)
+    if small is None or large is None:
+        return model
+    fixed = {name: small[name] for name in frontier
+             if small[name].shape == large[name].shape and np.array_equal(small[name], large[name])}
+    if not fixed:
+        return model
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in fixed.items())
+    _drop_dead(graph, [n for n in shape_nodes if id(n) in folded], now_constant=set(fixed))
+    return model
+
+
+def _drop_dead(graph: onnx.GraphProto, candidates: list[onnx.NodeProto], now_constant: set[str]) -> None:
+    """Remove the `candidates` whose outputs are now initializers or are no longer read."""
+    removable = {id(n) for n in candidates}
+    needed = {o.name for o in graph.output} | _read_in_subgraphs(graph)
+    kept = []
+    for node in reversed(graph.node):
+        dead = any(o in now_constant for o in node.output) or not any(o in needed for o in node.output)
+        if id(node) not in removable or not dead:
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+
+
+def _foldable_op(node: onnx.NodeProto) -> bool:
+    """A standard op whose value depends on its inputs alone (no randomness, no subgraph)."""
+    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
+
+
+def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Names read by the nodes of control-flow subgraphs (If, Loop, Scan bodies), at any depth."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(i for n in sub.node for i in n.input)
+                names |= _read_in_subgraphs(sub)
+    return names
+
+
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
+    """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
+    import onnxruntime as ort
+
+    graph = helper.make_graph(
+        [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
+        [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
+    )
+    folding = helper.make_model(graph, opset_imports=list(model.opset_import))
+    folding.ir_version = model.ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(folding.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return dict(zip(wanted, session.run(wanted, {})))
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
+                          f"failed in onnxruntime: {_first_line(exc)}") from None
+
+
+def _behind_identities(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto | None]:
     producer = index.producer.get(tensor)
     while producer is not None and producer.op_type == "Identity":
         tensor = producer.input[0]
         producer = index.producer.get(tensor)
-    through_softmax = False
-    if producer is not None and producer.op_type == "Softmax" and not use_softmax_output:
-        tensor, through_softmax = producer.input[0], True
-    rank = index.rank(tensor)
+    return tensor, producer
+
+
+def _score_of(index: GraphIndex, output: str, use_softmax_output: bool) -> ScoreChoice:
+    """The logits behind `output`: the input of a final Softmax/Sigmoid (through Identity nodes)
+    unless told otherwise."""
+    tensor, producer = _behind_identities(index, output)
+    if producer is not None and producer.op_type in _SCORE_ACTIVATIONS and not use_softmax_output:
+        return ScoreChoice(producer.input[0], output, producer.op_type)
+    return ScoreChoice(tensor, output)
+
+
+def _looks_like_class_scores(index: GraphIndex, score: ScoreChoice) -> bool:
+    shape = index.shape(score.tensor)
+    return index.is_float(score.tensor) and shape is not None and len(shape) == 2
+
+
+def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool = False,
+                 log: Callable[[str], None] = lambda message: None) -> ScoreChoice:
+    """The score of model output `output`, or, when None, of the output that looks like class scores:
+    the only [B, C] output, or the only one behind a Softmax/Sigmoid (differentiated before it)."""
+    names = [o.name for o in index.graph.output]
+    if output is not None and output not in names:
+        raise ExportError(f"--score-output {output!r} is not an output of the model; its outputs are {names}")
+    if output is None and len(names) > 1:
+        plausible = [s for s in (_score_of(index, n, use_softmax_output) for n in names)
+                     if _looks_like_class_scores(index, s)]
+        behind = [s for s in plausible if _behind_identities(index, s.output)[1] is not None
+                  and _behind_identities(index, s.output)[1].op_type in _SCORE_ACTIVATIONS]
+        chosen = plausible if len(plausible) == 1 else behind
+        if len(chosen) != 1:
+            candidates = [s.output for s in (chosen or plausible)] or names
+            raise ExportError(f"the model has {len(names)} outputs and camrt cannot tell which holds the class "
+                              f"scores; name it with --score-output (candidates: {candidates})")
+        log(f"explained output: {chosen[0].output} (the only [batch, classes] output"
+            f"{' behind a Softmax/Sigmoid' if chosen is behind else ''}; choose another with --score-output)")
+        output = chosen[0].output
+    score = _score_of(index, output or names[0], use_softmax_output)
+    rank = index.rank(score.tensor)
     if rank != 2:
         raise ExportError(
-            f"the score tensor {tensor!r} (behind output {output!r}) has rank {rank}; camrt explains "
+            f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; camrt explains "
             "classifiers whose output is [batch, num_classes]."
         )
-    return ScoreChoice(tensor, output, through_softmax)
+    return score
+
+
+def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> None:
+    """ExportError naming the node where the batch dimension of the image becomes a fixed number
+    on the way to the score (a Reshape whose shape constant hard-codes the exported batch size):
+    the file would mix the samples of a batch, a silently wrong answer."""
+    on_path = active_tensors(index, score, [image_input]) | {image_input}
+    batch = index.shape(image_input)[0]
+    for node in index.nodes:
+        if not any(i in on_path and index.shape(i) and index.shape(i)[0] == batch for i in node.input):
+            continue
+        for out in node.output:
+            shape = index.shape(out)
+            if out in on_path and shape and isinstance(shape[0], int):
+                raise ExportError(
+                    f"node {node.name!r} ({node.op_type}) turns the batch dimension into {shape[0]} "
+                    f"(output {out!r}: {list(shape)}): the graph hard-codes the batch size it was exported with. "
+                    "Re-export it with a dynamic batch (torch: dynamic_axes={'input': {0: 'batch'}}, and "
+                    "reshape with -1 or x.size(0) for the batch)"
+                )
 
 
 def layer_candidates(index: GraphIndex, image_input: str, score: str) -> list[str]:
@@ -343,7 +546,7 @@ def contract_metadata(
         contract.META_PREPROCESSING: preprocessing.to_json(),
         contract.META_RULE_SETS: json.dumps(list(rule_sets)),
         contract.META_SCORE: json.dumps({"tensor": score.tensor, "output": score.output,
-                                         "softmax": score.through_softmax}),
+                                         "softmax": score.through_softmax, "activation": score.activation}),
         contract.META_EXPORTER_VERSION: exporter_version,
         contract.META_INPUT: image_input,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -17,7 +18,14 @@ from camrt.plugins import ensure_registered, get_plugin_manager
 from . import __version__
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
-from .contract_file import build_contract_model, choose_score, contract_metadata, layer_candidates, prepare
+from .contract_file import (
+    build_contract_model,
+    choose_score,
+    contract_metadata,
+    layer_candidates,
+    prepare,
+    require_batch_carried,
+)
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -167,37 +175,118 @@ def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None
             )
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The image input's channel count and the (height, width) the exported file is pinned to."""
+
+    channels: int
+    height: int
+    width: int
+
+
+def _pin_image_geometry(image: onnx.ValueInfoProto, input_size: tuple[int, int] | None) -> ImageGeometry:
+    """Make the batch of the NCHW image input dynamic and its H, W static; return its geometry.
+
+    A literal -1, symbolic or missing batch becomes the dynamic batch `batch`. Open (symbolic or -1)
+    H, W take `input_size` (--input-size); static ones must agree with it. Modifies `image` in place.
+    """
+    if not image.type.tensor_type.HasField("shape"):
+        raise ExportError(f"image input {image.name!r} declares no shape; camrt needs NCHW with a static channel "
+                          "count: re-export the model with the input's shape")
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ExportError(f"image input {image.name!r} must be NCHW (rank 4); it has rank {len(dims)}")
+    shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    if not (dims[1].HasField("dim_value") and dims[1].dim_value > 0):
+        raise ExportError(f"image input {image.name!r} {shown}: its channel count (axis 1) must be static")
+    static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[2:]]
+    if input_size is None and None in static:
+        raise ExportError(f"image input {image.name!r} {shown} has open height/width: pin them with --input-size H,W")
+    if input_size is not None and any(s is not None and s != want for s, want in zip(static, input_size)):
+        raise ExportError(f"--input-size {input_size[0]},{input_size[1]} differs from the model's "
+                          f"{shown[2]},{shown[3]} (image input {image.name!r})")
+    height, width = input_size if input_size is not None else static
+    dims[0].Clear()
+    dims[0].dim_param = "batch"  # one file serves every batch size
+    dims[2].dim_value, dims[3].dim_value = height, width
+    return ImageGeometry(dims[1].dim_value, height, width)
+
+
+def default_preprocessing(height: int, width: int, channels: int) -> contract.Preprocessing:
+    """ImageNet's mean and std for 3 channels; x = pixel * scale (mean 0, std 1) for any other count."""
+    if channels == 3:
+        return contract.Preprocessing(height, width)
+    return contract.Preprocessing(height, width, mean=(0.0,) * channels, std=(1.0,) * channels)
+
+
+def _preprocessing_for(geometry: ImageGeometry, preprocessing: contract.Preprocessing | None,
+                       log: Callable[[str], None]) -> contract.Preprocessing:
+    """The given preprocessing at the pinned size, or the default one for the model's channel count."""
+    if preprocessing is None:
+        if geometry.channels != 3:
+            log(f"{geometry.channels}-channel input: preprocessing x = pixel / 255 (give --mean/--std if the model "
+                "expects other values)")
+        return default_preprocessing(geometry.height, geometry.width, geometry.channels)
+    if len(preprocessing.mean) != geometry.channels or len(preprocessing.std) != geometry.channels:
+        raise ExportError(f"--mean/--std give {len(preprocessing.mean)}/{len(preprocessing.std)} values for a model "
+                          f"with {geometry.channels} input channel(s): give one value or one per channel")
+    return replace(preprocessing, height=geometry.height, width=geometry.width)
+
+
+def _forget_inferred_shapes(model: onnx.ModelProto) -> None:
+    """Drop the shapes the converter recorded for the sizes it exported with (e.g. batch 1 outputs);
+    they are inferred again for the dynamic batch and the pinned size."""
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        output.type.tensor_type.ClearField("shape")
+
+
+def read_image_geometry(path: str | os.PathLike, input_name: str | None = None,
+                        input_size: tuple[int, int] | None = None) -> ImageGeometry:
+    """The geometry an export of the ONNX file at `path` would pin (ExportError when it cannot)."""
+    source = _load(path, load_external_data=False)
+    return _pin_image_geometry(_image_input(source, input_name), input_size)
+
+
+def _load(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    try:
+        return onnx.load(os.fspath(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises others
+        raise ExportError(f"{os.fspath(path)!r} is not a readable ONNX file: {exc}") from exc
+
+
 def export_onnx(
     path: str | os.PathLike,
     *,
     layers: Sequence[str] = (),
     rules: Sequence[str] = DEFAULT_RULE_SETS,
+    input_size: tuple[int, int] | None = None,
     preprocessing: contract.Preprocessing | None = None,
     labels: str | Sequence[str] | None = None,
     input_name: str | None = None,
+    output: str | None = None,
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
 
+    input_size: (H, W) pinning an image input whose height and width are open (symbolic or -1);
+    when None, the size of `preprocessing` does. output: the model output to explain (default: the
+    one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once)."""
-    try:
-        source = onnx.load(os.fspath(path))
-    except Exception as exc:  # protobuf raises DecodeError, onnx raises others
-        raise ExportError(f"{os.fspath(path)!r} is not a readable ONNX file: {exc}") from exc
+    source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
-    dims = image.type.tensor_type.shape.dim
-    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]):
-        raise ExportError(f"image input {image.name!r} must be NCHW with static C, H, W; got {dims}")
-    dims[0].Clear()
-    dims[0].dim_param = "batch"  # one file serves every batch size
-    del source.graph.value_info[:]
+    if input_size is None and preprocessing is not None:
+        input_size = (preprocessing.height, preprocessing.width)
+    geometry = _pin_image_geometry(image, input_size)
+    _forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
-    score = choose_score(index, forward.graph.output[0].name, use_softmax_output)
+    score = choose_score(index, output, use_softmax_output, log)
+    require_batch_carried(index, image.name, score.tensor)
     names = list(layers)
     for name in names:
         if name not in index.shapes and name not in index.producer:
@@ -208,10 +297,7 @@ def export_onnx(
     if not names:
         names = [_choose_layer(layer_candidates(index, image.name, score.tensor), "onnx")]
         log(f"default layer: {names[0]} (the last tensor with spatial extent)")
-    height, width = dims[2].dim_value, dims[3].dim_value
-    preprocessing = preprocessing or contract.Preprocessing(height, width)
-    if (preprocessing.height, preprocessing.width) != (height, width):
-        raise ExportError(f"--input-size {preprocessing.height},{preprocessing.width} differs from the model's {height},{width}")
+    preprocessing = _preprocessing_for(geometry, preprocessing, log)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     vanilla, input_rule_sets = resolve_rule_sets(rules)
@@ -226,7 +312,7 @@ def export_onnx(
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
-                                         tuple(d.dim_value for d in dims[1:]))
+                                         (geometry.channels, geometry.height, geometry.width))
     return result, checks
 
 

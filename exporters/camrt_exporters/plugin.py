@@ -29,6 +29,23 @@ def _floats(text: str | None, count: int, option: str) -> tuple[float, ...] | No
     return values
 
 
+def _preprocessing(height: int, width: int, channels: int, mean: str | None, std: str | None, scale: float | None,
+                   channel_order: str):
+    """The preprocessing the flags give, the defaults of `default_preprocessing` for the others."""
+    from camrt import contract
+
+    from .export import default_preprocessing
+
+    default = default_preprocessing(height, width, channels)
+    return contract.Preprocessing(
+        height, width,
+        mean=_floats(mean, channels, "--mean") or default.mean,
+        std=_floats(std, channels, "--std") or default.std,
+        scale=default.scale if scale is None else scale,
+        channel_order=channel_order,
+    )
+
+
 EXPORT_EPILOG = """\b
 Examples:
   camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
@@ -45,19 +62,25 @@ def register_commands(cli):
     @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the last tensor with spatial extent.")
     @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
-    @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model).")
-    @click.option("--mean", help="Per-channel mean after scaling (default ImageNet's for torch sources).")
-    @click.option("--std", help="Per-channel std (default ImageNet's for torch sources).")
+    @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model, "
+                  "required when its height/width are open, e.g. symbolic or -1).")
+    @click.option("--mean", help="Per-channel mean after scaling: one value or one per input channel "
+                  "(default ImageNet's for 3-channel inputs).")
+    @click.option("--std", help="Per-channel std: one value or one per input channel (default ImageNet's for "
+                  "3-channel inputs).")
     @click.option("--scale", type=float, help="Pixel scale applied before mean/std (default 1/255).")
     @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
     @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
-    @click.option("--softmax-output", is_flag=True, help="Differentiate the softmax output instead of the logits before it.")
+    @click.option("--score-output", help="ONNX source: the model output to explain (default: the only [batch, "
+                  "classes] output, or the only one behind a Softmax/Sigmoid).")
+    @click.option("--softmax-output", is_flag=True, help="Differentiate the Softmax/Sigmoid output instead of the "
+                  "logits before it.")
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, softmax_output, opset, fullgrad):
+               input_name, score_output, softmax_output, opset, fullgrad):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -66,43 +89,37 @@ def register_commands(cli):
         """
         from camrt import contract
 
-        from .export import export_onnx, export_torch, write_model
+        from .export import export_onnx, export_torch, read_image_geometry, write_model
         from .torch_frontend import load_model
 
         size = _floats(input_size, 2, "--input-size")
-        defaults = contract.Preprocessing(224, 224)
+        size = (int(size[0]), int(size[1])) if size else None
         is_onnx = source.endswith(".onnx")
         torch_only = [flag for flag, given in (("--weights", weights), ("--opset", opset is not None)) if given]
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
-        preprocessing = None
-        if size or mean or std or scale is not None or channel_order != "rgb" or not is_onnx:
-            height, width = (int(size[0]), int(size[1])) if size else (224, 224)
-            preprocessing = contract.Preprocessing(
-                height, width,
-                mean=_floats(mean, 3, "--mean") or defaults.mean,
-                std=_floats(std, 3, "--std") or defaults.std,
-                scale=defaults.scale if scale is None else scale,
-                channel_order=channel_order,
-            )
+        if not is_onnx and score_output:
+            raise click.UsageError("--score-output applies to ONNX sources; a torch model's output is its logits")
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
         if is_onnx:
-            if preprocessing is not None and not size:
-                import onnx
-
-                dims = [i for i in onnx.load(source, load_external_data=False).graph.input][0].type.tensor_type.shape.dim
-                preprocessing = contract.Preprocessing(dims[2].dim_value, dims[3].dim_value, preprocessing.mean,
-                                                       preprocessing.std, preprocessing.scale, channel_order)
-            model, checks = export_onnx(source, layers=layers, rules=rule_names, preprocessing=preprocessing,
-                                        labels=labels, input_name=input_name, use_softmax_output=softmax_output,
+            preprocessing = None
+            if mean or std or scale is not None or channel_order != "rgb":
+                geometry = read_image_geometry(source, input_name, size)
+                preprocessing = _preprocessing(geometry.height, geometry.width, geometry.channels, mean, std, scale,
+                                               channel_order)
+            model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
+                                        preprocessing=preprocessing, labels=labels, input_name=input_name,
+                                        output=score_output, use_softmax_output=softmax_output,
                                         fullgrad=fullgrad, log=log)
         else:
+            height, width = size or (224, 224)
+            preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
             module = load_model(source, weights)
-            model, checks = export_torch(module, layers=layers, input_size=(preprocessing.height, preprocessing.width),
+            model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
                                          source_name=source, opset=opset, fullgrad=fullgrad, log=log)
         for check in checks:

@@ -35,7 +35,7 @@ def test_contract_round_trip(tiny):
     assert info.rule_sets == ["vanilla", "guided"]
     assert info.preprocessing == tiny.preprocessing
     assert info.labels == LABELS
-    assert info.score == {"tensor": "logits", "output": "probs", "softmax": True}
+    assert info.score == {"tensor": "logits", "output": "probs", "softmax": True, "activation": "Softmax"}
 
 
 @pytest.mark.parametrize("content, reason", [
