@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.layers import spatial_candidates
+from camrt.layers import spatial_candidates, tensor_layouts
 from camrt.errors import ExportError
 
 from .autodiff.graph import GraphIndex, attribute
@@ -74,10 +74,11 @@ def choose_score(index: GraphIndex, output: str, use_softmax_output: bool = Fals
     return ScoreChoice(tensor, output, through_softmax)
 
 
-def layer_candidates(index: GraphIndex, image_input: str, score: str) -> list[str]:
-    """Tensors with spatial extent on a path from the input to the score, in graph order
+def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
+    """NCHW tensors with spatial extent on a path from the input to the score, in graph order
     (the rule lives in camrt.layers, shared with `camrt inspect`)."""
-    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]))
+    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]),
+                              tensor_layouts(index.nodes, image_input, image_layout))
 
 
 @dataclass

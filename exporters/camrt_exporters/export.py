@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -18,6 +19,7 @@ from . import __version__
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
 from .contract_file import build_contract_model, choose_score, contract_metadata, layer_candidates, prepare
+from .layouts import image_layout, refuse_non_nchw_layers, spatial_size
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -177,12 +179,14 @@ def export_onnx(
     input_name: str | None = None,
     use_softmax_output: bool = False,
     fullgrad: bool = False,
+    input_layout: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
 
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
-    (a BatchNorm already folded into its Conv counts once)."""
+    (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
     try:
         source = onnx.load(os.fspath(path))
     except Exception as exc:  # protobuf raises DecodeError, onnx raises others
@@ -192,6 +196,7 @@ def export_onnx(
     dims = image.type.tensor_type.shape.dim
     if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]):
         raise ExportError(f"image input {image.name!r} must be NCHW with static C, H, W; got {dims}")
+    layout = image_layout(image.name, [d.dim_value for d in dims], input_layout)
     dims[0].Clear()
     dims[0].dim_param = "batch"  # one file serves every batch size
     del source.graph.value_info[:]
@@ -205,11 +210,13 @@ def export_onnx(
 
             close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
             raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
+    candidates = layer_candidates(index, image.name, score.tensor, layout)
+    refuse_non_nchw_layers(index, names, image.name, layout, candidates)
     if not names:
-        names = [_choose_layer(layer_candidates(index, image.name, score.tensor), "onnx")]
-        log(f"default layer: {names[0]} (the last tensor with spatial extent)")
-    height, width = dims[2].dim_value, dims[3].dim_value
-    preprocessing = preprocessing or contract.Preprocessing(height, width)
+        names = [_choose_layer(candidates, "onnx")]
+        log(f"default layer: {names[0]} (the last NCHW tensor with spatial extent)")
+    height, width = spatial_size([d.dim_value for d in dims], layout)
+    preprocessing = replace(preprocessing or contract.Preprocessing(height, width), layout=layout)
     if (preprocessing.height, preprocessing.width) != (height, width):
         raise ExportError(f"--input-size {preprocessing.height},{preprocessing.width} differs from the model's {height},{width}")
     labels = resolve_labels(labels)

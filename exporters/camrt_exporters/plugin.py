@@ -52,12 +52,14 @@ def register_commands(cli):
     @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
     @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
+    @click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX source: the image input's "
+                  "layout (default: told by where its 1, 3 or 4 channels are; Keras/tf2onnx files are nhwc).")
     @click.option("--softmax-output", is_flag=True, help="Differentiate the softmax output instead of the logits before it.")
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, softmax_output, opset, fullgrad):
+               input_name, input_layout, softmax_output, opset, fullgrad):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -73,6 +75,8 @@ def register_commands(cli):
         defaults = contract.Preprocessing(224, 224)
         is_onnx = source.endswith(".onnx")
         torch_only = [flag for flag, given in (("--weights", weights), ("--opset", opset is not None)) if given]
+        if input_layout and not is_onnx:
+            raise click.UsageError(f"--input-layout applies to ONNX sources; torch sources ({source}) are NCHW")
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
@@ -94,12 +98,16 @@ def register_commands(cli):
             if preprocessing is not None and not size:
                 import onnx
 
-                dims = [i for i in onnx.load(source, load_external_data=False).graph.input][0].type.tensor_type.shape.dim
-                preprocessing = contract.Preprocessing(dims[2].dim_value, dims[3].dim_value, preprocessing.mean,
+                from .layouts import image_layout, spatial_size
+
+                image = [i for i in onnx.load(source, load_external_data=False).graph.input][0]
+                shape = [d.dim_value for d in image.type.tensor_type.shape.dim]
+                height, width = spatial_size(shape, image_layout(image.name, shape, input_layout))
+                preprocessing = contract.Preprocessing(height, width, preprocessing.mean,
                                                        preprocessing.std, preprocessing.scale, channel_order)
             model, checks = export_onnx(source, layers=layers, rules=rule_names, preprocessing=preprocessing,
                                         labels=labels, input_name=input_name, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, log=log)
         else:
             module = load_model(source, weights)
             model, checks = export_torch(module, layers=layers, input_size=(preprocessing.height, preprocessing.width),
