@@ -93,6 +93,14 @@ def test_every_method_gives_the_same_maps_on_the_nhwc_file(twins, method):
     np.testing.assert_allclose(maps[1], maps[0], rtol=0, atol=1e-5)
 
 
+def test_heatmaps_made_in_the_session_are_the_same_on_the_nhwc_file(twins):
+    x = np.random.default_rng(7).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    maps = [np.stack([e.heatmap for e in Explainer(path, device="cpu", device_postprocess=True).explain(x, [0, 1, 2])])
+            for path in twins]
+    assert np.ptp(maps[0], axis=(1, 2)).max() > 0  # (a class whose Grad-CAM is all negative gives zeros)
+    np.testing.assert_allclose(maps[1], maps[0], rtol=0, atol=1e-5)
+
+
 def test_nhwc_input_gradients_come_back_nchw(twins):
     x = np.random.default_rng(4).standard_normal((3, 3, 16, 16)).astype(np.float32)
     fetch = [contract.input_gradient_output(rule) for rule in ("vanilla", "guided", "deconvnet")]
