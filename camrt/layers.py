@@ -38,7 +38,7 @@ _LAYOUT_KEEPING_OPS = frozenset({
     "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Mish", "Softplus", "Softsign", "Gelu", "Erf",
     "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-    "Concat", "Pad", "Slice", "Split", "Resize", "Upsample",
+    "Concat", "Pad", "Slice", "Split", "Resize", "Upsample", "LayerNormalization", "Softmax", "LogSoftmax",
 })
 _TRANSPOSES = {(tuple(contract.NCHW_TO_NHWC), contract.LAYOUT_NCHW): contract.LAYOUT_NHWC,
                (tuple(contract.NHWC_TO_NCHW), contract.LAYOUT_NHWC): contract.LAYOUT_NCHW}
@@ -61,8 +61,8 @@ def tensor_layouts(nodes: Sequence[Any], image_input: str, image_layout: str | N
     propagated forward from the image input and from the ops whose layout ONNX defines.
 
     Conv, pools, BatchNormalization... write NCHW; element-wise and layout-keeping ops pass on the
-    one layout their inputs agree on; a Transpose by NCHW_TO_NHWC / NHWC_TO_NCHW converts; any
-    other op (Reshape, other permutations) leaves its outputs unestablished. `nodes` in
+    one layout their inputs agree on; a MatMul by weights keeps NHWC; a Transpose by NCHW_TO_NHWC /
+    NHWC_TO_NCHW converts; any other op (Reshape, other permutations) leaves its outputs unestablished. `nodes` in
     topological order."""
     layouts = {image_input: image_layout} if image_layout else {}
     for node in nodes:
@@ -71,6 +71,9 @@ def tensor_layouts(nodes: Sequence[Any], image_input: str, image_layout: str | N
         elif node.op_type == "Transpose" and node.input[0] in layouts:
             perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())
             layout = layouts[node.input[0]] if perm == (0, 1, 2, 3) else _TRANSPOSES.get((perm, layouts[node.input[0]]))
+        elif node.op_type == "MatMul" and node.input[1] not in layouts:
+            # a per-pixel linear layer over the last axis (ConvNeXt's blocks) keeps NHWC; on NCHW it mixes W
+            layout = contract.LAYOUT_NHWC if layouts.get(node.input[0]) == contract.LAYOUT_NHWC else None
         elif node.op_type in _LAYOUT_KEEPING_OPS:
             found = {layouts[i] for i in node.input if i in layouts}
             layout = found.pop() if len(found) == 1 else None

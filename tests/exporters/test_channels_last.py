@@ -22,7 +22,7 @@ from camrt import contract
 from camrt.cli import build_cli
 from camrt.errors import ContractError, ExportError
 from camrt.explainer import Explainer
-from camrt.layers import onnx_layers
+from camrt.layers import onnx_layers, tensor_layouts
 from camrt.registry import build_method_registry
 from camrt.session import ExplainSession, parse_contract
 from camrt_exporters import export as export_module
@@ -145,6 +145,27 @@ def test_named_nhwc_layer_is_refused_naming_the_nearest_nchw_one(tmp_path):
     onnx.save(_head_through_nhwc([1, 2]), tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"--layer 'relu_nhwc_2': .*channels-last \(NHWC\).*nearest one is 'relu'"):
         export_onnx(tmp_path / "m.onnx", layers=["relu_nhwc_2"], rules=["vanilla"])
+
+
+def test_layouts_propagate_through_a_convnext_style_channels_last_block():
+    """Conv -> to NHWC -> LayerNormalization -> MatMul by weights -> to NCHW -> Add to the Conv
+    output; Reshape and other permutations establish nothing."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["image", "w"], ["conv"]),
+        node("Transpose", ["conv"], ["nhwc"], perm=list(contract.NCHW_TO_NHWC)),
+        node("LayerNormalization", ["nhwc", "gamma"], ["norm"], axis=-1),
+        node("MatMul", ["norm", "fc"], ["linear"]),
+        node("Transpose", ["linear"], ["nchw"], perm=list(contract.NHWC_TO_NCHW)),
+        node("Add", ["conv", "nchw"], ["residual"]),
+        node("MatMul", ["residual", "fc"], ["mixes_width"]),
+        node("Transpose", ["residual"], ["swapped"], perm=[0, 1, 3, 2]),
+        node("Reshape", ["residual", "shape"], ["reshaped"]),
+        node("Add", ["nhwc", "residual"], ["conflict"]),
+    ]
+    layouts = tensor_layouts(nodes, "image", None)
+    assert layouts == {"conv": "nchw", "nhwc": "nhwc", "norm": "nhwc", "linear": "nhwc", "nchw": "nchw",
+                       "residual": "nchw"}
 
 
 def test_named_layer_behind_a_reshape_is_refused_as_unestablished(tmp_path):
