@@ -62,8 +62,8 @@ def tensor_layouts(nodes: Sequence[Any], image_input: str, image_layout: str | N
 
     Conv, pools, BatchNormalization... write NCHW; element-wise and layout-keeping ops pass on the
     one layout their inputs agree on; a MatMul by weights keeps NHWC; a Transpose by NCHW_TO_NHWC /
-    NHWC_TO_NCHW converts; any other op (Reshape, other permutations) leaves its outputs unestablished. `nodes` in
-    topological order."""
+    NHWC_TO_NCHW converts; any other op (Reshape, other permutations) leaves its outputs
+    unestablished. `nodes` in topological order."""
     layouts = {image_input: image_layout} if image_layout else {}
     for node in nodes:
         if node.op_type in _NCHW_OUTPUT_OPS:
@@ -99,7 +99,7 @@ def layer_layout_problem(tensor: str, layouts: dict[str, str], nodes: Sequence[A
         return None
     what = "is channels-last (NHWC)" if layout == contract.LAYOUT_NHWC else "has no established NCHW layout"
     nearest = nearest_nchw_layer(tensor, nodes, candidates)
-    return (f"layer {tensor!r} {what}; camrt explains layers as [B, C, H, W] tensors"
+    return (f"{tensor!r} {what}; camrt explains layers as [B, C, H, W] tensors"
             f"{f', and the nearest one is {nearest!r}' if nearest else ''} (channels-last layers: issue 15)")
 
 

@@ -41,4 +41,4 @@ def refuse_non_nchw_layers(index: GraphIndex, layers: Sequence[str], image_input
     for layer in layers:
         problem = layer_layout_problem(layer, layouts, index.nodes, candidates)
         if problem:
-            raise ExportError(f"--layer {layer!r}: {problem}")
+            raise ExportError(f"--layer {problem}")

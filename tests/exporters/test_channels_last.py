@@ -143,7 +143,7 @@ def test_default_layer_is_never_an_nhwc_tensor(tmp_path):
 
 def test_named_nhwc_layer_is_refused_naming_the_nearest_nchw_one(tmp_path):
     onnx.save(_head_through_nhwc([1, 2]), tmp_path / "m.onnx")
-    with pytest.raises(ExportError, match=r"--layer 'relu_nhwc_2': .*channels-last \(NHWC\).*nearest one is 'relu'"):
+    with pytest.raises(ExportError, match=r"--layer 'relu_nhwc_2' is channels-last \(NHWC\); .*nearest one is 'relu'"):
         export_onnx(tmp_path / "m.onnx", layers=["relu_nhwc_2"], rules=["vanilla"])
 
 
