@@ -622,6 +622,7 @@ def onnx_summary(path: str) -> dict[str, Any]:
         "camrt_file": False,
         "input": layers.image_input,
         "input_shape": list(layers.input_shape),
+        "input_layout": layers.image_layout,
         "output": layers.output,
         "candidates": [{"layer": name, "shape": list(shape)} for name, shape in layers.candidates],
         "default_layer": layers.default,
@@ -642,7 +643,7 @@ def _contract_text(summary: dict[str, Any]) -> list[str]:
         f"layers:           {', '.join(summary['layers']) or '(none)'}",
         f"default layer:    {summary['default_layer'] or '(none)'}",
         f"rule sets:        {', '.join(summary['rule_sets']) or '(none)'}",
-        f"preprocessing:    {p['height']}x{p['width']} {p['channel_order']}, scale {p['scale']:.6g}, "
+        f"preprocessing:    {p['height']}x{p['width']} {p['channel_order']} {p['layout']}, scale {p['scale']:.6g}, "
         f"mean {list(p['mean'])}, std {list(p['std'])}",
         f"labels:           {summary['labels'] or '(none)'}",
         f"score:            {json.dumps(summary['score'])}",
@@ -653,7 +654,8 @@ def _contract_text(summary: dict[str, Any]) -> list[str]:
 def _onnx_text(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"file:             {summary['file']} (plain ONNX, not a camrt file: make one with `camrt export`)",
-        f"input:            {summary['input']} {_shape_text(summary['input_shape'])}",
+        f"input:            {summary['input']} {_shape_text(summary['input_shape'])} "
+        f"({summary['input_layout'] or 'layout ambiguous: give --input-layout to camrt export'})",
         f"output:           {summary['output']}",
         f"default layer:    {summary['default_layer'] or '(none: no tensor with spatial extent feeds the output)'}",
         "layer candidates (tensors with spatial extent between the input and the output, in graph order):",

@@ -74,13 +74,24 @@ META_CAM_LAYERS = "camrt.cam_layers"  # JSON list of the layers with a cam_weigh
 META_BIAS_TERMS = "camrt.bias_terms"  # JSON list of the nodes with a bias_grad output; absent: not exported
 
 
+#: Image-input layouts (`Preprocessing.layout`); a file without the field is NCHW.
+LAYOUT_NCHW = "nchw"
+LAYOUT_NHWC = "nhwc"
+LAYOUTS = (LAYOUT_NCHW, LAYOUT_NHWC)
+#: Axis orders (numpy transpose, ONNX Transpose perm) between the two.
+NCHW_TO_NHWC = (0, 2, 3, 1)
+NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How the runtime turns an 8-bit image into the model input.
 
     x = ((pixel * scale) - mean) / std, per channel, in `channel_order`, resized to
-    (height, width) without cropping; layout NCHW float32. One mean/std value per channel: three
-    (RGB or BGR) or one (the image's luma, for grayscale models).
+    (height, width) without cropping; float32 in `layout`: the model's image input is NCHW
+    ([B, C, H, W]) or NHWC ([B, H, W, C], as Keras/tf2onnx files have it). The runtime always
+    hands methods NCHW batches and input gradients; it transposes at the model's input only.
+    One mean/std value per channel: three (RGB or BGR) or one (the image's luma, for grayscale models).
     """
 
     height: int
@@ -89,13 +100,19 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     scale: float = 1.0 / 255.0
     channel_order: str = "rgb"
+    layout: str = LAYOUT_NCHW
 
     @property
     def channels(self) -> int:
         return len(self.mean)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        # NCHW files leave the field out: they stay readable by runtimes that predate it, which
+        # refuse an NHWC file as malformed instead of feeding it NCHW.
+        data = asdict(self)
+        if data["layout"] == LAYOUT_NCHW:
+            del data["layout"]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> "Preprocessing":

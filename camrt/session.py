@@ -159,6 +159,8 @@ def _preprocessing_problem(p: contract.Preprocessing) -> str | None:
         return f"scale {p.scale!r} is not a finite number"
     if not isinstance(p.channel_order, str) or p.channel_order.lower() not in ("rgb", "bgr"):
         return f"channel order {p.channel_order!r} is not rgb or bgr"
+    if p.layout not in contract.LAYOUTS:
+        return f"layout {p.layout!r} is not {' or '.join(contract.LAYOUTS)}"
     return None
 
 
@@ -469,7 +471,8 @@ class ExplainSession:
         for needed in (self.info.input_name, contract.TARGET_INPUT):
             if needed not in inputs:
                 raise ContractError(f"{self.path}: the graph has no input {needed!r}; re-export the model with `camrt export`")
-        self.input_shape = inputs[self.info.input_name]
+        #: The image input's shape as callers give it: NCHW, whatever the file's layout.
+        self.input_shape = _as_nchw(inputs[self.info.input_name], self.info.preprocessing.layout)
         self._check_image_input(next(i for i in graph.input if i.name == self.info.input_name))
         outputs = {o.name: _dims(o) for o in graph.output}
         self.output_names: tuple[str, ...] = tuple(outputs)
@@ -486,7 +489,8 @@ class ExplainSession:
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
 
     def _check_image_input(self, value_info) -> None:
-        """The image input must be float32 NCHW and agree with the preprocessing metadata."""
+        """The image input must be float32, rank 4 and agree with the preprocessing metadata
+        (`input_shape`: its shape in NCHW order)."""
         from onnx import TensorProto
 
         elem_type = value_info.type.tensor_type.elem_type
@@ -501,7 +505,8 @@ class ExplainSession:
                                   for want, got in zip(shape[1:], (p.channels, p.height, p.width))):
             raise ContractError(
                 f"{self.path}: the image input {value_info.name!r} has shape {shape} but the preprocessing metadata "
-                f"says [N, {p.channels}, {p.height}, {p.width}]; re-export the model with `camrt export`"
+                f"says [N, {p.channels}, {p.height}, {p.width}] (NCHW order, file layout {p.layout}); re-export the "
+                "model with `camrt export`"
             )
 
     def prepare(self, fetch: Sequence[str], extend: Callable[[Any], Any] | None = None, name: str = ""):
@@ -593,11 +598,24 @@ class ExplainSession:
         session = session or self.prepare(fetch)
         if x.shape[0] == 0:
             raise InputError("empty batch")
-        feeds = {self.info.input_name: x, contract.TARGET_INPUT: t}
+        feeds = {self.info.input_name: self._model_input(x), contract.TARGET_INPUT: t}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
         _check_finite(dict(zip(fetch, values)), "the model")
-        return dict(zip(fetch, values))
+        return {name: self._input_gradient_as_nchw(name, value) for name, value in zip(fetch, values)}
+
+    # -- the image layout: methods see NCHW inputs and input gradients -------------------
+    def _model_input(self, x: np.ndarray) -> np.ndarray:
+        """The checked NCHW batch `x` in the layout of the file's image input."""
+        if self.info.preprocessing.layout == contract.LAYOUT_NHWC:
+            return np.ascontiguousarray(x.transpose(contract.NCHW_TO_NHWC))
+        return x
+
+    def _input_gradient_as_nchw(self, name: str, value: np.ndarray) -> np.ndarray:
+        """An input-gradient output (shaped like the image input) in NCHW; other outputs as they are."""
+        if self.info.preprocessing.layout == contract.LAYOUT_NHWC and name.startswith(contract.INPUT_GRADIENT_PREFIX):
+            return np.ascontiguousarray(value.transpose(contract.NHWC_TO_NCHW))
+        return value
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
     def layer_tensor(self, layer: str) -> str:
@@ -647,7 +665,7 @@ class ExplainSession:
         plan = self.tail_plan(layer)
         if not plan.side:
             return {}
-        x = self.check_inputs(inputs)
+        x = self._model_input(self.check_inputs(inputs))
         direct = {name: x for name in plan.side if name == self.info.input_name}
         computed = [name for name in plan.side if name not in direct]
         if computed:
@@ -814,6 +832,13 @@ def _tail_graphs(model, tensor: str, logits: str, path: str, layer: str):
     if computed:
         side_model = _subgraph(model, computed, extra_outputs=[info(n) for n in computed])
     return tail, side_model, side
+
+
+def _as_nchw(shape: tuple[int | str | None, ...], layout: str) -> tuple[int | str | None, ...]:
+    """A rank-4 image-input shape of `layout`, reordered to NCHW (other ranks unchanged)."""
+    if layout == contract.LAYOUT_NHWC and len(shape) == 4:
+        return tuple(shape[axis] for axis in contract.NHWC_TO_NCHW)
+    return shape
 
 
 def _dims(value_info) -> tuple[int | str | None, ...]:

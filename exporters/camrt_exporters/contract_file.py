@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.errors import ExportError
-from camrt.layers import spatial_candidates
+from camrt.layers import spatial_candidates, tensor_layouts
 
 from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
@@ -277,10 +277,11 @@ def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> No
                 )
 
 
-def layer_candidates(index: GraphIndex, image_input: str, score: str) -> list[str]:
-    """Tensors with spatial extent on a path from the input to the score, in graph order
+def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
+    """NCHW tensors with spatial extent on a path from the input to the score, in graph order
     (the rule lives in camrt.layers, shared with `camrt inspect`)."""
-    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]))
+    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]),
+                              tensor_layouts(index.nodes, image_input, image_layout))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
+from .layouts import image_layout, refuse_non_nchw_layers
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -177,39 +178,45 @@ def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """The image input's channel count and the (height, width) the exported file is pinned to."""
+    """The image input's layout, channel count and the (height, width) the exported file is pinned to."""
 
+    layout: str
     channels: int
     height: int
     width: int
 
 
-def _pin_image_geometry(image: onnx.ValueInfoProto, input_size: tuple[int, int] | None) -> ImageGeometry:
-    """Make the batch of the NCHW image input dynamic and its H, W static; return its geometry.
+def _pin_image_geometry(image: onnx.ValueInfoProto, input_size: tuple[int, int] | None,
+                        input_layout: str | None = None) -> ImageGeometry:
+    """Make the batch of the image input dynamic and its H, W static; return its geometry.
 
-    A literal -1, symbolic or missing batch becomes the dynamic batch `batch`. Open (symbolic or -1)
+    The layout (NCHW or NHWC) is `input_layout` (--input-layout) or told by the channel axis. A
+    literal -1, symbolic or missing batch becomes the dynamic batch `batch`. Open (symbolic or -1)
     H, W take `input_size` (--input-size); static ones must agree with it. Modifies `image` in place.
     """
     if not image.type.tensor_type.HasField("shape"):
-        raise ExportError(f"image input {image.name!r} declares no shape; camrt needs NCHW with a static channel "
-                          "count: re-export the model with the input's shape")
+        raise ExportError(f"image input {image.name!r} declares no shape; camrt needs NCHW or NHWC with a static "
+                          "channel count: re-export the model with the input's shape")
     dims = image.type.tensor_type.shape.dim
     if len(dims) != 4:
-        raise ExportError(f"image input {image.name!r} must be NCHW (rank 4); it has rank {len(dims)}")
+        raise ExportError(f"image input {image.name!r} must be NCHW or NHWC (rank 4); it has rank {len(dims)}")
     shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-    if not (dims[1].HasField("dim_value") and dims[1].dim_value > 0):
-        raise ExportError(f"image input {image.name!r} {shown}: its channel count (axis 1) must be static")
-    static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[2:]]
+    static_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    layout = image_layout(image.name, static_dims, input_layout)
+    channel_axis, spatial_axes = (3, (1, 2)) if layout == contract.LAYOUT_NHWC else (1, (2, 3))
+    if static_dims[channel_axis] is None:
+        raise ExportError(f"image input {image.name!r} {shown}: its channel count (axis {channel_axis}) must be static")
+    static = [static_dims[a] for a in spatial_axes]
     if input_size is None and None in static:
         raise ExportError(f"image input {image.name!r} {shown} has open height/width: pin them with --input-size H,W")
     if input_size is not None and any(s is not None and s != want for s, want in zip(static, input_size)):
         raise ExportError(f"--input-size {input_size[0]},{input_size[1]} differs from the model's "
-                          f"{shown[2]},{shown[3]} (image input {image.name!r})")
+                          f"{shown[spatial_axes[0]]},{shown[spatial_axes[1]]} (image input {image.name!r})")
     height, width = input_size if input_size is not None else static
     dims[0].Clear()
     dims[0].dim_param = "batch"  # one file serves every batch size
-    dims[2].dim_value, dims[3].dim_value = height, width
-    return ImageGeometry(dims[1].dim_value, height, width)
+    dims[spatial_axes[0]].dim_value, dims[spatial_axes[1]].dim_value = height, width
+    return ImageGeometry(layout, static_dims[channel_axis], height, width)
 
 
 def default_preprocessing(height: int, width: int, channels: int) -> contract.Preprocessing:
@@ -242,10 +249,10 @@ def _forget_inferred_shapes(model: onnx.ModelProto) -> None:
 
 
 def read_image_geometry(path: str | os.PathLike, input_name: str | None = None,
-                        input_size: tuple[int, int] | None = None) -> ImageGeometry:
+                        input_size: tuple[int, int] | None = None, input_layout: str | None = None) -> ImageGeometry:
     """The geometry an export of the ONNX file at `path` would pin (ExportError when it cannot)."""
     source = _load(path, load_external_data=False)
-    return _pin_image_geometry(_image_input(source, input_name), input_size)
+    return _pin_image_geometry(_image_input(source, input_name), input_size, input_layout)
 
 
 def _load(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
@@ -267,6 +274,7 @@ def export_onnx(
     output: str | None = None,
     use_softmax_output: bool = False,
     fullgrad: bool = False,
+    input_layout: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -275,13 +283,15 @@ def export_onnx(
     when None, the size of `preprocessing` does. output: the model output to explain (default: the
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
-    (a BatchNorm already folded into its Conv counts once)."""
+    (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
     if input_size is None and preprocessing is not None:
         input_size = (preprocessing.height, preprocessing.width)
-    geometry = _pin_image_geometry(image, input_size)
+    geometry = _pin_image_geometry(image, input_size, input_layout)
+    layout = geometry.layout
     _forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
@@ -294,10 +304,12 @@ def export_onnx(
 
             close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
             raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
+    candidates = layer_candidates(index, image.name, score.tensor, layout)
+    refuse_non_nchw_layers(index, names, image.name, layout, candidates)
     if not names:
-        names = [_choose_layer(layer_candidates(index, image.name, score.tensor), "onnx")]
-        log(f"default layer: {names[0]} (the last tensor with spatial extent)")
-    preprocessing = _preprocessing_for(geometry, preprocessing, log)
+        names = [_choose_layer(candidates, "onnx")]
+        log(f"default layer: {names[0]} (the last NCHW tensor with spatial extent)")
+    preprocessing = replace(_preprocessing_for(geometry, preprocessing, log), layout=layout)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     vanilla, input_rule_sets = resolve_rule_sets(rules)
@@ -312,7 +324,7 @@ def export_onnx(
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
-                                         (geometry.channels, geometry.height, geometry.width))
+                                         tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]))
     return result, checks
 
 

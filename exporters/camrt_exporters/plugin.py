@@ -74,13 +74,15 @@ def register_commands(cli):
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
     @click.option("--score-output", help="ONNX source: the model output to explain (default: the only [batch, "
                   "classes] output, or the only one behind a Softmax/Sigmoid).")
+    @click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX source: the image input's "
+                  "layout (default: told by where its 1, 3 or 4 channels are; Keras/tf2onnx files are nhwc).")
     @click.option("--softmax-output", is_flag=True, help="Differentiate the Softmax/Sigmoid output instead of the "
                   "logits before it.")
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, softmax_output, opset, fullgrad):
+               input_name, score_output, input_layout, softmax_output, opset, fullgrad):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -96,6 +98,8 @@ def register_commands(cli):
         size = (int(size[0]), int(size[1])) if size else None
         is_onnx = source.endswith(".onnx")
         torch_only = [flag for flag, given in (("--weights", weights), ("--opset", opset is not None)) if given]
+        if input_layout and not is_onnx:
+            raise click.UsageError(f"--input-layout applies to ONNX sources; torch sources ({source}) are NCHW")
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
@@ -108,13 +112,13 @@ def register_commands(cli):
         if is_onnx:
             preprocessing = None
             if mean or std or scale is not None or channel_order != "rgb":
-                geometry = read_image_geometry(source, input_name, size)
+                geometry = read_image_geometry(source, input_name, size, input_layout)
                 preprocessing = _preprocessing(geometry.height, geometry.width, geometry.channels, mean, std, scale,
                                                channel_order)
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, log=log)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)

@@ -78,4 +78,4 @@ def test_plain_onnx_without_an_image_input(tmp_path):
     path = tmp_path / "flat.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     result = run("inspect", str(path))
-    assert result.exit_code == ExitCode.MODEL_ERROR and "no NCHW (rank 4) graph input" in result.stderr
+    assert result.exit_code == ExitCode.MODEL_ERROR and "no rank-4 (NCHW or NHWC) graph input" in result.stderr

@@ -11,7 +11,6 @@ coordinate transforms agree with the runtime exactly.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt.errors import ExportError
