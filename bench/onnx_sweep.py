@@ -1,0 +1,406 @@
+"""The ONNX front end on files written by real converters: `camrt export` on torch's two exporters.
+
+For each model (torchvision, timm; random weights, torch.manual_seed(0), eval mode) and each torch
+exporter (`legacy`: torch.onnx.export(dynamo=False, dynamic_axes batch); `dynamo`: dynamo=True with a
+dynamic batch), the sweep
+1. writes the plain ONNX file once (cached in bench/.cache/onnx_sweep/, failures too: delete the
+   cached file or its .error.json to retry);
+2. runs `camrt export PLAIN -o OUT` in a subprocess with a timeout (a crash or hang is a row, not
+   the end of the sweep): exit code, the first `camrt: error:` line, seconds;
+3. checks every written file's gradients independently of camrt's own self-check: central
+   differences of the ORIGINAL plain file's target logit (onnxruntime float32, chelsea at the
+   model's size) along unit-norm directions (one along the gradient, two random), at several steps,
+   Richardson-extrapolated at the best-conditioned pair; error = max |fd - <g, v>| / ||g|| over the
+   directions, for the vanilla input gradient and for the default layer's gradient (the plain
+   graph's layer tensor perturbed through a copy of the graph cut there);
+4. writes <results>/<date>-onnx-sweep.json and .md (model, exporter, result, gradient errors, seconds).
+
+    python bench/onnx_sweep.py                                   # every model, both exporters
+    python bench/onnx_sweep.py --models resnet18,densenet121 --exporters legacy --timeout 300
+    python bench/onnx_sweep.py --skip-torch-export               # cached plain files only (quick rerun)
+
+Run from the repository root with the runtime and the exporters importable (PYTHONPATH=$PWD:$PWD/exporters)
+and timm installed (pretrained=False: nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "exporters")]
+
+from bench.run import machine, versions  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache" / "onnx_sweep"
+EXPORTERS = ("legacy", "dynamo")
+#: model -> (library, constructor keyword arguments). Input sizes: torchvision 224 (inception_v3
+#: 299), timm its pretrained_cfg's.
+MODELS: dict[str, tuple[str, dict]] = {
+    **{name: ("torchvision", {}) for name in (
+        "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
+        "densenet121", "vgg11_bn", "squeezenet1_1", "shufflenet_v2_x1_0", "regnet_y_400mf", "convnext_tiny")},
+    "googlenet": ("torchvision", {"aux_logits": False, "init_weights": True}),
+    "inception_v3": ("torchvision", {"aux_logits": False, "init_weights": True}),
+    **{name: ("timm", {}) for name in (
+        "resnet50d", "efficientnet_lite0", "ghostnet_100", "rexnet_100", "repvgg_a0", "convnextv2_atto",
+        "mobilevitv2_050", "levit_128s", "lcnet_050",
+        # transformers: expected to be refused until the transformer issue lands
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")},
+}
+INPUT_NAME = "input"
+EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1; 2 keeps the batch dimension symbolic
+#: central-difference steps (L2 norm of the input change along a unit-norm direction)
+STEPS = (1e-1, 5e-2, 2.5e-2, 1.25e-2, 6.25e-3)
+#: camrt export's message when its own finite-difference check refuses (the file is then written
+#: once more with that check off and checked here, to tell a false refusal from a wrong gradient)
+SELF_CHECK_REFUSAL = "export validation failed"
+
+
+# --- the plain files -------------------------------------------------------------------------
+
+
+def build_model(name: str):
+    import torch
+
+    library, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    if library == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        size = 299 if name == "inception_v3" else 224
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        size = model.pretrained_cfg["input_size"][-1]
+    return model.eval(), size
+
+
+def write_plain(name: str, exporter: str, path: str) -> None:
+    """Export `name` with torch's `exporter` to `path` (run in a subprocess of its own)."""
+    import torch
+
+    model, size = build_model(name)
+    x = torch.randn(EXAMPLE_BATCH, 3, size, size)
+    with torch.no_grad():
+        if exporter == "legacy":
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=["logits"],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}})
+        else:
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program.save(path)
+
+
+def plain_file(name: str, exporter: str, timeout: float, skip_torch_export: bool, env: dict) -> tuple[Path | None, dict]:
+    """The cached plain file (written now unless skip_torch_export) and how its export went."""
+    path = CACHE / f"{name}.{exporter}.onnx"
+    record = CACHE / f"{name}.{exporter}.json"
+    if path.exists() and record.exists():
+        return path, json.loads(record.read_text())
+    failed = CACHE / f"{name}.{exporter}.error.json"
+    if failed.exists():
+        return None, json.loads(failed.read_text())
+    if skip_torch_export:
+        return None, {"torch_error": "not cached (--skip-torch-export)", "torch_export_s": None}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]; from bench.onnx_sweep import write_plain; "
+            "write_plain(sys.argv[2], sys.argv[3], sys.argv[4])")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / path.name
+        try:
+            done = subprocess.run([sys.executable, "-c", code, str(ROOT), name, exporter, str(tmp)],
+                                  capture_output=True, text=True, timeout=timeout, env=env)
+            error = None if done.returncode == 0 and tmp.exists() else _last_error(done.stderr)
+        except subprocess.TimeoutExpired:
+            error = f"torch export timed out after {timeout:.0f} s"
+        seconds = round(time.perf_counter() - start, 1)
+        if error is None:
+            tmp.replace(path)
+            record.write_text(json.dumps({"torch_error": None, "torch_export_s": seconds}) + "\n")
+            return path, json.loads(record.read_text())
+    failed.write_text(json.dumps({"torch_error": error, "torch_export_s": seconds}) + "\n")
+    return None, json.loads(failed.read_text())
+
+
+def _last_error(stderr: str) -> str:
+    """The exception line of a Python traceback (the last line naming an Error), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":", 1)[0]]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+# --- camrt export ----------------------------------------------------------------------------
+
+
+def camrt_export(plain: Path, out: Path, timeout: float, env: dict) -> dict:
+    command = [sys.executable, "-m", "camrt", "export", str(plain), "-o", str(out)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"exit_code": None, "error": f"camrt export timed out after {timeout:.0f} s",
+                "export_s": round(time.perf_counter() - start, 1)}
+    seconds = round(time.perf_counter() - start, 1)
+    error = None
+    if done.returncode != 0 or not out.exists():
+        error = _camrt_error(done.stderr) or _last_error(done.stderr)
+    return {"exit_code": done.returncode, "error": error, "export_s": seconds}
+
+
+def _camrt_error(stderr: str) -> str | None:
+    """The `camrt: error:` message with its indented continuation lines, on one line."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("camrt: error:")), None)
+    if first is None:
+        return None
+    message = [lines[first].removeprefix("camrt: error: ").rstrip(":")]
+    message += [line.strip() for line in lines[first + 1:] if line.startswith(" ")]
+    return "; ".join(message)[:400]
+
+
+def export_unchecked(plain: str, out: str) -> None:
+    """`camrt export` with its finite-difference self-check off (run in a subprocess of its own): what
+    a self-check refusal would have written, so the independent check can tell a false refusal from a
+    wrong gradient."""
+    from camrt_exporters import export
+
+    export.validate_finite_differences = lambda *args, **kwargs: []
+    model, _ = export.export_onnx(plain)
+    export.write_model(model, out)
+
+
+def camrt_export_unchecked(plain: Path, out: Path, timeout: float, env: dict) -> bool:
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]; from bench.onnx_sweep import export_unchecked; "
+            "export_unchecked(sys.argv[2], sys.argv[3])")
+    try:
+        subprocess.run([sys.executable, "-c", code, str(ROOT), str(plain), str(out)], capture_output=True,
+                       timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.exists()
+
+
+# --- the independent gradient check ----------------------------------------------------------
+
+
+def directional_error(f, point: np.ndarray, gradient: np.ndarray, directions: list[np.ndarray],
+                      steps: tuple[float, ...] = STEPS) -> float:
+    """max over unit-norm `directions` v of |fd - <g, v>| / ||g||, fd estimating d f(point + t v)/dt at 0.
+
+    point is one sample with its batch axis ([1, ...]); f maps k points concatenated along it to k
+    scores. Per direction: central differences D(h) at each
+    step, Richardson R = (4 D(h/2) - D(h)) / 3 per consecutive pair, and the estimate of the pair whose
+    two central differences agree best (the one least hurt by float32 rounding at small steps and by
+    curvature or switch crossings at large ones); the choice never looks at g."""
+    norm = float(np.linalg.norm(gradient))
+    worst = 0.0
+    for v in directions:
+        v = v / np.linalg.norm(v)
+        points = [point + sign * h * v for h in steps for sign in (1.0, -1.0)]
+        scores = np.asarray(f(np.concatenate(points).astype(np.float32)), dtype=np.float64).reshape(len(steps), 2)
+        central = (scores[:, 0] - scores[:, 1]) / (2 * np.asarray(steps))
+        pairs = range(len(steps) - 1)
+        best = min(pairs, key=lambda i: abs(central[i] - central[i + 1]))
+        fd = (4 * central[best + 1] - central[best]) / 3
+        worst = max(worst, abs(fd - float(np.vdot(gradient, v))) / (norm or 1.0))
+    return worst
+
+
+def test_directions(gradient: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [gradient.astype(np.float64), *(rng.standard_normal(gradient.shape) for _ in range(2))]
+
+
+def _session(model_or_path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    source = model_or_path if isinstance(model_or_path, (str, Path)) else model_or_path.SerializeToString()
+    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _cut_at(plain, layer: str, output: str):
+    """The plain graph from (layer tensor, image) to `output`: the layer becomes an input."""
+    import onnx
+    from onnx.utils import Extractor
+
+    image = [i.name for i in plain.graph.input if i.name not in {t.name for t in plain.graph.initializer}]
+    return Extractor(onnx.shape_inference.infer_shapes(plain)).extract_model([layer, *image], [output])
+
+
+def check_gradients(plain_path: Path, camrt_path: Path, size: int, threads: int) -> dict:
+    """The written file's vanilla input gradient and default layer gradient against finite differences
+    of the plain file (independent of camrt's validation: only onnx and onnxruntime)."""
+    import onnx
+
+    from tests.exporters.models import photos
+
+    plain = onnx.load(str(plain_path))
+    meta = {p.key: p.value for p in onnx.load(str(camrt_path), load_external_data=False).metadata_props}
+    image, layer = meta["camrt.input"], meta["camrt.default_layer"]
+    score = json.loads(meta["camrt.score"])["tensor"]
+    output = plain.graph.output[0].name
+    if score != output:
+        return {"layer": layer, "input_grad_error": None, "layer_grad_error": None,
+                "note": f"score tensor {score!r} is not the plain output {output!r}"}
+    x = photos(size)[:1]
+    logits_of = _session(plain_path, threads)
+    target = int(np.argmax(logits_of.run([output], {image: x})[0][0]))
+    ours = _session(camrt_path, threads)
+    input_grad, layer_grad, activation = ours.run(
+        ["camrt/input_grad/vanilla", f"camrt/grad/{layer}", f"camrt/act/{layer}"],
+        {image: x, "camrt/target": np.array([target], np.int64)})
+
+    def score_of_image(points):
+        return logits_of.run([output], {image: points})[0][:, target]
+
+    result = {"layer": layer, "target": target,
+              "input_grad_error": directional_error(score_of_image, x, input_grad, test_directions(input_grad))}
+    if layer not in {n for node in plain.graph.node for n in node.output}:
+        return {**result, "layer_grad_error": None, "note": f"layer {layer!r} is not a tensor of the plain file"}
+    cut = _cut_at(plain, layer, output)
+    cut_inputs = {i.name for i in cut.graph.input}
+    from_layer = _session(cut, threads)
+
+    def score_of_layer(points):
+        feeds = {layer: points}
+        if image in cut_inputs:  # a path around the layer: the image stays fixed
+            feeds[image] = np.repeat(x, len(points), axis=0)
+        return from_layer.run([output], feeds)[0][:, target]
+
+    result["layer_grad_error"] = directional_error(score_of_layer, activation, layer_grad, test_directions(layer_grad))
+    return result
+
+
+# --- the sweep -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    model: str
+    exporter: str
+    result: str
+    input_grad_error: float | None = None
+    layer_grad_error: float | None = None
+    layer: str | None = None
+    torch_export_s: float | None = None
+    camrt_export_s: float | None = None
+    check_s: float | None = None
+    exit_code: int | None = None
+    note: str | None = None
+
+
+def sweep_one(name: str, exporter: str, args, env: dict, scratch: Path) -> Row:
+    plain, exported = plain_file(name, exporter, args.timeout, args.skip_torch_export, env)
+    if plain is None:
+        return Row(name, exporter, f"no plain file: {exported['torch_error']}", torch_export_s=exported["torch_export_s"])
+    out = scratch / f"{name}.{exporter}.camrt.onnx"
+    done = camrt_export(plain, out, args.timeout, env)
+    row = Row(name, exporter, "ok" if done["error"] is None else f"refused: {done['error']}",
+              torch_export_s=exported["torch_export_s"], camrt_export_s=done["export_s"], exit_code=done["exit_code"])
+    written = done["error"] is None
+    if not written and done["error"].startswith(SELF_CHECK_REFUSAL):
+        written = camrt_export_unchecked(plain, out, args.timeout, env)
+        row.note = "errors of the file written with camrt's self-check off" if written else None
+    if written:
+        start = time.perf_counter()
+        try:
+            _, size = input_size(plain)
+            checked = check_gradients(plain, out, size, args.threads)
+        except Exception as exc:  # a check that cannot run is a row, not the end of the sweep
+            row.note = f"gradient check failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        else:
+            row.input_grad_error, row.layer_grad_error = checked["input_grad_error"], checked["layer_grad_error"]
+            row.layer = checked["layer"]
+            row.note = "; ".join(n for n in (row.note, checked.get("note")) if n) or None
+        row.check_s = round(time.perf_counter() - start, 1)
+        out.unlink()
+    return row
+
+
+def input_size(plain: Path) -> tuple[int, int]:
+    import onnx
+
+    dims = onnx.load(str(plain), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return dims[2].dim_value, dims[3].dim_value
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def markdown(rows: list[Row], header: str) -> str:
+    lines = [header, "",
+             "| model | exporter | result | input grad error | layer grad error | layer | torch export s | camrt export s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        result = r.result.replace("|", "\\|") + (f" ({r.note})" if r.note else "")
+        lines.append(f"| {r.model} | {r.exporter} | {result} | {_fmt(r.input_grad_error)} | {_fmt(r.layer_grad_error)} "
+                     f"| {r.layer or ''} | {r.torch_export_s or ''} | {r.camrt_export_s or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated; default: all of MODELS")
+    parser.add_argument("--exporters", default=",".join(EXPORTERS), help="legacy, dynamo or both")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per torch export and per camrt export")
+    parser.add_argument("--skip-torch-export", action="store_true", help="use cached plain files only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--name", default=f"{datetime.date.today().isoformat()}-onnx-sweep")
+    args = parser.parse_args(argv)
+    models, exporters = args.models.split(","), args.exporters.split(",")
+    unknown = [m for m in models if m not in MODELS] + [e for e in exporters if e not in EXPORTERS]
+    if unknown:
+        parser.error(f"unknown model or exporter {unknown}; models: {', '.join(MODELS)}; exporters: {', '.join(EXPORTERS)}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "exporters"), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in models:
+            for exporter in exporters:
+                rows.append(sweep_one(name, exporter, args, env, Path(scratch)))
+                print(json.dumps(asdict(rows[-1])), flush=True)
+    ok = sum(r.result == "ok" for r in rows)
+    header = (f"`camrt export` on plain ONNX files of torch's exporters (random weights): {ok}/{len(rows)} ok. "
+              "Gradient errors: max |fd - <g, v>| / ||g|| over unit-norm directions (one along g, two random), "
+              "central differences of the plain file's target logit (Richardson, best-conditioned step pair).")
+    result = {"rows": [asdict(r) for r in rows], "versions": {**versions(), "timm": _version("timm")},
+              "machine": machine(), "threads": args.threads, "total_s": round(time.perf_counter() - start, 1)}
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    Path(args.results, f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.results, f"{args.name}.md").write_text(markdown(rows, header))
+    print(markdown(rows, header))
+    return 0
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
