@@ -307,6 +307,13 @@ class Row:
     note: str | None = None
 
 
+def subprocess_env(threads: int) -> dict:
+    """This checkout's runtime and exporters, and no other camrt plugin (hermetic `camrt export`)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "CAMRT_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "CAMRT_PLUGINS": "camrt_exporters.plugin",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "exporters"), os.environ.get("PYTHONPATH", "")])}
+
+
 def sweep_one(name: str, exporter: str, args, env: dict, scratch: Path) -> Row:
     plain, exported = plain_file(name, exporter, args.timeout, args.skip_torch_export, env)
     if plain is None:
@@ -371,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS] + [e for e in exporters if e not in EXPORTERS]
     if unknown:
         parser.error(f"unknown model or exporter {unknown}; models: {', '.join(MODELS)}; exporters: {', '.join(EXPORTERS)}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "exporters"), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(args.threads)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
