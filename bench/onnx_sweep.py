@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -353,6 +354,22 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.1e}"
 
 
+def cause(result: str) -> str:
+    """A refusal without the names and figures of one file: the key that groups rows by construct."""
+    message = result.removeprefix("refused: ")
+    message = re.sub(r"'[^']*'", "'…'", message)
+    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", message)
+
+
+def refusal_groups(rows: list[Row]) -> dict[str, list[str]]:
+    """cause -> the model/exporter rows it refuses, the most frequent cause first."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r.result != "ok":
+            groups.setdefault(cause(r.result), []).append(f"{r.model}/{r.exporter}")
+    return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
+
+
 def markdown(rows: list[Row], header: str) -> str:
     lines = [header, "",
              "| model | exporter | result | input grad error | layer grad error | layer | torch export s | camrt export s |",
@@ -361,6 +378,8 @@ def markdown(rows: list[Row], header: str) -> str:
         result = r.result.replace("|", "\\|") + (f" ({r.note})" if r.note else "")
         lines.append(f"| {r.model} | {r.exporter} | {result} | {_fmt(r.input_grad_error)} | {_fmt(r.layer_grad_error)} "
                      f"| {r.layer or ''} | {r.torch_export_s or ''} | {r.camrt_export_s or ''} |")
+    lines += ["", "Refusals by cause:", ""]
+    lines += [f"- {key} ({len(hits)}): {', '.join(hits)}" for key, hits in refusal_groups(rows).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -387,9 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(sweep_one(name, exporter, args, env, Path(scratch)))
                 print(json.dumps(asdict(rows[-1])), flush=True)
     ok = sum(r.result == "ok" for r in rows)
+    seconds = {part: round(sum(getattr(r, part) or 0.0 for r in rows)) for part in ("torch_export_s", "camrt_export_s", "check_s")}
     header = (f"`camrt export` on plain ONNX files of torch's exporters (random weights): {ok}/{len(rows)} ok. "
               "Gradient errors: max |fd - <g, v>| / ||g|| over unit-norm directions (one along g, two random), "
-              "central differences of the plain file's target logit (Richardson, best-conditioned step pair).")
+              "central differences of the plain file's target logit (Richardson, best-conditioned step pair); "
+              "on a self-check refusal, of the file written with camrt's self-check off. "
+              f"Seconds, all rows: torch export {seconds['torch_export_s']} (when not cached), "
+              f"camrt export {seconds['camrt_export_s']}, independent check {seconds['check_s']}, "
+              f"this run {time.perf_counter() - start:.0f}.")
     result = {"rows": [asdict(r) for r in rows], "versions": {**versions(), "timm": _version("timm")},
               "machine": machine(), "threads": args.threads, "total_s": round(time.perf_counter() - start, 1)}
     Path(args.results).mkdir(parents=True, exist_ok=True)
