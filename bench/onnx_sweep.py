@@ -199,32 +199,55 @@ def camrt_export_unchecked(plain: Path, out: Path, timeout: float, env: dict) ->
 # --- the independent gradient check ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Directional:
+    """error: max |fd - <g, v>| / ||g|| over the directions; noise: the largest disagreement of the two
+    central differences behind an fd estimate, / ||g|| (an error below it is not resolved)."""
+
+    error: float
+    noise: float
+
+
 def directional_error(f, point: np.ndarray, gradient: np.ndarray, directions: list[np.ndarray],
-                      steps: tuple[float, ...] = STEPS) -> float:
-    """max over unit-norm `directions` v of |fd - <g, v>| / ||g||, fd estimating d f(point + t v)/dt at 0.
+                      steps: tuple[float, ...] = STEPS) -> Directional:
+    """|fd - <g, v>| / ||g|| along unit-norm `directions` v, fd estimating d f(point + t v)/dt at 0.
 
     point is one sample with its batch axis ([1, ...]); f maps k points concatenated along it to k
-    scores. Per direction: central differences D(h) at each
-    step, Richardson R = (4 D(h/2) - D(h)) / 3 per consecutive pair, and the estimate of the pair whose
-    two central differences agree best (the one least hurt by float32 rounding at small steps and by
-    curvature or switch crossings at large ones); the choice never looks at g."""
-    norm = float(np.linalg.norm(gradient))
-    worst = 0.0
+    scores. Per direction: central differences D(h) at each step, and the Richardson estimate
+    (4 D(h/2) - D(h)) / 3 of the consecutive pair whose two central differences agree best (the pair
+    least hurt by float32 rounding at small steps and by curvature or switch crossings at large
+    ones); the choice never looks at g."""
+    norm = float(np.linalg.norm(gradient)) or 1.0
+    error = noise = 0.0
     for v in directions:
         v = v / np.linalg.norm(v)
         points = [point + sign * h * v for h in steps for sign in (1.0, -1.0)]
         scores = np.asarray(f(np.concatenate(points).astype(np.float32)), dtype=np.float64).reshape(len(steps), 2)
         central = (scores[:, 0] - scores[:, 1]) / (2 * np.asarray(steps))
-        pairs = range(len(steps) - 1)
-        best = min(pairs, key=lambda i: abs(central[i] - central[i + 1]))
+        best = min(range(len(steps) - 1), key=lambda i: abs(central[i] - central[i + 1]))
         fd = (4 * central[best + 1] - central[best]) / 3
-        worst = max(worst, abs(fd - float(np.vdot(gradient, v))) / (norm or 1.0))
-    return worst
+        error = max(error, abs(fd - float(np.vdot(gradient, v))) / norm)
+        noise = max(noise, abs(central[best] - central[best + 1]) / norm)
+    return Directional(error, noise)
 
 
-def test_directions(gradient: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+def check_directions(gradient: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    """One direction along the gradient, two random ones."""
     rng = np.random.default_rng(seed)
     return [gradient.astype(np.float64), *(rng.standard_normal(gradient.shape) for _ in range(2))]
+
+
+def autograd_error(name: str, x: np.ndarray, target: int, gradient: np.ndarray) -> float:
+    """||g - torch's|| / ||torch's||: the same model (seed, eval mode) differentiated by torch autograd,
+    an oracle that needs no step (the finite differences cannot resolve a gradient that is tiny
+    against its logit's float32 rounding)."""
+    import torch
+
+    model, _ = build_model(name)
+    image = torch.from_numpy(x).requires_grad_()
+    model(image)[0, target].backward()
+    expected = image.grad.numpy().astype(np.float64)
+    return float(np.linalg.norm(gradient - expected) / (np.linalg.norm(expected) or 1.0))
 
 
 def _session(model_or_path, threads: int):
@@ -246,9 +269,10 @@ def _cut_at(plain, layer: str, output: str):
     return Extractor(onnx.shape_inference.infer_shapes(plain)).extract_model([layer, *image], [output])
 
 
-def check_gradients(plain_path: Path, camrt_path: Path, size: int, threads: int) -> dict:
+def check_gradients(name: str, plain_path: Path, camrt_path: Path, size: int, threads: int) -> dict:
     """The written file's vanilla input gradient and default layer gradient against finite differences
-    of the plain file (independent of camrt's validation: only onnx and onnxruntime)."""
+    of the plain file (only onnx and onnxruntime), the input gradient also against torch autograd;
+    none of it is camrt's validation."""
     import onnx
 
     from tests.exporters.models import photos
@@ -259,8 +283,7 @@ def check_gradients(plain_path: Path, camrt_path: Path, size: int, threads: int)
     score = json.loads(meta["camrt.score"])["tensor"]
     output = plain.graph.output[0].name
     if score != output:
-        return {"layer": layer, "input_grad_error": None, "layer_grad_error": None,
-                "note": f"score tensor {score!r} is not the plain output {output!r}"}
+        return {"layer": layer, "note": f"score tensor {score!r} is not the plain output {output!r}"}
     x = photos(size)[:1]
     logits_of = _session(plain_path, threads)
     target = int(np.argmax(logits_of.run([output], {image: x})[0][0]))
@@ -272,10 +295,11 @@ def check_gradients(plain_path: Path, camrt_path: Path, size: int, threads: int)
     def score_of_image(points):
         return logits_of.run([output], {image: points})[0][:, target]
 
-    result = {"layer": layer, "target": target,
-              "input_grad_error": directional_error(score_of_image, x, input_grad, test_directions(input_grad))}
+    by_input = directional_error(score_of_image, x, input_grad, check_directions(input_grad))
+    result = {"layer": layer, "input_grad_error": by_input.error, "input_grad_fd_noise": by_input.noise,
+              "autograd_error": autograd_error(name, x, target, input_grad)}
     if layer not in {n for node in plain.graph.node for n in node.output}:
-        return {**result, "layer_grad_error": None, "note": f"layer {layer!r} is not a tensor of the plain file"}
+        return {**result, "note": f"layer {layer!r} is not a tensor of the plain file"}
     cut = _cut_at(plain, layer, output)
     cut_inputs = {i.name for i in cut.graph.input}
     from_layer = _session(cut, threads)
@@ -286,8 +310,8 @@ def check_gradients(plain_path: Path, camrt_path: Path, size: int, threads: int)
             feeds[image] = np.repeat(x, len(points), axis=0)
         return from_layer.run([output], feeds)[0][:, target]
 
-    result["layer_grad_error"] = directional_error(score_of_layer, activation, layer_grad, test_directions(layer_grad))
-    return result
+    by_layer = directional_error(score_of_layer, activation, layer_grad, check_directions(layer_grad))
+    return {**result, "layer_grad_error": by_layer.error, "layer_grad_fd_noise": by_layer.noise}
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -299,7 +323,10 @@ class Row:
     exporter: str
     result: str
     input_grad_error: float | None = None
+    input_grad_fd_noise: float | None = None
+    autograd_error: float | None = None
     layer_grad_error: float | None = None
+    layer_grad_fd_noise: float | None = None
     layer: str | None = None
     torch_export_s: float | None = None
     camrt_export_s: float | None = None
@@ -331,13 +358,14 @@ def sweep_one(name: str, exporter: str, args, env: dict, scratch: Path) -> Row:
         start = time.perf_counter()
         try:
             _, size = input_size(plain)
-            checked = check_gradients(plain, out, size, args.threads)
+            checked = check_gradients(name, plain, out, size, args.threads)
         except Exception as exc:  # a check that cannot run is a row, not the end of the sweep
             row.note = f"gradient check failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         else:
-            row.input_grad_error, row.layer_grad_error = checked["input_grad_error"], checked["layer_grad_error"]
-            row.layer = checked["layer"]
-            row.note = "; ".join(n for n in (row.note, checked.get("note")) if n) or None
+            note = checked.pop("note", None)
+            for key, value in checked.items():
+                setattr(row, key, value)
+            row.note = "; ".join(n for n in (row.note, note) if n) or None
         row.check_s = round(time.perf_counter() - start, 1)
         out.unlink()
     return row
@@ -352,6 +380,10 @@ def input_size(plain: Path) -> tuple[int, int]:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.1e}"
+
+
+def _fd(error: float | None, noise: float | None) -> str:
+    return "" if error is None else f"{error:.1e} ({noise:.0e})"
 
 
 def cause(result: str) -> str:
@@ -372,11 +404,12 @@ def refusal_groups(rows: list[Row]) -> dict[str, list[str]]:
 
 def markdown(rows: list[Row], header: str) -> str:
     lines = [header, "",
-             "| model | exporter | result | input grad error | layer grad error | layer | torch export s | camrt export s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | exporter | result | input grad: fd error (fd noise) | vs torch autograd | layer grad: fd error (fd noise) | layer | torch export s | camrt export s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         result = r.result.replace("|", "\\|") + (f" ({r.note})" if r.note else "")
-        lines.append(f"| {r.model} | {r.exporter} | {result} | {_fmt(r.input_grad_error)} | {_fmt(r.layer_grad_error)} "
+        lines.append(f"| {r.model} | {r.exporter} | {result} | {_fd(r.input_grad_error, r.input_grad_fd_noise)} "
+                     f"| {_fmt(r.autograd_error)} | {_fd(r.layer_grad_error, r.layer_grad_fd_noise)} "
                      f"| {r.layer or ''} | {r.torch_export_s or ''} | {r.camrt_export_s or ''} |")
     lines += ["", "Refusals by cause:", ""]
     lines += [f"- {key} ({len(hits)}): {', '.join(hits)}" for key, hits in refusal_groups(rows).items()]
@@ -409,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {part: round(sum(getattr(r, part) or 0.0 for r in rows)) for part in ("torch_export_s", "camrt_export_s", "check_s")}
     header = (f"`camrt export` on plain ONNX files of torch's exporters (random weights): {ok}/{len(rows)} ok. "
               "Gradient errors: max |fd - <g, v>| / ||g|| over unit-norm directions (one along g, two random), "
-              "central differences of the plain file's target logit (Richardson, best-conditioned step pair); "
+              "central differences of the plain file's target logit (Richardson, best-conditioned step pair; "
+              "fd noise: that pair's disagreement / ||g||, an error below it is not resolved); vs torch autograd: "
+              "||g - g_torch|| / ||g_torch|| of the same random-weight model; "
               "on a self-check refusal, of the file written with camrt's self-check off. "
               f"Seconds, all rows: torch export {seconds['torch_export_s']} (when not cached), "
               f"camrt export {seconds['camrt_export_s']}, independent check {seconds['check_s']}, "
