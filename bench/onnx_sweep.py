@@ -392,10 +392,15 @@ def _fd(error: float | None, noise: float | None) -> str:
 
 
 def cause(result: str) -> str:
-    """A refusal without the names and figures of one file: the key that groups rows by construct."""
+    """A refusal without the names and figures of one file (op types stay): the key that groups rows
+    by construct."""
     message = result.removeprefix("refused: ").split("; it lies on the differentiated path")[0]
-    message = re.sub(r"'[^']*'", "'…'", message)
-    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", message)
+    if message.startswith(SELF_CHECK_REFUSAL):
+        checked = [part.split(":")[0] for part in message.split("; ")[1:]]
+        kinds = sorted({"input gradient" if name.startswith("camrt/input_grad/") else "layer gradient" for name in checked})
+        return f"camrt's finite-difference self-check refuses the {' and the '.join(kinds)}"
+    message = re.sub(r"(op type '[^']*')|'[^']*'", lambda match: match.group(1) or "'…'", message)
+    return re.sub(r"\b\d+(\.\d+)?(e-?\d+)?\b", "N", message)
 
 
 def refusal_groups(rows: list[Row]) -> dict[str, list[str]]:
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
               "fd noise: that pair's disagreement / ||g||, an error below it is not resolved); vs torch autograd: "
               "||g - g_torch|| / ||g_torch|| of the same random-weight model; "
               "on a self-check refusal, of the file written with camrt's self-check off. "
-              f"Seconds, all rows: torch export {seconds['torch_export_s']} (when not cached), "
+              f"Seconds, all rows: torch export {seconds['torch_export_s']} (when the cached files were written), "
               f"camrt export {seconds['camrt_export_s']}, independent check {seconds['check_s']}, "
               f"this run {time.perf_counter() - start:.0f}.")
     result = {"rows": [asdict(r) for r in rows], "versions": {**versions(), "timm": _version("timm")},

@@ -96,3 +96,21 @@ def test_one_torchvision_model_end_to_end(tmp_path, monkeypatch):
     assert row["input_grad_error"] < 1e-2 and row["layer_grad_error"] < 1e-2, row
     assert row["autograd_error"] < 1e-3, row
     assert "| squeezenet1_1 | legacy |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_refusals_group_by_construct_not_by_file():
+    rows = [onnx_sweep.Row("a", "legacy", "refused: no backward rule for op type 'ReduceL2' (node '/x/ReduceL2', rule set "
+                                          "'vanilla'); it lies on the differentiated path /x/ReduceL2 -> /y"),
+            onnx_sweep.Row("b", "dynamo", "refused: no backward rule for op type 'ReduceL2' (node 'node_norm_11', rule set "
+                                          "'vanilla'); it lies on the differentiated path node_norm_11 -> n3"),
+            onnx_sweep.Row("c", "legacy", "refused: export validation failed, nothing was written; camrt/input_grad/vanilla: "
+                                          "finite-difference error 0.08 > tolerance 0.02"),
+            onnx_sweep.Row("d", "dynamo", "refused: export validation failed, nothing was written; camrt/input_grad/vanilla: "
+                                          "finite-difference error 0.3 > tolerance 0.02; camrt/grad/relu_3: finite-difference "
+                                          "error 0.1 > tolerance 0.02"),
+            onnx_sweep.Row("e", "legacy", "ok")]
+    assert onnx_sweep.refusal_groups(rows) == {
+        "no backward rule for op type 'ReduceL2' (node '…', rule set '…')": ["a/legacy", "b/dynamo"],
+        "camrt's finite-difference self-check refuses the input gradient": ["c/legacy"],
+        "camrt's finite-difference self-check refuses the input gradient and the layer gradient": ["d/dynamo"],
+    }
