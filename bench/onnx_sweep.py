@@ -11,9 +11,17 @@ dynamic batch), the sweep
    differences of the ORIGINAL plain file's target logit (onnxruntime float32, chelsea at the
    model's size) along unit-norm directions (one along the gradient, two random), at several steps,
    Richardson-extrapolated at the best-conditioned pair; error = max |fd - <g, v>| / ||g|| over the
-   directions, for the vanilla input gradient and for the default layer's gradient (the plain
-   graph's layer tensor perturbed through a copy of the graph cut there);
-4. writes <results>/<date>-onnx-sweep.json and .md (model, exporter, result, gradient errors, seconds).
+   directions, with the FD's own noise next to it, for the vanilla input gradient and for the
+   default layer's gradient (the plain graph's layer tensor perturbed through a copy of the graph
+   cut there); the input gradient also against torch autograd of the same model, the oracle where
+   a random-weight model's gradient is too small for float32 finite differences (googlenet). A
+   self-check refusal is written again with camrt's check off and checked the same way, so a
+   false refusal shows as such;
+4. writes <results>/<date>-onnx-sweep.json and .md (model, exporter, result, gradient errors,
+   seconds, and the refusals grouped by construct).
+
+On 2 shared cores the full sweep (52 rows) took 19 minutes: torch exports 10, camrt export 5,
+checks 3; a rerun on the cached plain files (--skip-torch-export) 10 to 16.
 
     python bench/onnx_sweep.py                                   # every model, both exporters
     python bench/onnx_sweep.py --models resnet18,densenet121 --exporters legacy --timeout 300
