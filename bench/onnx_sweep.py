@@ -21,7 +21,8 @@ dynamic batch), the sweep
    seconds, and the refusals grouped by construct).
 
 On 2 shared cores the full sweep (52 rows) took 19 minutes: torch exports 10, camrt export 5,
-checks 3; a rerun on the cached plain files (--skip-torch-export) 10 to 16.
+checks 3; a rerun on the cached plain files (--skip-torch-export) 16, half of it writing and checking
+the self-check refusals again with the check off (gone once the self-check is fixed).
 
     python bench/onnx_sweep.py                                   # every model, both exporters
     python bench/onnx_sweep.py --models resnet18,densenet121 --exporters legacy --timeout 300
