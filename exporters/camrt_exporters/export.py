@@ -244,8 +244,9 @@ def _forget_inferred_shapes(model: onnx.ModelProto) -> None:
     """Drop the shapes the converter recorded for the sizes it exported with (e.g. batch 1 outputs);
     they are inferred again for the dynamic batch and the pinned size."""
     del model.graph.value_info[:]
-    for output in model.graph.output:
-        output.type.tensor_type.ClearField("shape")
+    for output in model.graph.output:  # every dimension unknown (onnx's version converter needs a shape)
+        for dim in output.type.tensor_type.shape.dim:
+            dim.Clear()
 
 
 def read_image_geometry(path: str | os.PathLike, input_name: str | None = None,

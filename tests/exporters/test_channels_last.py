@@ -25,7 +25,6 @@ from camrt.explainer import Explainer
 from camrt.layers import onnx_layers, tensor_layouts
 from camrt.registry import build_method_registry
 from camrt.session import ExplainSession, parse_contract
-from camrt_exporters import export as export_module
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.validate import run_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
@@ -37,13 +36,10 @@ KERAS = Path(__file__).parent.parent / "fixtures" / "keras"
 KERAS_MODELS = ("rgb32", "gray28", "mobile24x48", "flatten16")
 
 
-def export_without_self_check(path: Path, **options) -> onnx.ModelProto:
-    """export_onnx with the finite-difference self-check off: today it refuses correct gradients of
-    these models (issue 13 item 1; see test_keras_export_passes_the_self_check). The oracles here
-    are the NCHW twin and TensorFlow."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "validate_finite_differences", lambda *args, **kwargs: [])
-        model, _ = export_onnx(path, **options)
+def export_checked(path: Path, **options) -> onnx.ModelProto:
+    """export_onnx's model, its finite-difference self-check passed (the oracles here are the NCHW
+    twin and TensorFlow)."""
+    model, _ = export_onnx(path, **options)
     return model
 
 
@@ -70,7 +66,7 @@ def twins(tmp_path_factory):
     paths = []
     for name, model in (("nchw", nchw), ("nhwc", channels_last(nchw))):
         onnx.save(model, folder / f"{name}.onnx")
-        exported = export_without_self_check(folder / f"{name}.onnx", layers=["pool", "relu"],
+        exported = export_checked(folder / f"{name}.onnx", layers=["pool", "relu"],
                                              rules=["vanilla", "guided", "deconvnet"], fullgrad=True)
         write_model(exported, folder / f"{name}.camrt.onnx")
         paths.append(folder / f"{name}.camrt.onnx")
@@ -133,7 +129,7 @@ def _head_through_nhwc(reduce_axes: list[int]) -> onnx.ModelProto:
 def test_default_layer_is_never_an_nhwc_tensor(tmp_path):
     model = _head_through_nhwc([1, 2])
     onnx.save(model, tmp_path / "m.onnx")
-    exported = export_without_self_check(tmp_path / "m.onnx", rules=["vanilla"])
+    exported = export_checked(tmp_path / "m.onnx", rules=["vanilla"])
     meta = {p.key: p.value for p in exported.metadata_props}
     # relu_nhwc_2 [B, 16, 16, 8] comes later and has "spatial extent" read as NCHW (H=16, W=8)
     assert meta[contract.META_DEFAULT_LAYER] == "relu"
@@ -171,7 +167,7 @@ def test_layouts_propagate_through_a_convnext_style_channels_last_block():
 def test_named_layer_behind_a_reshape_is_refused_as_unestablished(tmp_path):
     model = conv_relu_maxpool_gap_gemm_softmax(batch=1)
     shape = helper.make_node("Constant", [], ["shape"], name="shape",
-                             value=numpy_helper.from_array(np.array([1, 8, 8, 16], np.int64)))
+                             value=numpy_helper.from_array(np.array([0, 8, 8, 16], np.int64)))
     reshape = helper.make_node("Reshape", ["pool", "shape"], ["reshaped"], name="reshape")
     gap = next(n for n in model.graph.node if n.name == "gap")
     gap.input[0] = "reshaped"
@@ -194,7 +190,7 @@ def test_ambiguous_input_layout_needs_the_flag(tmp_path, dims, given, expected):
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", TensorProto.FLOAT, dims))
     onnx.save(model, tmp_path / "m.onnx")
     if expected is None:
-        exported = export_without_self_check(tmp_path / "m.onnx", rules=["vanilla"], input_layout=given, layers=["relu"])
+        exported = export_checked(tmp_path / "m.onnx", rules=["vanilla"], input_layout=given, layers=["relu"])
         pre = parse_contract({p.key: p.value for p in exported.metadata_props}).preprocessing
         assert (pre.layout, pre.height, pre.width) == ("nhwc", 3, 16)
     else:
@@ -226,7 +222,7 @@ def test_layout_in_the_contract_is_optional_and_checked():
 @pytest.mark.parametrize("name", KERAS_MODELS)
 def test_keras_gradients_equal_tensorflow(name, opset):
     oracle = np.load(KERAS / f"{name}.npz")
-    model = export_without_self_check(KERAS / f"{name}_opset{opset}.onnx", rules=["vanilla", "guided"])
+    model = export_checked(KERAS / f"{name}_opset{opset}.onnx", rules=["vanilla", "guided"])
     info = parse_contract({p.key: p.value for p in model.metadata_props})
     assert info.preprocessing.layout == "nhwc"
     assert (info.preprocessing.height, info.preprocessing.width) == oracle["x"].shape[1:3]
@@ -241,12 +237,10 @@ def test_keras_gradients_equal_tensorflow(name, opset):
         np.testing.assert_allclose(value, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    raises=ContractError, strict=True, reason="grayscale (1-channel) inputs: the runtime's preprocessing is "
-    "3-channel (issue 13 item 3, grayscale)")) if n == "gray28" else n for n in KERAS_MODELS])
+@pytest.mark.parametrize("name", KERAS_MODELS)
 def test_keras_file_explains_through_the_runtime(name, tmp_path):
     oracle = np.load(KERAS / f"{name}.npz")
-    write_model(export_without_self_check(KERAS / f"{name}_opset17.onnx", rules=["vanilla", "guided"]),
+    write_model(export_checked(KERAS / f"{name}_opset17.onnx", rules=["vanilla", "guided"]),
                 tmp_path / "k.camrt.onnx")
     x = np.ascontiguousarray(oracle["x"].transpose(contract.NHWC_TO_NCHW))
     explainer = Explainer(tmp_path / "k.camrt.onnx", method="saliency", device="cpu")
@@ -264,15 +258,16 @@ def test_keras_file_explains_through_the_runtime(name, tmp_path):
     assert result.heatmap.shape == (40, 30) and np.ptp(result.heatmap) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 1: the finite-difference self-check refuses these correct "
-                   "gradients (error 0.03-0.06 > 0.02 on rgb32, mobile24x48, gray28)")
-def test_keras_export_passes_the_self_check():
-    for name in ("rgb32", "mobile24x48"):
-        export_onnx(KERAS / f"{name}_opset17.onnx", rules=["vanilla"])
+@pytest.mark.parametrize("name", KERAS_MODELS)
+def test_keras_export_passes_the_self_check(name):
+    """The finite-difference self-check (issue 13 item 1) accepts these correct gradients (the old
+    check refused rgb32, mobile24x48 and gray28 with errors 0.03-0.06 > 0.02)."""
+    checks = export_onnx(KERAS / f"{name}_opset17.onnx", rules=["vanilla"])[1]
+    assert checks and all(check.ok for check in checks)
 
 
 def test_cli_explains_a_keras_file(exporters_plugin, tmp_path):
-    write_model(export_without_self_check(KERAS / "mobile24x48_opset13.onnx", rules=["vanilla"]),
+    write_model(export_checked(KERAS / "mobile24x48_opset13.onnx", rules=["vanilla"]),
                 tmp_path / "k.camrt.onnx")
     write_image(str(tmp_path / "photo.png"), random_image(np.random.default_rng(6), 60, 90))
     for method in ("gradcam", "saliency"):

@@ -1,9 +1,8 @@
 """Issue 13's repros: torchvision classifiers written by torch's legacy ONNX exporter with a dynamic
 batch, as a user would export them, through `camrt export`.
 
-The gradients are checked against torch autograd on the module the file came from; the `camrt
-export` runs end to end (with its own finite-difference self-check) are xfail until that check
-stops refusing correct gradients (branch `selfcheck`); only that refusal makes them xfail."""
+The gradients are checked against torch autograd on the module the file came from, and `camrt
+export` runs end to end, its own finite-difference self-check included."""
 
 from __future__ import annotations
 
@@ -29,9 +28,7 @@ MODELS = ["resnet18", "mobilenet_v3_large", "densenet121", "efficientnet_lite0"]
 
 
 def assert_exported(result) -> None:
-    """`camrt export` succeeded; xfail only when the finite-difference self-check refused it."""
-    if result.exit_code != 0 and "finite-difference error" in result.output:
-        pytest.xfail("FD self-check too strict; fixed on branch selfcheck")
+    """`camrt export` succeeded, its finite-difference self-check included."""
     assert result.exit_code == 0, result.output
 
 
@@ -76,12 +73,9 @@ def _l2_rel(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_repro_gradients_equal_torch_autograd(repro, name, monkeypatch):
+def test_repro_gradients_equal_torch_autograd(repro, name):
     """Everything before the self-check: the file exports, and its logits, input gradient and CAM
     weights equal torch autograd's (batch of 2, 224x224)."""
-    import camrt_exporters.export
-
-    monkeypatch.setattr(camrt_exporters.export, "validate_finite_differences", lambda *args, **kwargs: [])
     module, path = repro(name)
     model, _ = export_onnx(path, rules=["vanilla"])
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
