@@ -65,12 +65,28 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
         converted = version_converter.convert_version(model, 17)
         onnx.checker.check_model(converted)
-        return converted
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ExportError(
             f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion to opset 17 "
             f"failed ({_first_line(exc)}). Re-export the model with opset 17 or newer."
         ) from exc
+    if opset < 11:
+        _keep_asymmetric_resize(converted)
+    return converted
+
+
+def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
+    """Upsample and Resize before opset 11 map output to input coordinates as x_out / scale
+    ("asymmetric"); onnx's version converter leaves the new Resize at its default half_pixel, which
+    computes another function for linear interpolation. Say asymmetric explicitly."""
+    for node in model.graph.node:
+        if node.op_type == "Resize" and attribute(node, "mode", b"nearest") in (b"linear", "linear"):
+            for attr in node.attribute:
+                if attr.name == "coordinate_transformation_mode":
+                    attr.s = b"asymmetric"
+                    break
+            else:
+                node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -562,12 +562,7 @@ def test_einsum_unsupported_equations_are_refused(equation, x_shape, w_shape, re
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [
-    "nearest",
-    pytest.param("linear", marks=pytest.mark.xfail(strict=True, reason=(
-        "onnx's version converter turns Upsample(linear) (asymmetric coordinates) into a Resize with the default "
-        "half_pixel transform: the converted file computes another function (front end, contract_file.prepare)"))),
-])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
 def test_upsample_converted_by_the_front_end(mode):
     """An opset-9 Upsample, lifted to opset 17 by `prepare`, then differentiated by the Resize rule: the
     gradient is the original file's, A^T g with A (Upsample is linear) read off onnxruntime's run of
