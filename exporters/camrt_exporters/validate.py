@@ -64,6 +64,13 @@ class Check:
     def ok(self) -> bool:
         return bool(np.isfinite(self.error)) and self.error <= self.tolerance
 
+    @property
+    def resolved(self) -> bool:
+        """False when the tolerance admits an error as large as the gradient itself (errors are relative
+        to it): then the check could not have refused a wrong gradient, e.g. a score whose change
+        float32 cannot resolve (googlenet with random weights: ||g|| ~ 3e-13 at logits ~ 1)."""
+        return self.tolerance < 1.0
+
     def describe(self) -> str:
         return f"{self.name}: {self.kind} error {self.error:.3g} > tolerance {self.tolerance:.3g}"
 

@@ -198,3 +198,13 @@ def test_a_failing_model_factory_is_a_one_line_export_error(tmp_path, monkeypatc
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "'offline_zoo:pretrained' failed: URLError" in message
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_check_whose_tolerance_admits_any_gradient_is_not_resolved():
+    """Errors are relative to ||g||: a tolerance of 1 or more passes even a gradient of the wrong sign,
+    so `camrt export` logs such a check as UNVERIFIED instead of validated."""
+    from camrt_exporters.validate import Check
+
+    assert Check("g", 0.5, 0.02 + 1e-3, "finite-difference").resolved
+    unresolved = Check("g", 2.0, 4e7, "finite-difference")
+    assert unresolved.ok and not unresolved.resolved
