@@ -27,6 +27,7 @@ from .rule_harness import (
     finite_differences, forward_model, gradient_model, node, pool_taps, reference, seeds, shapes, spec_pads,
 )
 from .test_backward_rules_activations import TESTED_OPS as ACTIVATION_AND_REDUCTION_OPS
+from .test_backward_rules_activations import UNARY as ACTIVATION_UNARY
 from .test_backward_rules_normalization import TESTED_OPS as NORMALIZATION_OPS
 
 
@@ -53,6 +54,7 @@ UNARY = {
     "Softplus": _normal,
     "Erf": _normal,
     "HardSwish": lambda rng, s: away_from(rng, s, -5, 5, kinks=[-3, 3]),
+    **ACTIVATION_UNARY,  # Elu, Mish, Sin, ... (test_backward_rules_activations.py)
 }
 
 

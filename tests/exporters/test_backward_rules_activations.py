@@ -43,14 +43,6 @@ UNARY = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(UNARY))
-@FEW
-@given(x_shape=shapes(), seed=seeds)
-def test_unary(op, x_shape, seed):
-    rng = np.random.default_rng(seed)
-    check(Case([node(op, ["X"])], UNARY[op](rng, x_shape)), rng)
-
-
 @FEW
 @given(x_shape=shapes(), seed=seeds, alpha=st.floats(0.3, 2.0))
 def test_elu_alpha(x_shape, seed, alpha):
