@@ -308,7 +308,7 @@ def test_minus_one_batch_in_reshape_serves_every_batch(tmp_path):
 def test_reshape_hard_coding_the_batch_is_refused_by_node(tmp_path):
     """reshape(1, -1) at batch 1 would mix the samples of a batch: refused, naming the Reshape."""
     path = torch_export(FlattenTo((1, -1)), tmp_path / "batch_one.onnx", (1, 3, 16, 16))
-    with pytest.raises(ExportError, match=r"node '/Reshape' \(Reshape\) turns the batch dimension into 1.*"
+    with pytest.raises(ExportError, match=r"node '/Reshape' \(Reshape\) turns the batch dimension into fixed sizes.*\[1, .*"
                                           r"hard-codes the batch size"):
         export_onnx(path, rules=["vanilla"])
 
@@ -524,3 +524,26 @@ def test_folding_keeps_the_names_control_flow_subgraphs_read(tmp_path):
         None, feeds)
     for got, expected in zip(run(folded), [np.array([2.0, -3.0]), np.array([3.0, 2.0])]):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_a_batch_moved_to_another_axis_is_carried(tmp_path):
+    """Attention layers permute the batch off axis 0 ([3, batch, heads, tokens, dim]); that is no
+    hard-coded batch: the file exports and its input gradient equals the closed form (the model is
+    linear: the score's gradient is the chosen class's weights pushed back through the Conv)."""
+    rng = np.random.default_rng(4)
+    conv_w, fc_w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["image", "conv_w"], ["conv"], name="conv"),
+             helper.make_node("Transpose", ["conv"], ["channels_first"], name="batch_off_axis_0", perm=[1, 0, 2, 3]),
+             helper.make_node("Transpose", ["channels_first"], ["back"], name="batch_on_axis_0", perm=[1, 0, 2, 3]),
+             helper.make_node("GlobalAveragePool", ["back"], ["pooled"], name="gap"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "moved", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 5])],
+                              [numpy_helper.from_array(conv_w, "conv_w"), numpy_helper.from_array(fc_w, "fc_w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "moved.onnx")
+    exported, _ = export_onnx(tmp_path / "moved.onnx", layers=["conv"], rules=["vanilla"])
+    got = run_contract(exported, "image", rng.standard_normal((2, 3, 6, 6)).astype(np.float32), np.array([1, 3]))
+    per_pixel = np.stack([conv_w[:, :, 0, 0].T @ fc_w[:, t] / 36 for t in (1, 3)])  # [2, 3]
+    expected = np.broadcast_to(per_pixel[:, :, None, None], (2, 3, 6, 6))
+    np.testing.assert_allclose(got[contract.input_gradient_output("vanilla")], expected, rtol=1e-5, atol=1e-7)
