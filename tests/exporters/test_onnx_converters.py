@@ -308,7 +308,7 @@ def test_minus_one_batch_in_reshape_serves_every_batch(tmp_path):
 def test_reshape_hard_coding_the_batch_is_refused_by_node(tmp_path):
     """reshape(1, -1) at batch 1 would mix the samples of a batch: refused, naming the Reshape."""
     path = torch_export(FlattenTo((1, -1)), tmp_path / "batch_one.onnx", (1, 3, 16, 16))
-    with pytest.raises(ExportError, match=r"node '/Reshape' \(Reshape\) turns the batch dimension into fixed sizes.*\[1, .*"
+    with pytest.raises(ExportError, match=r"node '/Reshape' \(Reshape\) turns the batch dimension into 1.*"
                                           r"hard-codes the batch size"):
         export_onnx(path, rules=["vanilla"])
 
