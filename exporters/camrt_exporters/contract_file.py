@@ -274,24 +274,23 @@ def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool
 
 
 def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> None:
-    """ExportError naming the node where the batch dimension of the image stops being a dimension of
-    its own on the way to the score (a Reshape whose shape constant hard-codes the exported batch
-    size, e.g. [1, batch*8]): the file would mix the samples of a batch, a silently wrong answer.
-    The batch is carried on axis 0, alone or as a leading factor (tokens: batch*64), or moved whole
-    to another axis (attention's [3, batch, heads, tokens, dim])."""
+    """ExportError naming the node where the batch dimension of the image vanishes into fixed sizes
+    on the way to the score (a Reshape whose shape constant hard-codes the exported batch size): the
+    file would mix or drop the samples of a batch. The batch may move to another axis or become a
+    factor of one (attention's [3, batch*64, heads, tokens, dim] in Swin): shapes alone cannot tell
+    that from mixing, and a graph that then mismatches fails the export's validation run instead."""
     on_path = active_tensors(index, score, [image_input]) | {image_input}
     batch = index.shape(image_input)[0]
 
-    def carries_batch(shape) -> bool:
-        leading = bool(shape) and isinstance(shape[0], str) and batch in shape[0]
-        return leading or batch in (shape or ())
+    def mentions_batch(shape) -> bool:
+        return any(isinstance(d, str) and batch in d for d in shape or ())
 
     for node in index.nodes:
-        if not any(i in on_path and carries_batch(index.shape(i)) for i in node.input):
+        if not any(i in on_path and mentions_batch(index.shape(i)) for i in node.input):
             continue
         for out in node.output:
             shape = index.shape(out)
-            if out in on_path and shape and isinstance(shape[0], int) and not carries_batch(shape):
+            if out in on_path and shape and isinstance(shape[0], int) and not mentions_batch(shape):
                 raise ExportError(
                     f"node {node.name!r} ({node.op_type}) turns the batch dimension into {shape[0]} "
                     f"(output {out!r}: {list(shape)}): the graph hard-codes the batch size it was exported with. "

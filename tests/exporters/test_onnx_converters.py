@@ -527,7 +527,7 @@ def test_folding_keeps_the_names_control_flow_subgraphs_read(tmp_path):
 
 
 def test_a_batch_moved_to_another_axis_is_carried(tmp_path):
-    """Attention layers permute the batch off axis 0 ([3, batch, heads, tokens, dim]); that is no
+    """Attention layers permute the batch off axis 0 ([3, batch*64, heads, tokens, dim]); that is no
     hard-coded batch: the file exports and its input gradient equals the closed form (the model is
     linear: the score's gradient is the chosen class's weights pushed back through the Conv)."""
     rng = np.random.default_rng(4)
