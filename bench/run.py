@@ -16,7 +16,7 @@ Captum installed. What it does:
    the input-gradient methods): the max abs difference is the oracle check of the run;
 4. measures `import camrt`, a cold one-image `camrt explain` against a minimal onnxruntime script,
    and Score-CAM's top-channel variant's faithfulness cost against the exact map;
-5. writes <results>/<date>-<machine>.json and .md (the Markdown table the README quotes).
+5. writes <results>/<date>-<machine>.json and .md (the Markdown tables docs/benchmarks.md quotes).
 
 Implementations: camrt (`Explainer.explain` on an NCHW batch, heatmaps at 224), pgc
 (pytorch-grad-cam 1.5.7), torchcam (its methods that exist: Grad-CAM, Grad-CAM++, Score-CAM; its
@@ -67,7 +67,7 @@ METHODS = {
     "guided-backprop": ("camrt", "captum"),
 }
 ORACLE = {"saliency": "captum", "guided-backprop": "captum"}  # others: pgc
-#: methods whose camrt maps are expected to equal the oracle's (README "Methods"); Score-CAM follows
+#: methods whose camrt maps are expected to equal the oracle's (docs/methods.md); Score-CAM follows
 #: the paper's pixel-centre mask upsampling where pytorch-grad-cam uses align_corners=True.
 PARITY_EXPECTED = {"gradcam", "gradcam++", "ablationcam", "saliency", "guided-backprop"}
 #: extra passes per image: one pass per channel; measured at batch 1 only, one timed run.
@@ -547,7 +547,7 @@ def _fmt(value, digits=1):
 
 
 def markdown(result: dict) -> str:
-    """The tables the README quotes."""
+    """The tables docs/benchmarks.md quotes."""
     m, v = result["machine"], result["versions"]
     lines = [
         f"# camrt benchmark ({result['config']}), {result['date']}",
