@@ -32,6 +32,9 @@ CAM_WEIGHTS_PREFIX = "camrt/cam_weights/"
 #: float [B, C, h, w]: d score / d (node output) * bias, per bias-carrying Conv / BatchNormalization
 #: node (FullGrad's bias-gradient terms; `camrt export --fullgrad`).
 BIAS_GRADIENT_PREFIX = "camrt/bias_grad/"
+#: float [B, heads, T, T]: attention probabilities (a Softmax output) and d score / d them.
+ATTENTION_PREFIX = "camrt/attn/"
+ATTENTION_GRADIENT_PREFIX = "camrt/attn_grad/"
 
 #: Backward rule sets a file can carry input gradients for.
 RULE_VANILLA = "vanilla"
@@ -72,12 +75,20 @@ META_EXPORTER_VERSION = "camrt.exporter_version"
 META_INPUT = "camrt.input"  # name of the image input
 META_CAM_LAYERS = "camrt.cam_layers"  # JSON list of the layers with a cam_weights output (GAP + FC head)
 META_BIAS_TERMS = "camrt.bias_terms"  # JSON list of the nodes with a bias_grad output; absent: not exported
+#: JSON {layer: LayerLayout.to_dict()}; absent (or a layer missing from it): the layer is NCHW.
+META_LAYER_LAYOUTS = "camrt.layer_layouts"
+#: JSON {"maps": [attention-map names, input to output], "tokens": LayerLayout.to_dict()}: the
+#: attention probabilities exposed as ATTENTION_PREFIX / ATTENTION_GRADIENT_PREFIX outputs.
+META_ATTENTION = "camrt.attention"
 
 
 #: Image-input layouts (`Preprocessing.layout`); a file without the field is NCHW.
 LAYOUT_NCHW = "nchw"
 LAYOUT_NHWC = "nhwc"
 LAYOUTS = (LAYOUT_NCHW, LAYOUT_NHWC)
+#: Layer layout of a transformer's token sequence [B, T, C] (never an image-input layout).
+LAYOUT_TOKENS = "tokens"
+LAYER_LAYOUTS = (LAYOUT_NCHW, LAYOUT_NHWC, LAYOUT_TOKENS)
 #: Axis orders (numpy transpose, ONNX Transpose perm) between the two.
 NCHW_TO_NHWC = (0, 2, 3, 1)
 NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -120,6 +131,31 @@ class Preprocessing:
         data["mean"] = tuple(data["mean"])
         data["std"] = tuple(data["std"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How an exposed layer tensor maps onto a [B, C, h, w] feature map.
+
+    nchw: as is; nhwc: [B, h, w, C]; tokens: [B, T, C] with T = len(extra_tokens) + h * w, the
+    patch tokens in row-major grid order and the extra tokens (class, distillation, registers) at
+    the positions `extra_tokens`.
+    """
+
+    layout: str = LAYOUT_NCHW
+    grid: tuple[int, int] | None = None
+    extra_tokens: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        data = {"layout": self.layout}
+        if self.layout == LAYOUT_TOKENS:
+            data.update(grid=list(self.grid), extra_tokens=list(self.extra_tokens))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerLayout":
+        grid = data.get("grid")
+        return cls(data["layout"], tuple(grid) if grid is not None else None, tuple(data.get("extra_tokens", ())))
 
 
 @dataclass
