@@ -25,6 +25,7 @@ import numpy as np
 
 from . import contract
 from .errors import InputError, PluginError
+from .feature_layout import from_nchw
 
 
 class ExplainContext:
@@ -40,6 +41,7 @@ class ExplainContext:
         self.targets = np.asarray(targets, dtype=np.int64)
         self.extra: dict[str, list[Any]] = {}
         self._side: dict[str, dict[str, np.ndarray]] = {}
+        self._layer_values: dict[str, np.ndarray] = {}
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """``camrt/logits`` [N, classes] of model inputs [N, C, H, W] (the forward subgraph only)."""
@@ -57,7 +59,8 @@ class ExplainContext:
 
         samples: for each row, the index of the batch sample it was made from (default: row i is
         sample i). When the tail reads tensors from before the layer (skip connections), those are
-        taken from a forward pass of that sample (computed once per layer and call).
+        taken from a forward pass of that sample (computed once per layer and call); so are the
+        extra tokens (class, distillation) of a token layer, which the feature maps leave out.
         """
         acts = np.asarray(activations)
         rows = np.arange(acts.shape[0]) if samples is None else np.asarray(samples, dtype=np.int64)
@@ -68,7 +71,18 @@ class ExplainContext:
         if layer not in self._side:
             self._side[layer] = self.session.tail_side_tensors(layer, self.inputs)
         side = {name: value[rows] for name, value in self._side[layer].items()}
+        layout = self.session.info.layer_layout(layer)
+        if layout.layout != contract.LAYOUT_NCHW:
+            acts = from_nchw(acts, layout, self._unedited(layer)[rows])
         return self.session.run_tail(layer, acts, side)
+
+    def _unedited(self, layer: str) -> np.ndarray:
+        """The batch's activations of `layer` in the file's layout (one forward pass, cached)."""
+        key = contract.activation_output(layer)
+        if key not in self._layer_values:
+            self._layer_values[key] = self.session.run(self.inputs, np.full(self.inputs.shape[0], contract.TOP1_TARGET),
+                                                       [key], file_layout=True)[key]
+        return self._layer_values[key]
 
     def add_extra(self, key: str, values: Sequence[Any]) -> None:
         """Per-sample fields (one JSON-able value per sample) for each Explanation's ``extra``."""

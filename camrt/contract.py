@@ -176,3 +176,8 @@ class ContractInfo:
     cam_layers: list[str] | None = None
     #: Nodes with FullGrad bias-gradient terms; None when the file was exported without them.
     bias_terms: list[str] | None = None
+    #: The layout of each layer the file records (META_LAYER_LAYOUTS); a layer missing is NCHW.
+    layer_layouts: dict[str, LayerLayout] = field(default_factory=dict)
+
+    def layer_layout(self, layer: str) -> LayerLayout:
+        return self.layer_layouts.get(layer, LayerLayout())

@@ -127,7 +127,8 @@ class Explainer:
                              "other than by the mean); use device_postprocess=False")
         return self.session.prepare(
             self.fetch, name=f"heatmap:{method.name}",
-            extend=lambda model: fused.heatmap_model(model, self.layers, weights_graph, method.relu))
+            extend=lambda model: fused.heatmap_model(model, self.layers, weights_graph, method.relu,
+                                                     self.info.layer_layouts))
 
     # -- setup ---------------------------------------------------------------------------
     @property

@@ -16,11 +16,13 @@ every image size. The nodes use only standard ONNX ops, so any execution provide
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import contract
+from .contract import LayerLayout
+from .feature_layout import nchw_graph
 from .postprocess import EPS
 
 HEATMAP_OUTPUT = "camrt/heatmap"
@@ -75,10 +77,12 @@ class GraphBuilder:
 WeightsGraph = Callable[[GraphBuilder, str, str], str]
 
 
-def heatmap_model(model, layers: Sequence[str], weights_graph: WeightsGraph, apply_relu: bool = True):
+def heatmap_model(model, layers: Sequence[str], weights_graph: WeightsGraph, apply_relu: bool = True,
+                  layouts: Mapping[str, LayerLayout] | None = None):
     """`model` (a pruned contract graph that outputs the layers' activations and gradients) with
     the heatmap computation appended; outputs: ``camrt/heatmap`` [B, H, W] float32,
-    ``camrt/logits`` and ``camrt/target_index``."""
+    ``camrt/logits`` and ``camrt/target_index``. layouts: the layers' layouts (absent: NCHW); each
+    is first brought to [B, C, h, w] (`camrt.feature_layout.nchw_graph`)."""
     from onnx import TensorProto, helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -86,7 +90,9 @@ def heatmap_model(model, layers: Sequence[str], weights_graph: WeightsGraph, app
     size = helper.make_tensor_value_info(SIZE_INPUT, TensorProto.INT64, [2])
     per_layer = []
     for layer in layers:
-        acts, grads = contract.activation_output(layer), contract.gradient_output(layer)
+        layout = (layouts or {}).get(layer, LayerLayout())
+        acts, grads = (nchw_graph(g, name, layout) for name in (contract.activation_output(layer),
+                                                                contract.gradient_output(layer)))
         weights = weights_graph(g, acts, grads)
         cam = g.reduce("ReduceSum", g.op("Mul", [weights, acts]), [1])  # [B, 1, h, w]
         if apply_relu:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import contract
 from .errors import ContractError, InputError, ModelError, NonFiniteError, UsageError, require_regular_file
+from .feature_layout import outputs_as_nchw, parse_layer_layouts
 
 DEVICES = ("auto", "cpu", "cuda")
 #: onnxruntime's graph optimisation levels by camrt's names. "all" (onnxruntime's default) includes
@@ -211,6 +212,7 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
         exporter_version=meta.get(contract.META_EXPORTER_VERSION, ""),
         cam_layers=_names(meta, contract.META_CAM_LAYERS, path),
         bias_terms=_names(meta, contract.META_BIAS_TERMS, path),
+        layer_layouts=parse_layer_layouts(_json(meta, contract.META_LAYER_LAYOUTS, path), path),
     )
 
 
@@ -587,11 +589,12 @@ class ExplainSession:
 
     # -- running -------------------------------------------------------------------------
     def run(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str], session=None,
-            fixed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Run forward (and backward) once; return only the `fetch` outputs.
+            fixed: Mapping[str, np.ndarray] | None = None, file_layout: bool = False) -> dict[str, np.ndarray]:
+        """Run forward (and backward) once; return only the `fetch` outputs, layer activations and
+        gradients as [B, C, h, w] feature maps (`camrt.feature_layout`).
 
         session: one made by `prepare(..., extend=...)` (default: the pruned subgraph of `fetch`);
-        fixed: its feeds without a batch axis."""
+        fixed: its feeds without a batch axis; file_layout: layer outputs in the file's layout instead."""
         x = self.check_inputs(inputs)
         t = self.check_targets(targets, x.shape[0])
         fetch = list(dict.fromkeys(fetch))
@@ -602,7 +605,8 @@ class ExplainSession:
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
         _check_finite(dict(zip(fetch, values)), "the model")
-        return {name: self._input_gradient_as_nchw(name, value) for name, value in zip(fetch, values)}
+        values = {name: self._input_gradient_as_nchw(name, value) for name, value in zip(fetch, values)}
+        return values if file_layout else outputs_as_nchw(values, self.info.layer_layouts)
 
     # -- the image layout: methods see NCHW inputs and input gradients -------------------
     def _model_input(self, x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +12,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.errors import ExportError
-from camrt.layers import spatial_candidates, tensor_layouts
 
 from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
@@ -299,13 +298,6 @@ def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> No
                 )
 
 
-def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
-    """NCHW tensors with spatial extent on a path from the input to the score, in graph order
-    (the rule lives in camrt.layers, shared with `camrt inspect`)."""
-    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]),
-                              tensor_layouts(index.nodes, image_input, image_layout))
-
-
 @dataclass
 class CamHead:
     """The classifier after a layer's global average pooling: score = pooled @ W' * alpha + bias."""
@@ -325,33 +317,40 @@ def _single_consumer(index: GraphIndex, tensor: str, on_path: set[str]) -> onnx.
     return consumers[0] if len(consumers) == 1 else None
 
 
-def _is_global_average_pool(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """GlobalAveragePool, ReduceMean over exactly H and W, or an AveragePool whose one window is the map."""
+def _is_global_average_pool(index: GraphIndex, node: onnx.NodeProto, layout: str = contract.LAYOUT_NCHW) -> bool:
+    """GlobalAveragePool, ReduceMean over exactly H and W, or an AveragePool whose one window is the
+    map (of an NCHW tensor; of an NHWC one: ReduceMean over axes 1 and 2)."""
     shape = index.shape(node.input[0])
     if shape is None or len(shape) != 4:
         return False
-    if node.op_type == "GlobalAveragePool":
-        return True
+    spatial_axes = [1, 2] if layout == contract.LAYOUT_NHWC else [2, 3]
     if node.op_type == "ReduceMean":
         axes = index.value(node.input[1]) if len(node.input) > 1 and node.input[1] else attribute(node, "axes")
-        return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
+        return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == spatial_axes
+    if layout != contract.LAYOUT_NCHW:
+        return False
+    if node.op_type == "GlobalAveragePool":
+        return True
     if node.op_type == "AveragePool":
         pads = attribute(node, "pads", [0, 0, 0, 0])
         return list(attribute(node, "kernel_shape", [])) == list(shape[2:]) and not any(pads)
     return False
 
 
-def find_cam_head(index: GraphIndex, tensor: str, score: str) -> CamHead | None:
+def find_cam_head(index: GraphIndex, tensor: str, score: str, layout: str = contract.LAYOUT_NCHW) -> CamHead | None:
     """The classifier weights of CAM (Zhou et al. 2016) when `tensor` reaches `score` only through
     global average pooling -> [Flatten/Reshape/Squeeze] -> Gemm, or MatMul [-> Add], with a constant
-    weight; None for any other head."""
+    weight; None for any other head (and for token layers: their pooling is not over a map)."""
+    if layout not in contract.LAYOUTS:
+        return None
+    channels = index.shape(tensor)[3 if layout == contract.LAYOUT_NHWC else 1] if index.shape(tensor) else None
     on_path = active_tensors(index, score, [tensor])
 
     def reader(name: str) -> onnx.NodeProto | None:
         return None if name == score else _single_consumer(index, name, on_path)
 
     node = reader(tensor)
-    if node is None or not _is_global_average_pool(index, node):
+    if node is None or not _is_global_average_pool(index, node, layout):
         return None
     current, node = node.output[0], reader(node.output[0])
     while node is not None and node.op_type in _FLATTENING_OPS:
@@ -365,7 +364,7 @@ def find_cam_head(index: GraphIndex, tensor: str, score: str) -> CamHead | None:
     else:
         return None
     weight = index.value(head.weight)
-    if weight is None or weight.ndim != 2 or weight.shape[1 if head.rows_are_classes else 0] != index.shape(tensor)[1]:
+    if weight is None or weight.ndim != 2 or weight.shape[1 if head.rows_are_classes else 0] != channels:
         return None
     out, node = node.output[0], reader(node.output[0])
     if node is not None and node.op_type == "Add" and any(index.value(i) is not None for i in node.input):
@@ -432,13 +431,14 @@ def build_contract_model(
     metadata: dict[str, str],
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
+    layer_layouts: Mapping[str, contract.LayerLayout] | None = None,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
     `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
-    with the lists of both.
+    with the lists of both. layer_layouts: each layer's layout (absent: NCHW).
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -484,12 +484,13 @@ def build_contract_model(
         expose(contract.activation_output(layer), tensor)
     cam_layers = []
     for layer, tensor in layers.items():
-        head = find_cam_head(index, tensor, score.tensor)
+        layout = (layer_layouts or {}).get(layer, contract.LayerLayout()).layout
+        head = find_cam_head(index, tensor, score.tensor, layout)
         if head is not None:
             nodes.extend(_cam_weight_nodes(head, contract.TARGET_INDEX_OUTPUT, contract.cam_weights_output(layer),
                                            const))
             outputs.append(_value_info(contract.cam_weights_output(layer), index.dtypes.get(tensor, TensorProto.FLOAT),
-                                       [batch, index.shape(tensor)[1]]))
+                                       [batch, index.shape(tensor)[3 if layout == contract.LAYOUT_NHWC else 1]]))
             cam_layers.append(layer)
 
     if fullgrad and not any(r.name == vanilla.name for r in input_rule_sets):
@@ -560,7 +561,7 @@ def _cam_weight_nodes(head: CamHead, target: str, output: str, const) -> list[on
 def contract_metadata(
     *, layers: Sequence[str], default: str | None, preprocessing: contract.Preprocessing,
     rule_sets: Sequence[str], labels: Sequence[str] | None, source: dict, score: ScoreChoice,
-    image_input: str, exporter_version: str,
+    image_input: str, exporter_version: str, layer_layouts: Mapping[str, contract.LayerLayout] | None = None,
 ) -> dict[str, str]:
     meta = {
         contract.META_CONTRACT_VERSION: str(contract.CONTRACT_VERSION),
@@ -575,6 +576,8 @@ def contract_metadata(
     }
     if default is not None:
         meta[contract.META_DEFAULT_LAYER] = default
+    if layer_layouts:
+        meta[contract.META_LAYER_LAYOUTS] = json.dumps({layer: layout.to_dict() for layer, layout in layer_layouts.items()})
     if labels:
         meta[contract.META_LABELS] = json.dumps(list(labels))
     return meta

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,11 +22,11 @@ from .contract_file import (
     build_contract_model,
     choose_score,
     contract_metadata,
-    layer_candidates,
     prepare,
     require_batch_carried,
 )
-from .layouts import image_layout, refuse_non_nchw_layers
+from .layouts import LayoutOverride, image_layout, layout_candidates, resolve_layer_layouts
+from .token_layout import attention_inputs, infer_layer_layouts
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -64,6 +64,41 @@ def _choose_layer(candidates: list[str], framework: str) -> str:
     return choice
 
 
+def _default_onnx_layer(index: GraphIndex, candidates: list[str], layouts: dict[str, contract.LayerLayout],
+                        log: Callable[[str], None]) -> str:
+    """The LayerNormalization output feeding the last attention (ViT, DeiT: after the last block
+    only the class token reaches the head, so the grid tokens of later tensors get no gradient),
+    else the `choose_target_layer` hook's pick (built-in: the last candidate)."""
+    attention = attention_inputs(index.nodes, lambda name: index.value(name) is not None, candidates, layouts)
+    if attention:
+        log(f"default layer: {attention[-1]} ({_layout_text(layouts[attention[-1]])}; the LayerNormalization "
+            "feeding the last attention)")
+        return attention[-1]
+    choice = _choose_layer(candidates, "onnx")
+    log(f"default layer: {choice} ({_layout_text(layouts[choice])}; the last tensor with spatial extent)")
+    return choice
+
+
+def _default_torch_layer(model, input_size: tuple[int, int], log: Callable[[str], None]) -> str:
+    """The torch twin of `_default_onnx_layer`, on module names."""
+    from .torch_frontend import attention_input_norms, spatial_candidates
+
+    attention = attention_input_norms(model, input_size)
+    if attention:
+        log(f"default layer: {attention[-1]} (the LayerNorm feeding the last attention)")
+        return attention[-1]
+    choice = _choose_layer(spatial_candidates(model, input_size), "torch")
+    log(f"default layer: {choice} (the last output with spatial extent)")
+    return choice
+
+
+def _layout_text(layout: contract.LayerLayout) -> str:
+    if layout.layout != contract.LAYOUT_TOKENS:
+        return layout.layout
+    extra = f", extra tokens at {list(layout.extra_tokens)}" if layout.extra_tokens else ""
+    return f"tokens on a {layout.grid[0]}x{layout.grid[1]} grid{extra}"
+
+
 def resolve_labels(labels: str | Sequence[str] | None) -> list[str] | None:
     """`imagenet` (from torchvision, export side only), a text file with one label per line, or a list."""
     if labels is None or isinstance(labels, (list, tuple)):
@@ -96,38 +131,41 @@ def export_torch(
     source_name: str = "",
     opset: int | None = None,
     fullgrad: bool = False,
+    layouts: Mapping[str, LayoutOverride] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
+
+    layouts: `--layout` overrides of the layers' layouts (default: inferred from the exported graph).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
     graph is then exported unoptimised (BatchNormalization nodes kept, as pytorch-grad-cam hooks
     BatchNorm2d modules); the file runs somewhat slower for every method.
     """
-    from .torch_frontend import export_forward, parse_layer, spatial_candidates
+    from .torch_frontend import export_forward, parse_layer
 
     model = model.eval()
-    names = list(layers)
-    if not names:
-        names = [_choose_layer(spatial_candidates(model, input_size), "torch")]
-        log(f"default layer: {names[0]} (the last output with spatial extent)")
+    names = list(layers) or [_default_torch_layer(model, input_size, log)]
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
     forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad)
     forward = prepare(forward)
     index = GraphIndex(forward)
     score = choose_score(index, logits)
+    image_input = forward.graph.input[0].name
+    inferred = infer_layer_layouts(index.nodes, index.shape, image_input, contract.LAYOUT_NCHW)
+    layer_layouts = resolve_layer_layouts(index, tensors, inferred, layouts or {}, ())
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
     meta = contract_metadata(
         layers=names, default=names[0], preprocessing=preprocessing, rule_sets=list(rules), labels=labels,
         source={"framework": "torch", "model": source_name or type(model).__name__}, score=score,
-        image_input=forward.graph.input[0].name, exporter_version=__version__,
+        image_input=image_input, exporter_version=__version__, layer_layouts=layer_layouts,
     )
     result = build_contract_model(
-        forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
+        forward, image_input=image_input, score=score, layers=tensors, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[logits], fullgrad=fullgrad,
     )
@@ -276,6 +314,7 @@ def export_onnx(
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     input_layout: str | None = None,
+    layouts: Mapping[str, LayoutOverride] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -285,7 +324,8 @@ def export_onnx(
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
-    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). layouts: `--layout`
+    overrides of the layers' layouts (default: inferred from the graph, `camrt_exporters.token_layout`)."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
@@ -305,11 +345,10 @@ def export_onnx(
 
             close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
             raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
-    candidates = layer_candidates(index, image.name, score.tensor, layout)
-    refuse_non_nchw_layers(index, names, image.name, layout, candidates)
-    if not names:
-        names = [_choose_layer(candidates, "onnx")]
-        log(f"default layer: {names[0]} (the last NCHW tensor with spatial extent)")
+    inferred = infer_layer_layouts(index.nodes, index.shape, image.name, layout)
+    candidates = layout_candidates(index, image.name, score.tensor, inferred)
+    names = names or [_default_onnx_layer(index, candidates, inferred, log)]
+    layer_layouts = resolve_layer_layouts(index, {n: n for n in names}, inferred, layouts or {}, candidates)
     preprocessing = replace(_preprocessing_for(geometry, preprocessing, log), layout=layout)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
@@ -317,10 +356,10 @@ def export_onnx(
     meta = contract_metadata(
         layers=names, default=names[0], preprocessing=preprocessing, rule_sets=list(rules), labels=labels,
         source={"framework": "onnx", "model": Path(path).name}, score=score, image_input=image.name,
-        exporter_version=__version__,
+        exporter_version=__version__, layer_layouts=layer_layouts,
     )
     result = build_contract_model(
-        forward, image_input=image.name, score=score, layers={n: n for n in names},
+        forward, image_input=image.name, score=score, layers={n: n for n in names}, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
     )

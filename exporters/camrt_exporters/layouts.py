@@ -1,19 +1,29 @@
 """Layouts of an ONNX source: its image input (NCHW, or NHWC as Keras/tf2onnx files have it) and
-the layers it may explain (established NCHW only; the rule is camrt.layers.tensor_layouts).
+the layers it may explain (nchw, nhwc or tokens: the rule is camrt_exporters.token_layout).
 
-camrt's runtime hands every method NCHW batches; an NHWC file records `layout: nhwc` in its
-preprocessing metadata and the runtime transposes at the model's input (camrt.session).
+camrt's runtime hands every method NCHW batches and [B, C, h, w] feature maps: an NHWC file
+records `layout: nhwc` in its preprocessing metadata and the runtime transposes at the model's
+input; each layer's layout is recorded in META_LAYER_LAYOUTS and the runtime brings the layer's
+activations and gradients to [B, C, h, w] (camrt.feature_layout). `camrt export --layout
+LAYER=SPEC` overrides the inferred layout of a layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from camrt import contract
+from camrt.contract import LayerLayout
 from camrt.errors import ExportError
-from camrt.layers import Shape, guess_image_layout, layer_layout_problem, tensor_layouts
+from camrt.layers import Shape, guess_image_layout, nearest_nchw_layer
 
 from .autodiff.graph import GraphIndex
+from .autodiff.reverse import active_tensors
+from .token_layout import grid_size
+
+LAYOUT_SYNTAX = "LAYER=nchw|nhwc|tokens[:HxW[:P,P...]]"
 
 
 def image_layout(name: str, shape: Shape, given: str | None = None) -> str:
@@ -29,11 +39,95 @@ def image_layout(name: str, shape: Shape, given: str | None = None) -> str:
     return layout
 
 
-def refuse_non_nchw_layers(index: GraphIndex, layers: Sequence[str], image_input: str, layout: str,
-                           candidates: Sequence[str]) -> None:
-    """ExportError for the first of `layers` not established NCHW, naming the nearest candidate."""
-    layouts = tensor_layouts(index.nodes, image_input, layout)
-    for layer in layers:
-        problem = layer_layout_problem(layer, layouts, index.nodes, candidates)
-        if problem:
-            raise ExportError(f"--layer {problem}")
+@dataclass(frozen=True)
+class LayoutOverride:
+    """A `--layout` value: the layout of a layer, its token grid and extra tokens when given."""
+
+    layout: str
+    grid: tuple[int, int] | None = None
+    extra_tokens: tuple[int, ...] | None = None
+
+
+_SPEC = re.compile(r"^(?P<layout>nchw|nhwc|tokens)(?::(?P<h>\d+)x(?P<w>\d+)(?::(?P<extra>\d+(?:,\d+)*)?)?)?$")
+
+
+def parse_layout_overrides(values: Sequence[str]) -> dict[str, LayoutOverride]:
+    """`--layout LAYER=SPEC` values by layer (SPEC: nchw, nhwc, tokens, tokens:HxW, tokens:HxW:P,P)."""
+    overrides = {}
+    for value in values:
+        layer, sep, spec = value.rpartition("=")
+        match = _SPEC.match(spec.strip().lower()) if sep and layer else None
+        if match is None or (match["layout"] != contract.LAYOUT_TOKENS and match["h"]):
+            raise ExportError(f"--layout {value!r}: expected {LAYOUT_SYNTAX} (e.g. blocks.11.norm1=tokens:14x14:0)")
+        grid = (int(match["h"]), int(match["w"])) if match["h"] else None
+        extra = tuple(int(p) for p in match["extra"].split(",")) if match["extra"] else (() if spec.endswith(":") else None)
+        overrides[layer] = LayoutOverride(match["layout"], grid, extra)
+    return overrides
+
+
+def layout_candidates(index: GraphIndex, image_input: str, score: str,
+                      layouts: Mapping[str, LayerLayout]) -> list[str]:
+    """Tensors on a path from the input to the score whose layout is established and whose grid has
+    spatial extent (h and w both > 1), in graph order."""
+    on_path = active_tensors(index, score, [image_input])
+    found = []
+    for node in index.nodes:
+        for out in node.output:
+            if out in on_path and out in layouts:
+                size = grid_size(layouts[out], index.shape(out) or ())
+                if size is not None and min(size) > 1:
+                    found.append(out)
+    return found
+
+
+def resolve_layer_layouts(index: GraphIndex, tensors: Mapping[str, str], layouts: Mapping[str, LayerLayout],
+                          overrides: Mapping[str, LayoutOverride], candidates: Sequence[str]) -> dict[str, LayerLayout]:
+    """The layout of each layer (name -> its tensor): the `--layout` override checked against the
+    tensor's shape, else the inferred one; ExportError naming `--layout` when neither exists."""
+    unknown = sorted(set(overrides) - set(tensors))
+    if unknown:
+        raise ExportError(f"--layout names {unknown}, which are not exported layers {sorted(tensors)}")
+    resolved = {}
+    for layer, tensor in tensors.items():
+        shape = index.shape(tensor)
+        if layer in overrides:
+            resolved[layer] = _apply_override(layer, shape, overrides[layer])
+        elif tensor in layouts:
+            resolved[layer] = layouts[tensor]
+        else:
+            nearest = nearest_nchw_layer(tensor, index.nodes, candidates)
+            raise ExportError(
+                f"layer {layer!r} {list(shape) if shape else '(shape unknown)'}: cannot establish how it maps onto "
+                f"the image (nchw, nhwc or tokens); give it with --layout {layer}=nchw|nhwc|tokens:HxW:P,..."
+                f"{f' or choose a layer such as {nearest!r}' if nearest else ''}")
+    return resolved
+
+
+def _apply_override(layer: str, shape: Shape | None, given: LayoutOverride) -> LayerLayout:
+    """The LayerLayout `given` means for a tensor of `shape`; ExportError when it cannot hold it."""
+    if shape is None:
+        raise ExportError(f"--layout {layer}=...: the tensor's shape is unknown")
+    dims = list(shape)
+    if given.layout != contract.LAYOUT_TOKENS:
+        spatial = dims[1:3] if given.layout == contract.LAYOUT_NHWC else dims[2:4]
+        if len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in spatial):
+            raise ExportError(f"--layout {layer}={given.layout}: the tensor has shape {dims}, not a rank-4 map "
+                              "with static height and width > 1")
+        return LayerLayout(given.layout)
+    tokens = dims[1] if len(dims) == 3 else None
+    if not isinstance(tokens, int):
+        raise ExportError(f"--layout {layer}=tokens: the tensor has shape {dims}, not [B, T, C] with a static T")
+    grid = given.grid or _square_grid(layer, tokens)
+    extra = given.extra_tokens if given.extra_tokens is not None else tuple(range(tokens - grid[0] * grid[1]))
+    if tokens != grid[0] * grid[1] + len(extra) or any(p >= tokens for p in extra) or len(set(extra)) != len(extra):
+        raise ExportError(f"--layout {layer}=tokens: {tokens} tokens do not hold a {grid[0]}x{grid[1]} grid and the "
+                          f"extra tokens at {list(extra)}")
+    return LayerLayout(contract.LAYOUT_TOKENS, grid, tuple(extra))
+
+
+def _square_grid(layer: str, tokens: int) -> tuple[int, int]:
+    side = round(tokens ** 0.5)
+    if side * side != tokens:
+        raise ExportError(f"--layout {layer}=tokens: {tokens} tokens are not a square grid; give it as "
+                          f"tokens:HxW[:P,...] (the extra tokens' positions, e.g. 0 for a leading class token)")
+    return side, side

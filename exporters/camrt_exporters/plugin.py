@@ -59,7 +59,11 @@ def register_commands(cli):
     @cli.command(epilog=EXPORT_EPILOG)
     @click.argument("source")
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The camrt .onnx file to write.")
-    @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the last tensor with spatial extent.")
+    @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the "
+                  "LayerNorm feeding the last attention (ViT, DeiT), else the last tensor with spatial extent.")
+    @click.option("--layout", "layouts", multiple=True, metavar="LAYER=SPEC", help="The layout of a layer, LAYER=nchw|nhwc|tokens[:HxW[:P,P...]] (tokens: the grid "
+                  "and the positions of the extra tokens, e.g. blocks.11.norm1=tokens:14x14:0). Default: inferred "
+                  "from the graph; a layer whose layout cannot be inferred needs it. Repeatable.")
     @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
     @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model, "
@@ -82,7 +86,7 @@ def register_commands(cli):
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, input_layout, softmax_output, opset, fullgrad):
+               input_name, score_output, input_layout, softmax_output, opset, fullgrad, layouts):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -92,6 +96,7 @@ def register_commands(cli):
         from camrt import contract
 
         from .export import export_onnx, export_torch, read_image_geometry, write_model
+        from .layouts import parse_layout_overrides
         from .torch_frontend import load_model
 
         size = _floats(input_size, 2, "--input-size")
@@ -109,6 +114,7 @@ def register_commands(cli):
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
+        overrides = parse_layout_overrides(layouts)
         if is_onnx:
             preprocessing = None
             if mean or std or scale is not None or channel_order != "rgb":
@@ -118,14 +124,15 @@ def register_commands(cli):
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, input_layout=input_layout, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, log=log)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
             module = load_model(source, weights)
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
-                                         source_name=source, opset=opset, fullgrad=fullgrad, log=log)
+                                         source_name=source, opset=opset, fullgrad=fullgrad, layouts=overrides,
+                                         log=log)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")

@@ -26,7 +26,7 @@ Needs `onnx` only (no torch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -355,3 +355,47 @@ def _attribute(node: Any, name: str) -> Any:
         if attribute.name == name:
             return list(attribute.ints) if attribute.ints else attribute.i
     return None
+
+
+# --- the default layer of a transformer --------------------------------------------------------
+#: Ops an attention applies between its input's LayerNormalization and the product of queries and
+#: keys (the projections, the split into heads, the scaling).
+_PER_HEAD_OPS = frozenset({"MatMul", "Gemm", "Add", "Mul", "Div", "Reshape", "Transpose", "Slice", "Split", "Squeeze",
+                           "Unsqueeze", "Gather", "Identity", "Cast"})
+
+
+def attention_inputs(nodes: Sequence[Any], is_constant: Callable[[str], bool], candidates: Sequence[str],
+                     layouts: Mapping[str, LayerLayout]) -> list[str]:
+    """The token candidates made by a LayerNormalization that feed an attention, in graph order:
+    their consumers reach a MatMul of two activations (queries times keys) through projections
+    and per-head reshapes only (ViT's and DeiT's `norm1`; pytorch-grad-cam's recommended layer)."""
+    consumers: dict[str, list[Any]] = {}
+    made_by: dict[str, str] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for out in node.output:
+            made_by[out] = node.op_type
+    wanted = [c for c in candidates if made_by.get(c) == "LayerNormalization"
+              and layouts[c].layout == contract.LAYOUT_TOKENS]
+    return [c for c in wanted if _reaches_attention(c, consumers, is_constant)]
+
+
+def _reaches_attention(tensor: str, consumers: Mapping[str, list[Any]], is_constant: Callable[[str], bool],
+                       depth: int = 16) -> bool:
+    frontier, seen = [tensor], {tensor}
+    for _ in range(depth):
+        following = []
+        for name in frontier:
+            for node in consumers.get(name, ()):
+                if node.op_type not in _PER_HEAD_OPS:
+                    continue
+                others = [i for i in node.input if i and i != name]
+                if node.op_type == "MatMul" and others and not any(is_constant(i) for i in others):
+                    return True
+                if node.op_type in ("Add", "Mul", "Div", "MatMul", "Gemm") and not all(is_constant(i) for i in others):
+                    continue  # a residual connection or a product with another activation
+                following += [out for out in node.output if out and out not in seen]
+        seen.update(following)
+        frontier = following
+    return False

@@ -179,6 +179,34 @@ def spatial_candidates(model, input_size: tuple[int, int]) -> list[str]:
     return chosen
 
 
+def attention_input_norms(model, input_size: tuple[int, int]) -> list[str]:
+    """LayerNorm modules (forward order) whose [B, T, C] output is the input of an attention module
+    (a class named ...Attention: timm's, torchvision's MultiheadAttention): ViT's and DeiT's `norm1`,
+    pytorch-grad-cam's recommended layer. The graph rule for ONNX sources is
+    `camrt_exporters.token_layout.attention_inputs`."""
+    import torch
+
+    made_by: dict[int, tuple[str, object]] = {}  # the output kept alive, so that its id stays its own
+    found: list[str] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: made_by.__setitem__(id(out), (name, out))))
+        elif type(module).__name__.endswith("Attention"):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args: found.append(made_by[id(args[0])][0])
+                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 and id(args[0]) in made_by
+                else None))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(found))
+
+
 class TapModel:
     """Factory of the export wrapper: model outputs followed by the requested layers' outputs."""
 

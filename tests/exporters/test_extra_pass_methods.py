@@ -135,13 +135,14 @@ def zeroing_ablation_layer():
     return ZeroingAblationLayer()
 
 
-def _scorecam_oracle(model, module, x, targets, top=0, input_noise=None):
+def _scorecam_oracle(model, module, x, targets, top=0, input_noise=None, reshape=None):
     """Score-CAM, Algorithm 1 of Wang et al. 2020, in torch: masks s(Up(A^k)) (bilinear, pixel
     centres), alpha = softmax over channels of the target logit of X o H^k (the baseline term is a
     constant, it cancels), map = ReLU(sum_k alpha_k A^k), upsampled and min-max normalised.
     top > 0: only the `top` channels of largest activation variance are scored (Faster Score-CAM).
     input_noise (SS-CAM's noise="input"): a function (sample, live channels) -> noise [N, n, C, H, W];
-    each channel's score is then the mean target logit of X o H^k + noise[i] over the N copies."""
+    each channel's score is then the mean target logit of X o H^k + noise[i] over the N copies.
+    reshape: pytorch-grad-cam's reshape_transform of the module's output into [B, K, h, w]."""
     import torch
     import torch.nn.functional as F
 
@@ -150,7 +151,7 @@ def _scorecam_oracle(model, module, x, targets, top=0, input_noise=None):
     with torch.no_grad():
         model(torch.from_numpy(x))
     handle.remove()
-    acts = store["a"]
+    acts = store["a"] if reshape is None else reshape(store["a"]).contiguous()
     maps = []
     with torch.no_grad():
         for b, t in enumerate(targets):

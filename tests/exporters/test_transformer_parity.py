@@ -1,0 +1,207 @@
+"""Vision transformers: camrt's maps equal pytorch-grad-cam 1.5.7's with its `reshape_transform`.
+
+timm's vit_tiny_patch16_224 (a class token), deit_tiny_distilled_patch16_224 (class and
+distillation tokens) and swin_tiny_patch4_window7_224 (channels-last stages), random weights
+(seed 0), at a reduced input size (timm's img_size; Swin with window_size 4) to keep the test
+fast; one photograph (chelsea). Each model is exported once with its default layer, which the
+exporter must find (ViT/DeiT: the last block's norm1, a [B, T, C] token tensor; Swin: the final
+norm, a [B, h, w, C] channels-last tensor) and record with the layout inferred from the graph; the
+runtime folds it into [B, C, h, w]. The oracle runs pytorch-grad-cam on the torch model and the
+same layer, given the reshape_transform its tutorials give (drop the extra tokens, fold the grid;
+permute channels-last). Criterion: min-max maps within 1e-4.
+
+- Score-CAM: pytorch-grad-cam upsamples its masks with align_corners=True, camrt (and the paper's
+  code) at pixel centres, so it is compared with the paper's Algorithm 1 written in torch
+  (tests/exporters/test_extra_pass_methods._scorecam_oracle) on the reshaped activations, over the
+  32 channels of largest variance (camrt's top_channels) to keep the passes few.
+- Ablation-CAM: pytorch-grad-cam's AblationLayerVit sets channel k of every token, the class token
+  included, to min - 1e7 on signed layers; camrt zeroes the feature map A^k (the grid tokens' channel
+  k), the paper's ablation of the map that is weighted. The reference is given an ablation layer
+  doing the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from camrt import contract
+
+pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("timm")
+pytest.importorskip("skimage")
+
+#: camrt method -> pytorch-grad-cam class
+GRADIENT_METHODS = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+}
+#: name -> (timm kwargs, input size, expected default layer, its layout)
+MODELS = {
+    "vit_tiny_patch16_224": (dict(img_size=64), 64, "blocks.11.norm1",
+                             contract.LayerLayout(contract.LAYOUT_TOKENS, (4, 4), (0,))),
+    "deit_tiny_distilled_patch16_224": (dict(img_size=64), 64, "blocks.11.norm1",
+                                        contract.LayerLayout(contract.LAYOUT_TOKENS, (4, 4), (0, 1))),
+    "swin_tiny_patch4_window7_224": (dict(img_size=128, window_size=4), 128, "norm",
+                                     contract.LayerLayout(contract.LAYOUT_NHWC)),
+}
+TOLERANCE = 1e-4
+SCORECAM_CHANNELS = 32
+
+
+def _minmax(m):
+    m = m - m.min()
+    return m / (m.max() + 1e-7)
+
+
+def reshape_transform(layout: contract.LayerLayout):
+    """pytorch-grad-cam's reshape_transform for `layout` (its ViT/DeiT and Swin tutorials)."""
+    def tokens(tensor):
+        h, w = layout.grid
+        grid = tensor[:, len(layout.extra_tokens):, :]  # the tutorials' tensor[:, 1:, :] (DeiT: 2:)
+        return grid.reshape(tensor.size(0), h, w, tensor.size(2)).permute(0, 3, 1, 2)
+
+    def channels_last(tensor):
+        return tensor.permute(0, 3, 1, 2)
+
+    return tokens if layout.layout == contract.LAYOUT_TOKENS else channels_last
+
+
+def make_model(name: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **MODELS[name][0]).eval()
+
+
+def photo(size: int) -> np.ndarray:
+    """chelsea at size x size, ImageNet-normalised, NCHW float32 [1, 3, size, size]."""
+    import cv2
+    import skimage.data
+
+    image = cv2.resize(skimage.data.chelsea(), (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    x = (image - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)[None].copy()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    """(name, torch model, contract file, photo, target): exported with its default layer."""
+    import torch
+
+    from camrt_exporters.export import export_torch, write_model
+
+    name = request.param
+    model = make_model(name)
+    size = MODELS[name][1]
+    onnx_model, _ = export_torch(model, input_size=(size, size), rules=[contract.RULE_VANILLA])
+    path = tmp_path_factory.mktemp("transformers") / f"{name}.camrt.onnx"
+    write_model(onnx_model, path)
+    x = photo(size)
+    with torch.no_grad():
+        target = int(model(torch.from_numpy(x)).argmax())
+    return name, model, str(path), x, target
+
+
+def test_default_layer_and_layout_are_recorded(exported):
+    from camrt.session import read_contract
+
+    name, _, path, _, _ = exported
+    info = read_contract(path)
+    _, _, layer, layout = MODELS[name]
+    assert info.default_layer == layer
+    assert info.layer_layout(layer) == layout
+
+
+def _module(model, layer):
+    return dict(model.named_modules())[layer]
+
+
+@pytest.mark.parametrize("method", list(GRADIENT_METHODS))
+def test_gradient_method_matches_pytorch_grad_cam(exported, method):
+    import pytorch_grad_cam
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+
+    name, model, path, x, target = exported
+    explainer = Explainer(path, method=method)
+    layer, layout = explainer.layers[0], explainer.info.layer_layout(explainer.layers[0])
+    (result,) = explainer.explain(x, targets=[target])
+    cam_class = getattr(pytorch_grad_cam, GRADIENT_METHODS[method])
+    with cam_class(model=model, target_layers=[_module(model, layer)], reshape_transform=reshape_transform(layout)) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(target)])[0]
+    assert np.ptp(reference) > 0.5, f"{method} {name}: degenerate reference map"
+    diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference)).max())
+    print(f"{method} on {name}/{layer}: max diff {diff:.2e}")
+    assert diff <= TOLERANCE, f"{method} on {name}/{layer}: max diff {diff:.2e}"
+
+
+def test_scorecam_matches_paper_formula(exported):
+    from camrt import Explainer
+
+    from .test_extra_pass_methods import _scorecam_oracle
+
+    name, model, path, x, target = exported
+    explainer = Explainer(path, method="scorecam", top_channels=SCORECAM_CHANNELS, batch_size=32)
+    layer = explainer.layers[0]
+    (result,) = explainer.explain(x, targets=[target])
+    reference = _scorecam_oracle(model, _module(model, layer), x, [target], top=SCORECAM_CHANNELS,
+                                 reshape=reshape_transform(explainer.info.layer_layout(layer)))[0]
+    assert np.ptp(reference) > 0.5, f"scorecam {name}: degenerate reference map"
+    diff = float(np.abs(_minmax(result.heatmap) - reference).max())
+    print(f"scorecam on {name}/{layer}: max diff {diff:.2e}")
+    assert diff <= TOLERANCE, f"scorecam on {name}/{layer}: max diff {diff:.2e}"
+
+
+def map_zeroing_ablation_layer(layout: contract.LayerLayout):
+    """pytorch-grad-cam's ablation layer for `layout` setting the feature map's channel k to 0:
+    the grid tokens' channel k of a token tensor (AblationLayerVit's batch handling), channel k of
+    a channels-last tensor."""
+    from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
+    grid = np.array([p for p in range(len(layout.extra_tokens) + (layout.grid[0] * layout.grid[1] if layout.grid else 0))
+                     if p not in layout.extra_tokens])
+
+    class MapZeroingAblationLayer(AblationLayerVit):
+        def set_next_batch(self, input_batch_index, activations, num_channels_to_ablate):
+            self.activations = activations[input_batch_index].clone().unsqueeze(0).repeat(
+                num_channels_to_ablate, *[1] * (activations.dim() - 1))
+
+        def __call__(self, x, **kwargs):
+            output = self.activations
+            for i in range(output.size(0)):
+                if layout.layout == contract.LAYOUT_TOKENS:
+                    output[i, grid, self.indices[i]] = 0
+                else:
+                    output[i, ..., self.indices[i]] = 0
+            return output
+
+    return MapZeroingAblationLayer()
+
+
+def test_ablationcam_matches_pytorch_grad_cam(exported):
+    import torch
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+
+    name, model, path, x, target = exported
+    explainer = Explainer(path, method="ablationcam", batch_size=64)
+    layer = explainer.layers[0]
+    layout = explainer.info.layer_layout(layer)
+    (result,) = explainer.explain(x, targets=[target])
+    with AblationCAM(model=model, target_layers=[_module(model, layer)], batch_size=64,
+                     reshape_transform=reshape_transform(layout), ablation_layer=map_zeroing_ablation_layer(layout)) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(target)])[0]
+    assert np.ptp(reference) > 0.5, f"ablationcam {name}: degenerate reference map"
+    diff = float(np.abs(_minmax(result.heatmap) - _minmax(reference)).max())
+    print(f"ablationcam on {name}/{layer}: max diff {diff:.2e}")
+    assert diff <= TOLERANCE, f"ablationcam on {name}/{layer}: max diff {diff:.2e}"
