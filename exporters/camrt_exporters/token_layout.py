@@ -164,7 +164,7 @@ def _propagate(node: Any, states: dict[str, Axes], shape_of: Callable[[str], Sha
     if op in _RESHAPING_OPS:
         axes = _regroup(source.axes, shape_of(out))
         return replace(source, axes=axes) if axes is not None else None
-    if op == "MatMul":
+    if op == "MatMul" or (op == "Gemm" and not _attribute(node, "transA")):
         return _per_position_linear(node, source, shape_of)
     return None
 
@@ -181,7 +181,7 @@ def _same_extents(before: Shape | None, after: Shape | None) -> bool:
 
 
 def _per_position_linear(node: Any, source: Axes, shape_of: Callable[[str], Shape | None]) -> Axes | None:
-    """x @ W with a weight matrix W [K, N]: a linear map of the last axis at every position."""
+    """x @ W (MatMul, Gemm) with a weight matrix W: a linear map of the last axis at every position."""
     weight, out = shape_of(node.input[1]), shape_of(node.output[0])
     if weight is None or len(weight) != 2 or out is None or not isinstance(out[-1], int):
         return None

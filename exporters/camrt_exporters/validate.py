@@ -7,6 +7,8 @@ Every mismatching tensor is reported; a failure raises ValidationError and nothi
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +163,7 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     require_finite(got)
     targets = torch.tensor(got[contract.TARGET_INDEX_OUTPUT])
     bias_terms = [o.name for o in contract_model.graph.output if o.name.startswith(contract.BIAS_GRADIENT_PREFIX)]
-    checks = _cam_weight_checks(got)
+    checks = _cam_weight_checks(got, contract_model)
     # The logits and the layers' activations and gradients come with vanilla, requested or not
     # (`--rules ''`); _torch_checks skips the input gradients the file does not carry.
     for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
@@ -196,14 +198,17 @@ def _torch_checks(refs, rule_set: str, bias_terms=()):
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
 
 
-def _cam_weight_checks(got: dict[str, np.ndarray]) -> list[Check]:
+def _cam_weight_checks(got: dict[str, np.ndarray], contract_model) -> list[Check]:
     """CAM weights against the closed form of a GAP + FC head: the layer's gradient is w^c / (h w)
-    at every position, so its spatial sum is w^c."""
+    at every position, so its spatial sum is w^c (over h and w of the layer's layout)."""
+    meta = {p.key: p.value for p in contract_model.metadata_props}
+    layouts = json.loads(meta.get(contract.META_LAYER_LAYOUTS, "{}"))
     checks = []
     for name, weights in got.items():
         if name.startswith(contract.CAM_WEIGHTS_PREFIX):
             layer = name[len(contract.CAM_WEIGHTS_PREFIX):]
-            spatial_sum = got[contract.gradient_output(layer)].astype(np.float64).sum(axis=(2, 3))
+            channels_last = layouts.get(layer, {}).get("layout") == contract.LAYOUT_NHWC
+            spatial_sum = got[contract.gradient_output(layer)].astype(np.float64).sum(axis=(1, 2) if channels_last else (2, 3))
             checks.append(Check(name, max_rel(weights, spatial_sum), FORWARD_MAX_REL,
                                 "max-relative vs the spatial sum of the layer gradient"))
     return checks
@@ -295,7 +300,7 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
     require_finite(got)
     targets = got[contract.TARGET_INDEX_OUTPUT]
-    checks = _cam_weight_checks(got)
+    checks = _cam_weight_checks(got, contract_model)
     vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
     logits = got[contract.LOGITS_OUTPUT]
     if vanilla_input in got:
