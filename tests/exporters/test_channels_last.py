@@ -22,7 +22,7 @@ from camrt import contract
 from camrt.cli import build_cli
 from camrt.errors import ContractError, ExportError
 from camrt.explainer import Explainer
-from camrt.layers import onnx_layers, tensor_layouts
+from camrt.layers import tensor_layouts
 from camrt.registry import build_method_registry
 from camrt.session import ExplainSession, parse_contract
 from camrt_exporters.export import export_onnx, write_model
@@ -126,21 +126,17 @@ def _head_through_nhwc(reduce_axes: list[int]) -> onnx.ModelProto:
     return nchw
 
 
-def test_default_layer_is_never_an_nhwc_tensor(tmp_path):
+def test_default_layer_may_be_channels_last_and_is_recorded_so(tmp_path):
+    """The last candidate is the NHWC relu_nhwc_2 [B, 16, 16, 8] (which, read as NCHW, would be
+    H=16, W=8 of stripes); it is the default, recorded as nhwc, and CAM finds its head (ReduceMean
+    over axes 1, 2 -> Gemm). The maps of channels-last layers: tests/exporters/test_layer_layouts.py."""
     model = _head_through_nhwc([1, 2])
     onnx.save(model, tmp_path / "m.onnx")
     exported = export_checked(tmp_path / "m.onnx", rules=["vanilla"])
-    meta = {p.key: p.value for p in exported.metadata_props}
-    # relu_nhwc_2 [B, 16, 16, 8] comes later and has "spatial extent" read as NCHW (H=16, W=8)
-    assert meta[contract.META_DEFAULT_LAYER] == "relu"
-    assert onnx_layers(model, "m.onnx").default == "relu"  # `camrt inspect` shares the rule
-    assert [name for name, _ in onnx_layers(model, "m.onnx").candidates] == ["conv", "relu"]
-
-
-def test_named_nhwc_layer_is_refused_naming_the_nearest_nchw_one(tmp_path):
-    onnx.save(_head_through_nhwc([1, 2]), tmp_path / "m.onnx")
-    with pytest.raises(ExportError, match=r"--layer 'relu_nhwc_2' is channels-last \(NHWC\); .*nearest one is 'relu'"):
-        export_onnx(tmp_path / "m.onnx", layers=["relu_nhwc_2"], rules=["vanilla"])
+    info = parse_contract({p.key: p.value for p in exported.metadata_props})
+    assert info.default_layer == "relu_nhwc_2"
+    assert info.layer_layout("relu_nhwc_2").layout == contract.LAYOUT_NHWC
+    assert info.cam_layers == ["relu_nhwc_2"]
 
 
 def test_layouts_propagate_through_a_convnext_style_channels_last_block():
@@ -175,7 +171,7 @@ def test_named_layer_behind_a_reshape_is_refused_as_unestablished(tmp_path):
     model.graph.node.insert(position, reshape)
     model.graph.node.insert(position, shape)
     onnx.save(model, tmp_path / "m.onnx")
-    with pytest.raises(ExportError, match="'reshaped' has no established NCHW layout.*nearest one is 'pool'"):
+    with pytest.raises(ExportError, match=r"layer 'reshaped' .*cannot establish how it maps onto the image.*--layout reshaped=.*such as 'pool'"):
         export_onnx(tmp_path / "m.onnx", layers=["reshaped"], rules=["vanilla"])
 
 
@@ -227,12 +223,13 @@ def test_keras_gradients_equal_tensorflow(name, opset):
     assert info.preprocessing.layout == "nhwc"
     assert (info.preprocessing.height, info.preprocessing.width) == oracle["x"].shape[1:3]
     got = run_contract(model, "image", oracle["x"], oracle["target"])
-    # tf2onnx keeps the last block in NCHW; it is the default layer, the Keras block's output
+    # the default layer is the Keras block's output: NCHW where tf2onnx kept the block in NCHW, else NHWC
     act, grad = (got[prefix + info.default_layer] for prefix in (contract.ACTIVATION_PREFIX, contract.GRADIENT_PREFIX))
+    if info.layer_layout(info.default_layer).layout == contract.LAYOUT_NCHW:
+        act, grad = act.transpose(contract.NCHW_TO_NHWC), grad.transpose(contract.NCHW_TO_NHWC)
     for value, reference in [(got[contract.LOGITS_OUTPUT], oracle["logits"]),
                              (got[contract.input_gradient_output("vanilla")], oracle["input_grad"]),
-                             (act.transpose(contract.NCHW_TO_NHWC), oracle["layer_act"]),
-                             (grad.transpose(contract.NCHW_TO_NHWC), oracle["layer_grad"])]:
+                             (act, oracle["layer_act"]), (grad, oracle["layer_grad"])]:
         # float32 against float32 through a handful of layers: 1e-5 of the largest magnitude
         np.testing.assert_allclose(value, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.errors import ExportError
+from camrt.session import parse_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, torch_equivalent
@@ -270,7 +271,7 @@ class Tokens(torch.nn.Module):
 def test_measured_dimensions_proportional_to_the_batch_stay_symbolic(tmp_path):
     """Measured at two batch sizes, the token count is batch*64, not the 128 of one run at batch 2
     (which would read as a hard-coded batch); the file exports and its gradients are right. The
-    [b, h, w, c] Reshape of the tokens is channels-last: refused as a layer, never read as NCHW."""
+    [b, h, w, c] Reshape of the tokens is channels-last: recorded so, never read as NCHW."""
     module = Tokens()
     path = torch_export(module, tmp_path / "tokens.onnx", (1, 3, 16, 16), {"input": {0: "b"}})
     flat = next(n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Flatten")
@@ -280,8 +281,8 @@ def test_measured_dimensions_proportional_to_the_batch_stay_symbolic(tmp_path):
     source = onnx.load(path)
     del source.graph.value_info[:]
     assert GraphIndex(prepare(source)).shape(flat) == ("b*64", 8)
-    with pytest.raises(ExportError, match="'/Reshape_output_0' has no established NCHW layout"):
-        export_onnx(path, layers=["/Reshape_output_0"], rules=["vanilla"])
+    named, _ = export_onnx(path, layers=["/Reshape_output_0"], rules=["vanilla"])
+    assert parse_contract({p.key: p.value for p in named.metadata_props}).layer_layout("/Reshape_output_0").layout == "nhwc"
     exported, _ = export_onnx(path, rules=["vanilla"])
     assert_matches_autograd(exported, module, normal((3, 3, 16, 16), seed=12))
 
