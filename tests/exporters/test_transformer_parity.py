@@ -129,6 +129,22 @@ def test_default_layer_and_layout_are_recorded(exported):
     assert info.layer_layout(layer) == layout
 
 
+def test_head_split_layer_is_refused_naming_the_flag():
+    """The issue's stripes: timm ViT's old default, `attn.k_norm` [B, heads, T, head_dim], is refused
+    at export (its layout cannot be established), naming --layout; a one-block ViT keeps it fast."""
+    import timm
+    import torch
+
+    from camrt.errors import ExportError
+    from camrt_exporters.export import export_torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=32,
+                              num_heads=2).eval()
+    with pytest.raises(ExportError, match=r"layer 'blocks.0.attn.k_norm' \[.*\]: cannot establish .* --layout"):
+        export_torch(model, layers=["blocks.0.attn.k_norm"], input_size=(32, 32), rules=[contract.RULE_VANILLA])
+
+
 def _module(model, layer):
     return dict(model.named_modules())[layer]
 
@@ -242,3 +258,87 @@ def test_ablationcam_matches_pytorch_grad_cam(request, exported):
 
     _compare(request, "ablationcam", f"{name}/{layer}", result.heatmap, ablation_cam(model, x),
              lambda: ablation_cam(copy.deepcopy(model).double(), x.astype(np.float64)))
+
+
+# --- the ONNX front end: a plain ONNX file of the same model (torch.onnx.export, TorchScript) ---------
+@pytest.fixture(scope="module", params=[
+    "vit_tiny_patch16_224",
+    pytest.param("swin_tiny_patch4_window7_224", marks=pytest.mark.slow),  # ~3 min of finite differences
+])
+def exported_from_onnx(request, tmp_path_factory):
+    """(name, torch model, contract file of its plain ONNX export, photo, target)."""
+    import warnings
+
+    import torch
+
+    from camrt_exporters.export import export_onnx, write_model
+
+    name = request.param
+    model = make_model(name)
+    size = MODELS[name][1]
+    folder = tmp_path_factory.mktemp("plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(folder / "plain.onnx"), dynamo=False,
+                          input_names=["input"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    onnx_model, _ = export_onnx(folder / "plain.onnx", rules=[contract.RULE_VANILLA])
+    write_model(onnx_model, folder / "plain.camrt.onnx")
+    x = photo(size)
+    with torch.no_grad():
+        target = int(model(torch.from_numpy(x)).argmax())
+    return name, model, str(folder / "plain.camrt.onnx"), x, target
+
+
+def test_onnx_front_end_default_layer_gives_pytorch_grad_cams_map(request, exported_from_onnx):
+    """The default layer of the plain file is a tensor name (ViT: the LayerNormalization feeding the
+    last attention; Swin: the final LayerNormalization, channels-last) with the torch default's
+    layout, and its Grad-CAM is pytorch-grad-cam's at the torch module."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+
+    name, model, path, x, target = exported_from_onnx
+    _, _, torch_layer, layout = MODELS[name]
+    explainer = Explainer(path, method="gradcam")
+    assert explainer.info.layer_layout(explainer.layers[0]) == layout
+    (result,) = explainer.explain(x, targets=[target])
+    with GradCAM(model=model, target_layers=[_module(model, torch_layer)], reshape_transform=reshape_transform(layout)) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(target)])[0]
+    _compare(request, "gradcam", f"{name} (ONNX front end) {explainer.layers[0]}", result.heatmap, reference, None)
+
+
+# --- torchvision ---------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs, size, layer, layout", [
+    ("vit_b_16", dict(image_size=64), 64, "encoder.layers.encoder_layer_11.ln_1",
+     contract.LayerLayout(contract.LAYOUT_TOKENS, (4, 4), (0,))),
+    ("swin_t", {}, 112, "norm", contract.LayerLayout(contract.LAYOUT_NHWC)),
+])
+def test_torchvision_transformer_gradcam_matches_pytorch_grad_cam(request, tmp_path, name, kwargs, size, layer, layout):
+    """vit_b_16 at its default layer (the last encoder layer's ln_1); swin_t at its final norm
+    (channels-last: its default is the NCHW `permute` after it)."""
+    import torch
+    import torchvision
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camrt import Explainer
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    layers = [] if name == "vit_b_16" else [layer]
+    onnx_model, _ = export_torch(model, layers=layers, input_size=(size, size), rules=[contract.RULE_VANILLA])
+    write_model(onnx_model, tmp_path / "m.camrt.onnx")
+    explainer = Explainer(tmp_path / "m.camrt.onnx", method="gradcam")
+    assert explainer.layers[0] == layer and explainer.info.layer_layout(layer) == layout
+    x = photo(size)
+    with torch.no_grad():
+        target = int(model(torch.from_numpy(x)).argmax())
+    (result,) = explainer.explain(x, targets=[target])
+    with GradCAM(model=model, target_layers=[_module(model, layer)], reshape_transform=reshape_transform(layout)) as cam:
+        reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(target)])[0]
+    _compare(request, "gradcam", f"torchvision {name}/{layer}", result.heatmap, reference, None)
