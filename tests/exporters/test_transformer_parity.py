@@ -60,7 +60,12 @@ KNOWN = {"xgradcam": (1e-3, 5e-4, (
     "(measured), so float32 rounding moves those weights far: pytorch-grad-cam's float32 map is itself 2.4e-4 "
     "from its float64 run, camrt's 2.4e-4 (measured; camrt vs pytorch-grad-cam 4.8e-4). Ill-conditioning of "
     "the method on this layer, not a formula difference (every other gradient method is within 1e-6)")),
-    "ablationcam": (1e-3, 5e-4, "MEASURE")}
+    "ablationcam": (1e-3, 5e-4, (
+        "Ablation-CAM's weights (y - y_k) / y difference two nearly equal scores (one of 192 channels of a "
+        "LayerNorm output zeroed), so each framework's float32 rounding of the forward passes enters the "
+        "weights magnified: on deit_tiny (random weights) pytorch-grad-cam's float32 map is 7.5e-5 from its "
+        "float64 run and camrt's 1.7e-4 (camrt vs pytorch-grad-cam 1.6e-4, measured); vit_tiny 7.1e-5 and "
+        "swin_tiny 5.1e-6 from pytorch-grad-cam"))}
 SCORECAM_CHANNELS = 32
 
 
@@ -100,7 +105,12 @@ def photo(size: int) -> np.ndarray:
     return x.transpose(2, 0, 1)[None].copy()
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+#: A few minutes each on a 2-core machine (the export's torch validation, the reference's ablation passes).
+SLOW_MODELS = ("deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name in SLOW_MODELS else name
+                                        for name in MODELS])
 def exported(request, tmp_path_factory):
     """(name, torch model, contract file, photo, target): exported with its default layer."""
     import torch
