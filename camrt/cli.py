@@ -579,6 +579,7 @@ def contract_summary(path: str) -> dict[str, Any]:
     """What `camrt inspect` shows for a camrt file: its contract and the methods it supports."""
     from dataclasses import asdict
 
+    from . import contract
     from .registry import build_method_registry
     from .session import read_contract
 
@@ -595,6 +596,8 @@ def contract_summary(path: str) -> dict[str, Any]:
         "source": info.source,
         "input": info.input_name,
         "layers": info.layers,
+        "layer_layouts": {layer: info.layer_layout(layer).to_dict() for layer in info.layers
+                          if info.layer_layout(layer).layout != contract.LAYOUT_NCHW},
         "default_layer": info.default_layer,
         "rule_sets": info.rule_sets,
         "preprocessing": asdict(info.preprocessing),
@@ -605,8 +608,9 @@ def contract_summary(path: str) -> dict[str, Any]:
 
 
 def onnx_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows for a plain ONNX file: the layer candidates an export would
-    choose from and its default (camrt.layers, the exporter's own rule)."""
+    """What `camrt inspect` shows for a plain ONNX file: its NCHW layer candidates and the last of
+    them (camrt.layers; `camrt export` also infers channels-last and token layers, so its default
+    may differ: docs/transformers.md)."""
     import onnx
 
     from .layers import onnx_layers
@@ -633,6 +637,19 @@ def _shape_text(shape: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _layer_text(layer: str, layouts: dict[str, dict]) -> str:
+    """A layer name, with its layout when it is not NCHW (tokens: the grid and the extra tokens)."""
+    from . import contract
+
+    layout = layouts.get(layer)
+    if layout is None:
+        return layer
+    if layout["layout"] != contract.LAYOUT_TOKENS:
+        return f"{layer} ({layout['layout']})"
+    extra = f" + extra tokens at {layout['extra_tokens']}" if layout["extra_tokens"] else ""
+    return f"{layer} (tokens {layout['grid'][0]}x{layout['grid'][1]}{extra})"
+
+
 def _contract_text(summary: dict[str, Any]) -> list[str]:
     p = summary["preprocessing"]
     return [
@@ -640,7 +657,7 @@ def _contract_text(summary: dict[str, Any]) -> list[str]:
         f"contract version: {summary['contract_version']} (exporter {summary['exporter_version'] or '?'})",
         f"source:           {json.dumps(summary['source'])}",
         f"input:            {summary['input']}",
-        f"layers:           {', '.join(summary['layers']) or '(none)'}",
+        f"layers:           {', '.join(_layer_text(name, summary['layer_layouts']) for name in summary['layers']) or '(none)'}",
         f"default layer:    {summary['default_layer'] or '(none)'}",
         f"rule sets:        {', '.join(summary['rule_sets']) or '(none)'}",
         f"preprocessing:    {p['height']}x{p['width']} {p['channel_order']} {p['layout']}, scale {p['scale']:.6g}, "

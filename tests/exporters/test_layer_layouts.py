@@ -223,3 +223,14 @@ def test_token_folding_against_explicit_indexing():
     np.testing.assert_array_equal(to_nchw(back, layout), edited)
     with pytest.raises(ModelError, match="9 tokens cannot hold a 2x3 grid"):
         to_nchw(rng.standard_normal((1, 9, 5)).astype(np.float32), layout)
+
+
+def test_inspect_shows_the_layouts(twin):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    path, nchw, rearranged, layout = twin
+    result = CliRunner().invoke(build_cli(), ["inspect", path])
+    shown = "(nhwc)" if layout.layout == contract.LAYOUT_NHWC else "(tokens 4x4 + extra tokens at [0])"
+    assert result.exit_code == 0 and f"layers:           {nchw}, {rearranged} {shown}" in result.output
