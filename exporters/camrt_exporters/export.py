@@ -154,7 +154,7 @@ def export_torch(
     index = GraphIndex(forward)
     score = choose_score(index, logits)
     image_input = forward.graph.input[0].name
-    inferred = infer_layer_layouts(index.nodes, index.shape, image_input, contract.LAYOUT_NCHW)
+    inferred = infer_layer_layouts(index.nodes, index.shape, image_input, contract.LAYOUT_NCHW, index.value)
     layer_layouts = resolve_layer_layouts(index, tensors, inferred, layouts or {}, ())
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
@@ -345,7 +345,7 @@ def export_onnx(
 
             close = difflib.get_close_matches(name, list(index.producer), n=5, cutoff=0.5)
             raise ExportError(f"tensor {name!r} does not exist in {os.fspath(path)!r}; nearest: {close or 'none'}")
-    inferred = infer_layer_layouts(index.nodes, index.shape, image.name, layout)
+    inferred = infer_layer_layouts(index.nodes, index.shape, image.name, layout, index.value)
     candidates = layout_candidates(index, image.name, score.tensor, inferred)
     names = names or [_default_onnx_layer(index, candidates, inferred, log)]
     layer_layouts = resolve_layer_layouts(index, {n: n for n in names}, inferred, layouts or {}, candidates)

@@ -77,18 +77,20 @@ _ELEMENTWISE_OPS = frozenset({
 })
 #: Ops that keep their first input's axes (normalising or choosing along one axis, resampling).
 _FIRST_INPUT_OPS = frozenset({
-    "LayerNormalization", "Softmax", "LogSoftmax", "Pad", "Slice", "Resize", "Upsample", "GroupNormalization",
+    "LayerNormalization", "Softmax", "LogSoftmax", "Pad", "Resize", "Upsample", "GroupNormalization",
     "InstanceNormalization",
 })
 _RESHAPING_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 def infer_layer_layouts(nodes: Sequence[Any], shape_of: Callable[[str], Shape | None], image_input: str,
-                        image_layout: str | None) -> dict[str, LayerLayout]:
+                        image_layout: str | None,
+                        value_of: Callable[[str], Any] = lambda name: None) -> dict[str, LayerLayout]:
     """The LayerLayout (nchw, nhwc or tokens) of every tensor whose layout can be established.
 
     nodes: ONNX NodeProtos in topological order; shape_of: the inferred shape of a tensor (static
-    dims int, the batch a symbol); image_layout: contract.LAYOUT_NCHW / LAYOUT_NHWC of the input.
+    dims int, the batch a symbol); image_layout: contract.LAYOUT_NCHW / LAYOUT_NHWC of the input;
+    value_of: the value of a constant tensor (None otherwise), for Slice's starts, ends and steps.
     """
     states: dict[str, Axes] = {}
     image = _seed(shape_of(image_input), image_layout)
@@ -98,7 +100,7 @@ def infer_layer_layouts(nodes: Sequence[Any], shape_of: Callable[[str], Shape | 
         out = node.output[0] if node.output else ""
         if not out:
             continue
-        state = _propagate(node, states, shape_of)
+        state = _propagate(node, states, shape_of, value_of)
         if state is not None:
             states[out] = state
     layouts = {}
@@ -145,7 +147,8 @@ def _factors(role: str, size: int) -> Axis:
     return (Factor(role, size, 1, size),) if size > 1 else ()
 
 
-def _propagate(node: Any, states: dict[str, Axes], shape_of: Callable[[str], Shape | None]) -> Axes | None:
+def _propagate(node: Any, states: dict[str, Axes], shape_of: Callable[[str], Shape | None],
+               value_of: Callable[[str], Any]) -> Axes | None:
     op, out = node.op_type, node.output[0]
     if op in _NCHW_OUTPUT_OPS:
         return _seed(shape_of(out), contract.LAYOUT_NCHW)
@@ -156,8 +159,10 @@ def _propagate(node: Any, states: dict[str, Axes], shape_of: Callable[[str], Sha
         return _concat(node, states, shape_of)
     if source is None:
         return None
-    if op in _FIRST_INPUT_OPS:
-        return source if _same_extents(shape_of(node.input[0]), shape_of(out)) or op != "Slice" else None
+    if op in _FIRST_INPUT_OPS:  # (padded or resized maps: their extents no longer those of the factors)
+        return source if _same_extents(shape_of(node.input[0]), shape_of(out)) else None
+    if op == "Slice":
+        return _slice(node, source, shape_of, value_of)
     if op == "Transpose":
         perm = _attribute(node, "perm") or list(reversed(range(len(source.axes))))
         return replace(source, axes=tuple(source.axes[p] for p in perm))
@@ -174,6 +179,39 @@ def _elementwise(node: Any, states: dict[str, Axes], shape_of: Callable[[str], S
     shape = shape_of(node.output[0])
     found = {states[i] for i in node.input if i in states and shape_of(i) == shape and shape is not None}
     return found.pop() if len(found) == 1 else None
+
+
+def _slice(node: Any, source: Axes, shape_of: Callable[[str], Shape | None], value_of: Callable[[str], Any]) -> Axes | None:
+    """Channels sliced; rows or columns subsampled by a step that divides them, from an offset below
+    the step (Swin's patch merging `x[..., 0::2, 1::2, :]`: a coarser grid of the same map)."""
+    shape, out = shape_of(node.input[0]), shape_of(node.output[0])
+    if shape is None or out is None:
+        return None
+    starts, ends, axes, steps = (value_of(name) if name else None for name in [*node.input[1:5], "", "", ""][:4])
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
+            or (len(node.input) > 4 and node.input[4] and steps is None):
+        return None
+    rank = len(shape)
+    axes = [int(a) % rank for a in (axes if axes is not None else range(len(starts)))]
+    steps = [int(k) for k in (steps if steps is not None else [1] * len(axes))]
+    sliced = list(source.axes)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        size = shape[axis]
+        if not isinstance(size, int) or not isinstance(out[axis], int):
+            return None
+        start = int(start) + size if int(start) < 0 else int(start)
+        if start == 0 and step == 1 and int(end) >= size:
+            continue
+        factors = _canonical(source.axes[axis])
+        if _is_channel_axis(factors):
+            sliced[axis] = _factors(_CHANNELS, out[axis])
+        elif (len(factors) == 1 and factors[0].is_whole_grid_axis and step > 1 and 0 <= start < step
+              and int(end) >= size and size % step == 0):
+            grid = factors[0]
+            sliced[axis] = (Factor(grid.role, size // step, grid.stride * step, grid.total),)
+        else:
+            return None
+    return replace(source, axes=tuple(sliced))
 
 
 def _same_extents(before: Shape | None, after: Shape | None) -> bool:
