@@ -234,3 +234,36 @@ def test_inspect_shows_the_layouts(twin):
     result = CliRunner().invoke(build_cli(), ["inspect", path])
     shown = "(nhwc)" if layout.layout == contract.LAYOUT_NHWC else "(tokens 4x4 + extra tokens at [0])"
     assert result.exit_code == 0 and f"layers:           {nchw}, {rearranged} {shown}" in result.output
+
+
+def _patch_merging(step: int) -> onnx.ModelProto:
+    """Conv [B, 8, 8, 8] -> channels-last -> the four x[:, i::step, j::step, :] (i, j < 2) -> Concat on
+    channels (torchvision Swin's patch merging when step is 2)."""
+    node = helper.make_node
+    nodes = [node("Conv", ["image", "conv_w"], ["conv"], kernel_shape=[2, 2], strides=[2, 2]),
+             node("Transpose", ["conv"], ["nhwc"], perm=list(contract.NCHW_TO_NHWC))]
+    parts = []
+    for i in range(2):
+        for j in range(2):
+            nodes.append(node("Slice", ["nhwc", f"starts_{i}{j}", "ends", "axes", "steps"], [f"part_{i}{j}"]))
+            parts.append(f"part_{i}{j}")
+    nodes.append(node("Concat", parts, ["merged"], axis=-1))
+    nodes.append(node("ReduceMean", ["merged"], ["pooled"], axes=[1, 2], keepdims=0))
+    nodes.append(node("Gemm", ["pooled", "fc_w"], ["logits"], transB=1))
+    weights = _weights(5, conv_w=(8, 3, 2, 2), fc_w=(5, 32))
+    weights.update({f"starts_{i}{j}": np.array([i, j], np.int64) for i in range(2) for j in range(2)})
+    weights.update(ends=np.array([8, 8], np.int64), axes=np.array([1, 2], np.int64), steps=np.array([step, step], np.int64))
+    return _model(nodes, weights)
+
+
+@pytest.mark.parametrize("step, expected", [(2, contract.LAYOUT_NHWC), (3, None)])
+def test_strided_slices_subsample_the_grid_when_the_step_divides_it(step, expected):
+    """Step 2 on an 8x8 map: four 4x4 grids of the same map, concatenated on channels: nhwc. Step 3
+    does not divide 8 (the slices of 3, 3, 2... rows do not tile the map evenly): unestablished."""
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.token_layout import infer_layer_layouts
+
+    index = GraphIndex(_patch_merging(step))
+    layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
+    assert layouts["nhwc"].layout == contract.LAYOUT_NHWC
+    assert (layouts["merged"].layout if "merged" in layouts else None) == expected
