@@ -267,3 +267,15 @@ def test_strided_slices_subsample_the_grid_when_the_step_divides_it(step, expect
     layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
     assert layouts["nhwc"].layout == contract.LAYOUT_NHWC
     assert (layouts["merged"].layout if "merged" in layouts else None) == expected
+
+
+def test_sequence_layout_names_the_token_layout_of_a_length():
+    """What an attention map [B, heads, T, T] of the token twin would be folded with."""
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.token_layout import infer_layer_layouts, sequence_layout
+
+    index = GraphIndex(token_twin())
+    layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
+    assert sequence_layout(layouts, 17) == LayerLayout(contract.LAYOUT_TOKENS, (4, 4), (0,))
+    assert sequence_layout(layouts, 16) == LayerLayout(contract.LAYOUT_TOKENS, (4, 4), ())
+    assert sequence_layout(layouts, 15) is None
