@@ -3,9 +3,10 @@
 A candidate is a float tensor with spatial extent (rank 4, static H and W both > 1), established
 NCHW (`tensor_layouts`: channels-last files, e.g. from tf2onnx, hold NHWC tensors too), that
 depends on the image input and that the score depends on. The default is what the `choose_target_layer`
-hook picks from the candidates in graph order (built-in: the last one). The exporter
-(`camrt export`) and `camrt inspect` on a plain ONNX file both use these functions, so inspect
-shows the layer an export would choose. Needs `onnx` only (no torch).
+hook picks from the candidates in graph order (built-in: the last one). `camrt inspect` on a plain
+ONNX file uses these functions; `camrt export` also infers channels-last and token layouts
+(camrt_exporters.token_layout), so its default may be a layer inspect does not list. Needs `onnx`
+only (no torch).
 """
 
 from __future__ import annotations
@@ -89,18 +90,6 @@ def nearest_nchw_layer(tensor: str, nodes: Sequence[Any], candidates: Sequence[s
     order = {out: position for position, node in enumerate(nodes) for out in node.output}
     here = order.get(tensor, 0)
     return min(candidates, key=lambda name: (abs(order[name] - here), order[name] > here), default=None)
-
-
-def layer_layout_problem(tensor: str, layouts: dict[str, str], nodes: Sequence[Any],
-                         candidates: Sequence[str]) -> str | None:
-    """Why `tensor` cannot be explained as an [B, C, H, W] layer, or None when it is established NCHW."""
-    layout = layouts.get(tensor)
-    if layout == contract.LAYOUT_NCHW:
-        return None
-    what = "is channels-last (NHWC)" if layout == contract.LAYOUT_NHWC else "has no established NCHW layout"
-    nearest = nearest_nchw_layer(tensor, nodes, candidates)
-    return (f"{tensor!r} {what}; camrt explains layers as [B, C, H, W] tensors"
-            f"{f', and the nearest one is {nearest!r}' if nearest else ''} (channels-last layers: issue 15)")
 
 
 def tensors_between(nodes: Sequence[Any], sources: Iterable[str], target: str,
