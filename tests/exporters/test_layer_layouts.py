@@ -27,6 +27,7 @@ from camrt.registry import build_method_registry
 from camrt.session import parse_contract, read_contract
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.layouts import LayoutOverride, parse_layout_overrides
+from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 #: Every registered method that explains a layer (CAM needs a GAP + FC head the twins lack).
 LAYER_METHODS = [name for name in build_method_registry().names()
@@ -279,3 +280,19 @@ def test_sequence_layout_names_the_token_layout_of_a_length():
     assert sequence_layout(layouts, 17) == LayerLayout(contract.LAYOUT_TOKENS, (4, 4), (0,))
     assert sequence_layout(layouts, 16) == LayerLayout(contract.LAYOUT_TOKENS, (4, 4), ())
     assert sequence_layout(layouts, 15) is None
+
+
+def test_cli_layout_flag(exporters_plugin, tmp_path):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    onnx.save(_scrambled(), tmp_path / "m.onnx")
+    export = ["export", str(tmp_path / "m.onnx"), "--layer", "scrambled", "--rules", "vanilla", "-o", str(tmp_path / "o.onnx")]
+    result = CliRunner().invoke(build_cli(), export)
+    assert result.exit_code != 0 and "give it with --layout scrambled=" in result.output
+    result = CliRunner().invoke(build_cli(), [*export, "--layout", "scrambled=nhwc"])
+    assert result.exit_code == 0, result.output
+    assert read_contract(tmp_path / "o.onnx").layer_layout("scrambled") == LayerLayout(contract.LAYOUT_NHWC)
+    result = CliRunner().invoke(build_cli(), [*export, "--layout", "scrambled=tokens:4x4"])
+    assert result.exit_code != 0 and "not [B, T, C]" in result.output
