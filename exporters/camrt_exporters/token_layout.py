@@ -66,7 +66,7 @@ class Axes:
 #: Ops whose rank-4 output ONNX defines as [N, C, H, W] (the rule of camrt.layers.tensor_layouts).
 _NCHW_OUTPUT_OPS = frozenset({
     "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
-    "LpPool", "DepthToSpace", "SpaceToDepth", "MaxUnpool",
+    "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "DepthToSpace", "SpaceToDepth", "MaxUnpool",
 })
 #: Ops applied per element (with broadcasting): the output's axes are those of its full-shape inputs.
 _ELEMENTWISE_OPS = frozenset({
@@ -366,8 +366,9 @@ def _is_channel_axis(axis: Axis) -> bool:
 
 
 def _is_grid_axis(axis: Axis, role: str) -> bool:
+    """Rows (or columns) at their full extent; an axis of size 1 (a pooled map: SE blocks) is one too."""
     factors = _canonical(axis)
-    return len(factors) == 1 and factors[0].role == role and factors[0].is_whole_grid_axis
+    return not factors or (len(factors) == 1 and factors[0].role == role and factors[0].is_whole_grid_axis)
 
 
 def _classify(state: Axes) -> LayerLayout | None:

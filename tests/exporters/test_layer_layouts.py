@@ -296,3 +296,22 @@ def test_cli_layout_flag(exporters_plugin, tmp_path):
     assert read_contract(tmp_path / "o.onnx").layer_layout("scrambled") == LayerLayout(contract.LAYOUT_NHWC)
     result = CliRunner().invoke(build_cli(), [*export, "--layout", "scrambled=tokens:4x4"])
     assert result.exit_code != 0 and "not [B, T, C]" in result.output
+
+
+def test_pooled_maps_stay_nchw():
+    """A [B, C, 1, 1] map (GlobalAveragePool, then a 1x1 Conv and a Sigmoid: a squeeze-and-excitation
+    gate) is NCHW, as explicit layers of CNNs have always been."""
+    from camrt_exporters.autodiff.graph import GraphIndex
+    from camrt_exporters.token_layout import infer_layer_layouts
+
+    node = helper.make_node
+    nodes = [node("Conv", ["image", "conv_w"], ["conv"], kernel_shape=[3, 3]),
+             node("GlobalAveragePool", ["conv"], ["pooled"]),
+             node("Conv", ["pooled", "se_w"], ["se"], kernel_shape=[1, 1]),
+             node("Sigmoid", ["se"], ["gate"]),
+             node("Flatten", ["gate"], ["flat"]),
+             node("Gemm", ["flat", "fc_w"], ["logits"], transB=1)]
+    index = GraphIndex(_model(nodes, _weights(6, conv_w=(8, 3, 3, 3), se_w=(8, 8, 1, 1), fc_w=(5, 8))))
+    layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
+    assert {name: layouts[name].layout for name in ("conv", "pooled", "se", "gate")} == dict.fromkeys(
+        ("conv", "pooled", "se", "gate"), contract.LAYOUT_NCHW)
