@@ -104,3 +104,9 @@ def require_regular_file(path: str | os.PathLike, error: type[CamrtError]) -> st
         kind = "a directory" if os.path.isdir(path) else "a FIFO, socket or device"
         raise error(f"{path}: not a file ({kind})")
     return path
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnx and onnxruntime messages run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,8 +18,8 @@ import numpy as np
 
 from . import contract, postprocess
 from .errors import InputError, ModelError, PluginError, UsageError
+from .execution.session import ExplainSession
 from .methods.base import GraphOutputs, Method, _coerce
-from .session import ExplainSession
 
 
 @dataclass
@@ -80,10 +80,10 @@ class Explainer:
         custom-op libraries the file may use (refused otherwise). aug_smooth: average the heatmaps
         of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
         `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family methods and FullGrad only.
-        device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
+        device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.execution.heatmap_graph`), so
         that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM).
         graph_optimization: onnxruntime's optimisation level, "all" (fastest) or "extended" (closer to
-        float64 on ill-conditioned layers), "basic", "none" (`camrt.session.GRAPH_OPTIMIZATIONS`).
+        float64 on ill-conditioned layers), "basic", "none" (`camrt.execution.session.GRAPH_OPTIMIZATIONS`).
         Other keyword arguments are the method's options."""
         self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries,
                                       graph_optimization=graph_optimization)
@@ -94,7 +94,7 @@ class Explainer:
             #: Who provides the method: the registering plugin's name, or the class's module.
             self.method_plugin = type(method).__module__
         else:
-            from .registry import build_method_registry
+            from .plugins.registry import build_method_registry
 
             registry = build_method_registry()
             cls = registry.get(method)
@@ -117,7 +117,7 @@ class Explainer:
             self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
 
     def _fused_session(self):
-        from . import fused
+        from .execution import heatmap_graph as fused
 
         method = self.method
         weights_graph = method.session_weights_graph()
@@ -238,7 +238,8 @@ class Explainer:
 
     def prepare(self, images: Any) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """(NCHW float32 model input, the (H, W) each heatmap is returned at)."""
-        from .images import check_image, preprocess
+        from .imaging.decode import check_image
+        from .imaging.preprocess import preprocess
 
         if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype, np.floating):
             x = self.session.check_inputs(images)
@@ -278,7 +279,7 @@ class Explainer:
         """(flip, raw maps) for each augmented copy of the input (aug_smooth); the unchanged copy
         reuses `raw`. Every copy explains the class resolved for the original input (for top-1,
         pytorch-grad-cam takes each copy's own top-1 instead)."""
-        from .context import ExplainContext
+        from .execution.context import ExplainContext
 
         augmented = []
         for flip, factor in postprocess.AUGMENTATIONS:
@@ -320,7 +321,7 @@ class Explainer:
         if self._fused is not None:
             return self._explain_fused(x, targets, sizes)
         values = self.session.run(x, targets, self.fetch)
-        from .context import ExplainContext
+        from .execution.context import ExplainContext
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
@@ -338,7 +339,7 @@ class Explainer:
 
     def _explain_fused(self, x: np.ndarray, targets: list, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""
-        from . import fused
+        from .execution import heatmap_graph as fused
 
         fetch = [fused.HEATMAP_OUTPUT, contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
         heatmaps: list = [None] * len(sizes)

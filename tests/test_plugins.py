@@ -26,7 +26,7 @@ from camrt.errors import PluginError
 from camrt.hookspecs import hookimpl
 from camrt.methods.base import Method
 from camrt.plugins import create_plugin_manager
-from camrt.registry import build_method_registry
+from camrt.plugins.registry import build_method_registry
 
 from .conftest import write_plugin_modules
 

@@ -33,7 +33,7 @@ class Requirements:
     gradients: bool = False
     input_gradient: str | None = None
     #: The method runs further passes through the file (perturbed inputs: Score-CAM, SmoothGrad,
-    #: Integrated Gradients) through ``outputs.context`` (`camrt.context.ExplainContext`).
+    #: Integrated Gradients) through ``outputs.context`` (`camrt.execution.context.ExplainContext`).
     extra_passes: bool = False
     #: The method runs the layer's tail graph (activations -> logits: Ablation-CAM); the runtime
     #: builds it when the file is opened, so a layer without a tail fails early.
@@ -90,7 +90,7 @@ class GraphOutputs:
     values: Mapping[str, np.ndarray]
     #: The preprocessed model input, NCHW float32.
     inputs: np.ndarray
-    #: Further passes through the same file (`camrt.context.ExplainContext`); set by the Explainer.
+    #: Further passes through the same file (`camrt.execution.context.ExplainContext`); set by the Explainer.
     context: Any = None
 
     def require_context(self, method: str):
@@ -253,7 +253,7 @@ class Method(ABC):
         return "mean"
 
     def session_weights_graph(self):
-        """For heatmaps made inside the session (`camrt.fused`): a function
+        """For heatmaps made inside the session (`camrt.execution.heatmap_graph`): a function
         ``(builder, activation, gradient) -> name of the [B, K, 1, 1] channel weights`` that builds
         this method's weights as ONNX nodes, or None when it cannot with its options."""
         return None
@@ -353,7 +353,7 @@ class ActivationWeightingMethod(ChannelWeightingMethod):
     requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
 
     #: Optional: the same weights as ONNX nodes, for heatmaps made inside the session
-    #: (`camrt.fused`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
+    #: (`camrt.execution.heatmap_graph`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
     weights_graph = None
 
     def session_weights_graph(self):

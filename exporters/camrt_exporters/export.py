@@ -12,7 +12,7 @@ import onnx
 
 from camrt import contract
 from camrt.errors import ExportError, PluginError
-from camrt.layers import choose_default_layer
+from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__

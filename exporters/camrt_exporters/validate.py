@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError
+from camrt.errors import ExportError, ValidationError, first_line
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -107,7 +107,7 @@ class _OrtSession:
         try:
             self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot load the exported graph: {first_line(exc)}") from None
 
     def output_names(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
@@ -116,11 +116,8 @@ class _OrtSession:
         try:
             return self._session.run(fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot run the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot run the exported graph: {first_line(exc)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def session_for(model: onnx.ModelProto) -> _OrtSession:

@@ -21,7 +21,6 @@ from .tally import record, refused
 pytest.importorskip("camrt_exporters")
 
 from camrt_exporters.export import export_onnx  # noqa: E402
-
 from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax  # noqa: E402
 
 

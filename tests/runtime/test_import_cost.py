@@ -24,8 +24,8 @@ def test_import_camrt_is_light():
 
 def test_cli_and_runtime_modules_never_import_torch():
     loaded = _modules_after(
-        "import camrt, camrt.cli, camrt.session, camrt.explainer, camrt.images, camrt.postprocess, "
-        "camrt.registry, camrt.render, camrt.methods.gradcam"
+        "import camrt, camrt.cli, camrt.execution.session, camrt.explainer, camrt.imaging.decode, camrt.postprocess, "
+        "camrt.plugins.registry, camrt.imaging.render, camrt.methods.gradcam"
     )
     assert "torch" not in loaded and "camrt_exporters" not in loaded and "onnxruntime" not in loaded
 

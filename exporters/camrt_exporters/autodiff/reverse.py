@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from camrt.errors import ExportError, UnsupportedOpError
-from camrt.layers import tensors_between
+from camrt.modelfile.layers import tensors_between
 
 from .graph import Dim, GraphIndex
 

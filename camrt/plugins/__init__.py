@@ -22,16 +22,16 @@ from collections.abc import Iterable
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError
+from .. import hookspecs
+from ..errors import PluginError
 
 ENTRY_POINT_GROUP = "camrt"
 PLUGINS_ENV = "CAMRT_PLUGINS"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
-    "camrt.builtin_hooks",
-    "camrt.plugin_commands",
-    "camrt.render",
+    "camrt.plugins.fallbacks",
+    "camrt.cli.plugins",
+    "camrt.imaging.render",
     "camrt.methods.gradcam",
     "camrt.methods.gradcam_plusplus",
     "camrt.methods.xgradcam",
@@ -58,7 +58,7 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.road",
     "camrt.metrics.pointing",
     "camrt.metrics.randomization",
-    "camrt.metrics.command",
+    "camrt.cli.evaluate",
 )
 ORIGIN_BUILTIN = "built-in"
 ORIGIN_ENTRY_POINT = "entry point"
