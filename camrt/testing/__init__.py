@@ -1,0 +1,5 @@
+"""Placeholder; filled in below."""
+
+from pathlib import Path
+
+TINY_FOLDER = Path(__file__).parent
