@@ -28,7 +28,7 @@ from camrt.methods.base import Method
 from camrt.plugins import create_plugin_manager
 from camrt.plugins.registry import build_method_registry
 
-from .conftest import write_plugin_modules
+from tests.helpers import write_plugin_modules
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "camrt-example"
@@ -45,14 +45,6 @@ def example(monkeypatch):
     module = importlib.import_module("camrt_example")
     yield module
     sys.modules.pop("camrt_example", None)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("camrt_exporters")
-    from tests.runtime.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("plugins") / "tiny.camrt.onnx"))
 
 
 MODULES = {
@@ -127,7 +119,7 @@ def test_max_gradcam_closed_form_on_the_tiny_model(example, plugin, tiny):
     """On `conv` (pre-ReLU) the gradient of logit c is W[c, k]/(hw) masked by conv > 0: the
     weight is its spatial max, which differs from Grad-CAM's mean."""
     from camrt.explainer import Explainer
-    from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
+    from tests.helpers import HEIGHT, WIDTH, numpy_forward
 
     plugin(example, "example")
     explainer = Explainer(tiny.path, method="max-gradcam", device="cpu", layer="conv")

@@ -28,7 +28,7 @@ from camrt.plugins.registry import build_method_registry
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.validate import run_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
-from tests.runtime.tiny import random_image, write_image
+from tests.helpers import random_image, write_image
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

@@ -205,9 +205,8 @@ def test_mutated_bytes_of_camrt_files_in_the_contract_reader(tiny, tmp_path_fact
 
 @fuzz_settings(25)
 @given(data=st.data())
-def test_mutated_graphs_in_the_exporter(tmp_path_factory, data):
+def test_mutated_graphs_in_the_exporter(tmp_path_factory, exporter, data):
     """The ONNX front end on mutated classifiers: a validated camrt file or a camrt error."""
-    pytest.importorskip("camrt_exporters")
     from camrt_exporters.export import export_onnx
     from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

@@ -65,7 +65,7 @@ def test_one_pixel_image_is_explained(tiny, tmp_path):
     image in the numpy re-implementation, and its heatmap is 1x1 (min-max of one value: 0)."""
     from camrt.explainer import Explainer
     from camrt.imaging.preprocess import preprocess
-    from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
+    from tests.helpers import HEIGHT, WIDTH, numpy_forward
 
     pixel = np.array([[[200, 30, 90]]], np.uint8)
     loaded = load_image(_write(tmp_path / "one.png", png(pixel, RGB)))

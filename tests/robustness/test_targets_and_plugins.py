@@ -15,7 +15,7 @@ from camrt import plugins
 from camrt.errors import ExitCode, InputError
 from camrt.plugins import create_plugin_manager
 
-from ..conftest import write_plugin_modules
+from tests.helpers import write_plugin_modules
 from .tally import record, refused
 
 
@@ -56,7 +56,7 @@ def test_bad_targets_in_the_library(explainer, targets, fragment):
 ])
 def test_bad_targets_on_the_command_line(tiny, tmp_path, target, fragment):
     from camrt.cli import build_cli
-    from tests.runtime.tiny import random_image, write_image
+    from tests.helpers import random_image, write_image
 
     image = write_image(str(tmp_path / "a.png"), random_image(np.random.default_rng(0), 12, 16))
     result = CliRunner().invoke(build_cli(), ["explain", tiny.path, image, "-o", str(tmp_path / "o"),
@@ -175,7 +175,7 @@ def test_camrt_plugins_command_lists_loaded_and_failed(plugin_modules, monkeypat
 
 def test_wrong_shape_in_a_cli_run_names_the_plugin(plugin_modules, tiny, tmp_path, monkeypatch):
     from camrt.cli import build_cli
-    from tests.runtime.tiny import random_image, write_image
+    from tests.helpers import random_image, write_image
 
     monkeypatch.setenv("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv(plugins.PLUGINS_ENV, "camrt_robust_wrong_shape")

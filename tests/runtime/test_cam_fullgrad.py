@@ -14,7 +14,7 @@ from camrt.explainer import Explainer
 from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs
 
-from .tiny import HEIGHT, WIDTH, numpy_forward, random_image
+from tests.helpers import HEIGHT, WIDTH, numpy_forward, random_image
 
 TARGETS = [0, 3, -1, 4]
 

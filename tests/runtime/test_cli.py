@@ -20,7 +20,7 @@ from camrt.hookspecs import hookimpl
 from camrt.imaging.decode import load_image
 from camrt.methods.gradcam import GradCAM
 
-from .tiny import CLASSES, random_image, write_image
+from tests.helpers import CLASSES, random_image, write_image
 
 
 def run(*args: str, input: str | None = None):

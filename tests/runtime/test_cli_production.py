@@ -32,7 +32,7 @@ from camrt.explainer import Explainer
 from camrt.imaging.decode import load_image
 from camrt.imaging.preprocess import preprocess
 
-from .tiny import CLASSES, numpy_forward, random_image, write_image
+from tests.helpers import CLASSES, numpy_forward, random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 

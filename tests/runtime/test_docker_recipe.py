@@ -26,7 +26,7 @@ from camrt import __version__
 from camrt.explainer import Explainer
 from camrt.imaging.decode import load_image
 
-from .tiny import random_image, write_image
+from tests.helpers import random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -15,7 +15,7 @@ from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs, Method, Requirements
 from camrt.methods.gradcam import GradCAM
 
-from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward, random_image
+from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward, random_image
 
 
 def _cam(model, feat: np.ndarray, target: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from camrt import Explainer, UsageError
 
-from .tiny import random_image
+from tests.helpers import random_image
 
 TOLERANCE = 1e-5
 

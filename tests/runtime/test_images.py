@@ -13,7 +13,7 @@ from camrt.errors import InputError
 from camrt.imaging.decode import decode_image, load_image
 from camrt.imaging.preprocess import preprocess
 
-from .tiny import random_image, write_image
+from tests.helpers import random_image, write_image
 
 
 def test_rgb_png_round_trip(tmp_path, rng):

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-from .tiny import random_image, write_image
+import pytest
+
+from tests.helpers import random_image, write_image
 
 HEAVY = ("torch", "camrt_exporters", "onnxruntime", "cv2", "onnx")
 
@@ -30,6 +32,7 @@ def test_cli_and_runtime_modules_never_import_torch():
     assert "torch" not in loaded and "camrt_exporters" not in loaded and "onnxruntime" not in loaded
 
 
+@pytest.mark.exporters
 def test_building_the_cli_with_plugins_autoloaded_stays_light():
     """What bench/import_time.py times: the CLI built and its commands listed (camrt-exporters'
     `export` included, as installed): the exporters' plugin module is imported, but none of the

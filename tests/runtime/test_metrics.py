@@ -17,7 +17,7 @@ from camrt.execution.session import ExplainSession
 from camrt.hookspecs import hookimpl
 from camrt.metrics.base import EvalBatch, Metric
 
-from .tiny import random_image, write_image
+from tests.helpers import random_image, write_image
 
 H, W = 6, 8
 

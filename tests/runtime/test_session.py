@@ -13,7 +13,7 @@ from camrt.execution.session import GRAPH_OPTIMIZATIONS, ExplainSession
 from camrt.imaging.preprocess import preprocess
 from camrt.modelfile.metadata import read_contract, read_metadata
 
-from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
+from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
 
 
 def _batch(model, rng, n):
