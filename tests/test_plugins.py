@@ -143,7 +143,7 @@ def test_readme_testing_examples_run(example):
     text = (EXAMPLE / "README.md").read_text()
     section = text[text.index("## Testing a plugin"):text.index("## Disabling and blocking")]
     blocks = section.split("```python\n")[1:]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block.split("```")[0], "README.md", "exec"), {})  # noqa: S102 - our own docs
 
