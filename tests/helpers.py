@@ -168,6 +168,76 @@ def numpy_forward(model: TinyModel, x: np.ndarray) -> dict[str, np.ndarray]:
     return {"conv": conv, "feat": feat, "logits": logits}
 
 
+# --- the metrics tests' toy models (tests/runtime/test_metrics.py) ----------------------------
+TOY_HEIGHT, TOY_WIDTH = 6, 8
+
+
+def _toy_onnx(nodes, initializers: dict[str, np.ndarray]):
+    """A classifier graph with input `image` [1, 3, 6, 8] and output `logits`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, TOY_HEIGHT, TOY_WIDTH])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(value, name) for name, value in initializers.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def linear_onnx(weights: np.ndarray, bias: np.ndarray):
+    """logits = weights @ flatten(image) + bias (weights [classes, 3*H*W]); layer: the image times one."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Mul", ["image", "one"], ["pixels"]),
+             helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)]
+    return _toy_onnx(nodes, {"one": np.ones(1, np.float32), "w": weights, "b": bias})
+
+
+def conv_matmul_onnx():
+    """Conv 3x3 stride 1 -> Sigmoid (smooth: finite differences apply) -> GlobalAveragePool -> Flatten -> MatMul + Add:
+    both the Conv and the MatMul get backward constants derived from their weights (flipped kernel, transposed matrix)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["image", "cw", "cb"], ["conv"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Sigmoid", ["conv"], ["feat"]),
+             helper.make_node("GlobalAveragePool", ["feat"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+             helper.make_node("Add", ["mm", "fb"], ["logits"])]
+    weights = {"cw": rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "cb": rng.normal(0, 0.1, 6).astype(np.float32),
+               "fw": rng.normal(0, 1, (6, 4)).astype(np.float32), "fb": rng.normal(0, 0.1, 4).astype(np.float32)}
+    return _toy_onnx(nodes, weights)
+
+
+def toy_sources() -> dict:
+    """name -> (plain ONNX model, layers): golden camrt files made from them with `camrt export`'s ONNX
+    front end (vanilla rules)."""
+    n = 3 * TOY_HEIGHT * TOY_WIDTH
+    rng = np.random.default_rng(0)
+    linear = rng.normal(size=(3, n)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    return {
+        # logit = the mean of the pixels (two identical classes)
+        "toy-mean": (linear_onnx(np.full((2, n), 1 / n, np.float32), np.zeros(2, np.float32)), ["pixels"]),
+        "toy-linear": (linear_onnx(*linear), ["pixels"]),
+        "toy-convmm": (conv_matmul_onnx(), ["feat"]),
+    }
+
+
+def toy_model(name: str, folder: Path) -> str:
+    """A copy of the golden toy camrt file `name` (a key of toy_sources()) in `folder`."""
+    path = folder / f"{name}.camrt.onnx"
+    shutil.copyfile(GOLDEN / f"{name}.camrt.onnx", path)
+    return str(path)
+
+
+def initializers(path: str) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+
+
 def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A smooth-ish random RGB image (so JPEG round trips keep it recognisable)."""
     import cv2

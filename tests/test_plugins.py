@@ -27,7 +27,6 @@ from camrt.hookspecs import hookimpl
 from camrt.methods.base import Method
 from camrt.plugins import create_plugin_manager
 from camrt.plugins.registry import build_method_registry
-
 from tests.helpers import write_plugin_modules
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from camrt_exporters.autodiff.reverse import RuleSet
 from camrt_exporters.autodiff.rules import VANILLA, linear, pooling
 from camrt_exporters.export import export_onnx, export_torch
 from camrt_exporters.validate import FD_REL
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 from tests.helpers import tiny_onnx
+from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

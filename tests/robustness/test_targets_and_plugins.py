@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from camrt import plugins
 from camrt.errors import ExitCode, InputError
 from camrt.plugins import create_plugin_manager
-
 from tests.helpers import write_plugin_modules
+
 from .tally import record, refused
 
 

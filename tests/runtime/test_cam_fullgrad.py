@@ -13,7 +13,6 @@ from camrt.errors import ModelError
 from camrt.explainer import Explainer
 from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs
-
 from tests.helpers import HEIGHT, WIDTH, numpy_forward, random_image
 
 TARGETS = [0, 3, -1, 4]

@@ -19,7 +19,6 @@ from camrt.explainer import Explainer
 from camrt.hookspecs import hookimpl
 from camrt.imaging.decode import load_image
 from camrt.methods.gradcam import GradCAM
-
 from tests.helpers import CLASSES, random_image, write_image
 
 

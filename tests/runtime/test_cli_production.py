@@ -31,7 +31,6 @@ from camrt.errors import ExitCode
 from camrt.explainer import Explainer
 from camrt.imaging.decode import load_image
 from camrt.imaging.preprocess import preprocess
-
 from tests.helpers import CLASSES, numpy_forward, random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,6 @@ import pytest
 from camrt import __version__
 from camrt.explainer import Explainer
 from camrt.imaging.decode import load_image
-
 from tests.helpers import random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]

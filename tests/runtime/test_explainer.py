@@ -14,7 +14,6 @@ from camrt.explainer import Explainer
 from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs, Method, Requirements
 from camrt.methods.gradcam import GradCAM
-
 from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward, random_image
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from camrt import Explainer, UsageError
-
 from tests.helpers import random_image
 
 TOLERANCE = 1e-5

@@ -12,7 +12,6 @@ from camrt.contract import Preprocessing
 from camrt.errors import InputError
 from camrt.imaging.decode import decode_image, load_image
 from camrt.imaging.preprocess import preprocess
-
 from tests.helpers import random_image, write_image
 
 

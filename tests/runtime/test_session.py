@@ -12,7 +12,6 @@ from camrt.errors import ContractError, InputError, ModelError, UsageError
 from camrt.execution.session import GRAPH_OPTIMIZATIONS, ExplainSession
 from camrt.imaging.preprocess import preprocess
 from camrt.modelfile.metadata import read_contract, read_metadata
-
 from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
 
 
