@@ -11,11 +11,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError, first_line
+from camrt.errors import first_line
 from camrt.modelfile.layers import spatial_candidates, tensor_layouts
 
 from .autodiff.graph import GraphIndex, attribute, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
+from .errors import ExportError
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 

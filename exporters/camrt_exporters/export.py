@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, PluginError
+from camrt.errors import PluginError
 from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
@@ -26,6 +26,7 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
+from .errors import ExportError
 from .layouts import image_layout, refuse_non_nchw_layers
 from .validate import Check, validate_against_torch, validate_finite_differences
 

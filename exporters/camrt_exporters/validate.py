@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError, first_line
+from camrt.errors import first_line
+
+from .errors import ExportError, ValidationError
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4

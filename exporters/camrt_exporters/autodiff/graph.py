@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from camrt.errors import ExportError
+from ..errors import ExportError
 
 #: A dimension is an int when static, a str (symbol) or None when not.
 Dim = int | str | None

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from camrt.errors import ExportError, UnsupportedOpError
 from camrt.modelfile.layers import tensors_between
 
+from ..errors import ExportError, UnsupportedOpError
 from .graph import Dim, GraphIndex
 
 

@@ -6,8 +6,7 @@ import string
 
 import numpy as np
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 
