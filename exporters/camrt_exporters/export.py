@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import pluggy
 
 from camrt import contract
 from camrt.errors import PluginError
@@ -34,9 +35,10 @@ DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
 IMAGENET_LABELS = "imagenet"
 
 
-def rule_sets() -> dict[str, RuleSet]:
-    """Every rule set registered through the `register_gradient_rules` hook (built-ins included)."""
-    pm = get_plugin_manager()
+def rule_sets(pm: pluggy.PluginManager | None = None) -> dict[str, RuleSet]:
+    """Every rule set registered through the `register_gradient_rules` hook of `pm` (default: the
+    process-wide manager), built-ins included."""
+    pm = pm or get_plugin_manager()
     ensure_registered(pm, "camrt_exporters.plugin")
     found: dict[str, RuleSet] = {}
 
