@@ -28,8 +28,10 @@ RUNTIME = "camrt"
 EXPORTERS = "camrt_exporters"
 PACKAGE_ROOTS = {RUNTIME: REPO, EXPORTERS: REPO / "exporters"}
 #: What the exporters may import from the runtime: the contract, the errors they subclass, the
-#: hook markers, the layer queries shared with `camrt inspect`, and the plugin manager.
-EXPORTER_SEAM = {"camrt.contract", "camrt.errors", "camrt.hookspecs", "camrt.modelfile.layers", "camrt.plugins"}
+#: hook markers, the lazy public names, the layer queries shared with `camrt inspect`, and the
+#: plugin manager.
+EXPORTER_SEAM = {
+    "camrt.contract", "camrt.errors", "camrt.hookspecs", "camrt.lazy", "camrt.modelfile.layers", "camrt.plugins"}
 #: The runtime's command line: it may import every other room of the runtime.
 CLI_MODULES = ("camrt.cli", "camrt.__main__")
 

@@ -11,8 +11,7 @@ registers it through the `register_gradient_rules` hook (camrt_exporters/hookspe
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from camrt.lazy import lazy_names
 
 from .errors import ExportError, UnsupportedOpError, ValidationError
 
@@ -39,14 +38,4 @@ _LAZY = {
 __all__ = ["__version__", "ExportError", "UnsupportedOpError", "ValidationError", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'camrt_exporters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
