@@ -37,17 +37,20 @@ IMAGENET_LABELS = "imagenet"
 
 def rule_sets(pm: pluggy.PluginManager | None = None) -> dict[str, RuleSet]:
     """Every rule set registered through the `register_gradient_rules` hook of `pm` (default: the
-    process-wide manager), built-ins included."""
+    process-wide manager), built-ins included; none when the exporter's plugin is blocked."""
     pm = pm or get_plugin_manager()
-    ensure_registered(pm, "camrt_exporters.plugin")
+    ensure_registered(pm, "camrt_exporters.plugin")  # declares the hook unless blocked
     found: dict[str, RuleSet] = {}
+    hook = getattr(pm.hook, "register_gradient_rules", None)
+    if hook is None:
+        return found
 
     def register(rule_set: RuleSet) -> None:
         if rule_set.name in found:
             raise PluginError(f"rule set {rule_set.name!r} registered twice; registered: {sorted(found)}")
         found[rule_set.name] = rule_set
 
-    pm.hook.register_gradient_rules(register=register)
+    hook(register=register)
     return found
 
 
