@@ -17,6 +17,7 @@ The rules (docs/architecture.md):
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,10 @@ def _absolute(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports_of(module: str, path: Path = None) -> list[Import]:
-    path = path or MODULES[module]
+@functools.cache
+def imports_of(module: str) -> tuple[Import, ...]:
+    """Every import statement of `module`, parsed once per test session."""
+    path = MODULES[module]
     is_package = path.name == "__init__.py"
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -88,7 +91,7 @@ def imports_of(module: str, path: Path = None) -> list[Import]:
             for alias in node.names:
                 child = f"{source}.{alias.name}"
                 found.append(Import(module, child if child in MODULES else source, where))
-    return found
+    return tuple(found)
 
 
 def executed_modules(target: str) -> list[str]:
