@@ -15,8 +15,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from camrt.errors import ExportError
 from camrt_exporters.autodiff.rules import VANILLA
+from camrt_exporters.errors import ExportError
 
 from .rule_harness import (
     FEW,
