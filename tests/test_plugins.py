@@ -283,10 +283,9 @@ def test_a_hook_no_plugin_declares_leaves_its_implementer_out(entry_points):
     assert build_method_registry(pm).plugin_of("test-good") == "good"
 
 
-def test_gradient_rule_plugin_loaded_before_the_exporter_registers_its_rule_set(entry_points):
+def test_gradient_rule_plugin_loaded_before_the_exporter_registers_its_rule_set(entry_points, exporter):
     """register_gradient_rules is declared by camrt-exporters, not the runtime: a rule-set plugin
     whose entry point comes first still loads, and the exporter sees its rule set."""
-    pytest.importorskip("camrt_exporters")
     from camrt_exporters import rule_sets
     from camrt_exporters.autodiff.rules import BUILTIN_RULE_SETS
 
@@ -298,8 +297,7 @@ def test_gradient_rule_plugin_loaded_before_the_exporter_registers_its_rule_set(
     assert {name: found[name] for name in ("vanilla", "guided", "deconvnet")} == {r.name: r for r in BUILTIN_RULE_SETS}
 
 
-def test_gradient_rule_plugin_without_the_exporter_is_left_out_naming_the_hook(entry_points):
-    pytest.importorskip("camrt_exporters")
+def test_gradient_rule_plugin_without_the_exporter_is_left_out_naming_the_hook(entry_points, exporter):
     entry_points(rules="camrt_test_rule_set")
     pm = create_plugin_manager(load_entrypoints=True, blocked=set())
     assert pm.get_plugin("rules") is None

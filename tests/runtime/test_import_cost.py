@@ -43,6 +43,7 @@ def test_building_the_cli_with_plugins_autoloaded_stays_light():
     assert _modules_after(code) == ["camrt_exporters"]
 
 
+@pytest.mark.exporters
 def test_import_camrt_exporters_is_light_and_its_public_names_never_import_torch():
     """The exporter package and its plugin module (imported by every CLI start) load their public
     names lazily; all of them resolve, and none imports torch until an export runs."""
