@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.errors import ModelError
+from camrt.errors import ExitCode, ModelError
 from camrt.explainer import Explainer
 from camrt.modelfile.metadata import read_contract, read_output_names
 from camrt.plan import ExplainPlan, PlanRefused, refusal_dict
@@ -187,3 +187,16 @@ def test_inspect_shows_the_explainers_verdicts(models, variant):
             advice = " ".join(verdict["export_flags"]) or verdict["reason"]
             assert any(line.split()[:1] == [verdict["method"]] and line.rstrip().endswith(advice)
                        for line in text.splitlines()), (verdict, text)
+
+
+def test_camrt_explain_reports_the_refusal(models, tmp_path, rng):
+    from .tiny import write_image
+
+    path = models().path
+    image = write_image(str(tmp_path / "x.png"), random_image(rng, HEIGHT, WIDTH))
+    with pytest.raises(PlanRefused) as refused:
+        plan_of(path, "fullgrad")
+    result = CliRunner().invoke(build_cli(), ["explain", path, image, "-m", "fullgrad", "-o", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == ExitCode.MODEL_ERROR
+    assert str(refused.value) in result.stderr and "--fullgrad" in result.stderr
