@@ -103,7 +103,8 @@ class Explainer:
             self.method = cls(**method_options)
             self.method_plugin = registry.plugin_of(cls.name)
         #: What this file offers the method: the layers, the fetched outputs (`camrt.plan`).
-        self.plan = ExplainPlan.build(self.info, self.session.output_names, self.method, layer, self.session.path)
+        self.plan = ExplainPlan.build(self.info, self.session.output_names, self.method, layer=layer,
+                                     path=self.session.path)
         self.aug_smooth: bool = self._check_aug_smooth(aug_smooth)
         if self.plan.tail:
             for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
@@ -223,8 +224,8 @@ class Explainer:
 
         images: a list of HWC uint8 RGB arrays (preprocessed as the file says; heatmaps at each
         image's resolution) or an NCHW float32 array already preprocessed (heatmaps at the model
-        input size). targets: None (top-1 for all), one int for all, or one per image
-        (an int, or -1/None for top-1).
+        input size). targets: None (top-1 for all), one int for all, one per image
+        (an int, or -1/None for top-1), or a `camrt.targets.Target`.
         """
         x, sizes = self.prepare(images)
         return self._explain_prepared(x, sizes, as_target(targets))
