@@ -53,13 +53,15 @@ class ClassTarget(Target):
         except (TypeError, ValueError) as exc:
             raise InputError(f"targets must be integers, got {classes!r}") from exc
         if array.ndim != 1 or array.shape[0] != batch:
-            raise InputError(f"got {array.size if array.ndim else 1} target(s) for a batch of {batch}; give one per input")
+            given = array.size if array.ndim else 1
+            raise InputError(f"got {given} target(s) for a batch of {batch}; give one per input")
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise InputError(f"targets must be integers, got dtype {array.dtype}")
         array = array.astype(np.int64)
         bad = [int(t) for t in array if not (t == TOP1 or 0 <= t < num_classes)]
         if bad:
-            raise InputError(f"target(s) {bad} out of range: use {TOP1} (top-1) or a class index in 0..{num_classes - 1}")
+            raise InputError(f"target(s) {bad} out of range: use {TOP1} (top-1) or a class index in "
+                             f"0..{num_classes - 1}")
         return {contract.TARGET_INPUT: array}
 
     def select(self, rows: Sequence[int]) -> ClassTarget:

@@ -155,7 +155,8 @@ def _refusals_text(plans: list[dict[str, Any]]) -> list[str]:
         return []
     rows = [[plan["method"], " ".join(plan["export_flags"]) if plan["export_flags"] else plan["reason"]]
             for plan in refused]
-    return ["not served (the `camrt export` flags that add what it lacks, or why not):", *("  " + line for line in _table(rows).splitlines())]
+    heading = "not served (the `camrt export` flags that add what it lacks, or why not):"
+    return [heading, *("  " + line for line in _table(rows).splitlines())]
 
 
 def _onnx_text(summary: dict[str, Any]) -> list[str]:
