@@ -20,9 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import contract
+from .contract import TOP1_TARGET
 from .errors import InputError, UsageError
-
-TOP1 = contract.TOP1_TARGET
 
 
 class Target(ABC):
@@ -41,13 +40,13 @@ class Target(ABC):
 @dataclass(frozen=True)
 class ClassTarget(Target):
     """One class logit per input: `classes` is one index for every input or one per input, each
-    a class index or TOP1 (-1, the top-1 class)."""
+    a class index or TOP1_TARGET (-1: the top-1 class, resolved in the graph by ArgMax)."""
 
-    classes: Any = TOP1
+    classes: Any = TOP1_TARGET
 
     def feeds(self, batch: int, num_classes: int) -> dict[str, np.ndarray]:
         """``camrt/target``: int64 [batch], each -1 or 0 <= t < num_classes."""
-        classes = [int(self.classes)] * batch if isinstance(self.classes, (int, np.integer)) else self.classes
+        classes = [int(self.classes)] * batch if self._for_all else self.classes
         try:
             array = np.asarray(classes)
         except (TypeError, ValueError) as exc:
@@ -58,14 +57,19 @@ class ClassTarget(Target):
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise InputError(f"targets must be integers, got dtype {array.dtype}")
         array = array.astype(np.int64)
-        bad = [int(t) for t in array if not (t == TOP1 or 0 <= t < num_classes)]
+        bad = [int(t) for t in array if not (t == TOP1_TARGET or 0 <= t < num_classes)]
         if bad:
-            raise InputError(f"target(s) {bad} out of range: use {TOP1} (top-1) or a class index in "
+            raise InputError(f"target(s) {bad} out of range: use {TOP1_TARGET} (top-1) or a class index in "
                              f"0..{num_classes - 1}")
         return {contract.TARGET_INPUT: array}
 
+    @property
+    def _for_all(self) -> bool:
+        """Whether `classes` is one index for every input."""
+        return isinstance(self.classes, (int, np.integer)) and not isinstance(self.classes, bool)
+
     def select(self, rows: Sequence[int]) -> ClassTarget:
-        if isinstance(self.classes, (int, np.integer)):
+        if self._for_all:
             return self
         classes = list(self.classes)
         return ClassTarget(tuple(classes[i] for i in rows))
@@ -77,7 +81,7 @@ def as_target(targets: Any) -> Target:
     if isinstance(targets, Target):
         return targets
     if targets is None:
-        return ClassTarget(TOP1)
+        return ClassTarget(TOP1_TARGET)
     if isinstance(targets, (bool, np.bool_, str, bytes)) or not isinstance(targets, (int, np.integer, Iterable)):
         raise InputError(f"targets must be None, an integer or one integer per input, got {targets!r}")
     if isinstance(targets, (int, np.integer)):
@@ -85,7 +89,7 @@ def as_target(targets: Any) -> Target:
     targets = list(targets)
     if any(isinstance(t, (bool, np.bool_)) for t in targets):
         raise InputError(f"targets must be integers, got {targets!r}")
-    return ClassTarget(tuple(TOP1 if t is None else t for t in targets))
+    return ClassTarget(tuple(TOP1_TARGET if t is None else t for t in targets))
 
 
 class TargetRequest(ABC):
@@ -110,9 +114,9 @@ class TargetRequest(ABC):
 
 @dataclass(frozen=True)
 class ClassRequest(TargetRequest):
-    """--target N or top1: one class (TOP1: the top-1 class) for every input."""
+    """--target N or top1: one class (TOP1_TARGET: the top-1 class) for every input."""
 
-    index: int = TOP1
+    index: int = TOP1_TARGET
 
     @property
     def ranks(self) -> list[int | None]:
@@ -154,8 +158,8 @@ def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
 def parse_target(text: str) -> TargetRequest:
     """--target: a class index, top1 (or -1), or topk:K."""
     value = text.strip().lower()
-    if value in ("top1", "top-1", str(TOP1)):
-        return ClassRequest(TOP1)
+    if value in ("top1", "top-1", str(TOP1_TARGET)):
+        return ClassRequest(TOP1_TARGET)
     if value.startswith("topk:"):
         k = value[len("topk:"):]
         if not k.isdigit() or int(k) < 1:

@@ -74,3 +74,9 @@ def test_top_k_request_ranks_and_explains(tiny, rng):
             np.testing.assert_allclose(result.heatmap, postprocess.finalize([cam], (HEIGHT, WIDTH)), atol=1e-5)
     top_k = Explainer(tiny.path, device="cpu").explain_top_k(images, 3)
     assert [[r.target for r in ranked] for ranked in top_k] == order.tolist()
+
+
+@pytest.mark.parametrize("classes", [True, 1.0, "1", None])
+def test_a_class_target_for_all_inputs_is_an_integer(classes):
+    with pytest.raises(InputError, match=r"target\(s\) for a batch of 2|targets must be integers"):
+        ClassTarget(classes).feeds(2, CLASSES)
