@@ -73,12 +73,12 @@ def refusal_dict(method: str, refused: PlanRefused) -> dict[str, Any]:
             "export_flags": list(refused.export_flags)}
 
 
-def default_layer(info: contract.ContractInfo) -> str | None:
+def _default_layer(info: contract.ContractInfo) -> str | None:
     """The layer a method explains when none is asked for: the file's default, else its first."""
     return info.default_layer or (info.layers[0] if info.layers else None)
 
 
-def rules_flag(info: contract.ContractInfo, rule: str) -> str:
+def _rules_flag(info: contract.ContractInfo, rule: str) -> str:
     """The `camrt export` flag that keeps the file's rule sets and adds `rule`."""
     return f"--rules {','.join(dict.fromkeys([*info.rule_sets, rule]))}"
 
@@ -90,13 +90,13 @@ def _layers(info: contract.ContractInfo, outputs: Collection[str], method: str, 
             raise UsageError(f"method {method!r} explains the input, it takes no layer")
         return ()
     if layer is None or (not isinstance(layer, str) and len(layer) == 0):
-        default = default_layer(info)
+        default = _default_layer(info)
         if default is None:
             needs = ", ".join(what for what, needed in (
                 ("activations", requires.activations), ("gradients", requires.gradients),
                 ("CAM class weights", requires.cam_weights), ("tail graph", requires.tail)) if needed)
             rule = requires.input_gradient
-            flags = ["--layer NAME", *([rules_flag(info, rule)] if rule and rule not in info.rule_sets else [])]
+            flags = ["--layer NAME", *([_rules_flag(info, rule)] if rule and rule not in info.rule_sets else [])]
             raise PlanRefused(
                 f"method {method!r} needs a layer's {needs} but {path} has no layers; "
                 f"re-export it with `camrt export ... {' '.join(flags)}`",
@@ -145,7 +145,7 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
             flags.append(f"--layer {layer}")
     rule = requires.input_gradient
     if rule is not None and contract.input_gradient_output(rule) in missing:
-        flags.append(rules_flag(info, rule))
+        flags.append(_rules_flag(info, rule))
     described = list(missing)
     if no_bias_terms:
         missing.append(contract.bias_gradient_output("<node>"))
