@@ -20,14 +20,20 @@ if TYPE_CHECKING:
 
 
 class PlanRefused(ModelError):
-    """The file cannot serve the method: `missing` names the contract outputs it lacks (``<layer>``
+    """The file cannot serve `method`: `missing` names the contract outputs it lacks (``<layer>``
     where no layer exists yet), `export_flags` the `camrt export` flags that add them (empty when
     re-exporting cannot help, e.g. CAM on a layer without a pooling + linear head)."""
 
-    def __init__(self, message: str, missing: Sequence[str] = (), export_flags: Sequence[str] = ()):
+    def __init__(self, message: str, method: str, missing: Sequence[str] = (), export_flags: Sequence[str] = ()):
         super().__init__(message)
+        self.method = method
         self.missing = tuple(missing)
         self.export_flags = tuple(export_flags)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form `camrt inspect` shows, beside `ExplainPlan.to_dict`."""
+        return {"method": self.method, "serves": False, "reason": str(self), "missing": list(self.missing),
+                "export_flags": list(self.export_flags)}
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,6 @@ class ExplainPlan:
                 "rule_set": self.rule_set, "extra_passes": self.extra_passes, "tail": self.tail}
 
 
-def refusal_dict(method: str, refused: PlanRefused) -> dict[str, Any]:
-    """The JSON form of a refusal, beside `ExplainPlan.to_dict`."""
-    return {"method": method, "serves": False, "reason": str(refused), "missing": list(refused.missing),
-            "export_flags": list(refused.export_flags)}
-
-
 def _default_layer(info: contract.ContractInfo) -> str | None:
     """The layer a method explains when none is asked for: the file's default, else its first."""
     return info.default_layer or (info.layers[0] if info.layers else None)
@@ -99,7 +99,7 @@ def _layers(info: contract.ContractInfo, outputs: Collection[str], method: str, 
             flags = ["--layer NAME", *([_rules_flag(info, rule)] if rule and rule not in info.rule_sets else [])]
             raise PlanRefused(
                 f"method {method!r} needs a layer's {needs} but {path} has no layers; "
-                f"re-export it with `camrt export ... {' '.join(flags)}`",
+                f"re-export it with `camrt export ... {' '.join(flags)}`", method,
                 missing=[name for name in requires.outputs(["<layer>"], info) if name not in outputs],
                 export_flags=flags)
         return (default,)
@@ -110,7 +110,7 @@ def _layers(info: contract.ContractInfo, outputs: Collection[str], method: str, 
         flags = [f"--layer {name}" for name in unknown]
         raise PlanRefused(
             f"layer(s) {', '.join(unknown)} not in {path} (it has: {have}); "
-            f"re-export it with `camrt export ... {' '.join(flags)}`",
+            f"re-export it with `camrt export ... {' '.join(flags)}`", method,
             missing=requires.outputs(unknown, info), export_flags=flags)
     return tuple(dict.fromkeys(layers))
 
@@ -128,7 +128,7 @@ def _check_cam_layers(info: contract.ContractInfo, method: str, requires: Requir
             f"method {method!r}: layer(s) {', '.join(no_head)} of {path} are not "
             "followed by global average pooling and a fully connected classifier, so CAM's class "
             "weights do not exist for them; use -m gradcam (equal to CAM on such a head) or a layer "
-            f"that feeds the pooling (with CAM weights here: {', '.join(info.cam_layers) or 'none'})",
+            f"that feeds the pooling (with CAM weights here: {', '.join(info.cam_layers) or 'none'})", method,
             missing=[contract.cam_weights_output(layer) for layer in no_head])
 
 
@@ -153,5 +153,5 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
         flags.append("--fullgrad")
     raise PlanRefused(
         f"method {method!r} needs output(s) {', '.join(described)}, which {path} "
-        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`",
+        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`", method,
         missing=missing, export_flags=flags)

@@ -60,7 +60,7 @@ def method_plans(info: ContractInfo, outputs: Collection[str], path: str) -> lis
     """Every registered method's verdict on the camrt file at `path` (contract `info`, graph
     outputs `outputs`), at its default layer: the `camrt.plan.ExplainPlan` the Explainer would open
     it with, or the refusal it would raise."""
-    from ..plan import ExplainPlan, PlanRefused, refusal_dict
+    from ..plan import ExplainPlan, PlanRefused
     from ..plugins.registry import build_method_registry
 
     verdicts = []
@@ -68,7 +68,7 @@ def method_plans(info: ContractInfo, outputs: Collection[str], path: str) -> lis
         try:
             verdicts.append(ExplainPlan.build(info, outputs, cls, path=path).to_dict())
         except PlanRefused as refused:
-            verdicts.append(refusal_dict(cls.name, refused))
+            verdicts.append(refused.to_dict())
     return verdicts
 
 

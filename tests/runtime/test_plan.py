@@ -19,7 +19,7 @@ from camrt.cli import build_cli
 from camrt.errors import ExitCode, ModelError
 from camrt.explainer import Explainer
 from camrt.modelfile.metadata import read_contract, read_output_names
-from camrt.plan import ExplainPlan, PlanRefused, refusal_dict
+from camrt.plan import ExplainPlan, PlanRefused
 from camrt.plugins.registry import build_method_registry
 
 from .tiny import HEIGHT, WIDTH, random_image
@@ -174,7 +174,7 @@ def test_inspect_shows_the_explainers_verdicts(models, variant):
         try:
             expected.append(Explainer(path, method=method, device="cpu").plan.to_dict())
         except PlanRefused as refusal:
-            expected.append(refusal_dict(method, refusal))
+            expected.append(refusal.to_dict())
     result = CliRunner().invoke(build_cli(), ["inspect", path, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
