@@ -110,7 +110,7 @@ def test_the_plan_is_what_running_the_method_does(models, variant, method, rng):
     try:
         plan = plan_of(path, method)
     except PlanRefused as refusal:
-        assert not served_before
+        assert not served_before and refusal.method == method
         with pytest.raises(ModelError) as opened:
             Explainer(path, method=method, device="cpu")
         assert str(opened.value) == str(refusal)
