@@ -33,33 +33,67 @@ GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 class GoldenVariant:
     """One checked-in tiny camrt file: the exporter options it was built with."""
 
-    name: str
     batch: int | str = "N"
     layers: tuple[str, ...] = ("feat", "conv")
     rule_sets: tuple[str, ...] = ("vanilla", "guided")
     fullgrad: bool = False
+    #: Whether torch's numbers for its outputs are stored next to it (`<name>.npz`).
+    references: bool = False
     folder: Path = GOLDEN
+    file_name: str | None = None  # default: the options, e.g. tiny-feat+conv-vanilla+guided
+
+    @property
+    def name(self) -> str:
+        if self.file_name:
+            return self.file_name
+        parts = ["tiny", "+".join(self.layers) or "no-layers", "+".join(self.rule_sets) or "no-rules"]
+        return "-".join(parts + ["fullgrad"] * self.fullgrad + [f"batch{self.batch}"] * (self.batch != "N"))
 
     @property
     def path(self) -> Path:
         return self.folder / f"{self.name}.camrt.onnx"
 
     @property
-    def references(self) -> Path:
+    def reference_path(self) -> Path:
         """torch's numbers for the file's outputs on fixed inputs (see make_golden.py)."""
         return self.folder / f"{self.name}.npz"
 
 
 GOLDEN_VARIANTS = (
-    GoldenVariant("tiny"),
-    GoldenVariant("tiny-fullgrad", fullgrad=True),
-    GoldenVariant("tiny-batch2", batch=2),
-    GoldenVariant("tiny-guided", rule_sets=("guided",)),
-    GoldenVariant("tiny-vanilla", rule_sets=("vanilla",)),
-    GoldenVariant("tiny-vanilla-no-layers", layers=(), rule_sets=("vanilla",)),
-    GoldenVariant("tiny-bare", layers=(), rule_sets=()),
+    # The files the runtime's tests are built around, with torch's numbers.
+    GoldenVariant(references=True),
+    GoldenVariant(fullgrad=True, references=True),
+    GoldenVariant(batch=2, references=True),
+    GoldenVariant(rule_sets=("guided",), references=True),
+    GoldenVariant(rule_sets=("vanilla",), references=True),
+    GoldenVariant(layers=(), rule_sets=("vanilla",), references=True),
+    GoldenVariant(layers=(), rule_sets=(), references=True),
     # camrt.testing's file, shipped as package data: every output the tiny model can carry.
-    GoldenVariant("tiny", rule_sets=("vanilla", "guided", "deconvnet"), fullgrad=True, folder=TINY_FOLDER),
+    GoldenVariant(rule_sets=("vanilla", "guided", "deconvnet"), fullgrad=True, references=True, folder=TINY_FOLDER,
+                  file_name="tiny"),
+    # What tests/runtime/test_plan.py's files become when re-exported with the flags a refusal names.
+    *(GoldenVariant(layers=layers, rule_sets=rule_sets, fullgrad=fullgrad) for layers, rule_sets, fullgrad in (
+        (("conv", "feat"), ("vanilla", "guided"), False),
+        (("conv",), (), False),
+        (("conv",), ("vanilla",), False),
+        (("conv",), ("vanilla",), True),
+        (("conv",), ("guided",), False),
+        (("conv",), ("deconvnet",), False),
+        (("conv",), ("vanilla", "guided"), False),
+        (("feat",), ("vanilla",), False),
+        (("feat",), ("vanilla", "guided"), False),
+        ((), ("vanilla",), True),
+        ((), ("vanilla", "guided"), False),
+        ((), ("vanilla", "deconvnet"), False),
+        (("feat", "conv"), ("deconvnet",), False),
+        (("feat", "conv"), ("deconvnet", "guided"), False),
+        (("feat", "conv"), ("deconvnet", "vanilla"), False),
+        (("feat", "conv"), ("deconvnet", "vanilla"), True),
+        (("feat", "conv"), ("guided", "deconvnet"), False),
+        (("feat", "conv"), ("guided", "vanilla"), False),
+        (("feat", "conv"), ("guided", "vanilla"), True),
+        (("feat", "conv"), ("vanilla", "guided", "deconvnet"), False),
+    )),
 )
 
 
@@ -71,7 +105,7 @@ def golden_variant(*, batch: int | str = "N", layers: tuple[str, ...] = ("feat",
             return variant
     raise LookupError(f"no golden tiny file with batch={batch!r} layers={layers} rule_sets={rule_sets} "
                       f"fullgrad={fullgrad}: add it to GOLDEN_VARIANTS (tests/helpers.py) and run "
-                      "`python tests/fixtures/make_golden.py`")
+                      "`python -m tests.fixtures.make_golden`")
 
 
 @dataclass
