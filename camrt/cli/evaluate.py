@@ -53,14 +53,23 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: Any) -> list[str]:
-    """<stem>.curves.png and <stem>.methods.png per image; returns the paths written."""
+def _warn(message: str) -> None:
+    import click
+
+    click.echo(f"camrt: warning: {message}", err=True)
+
+
+def write_figures(chunk: Any, outdir: str, names: Any) -> list[str]:
+    """<stem>.curves.png and <stem>.methods.png per readable image of an `EvaluatedChunk` (stems
+    claimed from `names`, an `OutputNames` shared by the run); returns the paths written."""
     from ..metrics.plot import plot_curves, plot_overlays
 
     written = []
-    for record_input, image in images.items():
+    for i, (record_input, image) in enumerate(chunk.inputs):
+        if isinstance(image, Exception):
+            continue
         stem = names.claim(record_input)
-        records = [r for r in evaluation.records if r["input"] == record_input and r["status"] == "ok"]
+        records = [records[i] for records in chunk.by_method.values() if records[i]["status"] == "ok"]
         curves = {r["method"]: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
                                 for kind in ("deletion", "insertion") if f"{kind}_curve" in r}
                   for r in records}
@@ -68,10 +77,9 @@ def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: A
             path = os.path.join(outdir, f"{stem}.curves.png")
             plot_curves(path, {m: c for m, c in curves.items() if c}, title=stem)
             written.append(path)
-        maps = evaluation.maps.get(record_input)
-        if maps:
+        if chunk.maps[i]:
             path = os.path.join(outdir, f"{stem}.methods.png")
-            plot_overlays(path, image, maps, title=stem)
+            plot_overlays(path, image, chunk.maps[i], title=stem)
             written.append(path)
     return written
 
@@ -118,13 +126,13 @@ def build_command():
         Prints one JSON line per image and method, then the summary table (means) on stderr.
         Exit code 0 when every input was evaluated, 1 when some could not be read.
         """
+        import itertools
         import sys
 
-        from ..errors import ExitCode, InputError, UsageError
-        from ..imaging.decode import load_image
-        from ..plugins.registry import build_metric_registry
-        from .explain import OutputNames, iter_inputs
+        from ..batch import OutputNames, RecordLog, decode_inputs, iter_inputs, record_line
+        from ..errors import ExitCode, UsageError
         from ..metrics.runner import Evaluation
+        from ..plugins.registry import build_metric_registry
 
         if plot and not outdir:
             raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
@@ -140,13 +148,9 @@ def build_command():
                                 device=device, threads=threads, score=score, batch_size=batch_size,
                                 images_per_batch=images_per_batch, keep_maps=plot,
                                 graph_optimization=graph_optimization)
-        loaded: list[tuple[str, Any]] = []
-        for spec in iter_inputs(inputs, sys.stdin, skip_dir=outdir):
-            try:
-                loaded.append((spec, load_image(spec)))
-            except InputError as exc:
-                loaded.append((spec, exc))
-        if not loaded:
+        paths = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=_warn)
+        first = next(paths, None)
+        if first is None:
             raise UsageError("no input images found")
         log = None
         if outdir:
@@ -154,16 +158,20 @@ def build_command():
                 os.makedirs(outdir, exist_ok=True)
             except OSError as exc:
                 raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
-            log = open(os.path.join(outdir, RECORDS_FILE), "w", encoding="utf-8")
+            log = RecordLog(os.path.join(outdir, RECORDS_FILE))
         failed = False
+        figure_names = OutputNames()
         try:
-            for record in evaluation.run(loaded):
-                failed |= record["status"] != "ok"
-                line = json.dumps(record, ensure_ascii=False)
-                click.echo(line)
-                if log is not None:
-                    log.write(line + "\n")
-                    log.flush()
+            for chunk in evaluation.run_chunks(decode_inputs(itertools.chain([first], paths))):
+                for record in chunk.records:
+                    failed |= record["status"] != "ok"
+                    line = record_line(record)
+                    click.echo(line)
+                    if log is not None:
+                        log.write(line)
+                if plot:
+                    for path in write_figures(chunk, outdir, figure_names):
+                        click.echo(f"camrt: wrote {path}", err=True)
             table = evaluation.summary_table()
             click.echo(table, err=True)
             if outdir:
@@ -171,10 +179,6 @@ def build_command():
                     json.dump(evaluation.summary(), handle, indent=2)
                 with open(os.path.join(outdir, SUMMARY_TEXT), "w", encoding="utf-8") as handle:
                     handle.write(table + "\n")
-            if plot:
-                images = {name: image for name, image in loaded if not isinstance(image, Exception)}
-                for path in write_figures(evaluation, outdir, images, OutputNames()):
-                    click.echo(f"camrt: wrote {path}", err=True)
         finally:
             evaluation.close()
             if log is not None:

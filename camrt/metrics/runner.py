@@ -6,20 +6,58 @@
     evaluation.summary()   # method -> field -> mean over the images
     evaluation.close()
 
-Methods are run one after the other (one Explainer, hence one onnxruntime session, at a time);
-for each chunk of images the method explains the preprocessed batch once and every metric scores
+It streams: inputs are pulled `images_per_batch` at a time (any iterable, e.g.
+`camrt.batch.decode_inputs(paths)`), and each chunk is explained by every method, scored by every
+metric and handed on before the next chunk is read; the summary is kept as running sums. So memory
+does not grow with the number of inputs; it holds one Explainer (onnxruntime session) per method
+for the whole run. Each method explains a chunk's preprocessed batch once and every metric scores
 those heatmaps, running its perturbed inputs through the same session (`ExplainContext.forward`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..batch.inputs import chunked
 from ..errors import CamrtError, UsageError
 from .base import EvalBatch, Metric
+
+#: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
+EvalInput = tuple[str, "np.ndarray | CamrtError"]
+
+
+@dataclass
+class EvaluatedChunk:
+    """One chunk of inputs evaluated by every method."""
+
+    inputs: list[EvalInput]
+    #: method -> one record per input, in input order.
+    by_method: dict[str, list[dict[str, Any]]]
+    #: Per input: method -> its heatmap [H, W] at the model input's resolution (with keep_maps).
+    maps: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of the chunk, methods outermost."""
+        return [record for records in self.by_method.values() for record in records]
+
+
+@dataclass
+class _Mean:
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, value: float) -> None:
+        self.total += float(value)
+        self.count += 1
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 def _unique(names: Sequence[str], what: str) -> list[str]:
@@ -34,8 +72,9 @@ class Evaluation:
 
     metric_options: canonical metric name -> options (text values are parsed as the CLI's);
     method_options: method name -> options; score: "probability" or "logit"; batch_size: perturbed
-    inputs per onnxruntime run; images_per_batch: images explained together; keep_maps: keep each
-    heatmap (model input resolution) in `maps` for figures.
+    inputs per onnxruntime run; images_per_batch: images explained and scored together (the
+    chunk); keep_maps: hand each chunk's heatmaps (model input resolution) on in `EvaluatedChunk.maps`
+    for figures.
     """
 
     def __init__(self, model: str, methods: Sequence[str], metrics: Sequence[str], *,
@@ -67,9 +106,9 @@ class Evaluation:
         if images_per_batch < 1:
             raise UsageError(f"images_per_batch must be >= 1, got {images_per_batch}")
         self.keep_maps = keep_maps
-        #: input name -> method -> heatmap [H, W] (when keep_maps).
-        self.maps: dict[str, dict[str, np.ndarray]] = {}
-        self.records: list[dict[str, Any]] = []
+        #: method -> its ok records so far and the running mean of each field (the summary).
+        self._images = dict.fromkeys(self.methods, 0)
+        self._means = {method: {name: _Mean() for name in self.fields} for method in self.methods}
 
     @property
     def fields(self) -> dict[str, str]:
@@ -93,18 +132,26 @@ class Evaluation:
         return lambda path: Explainer(path, method=explainer.method, device=self.device, threads=self.threads,
                                       layer=layers, graph_optimization=self.graph_optimization)
 
-    def run(self, inputs: Iterable[tuple[str, np.ndarray | CamrtError]]) -> Iterator[dict[str, Any]]:
+    def run(self, inputs: Iterable[EvalInput]) -> Iterator[dict[str, Any]]:
         """inputs: (name, HWC uint8 RGB image, or the error that loading it raised). One record per
-        input and method, methods outermost."""
-        inputs = list(inputs)
-        for method in self.methods:
-            explainer = self._explainer(method)
-            for start in range(0, len(inputs), self.images_per_batch):
-                yield from self._chunk(explainer, inputs[start:start + self.images_per_batch])
+        input and method: per chunk of inputs, methods outermost."""
+        for chunk in self.run_chunks(inputs):
+            yield from chunk.records
 
-    def _chunk(self, explainer: Any, chunk: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
+    def run_chunks(self, inputs: Iterable[EvalInput]) -> Iterator[EvaluatedChunk]:
+        """Each chunk of `images_per_batch` inputs, evaluated by every method, pulled from `inputs`
+        only when the previous chunk has been handed on."""
+        explainers = [self._explainer(method) for method in self.methods]
+        for chunk in chunked(inputs, self.images_per_batch):
+            evaluated = EvaluatedChunk(chunk, {}, [{} for _ in chunk])
+            for explainer in explainers:
+                evaluated.by_method[explainer.method.name] = self._chunk(explainer, evaluated)
+            yield evaluated
+
+    def _chunk(self, explainer: Any, evaluated: EvaluatedChunk) -> list[dict[str, Any]]:
         from ..execution.context import ExplainContext
 
+        chunk = evaluated.inputs
         layer = ",".join(explainer.layers) if explainer.layers else None
         base = [{"input": name, "method": explainer.method.name, "layer": layer, "status": "ok", "error": None}
                 for name, _ in chunk]
@@ -132,23 +179,24 @@ class Evaluation:
                               score_type=self.score)
                 for values in per_metric:
                     record.update(values[k])
+                self._count(record)
                 if self.keep_maps:
-                    self.maps.setdefault(names[k], {})[explainer.method.name] = batch.heatmaps[k]
-        for record in base:
-            self.records.append(record)
-            yield record
+                    evaluated.maps[i][explainer.method.name] = batch.heatmaps[k]
+        return base
+
+    def _count(self, record: dict[str, Any]) -> None:
+        """Add an ok record to the summary's running means."""
+        method = record["method"]
+        self._images[method] += 1
+        for name, mean in self._means[method].items():
+            if record.get(name) is not None:
+                mean.add(record[name])
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """method -> {field: mean over the images where it is defined, "images": count of ok records}."""
-        table: dict[str, dict[str, Any]] = {}
-        for method in self.methods:
-            ok = [r for r in self.records if r["method"] == method and r["status"] == "ok"]
-            row: dict[str, Any] = {"images": len(ok)}
-            for name in self.fields:
-                values = [r[name] for r in ok if r.get(name) is not None]
-                row[name] = float(np.mean(values)) if values else None
-            table[method] = row
-        return table
+        return {method: {"images": self._images[method],
+                         **{name: mean.value for name, mean in self._means[method].items()}}
+                for method in self.methods}
 
     def summary_table(self) -> str:
         """The summary as a fixed-width text table (arrows: which way is better)."""
