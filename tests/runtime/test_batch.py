@@ -1,0 +1,176 @@
+"""The batch engine (`camrt.batch`) and `camrt eval` streaming.
+
+Memory is checked by counting: the inputs are fresh arrays whose release is observed
+(`weakref.finalize`), so "at most two chunks of decoded images are alive" is an exact count, not a
+noisy memory reading (reference counting frees an image when its chunk is let go; no collector
+run is awaited). A run that gathered its inputs first (as `camrt eval` did) keeps all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from camrt.batch import ExplainRun, TargetChoice, iter_inputs
+from camrt.errors import InputError
+from camrt.explainer import Explainer
+
+from .tiny import random_image, write_image
+
+
+class LiveImages:
+    """Makes images and counts how many of them are still referenced (the most at any time)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.alive, self.most, self.made = rng, 0, 0, 0
+
+    def _released(self) -> None:
+        self.alive -= 1
+
+    def make(self) -> np.ndarray:
+        image = random_image(self.rng, 14, 18)
+        weakref.finalize(image, self._released)
+        self.alive += 1
+        self.made += 1
+        self.most = max(self.most, self.alive)
+        return image
+
+
+def _pull_counted(items: Iterator, pulled: list[int]) -> Iterator:
+    for item in items:
+        pulled.append(1)
+        yield item
+
+
+def test_eval_holds_at_most_two_chunks_of_images(tiny, rng):
+    """48 inputs, 4 per chunk: while chunk c+1 is read, chunk c is still bound (the caller's loop
+    variable), so at most 2 x 4 images are alive; before streaming it was all 48. Every input gets
+    one record per method, chunk by chunk with the methods outermost inside a chunk, and the summary
+    is the mean of the records' fields."""
+    from camrt.metrics.runner import Evaluation
+
+    images = LiveImages(rng)
+    inputs = ((f"img{i}.png", images.make() if i % 7 else InputError(f"cannot read img{i}.png")) for i in range(48))
+    evaluation = Evaluation(tiny.path, ["gradcam", "saliency"], ["deletion", "confidence"],
+                            metric_options={"deletion": {"steps": 3}}, images_per_batch=4, device="cpu")
+    try:
+        records = list(evaluation.run(inputs))
+    finally:
+        evaluation.close()
+    assert images.made == 41 and images.most <= 8, images.most
+    expected = [(f"img{i}.png", method) for start in range(0, 48, 4) for method in ("gradcam", "saliency")
+                for i in range(start, start + 4)]
+    assert [(r["input"], r["method"]) for r in records] == expected
+    assert [r["input"] for r in records if r["status"] != "ok"] == [f"img{i}.png" for i in range(0, 48, 7)
+                                                                     for _ in range(2)]
+    summary = evaluation.summary()
+    for method in ("gradcam", "saliency"):
+        ok = [r for r in records if r["method"] == method and r["status"] == "ok"]
+        assert summary[method]["images"] == len(ok) == 41
+        for field in ("deletion_auc", "average_drop", "confidence_change"):
+            assert summary[method][field] == pytest.approx(np.mean([r[field] for r in ok]), rel=1e-12)
+
+
+def test_eval_command_streams_its_inputs(tiny, rng, tmp_path, monkeypatch):
+    """`camrt eval` over 40 paths (the decoder stubbed with counted images): at most two chunks of
+    decoded images alive, one record per input, an unreadable input an error record."""
+    from camrt.cli import build_cli
+    from camrt.imaging import decode
+
+    images = LiveImages(rng)
+
+    def load_image(path):
+        if path.endswith("13.png"):
+            raise InputError(f"{path}: not an image")
+        return images.make()
+
+    monkeypatch.setattr(decode, "load_image", load_image)
+    paths = [f"img{i:02d}.png" for i in range(40)]
+    result = CliRunner().invoke(build_cli(), ["eval", tiny.path, *paths, "-m", "gradcam", "--metric", "confidence",
+                                              "--images-per-batch", "5", "--device", "cpu", "-o", str(tmp_path)])
+    assert result.exit_code == 1, result.output  # one input failed
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["input"] for r in records] == paths
+    assert [r["input"] for r in records if r["status"] == "error"] == ["img13.png"]
+    assert images.made == 39 and images.most <= 10, images.most
+    logged = [json.loads(line) for line in (tmp_path / "eval-records.jsonl").read_text().splitlines()]
+    assert logged == records
+
+
+def test_randomization_builds_its_stage_files_once_per_method(tiny, rng, monkeypatch):
+    """Chunks interleave the methods; the randomized Explainers are made once per method and stage,
+    not again for every chunk."""
+    from camrt.metrics.runner import Evaluation
+
+    made = []
+    original = Evaluation._reexplainer
+
+    def counting(self, explainer):
+        make = original(self, explainer)
+        return lambda path: made.append((explainer.method.name, os.path.basename(path))) or make(path)
+
+    monkeypatch.setattr(Evaluation, "_reexplainer", counting)
+    evaluation = Evaluation(tiny.path, ["gradcam", "saliency"], ["randomization"],
+                            metric_options={"randomization": {"stages": 2}}, images_per_batch=2, device="cpu")
+    try:
+        records = list(evaluation.run((f"img{i}", random_image(rng, 12, 16)) for i in range(6)))
+    finally:
+        evaluation.close()
+    assert len(records) == 12 and all(r["randomization_spearman"] is not None for r in records)
+    assert sorted(made) == sorted((method, f"randomized-{depth}.onnx") for method in ("gradcam", "saliency")
+                                  for depth in (1, 2))
+
+
+def test_explain_run_pulls_inputs_one_chunk_at_a_time(tiny, rng, tmp_path):
+    images = [write_image(str(tmp_path / f"in{i}.png"), random_image(rng, 12, 16)) for i in range(7)]
+    pulled: list[int] = []
+    run = ExplainRun(Explainer(tiny.path, device="cpu"))
+    chunks = run.run(_pull_counted(iter(images), pulled), batch_size=3)
+    first = next(chunks)
+    assert len(first) == 3 and len(pulled) == 3  # nothing read ahead of the chunk
+    assert [len(chunk) for chunk in chunks] == [3, 1] and len(pulled) == 7
+
+
+def test_explain_images_equals_explaining_the_files(tiny, rng, tmp_path):
+    """Decoded images (as a data-parallel framework hands them over) give the records and heatmaps
+    that the same images read from lossless files give, and those heatmaps are the Explainer's."""
+    from camrt.plugins.registry import build_renderer_registry
+
+    explainer = Explainer(tiny.path, device="cpu")
+    npy = build_renderer_registry().get("npy")
+    arrays = [random_image(rng, 12 + i, 16) for i in range(3)]
+    paths = [write_image(str(tmp_path / f"p{i}.png"), image) for i, image in enumerate(arrays)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    from_files = ExplainRun(explainer, TargetChoice(top_k=2), [npy], str(tmp_path / "a")).explain_chunk(
+        [*paths, str(tmp_path / "missing.png")])
+    from_arrays = ExplainRun(explainer, TargetChoice(top_k=2), [npy], str(tmp_path / "b")).explain_images(
+        [*zip(paths, arrays), (str(tmp_path / "missing.png"), InputError("missing.png: no such file"))])
+
+    def comparable(record):
+        return {k: v for k, v in record.items() if k not in ("elapsed_ms", "heatmap", "outputs", "error")}
+
+    assert [comparable(r) for r in from_files] == [comparable(r) for r in from_arrays]
+    assert [r["status"] for r in from_arrays] == ["ok"] * 6 + ["error"]
+    assert "missing.png" in from_files[-1]["error"] and "missing.png" in from_arrays[-1]["error"]
+    expected = explainer.explain_top_k(arrays, 2)
+    for k, record in enumerate(from_arrays[:6]):
+        result = expected[k // 2][k % 2]
+        assert record["rank"] == k % 2 + 1 and record["target"] == result.target
+        np.testing.assert_array_equal(np.load(record["heatmap"]), result.heatmap)
+        np.testing.assert_array_equal(np.load(from_files[k]["heatmap"]), result.heatmap)
+
+
+def test_iter_inputs_is_lazy_and_warns_through_the_callback(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_image(str(tmp_path / "d" / "x.png"), np.zeros((4, 4, 3), np.uint8))
+    warnings: list[str] = []
+    found = iter_inputs([str(tmp_path / "d"), str(tmp_path / "none-*.png")], warn=warnings.append)
+    assert next(found) == str(tmp_path / "d" / "x.png") and warnings == []
+    assert list(found) == [] and warnings == [f"no files match {tmp_path / 'none-*.png'}"]
