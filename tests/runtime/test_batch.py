@@ -12,6 +12,7 @@ import json
 import os
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from camrt.errors import InputError
 from camrt.explainer import Explainer
 
 from .tiny import random_image, write_image
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class LiveImages:
@@ -174,3 +177,38 @@ def test_iter_inputs_is_lazy_and_warns_through_the_callback(tmp_path):
     found = iter_inputs([str(tmp_path / "d"), str(tmp_path / "none-*.png")], warn=warnings.append)
     assert next(found) == str(tmp_path / "d" / "x.png") and warnings == []
     assert list(found) == [] and warnings == [f"no files match {tmp_path / 'none-*.png'}"]
+
+
+def test_pipelines_doc_python_examples_run(tiny, rng, tmp_path, monkeypatch, capsys):
+    """The examples of "Using the batch engine from Python" (docs/pipelines.md) run as printed: the
+    first explains photos/ (top-2) into out/ and, run again, resumes (the log appended to, every
+    explained input's records skipped, the unreadable one tried again); the second explains an
+    in-memory frame, as the Explainer does."""
+    text = (REPO / "docs" / "pipelines.md").read_text()
+    section = text[text.index("## Using the batch engine from Python"):]
+    blocks = [block.split("```")[0] for block in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg", "sub/c.png"):
+        write_image(str(tmp_path / "photos" / name), random_image(rng, 20, 24))
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
+    os.symlink(tiny.path, tmp_path / "model.camrt.onnx")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "pipelines.md", "exec"), {})  # noqa: S102 - our own docs
+    log = (tmp_path / "out" / "records.jsonl").read_text()
+    records = [json.loads(line) for line in log.splitlines()]
+    assert [(r["input"], r.get("rank")) for r in records] == [
+        ("photos/a.png", 1), ("photos/a.png", 2), ("photos/broken.png", None),
+        ("photos/sub/b.jpg", 1), ("photos/sub/b.jpg", 2), ("photos/sub/c.png", 1), ("photos/sub/c.png", 2)]
+    assert "photos/broken.png" in capsys.readouterr().out
+    ok = [r for r in records if r["status"] == "ok"]
+    assert all(os.path.isfile(r["heatmap"]) and os.path.isfile(r["overlay"]) for r in ok)
+    exec(compile(blocks[0], "pipelines.md", "exec"), {})  # noqa: S102 - resumes
+    again = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert again[:len(records)] == records
+    assert [r.get("skipped") for r in again[len(records):]] == [True, True, None, True, True, True, True]
+    assert "photos/broken.png" in capsys.readouterr().out  # a failed input is tried again
+    exec(compile(blocks[1], "pipelines.md", "exec"), {})  # noqa: S102
+    target, score = capsys.readouterr().out.split()
+    frame_result = Explainer(tiny.path, device="cpu").explain([np.zeros((48, 64, 3), np.uint8)])[0]
+    assert int(target) == frame_result.target and float(score) == pytest.approx(frame_result.score)
