@@ -1,4 +1,4 @@
-"""`camrt eval`: methods x metrics over images, added to the CLI through the `register_commands` hook.
+"""`camrt eval` (methods x metrics over images, streaming) and `camrt metrics`.
 
     camrt eval MODEL.onnx INPUT... -m gradcam,saliency --metric deletion,insertion,confidence \
         [-o OUTDIR] [--plot] [--boxes FILE] [-P deletion.steps=50] [-O smoothgrad.n_samples=8]
@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
-
-from ..hookspecs import hookimpl
 
 RECORDS_FILE = "eval-records.jsonl"
 SUMMARY_JSON = "eval-summary.json"
@@ -84,7 +82,7 @@ def write_figures(chunk: Any, outdir: str, names: Any) -> list[str]:
     return written
 
 
-def build_command():
+def build_eval_command():
     import click
 
     from .common import CONTEXT_SETTINGS
@@ -213,9 +211,3 @@ def build_metrics_command():
                        f"  options: {options}")
 
     return metrics_command
-
-
-@hookimpl
-def register_commands(cli):
-    cli.add_command(build_command())
-    cli.add_command(build_metrics_command())

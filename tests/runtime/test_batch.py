@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,16 @@ def test_pipelines_doc_python_examples_run(tiny, rng, tmp_path, monkeypatch, cap
     target, score = capsys.readouterr().out.split()
     frame_result = Explainer(tiny.path, device="cpu").explain([np.zeros((48, 64, 3), np.uint8)])[0]
     assert int(target) == frame_result.target and float(score) == pytest.approx(frame_result.score)
+
+
+def test_library_modules_load_no_cli():
+    """The batch engine, the evaluation and the plugin machinery (registries built, so every
+    built-in plugin is imported) load neither camrt.cli nor click."""
+    probe = ("import sys\n"
+             "import camrt.batch, camrt.metrics.runner\n"
+             "from camrt.plugins.registry import build_method_registry, build_metric_registry, build_renderer_registry\n"
+             "build_method_registry(); build_metric_registry(); build_renderer_registry()\n"
+             "print(sorted(m for m in sys.modules if m == 'click' or m.startswith(('click.', 'camrt.cli'))))")
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env=dict(os.environ, CAMRT_DISABLE_PLUGIN_AUTOLOAD="1"))
+    assert output.stdout.strip() == "[]"
