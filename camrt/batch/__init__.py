@@ -19,11 +19,11 @@ time and each chunk's images are released before the next chunk is read.
 from __future__ import annotations
 
 from .inputs import OutputNames, chunked, decode_inputs, iter_inputs
-from .progress import Progress
+from .progress import Progress, is_terminal
 from .records import RECORD_FIELDS, RecordLog, base_record, logged_records, mark_failed, open_log, record_line
 from .runner import ExplainRun, TargetChoice, parse_target
 
 __all__ = [
     "RECORD_FIELDS", "ExplainRun", "OutputNames", "Progress", "RecordLog", "TargetChoice", "base_record", "chunked",
-    "decode_inputs", "iter_inputs", "logged_records", "mark_failed", "open_log", "parse_target", "record_line",
+    "decode_inputs", "is_terminal", "iter_inputs", "logged_records", "mark_failed", "open_log", "parse_target", "record_line",
 ]

@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import CamrtError, ExitCode
-from .common import CONTEXT_SETTINGS, CamrtCommandError
+from .common import CONTEXT_SETTINGS, CamrtCommandError, warn
 from .evaluate import build_eval_command, build_metrics_command
 from .explain import explain_command
 from .inspect import inspect_command, methods_command
@@ -47,7 +47,7 @@ class CamrtGroup(click.Group):
             except Exception as exc:  # a broken plugin must not take the CLI down; it is reported
                 message = f"plugin {impl.plugin_name!r} failed to add its commands: {exc!r}"
                 load_failures[impl.plugin_name] = message
-                click.echo(f"camrt: warning: {message}", err=True)
+                warn(message)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self.load_plugin_commands()

@@ -51,12 +51,6 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _warn(message: str) -> None:
-    import click
-
-    click.echo(f"camrt: warning: {message}", err=True)
-
-
 def write_figures(chunk: Any, outdir: str, names: Any) -> list[str]:
     """<stem>.curves.png and <stem>.methods.png per readable image of an `EvaluatedChunk` (stems
     claimed from `names`, an `OutputNames` shared by the run); returns the paths written."""
@@ -131,6 +125,7 @@ def build_eval_command():
         from ..errors import ExitCode, UsageError
         from ..metrics.runner import Evaluation
         from ..plugins.registry import build_metric_registry
+        from .common import warn
 
         if plot and not outdir:
             raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
@@ -146,7 +141,7 @@ def build_eval_command():
                                 device=device, threads=threads, score=score, batch_size=batch_size,
                                 images_per_batch=images_per_batch, keep_maps=plot,
                                 graph_optimization=graph_optimization)
-        paths = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=_warn)
+        paths = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
         first = next(paths, None)
         if first is None:
             raise UsageError("no input images found")

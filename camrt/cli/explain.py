@@ -8,19 +8,14 @@ from collections.abc import Iterable
 
 import click
 
-from ..batch import ExplainRun, Progress, RecordLog, iter_inputs, logged_records, parse_target, record_line
-from ..batch.progress import is_terminal
+from ..batch import ExplainRun, Progress, RecordLog, is_terminal, iter_inputs, logged_records, parse_target, record_line
 from ..errors import ExitCode, UsageError
-from .common import CONTEXT_SETTINGS
+from .common import CONTEXT_SETTINGS, warn
 
 #: The JSON-lines log written into OUTDIR when --format includes "jsonl".
 RECORDS_FILE = "camrt-records.jsonl"
 JSONL_FORMAT = "jsonl"
 DEFAULT_OUTDIR = "camrt-out"
-
-
-def _warn(message: str) -> None:
-    click.echo(f"camrt: warning: {message}", err=True)
 
 
 def _split_formats(text: str) -> list[str]:
@@ -120,8 +115,8 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
         raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
     if skip_existing:
         remove_stale_temporaries(outdir)
-    warn = (lambda message: None) if quiet else _warn
-    paths: Iterable[str] = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
+    say = (lambda message: None) if quiet else warn
+    paths: Iterable[str] = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=say)
     progress = None
     if not quiet and is_terminal(sys.stderr):
         if "-" not in inputs:  # a stdin list streams; others are listed first for the total
@@ -152,7 +147,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
             if progress is not None:
                 progress.update(records)
             if chunk_failed and fail_fast:
-                warn("stopping at the first failed batch (--fail-fast)")
+                say("stopping at the first failed batch (--fail-fast)")
                 break
     finally:
         for log in logs:
