@@ -61,7 +61,7 @@ def write_figures(chunk: Any, outdir: str, names: Any) -> list[str]:
         if isinstance(image, Exception):
             continue
         stem = names.claim(record_input)
-        records = [records[i] for records in chunk.by_method.values() if records[i]["status"] == "ok"]
+        records = [of_method[i] for of_method in chunk.by_method.values() if of_method[i]["status"] == "ok"]
         curves = {r["method"]: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
                                 for kind in ("deletion", "insertion") if f"{kind}_curve" in r}
                   for r in records}
