@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
@@ -74,6 +76,40 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         if not chunk:
             return
         yield chunk
+
+
+class SpooledPaths:
+    """Paths from a one-shot iterator (a directory walk, stdin) that can be read again: the first
+    pass writes each path to a temporary file as it hands it on, later passes read that file, so
+    memory does not grow with the number of paths. Passes run one after the other."""
+
+    def __init__(self, paths: Iterable[str]):
+        self._paths = iter(paths)
+        self._spool: TextIO | None = None
+        self._complete = False
+
+    def __iter__(self) -> Iterator[str]:
+        if self._complete:
+            self._spool.seek(0)
+            yield from (json.loads(line) for line in self._spool)
+            return
+        if self._spool is not None:
+            raise RuntimeError("SpooledPaths: a pass started before the first one finished")
+        self._spool = tempfile.TemporaryFile("w+", encoding="utf-8", prefix="camrt-paths-")
+        for path in self._paths:
+            self._spool.write(json.dumps(path) + "\n")
+            yield path
+        self._complete = True
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+    def __enter__(self) -> SpooledPaths:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def decode_inputs(paths: Iterable[str]) -> Iterator[tuple[str, np.ndarray | InputError]]:

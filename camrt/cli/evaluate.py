@@ -51,29 +51,67 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def write_figures(chunk: Any, outdir: str, names: Any) -> list[str]:
-    """<stem>.curves.png and <stem>.methods.png per readable image of an `EvaluatedChunk` (stems
-    claimed from `names`, an `OutputNames` shared by the run); returns the paths written."""
-    from ..metrics.plot import plot_curves, plot_overlays
+class Figures:
+    """<stem>.curves.png (deletion/insertion curves of every method) and <stem>.methods.png (every
+    method's overlay) per readable input, drawn when the last method has scored it. Methods run one
+    after the other, so the earlier methods' heatmaps and curves wait in a temporary folder, not in
+    memory."""
 
-    written = []
-    for i, (record_input, image) in enumerate(chunk.inputs):
-        if isinstance(image, Exception):
-            continue
-        stem = names.claim(record_input)
-        records = [of_method[i] for of_method in chunk.by_method.values() if of_method[i]["status"] == "ok"]
-        curves = {r["method"]: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
-                                for kind in ("deletion", "insertion") if f"{kind}_curve" in r}
-                  for r in records}
+    def __init__(self, outdir: str, methods: list[str]):
+        import tempfile
+
+        from ..batch import OutputNames
+
+        self.outdir, self.methods = outdir, methods
+        self.names = OutputNames()
+        self._spool = tempfile.TemporaryDirectory(prefix="camrt-figures-")
+
+    def add(self, chunk: Any) -> list[str]:
+        """Keep or draw the figures of an `EvaluatedChunk`; returns the paths written."""
+        import numpy as np
+
+        written = []
+        last = chunk.method == self.methods[-1]
+        for k, ((name, image), record, heatmap) in enumerate(zip(chunk.inputs, chunk.records, chunk.maps)):
+            if heatmap is None:  # an input that could not be read
+                continue
+            curves = {kind: np.asarray([record[f"{kind}_curve"]["fraction"], record[f"{kind}_curve"]["score"]])
+                      for kind in ("deletion", "insertion") if f"{kind}_curve" in record}
+            if not last:
+                np.savez(self._held(chunk.start + k, chunk.method), heatmap=heatmap, **curves)
+                continue
+            maps, curves_of = {}, {}
+            for method in self.methods[:-1]:
+                path = self._held(chunk.start + k, method)
+                if not os.path.exists(path):  # the file could not be read when that method's turn came
+                    continue
+                with np.load(path) as held:
+                    maps[method] = held["heatmap"]
+                    curves_of[method] = {kind: tuple(held[kind].tolist()) for kind in held.files if kind != "heatmap"}
+                os.remove(path)
+            maps[chunk.method] = heatmap
+            curves_of[chunk.method] = {kind: tuple(value.tolist()) for kind, value in curves.items()}
+            written += self._draw(self.names.claim(name), image, maps, curves_of)
+        return written
+
+    def _held(self, position: int, method: str) -> str:
+        return os.path.join(self._spool.name, f"{position}.{self.methods.index(method)}.npz")
+
+    def _draw(self, stem: str, image: Any, maps: dict[str, Any], curves: dict[str, dict[str, Any]]) -> list[str]:
+        from ..metrics.plot import plot_curves, plot_overlays
+
+        written = []
         if any(curves.values()):
-            path = os.path.join(outdir, f"{stem}.curves.png")
+            path = os.path.join(self.outdir, f"{stem}.curves.png")
             plot_curves(path, {m: c for m, c in curves.items() if c}, title=stem)
             written.append(path)
-        if chunk.maps[i]:
-            path = os.path.join(outdir, f"{stem}.methods.png")
-            plot_overlays(path, image, chunk.maps[i], title=stem)
-            written.append(path)
-    return written
+        path = os.path.join(self.outdir, f"{stem}.methods.png")
+        plot_overlays(path, image, maps, title=stem)
+        written.append(path)
+        return written
+
+    def close(self) -> None:
+        self._spool.cleanup()
 
 
 def build_eval_command():
@@ -121,7 +159,7 @@ def build_eval_command():
         import itertools
         import sys
 
-        from ..batch import OutputNames, RecordLog, decode_inputs, iter_inputs, record_line
+        from ..batch import RecordLog, SpooledPaths, decode_inputs, iter_inputs, record_line
         from ..errors import ExitCode, UsageError
         from ..metrics.runner import Evaluation
         from ..plugins.registry import build_metric_registry
@@ -141,8 +179,8 @@ def build_eval_command():
                                 device=device, threads=threads, score=score, batch_size=batch_size,
                                 images_per_batch=images_per_batch, keep_maps=plot,
                                 graph_optimization=graph_optimization)
-        paths = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
-        first = next(paths, None)
+        found = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
+        first = next(found, None)
         if first is None:
             raise UsageError("no input images found")
         log = None
@@ -153,18 +191,18 @@ def build_eval_command():
                 raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
             log = RecordLog(os.path.join(outdir, RECORDS_FILE))
         failed = False
-        figure_names = OutputNames()
+        paths = SpooledPaths(itertools.chain([first], found))  # every method reads the inputs again
+        figures = Figures(outdir, evaluation.methods) if plot else None
         try:
-            for chunk in evaluation.run_chunks(decode_inputs(itertools.chain([first], paths))):
+            for chunk in evaluation.run_chunks(lambda: decode_inputs(paths)):
                 for record in chunk.records:
                     failed |= record["status"] != "ok"
                     line = record_line(record)
                     click.echo(line)
                     if log is not None:
                         log.write(line)
-                if plot:
-                    for path in write_figures(chunk, outdir, figure_names):
-                        click.echo(f"camrt: wrote {path}", err=True)
+                for path in figures.add(chunk) if figures is not None else ():
+                    click.echo(f"camrt: wrote {path}", err=True)
             table = evaluation.summary_table()
             click.echo(table, err=True)
             if outdir:
@@ -174,6 +212,9 @@ def build_eval_command():
                     handle.write(table + "\n")
         finally:
             evaluation.close()
+            paths.close()
+            if figures is not None:
+                figures.close()
             if log is not None:
                 log.close()
         if failed:

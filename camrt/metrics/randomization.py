@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,8 +193,7 @@ class ModelRandomization(Metric):
         super().__init__(**options)
         self._folder: tempfile.TemporaryDirectory | None = None
         self._stages: dict[str, tuple[list[int], list[str], list[str]]] = {}  # model -> depths, names, files
-        #: The method's Explainer -> one Explainer per stage (`camrt eval` interleaves the methods chunk by chunk).
-        self._explainers: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        self._explainers: tuple[Any, list[Any]] | None = None  # (original explainer, one per stage)
 
     def _stage_files(self, path: str) -> tuple[list[int], list[str], list[str]]:
         if path not in self._stages:
@@ -216,10 +214,10 @@ class ModelRandomization(Metric):
         if batch.explainer is None or batch.reexplainer is None:
             raise ModelError("the randomization check needs the method's Explainer (run it through camrt eval)")
         depths, names, files = self._stage_files(batch.explainer.session.path)
-        if batch.explainer not in self._explainers:
-            self._explainers[batch.explainer] = [batch.reexplainer(path) for path in files]
+        if self._explainers is None or self._explainers[0] is not batch.explainer:
+            self._explainers = (batch.explainer, [batch.reexplainer(path) for path in files])
         maps = [np.stack([r.heatmap for r in explainer.explain(batch.inputs, targets=[int(t) for t in batch.targets])])
-                for explainer in self._explainers[batch.explainer]]
+                for explainer in self._explainers[1]]
         results = []
         for i in range(len(batch)):
             cascade = [{"layers": depth, "last": name, "spearman": spearman(batch.heatmaps[i], stage[i])}
@@ -228,7 +226,7 @@ class ModelRandomization(Metric):
         return results
 
     def close(self) -> None:
-        self._explainers.clear()
+        self._explainers = None
         if self._folder is not None:
             self._folder.cleanup()
             self._folder = None

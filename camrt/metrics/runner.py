@@ -3,20 +3,21 @@
     evaluation = Evaluation("model.camrt.onnx", ["gradcam", "saliency"], ["deletion", "confidence"])
     for record in evaluation.run([("cat.png", rgb_uint8)]):   # one record per image and method
         ...
+    evaluation.run(lambda: decode_inputs(paths))   # inputs read again for each method
     evaluation.summary()   # method -> field -> mean over the images
     evaluation.close()
 
-It streams: inputs are pulled `images_per_batch` at a time (any iterable, e.g.
-`camrt.batch.decode_inputs(paths)`), and each chunk is explained by every method, scored by every
-metric and handed on before the next chunk is read; the summary is kept as running sums. So memory
-does not grow with the number of inputs; it holds one Explainer (onnxruntime session) per method
-for the whole run. Each method explains a chunk's preprocessed batch once and every metric scores
-those heatmaps, running its perturbed inputs through the same session (`ExplainContext.forward`).
+Methods are run one after the other (one Explainer, hence one onnxruntime session, at a time), and
+for each the inputs are read again, `images_per_batch` at a time: a chunk is explained, scored by
+every metric and handed on before the next one is read, and the summary is kept as running means,
+so memory grows neither with the number of inputs nor with the number of methods. Each method
+explains a chunk's preprocessed batch once and every metric scores those heatmaps, running its
+perturbed inputs through the same session (`ExplainContext.forward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,26 +29,29 @@ from .base import EvalBatch, Metric
 
 #: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
 EvalInput = tuple[str, "np.ndarray | CamrtError"]
+#: The inputs, read once per method: a list (any iterable that can be iterated again), or a function
+#: returning a fresh iterator of them (e.g. ``lambda: decode_inputs(paths)``).
+EvalInputs = Iterable[EvalInput] | Callable[[], Iterable[EvalInput]]
 
 
 @dataclass
 class EvaluatedChunk:
-    """One chunk of inputs evaluated by every method."""
+    """One chunk of inputs evaluated by one method."""
 
+    method: str
+    #: The position of the chunk's first input among all inputs.
+    start: int
     inputs: list[EvalInput]
-    #: method -> one record per input, in input order.
-    by_method: dict[str, list[dict[str, Any]]]
-    #: Per input: method -> its heatmap [H, W] at the model input's resolution (with keep_maps).
-    maps: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        """Every record of the chunk, methods outermost."""
-        return [record for records in self.by_method.values() for record in records]
+    #: One record per input, in input order.
+    records: list[dict[str, Any]]
+    #: Per input: its heatmap [H, W] at the model input's resolution (keep_maps, readable inputs), else None.
+    maps: list[np.ndarray | None] = field(default_factory=list)
 
 
 @dataclass
 class _Mean:
+    """A running mean (the summary's)."""
+
     total: float = 0.0
     count: int = 0
 
@@ -58,6 +62,16 @@ class _Mean:
     @property
     def value(self) -> float | None:
         return self.total / self.count if self.count else None
+
+
+def _reader(inputs: EvalInputs, passes: int) -> Callable[[], Iterable[EvalInput]]:
+    """A function giving the inputs afresh for each pass; a one-shot iterator serves one pass only."""
+    if callable(inputs):
+        return inputs
+    if passes > 1 and iter(inputs) is inputs:
+        raise UsageError("the inputs are read once per method, and an iterator can be read only once: give a "
+                         "list, or a function that returns a fresh iterator (e.g. lambda: decode_inputs(paths))")
+    return lambda: inputs
 
 
 def _unique(names: Sequence[str], what: str) -> list[str]:
@@ -72,9 +86,9 @@ class Evaluation:
 
     metric_options: canonical metric name -> options (text values are parsed as the CLI's);
     method_options: method name -> options; score: "probability" or "logit"; batch_size: perturbed
-    inputs per onnxruntime run; images_per_batch: images explained and scored together (the
-    chunk); keep_maps: hand each chunk's heatmaps (model input resolution) on in `EvaluatedChunk.maps`
-    for figures.
+    inputs per onnxruntime run; images_per_batch: images explained and scored together (a chunk);
+    keep_maps: hand each chunk's heatmaps (model input resolution) on in `EvaluatedChunk.maps`, for
+    figures.
     """
 
     def __init__(self, model: str, methods: Sequence[str], metrics: Sequence[str], *,
@@ -132,29 +146,31 @@ class Evaluation:
         return lambda path: Explainer(path, method=explainer.method, device=self.device, threads=self.threads,
                                       layer=layers, graph_optimization=self.graph_optimization)
 
-    def run(self, inputs: Iterable[EvalInput]) -> Iterator[dict[str, Any]]:
-        """inputs: (name, HWC uint8 RGB image, or the error that loading it raised). One record per
-        input and method: per chunk of inputs, methods outermost."""
+    def run(self, inputs: EvalInputs) -> Iterator[dict[str, Any]]:
+        """inputs: (name, HWC uint8 RGB image, or the error that loading it raised), see `EvalInputs`.
+        One record per input and method, methods outermost."""
         for chunk in self.run_chunks(inputs):
             yield from chunk.records
 
-    def run_chunks(self, inputs: Iterable[EvalInput]) -> Iterator[EvaluatedChunk]:
-        """Each chunk of `images_per_batch` inputs, evaluated by every method, pulled from `inputs`
-        only when the previous chunk has been handed on."""
-        explainers = [self._explainer(method) for method in self.methods]
-        for chunk in chunked(inputs, self.images_per_batch):
-            evaluated = EvaluatedChunk(chunk, {}, [{} for _ in chunk])
-            for explainer in explainers:
-                evaluated.by_method[explainer.method.name] = self._chunk(explainer, evaluated)
-            yield evaluated
+    def run_chunks(self, inputs: EvalInputs) -> Iterator[EvaluatedChunk]:
+        """For each method in turn, its chunks of `images_per_batch` inputs, each read only when the
+        previous one has been handed on."""
+        read = _reader(inputs, len(self.methods))
+        for method in self.methods:
+            explainer = self._explainer(method)
+            start = 0
+            for chunk in chunked(read(), self.images_per_batch):
+                yield self._chunk(explainer, start, chunk)
+                start += len(chunk)
+            del explainer  # this method's session goes before the next one is made
 
-    def _chunk(self, explainer: Any, evaluated: EvaluatedChunk) -> list[dict[str, Any]]:
+    def _chunk(self, explainer: Any, start: int, chunk: list[EvalInput]) -> EvaluatedChunk:
         from ..execution.context import ExplainContext
 
-        chunk = evaluated.inputs
         layer = ",".join(explainer.layers) if explainer.layers else None
         base = [{"input": name, "method": explainer.method.name, "layer": layer, "status": "ok", "error": None}
                 for name, _ in chunk]
+        evaluated = EvaluatedChunk(explainer.method.name, start, chunk, base, [None] * len(chunk))
         good = [i for i, (_, image) in enumerate(chunk) if isinstance(image, np.ndarray)]
         for i, (_, image) in enumerate(chunk):
             if i not in good:
@@ -181,8 +197,8 @@ class Evaluation:
                     record.update(values[k])
                 self._count(record)
                 if self.keep_maps:
-                    evaluated.maps[i][explainer.method.name] = batch.heatmaps[k]
-        return base
+                    evaluated.maps[i] = batch.heatmaps[k]
+        return evaluated
 
     def _count(self, record: dict[str, Any]) -> None:
         """Add an ok record to the summary's running means."""

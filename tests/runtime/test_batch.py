@@ -1,6 +1,6 @@
 """The batch engine (`camrt.batch`) and `camrt eval` streaming.
 
-Memory is checked by counting: the inputs are fresh arrays whose release is observed
+Memory is checked by counting: the inputs (and Explainers) are fresh objects whose release is observed
 (`weakref.finalize`), so "at most two chunks of decoded images are alive" is an exact count, not a
 noisy memory reading (reference counting frees an image when its chunk is let go; no collector
 run is awaited). A run that gathered its inputs first (as `camrt eval` did) keeps all of them.
@@ -16,12 +16,13 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from camrt.batch import ExplainRun, TargetChoice, iter_inputs
-from camrt.errors import InputError
+from camrt.batch import ExplainRun, SpooledPaths, TargetChoice, iter_inputs
+from camrt.errors import InputError, UsageError
 from camrt.explainer import Explainer
 
 from .tiny import random_image, write_image
@@ -53,27 +54,41 @@ def _pull_counted(items: Iterator, pulled: list[int]) -> Iterator:
         yield item
 
 
-def test_eval_holds_at_most_two_chunks_of_images(tiny, rng):
-    """48 inputs, 4 per chunk: while chunk c+1 is read, chunk c is still bound (the caller's loop
-    variable), so at most 2 x 4 images are alive; before streaming it was all 48. Every input gets
-    one record per method, chunk by chunk with the methods outermost inside a chunk, and the summary
-    is the mean of the records' fields."""
+def test_eval_holds_two_chunks_of_images_and_one_explainer(tiny, rng, monkeypatch):
+    """48 inputs, 4 per chunk, 2 methods: each method reads the inputs afresh; while chunk c+1 is
+    read, chunk c is still bound (the caller's loop variable), so at most 2 x 4 images are alive
+    (before streaming: all 48), and one method's Explainer at a time. One record per input and
+    method, methods outermost; the summary is the mean of the records' fields."""
     from camrt.metrics.runner import Evaluation
 
-    images = LiveImages(rng)
-    inputs = ((f"img{i}.png", images.make() if i % 7 else InputError(f"cannot read img{i}.png")) for i in range(48))
+    images, explainers = LiveImages(rng), LiveImages(rng)
+    make_explainer = Evaluation._explainer
+
+    def counted_explainer(self, method):
+        explainer = make_explainer(self, method)
+        weakref.finalize(explainer, explainers._released)
+        explainers.alive += 1
+        explainers.most = max(explainers.most, explainers.alive)
+        return explainer
+
+    monkeypatch.setattr(Evaluation, "_explainer", counted_explainer)
+
+    def inputs():
+        return ((f"img{i}.png", images.make() if i % 7 else InputError(f"cannot read img{i}.png")) for i in range(48))
+
     evaluation = Evaluation(tiny.path, ["gradcam", "saliency"], ["deletion", "confidence"],
                             metric_options={"deletion": {"steps": 3}}, images_per_batch=4, device="cpu")
     try:
         records = list(evaluation.run(inputs))
+        with pytest.raises(UsageError, match="an iterator can be read only once: give a list, or a function"):
+            next(evaluation.run(inputs()))
     finally:
         evaluation.close()
-    assert images.made == 41 and images.most <= 8, images.most
-    expected = [(f"img{i}.png", method) for start in range(0, 48, 4) for method in ("gradcam", "saliency")
-                for i in range(start, start + 4)]
-    assert [(r["input"], r["method"]) for r in records] == expected
-    assert [r["input"] for r in records if r["status"] != "ok"] == [f"img{i}.png" for i in range(0, 48, 7)
-                                                                     for _ in range(2)]
+    assert images.made == 2 * 41 and images.most <= 8, images.most
+    assert explainers.most == 1
+    assert [(r["input"], r["method"]) for r in records] == [
+        (f"img{i}.png", method) for method in ("gradcam", "saliency") for i in range(48)]
+    assert [r["input"] for r in records if r["status"] != "ok"] == 2 * [f"img{i}.png" for i in range(0, 48, 7)]
     summary = evaluation.summary()
     for method in ("gradcam", "saliency"):
         ok = [r for r in records if r["method"] == method and r["status"] == "ok"]
@@ -82,9 +97,10 @@ def test_eval_holds_at_most_two_chunks_of_images(tiny, rng):
             assert summary[method][field] == pytest.approx(np.mean([r[field] for r in ok]), rel=1e-12)
 
 
-def test_eval_command_streams_its_inputs(tiny, rng, tmp_path, monkeypatch):
-    """`camrt eval` over 40 paths (the decoder stubbed with counted images): at most two chunks of
-    decoded images alive, one record per input, an unreadable input an error record."""
+def test_eval_command_streams_its_inputs_from_stdin(tiny, rng, tmp_path, monkeypatch):
+    """`camrt eval` over 40 paths on stdin with 2 methods (the decoder stubbed with counted images):
+    the paths are read once and replayed for the second method, at most two chunks of decoded
+    images are alive, one record per input and method, an unreadable input an error record."""
     from camrt.cli import build_cli
     from camrt.imaging import decode
 
@@ -97,20 +113,63 @@ def test_eval_command_streams_its_inputs(tiny, rng, tmp_path, monkeypatch):
 
     monkeypatch.setattr(decode, "load_image", load_image)
     paths = [f"img{i:02d}.png" for i in range(40)]
-    result = CliRunner().invoke(build_cli(), ["eval", tiny.path, *paths, "-m", "gradcam", "--metric", "confidence",
-                                              "--images-per-batch", "5", "--device", "cpu", "-o", str(tmp_path)])
+    result = CliRunner().invoke(build_cli(), ["eval", tiny.path, "-", "-m", "gradcam,saliency", "--metric",
+                                              "confidence", "--images-per-batch", "5", "--device", "cpu",
+                                              "-o", str(tmp_path)], input="\n".join(paths) + "\n")
     assert result.exit_code == 1, result.output  # one input failed
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["input"] for r in records] == paths
-    assert [r["input"] for r in records if r["status"] == "error"] == ["img13.png"]
-    assert images.made == 39 and images.most <= 10, images.most
+    assert [(r["method"], r["input"]) for r in records] == [(m, p) for m in ("gradcam", "saliency") for p in paths]
+    assert [r["input"] for r in records if r["status"] == "error"] == ["img13.png"] * 2
+    assert images.made == 2 * 39 and images.most <= 10, images.most
     logged = [json.loads(line) for line in (tmp_path / "eval-records.jsonl").read_text().splitlines()]
     assert logged == records
 
 
+def test_eval_figures_of_every_method_across_chunks(tiny, rng, tmp_path):
+    """--plot with 2 methods over 3 chunks: each readable image's figures show both methods, drawn
+    as plot_curves / plot_overlays draw the curves of the records and the Explainers' heatmaps."""
+    from camrt.cli import build_cli
+    from camrt.metrics.plot import plot_curves, plot_overlays
+
+    arrays = [random_image(rng, 12 + i, 16) for i in range(5)]
+    paths = [write_image(str(tmp_path / f"p{i}.png"), image) for i, image in enumerate(arrays)]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(build_cli(), [
+        "eval", tiny.path, *paths[:2], str(tmp_path / "bad.png"), *paths[2:], "-m", "gradcam,saliency", "--metric",
+        "deletion,insertion", "-P", "deletion.steps=3", "-P", "insertion.steps=3", "--images-per-batch", "2",
+        "--device", "cpu", "-o", str(out), "--plot"])
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"p{i}.{kind}.png" for i in range(5)
+                                                               for kind in ("curves", "methods"))
+    for i, (path, image) in enumerate(zip(paths, arrays)):
+        mine = {r["method"]: r for r in records if r["input"] == path}
+        curves = {m: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
+                      for kind in ("deletion", "insertion")} for m, r in mine.items()}
+        plot_curves(str(tmp_path / "curves.png"), curves, title=f"p{i}")
+        maps = {}
+        for method in ("gradcam", "saliency"):
+            explainer = Explainer(tiny.path, method=method, device="cpu")
+            maps[method] = explainer.explain(explainer.prepare([image])[0])[0].heatmap
+        plot_overlays(str(tmp_path / "methods.png"), image, maps, title=f"p{i}")
+        for kind in ("curves", "methods"):
+            np.testing.assert_array_equal(cv2.imread(str(out / f"p{i}.{kind}.png")),
+                                          cv2.imread(str(tmp_path / f"{kind}.png")))
+
+
+def test_spooled_paths_replay_what_the_first_pass_read():
+    pulled: list[int] = []
+    names = ["a.png", "dir with space/ü.jpg", "new\nline.png"]
+    with SpooledPaths(_pull_counted(iter(names), pulled)) as paths:
+        first = iter(paths)
+        assert next(first) == "a.png" and len(pulled) == 1  # lazily
+        assert list(first) == names[1:]
+        assert list(paths) == names and list(paths) == names and len(pulled) == 3
+
+
 def test_randomization_builds_its_stage_files_once_per_method(tiny, rng, monkeypatch):
-    """Chunks interleave the methods; the randomized Explainers are made once per method and stage,
-    not again for every chunk."""
+    """The randomized Explainers are made once per method and stage, not again for every chunk."""
     from camrt.metrics.runner import Evaluation
 
     made = []
@@ -124,7 +183,7 @@ def test_randomization_builds_its_stage_files_once_per_method(tiny, rng, monkeyp
     evaluation = Evaluation(tiny.path, ["gradcam", "saliency"], ["randomization"],
                             metric_options={"randomization": {"stages": 2}}, images_per_batch=2, device="cpu")
     try:
-        records = list(evaluation.run((f"img{i}", random_image(rng, 12, 16)) for i in range(6)))
+        records = list(evaluation.run([(f"img{i}", random_image(rng, 12, 16)) for i in range(6)]))
     finally:
         evaluation.close()
     assert len(records) == 12 and all(r["randomization_spearman"] is not None for r in records)
@@ -181,11 +240,11 @@ def test_iter_inputs_is_lazy_and_warns_through_the_callback(tmp_path):
     assert list(found) == [] and warnings == [f"no files match {tmp_path / 'none-*.png'}"]
 
 
-def test_pipelines_doc_python_examples_run(tiny, rng, tmp_path, monkeypatch, capsys):
+def test_docs_python_examples_run(tiny, rng, tmp_path, monkeypatch, capsys):
     """The examples of "Using the batch engine from Python" (docs/pipelines.md) run as printed: the
     first explains photos/ (top-2) into out/ and, run again, resumes (the log appended to, every
     explained input's records skipped, the unreadable one tried again); the second explains an
-    in-memory frame, as the Explainer does."""
+    in-memory frame, as the Explainer does. evaluation.md's Python example runs on the same photos."""
     text = (REPO / "docs" / "pipelines.md").read_text()
     section = text[text.index("## Using the batch engine from Python"):]
     blocks = [block.split("```")[0] for block in section.split("```python\n")[1:]]
@@ -214,6 +273,13 @@ def test_pipelines_doc_python_examples_run(tiny, rng, tmp_path, monkeypatch, cap
     target, score = capsys.readouterr().out.split()
     frame_result = Explainer(tiny.path, device="cpu").explain([np.zeros((48, 64, 3), np.uint8)])[0]
     assert int(target) == frame_result.target and float(score) == pytest.approx(frame_result.score)
+    # and evaluation.md's: Evaluation over photos/ (3 readable images), two methods
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    block = next(b.split("```")[0] for b in text.split("```python\n")[1:] if "SpooledPaths" in b)
+    namespace: dict = {}
+    exec(compile(block, "evaluation.md", "exec"), namespace)  # noqa: S102
+    summary = namespace["evaluation"].summary()
+    assert [summary[m]["images"] for m in ("gradcam", "saliency")] == [3, 3]
 
 
 def test_library_modules_load_no_cli():
