@@ -162,7 +162,7 @@ class Evaluation:
             for chunk in chunked(read(), self.images_per_batch):
                 yield self._chunk(explainer, start, chunk)
                 start += len(chunk)
-            del explainer  # this method's session goes before the next one is made
+            del explainer  # let this method's session go before the next one is made
 
     def _chunk(self, explainer: Any, start: int, chunk: list[EvalInput]) -> EvaluatedChunk:
         from ..execution.context import ExplainContext
