@@ -128,7 +128,8 @@ class ExplainRun:
 
     def explain_images(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         """The records of already decoded inputs: (name, HWC uint8 RGB image, or the error that
-        reading it raised), in order; the same fields as `explain_chunk`'s (elapsed_ms without decoding)."""
+        reading it raised), in order; the same fields as `explain_chunk`'s (elapsed_ms without
+        decoding). Every input is explained: `skip_existing` concerns paths (`explain_chunk`)."""
         pending = []
         for spec, image in items:
             item = self._claim(spec)
