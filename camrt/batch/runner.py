@@ -62,6 +62,7 @@ class _Pending:
     records: list[dict[str, Any]]
     image: Any = None  # HWC uint8 RGB; None when skipped or failed
     millis: float = 0.0
+    heatmaps: list[Any] = field(default_factory=list)  # one per record once explained
 
     def fail(self, message: str) -> None:
         """A failed input has one error record, whatever the number of targets."""
@@ -69,6 +70,7 @@ class _Pending:
         self.records[0].pop("rank", None)
         mark_failed(self.records[0], message)
         self.image = None
+        self.heatmaps = []
 
     def take(self, image: Any) -> None:
         self.image = image
@@ -124,12 +126,18 @@ class ExplainRun:
                     item.fail(str(exc))
             item.millis = (time.perf_counter() - start) * 1000
             pending.append(item)
-        return self._finish(pending)
+        return [record for record, _ in self._finish(pending)]
 
     def explain_images(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         """The records of already decoded inputs: (name, HWC uint8 RGB image, or the error that
         reading it raised), in order; the same fields as `explain_chunk`'s (elapsed_ms without
         decoding). Every input is explained: `skip_existing` concerns paths (`explain_chunk`)."""
+        return [record for record, _ in self.explain_images_with_heatmaps(items)]
+
+    def explain_images_with_heatmaps(self, items: Sequence[tuple[str, Any]]) -> list[tuple[dict[str, Any], Any]]:
+        """As `explain_images`, each record with its heatmap (float32 [H, W] in [0, 1] at the
+        image's resolution; None where the input could not be explained): a data-parallel
+        framework's array column."""
         pending = []
         for spec, image in items:
             item = self._claim(spec)
@@ -151,7 +159,8 @@ class ExplainRun:
             for renderer in self.renderers:
                 self._set_output(record, renderer, self.output_path(item.name, record.get("rank"), renderer))
 
-    def _finish(self, pending: list[_Pending]) -> list[dict[str, Any]]:
+    def _finish(self, pending: list[_Pending]) -> list[tuple[dict[str, Any], Any]]:
+        """Explain the decoded inputs of a chunk and write their files: (record, heatmap or None) in order."""
         good = [item for item in pending if item.image is not None]
         if good:
             start = time.perf_counter()
@@ -165,12 +174,13 @@ class ExplainRun:
                 for record, result in zip(item.records, ranked):
                     record.update(result.record())
                     self._write(record, item.name, result.heatmap, item.image)
+                    item.heatmaps.append(result.heatmap)
                 item.millis += share + (time.perf_counter() - start) * 1000
         out = []
         for item in pending:
-            for record in item.records:
+            for j, record in enumerate(item.records):
                 record["elapsed_ms"] = round(item.millis / len(item.records), 3)
-                out.append(record)
+                out.append((record, item.heatmaps[j] if j < len(item.heatmaps) else None))
         return out
 
     def _explain_each(self, images: list[Any]) -> list[Any]:

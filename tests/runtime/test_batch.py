@@ -229,6 +229,14 @@ def test_explain_images_equals_explaining_the_files(tiny, rng, tmp_path):
         assert record["rank"] == k % 2 + 1 and record["target"] == result.target
         np.testing.assert_array_equal(np.load(record["heatmap"]), result.heatmap)
         np.testing.assert_array_equal(np.load(from_files[k]["heatmap"]), result.heatmap)
+    # records only, each with its heatmap (an error record with None)
+    paired = ExplainRun(explainer, TargetChoice(top_k=2)).explain_images_with_heatmaps(
+        [*zip(paths, arrays), ("missing.png", InputError("missing.png: no such file"))])
+    assert [comparable(r) for r, _ in paired[:6]] == [comparable(r) for r in from_arrays[:6]]
+    assert paired[6][0]["status"] == "error" and paired[6][1] is None
+    for k, (record, heatmap) in enumerate(paired[:6]):
+        assert record["heatmap"] is None and record["outputs"] == {}
+        np.testing.assert_array_equal(heatmap, expected[k // 2][k % 2].heatmap)
 
 
 def test_iter_inputs_is_lazy_and_warns_through_the_callback(tmp_path):
