@@ -137,14 +137,20 @@ class ExplainRun:
     def explain_images_with_heatmaps(self, items: Sequence[tuple[str, Any]]) -> list[tuple[dict[str, Any], Any]]:
         """As `explain_images`, each record with its heatmap (float32 [H, W] in [0, 1] at the
         image's resolution; None where the input could not be explained): a data-parallel
-        framework's array column."""
+        framework's array column. An input that is not an HWC uint8 RGB array gets an error record."""
+        from ..imaging.decode import check_image
+
         pending = []
         for spec, image in items:
             item = self._claim(spec)
             if isinstance(image, Exception):
                 item.fail(str(image))
-            else:
-                item.take(image)
+                pending.append(item)
+                continue
+            try:
+                item.take(check_image(image, spec))
+            except InputError as exc:
+                item.fail(str(exc))
             pending.append(item)
         return self._finish(pending)
 

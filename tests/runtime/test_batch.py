@@ -231,9 +231,11 @@ def test_explain_images_equals_explaining_the_files(tiny, rng, tmp_path):
         np.testing.assert_array_equal(np.load(from_files[k]["heatmap"]), result.heatmap)
     # records only, each with its heatmap (an error record with None)
     paired = ExplainRun(explainer, TargetChoice(top_k=2)).explain_images_with_heatmaps(
-        [*zip(paths, arrays), ("missing.png", InputError("missing.png: no such file"))])
+        [*zip(paths, arrays), ("missing.png", InputError("missing.png: no such file")),
+         ("gray.png", np.zeros((8, 8), np.uint8))])
     assert [comparable(r) for r, _ in paired[:6]] == [comparable(r) for r in from_arrays[:6]]
-    assert paired[6][0]["status"] == "error" and paired[6][1] is None
+    assert [(r["status"], h) for r, h in paired[6:]] == [("error", None), ("error", None)]
+    assert paired[7][0]["error"] == "gray.png: expected an HWC uint8 RGB array, got uint8 (8, 8)"
     for k, (record, heatmap) in enumerate(paired[:6]):
         assert record["heatmap"] is None and record["outputs"] == {}
         np.testing.assert_array_equal(heatmap, expected[k // 2][k % 2].heatmap)
