@@ -10,6 +10,7 @@ framework's per-batch callable can use it as they do (no click here):
 - `records`: the record fields (`RECORD_FIELDS`), the error record, the JSON-lines `RecordLog`
   and `logged_records` (what an interrupted run already did).
 - `runner`: `ExplainRun`, an Explainer plus what to write, explaining chunk by chunk
+- `evaluation`: `Evaluation`, the engine of `camrt eval`: metrics of methods over inputs, chunk by chunk
   (`run`, `explain_chunk` for paths, `explain_images` for decoded images).
 - `progress`: the one-line progress display.
 

@@ -161,7 +161,7 @@ def build_eval_command():
 
         from ..batch import RecordLog, SpooledPaths, decode_inputs, iter_inputs, record_line
         from ..errors import ExitCode, UsageError
-        from ..metrics.runner import Evaluation
+        from ..batch.evaluation import Evaluation
         from ..plugins.registry import build_metric_registry
         from .common import warn
 

@@ -60,7 +60,7 @@ def test_eval_holds_two_chunks_of_images_and_one_explainer(tiny, rng, monkeypatc
     read, chunk c is still bound (the caller's loop variable), so at most 2 x 4 images are alive
     (before streaming: all 48), and one method's Explainer at a time. One record per input and
     method, methods outermost; the summary is the mean of the records' fields."""
-    from camrt.metrics.runner import Evaluation
+    from camrt.batch.evaluation import Evaluation
 
     images, explainers = LiveImages(rng), LiveImages(rng)
     make_explainer = Evaluation._explainer
@@ -171,7 +171,7 @@ def test_spooled_paths_replay_what_the_first_pass_read():
 
 def test_randomization_builds_its_stage_files_once_per_method(tiny, rng, monkeypatch):
     """The randomized Explainers are made once per method and stage, not again for every chunk."""
-    from camrt.metrics.runner import Evaluation
+    from camrt.batch.evaluation import Evaluation
 
     made = []
     original = Evaluation._reexplainer
@@ -297,7 +297,7 @@ def test_library_modules_load_no_cli():
     """The batch engine, the evaluation and the plugin machinery (registries built, so every
     built-in plugin is imported) load neither camrt.cli nor click."""
     probe = ("import sys\n"
-             "import camrt.batch, camrt.metrics.runner\n"
+             "import camrt.batch, camrt.batch.evaluation\n"
              "from camrt.plugins.registry import build_method_registry, build_metric_registry, build_renderer_registry\n"
              "build_method_registry(); build_metric_registry(); build_renderer_registry()\n"
              "print(sorted(m for m in sys.modules if m == 'click' or m.startswith(('click.', 'camrt.cli'))))")

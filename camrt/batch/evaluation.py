@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ..batch.inputs import chunked
+from ..metrics.base import EvalBatch, Metric
+from .inputs import chunked
 from ..errors import CamrtError, UsageError
-from .base import EvalBatch, Metric
 
 #: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
 EvalInput = tuple[str, "np.ndarray | CamrtError"]
