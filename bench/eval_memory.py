@@ -72,7 +72,7 @@ def measure(code: Path, model: str, folder: str, args: list[str], tracemalloc: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="camrt file (default: the test suite's tiny model, built now)")
+    parser.add_argument("--model", help="camrt file (default: the test suite's golden tiny model)")
     parser.add_argument("--counts", default="200,2000", help="comma-separated numbers of images")
     parser.add_argument("--size", default="64x64", help="HEIGHTxWIDTH of the generated images")
     parser.add_argument("--code", default=str(REPO), help="the camrt checkout to measure (default: this one)")
@@ -98,7 +98,7 @@ def main() -> None:
                          "tracemalloc_peak_mb": round(traced["tracemalloc_peak_mb"], 2),
                          "wall_s": round(plain["wall_s"], 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"code": str(Path(args.code).resolve()), "model": args.model or "tests/runtime/tiny.py (12x16 input)",
+    result = {"code": str(Path(args.code).resolve()), "model": args.model or "tests/fixtures/golden tiny model (12x16 input)",
               "image_size": [height, width], "eval_args": args.eval_args, "rows": rows,
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
               "date": time.strftime("%Y-%m-%d")}

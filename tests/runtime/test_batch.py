@@ -25,8 +25,7 @@ from camrt.batch import ExplainRun, SpooledPaths, iter_inputs
 from camrt.errors import InputError, UsageError
 from camrt.explainer import Explainer
 from camrt.targets import TopKRequest
-
-from .tiny import random_image, write_image
+from tests.helpers import random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 
