@@ -59,6 +59,7 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.pointing",
     "camrt.metrics.randomization",
     "camrt.cli.evaluate",
+    "camrt.cli.ray_explain",
 )
 ORIGIN_BUILTIN = "built-in"
 ORIGIN_ENTRY_POINT = "entry point"
