@@ -10,12 +10,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from ..errors import ExitCode, InputError, UsageError
 from .common import CONTEXT_SETTINGS
+
+if TYPE_CHECKING:
+    from ..targets import TargetRequest
 
 # --- camrt explain ---------------------------------------------------------------------------
 
@@ -103,39 +106,6 @@ class OutputNames:
         return name
 
 
-@dataclass(frozen=True)
-class TargetChoice:
-    """--target: a class index, top-1 (index -1), or the top k classes (top_k = k)."""
-
-    index: int = -1
-    top_k: int | None = None
-
-    @property
-    def ranks(self) -> list[int | None]:
-        """Rank per record of one input: [None] for one target, [1..k] for top-k."""
-        return list(range(1, self.top_k + 1)) if self.top_k else [None]
-
-
-def parse_target(text: str) -> TargetChoice:
-    from .. import contract
-
-    value = text.strip().lower()
-    if value in ("top1", "top-1", str(contract.TOP1_TARGET)):
-        return TargetChoice(contract.TOP1_TARGET)
-    if value.startswith("topk:"):
-        k = value[len("topk:"):]
-        if not k.isdigit() or int(k) < 1:
-            raise UsageError(f"--target topk:K needs a whole number K >= 1, got {text!r}")
-        return TargetChoice(contract.TOP1_TARGET, int(k))
-    try:
-        target = int(value)
-    except ValueError:
-        raise UsageError(f"--target must be a class index, top1 or topk:K, got {text!r}") from None
-    if target < 0:
-        raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
-    return TargetChoice(target)
-
-
 def _split_formats(text: str) -> list[str]:
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
     if not formats:
@@ -173,7 +143,7 @@ class ExplainRun:
     """One `camrt explain` invocation: what to compute and where the files go."""
 
     explainer: Any
-    target: TargetChoice
+    target: TargetRequest
     renderers: list[Any]
     outdir: str
     options: dict[str, Any]
@@ -252,9 +222,7 @@ class ExplainRun:
         batch fails (e.g. the model produced NaN for it), the batch is explained again one image at
         a time so that only that input gets an error record."""
         try:
-            if self.target.top_k:
-                return self.explainer.explain_top_k(images, self.target.top_k)
-            return [[r] for r in self.explainer.explain(images, targets=[self.target.index] * len(images))]
+            return self.explainer.explain_request(images, self.target)
         except InputError as exc:
             if len(images) == 1:
                 return [exc]
@@ -397,19 +365,17 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     from ..explainer import Explainer
     from ..imaging.render import colormap_code, remove_stale_temporaries
     from ..plugins.registry import build_renderer_registry
+    from ..targets import parse_target
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    choice = parse_target(target)
+    request = parse_target(target)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,
                           **_parse_options(method_options))
-    if choice.index >= explainer.num_classes or (choice.top_k or 0) > explainer.num_classes:
-        given = f"topk:{choice.top_k}" if choice.top_k else str(choice.index)
-        raise UsageError(f"--target {given} is out of range: {model} has {explainer.num_classes} classes "
-                         f"(0..{explainer.num_classes - 1})")
+    request.check(explainer.num_classes, model)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -427,7 +393,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     if jsonl_path not in (None, "-"):
         log_paths.append(jsonl_path)
     previous = logged_records(log_paths) if skip_existing and log_paths else None
-    run = ExplainRun(explainer, choice, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing,
+    run = ExplainRun(explainer, request, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing,
                      previous)
     logs = []
     total = failed = 0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import ModelError
 from .common import CONTEXT_SETTINGS
+
+if TYPE_CHECKING:
+    from ..contract import ContractInfo
 
 # --- camrt methods / inspect ------------------------------------------------------------------
 
@@ -52,18 +56,31 @@ def methods_command(as_json: bool) -> None:
     click.echo(_table(rows))
 
 
-def contract_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows for a camrt file: its contract and the methods it supports."""
-    from dataclasses import asdict
-
-    from ..modelfile.metadata import read_contract
+def method_plans(info: ContractInfo, outputs: Collection[str], path: str) -> list[dict[str, Any]]:
+    """Every registered method's verdict on the camrt file at `path` (contract `info`, graph
+    outputs `outputs`), at its default layer: the `camrt.plan.ExplainPlan` the Explainer would open
+    it with, or the refusal it would raise."""
+    from ..plan import ExplainPlan, PlanRefused
     from ..plugins.registry import build_method_registry
 
-    info = read_contract(path)
-    supported = []
+    verdicts = []
     for cls in build_method_registry():
-        if cls.requires.supported_by(info):
-            supported.append(cls.name)
+        try:
+            verdicts.append(ExplainPlan.build(info, outputs, cls, path=path).to_dict())
+        except PlanRefused as refused:
+            verdicts.append(refused.to_dict())
+    return verdicts
+
+
+def contract_summary(path: str) -> dict[str, Any]:
+    """What `camrt inspect` shows for a camrt file: its contract, the methods it serves and every
+    method's plan or refusal (`method_plans`)."""
+    from dataclasses import asdict
+
+    from ..modelfile.metadata import read_contract, read_output_names
+
+    info = read_contract(path)
+    plans = method_plans(info, read_output_names(path), path)
     return {
         "file": path,
         "camrt_file": True,
@@ -77,7 +94,8 @@ def contract_summary(path: str) -> dict[str, Any]:
         "preprocessing": asdict(info.preprocessing),
         "labels": len(info.labels) if info.labels else 0,
         "score": info.score,
-        "methods": supported,
+        "methods": [plan["method"] for plan in plans if plan["serves"]],
+        "method_plans": plans,
     }
 
 
@@ -125,7 +143,20 @@ def _contract_text(summary: dict[str, Any]) -> list[str]:
         f"labels:           {summary['labels'] or '(none)'}",
         f"score:            {json.dumps(summary['score'])}",
         f"methods:          {', '.join(summary['methods']) or '(none)'}",
+        *_refusals_text(summary["method_plans"]),
     ]
+
+
+def _refusals_text(plans: list[dict[str, Any]]) -> list[str]:
+    """The methods the file cannot serve, each with the `camrt export` flags that would add what
+    it lacks (or, where re-exporting cannot help, the reason)."""
+    refused = [plan for plan in plans if not plan["serves"]]
+    if not refused:
+        return []
+    rows = [[plan["method"], " ".join(plan["export_flags"]) if plan["export_flags"] else plan["reason"]]
+            for plan in refused]
+    heading = "not served (the `camrt export` flags that add what it lacks, or why not):"
+    return [heading, *("  " + line for line in _table(rows).splitlines())]
 
 
 def _onnx_text(summary: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from ..modelfile.checks import check_custom_ops, check_graph, load_checked_model
 from ..modelfile.layers import dims
 from ..modelfile.metadata import read_contract
 from ..modelfile.slicing import SlicedModel, Unsliceable
+from ..targets import ClassTarget, Target
 from .subgraphs import TailPlan, subgraph, tail_graphs
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -196,25 +197,6 @@ class ExplainSession:
         return f"ExplainSession({self.path!r}, providers={self.providers})"
 
     # -- checks --------------------------------------------------------------------------
-    def check_targets(self, targets: Any, batch: int) -> np.ndarray:
-        """int64 [batch]; each -1 (top-1) or 0 <= t < num_classes."""
-        try:
-            array = np.asarray(targets)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"targets must be integers, got {targets!r}") from exc
-        if array.ndim != 1 or array.shape[0] != batch:
-            raise InputError(f"got {array.size if array.ndim else 1} target(s) for a batch of {batch}; give one per input")
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            raise InputError(f"targets must be integers, got dtype {array.dtype}")
-        array = array.astype(np.int64)
-        bad = [int(t) for t in array if not (t == contract.TOP1_TARGET or 0 <= t < self.num_classes)]
-        if bad:
-            raise InputError(
-                f"target(s) {bad} out of range: use {contract.TOP1_TARGET} (top-1) or a class index in "
-                f"0..{self.num_classes - 1}"
-            )
-        return array
-
     def check_inputs(self, inputs: Any) -> np.ndarray:
         array = np.asarray(inputs)
         if array.ndim != 4:
@@ -235,15 +217,17 @@ class ExplainSession:
             fixed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Run forward (and backward) once; return only the `fetch` outputs.
 
+        targets: a `camrt.targets.Target`, or one class index per input (-1: top-1);
         session: one made by `prepare(..., extend=...)` (default: the pruned subgraph of `fetch`);
         fixed: its feeds without a batch axis."""
         x = self.check_inputs(inputs)
-        t = self.check_targets(targets, x.shape[0])
+        target = targets if isinstance(targets, Target) else ClassTarget(targets)
+        target_feeds = target.feeds(x.shape[0], self.num_classes)
         fetch = list(dict.fromkeys(fetch))
         session = session or self.prepare(fetch)
         if x.shape[0] == 0:
             raise InputError("empty batch")
-        feeds = {self.info.input_name: self._model_input(x), contract.TARGET_INPUT: t}
+        feeds = {self.info.input_name: self._model_input(x), **target_feeds}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
         _check_finite(dict(zip(fetch, values)), "the model")

@@ -65,14 +65,6 @@ class Requirements:
             names += [contract.bias_gradient_output(node) for node in info.bias_terms or ()]
         return names
 
-    def supported_by(self, info: contract.ContractInfo) -> bool:
-        """Whether a file with this metadata can serve the method (at its default layer)."""
-        layer = info.default_layer or (info.layers[0] if info.layers else None)
-        return ((not self.uses_layers or layer is not None)
-                and (self.input_gradient is None or self.input_gradient in info.rule_sets)
-                and (not self.cam_weights or layer in (info.cam_layers or ()))
-                and (not self.bias_gradients or bool(info.bias_terms)))
-
     def to_dict(self) -> dict[str, Any]:
         """The fields; the optional ones (``extra_passes``, ``tail``, ``cam_weights``,
         ``bias_gradients``) only when set (single-pass methods keep the three-key form)."""

@@ -16,7 +16,17 @@ import numpy as np
 
 from .. import contract
 from ..errors import ContractError, ModelError, require_regular_file
-from .wire import MAX_MODEL_FIELD, MODEL_GRAPH, MODEL_IR_VERSION, MODEL_METADATA, NotProtobuf, fields
+from .wire import (
+    GRAPH_OUTPUT,
+    LEN,
+    MAX_MODEL_FIELD,
+    MODEL_GRAPH,
+    MODEL_IR_VERSION,
+    MODEL_METADATA,
+    VALUE_INFO_NAME,
+    NotProtobuf,
+    fields,
+)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -159,4 +169,23 @@ def read_contract(path: str | os.PathLike) -> contract.ContractInfo:
     return parse_contract(read_metadata(path), os.fspath(path))
 
 
-# --- loading the graph safely ---------------------------------------------------------------
+def read_output_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """The names of the graph's outputs, in order, read from the file's bytes (no graph parsing,
+    no weights): what `camrt inspect` checks a method's outputs against without a session."""
+    path = require_regular_file(path, ModelError)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            names = []
+            for number, wire, graph in fields(buf, 0, len(buf)):
+                if number != MODEL_GRAPH or wire != LEN:
+                    continue
+                for sub, sub_wire, value_info in fields(buf, *graph):
+                    if sub == GRAPH_OUTPUT and sub_wire == LEN:
+                        names += [bytes(buf[span[0]:span[1]]).decode("utf-8")
+                                  for field, field_wire, span in fields(buf, *value_info)
+                                  if field == VALUE_INFO_NAME and field_wire == LEN]
+            return tuple(names)
+    except (NotProtobuf, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{path}: not an ONNX file (it does not parse as an ONNX model: {exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc

@@ -9,6 +9,9 @@ MODEL_IR_VERSION = 1
 MODEL_GRAPH = 7
 MODEL_METADATA = 14
 MAX_MODEL_FIELD = 32
+# GraphProto: 12 output; ValueInfoProto: 1 name.
+GRAPH_OUTPUT = 12
+VALUE_INFO_NAME = 1
 #: Wire type of length-delimited fields (messages, strings, bytes).
 LEN = 2
 

@@ -11,11 +11,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError, first_line
+from camrt.errors import first_line
 from camrt.modelfile.layers import spatial_candidates, tensor_layouts
 
-from .autodiff.graph import GraphIndex, attribute, run_for
+from .autodiff.graph import GraphIndex, attribute, cpu_session, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
+from .errors import ExportError
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 
@@ -200,19 +201,14 @@ def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
     """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
-    import onnxruntime as ort
-
     graph = helper.make_graph(
         [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
         [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
     )
     folding = helper.make_model(graph, opset_imports=list(model.opset_import))
     folding.ir_version = model.ir_version
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(folding.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, session.run(wanted, {})))
+        return dict(zip(wanted, cpu_session(folding).run(wanted, {})))
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
                           f"failed in onnxruntime: {first_line(exc)}") from None

@@ -9,9 +9,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import pluggy
 
 from camrt import contract
-from camrt.errors import ExportError, PluginError
+from camrt.errors import PluginError
 from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
@@ -26,6 +27,7 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
+from .errors import ExportError
 from .layouts import image_layout, refuse_non_nchw_layers
 from .validate import Check, validate_against_torch, validate_finite_differences
 
@@ -33,18 +35,22 @@ DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
 IMAGENET_LABELS = "imagenet"
 
 
-def rule_sets() -> dict[str, RuleSet]:
-    """Every rule set registered through the `register_gradient_rules` hook (built-ins included)."""
-    pm = get_plugin_manager()
-    ensure_registered(pm, "camrt_exporters.plugin")
+def rule_sets(pm: pluggy.PluginManager | None = None) -> dict[str, RuleSet]:
+    """Every rule set registered through the `register_gradient_rules` hook of `pm` (default: the
+    process-wide manager), built-ins included; none when the exporter's plugin is blocked."""
+    pm = pm or get_plugin_manager()
+    ensure_registered(pm, "camrt_exporters.plugin")  # declares the hook unless blocked
     found: dict[str, RuleSet] = {}
+    hook = getattr(pm.hook, "register_gradient_rules", None)
+    if hook is None:
+        return found
 
     def register(rule_set: RuleSet) -> None:
         if rule_set.name in found:
             raise PluginError(f"rule set {rule_set.name!r} registered twice; registered: {sorted(found)}")
         found[rule_set.name] = rule_set
 
-    pm.hook.register_gradient_rules(register=register)
+    hook(register=register)
     return found
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from camrt import contract
-from camrt.errors import ExportError
 from camrt.modelfile.layers import Shape, guess_image_layout, layer_layout_problem, tensor_layouts
 
 from .autodiff.graph import GraphIndex
+from .errors import ExportError
 
 
 def image_layout(name: str, shape: Shape, given: str | None = None) -> str:

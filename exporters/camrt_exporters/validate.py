@@ -13,7 +13,10 @@ import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError, first_line
+from camrt.errors import first_line
+
+from .autodiff.graph import cpu_session
+from .errors import ExportError, ValidationError
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -100,12 +103,8 @@ class _OrtSession:
     """An onnxruntime session whose failures are ExportErrors (the exported graph does not run)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._session = cpu_session(model)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise ExportError(f"onnxruntime cannot load the exported graph: {first_line(exc)}") from None
 

@@ -16,10 +16,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from camrt.errors import ExportError, UnsupportedOpError
 from camrt_exporters.autodiff.graph import GraphIndex
 from camrt_exporters.autodiff.reverse import ForwardPatches, differentiate
 from camrt_exporters.autodiff.rules import DECONVNET, GUIDED, VANILLA
+from camrt_exporters.errors import ExportError, UnsupportedOpError
 
 from .rule_harness import (
     BATCH,

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from onnx.reference.op_run import OpRun
 
-from camrt.errors import ExportError
 from camrt_exporters.autodiff.graph import GraphIndex
 from camrt_exporters.contract_file import prepare
+from camrt_exporters.errors import ExportError
 
 from .rule_harness import (
     FEW,

@@ -19,12 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.errors import ContractError, ExportError
+from camrt.errors import ContractError
 from camrt.execution.session import ExplainSession
 from camrt.explainer import Explainer
 from camrt.modelfile.layers import onnx_layers, tensor_layouts
 from camrt.modelfile.metadata import parse_contract
 from camrt.plugins.registry import build_method_registry
+from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.validate import run_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError
+from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)

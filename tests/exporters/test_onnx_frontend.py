@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from camrt import contract
-from camrt.errors import ExportError, UnsupportedOpError
+from camrt_exporters.errors import ExportError, UnsupportedOpError
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
 

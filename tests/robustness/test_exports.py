@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExitCode, ExportError, NonFiniteError, ValidationError
+from camrt.errors import ExitCode, NonFiniteError
+from camrt_exporters.errors import ExportError, ValidationError
 
 from .tally import record, refused
 

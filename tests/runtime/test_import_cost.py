@@ -40,6 +40,15 @@ def test_building_the_cli_with_plugins_autoloaded_stays_light():
     assert _modules_after(code) == ["camrt_exporters"]
 
 
+def test_import_camrt_exporters_is_light_and_its_public_names_never_import_torch():
+    """The exporter package and its plugin module (imported by every CLI start) load their public
+    names lazily; all of them resolve, and none imports torch until an export runs."""
+    assert _modules_after("import camrt_exporters, camrt_exporters.plugin, camrt_exporters.hookspecs") == [
+        "camrt_exporters"]
+    every_name = "import camrt_exporters as e\nfor name in e.__all__: getattr(e, name)"
+    assert _modules_after(every_name) == ["camrt_exporters", "onnx"]
+
+
 def test_explain_run_with_plugins_autoloaded_never_imports_torch(tiny, tmp_path, rng):
     """A real `camrt explain` process, entry-point plugins (camrt-exporters) loaded as in production."""
     image = write_image(str(tmp_path / "x.png"), random_image(rng, 20, 20))
