@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .cli.explain import JSONL_FORMAT, ExplainRun, OutputNames, iter_inputs, logged_records, open_log, parse_target
+from .cli.explain import JSONL_FORMAT, ExplainRun, OutputNames, iter_inputs, logged_records, open_log
 from .errors import UsageError
+from .targets import parse_target
 
 #: Input row fields: the image path (the record's `input`) and its output stem.
 INPUT_COLUMN = "input"
