@@ -59,6 +59,37 @@ def on_ray(model: str, photos: Path, outdir: Path, actors: int, threads: int) ->
     return time.perf_counter() - start
 
 
+class MeasuredBatches:
+    """ExplainBatches that also reports its actor's peak resident memory (MB) per batch."""
+
+    def __init__(self, **kwargs):
+        from camrt.ray import ExplainBatches
+
+        self.explain = ExplainBatches(**kwargs)
+
+    def __call__(self, batch):
+        import resource
+
+        import numpy as np
+
+        out = self.explain(batch)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"status": out["status"], "peak_mb": np.full(len(out["status"]), peak_mb)}
+
+
+def actor_peak_memory(model: str, photos: Path, outdir: Path, threads: int) -> float:
+    """The largest peak RSS of one actor explaining the folder (MB)."""
+    import ray
+
+    from camrt.ray import input_rows
+
+    rows = input_rows([str(photos)])
+    dataset = ray.data.from_items(rows).map_batches(
+        MeasuredBatches, batch_size=8, batch_format="numpy", concurrency=1,
+        fn_constructor_kwargs={"model": model, "outdir": str(outdir), "threads": threads, "device": "cpu"})
+    return float(max(row["peak_mb"] for row in dataset.take_all()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18", choices=sorted(MODELS))
@@ -78,23 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         rows["local CLI, 1 process"] = seconds
         seconds = local_cli(model, work / "photos", work / "localN", args.threads * args.actors)
         rows[f"local CLI, {args.threads * args.actors} threads"] = seconds
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "exporters"), os.environ.get("PYTHONPATH", "")])
         start = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         startup = time.perf_counter() - start
         on_ray(model, work / "photos", work / "warmup", 1, args.threads)  # actor start-up, imports: not counted
         rows["ray, 1 actor"] = on_ray(model, work / "photos", work / "ray1", 1, args.threads)
         rows[f"ray, {args.actors} actors"] = on_ray(model, work / "photos", work / "rayN", args.actors, args.threads)
+        peak_mb = actor_peak_memory(model, work / "photos", work / "memory", args.threads)
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = rows["local CLI, 1 process"]
     lines = [f"# Ray scaling: {args.model} Grad-CAM, {args.images} images 224x224, {args.threads} thread(s) per "
-             "actor", "", f"Ray start-up (ray.init, not counted below): {startup:.1f} s", "",
+             "actor", "", f"Ray start-up (ray.init, not counted below): {startup:.1f} s; one actor's peak resident memory: "
+             f"{peak_mb:.0f} MB", "",
              "| run | wall s | images/s | vs local CLI, 1 process |", "|---|---|---|---|"]
     for name, seconds in rows.items():
         lines.append(f"| {name} | {seconds:.2f} | {args.images / seconds:.1f} | {base / seconds:.2f}x |")
     report = {"model": args.model, "images": args.images, "threads": args.threads, "actors": args.actors,
-              "ray_startup_s": startup, "wall_s": rows, "machine": machine(), "versions": versions()}
+              "ray_startup_s": startup, "actor_peak_mb": peak_mb, "wall_s": rows, "machine": machine(), "versions": versions()}
     text = "\n".join(lines) + f"\n\nmachine: {report['machine']}\n"
     print(text)
     if args.out:

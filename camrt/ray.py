@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from .cli.explain import JSONL_FORMAT, ExplainRun, OutputNames, iter_inputs, logged_records, open_log
+from .batch import ExplainRun, OutputNames, RecordLog, decode_inputs, iter_inputs, latest_ok_records, logged_records
 from .errors import UsageError
 from .targets import parse_target
 
@@ -54,7 +53,7 @@ def input_rows(specs: Iterable[str], skip_dir: str | None = None) -> list[dict[s
     the output stem the local CLI would give it (claimed in input order: `x`, `x-2`, ...)."""
     names = OutputNames()
     return [{INPUT_COLUMN: path, NAME_COLUMN: names.claim(path)}
-            for path in iter_inputs(specs, sys.stdin, skip_dir=skip_dir, warn=_ignore)]
+            for path in iter_inputs(specs, skip_dir=skip_dir, warn=_ignore)]
 
 
 def _ignore(message: str) -> None:
@@ -71,16 +70,12 @@ class _GivenNames:
         return self._names[path]
 
 
-class _CapturingRun(ExplainRun):
-    """An ExplainRun that also keeps each written heatmap (and its image, for the overlay bytes)."""
+def renderers(formats: str) -> list[Any]:
+    """The renderers of a `--format` list ("jsonl" is the records log, not a renderer)."""
+    from .plugins.registry import build_renderer_registry
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.heatmaps: dict[tuple[str, Any], tuple[np.ndarray, Any]] = {}
-
-    def _write(self, record: dict[str, Any], name: str, heatmap: Any, image: Any) -> None:
-        self.heatmaps[record["input"], record.get("rank")] = (np.asarray(heatmap, dtype=np.float32), image)
-        super()._write(record, name, heatmap, image)
+    registry = build_renderer_registry()
+    return [registry.get(f.strip()) for f in formats.split(",") if f.strip() and f.strip() != "jsonl"]
 
 
 class ExplainBatches:
@@ -97,40 +92,35 @@ class ExplainBatches:
     def __init__(self, model: str, method: str = "gradcam", layers: Sequence[str] = (), target: str = "top1",
                  device: str = "auto", threads: int | None = None, softmax: bool = False, outdir: str = ".",
                  formats: str = "png,npy", overlay_bytes: bool = False, colormap: str = "jet", alpha: float = 0.5,
-                 skip_existing: bool = False, method_options: dict[str, Any] | None = None,
+                 method_options: dict[str, Any] | None = None,
                  base_dir: str | None = None):
         from .explainer import Explainer
-        from .plugins.registry import build_renderer_registry
-
         if base_dir is not None:
             os.chdir(base_dir)  # an actor is a process of its own: this changes nothing else
-        registry = build_renderer_registry()
-        wanted = [f.strip() for f in formats.split(",") if f.strip() and f.strip() != JSONL_FORMAT]
         explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                               softmax=True if softmax else None, **(method_options or {}))
         self.options = {"alpha": alpha, "colormap": colormap}
         self.overlay_bytes = overlay_bytes
-        self.run = _CapturingRun(explainer, parse_target(target), [registry.get(name) for name in wanted], outdir,
-                                 self.options, skip_existing)
+        self.run = ExplainRun(explainer, parse_target(target), renderers(formats), outdir, self.options)
         os.makedirs(outdir, exist_ok=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch[INPUT_COLUMN]]
         self.run.names = _GivenNames(dict(zip(paths, (str(n) for n in batch[NAME_COLUMN]))))
-        self.run.heatmaps.clear()
-        records = self.run.explain_chunk(paths)
-        return self._columns(records)
+        images = dict(decode_inputs(paths))
+        results = self.run.explain_images_with_heatmaps([(path, images[path]) for path in paths])
+        return self._columns(results, images)
 
-    def _columns(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def _columns(self, results: list[tuple[dict[str, Any], Any]], images: dict[str, Any]) -> dict[str, np.ndarray]:
         from .imaging.render import encode_overlay_png
 
+        records = [record for record, _ in results]
         heatmaps, overlays = [], []
-        for record in records:
-            heatmap, image = self.run.heatmaps.get((record["input"], record.get("rank")), (None, None))
+        for record, heatmap in results:
             ok = record["status"] == "ok" and heatmap is not None
-            heatmaps.append(heatmap if ok else np.zeros((0, 0), np.float32))
+            heatmaps.append(np.asarray(heatmap, np.float32) if ok else np.zeros((0, 0), np.float32))
             if self.overlay_bytes:
-                overlays.append(encode_overlay_png(heatmap, image, self.options) if ok else b"")
+                overlays.append(encode_overlay_png(heatmap, images[record["input"]], self.options) if ok else b"")
         columns: dict[str, Any] = {RECORD_COLUMN: [json.dumps(r, ensure_ascii=False) for r in records],
                                    INPUT_COLUMN: [r["input"] for r in records],
                                    "status": [r["status"] for r in records],
@@ -158,7 +148,7 @@ class Manifest:
         self.path, self.kind = path, kind
         self._parts = 0
         if kind == "jsonl":
-            self._handle = open_log(path, resume)
+            self._log = RecordLog(path, resume=resume)
         else:
             if not resume and os.path.isdir(path):
                 for name in os.listdir(path):
@@ -171,16 +161,7 @@ class Manifest:
         """The ok records of earlier runs, by input (the local CLI's `logged_records`)."""
         if self.kind == "jsonl":
             return logged_records([self.path])
-        lines = [json.dumps(r) + "\n" for r in self._parquet_records()]
-        found: dict[str, list[dict[str, Any]]] = {}
-        for line in lines:
-            record = json.loads(line)
-            if record.get("status") == "ok":
-                mine = found.setdefault(record["input"], [])
-                if record.get("rank", 1) == 1:
-                    mine.clear()
-                mine.append({k: v for k, v in record.items() if k != "skipped"})
-        return found
+        return latest_ok_records(self._parquet_records())
 
     def _parquet_records(self) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
@@ -192,8 +173,7 @@ class Manifest:
     def append(self, lines: list[str]) -> None:
         if self.kind == "jsonl":
             for line in lines:
-                self._handle.write(line + "\n")
-            self._handle.flush()
+                self._log.write(line)
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -206,7 +186,7 @@ class Manifest:
 
     def close(self) -> None:
         if self.kind == "jsonl":
-            self._handle.close()
+            self._log.close()
 
 
 def explain_with_ray(model: str, inputs: Sequence[str], outdir: str, *, manifest: str = "jsonl",
@@ -232,9 +212,11 @@ def explain_with_ray(model: str, inputs: Sequence[str], outdir: str, *, manifest
     try:
         todo = rows
         if skip_existing:
-            checker = batches(model, outdir=outdir, skip_existing=True, **explain_options)
-            checker.run.previous = log.previous()
-            todo = [row for row in rows if not checker.run._done(row[NAME_COLUMN], row[INPUT_COLUMN])]
+            # what the actors would write, to find what an earlier run finished (no model is opened)
+            written = ExplainRun(None, parse_target(explain_options.get("target", "top1")),
+                                 renderers(explain_options.get("formats", "png,npy")), outdir,
+                                 previous=log.previous())
+            todo = [row for row in rows if not written.is_done(row[NAME_COLUMN], row[INPUT_COLUMN])]
             counts["skipped"] = len(rows) - len(todo)
         if not todo:
             return counts

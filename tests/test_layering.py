@@ -234,18 +234,8 @@ def subpackage_or_top_level_module(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-#: Modules owned by work in flight whose imports close a cycle between subpackages today.
-EVAL_RUNNER = "camrt.metrics.runner"
-
-
-@pytest.mark.parametrize("left_out", [
-    pytest.param((), marks=pytest.mark.xfail(reason=(
-        "camrt/metrics/runner.py (camrt eval's runner) imports plugins.registry, explainer and execution "
-        "while plugins.registry imports metrics.base: the runner leaves camrt/metrics/ in the batch branch"))),
-    (EVAL_RUNNER,),
-], ids=["all", "without-the-eval-runner"])
-def test_no_import_cycle_between_the_runtime_subpackages(left_out):
-    graph = import_graph([m for m in runtime_modules() if m not in left_out], subpackage_or_top_level_module)
+def test_no_import_cycle_between_the_runtime_subpackages():
+    graph = import_graph(runtime_modules(), subpackage_or_top_level_module)
     assert "camrt.modelfile" in graph and "camrt.plugins" in graph["camrt.execution"]  # the graph is read
     found = cycles(graph)
     assert not found, "\n".join(found)

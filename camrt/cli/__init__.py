@@ -1,4 +1,5 @@
-"""The `camrt` command line: `explain`, `methods`, `inspect`, plus commands added by plugins.
+"""The `camrt` command line: `explain`, `eval`, `metrics`, `methods`, `inspect`, `plugins`, plus
+commands added by plugins.
 
 Plugins add commands through the `register_commands` hook (camrt-exporters adds `camrt export`);
 they are asked only when a command name is not a built-in one, or when commands are listed.
@@ -14,9 +15,12 @@ import click
 
 from .. import __version__
 from ..errors import CamrtError, ExitCode
-from .common import CONTEXT_SETTINGS, CamrtCommandError
+from .common import CONTEXT_SETTINGS, CamrtCommandError, warn
+from .evaluate import build_eval_command, build_metrics_command
 from .explain import explain_command
 from .inspect import inspect_command, methods_command
+from .plugins import build_plugins_command
+from .ray_explain import build_ray_explain_command
 
 
 class CamrtGroup(click.Group):
@@ -44,7 +48,7 @@ class CamrtGroup(click.Group):
             except Exception as exc:  # a broken plugin must not take the CLI down; it is reported
                 message = f"plugin {impl.plugin_name!r} failed to add its commands: {exc!r}"
                 load_failures[impl.plugin_name] = message
-                click.echo(f"camrt: warning: {message}", err=True)
+                warn(message)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self.load_plugin_commands()
@@ -85,7 +89,8 @@ def build_cli() -> CamrtGroup:
         4 internal error (a bug: the traceback is printed).
         """
 
-    for command in (explain_command, methods_command, inspect_command):
+    for command in (explain_command, methods_command, inspect_command, build_eval_command(), build_metrics_command(),
+                    build_plugins_command(), build_ray_explain_command()):
         group.add_builtin(command)
     return group
 

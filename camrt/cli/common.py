@@ -23,6 +23,11 @@ class CamrtCommandError(click.ClickException):
         click.echo(f"camrt: error: {self.format_message()}", err=True)
 
 
+def warn(message: str) -> None:
+    """A `camrt: warning:` line on stderr."""
+    click.echo(f"camrt: warning: {message}", err=True)
+
+
 def table(rows: list[list[str]]) -> str:
     """Rows of cells as left-aligned text columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,4 +1,4 @@
-"""`camrt eval`: methods x metrics over images, added to the CLI through the `register_commands` hook.
+"""`camrt eval` (methods x metrics over images, streaming) and `camrt metrics`.
 
     camrt eval MODEL.onnx INPUT... -m gradcam,saliency --metric deletion,insertion,confidence \
         [-o OUTDIR] [--plot] [--boxes FILE] [-P deletion.steps=50] [-O smoothgrad.n_samples=8]
@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
-
-from ..hookspecs import hookimpl
 
 RECORDS_FILE = "eval-records.jsonl"
 SUMMARY_JSON = "eval-summary.json"
@@ -53,30 +51,70 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: Any) -> list[str]:
-    """<stem>.curves.png and <stem>.methods.png per image; returns the paths written."""
-    from ..metrics.plot import plot_curves, plot_overlays
+class Figures:
+    """<stem>.curves.png (deletion/insertion curves of every method) and <stem>.methods.png (every
+    method's overlay) per readable input, drawn when the last method has scored it. Methods run one
+    after the other, so the earlier methods' heatmaps and curves wait in a temporary folder, not in
+    memory."""
 
-    written = []
-    for record_input, image in images.items():
-        stem = names.claim(record_input)
-        records = [r for r in evaluation.records if r["input"] == record_input and r["status"] == "ok"]
-        curves = {r["method"]: {kind: (r[f"{kind}_curve"]["fraction"], r[f"{kind}_curve"]["score"])
-                                for kind in ("deletion", "insertion") if f"{kind}_curve" in r}
-                  for r in records}
+    def __init__(self, outdir: str, methods: list[str]):
+        import tempfile
+
+        from ..batch import OutputNames
+
+        self.outdir, self.methods = outdir, methods
+        self.names = OutputNames()
+        self._spool = tempfile.TemporaryDirectory(prefix="camrt-figures-")
+
+    def add(self, chunk: Any) -> list[str]:
+        """Keep or draw the figures of an `EvaluatedChunk`; returns the paths written."""
+        import numpy as np
+
+        written = []
+        last = chunk.method == self.methods[-1]
+        for k, ((name, image), record, heatmap) in enumerate(zip(chunk.inputs, chunk.records, chunk.maps)):
+            if heatmap is None:  # an input that could not be read
+                continue
+            curves = {kind: np.asarray([record[f"{kind}_curve"]["fraction"], record[f"{kind}_curve"]["score"]])
+                      for kind in ("deletion", "insertion") if f"{kind}_curve" in record}
+            if not last:
+                np.savez(self._held(chunk.start + k, chunk.method), heatmap=heatmap, **curves)
+                continue
+            maps, curves_of = {}, {}
+            for method in self.methods[:-1]:
+                path = self._held(chunk.start + k, method)
+                if not os.path.exists(path):  # the file could not be read when that method's turn came
+                    continue
+                with np.load(path) as held:
+                    maps[method] = held["heatmap"]
+                    curves_of[method] = {kind: tuple(held[kind].tolist()) for kind in held.files if kind != "heatmap"}
+                os.remove(path)
+            maps[chunk.method] = heatmap
+            curves_of[chunk.method] = {kind: tuple(value.tolist()) for kind, value in curves.items()}
+            written += self._draw(self.names.claim(name), image, maps, curves_of)
+        return written
+
+    def _held(self, position: int, method: str) -> str:
+        return os.path.join(self._spool.name, f"{position}.{self.methods.index(method)}.npz")
+
+    def _draw(self, stem: str, image: Any, maps: dict[str, Any], curves: dict[str, dict[str, Any]]) -> list[str]:
+        from ..metrics.plot import plot_curves, plot_overlays
+
+        written = []
         if any(curves.values()):
-            path = os.path.join(outdir, f"{stem}.curves.png")
+            path = os.path.join(self.outdir, f"{stem}.curves.png")
             plot_curves(path, {m: c for m, c in curves.items() if c}, title=stem)
             written.append(path)
-        maps = evaluation.maps.get(record_input)
-        if maps:
-            path = os.path.join(outdir, f"{stem}.methods.png")
-            plot_overlays(path, image, maps, title=stem)
-            written.append(path)
-    return written
+        path = os.path.join(self.outdir, f"{stem}.methods.png")
+        plot_overlays(path, image, maps, title=stem)
+        written.append(path)
+        return written
+
+    def close(self) -> None:
+        self._spool.cleanup()
 
 
-def build_command():
+def build_eval_command():
     import click
 
     from .common import CONTEXT_SETTINGS
@@ -118,13 +156,14 @@ def build_command():
         Prints one JSON line per image and method, then the summary table (means) on stderr.
         Exit code 0 when every input was evaluated, 1 when some could not be read.
         """
+        import itertools
         import sys
 
-        from ..errors import ExitCode, InputError, UsageError
-        from ..imaging.decode import load_image
+        from ..batch import RecordLog, SpooledPaths, decode_inputs, iter_inputs, record_line
+        from ..batch.evaluation import Evaluation
+        from ..errors import ExitCode, UsageError
         from ..plugins.registry import build_metric_registry
-        from .explain import OutputNames, iter_inputs
-        from ..metrics.runner import Evaluation
+        from .common import warn
 
         if plot and not outdir:
             raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
@@ -140,13 +179,9 @@ def build_command():
                                 device=device, threads=threads, score=score, batch_size=batch_size,
                                 images_per_batch=images_per_batch, keep_maps=plot,
                                 graph_optimization=graph_optimization)
-        loaded: list[tuple[str, Any]] = []
-        for spec in iter_inputs(inputs, sys.stdin, skip_dir=outdir):
-            try:
-                loaded.append((spec, load_image(spec)))
-            except InputError as exc:
-                loaded.append((spec, exc))
-        if not loaded:
+        found = iter_inputs(inputs, sys.stdin, skip_dir=outdir, warn=warn)
+        first = next(found, None)
+        if first is None:
             raise UsageError("no input images found")
         log = None
         if outdir:
@@ -154,16 +189,20 @@ def build_command():
                 os.makedirs(outdir, exist_ok=True)
             except OSError as exc:
                 raise UsageError(f"cannot create the output directory {outdir}: {exc.strerror or exc}") from None
-            log = open(os.path.join(outdir, RECORDS_FILE), "w", encoding="utf-8")
+            log = RecordLog(os.path.join(outdir, RECORDS_FILE))
         failed = False
+        paths = SpooledPaths(itertools.chain([first], found))  # every method reads the inputs again
+        figures = Figures(outdir, evaluation.methods) if plot else None
         try:
-            for record in evaluation.run(loaded):
-                failed |= record["status"] != "ok"
-                line = json.dumps(record, ensure_ascii=False)
-                click.echo(line)
-                if log is not None:
-                    log.write(line + "\n")
-                    log.flush()
+            for chunk in evaluation.run_chunks(lambda: decode_inputs(paths)):
+                for record in chunk.records:
+                    failed |= record["status"] != "ok"
+                    line = record_line(record)
+                    click.echo(line)
+                    if log is not None:
+                        log.write(line)
+                for path in figures.add(chunk) if figures is not None else ():
+                    click.echo(f"camrt: wrote {path}", err=True)
             table = evaluation.summary_table()
             click.echo(table, err=True)
             if outdir:
@@ -171,12 +210,11 @@ def build_command():
                     json.dump(evaluation.summary(), handle, indent=2)
                 with open(os.path.join(outdir, SUMMARY_TEXT), "w", encoding="utf-8") as handle:
                     handle.write(table + "\n")
-            if plot:
-                images = {name: image for name, image in loaded if not isinstance(image, Exception)}
-                for path in write_figures(evaluation, outdir, images, OutputNames()):
-                    click.echo(f"camrt: wrote {path}", err=True)
         finally:
             evaluation.close()
+            paths.close()
+            if figures is not None:
+                figures.close()
             if log is not None:
                 log.close()
         if failed:
@@ -209,9 +247,3 @@ def build_metrics_command():
                        f"  options: {options}")
 
     return metrics_command
-
-
-@hookimpl
-def register_commands(cli):
-    cli.add_command(build_command())
-    cli.add_command(build_metrics_command())

@@ -1,17 +1,13 @@
-"""Built-in plugin adding `camrt plugins`: which plugins loaded, where from, and which failed.
-
-It registers through the same `register_commands` hook as third-party plugins do.
-"""
+"""`camrt plugins`: which plugins loaded, where from, and which failed."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..hookspecs import hookimpl
+import click
 
-if TYPE_CHECKING:
-    import click
+from .common import CONTEXT_SETTINGS
 
 
 def describe_plugins(pm: Any = None) -> dict[str, Any]:
@@ -47,13 +43,8 @@ Examples:
 """
 
 
-@hookimpl
-def register_commands(cli: "click.Group") -> None:
-    import click  # here, not at import: library use of the plugin manager needs no click
-
-    from .common import CONTEXT_SETTINGS
-
-    @cli.command("plugins", context_settings=CONTEXT_SETTINGS, epilog=PLUGINS_EPILOG)
+def build_plugins_command() -> click.Command:
+    @click.command("plugins", context_settings=CONTEXT_SETTINGS, epilog=PLUGINS_EPILOG)
     @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of a table.")
     def plugins_command(as_json: bool) -> None:
         """List the loaded plugins (built-in, entry points, CAMRT_PLUGINS) and the ones that failed."""
@@ -69,3 +60,5 @@ def register_commands(cli: "click.Group") -> None:
             click.echo("\nfailed to load:")
             for message in described["failures"].values():
                 click.echo(f"  {message}")
+
+    return plugins_command

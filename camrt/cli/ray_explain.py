@@ -11,9 +11,8 @@ from typing import Any
 import click
 
 from ..errors import ExitCode
-from ..hookspecs import hookimpl
 from .common import CONTEXT_SETTINGS
-from .explain import DEFAULT_OUTDIR, _parse_options, explain_command
+from .explain import DEFAULT_OUTDIR, explain_command, parse_method_options
 
 #: `camrt explain` options that mean the same here (one definition: explain's).
 SHARED_OPTIONS = ("method", "method_options", "target", "layers", "batch_size", "device", "threads", "formats",
@@ -46,7 +45,7 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
         model, inputs, outdir, manifest=manifest, actors=actors, batch_size=batch_size, num_gpus=num_gpus,
         ray_address=ray_address, skip_existing=skip_existing, records=None if quiet else echo, method=method,
         layers=layers, target=target, device=device, threads=threads, softmax=softmax, formats=formats,
-        colormap=colormap, alpha=alpha, method_options=_parse_options(method_options))
+        colormap=colormap, alpha=alpha, method_options=parse_method_options(method_options))
     if not quiet:
         click.echo(f"camrt: {counts['records']} records ({counts['failed']} failed), {counts['skipped']} inputs "
                    "already done", err=True)
@@ -54,7 +53,7 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
         ctx.exit(int(ExitCode.SOME_INPUTS_FAILED))
 
 
-def build_command() -> click.Command:
+def build_ray_explain_command() -> click.Command:
     shared = [param for param in explain_command.params if param.name in SHARED_OPTIONS]
     own = [
         click.Argument(["model"]),
@@ -75,7 +74,3 @@ def build_command() -> click.Command:
                          help=_ray_explain.__doc__, epilog=RAY_EPILOG, context_settings=CONTEXT_SETTINGS,
                          short_help="Explain images on a Ray cluster (local by default), resumable.")
 
-
-@hookimpl
-def register_commands(cli: click.Group) -> None:
-    cli.add_command(build_command())

@@ -31,7 +31,6 @@ PLUGINS_ENV = "CAMRT_PLUGINS"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
     "camrt.plugins.fallbacks",
-    "camrt.cli.plugins",
     "camrt.imaging.render",
     "camrt.methods.gradcam",
     "camrt.methods.gradcam_plusplus",
@@ -59,8 +58,6 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.road",
     "camrt.metrics.pointing",
     "camrt.metrics.randomization",
-    "camrt.cli.evaluate",
-    "camrt.cli.ray_explain",
 )
 ORIGIN_BUILTIN = "built-in"
 ORIGIN_ENTRY_POINT = "entry point"

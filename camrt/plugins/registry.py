@@ -17,10 +17,10 @@ from typing import Any
 
 import pluggy
 
+from .. import plugins
 from ..errors import PluginError
 from ..methods.base import Method
 from ..metrics.base import Metric
-from .. import plugins
 
 
 def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]],

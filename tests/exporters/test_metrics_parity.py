@@ -169,7 +169,7 @@ def test_road_matches_pytorch_grad_cam_with_the_same_noise(setup, monkeypatch):
 def test_randomization_low_for_gradcam_high_for_an_edge_detector(setup, plugin):
     """Adebayo et al.'s cascading randomization on resnet18: Grad-CAM's maps decorrelate, an edge
     detector's (a test plugin that ignores the weights) stay identical."""
-    from camrt.metrics.runner import Evaluation
+    from camrt.batch.evaluation import Evaluation
 
     from ..runtime.test_metrics import Sobel
 

@@ -25,8 +25,9 @@ import pytest
 from click.testing import CliRunner
 
 from camrt import contract
+from camrt.batch import RECORD_FIELDS, open_log
 from camrt.cli import build_cli
-from camrt.cli.explain import RECORD_FIELDS, RECORDS_FILE, open_log
+from camrt.cli.explain import RECORDS_FILE
 from camrt.errors import ExitCode
 from camrt.explainer import Explainer
 from camrt.imaging.decode import load_image

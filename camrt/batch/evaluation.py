@@ -3,23 +3,75 @@
     evaluation = Evaluation("model.camrt.onnx", ["gradcam", "saliency"], ["deletion", "confidence"])
     for record in evaluation.run([("cat.png", rgb_uint8)]):   # one record per image and method
         ...
+    evaluation.run(lambda: decode_inputs(paths))   # inputs read again for each method
     evaluation.summary()   # method -> field -> mean over the images
     evaluation.close()
 
-Methods are run one after the other (one Explainer, hence one onnxruntime session, at a time);
-for each chunk of images the method explains the preprocessed batch once and every metric scores
-those heatmaps, running its perturbed inputs through the same session (`ExplainContext.forward`).
+Methods are run one after the other (one Explainer, hence one onnxruntime session, at a time), and
+for each the inputs are read again, `images_per_batch` at a time: a chunk is explained, scored by
+every metric and handed on before the next one is read, and the summary is kept as running means,
+so memory grows neither with the number of inputs nor with the number of methods. Each method
+explains a chunk's preprocessed batch once and every metric scores those heatmaps, running its
+perturbed inputs through the same session (`ExplainContext.forward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import CamrtError, UsageError
-from .base import EvalBatch, Metric
+from ..metrics.base import EvalBatch, Metric
+from .inputs import chunked
+
+#: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
+EvalInput = tuple[str, "np.ndarray | CamrtError"]
+#: The inputs, read once per method: a list (any iterable that can be iterated again), or a function
+#: returning a fresh iterator of them (e.g. ``lambda: decode_inputs(paths)``).
+EvalInputs = Iterable[EvalInput] | Callable[[], Iterable[EvalInput]]
+
+
+@dataclass
+class EvaluatedChunk:
+    """One chunk of inputs evaluated by one method."""
+
+    method: str
+    #: The position of the chunk's first input among all inputs.
+    start: int
+    inputs: list[EvalInput]
+    #: One record per input, in input order.
+    records: list[dict[str, Any]]
+    #: Per input: its heatmap [H, W] at the model input's resolution (keep_maps, readable inputs), else None.
+    maps: list[np.ndarray | None] = field(default_factory=list)
+
+
+@dataclass
+class _Mean:
+    """A running mean (the summary's)."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, value: float) -> None:
+        self.total += float(value)
+        self.count += 1
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+def _reader(inputs: EvalInputs, passes: int) -> Callable[[], Iterable[EvalInput]]:
+    """A function giving the inputs afresh for each pass; a one-shot iterator serves one pass only."""
+    if callable(inputs):
+        return inputs
+    if passes > 1 and iter(inputs) is inputs:
+        raise UsageError("the inputs are read once per method, and an iterator can be read only once: give a "
+                         "list, or a function that returns a fresh iterator (e.g. lambda: decode_inputs(paths))")
+    return lambda: inputs
 
 
 def _unique(names: Sequence[str], what: str) -> list[str]:
@@ -34,8 +86,9 @@ class Evaluation:
 
     metric_options: canonical metric name -> options (text values are parsed as the CLI's);
     method_options: method name -> options; score: "probability" or "logit"; batch_size: perturbed
-    inputs per onnxruntime run; images_per_batch: images explained together; keep_maps: keep each
-    heatmap (model input resolution) in `maps` for figures.
+    inputs per onnxruntime run; images_per_batch: images explained and scored together (a chunk);
+    keep_maps: hand each chunk's heatmaps (model input resolution) on in `EvaluatedChunk.maps`, for
+    figures.
     """
 
     def __init__(self, model: str, methods: Sequence[str], metrics: Sequence[str], *,
@@ -67,9 +120,9 @@ class Evaluation:
         if images_per_batch < 1:
             raise UsageError(f"images_per_batch must be >= 1, got {images_per_batch}")
         self.keep_maps = keep_maps
-        #: input name -> method -> heatmap [H, W] (when keep_maps).
-        self.maps: dict[str, dict[str, np.ndarray]] = {}
-        self.records: list[dict[str, Any]] = []
+        #: method -> its ok records so far and the running mean of each field (the summary).
+        self._images = dict.fromkeys(self.methods, 0)
+        self._means = {method: {name: _Mean() for name in self.fields} for method in self.methods}
 
     @property
     def fields(self) -> dict[str, str]:
@@ -93,21 +146,31 @@ class Evaluation:
         return lambda path: Explainer(path, method=explainer.method, device=self.device, threads=self.threads,
                                       layer=layers, graph_optimization=self.graph_optimization)
 
-    def run(self, inputs: Iterable[tuple[str, np.ndarray | CamrtError]]) -> Iterator[dict[str, Any]]:
-        """inputs: (name, HWC uint8 RGB image, or the error that loading it raised). One record per
-        input and method, methods outermost."""
-        inputs = list(inputs)
+    def run(self, inputs: EvalInputs) -> Iterator[dict[str, Any]]:
+        """inputs: (name, HWC uint8 RGB image, or the error that loading it raised), see `EvalInputs`.
+        One record per input and method, methods outermost."""
+        for chunk in self.run_chunks(inputs):
+            yield from chunk.records
+
+    def run_chunks(self, inputs: EvalInputs) -> Iterator[EvaluatedChunk]:
+        """For each method in turn, its chunks of `images_per_batch` inputs, each read only when the
+        previous one has been handed on."""
+        read = _reader(inputs, len(self.methods))
         for method in self.methods:
             explainer = self._explainer(method)
-            for start in range(0, len(inputs), self.images_per_batch):
-                yield from self._chunk(explainer, inputs[start:start + self.images_per_batch])
+            start = 0
+            for chunk in chunked(read(), self.images_per_batch):
+                yield self._chunk(explainer, start, chunk)
+                start += len(chunk)
+            del explainer  # let this method's session go before the next one is made
 
-    def _chunk(self, explainer: Any, chunk: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _chunk(self, explainer: Any, start: int, chunk: list[EvalInput]) -> EvaluatedChunk:
         from ..execution.context import ExplainContext
 
         layer = ",".join(explainer.layers) if explainer.layers else None
         base = [{"input": name, "method": explainer.method.name, "layer": layer, "status": "ok", "error": None}
                 for name, _ in chunk]
+        evaluated = EvaluatedChunk(explainer.method.name, start, chunk, base, [None] * len(chunk))
         good = [i for i, (_, image) in enumerate(chunk) if isinstance(image, np.ndarray)]
         for i, (_, image) in enumerate(chunk):
             if i not in good:
@@ -132,23 +195,24 @@ class Evaluation:
                               score_type=self.score)
                 for values in per_metric:
                     record.update(values[k])
+                self._count(record)
                 if self.keep_maps:
-                    self.maps.setdefault(names[k], {})[explainer.method.name] = batch.heatmaps[k]
-        for record in base:
-            self.records.append(record)
-            yield record
+                    evaluated.maps[i] = batch.heatmaps[k]
+        return evaluated
+
+    def _count(self, record: dict[str, Any]) -> None:
+        """Add an ok record to the summary's running means."""
+        method = record["method"]
+        self._images[method] += 1
+        for name, mean in self._means[method].items():
+            if record.get(name) is not None:
+                mean.add(record[name])
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """method -> {field: mean over the images where it is defined, "images": count of ok records}."""
-        table: dict[str, dict[str, Any]] = {}
-        for method in self.methods:
-            ok = [r for r in self.records if r["method"] == method and r["status"] == "ok"]
-            row: dict[str, Any] = {"images": len(ok)}
-            for name in self.fields:
-                values = [r[name] for r in ok if r.get(name) is not None]
-                row[name] = float(np.mean(values)) if values else None
-            table[method] = row
-        return table
+        return {method: {"images": self._images[method],
+                         **{name: mean.value for name, mean in self._means[method].items()}}
+                for method in self.methods}
 
     def summary_table(self) -> str:
         """The summary as a fixed-width text table (arrows: which way is better)."""
