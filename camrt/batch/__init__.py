@@ -22,10 +22,19 @@ from __future__ import annotations
 
 from .inputs import OutputNames, SpooledPaths, chunked, decode_inputs, iter_inputs
 from .progress import Progress, is_terminal
-from .records import RECORD_FIELDS, RecordLog, base_record, logged_records, mark_failed, open_log, record_line
+from .records import (
+                      RECORD_FIELDS,
+                      RecordLog,
+                      base_record,
+                      latest_ok_records,
+                      logged_records,
+                      mark_failed,
+                      open_log,
+                      record_line,
+)
 from .runner import ExplainRun
 
 __all__ = [
     "RECORD_FIELDS", "ExplainRun", "OutputNames", "Progress", "RecordLog", "SpooledPaths", "base_record", "chunked",
-    "decode_inputs", "is_terminal", "iter_inputs", "logged_records", "mark_failed", "open_log", "record_line",
+    "decode_inputs", "is_terminal", "iter_inputs", "latest_ok_records", "logged_records", "mark_failed", "open_log", "record_line",
 ]

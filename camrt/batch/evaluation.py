@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CamrtError, UsageError
 from ..metrics.base import EvalBatch, Metric
 from .inputs import chunked
-from ..errors import CamrtError, UsageError
 
 #: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
 EvalInput = tuple[str, "np.ndarray | CamrtError"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 #: The fields of every record, in this order (a method's extra fields, `outputs`, `width`,
@@ -72,18 +73,27 @@ def open_log(path: str, resume: bool) -> TextIO:
 def logged_records(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
     """The ok records of earlier runs in these JSON-lines logs, by input (the last run's win;
     an unfinished last line is ignored)."""
+
+    def lines() -> Iterator[dict[str, Any]]:
+        for path in paths:
+            if not os.path.exists(path):
+                continue
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    if not line.endswith("\n"):
+                        break
+                    yield json.loads(line)
+
+    return latest_ok_records(lines())
+
+
+def latest_ok_records(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The ok records by input, in order (top-k: one per rank), the last run's winning."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break
-                record = json.loads(line)
-                if record.get("status") == "ok":
-                    mine = found.setdefault(record["input"], [])
-                    if record.get("rank", 1) == 1:
-                        mine.clear()
-                    mine.append({k: v for k, v in record.items() if k != "skipped"})
+    for record in records:
+        if record.get("status") == "ok":
+            mine = found.setdefault(record["input"], [])
+            if record.get("rank", 1) == 1:
+                mine.clear()
+            mine.append({k: v for k, v in record.items() if k != "skipped"})
     return found

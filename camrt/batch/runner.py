@@ -84,7 +84,7 @@ class ExplainRun:
         for spec in paths:
             start = time.perf_counter()
             item = self._claim(spec)
-            if self.skip_existing and self._done(item.name, spec):
+            if self.skip_existing and self.is_done(item.name, spec):
                 self._reuse(item, spec)
             else:
                 try:
@@ -167,7 +167,9 @@ class ExplainRun:
                 return [exc]
         return [self._explain_each([image])[0] for image in images]
 
-    def _done(self, name: str, spec: str) -> bool:
+    def is_done(self, name: str, spec: str) -> bool:
+        """Whether input `spec` (output stem `name`) was finished by an earlier run: all its files
+        exist and, when `previous` is known, its records were logged."""
         if self.previous is not None and len(self.previous.get(spec, ())) != len(self.target.ranks):
             return False
         return all(os.path.isfile(self.output_path(name, rank, renderer))

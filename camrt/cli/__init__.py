@@ -20,6 +20,7 @@ from .evaluate import build_eval_command, build_metrics_command
 from .explain import explain_command
 from .inspect import inspect_command, methods_command
 from .plugins import build_plugins_command
+from .ray_explain import build_ray_explain_command
 
 
 class CamrtGroup(click.Group):
@@ -89,7 +90,7 @@ def build_cli() -> CamrtGroup:
         """
 
     for command in (explain_command, methods_command, inspect_command, build_eval_command(), build_metrics_command(),
-                    build_plugins_command()):
+                    build_plugins_command(), build_ray_explain_command()):
         group.add_builtin(command)
     return group
 

@@ -160,8 +160,8 @@ def build_eval_command():
         import sys
 
         from ..batch import RecordLog, SpooledPaths, decode_inputs, iter_inputs, record_line
-        from ..errors import ExitCode, UsageError
         from ..batch.evaluation import Evaluation
+        from ..errors import ExitCode, UsageError
         from ..plugins.registry import build_metric_registry
         from .common import warn
 

@@ -25,7 +25,7 @@ def _split_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def _parse_options(items: tuple[str, ...]) -> dict[str, str]:
+def parse_method_options(items: tuple[str, ...]) -> dict[str, str]:
     options: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -105,7 +105,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,
-                          **_parse_options(method_options))
+                          **parse_method_options(method_options))
     request.check(explainer.num_classes, model)
     try:
         os.makedirs(outdir, exist_ok=True)

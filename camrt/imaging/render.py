@@ -66,15 +66,21 @@ def overlay(heatmap: np.ndarray, image: np.ndarray | None, alpha: float = DEFAUL
     return cv2.addWeighted(colored, float(alpha), bgr, 1.0 - float(alpha), 0.0)
 
 
-def write_overlay_png(path: str, heatmap: np.ndarray, image: np.ndarray | None, options: dict) -> None:
+def encode_overlay_png(heatmap: np.ndarray, image: np.ndarray | None, options: dict) -> bytes:
+    """The overlay (`overlay` with the options' alpha and colormap) as PNG bytes."""
     import cv2
 
     ok, encoded = cv2.imencode(".png", overlay(heatmap, image, options.get("alpha", DEFAULT_ALPHA),
                                             options.get("colormap", DEFAULT_COLORMAP)))
     if not ok:
-        raise OSError(f"OpenCV could not encode {path} as PNG")
+        raise OSError("OpenCV could not encode the overlay as PNG")
+    return encoded.tobytes()
+
+
+def write_overlay_png(path: str, heatmap: np.ndarray, image: np.ndarray | None, options: dict) -> None:
+    data = encode_overlay_png(heatmap, image, options)
     with open(path, "wb") as handle:
-        handle.write(encoded.tobytes())
+        handle.write(data)
 
 
 def write_heatmap_npy(path: str, heatmap: np.ndarray, image: np.ndarray | None, options: dict) -> None:
