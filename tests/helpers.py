@@ -153,11 +153,7 @@ def tiny_onnx(seed: int = WEIGHTS_SEED, batch: int | str = "N"):
 
 def load_tiny(path: str, preprocessing: contract.Preprocessing | None = None) -> TinyModel:
     """A tiny camrt file with its weights, read back from the file itself."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(path)
-    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in ("w1", "b1", "w2", "b2")}
+    weights = initializers(path)
     return TinyModel(str(path), weights["w1"], weights["b1"], weights["w2"], weights["b2"],
                      preprocessing or contract.Preprocessing(HEIGHT, WIDTH))
 
