@@ -18,6 +18,7 @@ import numpy as np
 
 from . import contract, postprocess
 from .errors import InputError, ModelError, PluginError, UsageError
+from .methods.attention import missing_attention_flag
 from .methods.base import GraphOutputs, Method, _coerce
 from .session import ExplainSession
 
@@ -196,6 +197,10 @@ class Explainer:
         missing = [name for name in self.fetch if name not in self.session.output_names]
         if requires.bias_gradients and not self.info.bias_terms:
             missing.append(contract.bias_gradient_output("<node>") + " (FullGrad's bias-gradient terms)")
+        attention_flag = missing_attention_flag(requires, self.info)
+        if attention_flag:
+            missing.append(contract.attention_output("<map>") + " (attention maps" +
+                           (" with layer-score gradients)" if requires.attention_layer_gradients else ")"))
         if not missing:
             return
         flags: list[str] = []
@@ -208,6 +213,8 @@ class Explainer:
             flags.append(self._rules_flag(rule))
         if requires.bias_gradients and not self.info.bias_terms:
             flags.append("--fullgrad")
+        if attention_flag:
+            flags.append(attention_flag)
         raise ModelError(
             f"method {self.method.name!r} needs output(s) {', '.join(missing)}, which {self.session.path} "
             f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"

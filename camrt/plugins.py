@@ -53,6 +53,8 @@ DEFAULT_PLUGINS = (
     "camrt.methods.cam",
     "camrt.methods.fullgrad",
     "camrt.methods.smooth_gradcam_plusplus",
+    "camrt.methods.attention_rollout",
+    "camrt.methods.generic_attention",
     "camrt.metrics.deletion",
     "camrt.metrics.confidence",
     "camrt.metrics.road",

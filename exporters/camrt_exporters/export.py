@@ -26,6 +26,7 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
+from .attention import onnx_attention_maps
 from .layouts import image_layout, refuse_non_nchw_layers
 from .validate import Check, validate_against_torch, validate_finite_differences
 
@@ -96,16 +97,22 @@ def export_torch(
     source_name: str = "",
     opset: int | None = None,
     fullgrad: bool = False,
+    attention: Sequence[str] | None = None,
+    attention_tokens: contract.LayerLayout | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
+
+    attention: expose attention maps and their gradients (`camrt_exporters.attention`): module or
+    map names, or empty for every attention softmax over the token sequence; None: none.
+    attention_tokens: the token sequence the maps attend over (grid and extra tokens).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
     graph is then exported unoptimised (BatchNormalization nodes kept, as pytorch-grad-cam hooks
     BatchNorm2d modules); the file runs somewhat slower for every method.
     """
-    from .torch_frontend import export_forward, parse_layer, spatial_candidates
+    from .torch_frontend import attention_map_names, export_forward, parse_layer, spatial_candidates
 
     model = model.eval()
     names = list(layers)
@@ -114,10 +121,13 @@ def export_torch(
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
-    forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad)
+    maps = attention_map_names(model, input_size, attention) if attention is not None else []
+    forward, logits, tensors, map_tensors = export_forward(model, refs, input_size, opset,
+                                                           fold_batchnorm=not fullgrad, maps=maps)
     forward = prepare(forward)
     index = GraphIndex(forward)
     score = choose_score(index, logits)
+    map_tensors = _matching_maps(index, map_tensors, attention, attention_tokens, log)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
@@ -126,13 +136,44 @@ def export_torch(
         source={"framework": "torch", "model": source_name or type(model).__name__}, score=score,
         image_input=forward.graph.input[0].name, exporter_version=__version__,
     )
+    _add_attention_metadata(meta, map_tensors, attention_tokens)
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad,
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors,
     )
-    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
+    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size,
+                                    maps=list(map_tensors))
     return result, checks
+
+
+def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str] | None,
+                   tokens: contract.LayerLayout | None, log: Callable[[str], None]) -> dict[str, str]:
+    """The attention maps over the token sequence `tokens`: all of `maps` when they were named
+    (`wanted`; ExportError for one over another length), else those whose T matches."""
+    if wanted is None:
+        return {}
+    if tokens is None:
+        raise ExportError("--attention: the token grid of the attention maps is unknown; give it with "
+                          "--attention-tokens H,W[,EXTRA_POSITION...] (e.g. 14,14,0: a 14x14 patch grid and a "
+                          "class token at position 0)")
+    count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
+    lengths = {name: index.shape(tensor)[2] for name, tensor in maps.items()}
+    other = [f"{name} (T = {length})" for name, length in lengths.items() if length != count]
+    if other and wanted:
+        raise ExportError(f"--attention: map(s) {', '.join(other)} do not attend over the {count} tokens of the "
+                          f"token grid {tokens.to_dict()}")
+    matching = {name: tensor for name, tensor in maps.items() if lengths[name] == count}
+    if not matching:
+        raise ExportError(f"--attention: no attention map attends over the {count} tokens of the token grid "
+                          f"{tokens.to_dict()} (found: {', '.join(other)})")
+    log(f"attention maps: {', '.join(matching)}")
+    return matching
+
+
+def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None) -> None:
+    if maps:
+        meta[contract.META_ATTENTION] = contract.Attention(tuple(maps), tokens).to_json()
 
 
 def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProto:
@@ -276,6 +317,8 @@ def export_onnx(
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     input_layout: str | None = None,
+    attention: Sequence[str] | None = None,
+    attention_tokens: contract.LayerLayout | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -285,7 +328,8 @@ def export_onnx(
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
-    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). attention,
+    attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map names."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
@@ -298,6 +342,8 @@ def export_onnx(
     index = GraphIndex(forward)
     score = choose_score(index, output, use_softmax_output, log)
     require_batch_carried(index, image.name, score.tensor)
+    map_tensors = {} if attention is None else _matching_maps(
+        index, onnx_attention_maps(index, image.name, score.tensor, attention), attention, attention_tokens, log)
     names = list(layers)
     for name in names:
         if name not in index.shapes and name not in index.producer:
@@ -319,13 +365,16 @@ def export_onnx(
         source={"framework": "onnx", "model": Path(path).name}, score=score, image_input=image.name,
         exporter_version=__version__,
     )
+    _add_attention_metadata(meta, map_tensors, attention_tokens)
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
+        attention=map_tensors,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
-                                         tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]))
+                                         tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]),
+                                         maps=map_tensors)
     return result, checks
 
 
