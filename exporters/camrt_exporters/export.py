@@ -28,6 +28,7 @@ from .contract_file import (
 )
 from .attention import onnx_attention_maps
 from .layouts import image_layout, refuse_non_nchw_layers
+from .token_layout import infer_layer_layouts, sequence_layout
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -105,7 +106,8 @@ def export_torch(
 
     attention: expose attention maps and their gradients (`camrt_exporters.attention`): module or
     map names, or empty for every attention softmax over the token sequence; None: none.
-    attention_tokens: the token sequence the maps attend over (grid and extra tokens).
+    attention_tokens: the token sequence the maps attend over (grid and extra tokens); None: the one
+    the graph establishes (`token_layout`).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -127,7 +129,8 @@ def export_torch(
     forward = prepare(forward)
     index = GraphIndex(forward)
     score = choose_score(index, logits)
-    map_tensors = _matching_maps(index, map_tensors, attention, attention_tokens, log)
+    map_tensors, attention_tokens = _matching_maps(index, map_tensors, attention, forward.graph.input[0].name,
+                                                   contract.LAYOUT_NCHW, attention_tokens, log)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
@@ -147,18 +150,26 @@ def export_torch(
     return result, checks
 
 
-def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str] | None,
-                   tokens: contract.LayerLayout | None, log: Callable[[str], None]) -> dict[str, str]:
-    """The attention maps over the token sequence `tokens`: all of `maps` when they were named
-    (`wanted`; ExportError for one over another length), else those whose T matches."""
+def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str] | None, image_input: str,
+                   image_layout: str, tokens: contract.LayerLayout | None,
+                   log: Callable[[str], None]) -> tuple[dict[str, str], contract.LayerLayout | None]:
+    """(the attention maps over the token sequence, its layout). The layout is `tokens` when given
+    (--attention-tokens), else the one the graph establishes for sequences of the maps' length T
+    (`token_layout`); named maps (`wanted`) must all attend over it, else the maps that do are kept."""
     if wanted is None:
-        return {}
-    if tokens is None:
-        raise ExportError("--attention: the token grid of the attention maps is unknown; give it with "
-                          "--attention-tokens H,W[,EXTRA_POSITION...] (e.g. 14,14,0: a 14x14 patch grid and a "
-                          "class token at position 0)")
-    count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
+        return {}, None
     lengths = {name: index.shape(tensor)[2] for name, tensor in maps.items()}
+    if tokens is None:
+        layouts = infer_layer_layouts(index.nodes, index.shape, image_input, image_layout)
+        found = {layout for layout in (sequence_layout(layouts, length) for length in set(lengths.values())) if layout}
+        if len(found) != 1:
+            what = "none of them" if not found else f"several ({', '.join(str(f.to_dict()) for f in found)})"
+            raise ExportError(f"--attention: the maps attend over {sorted(set(lengths.values()))} tokens and the graph "
+                              f"establishes the patch grid and extra tokens of {what}; give them with "
+                              "--attention-tokens H,W[,EXTRA_POSITION...] (e.g. 14,14,0: a 14x14 patch grid and a "
+                              "class token at position 0)")
+        tokens = found.pop()
+    count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
     other = [f"{name} (T = {length})" for name, length in lengths.items() if length != count]
     if other and wanted:
         raise ExportError(f"--attention: map(s) {', '.join(other)} do not attend over the {count} tokens of the "
@@ -167,8 +178,9 @@ def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str
     if not matching:
         raise ExportError(f"--attention: no attention map attends over the {count} tokens of the token grid "
                           f"{tokens.to_dict()} (found: {', '.join(other)})")
-    log(f"attention maps: {', '.join(matching)}")
-    return matching
+    log(f"attention maps: {', '.join(matching)} over {tokens.grid[0]}x{tokens.grid[1]} patches and extra tokens at "
+        f"{list(tokens.extra_tokens)}")
+    return matching, tokens
 
 
 def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None) -> None:
@@ -342,8 +354,9 @@ def export_onnx(
     index = GraphIndex(forward)
     score = choose_score(index, output, use_softmax_output, log)
     require_batch_carried(index, image.name, score.tensor)
-    map_tensors = {} if attention is None else _matching_maps(
-        index, onnx_attention_maps(index, image.name, score.tensor, attention), attention, attention_tokens, log)
+    map_tensors, attention_tokens = ({}, None) if attention is None else _matching_maps(
+        index, onnx_attention_maps(index, image.name, score.tensor, attention), attention, image.name, layout,
+        attention_tokens, log)
     names = list(layers)
     for name in names:
         if name not in index.shapes and name not in index.producer:

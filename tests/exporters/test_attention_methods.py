@@ -1,0 +1,197 @@
+"""Attention rollout and Chefer et al.'s gradient-weighted rollout equal their authors' formulas.
+
+Models: timm's vit_tiny_patch16_224 (class token) and deit_tiny_distilled_patch16_224 (class and
+distillation tokens) at img_size=112 (a 7x7 patch grid), random weights (seed 0), exported with
+`--attention` from torch (and vit_tiny from a plain ONNX file of it). Input: scikit-image's chelsea
+at 112x112, ImageNet normalisation; explicit targets. The oracle runs the torch model with timm's
+unfused attention (``fused_attn = False``), collects each block's attention probabilities at
+``attn.attn_drop`` (the softmax output) with their gradient of the target logit from torch autograd,
+and applies the formulas as the papers and the authors' code write them (written here, independently
+of camrt): Abnar & Zuidema 2020 eq. 1 and Chefer, Gur, Wolf, ICCV 2021 eqs. 5-6. Criterion: camrt's
+raw map [B, 7, 7] within 1e-4 of the oracle's, relative to the oracle's maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from camrt import contract
+from camrt.errors import ModelError
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("skimage")
+
+SIZE = 112
+GRID = (7, 7)
+TOLERANCE = 1e-4
+#: model -> the extra tokens before the patch tokens (class; class and distillation)
+MODELS = {"vit_tiny_patch16_224": (0,), "deit_tiny_distilled_patch16_224": (0, 1)}
+TARGETS = [281, 7]
+
+
+def _photo_batch() -> np.ndarray:
+    import cv2
+    import skimage.data
+
+    images = [cv2.resize(getattr(skimage.data, name)(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+              for name in ("chelsea", "coffee")]
+    x = np.stack(images).astype(np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(0, 3, 1, 2).copy()
+
+
+def _model(name: str):
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=SIZE).eval()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    """(model name, torch model, contract file with attention maps)."""
+    from camrt_exporters.export import export_torch, write_model
+
+    model = _model(request.param)
+    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], attention=[])
+    path = tmp_path_factory.mktemp("attention") / f"{request.param}.camrt.onnx"
+    write_model(onnx_model, path)
+    return request.param, model, str(path)
+
+
+def _torch_attention(model, x: np.ndarray, targets):
+    """Each block's attention probabilities and d logit[target] / d them, from timm's unfused path."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    maps = []
+
+    def collect(module, args, out) -> None:
+        out.retain_grad()
+        maps.append(out)
+
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(collect)
+    logits = model(torch.from_numpy(x))
+    logits[torch.arange(len(targets)), torch.tensor(targets)].sum().backward()
+    return [m.detach().double() for m in maps], [m.grad.double() for m in maps]
+
+
+def _rollout_paper(maps, extra: int, fusion: str = "mean", discard_ratio: float = 0.0):
+    """Abnar & Zuidema 2020 eq. 1 (0.5 A + 0.5 I, rows re-normalised, product from the input up),
+    with vit-explain's head fusion and discard_ratio (per sample), class-token row over the patches."""
+    import torch
+
+    tokens = maps[0].shape[-1]
+    eye = torch.eye(tokens, dtype=torch.float64)
+    result = eye.expand(maps[0].shape[0], tokens, tokens)
+    for attention in maps:
+        fused = {"mean": attention.mean(dim=1), "max": attention.max(dim=1)[0], "min": attention.min(dim=1)[0]}[fusion]
+        if discard_ratio:
+            flat = fused.reshape(fused.shape[0], -1).clone()
+            for row in flat:
+                _, indices = row.topk(int(row.numel() * discard_ratio), largest=False)
+                row[indices[indices != 0]] = 0
+            fused = flat.reshape(fused.shape)
+        a = (fused + eye) / 2
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a @ result
+    return result[:, 0, extra:].reshape(-1, *GRID).numpy()
+
+
+def _chefer_iccv(maps, grads, extra: int):
+    """Chefer, Gur, Wolf ICCV 2021 eqs. 5-6 as their ViT code writes them (avg_heads,
+    apply_self_attention_rules): R = I; R += mean_h((grad * A).clamp(min=0)) @ R; R[0, patches]."""
+    import torch
+
+    tokens = maps[0].shape[-1]
+    relevance = torch.eye(tokens, dtype=torch.float64).repeat(maps[0].shape[0], 1, 1)
+    for attention, grad in zip(maps, grads):
+        cam = (grad * attention).clamp(min=0).mean(dim=1)
+        relevance = relevance + torch.matmul(cam, relevance)
+    return relevance[:, 0, extra:].reshape(-1, *GRID).numpy()
+
+
+def _raw_maps(path: str, method: str, x: np.ndarray, targets, **options) -> np.ndarray:
+    from camrt import Explainer
+    from camrt.context import ExplainContext
+    from camrt.methods.base import GraphOutputs
+
+    explainer = Explainer(path, method=method, **options)
+    values = explainer.session.run(x, targets, explainer.fetch)
+    context = ExplainContext(explainer.session, x, values[contract.TARGET_INDEX_OUTPUT])
+    return explainer.method.explain(GraphOutputs(values, x, context), layer=None)
+
+
+def _assert_close(ours: np.ndarray, reference: np.ndarray, what: str) -> None:
+    assert ours.shape == reference.shape, what
+    error = float(np.abs(ours - reference).max() / np.abs(reference).max())
+    print(f"{what}: max relative difference {error:.2e}")
+    assert error <= TOLERANCE, f"{what}: {error:.2e}"
+    assert np.ptp(reference) > 1e-3 * np.abs(reference).max(), f"{what}: degenerate reference"
+
+
+def test_metadata_lists_every_block_and_the_token_grid(exported):
+    from camrt.session import read_contract
+
+    name, model, path = exported
+    attention = read_contract(path).attention
+    assert attention.maps == tuple(f"blocks.{i}.attn" for i in range(len(model.blocks)))
+    assert attention.tokens == contract.LayerLayout(contract.LAYOUT_TOKENS, GRID, MODELS[name])
+
+
+@pytest.mark.parametrize("fusion, discard_ratio", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9)])
+def test_rollout_matches_the_paper(exported, fusion, discard_ratio):
+    name, model, path = exported
+    x = _photo_batch()
+    maps, _ = _torch_attention(model, x, TARGETS)
+    reference = _rollout_paper(maps, len(MODELS[name]), fusion, discard_ratio)
+    ours = _raw_maps(path, "attention-rollout", x, TARGETS, head_fusion=fusion, discard_ratio=discard_ratio)
+    _assert_close(ours, reference, f"rollout {name} {fusion} discard {discard_ratio}")
+
+
+def test_generic_attention_matches_chefer_iccv_2021(exported):
+    name, model, path = exported
+    x = _photo_batch()
+    maps, grads = _torch_attention(model, x, TARGETS)
+    ours = _raw_maps(path, "generic-attention", x, TARGETS)
+    _assert_close(ours, _chefer_iccv(maps, grads, len(MODELS[name])), f"generic-attention {name}")
+
+
+def test_plain_onnx_file_gives_the_same_maps(tmp_path):
+    """vit_tiny through torch.onnx.export and the ONNX front end (maps found as Softmax nodes,
+    gradients validated by finite differences at export): the same maps as the oracle."""
+    import torch
+
+    from camrt_exporters.export import export_onnx, write_model
+
+    model = _model("vit_tiny_patch16_224")
+    plain = tmp_path / "vit.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(plain), dynamo=True, input_names=["input"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    onnx_model, checks = export_onnx(plain, rules=[], attention=[])
+    assert sum(c.name.startswith(contract.ATTENTION_GRADIENT_PREFIX) for c in checks) == len(model.blocks)
+    path = tmp_path / "vit.camrt.onnx"
+    write_model(onnx_model, path)
+    x = _photo_batch()
+    maps, grads = _torch_attention(model, x, TARGETS)
+    _assert_close(_raw_maps(str(path), "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
+    _assert_close(_raw_maps(str(path), "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
+                  "generic-attention onnx")
+
+
+def test_file_without_attention_maps_is_refused(tmp_path):
+    from camrt import Explainer
+    from camrt_exporters.export import export_torch, write_model
+
+    model = _model("vit_tiny_patch16_224")
+    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], layers=["blocks.11.norm1"])
+    path = tmp_path / "no-attention.camrt.onnx"
+    write_model(onnx_model, path)
+    for method in ("attention-rollout", "generic-attention"):
+        with pytest.raises(ModelError, match=r"attention maps.*re-export it with `camrt export \.\.\. --attention`"):
+            Explainer(str(path), method=method)
