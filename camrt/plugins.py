@@ -55,6 +55,7 @@ DEFAULT_PLUGINS = (
     "camrt.methods.smooth_gradcam_plusplus",
     "camrt.methods.attention_rollout",
     "camrt.methods.generic_attention",
+    "camrt.methods.legrad",
     "camrt.metrics.deletion",
     "camrt.metrics.confidence",
     "camrt.metrics.road",

@@ -220,3 +220,32 @@ def select_maps(available: Sequence[str], wanted: Sequence[str]) -> list[str]:
                               f"{', '.join(available)}")
         chosen += matched
     return [m for m in available if m in set(chosen)]
+
+
+# --- LeGrad's layer scores (torch sources) -----------------------------------------------------
+
+
+def map_block(map_name: str) -> str:
+    """The block that holds an attention map: the parent of the module that computed it
+    (``blocks.3.attn`` -> ``blocks.3``; torchvision's ``encoder.layers.encoder_layer_3.self_attention``
+    -> ``encoder.layers.encoder_layer_3``)."""
+    return map_name.partition("@")[0].rpartition(".")[0]
+
+
+def layer_score_projection(model):
+    """LeGrad's projection of a block's tokens [B, T, C] to class scores [B, classes]: the mean over
+    all tokens, the model's final norm and its head (Bousselham et al. 2024 sec. 3.2; the authors' code
+    ``ln_post(feat.mean(dim=0)) @ proj``, torchcam 0.5's ``heads(norm(tokens.mean(dim=1)))``).
+
+    torchvision's VisionTransformer: ``heads(encoder.ln(mean))``. timm's vision transformers: every
+    token replaced by the mean, then ``forward_head(norm(.))`` (so the head's own pooling, class token
+    or average, and a distillation head's average, see the mean). Other models: ExportError."""
+    encoder, heads = getattr(model, "encoder", None), getattr(model, "heads", None)
+    if encoder is not None and heads is not None and hasattr(encoder, "ln"):
+        return lambda tokens: heads(encoder.ln(tokens.mean(dim=1)))
+    norm, forward_head = getattr(model, "norm", None), getattr(model, "forward_head", None)
+    if norm is not None and callable(forward_head):
+        return lambda tokens: forward_head(norm(tokens.mean(dim=1, keepdim=True).expand_as(tokens)))
+    raise ExportError(f"--attention-layer-scores: camrt knows the final norm and head of timm's and torchvision's "
+                      f"vision transformers only, not of {type(model).__name__}; export without it (LeGrad then "
+                      "cannot run on the file)")

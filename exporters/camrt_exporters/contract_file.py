@@ -433,6 +433,7 @@ def build_contract_model(
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
     attention: dict[str, str] | None = None,
+    layer_scores: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
@@ -440,7 +441,9 @@ def build_contract_model(
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
     with the lists of both. `attention` maps attention-map names to tensors (Softmax outputs): each
-    is exposed with its gradient (`camrt_exporters.attention`; the caller writes META_ATTENTION).
+    is exposed with its gradient (`camrt_exporters.attention`; the caller writes META_ATTENTION);
+    `layer_scores` maps some of them to a [B, classes] tensor s^l (LeGrad's layer score) whose
+    target's gradient with respect to the map is exposed too.
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -524,6 +527,12 @@ def build_contract_model(
                                            index.shape(term.output)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
+    for i, (name, layer_score) in enumerate((layer_scores or {}).items()):
+        tensor = attention[name]
+        backward = differentiate(index, layer_score, seed, [tensor], vanilla, patches, prefix=f"camrt_bwd/layer_score_{i}")
+        nodes += backward.nodes
+        inits += backward.initializers
+        expose(contract.attention_layer_gradient_output(name), backward.gradients[tensor], like=tensor)
 
     graph = index.graph
     new_graph = helper.make_graph(

@@ -100,6 +100,7 @@ def export_torch(
     fullgrad: bool = False,
     attention: Sequence[str] | None = None,
     attention_tokens: contract.LayerLayout | None = None,
+    attention_layer_scores: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
@@ -107,7 +108,8 @@ def export_torch(
     attention: expose attention maps and their gradients (`camrt_exporters.attention`): module or
     map names, or empty for every attention softmax over the token sequence; None: none.
     attention_tokens: the token sequence the maps attend over (grid and extra tokens); None: the one
-    the graph establishes (`token_layout`).
+    the graph establishes (`token_layout`). attention_layer_scores: also the gradient of each map's
+    LeGrad layer score (`attention.layer_score_projection`; timm and torchvision ViTs).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -123,14 +125,17 @@ def export_torch(
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
+    if attention_layer_scores and attention is None:
+        raise ExportError("--attention-layer-scores needs --attention (the maps whose gradients it adds)")
     maps = attention_map_names(model, input_size, attention) if attention is not None else []
-    forward, logits, tensors, map_tensors = export_forward(model, refs, input_size, opset,
-                                                           fold_batchnorm=not fullgrad, maps=maps)
-    forward = prepare(forward)
+    exported = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad, maps=maps,
+                              layer_scores=attention_layer_scores)
+    forward, logits, tensors = prepare(exported.model), exported.logits, exported.layers
     index = GraphIndex(forward)
     score = choose_score(index, logits)
-    map_tensors, attention_tokens = _matching_maps(index, map_tensors, attention, forward.graph.input[0].name,
+    map_tensors, attention_tokens = _matching_maps(index, exported.maps, attention, forward.graph.input[0].name,
                                                    contract.LAYOUT_NCHW, attention_tokens, log)
+    layer_scores = {name: exported.layer_scores[name] for name in map_tensors if name in exported.layer_scores}
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
@@ -139,14 +144,14 @@ def export_torch(
         source={"framework": "torch", "model": source_name or type(model).__name__}, score=score,
         image_input=forward.graph.input[0].name, exporter_version=__version__,
     )
-    _add_attention_metadata(meta, map_tensors, attention_tokens)
+    _add_attention_metadata(meta, map_tensors, attention_tokens, bool(layer_scores))
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors,
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors, layer_scores=layer_scores,
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size,
-                                    maps=list(map_tensors))
+                                    maps=list(map_tensors), layer_scores=bool(layer_scores))
     return result, checks
 
 
@@ -183,9 +188,10 @@ def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str
     return matching, tokens
 
 
-def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None) -> None:
+def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None,
+                            layer_scores: bool = False) -> None:
     if maps:
-        meta[contract.META_ATTENTION] = contract.Attention(tuple(maps), tokens).to_json()
+        meta[contract.META_ATTENTION] = contract.Attention(tuple(maps), tokens, layer_scores).to_json()
 
 
 def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProto:

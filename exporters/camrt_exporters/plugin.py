@@ -106,9 +106,12 @@ def register_commands(cli):
     @click.option("--attention-tokens", metavar="H,W[,EXTRA...]", help="The token sequence of the attention maps: "
                   "the patch grid and the positions of the extra tokens (class, distillation, registers), e.g. "
                   "14,14,0 (default: established from the graph).")
+    @click.option("--attention-layer-scores", is_flag=True, help="torch sources: also the gradient of each attention "
+                  "map's layer score (the model's final norm and head applied to the mean token of the map's "
+                  "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
                input_name, score_output, input_layout, softmax_output, opset, fullgrad, attention, attention_maps,
-               attention_tokens):
+               attention_tokens, attention_layer_scores):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -129,13 +132,17 @@ def register_commands(cli):
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
+        if is_onnx and attention_layer_scores:
+            raise click.UsageError(f"--attention-layer-scores applies to torch sources; {source} is an ONNX file (the "
+                                   "layer scores apply the model's head to each block's tokens, built from its modules)")
         if not is_onnx and score_output:
             raise click.UsageError("--score-output applies to ONNX sources; a torch model's output is its logits")
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
-        attention_options = {"attention": list(attention_maps) if attention or attention_maps else None,
+        wants_attention = attention or attention_maps or attention_layer_scores
+        attention_options = {"attention": list(attention_maps) if wants_attention else None,
                              "attention_tokens": _token_layout(attention_tokens)}
         if is_onnx:
             preprocessing = None
@@ -154,7 +161,7 @@ def register_commands(cli):
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
                                          source_name=source, opset=opset, fullgrad=fullgrad, log=log,
-                                         **attention_options)
+                                         attention_layer_scores=attention_layer_scores, **attention_options)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")

@@ -147,12 +147,13 @@ def require_finite(outputs: dict[str, np.ndarray]) -> None:
 
 
 def validate_against_torch(model, contract_model, refs, layers: dict[str, str], rule_sets, image_input: str,
-                           input_size: tuple[int, int], maps: Sequence[str] = ()) -> list[Check]:
+                           input_size: tuple[int, int], maps: Sequence[str] = (), layer_scores: bool = False) -> list[Check]:
     """Compare with torch float32 autograd; a tensor outside tolerance is judged again against torch
     float64, where camrt must be no further from the truth than twice torch float32's own error
     (float32 ReLU/MaxPool switches legitimately flip between implementations). A layer gradient that
     still differs (a switch flipped in onnxruntime only) must be within SWITCH_L2_REL in relative L2.
-    Attention maps `maps` and their gradients are checked like layer activations and gradients."""
+    Attention maps `maps` and their gradients (and, with `layer_scores`, the gradients of LeGrad's
+    layer scores) are checked like layer activations and gradients."""
     import torch
 
     from .torch_frontend import reference_gradients
@@ -169,28 +170,29 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
         terms = bias_terms if rule_set == contract.RULE_VANILLA else []
         rule_maps = maps if rule_set == contract.RULE_VANILLA else ()
-        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms), rule_maps),
-                       refs, terms, rule_maps)
+        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms), rule_maps,
+                                           layer_scores), refs, terms, rule_maps)
         pending = [(name, metric, tol, kind) for name, metric, tol, kind
-                   in _torch_checks(refs, rule_set, terms, rule_maps) if name in got]
+                   in _torch_checks(refs, rule_set, terms, rule_maps, layer_scores) if name in got]
         truth = None
         for name, metric, tol, kind in pending:
             check = Check(name, metric(got[name], ref[name]), tol, kind)
             if not check.ok:
                 if truth is None:
-                    truth = _float64_reference(model, refs, x, targets, rule_set, terms, rule_maps)
+                    truth = _float64_reference(model, refs, x, targets, rule_set, terms, rule_maps, layer_scores)
                 own_error = metric(ref[name], truth[name])
                 check = Check(name, metric(got[name], truth[name]), max(2 * own_error, tol),
                               f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
                 if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX,
-                                                     contract.ATTENTION_GRADIENT_PREFIX)):
+                                                     contract.ATTENTION_GRADIENT_PREFIX,
+                                                     contract.ATTENTION_LAYER_GRADIENT_PREFIX)):
                     check = Check(name, l2_rel(got[name], truth[name]), SWITCH_L2_REL,
                                   "relative-L2 vs torch float64 (a downstream switch flipped in onnxruntime)")
             checks.append(check)
     return raise_on_failures(checks)
 
 
-def _torch_checks(refs, rule_set: str, bias_terms=(), maps=()):
+def _torch_checks(refs, rule_set: str, bias_terms=(), maps=(), layer_scores: bool = False):
     if rule_set == contract.RULE_VANILLA:
         yield contract.LOGITS_OUTPUT, max_rel, FORWARD_MAX_REL, "max-relative"
         for ref in refs:
@@ -199,6 +201,8 @@ def _torch_checks(refs, rule_set: str, bias_terms=(), maps=()):
     for name in maps:
         yield contract.attention_output(name), max_rel, FORWARD_MAX_REL, "max-relative"
         yield contract.attention_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+        if layer_scores:
+            yield contract.attention_layer_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     for name in bias_terms:
         yield name, max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
@@ -230,13 +234,15 @@ def _flatten(ref: dict, refs, bias_terms=(), maps=()) -> dict[str, np.ndarray]:
     for name, value, grad in zip(maps, ref["attention"], ref["attention_grads"]):
         flat[contract.attention_output(name)] = value
         flat[contract.attention_gradient_output(name)] = grad
+    for name, grad in zip(maps, ref["attention_layer_grads"]):
+        flat[contract.attention_layer_gradient_output(name)] = grad
     for rule_set in (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET):
         flat[contract.input_gradient_output(rule_set)] = ref["input_grad"]
     return flat
 
 
 def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_terms=(),
-                       maps=()) -> dict[str, np.ndarray]:
+                       maps=(), layer_scores: bool = False) -> dict[str, np.ndarray]:
     import copy
 
     import torch
@@ -245,7 +251,7 @@ def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_
 
     model64 = copy.deepcopy(model).double()
     return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms),
-                                        maps), refs, bias_terms, maps)
+                                        maps, layer_scores), refs, bias_terms, maps)
 
 
 def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:

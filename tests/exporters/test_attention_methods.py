@@ -1,4 +1,4 @@
-"""Attention rollout and Chefer et al.'s gradient-weighted rollout equal their authors' formulas.
+"""Attention rollout, Chefer et al.'s gradient-weighted rollout and LeGrad equal their authors' formulas.
 
 Models: timm's vit_tiny_patch16_224 (class token) and deit_tiny_distilled_patch16_224 (class and
 distillation tokens) at img_size=112 (a 7x7 patch grid), random weights (seed 0), exported with
@@ -7,8 +7,11 @@ at 112x112, ImageNet normalisation; explicit targets. The oracle runs the torch 
 unfused attention (``fused_attn = False``), collects each block's attention probabilities at
 ``attn.attn_drop`` (the softmax output) with their gradient of the target logit from torch autograd,
 and applies the formulas as the papers and the authors' code write them (written here, independently
-of camrt): Abnar & Zuidema 2020 eq. 1 and Chefer, Gur, Wolf, ICCV 2021 eqs. 5-6. Criterion: camrt's
-raw map [B, 7, 7] within 1e-4 of the oracle's, relative to the oracle's maximum.
+of camrt): Abnar & Zuidema 2020 eq. 1, Chefer, Gur, Wolf, ICCV 2021 eqs. 5-6, and LeGrad (Bousselham
+et al.; the layer score of block l is the model's final norm and head applied to the mean of the
+block's tokens, differentiated with respect to the block's own attention). Criterion: camrt's raw
+map [B, 7, 7] within 1e-4 of the oracle's, relative to the oracle's maximum. (LeGrad against
+torchcam 0.5, which hooks torchvision's attention modules only: test_legrad_torchcam.py.)
 """
 
 from __future__ import annotations
@@ -54,31 +57,51 @@ def exported(request, tmp_path_factory):
     from camrt_exporters.export import export_torch, write_model
 
     model = _model(request.param)
-    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], attention=[])
+    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], attention=[], attention_layer_scores=True)
     path = tmp_path_factory.mktemp("attention") / f"{request.param}.camrt.onnx"
     write_model(onnx_model, path)
     return request.param, model, str(path)
 
 
-def _torch_attention(model, x: np.ndarray, targets):
-    """Each block's attention probabilities and d logit[target] / d them, from timm's unfused path."""
+def _torch_attention(model, x: np.ndarray, targets, layer_scores: bool = False):
+    """Each block's attention probabilities and d logit[target] / d them, from timm's unfused path;
+    with `layer_scores`, instead d s^l[target] / d them, s^l LeGrad's score of block l: the mean of the
+    block's output tokens through the final norm and the head (timm's forward_head, every token the mean)."""
     import copy
 
     import torch
 
     model = copy.deepcopy(model)
-    maps = []
+    maps, outputs = [], []
 
-    def collect(module, args, out) -> None:
-        out.retain_grad()
-        maps.append(out)
+    def collector(into: list):
+        def collect(module, args, out) -> None:
+            into.append(out)
+
+        return collect
 
     for block in model.blocks:
         block.attn.fused_attn = False
-        block.attn.attn_drop.register_forward_hook(collect)
+        block.attn.attn_drop.register_forward_hook(collector(maps))
+        block.register_forward_hook(collector(outputs))
     logits = model(torch.from_numpy(x))
-    logits[torch.arange(len(targets)), torch.tensor(targets)].sum().backward()
-    return [m.detach().double() for m in maps], [m.grad.double() for m in maps]
+    rows, columns = torch.arange(len(targets)), torch.tensor(targets)
+    if not layer_scores:
+        grads = torch.autograd.grad(logits[rows, columns].sum(), maps)
+    else:
+        scores = [model.forward_head(model.norm(out.mean(dim=1, keepdim=True).expand_as(out))) for out in outputs]
+        grads = [torch.autograd.grad(score[rows, columns].sum(), attention, retain_graph=True)[0]
+                 for score, attention in zip(scores, maps)]
+    return [m.detach().double() for m in maps], [g.double() for g in grads]
+
+
+def _legrad(layer_grads, extra: int):
+    """LeGrad as the authors' code writes it: per block grad.clamp(min=0).mean over heads and queries,
+    the patch keys, averaged over blocks."""
+    import torch
+
+    maps = [grad.clamp(min=0).mean(dim=1).mean(dim=1)[:, extra:] for grad in layer_grads]
+    return torch.stack(maps).mean(dim=0).reshape(-1, *GRID).numpy()
 
 
 def _rollout_paper(maps, extra: int, fusion: str = "mean", discard_ratio: float = 0.0):
@@ -162,11 +185,21 @@ def test_generic_attention_matches_chefer_iccv_2021(exported):
     _assert_close(ours, _chefer_iccv(maps, grads, len(MODELS[name])), f"generic-attention {name}")
 
 
+def test_legrad_matches_the_authors_formula(exported):
+    name, model, path = exported
+    x = _photo_batch()
+    _, layer_grads = _torch_attention(model, x, TARGETS, layer_scores=True)
+    _assert_close(_raw_maps(path, "legrad", x, TARGETS), _legrad(layer_grads, len(MODELS[name])), f"legrad {name}")
+    _assert_close(_raw_maps(path, "legrad", x, TARGETS, last_blocks=4), _legrad(layer_grads[-4:], len(MODELS[name])),
+                  f"legrad {name}, last 4 blocks")
+
+
 def test_plain_onnx_file_gives_the_same_maps(tmp_path):
     """vit_tiny through torch.onnx.export and the ONNX front end (maps found as Softmax nodes,
     gradients validated by finite differences at export): the same maps as the oracle."""
     import torch
 
+    from camrt import Explainer
     from camrt_exporters.export import export_onnx, write_model
 
     model = _model("vit_tiny_patch16_224")
@@ -182,6 +215,9 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path):
     _assert_close(_raw_maps(str(path), "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
     _assert_close(_raw_maps(str(path), "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
                   "generic-attention onnx")
+    with pytest.raises(ModelError, match=r"attention maps with layer-score gradients.*"
+                                         r"`camrt export \.\.\. --attention --attention-layer-scores`"):
+        Explainer(str(path), method="legrad")
 
 
 def test_file_without_attention_maps_is_refused(tmp_path):
@@ -192,6 +228,6 @@ def test_file_without_attention_maps_is_refused(tmp_path):
     onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], layers=["blocks.11.norm1"])
     path = tmp_path / "no-attention.camrt.onnx"
     write_model(onnx_model, path)
-    for method in ("attention-rollout", "generic-attention"):
-        with pytest.raises(ModelError, match=r"attention maps.*re-export it with `camrt export \.\.\. --attention`"):
+    for method in ("attention-rollout", "generic-attention", "legrad"):
+        with pytest.raises(ModelError, match=r"attention maps.*re-export it with `camrt export \.\.\. --attention"):
             Explainer(str(path), method=method)
