@@ -38,7 +38,7 @@ from .autodiff.reverse import active_tensors
 FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                                  "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention"})
 FUSED_ATTENTION_FIX = ("export the model with the attention written out as MatMul/Softmax/MatMul (torch: "
-                       "torch.onnx.export with opset <= 22, and timm's attention modules with fused_attn=False; "
+                       "torch.onnx.export with opset_version <= 22, or timm's attention modules with fused_attn=False; "
                        "not through onnxruntime's transformer optimizer, which fuses it), or export the torch model "
                        "with camrt directly")
 

@@ -21,6 +21,7 @@ import pytest
 
 from camrt import contract
 from camrt.errors import ModelError
+from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture: `camrt export` registered)
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("skimage")
@@ -194,30 +195,70 @@ def test_legrad_matches_the_authors_formula(exported):
                   f"legrad {name}, last 4 blocks")
 
 
-def test_plain_onnx_file_gives_the_same_maps(tmp_path):
-    """vit_tiny through torch.onnx.export and the ONNX front end (maps found as Softmax nodes,
-    gradients validated by finite differences at export): the same maps as the oracle."""
+def _plain_onnx(model, path, opset: int | None = None) -> str:
     import torch
 
+    torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=True, input_names=["input"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+                      **({"opset_version": opset} if opset else {}))
+    return str(path)
+
+
+def _camrt(*args: str):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    return CliRunner().invoke(build_cli(), list(args))
+
+
+@pytest.mark.slow
+def test_plain_onnx_file_gives_the_same_maps(tmp_path, exporters_plugin):
+    """vit_tiny through torch.onnx.export and `camrt export --attention` (the ONNX front end: maps
+    found as Softmax nodes, the token grid established from the graph, every map's gradient validated
+    by finite differences): the same maps as the oracle; legrad is refused (no layer scores)."""
     from camrt import Explainer
-    from camrt_exporters.export import export_onnx, write_model
 
     model = _model("vit_tiny_patch16_224")
-    plain = tmp_path / "vit.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(plain), dynamo=True, input_names=["input"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    onnx_model, checks = export_onnx(plain, rules=[], attention=[])
-    assert sum(c.name.startswith(contract.ATTENTION_GRADIENT_PREFIX) for c in checks) == len(model.blocks)
-    path = tmp_path / "vit.camrt.onnx"
-    write_model(onnx_model, path)
+    path = str(tmp_path / "vit.camrt.onnx")
+    result = _camrt("export", _plain_onnx(model, tmp_path / "vit.onnx"), "-o", path, "--rules", "", "--attention")
+    assert result.exit_code == 0, result.output
+    assert "over 7x7 patches and extra tokens at [0]" in result.output
+    validated = [line for line in result.output.splitlines() if line.startswith("validated camrt/attn_grad/")]
+    assert len(validated) == len(model.blocks) and all("finite-difference" in line for line in validated)
     x = _photo_batch()
     maps, grads = _torch_attention(model, x, TARGETS)
-    _assert_close(_raw_maps(str(path), "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
-    _assert_close(_raw_maps(str(path), "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
+    _assert_close(_raw_maps(path, "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
+    _assert_close(_raw_maps(path, "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
                   "generic-attention onnx")
     with pytest.raises(ModelError, match=r"attention maps with layer-score gradients.*"
                                          r"`camrt export \.\.\. --attention --attention-layer-scores`"):
-        Explainer(str(path), method="legrad")
+        Explainer(path, method="legrad")
+
+
+def test_fused_attention_op_is_refused_with_the_fix(tmp_path, exporters_plugin):
+    """torch.onnx.export at opset 23 writes timm's fused attention as one ONNX Attention op."""
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1).eval()
+    plain = _plain_onnx(model, tmp_path / "fused.onnx", opset=23)
+    result = _camrt("export", plain, "-o", str(tmp_path / "out.camrt.onnx"), "--rules", "", "--attention")
+    assert result.exit_code != 0
+    assert "(Attention) computes attention probabilities inside one fused op" in result.output
+    assert "opset_version <= 22, or timm's attention modules with fused_attn=False" in result.output
+    assert not (tmp_path / "out.camrt.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention-layer-scores"], "--attention-layer-scores applies to torch sources"),
+    (["--attention", "--attention-tokens", "7,x"], "expected H,W[,EXTRA_POSITION...]"),
+], ids=["layer-scores-onnx", "bad-tokens"])
+def test_attention_flags_are_checked(tmp_path, exporters_plugin, args, message):
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(b"")
+    result = _camrt("export", str(plain), "-o", str(tmp_path / "out.camrt.onnx"), *args)
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_file_without_attention_maps_is_refused(tmp_path):
