@@ -16,20 +16,10 @@ import numpy as np
 
 from .. import contract
 from ..errors import ModelError, PluginError
-from .base import GraphOutputs, Method, Requirements
+from .base import GraphOutputs, Method
 
 #: How heads are fused (`--head-fusion`; jacobgil's vit-explain offers the same three).
 HEAD_FUSIONS = ("mean", "max", "min")
-
-
-def missing_attention_flag(requires: Requirements, info: contract.ContractInfo) -> str | None:
-    """The `camrt export` flag(s) a file needs for a method's attention outputs, or None when it has them."""
-    if not requires.uses_attention:
-        return None
-    layer_scores = " --attention-layer-scores" if requires.attention_layer_gradients else ""
-    if info.attention is None or (requires.attention_layer_gradients and not info.attention.layer_scores):
-        return "--attention" + layer_scores
-    return None
 
 
 def file_attention(outputs: GraphOutputs, method: str) -> contract.Attention:

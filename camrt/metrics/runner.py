@@ -44,7 +44,7 @@ class Evaluation:
                  layers: Sequence[str] | None = None, device: str = "auto", threads: int | None = None,
                  score: str = "probability", batch_size: int = 32, images_per_batch: int = 8,
                  keep_maps: bool = False, graph_optimization: str = "all"):
-        from ..registry import build_metric_registry, build_method_registry
+        from ..plugins.registry import build_method_registry, build_metric_registry
 
         method_registry = build_method_registry()
         self._method_classes = {cls.name: cls for cls in (method_registry.get(n) for n in _unique(methods, "methods"))}
@@ -103,7 +103,7 @@ class Evaluation:
                 yield from self._chunk(explainer, inputs[start:start + self.images_per_batch])
 
     def _chunk(self, explainer: Any, chunk: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
-        from ..context import ExplainContext
+        from ..execution.context import ExplainContext
 
         layer = ",".join(explainer.layers) if explainer.layers else None
         base = [{"input": name, "method": explainer.method.name, "layer": layer, "status": "ok", "error": None}

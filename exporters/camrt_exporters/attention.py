@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from camrt.errors import ExportError
+from .errors import ExportError
 
 from .autodiff.graph import GraphIndex, attribute
 from .autodiff.reverse import active_tensors

@@ -11,11 +11,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError
-from camrt.layers import spatial_candidates, tensor_layouts
+from camrt.errors import first_line
+from camrt.modelfile.layers import spatial_candidates, tensor_layouts
 
-from .autodiff.graph import GraphIndex, attribute, run_for
+from .autodiff.graph import GraphIndex, attribute, cpu_session, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
+from .errors import ExportError
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 
@@ -68,7 +69,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ExportError(
             f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion to opset 17 "
-            f"failed ({_first_line(exc)}). Re-export the model with opset 17 or newer."
+            f"failed ({first_line(exc)}). Re-export the model with opset 17 or newer."
         ) from exc
     if opset < 11:
         _keep_asymmetric_resize(converted)
@@ -88,9 +89,6 @@ def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
             else:
                 node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 #: Ops never folded: their value changes from run to run.
@@ -203,22 +201,17 @@ def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
     """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
-    import onnxruntime as ort
-
     graph = helper.make_graph(
         [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
         [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
     )
     folding = helper.make_model(graph, opset_imports=list(model.opset_import))
     folding.ir_version = model.ir_version
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(folding.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, session.run(wanted, {})))
+        return dict(zip(wanted, cpu_session(folding).run(wanted, {})))
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
-                          f"failed in onnxruntime: {_first_line(exc)}") from None
+                          f"failed in onnxruntime: {first_line(exc)}") from None
 
 
 def _behind_identities(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto | None]:
@@ -301,7 +294,7 @@ def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> No
 
 def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
     """NCHW tensors with spatial extent on a path from the input to the score, in graph order
-    (the rule lives in camrt.layers, shared with `camrt inspect`)."""
+    (the rule lives in camrt.modelfile.layers, shared with `camrt inspect`)."""
     return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]),
                               tensor_layouts(index.nodes, image_input, image_layout))
 

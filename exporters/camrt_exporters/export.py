@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import pluggy
 
 from camrt import contract
-from camrt.errors import ExportError, PluginError
-from camrt.layers import choose_default_layer
+from camrt.errors import PluginError
+from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
@@ -27,6 +28,7 @@ from .contract_file import (
     require_batch_carried,
 )
 from .attention import onnx_attention_maps
+from .errors import ExportError
 from .layouts import image_layout, refuse_non_nchw_layers
 from .token_layout import infer_layer_layouts, sequence_layout
 from .validate import Check, validate_against_torch, validate_finite_differences
@@ -35,18 +37,22 @@ DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
 IMAGENET_LABELS = "imagenet"
 
 
-def rule_sets() -> dict[str, RuleSet]:
-    """Every rule set registered through the `register_gradient_rules` hook (built-ins included)."""
-    pm = get_plugin_manager()
-    ensure_registered(pm, "camrt_exporters.plugin")
+def rule_sets(pm: pluggy.PluginManager | None = None) -> dict[str, RuleSet]:
+    """Every rule set registered through the `register_gradient_rules` hook of `pm` (default: the
+    process-wide manager), built-ins included; none when the exporter's plugin is blocked."""
+    pm = pm or get_plugin_manager()
+    ensure_registered(pm, "camrt_exporters.plugin")  # declares the hook unless blocked
     found: dict[str, RuleSet] = {}
+    hook = getattr(pm.hook, "register_gradient_rules", None)
+    if hook is None:
+        return found
 
     def register(rule_set: RuleSet) -> None:
         if rule_set.name in found:
             raise PluginError(f"rule set {rule_set.name!r} registered twice; registered: {sorted(found)}")
         found[rule_set.name] = rule_set
 
-    pm.hook.register_gradient_rules(register=register)
+    hook(register=register)
     return found
 
 
@@ -175,6 +181,9 @@ def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str
                               "class token at position 0)")
         tokens = found.pop()
     count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
+    if len(set(tokens.extra_tokens)) != len(tokens.extra_tokens) or any(p >= count for p in tokens.extra_tokens):
+        raise ExportError(f"--attention-tokens: the extra-token positions {list(tokens.extra_tokens)} must be distinct "
+                          f"and below the {count} tokens")
     other = [f"{name} (T = {length})" for name, length in lengths.items() if length != count]
     if other and wanted:
         raise ExportError(f"--attention: map(s) {', '.join(other)} do not attend over the {count} tokens of the "

@@ -1,10 +1,18 @@
-"""camrt plugin of the exporters: the built-in rule sets and the `camrt export` command."""
+"""camrt plugin of the exporters: the exporter's hooks, the built-in rule sets and the `camrt export`
+command. Loaded through the entry point of group ``camrt``; it imports neither onnx nor torch."""
 
 from __future__ import annotations
 
 import click
 
 from camrt.hookspecs import hookimpl
+
+
+@hookimpl
+def declare_hooks(declare):
+    from . import hookspecs
+
+    declare(hookspecs)
 
 
 @hookimpl

@@ -32,7 +32,7 @@ from typing import Any
 
 from camrt import contract
 from camrt.contract import LayerLayout
-from camrt.layers import Shape
+from camrt.modelfile.layers import Shape
 
 _BATCH, _CHANNELS, _ROWS, _COLUMNS, _TOKENS = "B", "C", "H", "W", "T"
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from camrt.errors import ExportError
+from .errors import ExportError
 
 IMAGE_INPUT = "input"
 LOGITS = "logits"

@@ -14,7 +14,10 @@ import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError
+from camrt.errors import first_line
+
+from .autodiff.graph import cpu_session
+from .errors import ExportError, ValidationError
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -101,14 +104,10 @@ class _OrtSession:
     """An onnxruntime session whose failures are ExportErrors (the exported graph does not run)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._session = cpu_session(model)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot load the exported graph: {first_line(exc)}") from None
 
     def output_names(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
@@ -117,11 +116,8 @@ class _OrtSession:
         try:
             return self._session.run(fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot run the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot run the exported graph: {first_line(exc)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def session_for(model: onnx.ModelProto) -> _OrtSession:

@@ -16,20 +16,36 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from camrt.errors import ExportError, UnsupportedOpError
 from camrt_exporters.autodiff.graph import GraphIndex
 from camrt_exporters.autodiff.reverse import ForwardPatches, differentiate
 from camrt_exporters.autodiff.rules import DECONVNET, GUIDED, VANILLA
+from camrt_exporters.errors import ExportError, UnsupportedOpError
 
-from .test_backward_rules_spatial import TESTED_OPS as SPATIAL_OPS
 from .rule_harness import (
-    BATCH, FEW, RTOL_F32, RTOL_F64, SOME, Case, away_from, broadcast_partner, check, distinct,
-    finite_differences, forward_model, gradient_model, node, pool_taps, reference, seeds, shapes, spec_pads,
+    BATCH,
+    FEW,
+    RTOL_F32,
+    RTOL_F64,
+    SOME,
+    Case,
+    away_from,
+    broadcast_partner,
+    check,
+    distinct,
+    finite_differences,
+    forward_model,
+    gradient_model,
+    node,
+    pool_taps,
+    reference,
+    seeds,
+    shapes,
+    spec_pads,
 )
 from .test_backward_rules_activations import TESTED_OPS as ACTIVATION_AND_REDUCTION_OPS
 from .test_backward_rules_activations import UNARY as ACTIVATION_UNARY
 from .test_backward_rules_normalization import TESTED_OPS as NORMALIZATION_OPS
-
+from .test_backward_rules_spatial import TESTED_OPS as SPATIAL_OPS
 
 # --------------------------------------------------------------------------------------------
 # element-wise ops

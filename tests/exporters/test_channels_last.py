@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.errors import ContractError, ExportError
+from camrt.errors import ContractError
+from camrt.execution.session import ExplainSession
 from camrt.explainer import Explainer
-from camrt.layers import onnx_layers, tensor_layouts
-from camrt.registry import build_method_registry
-from camrt.session import ExplainSession, parse_contract
+from camrt.modelfile.layers import onnx_layers, tensor_layouts
+from camrt.modelfile.metadata import parse_contract
+from camrt.plugins.registry import build_method_registry
+from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.validate import run_contract
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)

@@ -19,6 +19,7 @@ differ by ~1e-6 relative); increase in confidence (a comparison) exactly.
 from __future__ import annotations
 
 from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -59,7 +60,7 @@ def setup(tmp_path_factory):
 
 def _batch(session, x, heatmaps):
     """The metrics' view of the maps, targets TARGETS (the first len(x)), logit scores."""
-    from camrt.context import ExplainContext
+    from camrt.execution.context import ExplainContext
     from camrt.metrics.base import EvalBatch
 
     targets = np.array(TARGETS[:len(x)])

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.errors import ExitCode, ValidationError
+from camrt.errors import ExitCode
 from camrt_exporters import export as export_module
 from camrt_exporters.autodiff.reverse import RuleSet
 from camrt_exporters.autodiff.rules import VANILLA, linear, pooling
+from camrt_exporters.errors import ValidationError
 from camrt_exporters.export import export_onnx, export_torch
 from camrt_exporters.validate import FD_REL
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)

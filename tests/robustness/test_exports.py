@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExitCode, ExportError, NonFiniteError, ValidationError
+from camrt.errors import ExitCode, NonFiniteError
+from camrt_exporters.errors import ExportError, ValidationError
 
 from .tally import record, refused
 
 pytest.importorskip("camrt_exporters")
 
 from camrt_exporters.export import export_onnx  # noqa: E402
-
 from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax  # noqa: E402
 
 

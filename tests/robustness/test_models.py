@@ -14,9 +14,10 @@ from onnx import external_data_helper, helper
 
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
+from camrt.execution.session import ExplainSession
 from camrt.explainer import Explainer
-from camrt.registry import build_method_registry
-from camrt.session import CUSTOM_OP_LIBRARIES_ENV, ExplainSession
+from camrt.modelfile.checks import CUSTOM_OP_LIBRARIES_ENV
+from camrt.plugins.registry import build_method_registry
 
 from .tally import refused
 

@@ -133,7 +133,7 @@ def test_only_listed_modules_load_and_failures_are_named(plugin_modules, tiny, m
     """Modules on sys.path that nobody listed are never imported (a model file cannot ask for
     one either); listed ones that fail are recorded by name and the rest still load."""
     from camrt.explainer import Explainer
-    from camrt.registry import build_method_registry, build_renderer_registry
+    from camrt.plugins.registry import build_method_registry, build_renderer_registry
 
     monkeypatch.setenv("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv(plugins.PLUGINS_ENV, "camrt_robust_import_fails, camrt_robust_good,camrt_robust_unknown_hook,"
@@ -167,7 +167,7 @@ def test_camrt_plugins_command_lists_loaded_and_failed(plugin_modules, monkeypat
     assert by_name["camrt_robust_good"] == {"name": "camrt_robust_good", "origin": plugins.ORIGIN_LISTED,
                                             "module": "camrt_robust_good", "hooks": ["register_methods"]}
     assert by_name["camrt.methods.gradcam"]["origin"] == plugins.ORIGIN_BUILTIN
-    assert by_name["camrt.plugin_commands"]["hooks"] == ["register_commands"]
+    assert by_name["camrt.cli.plugins"]["hooks"] == ["register_commands"]
     assert list(listed["failures"]) == ["camrt_robust_import_fails"]
     table = CliRunner().invoke(build_cli(), ["plugins"], catch_exceptions=False).stdout
     assert "camrt_robust_good" in table and "failed to load:" in table and "on purpose" in table

@@ -20,8 +20,9 @@ import pytest
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
 from camrt.methods.base import GraphOutputs, Requirements
-from camrt.registry import build_method_registry
-from camrt.session import parse_contract
+from camrt.plugins.registry import build_method_registry
+from camrt.modelfile.metadata import parse_contract
+from camrt.plan import ExplainPlan, PlanRefused
 
 GRID = (2, 3)
 
@@ -142,17 +143,25 @@ def test_a_map_over_other_tokens_is_refused():
         _method("attention-rollout").explain(outputs, layer=None)
 
 
-def test_requirements_list_every_map_and_need_the_metadata():
+def test_requirements_list_every_map_and_the_plan_refuses_a_file_without_them():
     info = _info((0,))
     assert Requirements(attention=True, attention_gradients=True).outputs([], info) == [
         "camrt/attn/a", "camrt/attn_grad/a", "camrt/attn/b", "camrt/attn_grad/b"]
     assert Requirements(attention_layer_gradients=True).outputs([], info) == [
         "camrt/attn_layer_grad/a", "camrt/attn_layer_grad/b"]
-    legrad = build_method_registry().get("legrad").requires
-    assert legrad.supported_by(info) and not legrad.supported_by(_info((0,), layer_scores=False))
+    registry = build_method_registry()
+    base = [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
+    plan = ExplainPlan.build(info, [*base, "camrt/attn_layer_grad/a", "camrt/attn_layer_grad/b"], registry.get("legrad"))
+    assert plan.layers == () and plan.fetch[2:] == ("camrt/attn_layer_grad/a", "camrt/attn_layer_grad/b")
     no_attention = contract.ContractInfo(version=1, input_name="x", layers=[], default_layer=None,
                                          preprocessing=contract.Preprocessing(32, 48), rule_sets=[])
-    assert not build_method_registry().get("attention-rollout").requires.supported_by(no_attention)
+    for name, info, missing, flags in (
+            ("generic-attention", no_attention, ("camrt/attn/<map>", "camrt/attn_grad/<map>"), ("--attention",)),
+            ("legrad", _info((0,), layer_scores=False), ("camrt/attn_layer_grad/a", "camrt/attn_layer_grad/b"),
+             ("--attention --attention-layer-scores",))):
+        with pytest.raises(PlanRefused, match=r"re-export it with `camrt export \.\.\. --attention") as error:
+            ExplainPlan.build(info, base, registry.get(name), path="vit.camrt.onnx")
+        assert error.value.missing == missing and error.value.export_flags == flags
 
 
 def _meta(attention: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from camrt.cli import build_cli
-from camrt.images import load_image
+from camrt.imaging.decode import load_image
 
 from .cli_docs import DOCS, examples, exporters_plugin, help_texts  # noqa: F401 (a fixture)
 from .tiny import random_image, tiny_onnx, write_image

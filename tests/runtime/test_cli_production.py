@@ -25,10 +25,12 @@ import pytest
 from click.testing import CliRunner
 
 from camrt import contract
-from camrt.cli import RECORD_FIELDS, RECORDS_FILE, build_cli, open_log
+from camrt.cli import build_cli
+from camrt.cli.explain import RECORD_FIELDS, RECORDS_FILE, open_log
 from camrt.errors import ExitCode
 from camrt.explainer import Explainer
-from camrt.images import load_image, preprocess
+from camrt.imaging.decode import load_image
+from camrt.imaging.preprocess import preprocess
 
 from .tiny import CLASSES, numpy_forward, random_image, write_image
 

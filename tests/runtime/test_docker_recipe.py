@@ -24,7 +24,7 @@ import pytest
 
 from camrt import __version__
 from camrt.explainer import Explainer
-from camrt.images import load_image
+from camrt.imaging.decode import load_image
 
 from .tiny import random_image, write_image
 

@@ -11,7 +11,7 @@ import pytest
 from camrt import contract, postprocess
 from camrt.errors import InputError, ModelError, UsageError
 from camrt.explainer import Explainer
-from camrt.images import preprocess
+from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs, Method, Requirements
 from camrt.methods.gradcam import GradCAM
 

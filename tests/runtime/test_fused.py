@@ -1,4 +1,4 @@
-"""Heatmaps made inside the onnxruntime session (`camrt.fused`) equal the numpy path's.
+"""Heatmaps made inside the onnxruntime session (`camrt.execution.heatmap_graph`) equal the numpy path's.
 
 Oracle: the default host path (the method's numpy code + `camrt.postprocess`, itself checked
 against pytorch-grad-cam in tests/exporters). Images of several sizes exercise the ONNX Resize

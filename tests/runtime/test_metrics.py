@@ -4,19 +4,18 @@ the registry and the command."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 
 import numpy as np
 import pytest
 
 from camrt import contract
-from camrt.context import ExplainContext
 from camrt.errors import PluginError, UsageError
+from camrt.execution.context import ExplainContext
+from camrt.execution.session import ExplainSession
 from camrt.hookspecs import hookimpl
 from camrt.metrics.base import EvalBatch, Metric
-from camrt.session import ExplainSession
 
 from .tiny import random_image, write_image
 
@@ -337,7 +336,7 @@ class _Dup(Metric):
 
 
 def test_metric_registry_duplicates_and_unknown_names(plugin):
-    from camrt.registry import build_metric_registry
+    from camrt.plugins.registry import build_metric_registry
 
     registry = build_metric_registry()
     assert registry.plugin_of("road") == "camrt.metrics.road" and registry.get("Deletion-AUC").name == "deletion"

@@ -81,7 +81,7 @@ def build_tiny_model(
     import onnx
 
     from camrt_exporters.autodiff.graph import GraphIndex
-    from camrt_exporters.autodiff.rules import GUIDED, VANILLA
+    from camrt_exporters.autodiff.rules import BUILTIN_RULE_SETS, VANILLA
     from camrt_exporters.contract_file import build_contract_model, choose_score, contract_metadata, prepare
 
     plain, (w1, b1, w2, b2) = tiny_onnx(seed, batch)
@@ -89,7 +89,7 @@ def build_tiny_model(
     index = GraphIndex(model)
     score = choose_score(index, "probs")
     preprocessing = preprocessing or contract.Preprocessing(HEIGHT, WIDTH)
-    chosen = {"vanilla": VANILLA, "guided": GUIDED}
+    chosen = {rule_set.name: rule_set for rule_set in BUILTIN_RULE_SETS}
     meta = contract_metadata(
         layers=list(layers), default=layers[0] if layers else None, preprocessing=preprocessing,
         rule_sets=list(rule_sets), labels=labels, source={"framework": "onnx", "model": "tiny"},

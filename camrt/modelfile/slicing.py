@@ -18,16 +18,14 @@ from __future__ import annotations
 import mmap
 import os
 
-from .session import _fields
+from .wire import LEN, MODEL_GRAPH, fields
 
-# onnx.proto3 field numbers: ModelProto 7 graph; GraphProto 5 initializer;
-# TensorProto 8 name, 13 external_data, 14 data_location.
-_MODEL_GRAPH = 7
+# onnx.proto3 field numbers: GraphProto 5 initializer; TensorProto 8 name, 13 external_data,
+# 14 data_location.
 _GRAPH_INITIALIZER = 5
 _TENSOR_NAME = 8
 _TENSOR_EXTERNAL_DATA = 13
 _TENSOR_DATA_LOCATION = 14
-_LEN = 2
 
 
 class Unsliceable(ValueError):
@@ -45,9 +43,9 @@ def _varint_bytes(value: int) -> bytes:
 
 
 def _entry(number: int, wire: int, value, buf) -> bytes:
-    """Re-encode one field read by `_fields` (LEN values are spans of `buf`)."""
+    """Re-encode one field read by `fields` (LEN values are spans of `buf`)."""
     tag = _varint_bytes(number << 3 | wire)
-    if wire == _LEN:
+    if wire == LEN:
         start, stop = value
         return tag + _varint_bytes(stop - start) + bytes(buf[start:stop])
     if wire == 0:
@@ -68,26 +66,26 @@ class SlicedModel:
         head, graph_parts = [], []
         #: initializer name -> (start, stop) of its TensorProto bytes in the file
         self.initializers: dict[str, tuple[int, int]] = {}
-        for number, wire, value in _fields(buf, 0, len(buf)):
-            if number != _MODEL_GRAPH:
+        for number, wire, value in fields(buf, 0, len(buf)):
+            if number != MODEL_GRAPH:
                 head.append(_entry(number, wire, value, buf))
                 continue
-            for sub, sub_wire, span in _fields(buf, *value):
-                if sub == _GRAPH_INITIALIZER and sub_wire == _LEN:
+            for sub, sub_wire, span in fields(buf, *value):
+                if sub == _GRAPH_INITIALIZER and sub_wire == LEN:
                     self.initializers[self._tensor_name(span)] = span
                 else:
                     graph_parts.append(_entry(sub, sub_wire, span, buf))
         graph = b"".join(graph_parts)
-        skeleton = b"".join(head) + _varint_bytes(_MODEL_GRAPH << 3 | _LEN) + _varint_bytes(len(graph)) + graph
+        skeleton = b"".join(head) + _varint_bytes(MODEL_GRAPH << 3 | LEN) + _varint_bytes(len(graph)) + graph
         self.model = onnx.ModelProto()
         self.model.ParseFromString(skeleton)
 
     def _tensor_name(self, span: tuple[int, int]) -> str:
         name = None
-        for number, wire, value in _fields(self._buf, *span):
+        for number, wire, value in fields(self._buf, *span):
             if number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION) and (number == _TENSOR_EXTERNAL_DATA or value == 1):
                 raise Unsliceable("an initializer is stored as external data")
-            if number == _TENSOR_NAME and wire == _LEN:
+            if number == _TENSOR_NAME and wire == LEN:
                 name = bytes(self._buf[value[0]:value[1]]).decode("utf-8")
         if name is None:
             raise Unsliceable("an initializer has no name")
@@ -102,11 +100,11 @@ class SlicedModel:
             for attr in node.attribute:  # names a subgraph (If/Loop/Scan body) reads from outside
                 for sub in [attr.g, *attr.graphs]:
                     read.update(i for n in sub.node for i in n.input)
-        tag = _varint_bytes(_GRAPH_INITIALIZER << 3 | _LEN)
+        tag = _varint_bytes(_GRAPH_INITIALIZER << 3 | LEN)
         parts = []
         for name in sorted(read & self.initializers.keys()):
             start, stop = self.initializers[name]
             parts += [tag, _varint_bytes(stop - start), self._view[start:stop]]
         weights = b"".join(parts)
-        return (model.SerializeToString() + _varint_bytes(_MODEL_GRAPH << 3 | _LEN) + _varint_bytes(len(weights))
+        return (model.SerializeToString() + _varint_bytes(MODEL_GRAPH << 3 | LEN) + _varint_bytes(len(weights))
                 + weights)

@@ -55,7 +55,7 @@ def _split(text: str) -> list[str]:
 
 def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: Any) -> list[str]:
     """<stem>.curves.png and <stem>.methods.png per image; returns the paths written."""
-    from .plot import plot_curves, plot_overlays
+    from ..metrics.plot import plot_curves, plot_overlays
 
     written = []
     for record_input, image in images.items():
@@ -79,7 +79,7 @@ def write_figures(evaluation: Any, outdir: str, images: dict[str, Any], names: A
 def build_command():
     import click
 
-    from ..cli import CONTEXT_SETTINGS
+    from .common import CONTEXT_SETTINGS
 
     @click.command("eval", context_settings=CONTEXT_SETTINGS, epilog=EVAL_EPILOG)
     @click.argument("model")
@@ -120,11 +120,11 @@ def build_command():
         """
         import sys
 
-        from ..cli import OutputNames, iter_inputs
         from ..errors import ExitCode, InputError, UsageError
-        from ..images import load_image
-        from ..registry import build_metric_registry
-        from .runner import Evaluation
+        from ..imaging.decode import load_image
+        from ..plugins.registry import build_metric_registry
+        from .explain import OutputNames, iter_inputs
+        from ..metrics.runner import Evaluation
 
         if plot and not outdir:
             raise UsageError("--plot writes PNG files: give an output directory with -o OUTDIR")
@@ -188,13 +188,13 @@ def build_command():
 def build_metrics_command():
     import click
 
-    from ..cli import CONTEXT_SETTINGS
+    from .common import CONTEXT_SETTINGS
 
     @click.command("metrics", context_settings=CONTEXT_SETTINGS, epilog=METRICS_EPILOG)
     @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects instead of a table.")
     def metrics_command(as_json: bool) -> None:
         """List the registered evaluation metrics (for `camrt eval --metric`)."""
-        from ..registry import build_metric_registry
+        from ..plugins.registry import build_metric_registry
 
         registry = build_metric_registry()
         described = [dict(cls.describe(), plugin=registry.plugin_of(cls.name)) for cls in registry]

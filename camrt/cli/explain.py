@@ -1,9 +1,4 @@
-"""The `camrt` command line: `explain`, `methods`, `inspect`, plus commands added by plugins.
-
-Plugins add commands through the `register_commands` hook (camrt-exporters adds `camrt export`);
-they are asked only when a command name is not a built-in one, or when commands are listed.
-camrt errors become one message on stderr and the exit code of `camrt.errors.ExitCode`.
-"""
+"""`camrt explain`: explain image files with a camrt file, streaming, resumable, one record per input."""
 
 from __future__ import annotations
 
@@ -15,70 +10,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from . import __version__
-from .errors import CamrtError, ExitCode, InputError, ModelError, UsageError
+from ..errors import ExitCode, InputError, UsageError
+from .common import CONTEXT_SETTINGS
 
-#: A fixed help width, so that the checked-in help texts (docs/cli/) do not depend on the terminal.
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100}
-
-
-class CamrtCommandError(click.ClickException):
-    """A CamrtError on its way out of the CLI: one message, camrt's exit code."""
-
-    def __init__(self, error: CamrtError):
-        super().__init__(str(error))
-        self.exit_code = int(error.exit_code)
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"camrt: error: {self.format_message()}", err=True)
-
-
-class CamrtGroup(click.Group):
-    """A click group that asks the plugins for their commands once, when first needed."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._builtin = set()
-        self._plugin_commands_loaded = False
-
-    def add_builtin(self, command: click.Command) -> None:
-        self.add_command(command)
-        self._builtin.add(command.name)
-
-    def load_plugin_commands(self) -> None:
-        if self._plugin_commands_loaded:
-            return
-        self._plugin_commands_loaded = True
-        from .plugins import get_plugin_manager, load_failures
-
-        pm = get_plugin_manager()
-        for impl in pm.hook.register_commands.get_hookimpls():
-            try:
-                impl.function(*[{"cli": self}[arg] for arg in impl.argnames])
-            except Exception as exc:  # a broken plugin must not take the CLI down; it is reported
-                message = f"plugin {impl.plugin_name!r} failed to add its commands: {exc!r}"
-                load_failures[impl.plugin_name] = message
-                click.echo(f"camrt: warning: {message}", err=True)
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        self.load_plugin_commands()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self._builtin:
-            self.load_plugin_commands()
-        return super().get_command(ctx, cmd_name)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CamrtError as exc:
-            raise CamrtCommandError(exc) from None
-
+if TYPE_CHECKING:
+    from ..targets import TargetRequest
 
 # --- camrt explain ---------------------------------------------------------------------------
 
@@ -98,7 +38,7 @@ def iter_inputs(specs: Iterable[str], stdin: TextIO, skip_dir: str | None = None
     """Paths to explain, lazily: files as given, directories walked (image extensions, sorted,
     hidden names and `skip_dir` skipped), globs expanded (sorted, `**` recursive; a matched
     directory is walked), "-" reads one path per line from stdin."""
-    from .images import IMAGE_EXTENSIONS
+    from ..imaging.decode import IMAGE_EXTENSIONS
 
     warn = warn or _warn
     skip = os.path.realpath(skip_dir) if skip_dir else None
@@ -166,39 +106,6 @@ class OutputNames:
         return name
 
 
-@dataclass(frozen=True)
-class TargetChoice:
-    """--target: a class index, top-1 (index -1), or the top k classes (top_k = k)."""
-
-    index: int = -1
-    top_k: int | None = None
-
-    @property
-    def ranks(self) -> list[int | None]:
-        """Rank per record of one input: [None] for one target, [1..k] for top-k."""
-        return list(range(1, self.top_k + 1)) if self.top_k else [None]
-
-
-def parse_target(text: str) -> TargetChoice:
-    from . import contract
-
-    value = text.strip().lower()
-    if value in ("top1", "top-1", str(contract.TOP1_TARGET)):
-        return TargetChoice(contract.TOP1_TARGET)
-    if value.startswith("topk:"):
-        k = value[len("topk:"):]
-        if not k.isdigit() or int(k) < 1:
-            raise UsageError(f"--target topk:K needs a whole number K >= 1, got {text!r}")
-        return TargetChoice(contract.TOP1_TARGET, int(k))
-    try:
-        target = int(value)
-    except ValueError:
-        raise UsageError(f"--target must be a class index, top1 or topk:K, got {text!r}") from None
-    if target < 0:
-        raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
-    return TargetChoice(target)
-
-
 def _split_formats(text: str) -> list[str]:
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
     if not formats:
@@ -236,7 +143,7 @@ class ExplainRun:
     """One `camrt explain` invocation: what to compute and where the files go."""
 
     explainer: Any
-    target: TargetChoice
+    target: TargetRequest
     renderers: list[Any]
     outdir: str
     options: dict[str, Any]
@@ -256,7 +163,7 @@ class ExplainRun:
 
     def explain_chunk(self, chunk: list[str]) -> list[dict[str, Any]]:
         """The records of a batch of input paths, in input order (top-k: k records per input)."""
-        from .images import load_image
+        from ..imaging.decode import load_image
 
         explainer = self.explainer
         per_input: list[list[dict[str, Any]]] = []
@@ -315,9 +222,7 @@ class ExplainRun:
         batch fails (e.g. the model produced NaN for it), the batch is explained again one image at
         a time so that only that input gets an error record."""
         try:
-            if self.target.top_k:
-                return self.explainer.explain_top_k(images, self.target.top_k)
-            return [[r] for r in self.explainer.explain(images, targets=[self.target.index] * len(images))]
+            return self.explainer.explain_request(images, self.target)
         except InputError as exc:
             if len(images) == 1:
                 return [exc]
@@ -330,7 +235,7 @@ class ExplainRun:
                    for rank in self.target.ranks for renderer in self.renderers)
 
     def _write(self, record: dict[str, Any], name: str, heatmap: Any, image: Any) -> None:
-        from .render import write_atomic
+        from ..imaging.render import write_atomic
 
         for renderer in self.renderers:
             path = self.output_path(name, record.get("rank"), renderer)
@@ -457,22 +362,20 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     input was explained, 1 when some failed (their records say why), 2 for a usage error, 3 for a
     model or contract error.
     """
-    from .explainer import Explainer
-    from .registry import build_renderer_registry
-    from .render import colormap_code, remove_stale_temporaries
+    from ..explainer import Explainer
+    from ..imaging.render import colormap_code, remove_stale_temporaries
+    from ..plugins.registry import build_renderer_registry
+    from ..targets import parse_target
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    choice = parse_target(target)
+    request = parse_target(target)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,
                           **_parse_options(method_options))
-    if choice.index >= explainer.num_classes or (choice.top_k or 0) > explainer.num_classes:
-        given = f"topk:{choice.top_k}" if choice.top_k else str(choice.index)
-        raise UsageError(f"--target {given} is out of range: {model} has {explainer.num_classes} classes "
-                         f"(0..{explainer.num_classes - 1})")
+    request.check(explainer.num_classes, model)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -490,7 +393,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     if jsonl_path not in (None, "-"):
         log_paths.append(jsonl_path)
     previous = logged_records(log_paths) if skip_existing and log_paths else None
-    run = ExplainRun(explainer, choice, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing,
+    run = ExplainRun(explainer, request, renderers, outdir, {"alpha": alpha, "colormap": colormap}, skip_existing,
                      previous)
     logs = []
     total = failed = 0
@@ -531,213 +434,3 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-# --- camrt methods / inspect ------------------------------------------------------------------
-
-
-def _requires_text(requires: dict[str, Any]) -> str:
-    parts = [key for key in ("activations", "gradients") if requires.get(key)]
-    if requires.get("input_gradient"):
-        parts.append(f"input_gradient:{requires['input_gradient']}")
-    parts += [key for key in ("cam_weights", "bias_gradients", "extra_passes", "tail") if requires.get(key)]
-    return ", ".join(parts) or "-"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-METHODS_EPILOG = """\b
-Examples:
-  camrt methods
-  camrt methods --json
-"""
-
-
-@click.command("methods", context_settings=CONTEXT_SETTINGS, epilog=METHODS_EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="A JSON list of objects instead of a table.")
-def methods_command(as_json: bool) -> None:
-    """List the registered explanation methods: aliases, what each needs from the file
-    (activations, gradients, input gradients of a rule set) and its options (-O KEY=VALUE)."""
-    from .registry import build_method_registry
-
-    registry = build_method_registry()
-    described = [dict(cls.describe(), plugin=registry.plugin_of(cls.name)) for cls in registry]
-    if as_json:
-        click.echo(json.dumps(described, indent=2))
-        return
-    rows = [["NAME", "ALIASES", "REQUIRES", "OPTIONS", "PLUGIN"]]
-    for m in described:
-        rows.append([m["name"], ", ".join(m["aliases"]) or "-", _requires_text(m["requires"]),
-                     ", ".join(o["name"] for o in m["options"]) or "-", m["plugin"]])
-    click.echo(_table(rows))
-
-
-def contract_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows for a camrt file: its contract and the methods it supports."""
-    from dataclasses import asdict
-
-    from .registry import build_method_registry
-    from .session import read_contract
-
-    info = read_contract(path)
-    supported = []
-    for cls in build_method_registry():
-        if cls.requires.supported_by(info):
-            supported.append(cls.name)
-    return {
-        "file": path,
-        "camrt_file": True,
-        "contract_version": info.version,
-        "exporter_version": info.exporter_version,
-        "source": info.source,
-        "input": info.input_name,
-        "layers": info.layers,
-        "default_layer": info.default_layer,
-        "rule_sets": info.rule_sets,
-        "preprocessing": asdict(info.preprocessing),
-        "labels": len(info.labels) if info.labels else 0,
-        "score": info.score,
-        "methods": supported,
-    }
-
-
-def onnx_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows for a plain ONNX file: the layer candidates an export would
-    choose from and its default (camrt.layers, the exporter's own rule)."""
-    import onnx
-
-    from .layers import onnx_layers
-    from .session import _first_line
-
-    try:
-        model = onnx.load(path)
-    except Exception as exc:  # protobuf and onnx raise unrelated types for damaged files
-        raise ModelError(f"{path}: cannot load this ONNX file: {_first_line(exc)}") from None
-    layers = onnx_layers(model, path)
-    return {
-        "file": path,
-        "camrt_file": False,
-        "input": layers.image_input,
-        "input_shape": list(layers.input_shape),
-        "input_layout": layers.image_layout,
-        "output": layers.output,
-        "candidates": [{"layer": name, "shape": list(shape)} for name, shape in layers.candidates],
-        "default_layer": layers.default,
-    }
-
-
-def _shape_text(shape: list[Any]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _contract_text(summary: dict[str, Any]) -> list[str]:
-    p = summary["preprocessing"]
-    return [
-        f"file:             {summary['file']}",
-        f"contract version: {summary['contract_version']} (exporter {summary['exporter_version'] or '?'})",
-        f"source:           {json.dumps(summary['source'])}",
-        f"input:            {summary['input']}",
-        f"layers:           {', '.join(summary['layers']) or '(none)'}",
-        f"default layer:    {summary['default_layer'] or '(none)'}",
-        f"rule sets:        {', '.join(summary['rule_sets']) or '(none)'}",
-        f"preprocessing:    {p['height']}x{p['width']} {p['channel_order']} {p['layout']}, scale {p['scale']:.6g}, "
-        f"mean {list(p['mean'])}, std {list(p['std'])}",
-        f"labels:           {summary['labels'] or '(none)'}",
-        f"score:            {json.dumps(summary['score'])}",
-        f"methods:          {', '.join(summary['methods']) or '(none)'}",
-    ]
-
-
-def _onnx_text(summary: dict[str, Any]) -> list[str]:
-    lines = [
-        f"file:             {summary['file']} (plain ONNX, not a camrt file: make one with `camrt export`)",
-        f"input:            {summary['input']} {_shape_text(summary['input_shape'])} "
-        f"({summary['input_layout'] or 'layout ambiguous: give --input-layout to camrt export'})",
-        f"output:           {summary['output']}",
-        f"default layer:    {summary['default_layer'] or '(none: no tensor with spatial extent feeds the output)'}",
-        "layer candidates (tensors with spatial extent between the input and the output, in graph order):",
-    ]
-    rows = [[c["layer"], _shape_text(c["shape"]), "(default)" if c["layer"] == summary["default_layer"] else ""]
-            for c in summary["candidates"]]
-    if rows:
-        lines.extend("  " + line for line in _table(rows).splitlines())
-    return lines
-
-
-INSPECT_EPILOG = """\b
-Examples:
-  camrt inspect model.camrt.onnx
-  camrt inspect model.camrt.onnx --json
-  camrt inspect plain.onnx
-"""
-
-
-@click.command("inspect", context_settings=CONTEXT_SETTINGS, epilog=INSPECT_EPILOG)
-@click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
-def inspect_command(model: str, as_json: bool) -> None:
-    """Show the camrt contract of MODEL (layers, rule sets, preprocessing, labels, methods), or for
-    a plain ONNX file the candidate layers with their shapes and the default `camrt export` would
-    choose."""
-    from . import contract
-    from .session import read_metadata
-
-    is_camrt = contract.META_CONTRACT_VERSION in read_metadata(model)
-    summary = contract_summary(model) if is_camrt else onnx_summary(model)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    click.echo("\n".join(_contract_text(summary) if is_camrt else _onnx_text(summary)))
-
-
-# --- the group ----------------------------------------------------------------------------------
-
-
-GROUP_EPILOG = """\b
-Examples:
-  camrt --version
-  camrt explain model.camrt.onnx photos/ -o out/
-  camrt inspect --help
-"""
-
-
-def build_cli() -> CamrtGroup:
-    """A fresh `camrt` group (tests build their own; `cli` below is the process-wide one)."""
-
-    @click.group("camrt", cls=CamrtGroup, context_settings=CONTEXT_SETTINGS, epilog=GROUP_EPILOG)
-    @click.version_option(__version__, "--version", prog_name="camrt", message="%(prog)s %(version)s")
-    def group() -> None:
-        """camrt: explain image models where they are deployed (onnxruntime, no PyTorch).
-
-        Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 3 model or contract error,
-        4 internal error (a bug: the traceback is printed).
-        """
-
-    for command in (explain_command, methods_command, inspect_command):
-        group.add_builtin(command)
-    return group
-
-
-cli = build_cli()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: `camrt ...`."""
-    try:
-        cli.main(args=argv, prog_name="camrt")
-    except CamrtError as exc:  # raised outside a command (e.g. while loading plugins)
-        click.echo(f"camrt: error: {exc}", err=True)
-        sys.exit(int(exc.exit_code))
-    except Exception:  # a bug (camrt's or a plugin's): its own exit code, never 1 ("some inputs failed")
-        import traceback
-
-        traceback.print_exc()
-        click.echo("camrt: internal error (the traceback above); please report it", err=True)
-        sys.exit(int(ExitCode.INTERNAL_ERROR))
-
-
-if __name__ == "__main__":
-    main()

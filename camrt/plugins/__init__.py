@@ -18,20 +18,21 @@ import importlib
 import importlib.metadata
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError
+from .. import hookspecs
+from ..errors import PluginError
 
 ENTRY_POINT_GROUP = "camrt"
 PLUGINS_ENV = "CAMRT_PLUGINS"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
-    "camrt.builtin_hooks",
-    "camrt.plugin_commands",
-    "camrt.render",
+    "camrt.plugins.fallbacks",
+    "camrt.cli.plugins",
+    "camrt.imaging.render",
     "camrt.methods.gradcam",
     "camrt.methods.gradcam_plusplus",
     "camrt.methods.xgradcam",
@@ -61,7 +62,7 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.road",
     "camrt.metrics.pointing",
     "camrt.metrics.randomization",
-    "camrt.metrics.command",
+    "camrt.cli.evaluate",
 )
 ORIGIN_BUILTIN = "built-in"
 ORIGIN_ENTRY_POINT = "entry point"
@@ -79,19 +80,57 @@ def _env_list(name: str) -> list[str]:
     return list(dict.fromkeys(item.strip() for item in os.environ.get(name, "").split(",") if item.strip()))
 
 
-def _register_third_party(pm: pluggy.PluginManager, name: str, load, described: str, origin: str) -> None:
+def _declarer(pm: pluggy.PluginManager) -> Callable[[Any], None]:
+    """The `declare` of the `declare_hooks` hook: adds a hookspec module to `pm` once."""
+    declared: list[Any] = []
+
+    def declare(namespace: Any) -> None:
+        if any(namespace is done for done in declared):
+            return
+        pm.add_hookspecs(namespace)
+        declared.append(namespace)
+
+    return declare
+
+
+def _undeclared_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The hooks `plugin` implements that no hookspec declares (optional hooks excepted)."""
+    return sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()
+                  if not caller.has_spec()
+                  and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()))
+
+
+def _record_failure(name: str, described: str, problem: str) -> None:
+    load_failures[name] = f"plugin {name!r} ({described}) failed to load: {problem}"
+    origins.pop(name, None)
+
+
+def _register_third_party(pm: pluggy.PluginManager, name: str, load, described: str, origin: str) -> bool:
     """Import (via `load`) and register one plugin; a failure is recorded and leaves no trace."""
     plugin = None
     try:
         plugin = load()
-        pm.register(plugin, name=name)
-        pm.check_pending()  # a hook implementation without a hook specification
+        pm.register(plugin, name=name)  # runs its declare_hooks, if any
     except Exception as exc:  # a broken plugin must not take the others down
         if plugin is not None and pm.is_registered(plugin):
             pm.unregister(plugin)
-        load_failures[name] = f"plugin {name!r} ({described}) failed to load: {exc!r}"
-        return
+        _record_failure(name, described, repr(exc))
+        return False
     origins[name] = origin
+    return True
+
+
+def _leave_out_undeclared(pm: pluggy.PluginManager, described: dict[str, str]) -> None:
+    """Unregister each of the `described` plugins (name -> where from) that implements a hook no
+    plugin declares. Checked once all plugins are in, so that a hook declared by a plugin loaded
+    after its implementers (entry points come in no set order) counts."""
+    for name, where in described.items():
+        plugin = pm.get_plugin(name)
+        undeclared = _undeclared_hooks(pm, plugin)
+        if undeclared:
+            pm.unregister(plugin)
+            _record_failure(name, where, f"it implements {', '.join(undeclared)}, which no loaded plugin declares "
+                            "(a misspelt hook name, or the plugin declaring it is not installed or is blocked)")
 
 
 def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: Iterable[str] | None = None,
@@ -100,6 +139,7 @@ def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: Iter
     listed `modules` (default: $CAMRT_PLUGINS)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    pm.hook.declare_hooks.call_historic(kwargs={"declare": _declarer(pm)})
     blocked = set(_env_list("CAMRT_BLOCK_PLUGINS") if blocked is None else blocked)
     for name in blocked:
         pm.set_blocked(name)
@@ -107,6 +147,7 @@ def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: Iter
         if module_name not in blocked:
             pm.register(importlib.import_module(module_name), name=module_name)
             origins[module_name] = ORIGIN_BUILTIN
+    third_party: dict[str, str] = {}  # registered name -> where it came from
     if load_entrypoints is None:
         load_entrypoints = os.environ.get("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     if load_entrypoints:
@@ -115,12 +156,15 @@ def create_plugin_manager(*, load_entrypoints: bool | None = None, blocked: Iter
             # plugin's code never runs.
             if {ep.name, ep.module} & blocked or pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
                 continue
-            _register_third_party(pm, ep.name, ep.load, ep.value, ORIGIN_ENTRY_POINT)
+            if _register_third_party(pm, ep.name, ep.load, ep.value, ORIGIN_ENTRY_POINT):
+                third_party[ep.name] = ep.value
     for module_name in (_env_list(PLUGINS_ENV) if modules is None else modules):
         if module_name in blocked or pm.get_plugin(module_name) is not None:
             continue
-        _register_third_party(pm, module_name, lambda m=module_name: importlib.import_module(m), "module",
-                              ORIGIN_LISTED)
+        if _register_third_party(pm, module_name, lambda m=module_name: importlib.import_module(m), "module",
+                                 ORIGIN_LISTED):
+            third_party[module_name] = "module"
+    _leave_out_undeclared(pm, third_party)
     pm.check_pending()
     return pm
 

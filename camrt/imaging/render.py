@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .hookspecs import hookimpl
+from ..hookspecs import hookimpl
 
 #: Weight of the heatmap in the overlay: overlay = alpha * colormap + (1 - alpha) * image.
 DEFAULT_ALPHA = 0.5
@@ -33,7 +33,7 @@ def colormap_code(name: str) -> int:
     """The cv2.COLORMAP_* constant of `name` (case-insensitive); UsageError listing the names."""
     import cv2
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     code = getattr(cv2, f"COLORMAP_{name.strip().upper()}", None)
     if not isinstance(code, int):

@@ -17,9 +17,10 @@ from typing import Any
 
 import pluggy
 
-from .errors import PluginError
-from .methods.base import Method
-from .metrics.base import Metric
+from ..errors import PluginError
+from ..methods.base import Method
+from ..metrics.base import Metric
+from .. import plugins
 
 
 def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]],
@@ -27,8 +28,6 @@ def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable
     """Call every implementation of `hook_name`, one by one, with a register bound to its plugin.
 
     A plugin that fails is rolled back with `forget(plugin)`; returns plugin name -> message."""
-    from . import plugins
-
     failures: dict[str, str] = {}
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():  # registration order: built-ins first, so a clash blames the newcomer
@@ -139,9 +138,7 @@ class MetricRegistry(ClassRegistry):
 
 def _build_class_registry(registry: ClassRegistry, hook_name: str, pm: pluggy.PluginManager | None) -> ClassRegistry:
     if pm is None:
-        from .plugins import get_plugin_manager
-
-        pm = get_plugin_manager()
+        pm = plugins.get_plugin_manager()
     registry.failures = _call_each(pm, hook_name, lambda plugin: lambda cls: registry.register(cls, plugin),
                                    registry.forget_plugin)
     return registry
@@ -208,9 +205,7 @@ class RendererRegistry:
 
 def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererRegistry:
     if pm is None:
-        from .plugins import get_plugin_manager
-
-        pm = get_plugin_manager()
+        pm = plugins.get_plugin_manager()
     registry = RendererRegistry()
 
     def make_register(plugin: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .hookspecs import hookimpl
+from ..hookspecs import hookimpl
 
 if TYPE_CHECKING:
     import click
@@ -19,8 +19,8 @@ def describe_plugins(pm: Any = None) -> dict[str, Any]:
 
     The method, metric and renderer registries are built first, so that plugins failing in their
     `register_*` hooks are among the failures."""
-    from . import plugins
-    from .registry import build_method_registry, build_metric_registry, build_renderer_registry
+    from .. import plugins
+    from ..plugins.registry import build_method_registry, build_metric_registry, build_renderer_registry
 
     pm = pm or plugins.get_plugin_manager()
     build_method_registry(pm)
@@ -51,7 +51,7 @@ Examples:
 def register_commands(cli: "click.Group") -> None:
     import click  # here, not at import: library use of the plugin manager needs no click
 
-    from .cli import CONTEXT_SETTINGS
+    from .common import CONTEXT_SETTINGS
 
     @cli.command("plugins", context_settings=CONTEXT_SETTINGS, epilog=PLUGINS_EPILOG)
     @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of a table.")

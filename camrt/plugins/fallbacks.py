@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .hookspecs import hookimpl
+from ..hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import contract
+from .. import contract
 
 #: Static or symbolic dims as ONNX shape inference gives them (int, str symbol, or None).
 Shape = tuple[Any, ...]
@@ -129,7 +129,7 @@ def spatial_candidates(nodes: Sequence[Any], shape_of: Callable[[str], Shape | N
 
 def choose_default_layer(candidates: Sequence[str], framework: str) -> str | None:
     """The `choose_target_layer` hook's pick among `candidates` (None when there are none)."""
-    from .plugins import get_plugin_manager
+    from ..plugins import get_plugin_manager
 
     return get_plugin_manager().hook.choose_target_layer(candidates=list(candidates), framework=framework)
 
@@ -147,7 +147,7 @@ class OnnxLayers:
     default: str | None
 
 
-def _dims(value_info: Any) -> Shape | None:
+def dims(value_info: Any) -> Shape | None:
     tensor = value_info.type.tensor_type
     if not tensor.HasField("shape"):
         return None
@@ -158,11 +158,11 @@ def onnx_layers(model: Any, path: str) -> OnnxLayers:
     """Candidates between the image input (the first rank-4 graph input) and the first output."""
     import onnx
 
-    from .errors import ModelError
+    from ..errors import ModelError
 
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    images = [i for i in inputs if (_dims(i) or ()) and len(_dims(i)) == 4]
+    images = [i for i in inputs if (dims(i) or ()) and len(dims(i)) == 4]
     if not images:
         raise ModelError(f"{path}: no rank-4 (NCHW or NHWC) graph input; camrt explains image classifiers")
     if not model.graph.output:
@@ -176,15 +176,15 @@ def onnx_layers(model: Any, path: str) -> OnnxLayers:
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
     def shape_of(name: str) -> Shape | None:
-        return _dims(infos[name]) if name in infos else None
+        return dims(infos[name]) if name in infos else None
 
     def is_float(name: str) -> bool:
         return name in infos and infos[name].type.tensor_type.elem_type in floats
 
     image, output = images[0].name, graph.output[0].name
     nodes = list(graph.node)
-    layout = guess_image_layout(_dims(images[0]))
+    layout = guess_image_layout(dims(images[0]))
     names = spatial_candidates(nodes, shape_of, tensors_between(nodes, [image], output, keep=is_float),
                                tensor_layouts(nodes, image, layout))
-    return OnnxLayers(image, _dims(images[0]) or (), layout, output, [(n, shape_of(n)) for n in names],
+    return OnnxLayers(image, dims(images[0]) or (), layout, output, [(n, shape_of(n)) for n in names],
                       choose_default_layer(names, "onnx"))

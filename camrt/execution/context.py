@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import contract
-from .errors import InputError, PluginError
+from .. import contract
+from ..errors import InputError, PluginError
 
 
 class ExplainContext:

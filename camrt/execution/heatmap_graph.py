@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import contract
-from .postprocess import EPS
+from .. import contract
+from ..postprocess import EPS
 
 HEATMAP_OUTPUT = "camrt/heatmap"
 SIZE_INPUT = "camrt/heatmap_size"
