@@ -231,7 +231,7 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path, exporters_plugin):
     _assert_close(_raw_maps(path, "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
     _assert_close(_raw_maps(path, "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
                   "generic-attention onnx")
-    with pytest.raises(ModelError, match=r"camrt/attn_layer_grad/blocks.0.attn.*"
+    with pytest.raises(ModelError, match=r"camrt/attn_layer_grad/.*"
                                          r"`camrt export \.\.\. --attention --attention-layer-scores`"):
         Explainer(path, method="legrad")
 
