@@ -27,12 +27,9 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import onnx
-
-from .errors import ExportError
-
 from .autodiff.graph import GraphIndex, attribute
 from .autodiff.reverse import active_tensors
+from .errors import ExportError
 
 #: Ops that compute attention probabilities inside themselves (no Softmax tensor to expose).
 FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",

@@ -17,6 +17,7 @@ from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
+from .attention import onnx_attention_maps
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
 from .contract_file import (
@@ -27,7 +28,6 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
-from .attention import onnx_attention_maps
 from .errors import ExportError
 from .layouts import image_layout, refuse_non_nchw_layers
 from .token_layout import infer_layer_layouts, sequence_layout

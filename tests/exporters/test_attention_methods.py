@@ -204,16 +204,18 @@ def _plain_onnx(model, path, opset: int | None = None) -> str:
     return str(path)
 
 
-def _camrt(*args: str):
+@pytest.fixture
+def camrt_cli(exporters_plugin):
+    """`camrt ARGS...` through click's runner, with `camrt export` registered."""
     from click.testing import CliRunner
 
     from camrt.cli import build_cli
 
-    return CliRunner().invoke(build_cli(), list(args))
+    return lambda *args: CliRunner().invoke(build_cli(), list(args))
 
 
 @pytest.mark.slow
-def test_plain_onnx_file_gives_the_same_maps(tmp_path, exporters_plugin):
+def test_plain_onnx_file_gives_the_same_maps(tmp_path, camrt_cli):
     """vit_tiny through torch.onnx.export and `camrt export --attention` (the ONNX front end: maps
     found as Softmax nodes, the token grid established from the graph, every map's gradient validated
     by finite differences): the same maps as the oracle; legrad is refused (no layer scores)."""
@@ -221,7 +223,7 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path, exporters_plugin):
 
     model = _model("vit_tiny_patch16_224")
     path = str(tmp_path / "vit.camrt.onnx")
-    result = _camrt("export", _plain_onnx(model, tmp_path / "vit.onnx"), "-o", path, "--rules", "", "--attention")
+    result = camrt_cli("export", _plain_onnx(model, tmp_path / "vit.onnx"), "-o", path, "--rules", "", "--attention")
     assert result.exit_code == 0, result.output
     assert "over 7x7 patches and extra tokens at [0]" in result.output
     validated = [line for line in result.output.splitlines() if line.startswith("validated camrt/attn_grad/")]
@@ -236,14 +238,14 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path, exporters_plugin):
         Explainer(path, method="legrad")
 
 
-def test_fused_attention_op_is_refused_with_the_fix(tmp_path, exporters_plugin):
+def test_fused_attention_op_is_refused_with_the_fix(tmp_path, camrt_cli):
     """torch.onnx.export at opset 23 writes timm's fused attention as one ONNX Attention op."""
     import torch
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1).eval()
     plain = _plain_onnx(model, tmp_path / "fused.onnx", opset=23)
-    result = _camrt("export", plain, "-o", str(tmp_path / "out.camrt.onnx"), "--rules", "", "--attention")
+    result = camrt_cli("export", plain, "-o", str(tmp_path / "out.camrt.onnx"), "--rules", "", "--attention")
     assert result.exit_code != 0
     assert "(Attention) computes attention probabilities inside one fused op" in result.output
     assert "opset_version <= 22, or timm's attention modules with fused_attn=False" in result.output
@@ -254,10 +256,10 @@ def test_fused_attention_op_is_refused_with_the_fix(tmp_path, exporters_plugin):
     (["--attention-layer-scores"], "--attention-layer-scores applies to torch sources"),
     (["--attention", "--attention-tokens", "7,x"], "expected H,W[,EXTRA_POSITION...]"),
 ], ids=["layer-scores-onnx", "bad-tokens"])
-def test_attention_flags_are_checked(tmp_path, exporters_plugin, args, message):
+def test_attention_flags_are_checked(tmp_path, camrt_cli, args, message):
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(b"")
-    result = _camrt("export", str(plain), "-o", str(tmp_path / "out.camrt.onnx"), *args)
+    result = camrt_cli("export", str(plain), "-o", str(tmp_path / "out.camrt.onnx"), *args)
     assert result.exit_code == 2 and message in result.output, result.output
 
 

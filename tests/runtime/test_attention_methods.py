@@ -20,9 +20,9 @@ import pytest
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
 from camrt.methods.base import GraphOutputs, Requirements
-from camrt.plugins.registry import build_method_registry
 from camrt.modelfile.metadata import parse_contract
 from camrt.plan import ExplainPlan, PlanRefused
+from camrt.plugins.registry import build_method_registry
 
 GRID = (2, 3)
 
