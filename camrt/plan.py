@@ -157,9 +157,11 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
         described += [f"{name} (attention maps)" for name in requires.attention_outputs("<map>")]
     if attention_flag:
         flags.append(attention_flag)
+    from_onnx = requires.attention_layer_gradients and info.source.get("framework") == "onnx"
     raise PlanRefused(
         f"method {method!r} needs output(s) {', '.join(described)}, which {path} "
-        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`", method,
+        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"
+        f"{' from the torch model (layer scores need its modules)' if from_onnx else ''}", method,
         missing=missing, export_flags=flags)
 
 

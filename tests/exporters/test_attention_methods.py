@@ -234,7 +234,8 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path, camrt_cli):
     _assert_close(_raw_maps(path, "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),
                   "generic-attention onnx")
     with pytest.raises(ModelError, match=r"camrt/attn_layer_grad/.*"
-                                         r"`camrt export \.\.\. --attention --attention-layer-scores`"):
+                                         r"`camrt export \.\.\. --attention --attention-layer-scores` from the torch "
+                                         r"model"):
         Explainer(path, method="legrad")
 
 
