@@ -136,7 +136,8 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
                    layers: tuple[str, ...], fetch: tuple[str, ...], path: str) -> None:
     missing = [name for name in fetch if name not in outputs]
     no_bias_terms = requires.bias_gradients and not info.bias_terms
-    if not missing and not no_bias_terms:
+    attention_flag = _missing_attention_flag(info, requires)
+    if not missing and not no_bias_terms and not attention_flag:
         return
     flags: list[str] = []
     for layer in layers:
@@ -151,7 +152,24 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
         missing.append(contract.bias_gradient_output("<node>"))
         described.append(contract.bias_gradient_output("<node>") + " (FullGrad's bias-gradient terms)")
         flags.append("--fullgrad")
+    if attention_flag and info.attention is None:
+        missing += requires.attention_outputs("<map>")
+        described += [f"{name} (attention maps)" for name in requires.attention_outputs("<map>")]
+    if attention_flag:
+        flags.append(attention_flag)
+    from_onnx = requires.attention_layer_gradients and info.source.get("framework") == "onnx"
     raise PlanRefused(
         f"method {method!r} needs output(s) {', '.join(described)}, which {path} "
-        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`", method,
+        f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"
+        f"{' from the torch model (layer scores need its modules)' if from_onnx else ''}", method,
         missing=missing, export_flags=flags)
+
+
+def _missing_attention_flag(info: contract.ContractInfo, requires: Requirements) -> str | None:
+    """The `camrt export` flag(s) that add the attention outputs the method needs, or None when the
+    file has them (the maps it lists are fetched like any output)."""
+    if not requires.uses_attention:
+        return None
+    if info.attention is None or (requires.attention_layer_gradients and not info.attention.layer_scores):
+        return "--attention" + (" --attention-layer-scores" if requires.attention_layer_gradients else "")
+    return None

@@ -21,7 +21,8 @@ def _requires_text(requires: dict[str, Any]) -> str:
     parts = [key for key in ("activations", "gradients") if requires.get(key)]
     if requires.get("input_gradient"):
         parts.append(f"input_gradient:{requires['input_gradient']}")
-    parts += [key for key in ("cam_weights", "bias_gradients", "extra_passes", "tail") if requires.get(key)]
+    parts += [key for key in ("cam_weights", "bias_gradients", "extra_passes", "tail", "attention", "attention_gradients",
+                              "attention_layer_gradients") if requires.get(key)]
     return ", ".join(parts) or "-"
 
 

@@ -44,10 +44,20 @@ class Requirements:
     #: ``camrt/bias_grad/<node>`` of every bias-carrying Conv / BatchNormalization node, listed in
     #: the file's metadata (FullGrad; ``camrt export --fullgrad``).
     bias_gradients: bool = False
+    #: ``camrt/attn/<map>`` / ``camrt/attn_grad/<map>`` / ``camrt/attn_layer_grad/<map>`` of every
+    #: attention map the file's metadata lists (``camrt export --attention``; the last one with
+    #: ``--attention-layer-scores``).
+    attention: bool = False
+    attention_gradients: bool = False
+    attention_layer_gradients: bool = False
 
     @property
     def uses_layers(self) -> bool:
         return self.activations or self.gradients or self.tail or self.cam_weights
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.attention or self.attention_gradients or self.attention_layer_gradients
 
     def outputs(self, layers: Sequence[str], info: contract.ContractInfo | None = None) -> list[str]:
         """The output names to fetch for `layers` (bias-gradient terms: those `info` lists)."""
@@ -63,13 +73,24 @@ class Requirements:
             names.append(contract.input_gradient_output(self.input_gradient))
         if self.bias_gradients and info is not None:
             names += [contract.bias_gradient_output(node) for node in info.bias_terms or ()]
+        if info is not None and info.attention is not None:
+            for name in info.attention.maps:
+                names += self.attention_outputs(name)
         return names
+
+    def attention_outputs(self, name: str) -> list[str]:
+        """The outputs of attention map `name` the method reads."""
+        return [output(name) for output, wanted in (
+            (contract.attention_output, self.attention),
+            (contract.attention_gradient_output, self.attention_gradients),
+            (contract.attention_layer_gradient_output, self.attention_layer_gradients)) if wanted]
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; the optional ones (``extra_passes``, ``tail``, ``cam_weights``,
-        ``bias_gradients``) only when set (single-pass methods keep the three-key form)."""
+        ``bias_gradients``, the attention ones) only when set (single-pass methods keep the three-key form)."""
         data = dataclasses.asdict(self)
-        for key in ("extra_passes", "tail", "cam_weights", "bias_gradients"):
+        for key in ("extra_passes", "tail", "cam_weights", "bias_gradients", "attention", "attention_gradients",
+                    "attention_layer_gradients"):
             if not data[key]:
                 del data[key]
         return data

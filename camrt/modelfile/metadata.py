@@ -151,7 +151,23 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
         exporter_version=meta.get(contract.META_EXPORTER_VERSION, ""),
         cam_layers=_names(meta, contract.META_CAM_LAYERS, path),
         bias_terms=_names(meta, contract.META_BIAS_TERMS, path),
+        attention=_attention(meta, path),
     )
+
+
+def _attention(meta: Mapping[str, str], path: str) -> contract.Attention | None:
+    """META_ATTENTION parsed (None when the key is absent); ContractError when malformed."""
+    if contract.META_ATTENTION not in meta:
+        return None
+    try:
+        attention = contract.Attention.from_json(meta[contract.META_ATTENTION])
+        grid = attention.tokens.grid
+        if attention.tokens.layout != contract.LAYOUT_TOKENS or grid is None or len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"tokens {attention.tokens.to_dict()} is not a token layout with a grid")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ContractError(f"{path}: metadata {contract.META_ATTENTION!r} is malformed ({exc}); "
+                            "re-export the model with `camrt export --attention`") from None
+    return attention
 
 
 def _names(meta: Mapping[str, str], key: str, path: str) -> list[str] | None:

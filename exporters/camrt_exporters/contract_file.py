@@ -425,13 +425,18 @@ def build_contract_model(
     metadata: dict[str, str],
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
+    attention: dict[str, str] | None = None,
+    layer_scores: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
     `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
-    with the lists of both.
+    with the lists of both. `attention` maps attention-map names to tensors (Softmax outputs): each
+    is exposed with its gradient (`camrt_exporters.attention`; the caller writes META_ATTENTION);
+    `layer_scores` maps some of them to a [B, classes] tensor s^l (LeGrad's layer score) whose
+    target's gradient with respect to the map is exposed too.
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -475,6 +480,9 @@ def build_contract_model(
     outputs.append(_value_info(contract.TARGET_INDEX_OUTPUT, TensorProto.INT64, [batch]))
     for layer, tensor in layers.items():
         expose(contract.activation_output(layer), tensor)
+    attention = attention or {}
+    for name, tensor in attention.items():
+        expose(contract.attention_output(name), tensor)
     cam_layers = []
     for layer, tensor in layers.items():
         head = find_cam_head(index, tensor, score.tensor)
@@ -489,7 +497,7 @@ def build_contract_model(
         raise ExportError("FullGrad needs the vanilla input gradient: add 'vanilla' to the rule sets")
     bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     passes: list[tuple[RuleSet, list[str]]] = []
-    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms)]))
+    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms), *attention.values()]))
     if any(r.name == vanilla.name for r in input_rule_sets):
         vanilla_wrt.append(image_input)
     if vanilla_wrt:
@@ -502,6 +510,8 @@ def build_contract_model(
         if rule_set.name == vanilla.name:
             for layer, tensor in layers.items():
                 expose(contract.gradient_output(layer), backward.gradients[tensor], like=tensor)
+            for name, tensor in attention.items():
+                expose(contract.attention_gradient_output(name), backward.gradients[tensor], like=tensor)
             for term in bias_terms:
                 name = contract.bias_gradient_output(term.node)
                 bias = const(name + "/bias", term.bias.reshape(1, -1, 1, 1))
@@ -510,6 +520,12 @@ def build_contract_model(
                                            index.shape(term.output)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
+    for i, (name, layer_score) in enumerate((layer_scores or {}).items()):
+        tensor = attention[name]
+        backward = differentiate(index, layer_score, seed, [tensor], vanilla, patches, prefix=f"camrt_bwd/layer_score_{i}")
+        nodes += backward.nodes
+        inits += backward.initializers
+        expose(contract.attention_layer_gradient_output(name), backward.gradients[tensor], like=tensor)
 
     graph = index.graph
     new_graph = helper.make_graph(
