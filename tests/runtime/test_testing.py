@@ -34,15 +34,20 @@ def test_run_method_gives_the_closed_form_gradcam_of_the_reference():
 
 
 def test_every_built_in_method_can_open_the_tiny_model():
-    """A method the file cannot serve is refused when the Explainer opens it (ModelError)."""
+    """Every CNN method opens the tiny file; the attention methods are refused naming --attention."""
     from camrt.explainer import Explainer
     from camrt.modelfile.metadata import read_contract
+    from camrt.plan import PlanRefused
     from camrt.plugins.registry import build_method_registry
 
     info = read_contract(TINY_MODEL)
     assert set(info.rule_sets) == {"vanilla", "guided", "deconvnet"} and info.layers == ["feat", "conv"]
-    for name in build_method_registry().names():
-        Explainer(TINY_MODEL, method=name, device="cpu")
+    for cls in build_method_registry():
+        if not cls.requires.uses_attention:
+            Explainer(TINY_MODEL, method=cls.name, device="cpu")
+            continue
+        with pytest.raises(PlanRefused, match="--attention"):
+            Explainer(TINY_MODEL, method=cls.name, device="cpu")
 
 
 def test_assert_heatmaps_close_refusals():
