@@ -35,6 +35,9 @@ BIAS_GRADIENT_PREFIX = "camrt/bias_grad/"
 #: float [B, heads, T, T]: attention probabilities (a Softmax output) and d score / d them.
 ATTENTION_PREFIX = "camrt/attn/"
 ATTENTION_GRADIENT_PREFIX = "camrt/attn_grad/"
+#: float [B, heads, T, T]: d s^l / d A^l, where s^l is the model's head applied to the tokens of the
+#: block that holds attention map A^l (LeGrad's layer score; `camrt export --attention-layer-scores`).
+ATTENTION_LAYER_GRADIENT_PREFIX = "camrt/attn_layer_grad/"
 
 #: Backward rule sets a file can carry input gradients for.
 RULE_VANILLA = "vanilla"
@@ -62,10 +65,22 @@ def bias_gradient_output(node: str) -> str:
     return BIAS_GRADIENT_PREFIX + node
 
 
+def attention_output(name: str) -> str:
+    return ATTENTION_PREFIX + name
+
+
+def attention_gradient_output(name: str) -> str:
+    return ATTENTION_GRADIENT_PREFIX + name
+
+
+def attention_layer_gradient_output(name: str) -> str:
+    return ATTENTION_LAYER_GRADIENT_PREFIX + name
+
+
 # --- metadata_props keys ------------------------------------------------------------------
 META_CONTRACT_VERSION = "camrt.contract_version"
 META_SOURCE = "camrt.source"  # JSON: {"framework": "torch"|"onnx", "model": "..."}
-META_LAYERS = "camrt.layers"  # JSON list of layer names, first one is the default
+META_LAYERS = "camrt.modelfile.layers"  # JSON list of layer names, first one is the default
 META_DEFAULT_LAYER = "camrt.default_layer"
 META_PREPROCESSING = "camrt.preprocessing"  # JSON of Preprocessing
 META_LABELS = "camrt.labels"  # JSON list of class names (optional)
@@ -78,7 +93,8 @@ META_BIAS_TERMS = "camrt.bias_terms"  # JSON list of the nodes with a bias_grad 
 #: JSON {layer: LayerLayout.to_dict()}; absent (or a layer missing from it): the layer is NCHW.
 META_LAYER_LAYOUTS = "camrt.layer_layouts"
 #: JSON {"maps": [attention-map names, input to output], "tokens": LayerLayout.to_dict()}: the
-#: attention probabilities exposed as ATTENTION_PREFIX / ATTENTION_GRADIENT_PREFIX outputs.
+#: attention probabilities exposed as ATTENTION_PREFIX / ATTENTION_GRADIENT_PREFIX outputs; with
+#: "layer_scores": true also ATTENTION_LAYER_GRADIENT_PREFIX outputs (`Attention`).
 META_ATTENTION = "camrt.attention"
 
 
@@ -158,6 +174,29 @@ class LayerLayout:
         return cls(data["layout"], tuple(grid) if grid is not None else None, tuple(data.get("extra_tokens", ())))
 
 
+@dataclass(frozen=True)
+class Attention:
+    """The attention maps a file exposes (META_ATTENTION): their names, input to output, and the
+    token sequence they attend over (a `LayerLayout` of layout tokens: grid and extra tokens)."""
+
+    maps: tuple[str, ...]
+    tokens: LayerLayout
+    #: Whether each map also has LeGrad's layer-score gradient (ATTENTION_LAYER_GRADIENT_PREFIX).
+    layer_scores: bool = False
+
+    def to_json(self) -> str:
+        data = {"maps": list(self.maps), "tokens": self.tokens.to_dict()}
+        if self.layer_scores:
+            data["layer_scores"] = True
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Attention":
+        data = json.loads(text)
+        return cls(tuple(str(name) for name in data["maps"]), LayerLayout.from_dict(data["tokens"]),
+                   bool(data.get("layer_scores", False)))
+
+
 @dataclass
 class ContractInfo:
     """Everything the metadata of a camrt file says, parsed."""
@@ -176,6 +215,8 @@ class ContractInfo:
     cam_layers: list[str] | None = None
     #: Nodes with FullGrad bias-gradient terms; None when the file was exported without them.
     bias_terms: list[str] | None = None
+    #: The exposed attention maps; None when the file was exported without `--attention`.
+    attention: Attention | None = None
     #: The layout of each layer the file records (META_LAYER_LAYOUTS); a layer missing is NCHW.
     layer_layouts: dict[str, LayerLayout] = field(default_factory=dict)
 

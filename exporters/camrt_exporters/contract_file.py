@@ -11,10 +11,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError
+from camrt.errors import first_line
 
-from .autodiff.graph import GraphIndex, attribute, run_for
+from .autodiff.graph import GraphIndex, attribute, cpu_session, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
+from .errors import ExportError
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 
@@ -67,7 +68,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ExportError(
             f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion to opset 17 "
-            f"failed ({_first_line(exc)}). Re-export the model with opset 17 or newer."
+            f"failed ({first_line(exc)}). Re-export the model with opset 17 or newer."
         ) from exc
     if opset < 11:
         _keep_asymmetric_resize(converted)
@@ -87,9 +88,6 @@ def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
             else:
                 node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 #: Ops never folded: their value changes from run to run.
@@ -202,22 +200,17 @@ def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
     """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
-    import onnxruntime as ort
-
     graph = helper.make_graph(
         [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
         [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
     )
     folding = helper.make_model(graph, opset_imports=list(model.opset_import))
     folding.ir_version = model.ir_version
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(folding.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, session.run(wanted, {})))
+        return dict(zip(wanted, cpu_session(folding).run(wanted, {})))
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
-                          f"failed in onnxruntime: {_first_line(exc)}") from None
+                          f"failed in onnxruntime: {first_line(exc)}") from None
 
 
 def _behind_identities(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto | None]:
@@ -432,13 +425,19 @@ def build_contract_model(
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
     layer_layouts: Mapping[str, contract.LayerLayout] | None = None,
+    attention: dict[str, str] | None = None,
+    layer_scores: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
     `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
-    with the lists of both. layer_layouts: each layer's layout (absent: NCHW).
+    with the lists of both. layer_layouts: each layer's layout (absent: NCHW). `attention` maps
+    attention-map names to tensors (Softmax outputs): each is exposed with its gradient
+    (`camrt_exporters.attention`; the caller writes META_ATTENTION); `layer_scores` maps some of
+    them to a [B, classes] tensor s^l (LeGrad's layer score) whose target's gradient with respect
+    to the map is exposed too.
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -482,6 +481,9 @@ def build_contract_model(
     outputs.append(_value_info(contract.TARGET_INDEX_OUTPUT, TensorProto.INT64, [batch]))
     for layer, tensor in layers.items():
         expose(contract.activation_output(layer), tensor)
+    attention = attention or {}
+    for name, tensor in attention.items():
+        expose(contract.attention_output(name), tensor)
     cam_layers = []
     for layer, tensor in layers.items():
         layout = (layer_layouts or {}).get(layer, contract.LayerLayout()).layout
@@ -497,7 +499,7 @@ def build_contract_model(
         raise ExportError("FullGrad needs the vanilla input gradient: add 'vanilla' to the rule sets")
     bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     passes: list[tuple[RuleSet, list[str]]] = []
-    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms)]))
+    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms), *attention.values()]))
     if any(r.name == vanilla.name for r in input_rule_sets):
         vanilla_wrt.append(image_input)
     if vanilla_wrt:
@@ -510,6 +512,8 @@ def build_contract_model(
         if rule_set.name == vanilla.name:
             for layer, tensor in layers.items():
                 expose(contract.gradient_output(layer), backward.gradients[tensor], like=tensor)
+            for name, tensor in attention.items():
+                expose(contract.attention_gradient_output(name), backward.gradients[tensor], like=tensor)
             for term in bias_terms:
                 name = contract.bias_gradient_output(term.node)
                 bias = const(name + "/bias", term.bias.reshape(1, -1, 1, 1))
@@ -518,6 +522,12 @@ def build_contract_model(
                                            index.shape(term.output)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
+    for i, (name, layer_score) in enumerate((layer_scores or {}).items()):
+        tensor = attention[name]
+        backward = differentiate(index, layer_score, seed, [tensor], vanilla, patches, prefix=f"camrt_bwd/layer_score_{i}")
+        nodes += backward.nodes
+        inits += backward.initializers
+        expose(contract.attention_layer_gradient_output(name), backward.gradients[tensor], like=tensor)
 
     graph = index.graph
     new_graph = helper.make_graph(

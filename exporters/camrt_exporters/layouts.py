@@ -3,9 +3,10 @@ the layers it may explain (nchw, nhwc or tokens: the rule is camrt_exporters.tok
 
 camrt's runtime hands every method NCHW batches and [B, C, h, w] feature maps: an NHWC file
 records `layout: nhwc` in its preprocessing metadata and the runtime transposes at the model's
-input; each layer's layout is recorded in META_LAYER_LAYOUTS and the runtime brings the layer's
-activations and gradients to [B, C, h, w] (camrt.feature_layout). `camrt export --layout
-LAYER=SPEC` overrides the inferred layout of a layer.
+input (camrt.execution.session); each layer's layout is recorded in META_LAYER_LAYOUTS and the
+runtime brings the layer's activations and gradients to [B, C, h, w]
+(camrt.execution.feature_layout). `camrt export --layout LAYER=SPEC` overrides the inferred
+layout of a layer.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 
 from camrt import contract
 from camrt.contract import LayerLayout
-from camrt.errors import ExportError
-from camrt.layers import Shape, guess_image_layout, nearest_nchw_layer
+from camrt.modelfile.layers import Shape, guess_image_layout, nearest_nchw_layer
 
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import active_tensors
+from .errors import ExportError
 from .token_layout import grid_size
 
 LAYOUT_SYNTAX = "LAYER=nchw|nhwc|tokens[:HxW[:P,P...]]"

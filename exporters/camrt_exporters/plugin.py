@@ -1,10 +1,18 @@
-"""camrt plugin of the exporters: the built-in rule sets and the `camrt export` command."""
+"""camrt plugin of the exporters: the exporter's hooks, the built-in rule sets and the `camrt export`
+command. Loaded through the entry point of group ``camrt``; it imports neither onnx nor torch."""
 
 from __future__ import annotations
 
 import click
 
 from camrt.hookspecs import hookimpl
+
+
+@hookimpl
+def declare_hooks(declare):
+    from . import hookspecs
+
+    declare(hookspecs)
 
 
 @hookimpl
@@ -46,6 +54,22 @@ def _preprocessing(height: int, width: int, channels: int, mean: str | None, std
     )
 
 
+def _token_layout(text: str | None):
+    """--attention-tokens H,W[,EXTRA...] as a tokens LayerLayout."""
+    from camrt import contract
+
+    if text is None:
+        return None
+    try:
+        numbers = [int(v) for v in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) < 2 or min(numbers[:2]) < 1 or any(n < 0 for n in numbers[2:]):
+        raise click.BadParameter(f"expected H,W[,EXTRA_POSITION...] (positive grid sides, token positions), got {text!r}",
+                                 param_hint="--attention-tokens")
+    return contract.LayerLayout(contract.LAYOUT_TOKENS, (numbers[0], numbers[1]), tuple(numbers[2:]))
+
+
 EXPORT_EPILOG = """\b
 Examples:
   camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
@@ -85,8 +109,21 @@ def register_commands(cli):
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
+    @click.option("--attention", "attention", is_flag=True, help="Add the attention maps (every Softmax over the last "
+                  "axis with an output [batch, heads, T, T] over the token sequence) and their gradients, for "
+                  "attention-rollout and generic-attention.")
+    @click.option("--attention-map", "attention_maps", multiple=True, metavar="NAME", help="Only these attention "
+                  "maps: a module name (torch; its maps) or a Softmax output tensor (onnx). Repeatable; implies "
+                  "--attention.")
+    @click.option("--attention-tokens", metavar="H,W[,EXTRA...]", help="The token sequence of the attention maps: "
+                  "the patch grid and the positions of the extra tokens (class, distillation, registers), e.g. "
+                  "14,14,0 (default: established from the graph).")
+    @click.option("--attention-layer-scores", is_flag=True, help="torch sources: also the gradient of each attention "
+                  "map's layer score (the model's final norm and head applied to the mean token of the map's "
+                  "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, input_layout, softmax_output, opset, fullgrad, layouts):
+               input_name, score_output, input_layout, softmax_output, opset, fullgrad, layouts, attention,
+               attention_maps, attention_tokens, attention_layer_scores):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -108,6 +145,9 @@ def register_commands(cli):
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
+        if is_onnx and attention_layer_scores:
+            raise click.UsageError(f"--attention-layer-scores applies to torch sources; {source} is an ONNX file (the "
+                                   "layer scores apply the model's head to each block's tokens, built from its modules)")
         if not is_onnx and score_output:
             raise click.UsageError("--score-output applies to ONNX sources; a torch model's output is its logits")
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
@@ -115,6 +155,9 @@ def register_commands(cli):
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
         overrides = parse_layout_overrides(layouts)
+        wants_attention = attention or attention_maps or attention_layer_scores
+        attention_options = {"attention": list(attention_maps) if wants_attention else None,
+                             "attention_tokens": _token_layout(attention_tokens)}
         if is_onnx:
             preprocessing = None
             if mean or std or scale is not None or channel_order != "rgb":
@@ -124,7 +167,8 @@ def register_commands(cli):
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, log=log,
+                                        **attention_options)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
@@ -132,7 +176,8 @@ def register_commands(cli):
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
                                          source_name=source, opset=opset, fullgrad=fullgrad, layouts=overrides,
-                                         log=log)
+                                         log=log, attention_layer_scores=attention_layer_scores,
+                                         **attention_options)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")

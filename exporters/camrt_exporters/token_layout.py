@@ -32,7 +32,7 @@ from typing import Any
 
 from camrt import contract
 from camrt.contract import LayerLayout
-from camrt.layers import Shape
+from camrt.modelfile.layers import Shape
 
 _BATCH, _CHANNELS, _ROWS, _COLUMNS, _TOKENS = "B", "C", "H", "W", "T"
 
@@ -63,7 +63,7 @@ class Axes:
     sequence: LayerLayout | None = None
 
 
-#: Ops whose rank-4 output ONNX defines as [N, C, H, W] (the rule of camrt.layers.tensor_layouts).
+#: Ops whose rank-4 output ONNX defines as [N, C, H, W] (the rule of camrt.modelfile.layers.tensor_layouts).
 _NCHW_OUTPUT_OPS = frozenset({
     "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
     "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "DepthToSpace", "SpaceToDepth", "MaxUnpool",

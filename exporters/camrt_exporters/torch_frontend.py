@@ -7,6 +7,7 @@ internals to find a module's tensor. torch is imported lazily; the runtime never
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import io
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from camrt.errors import ExportError
+from .errors import ExportError
 
 IMAGE_INPUT = "input"
 LOGITS = "logits"
@@ -207,30 +208,83 @@ def attention_input_norms(model, input_size: tuple[int, int]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def block_refs(model, maps: Sequence[str]) -> list[LayerRef]:
+    """The block of each attention map (`attention.map_block`), as a layer."""
+    from .attention import map_block
+
+    return [parse_layer(model, map_block(m)) for m in maps]
+
+
 class TapModel:
-    """Factory of the export wrapper: model outputs followed by the requested layers' outputs."""
+    """Factory of the export wrapper: model outputs followed by the requested layers' outputs, the
+    attention maps `maps` (names from `attention.SoftmaxRecorder`) and, with `layer_scores`, LeGrad's
+    layer score of each map's block (`attention.layer_score_projection`)."""
 
     @staticmethod
-    def build(model, refs: Sequence[LayerRef]):
+    def build(model, refs: Sequence[LayerRef], maps: Sequence[str] = (), layer_scores: bool = False):
         import torch
+
+        from .attention import SoftmaxRecorder, layer_score_projection
+
+        blocks = block_refs(model, maps) if layer_scores else []
+        projection = layer_score_projection(model) if layer_scores else None
 
         class _Wrapper(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.model = model
-                self.taps = _Taps(model, sorted({r.module for r in refs}))
+                self.taps = _Taps(model, sorted({r.module for r in [*refs, *blocks]}))
+                self.recorder = SoftmaxRecorder(model) if maps else None
 
             def forward(self, x):
                 self.taps.clear()
-                logits = self.model(x)
-                return (logits, *[self.taps.pick(r) for r in refs])
+                if self.recorder is None:
+                    return (self.model(x), *[self.taps.pick(r) for r in refs])
+                with self.recorder.recording():
+                    logits = self.model(x)
+                recorded = self.recorder.named()
+                scores = [projection(self.taps.pick(block)) for block in blocks]
+                return (logits, *[self.taps.pick(r) for r in refs], *[recorded[m] for m in maps], *scores)
+
+            def remove_hooks(self):
+                self.taps.remove()
+                if self.recorder is not None:
+                    self.recorder.remove()
 
         return _Wrapper().eval()
 
 
+def attention_map_names(model, input_size: tuple[int, int], wanted: Sequence[str] = ()) -> list[str]:
+    """The attention maps `wanted` selects (module or map names; empty: all), from one forward pass."""
+    import torch
+
+    from .attention import SoftmaxRecorder, select_maps
+
+    recorder = SoftmaxRecorder(model)
+    try:
+        with recorder.recording():  # with autograd on: nn.MultiheadAttention's inference fast path has no softmax
+            model(torch.zeros(1, 3, *input_size))
+        available = list(recorder.named())
+    finally:
+        recorder.remove()
+    return select_maps(available, wanted)
+
+
+@dataclass
+class TorchForward:
+    """The exported forward graph and the names of its tensors."""
+
+    model: object  # onnx.ModelProto
+    logits: str
+    layers: dict[str, str]  # layer name -> tensor
+    maps: dict[str, str]  # attention-map name -> tensor
+    layer_scores: dict[str, str]  # attention-map name -> LeGrad's layer score [B, classes] of its block
+
+
 def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
-                   fold_batchnorm: bool = True):
-    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors.
+                   fold_batchnorm: bool = True, maps: Sequence[str] = (), layer_scores: bool = False) -> TorchForward:
+    """torch.onnx.export (dynamo) with a dynamic batch, with the layers, the attention maps `maps`
+    (see `attention_map_names`) and, with `layer_scores`, LeGrad's layer scores as outputs.
 
     fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
     rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
@@ -238,8 +292,9 @@ def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int],
     import onnx
     import torch
 
-    wrapper = TapModel.build(model, refs)
-    tap_names = [f"camrt_tap_{i}" for i in range(len(refs))]
+    wrapper = TapModel.build(model, refs, maps, layer_scores)
+    tap_names = ([f"camrt_tap_{i}" for i in range(len(refs))] + [f"camrt_attention_{i}" for i in range(len(maps))]
+                 + [f"camrt_layer_score_{i}" for i in range(len(maps) if layer_scores else 0)])
     example = torch.zeros(2, 3, *input_size)
     buffer = io.BytesIO()
     kwargs = {"opset_version": opset} if opset else {}
@@ -258,10 +313,13 @@ def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int],
     except Exception as exc:  # torch.export raises a wide range of types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
     finally:
-        wrapper.taps.remove()
+        wrapper.remove_hooks()
     proto = onnx.load_from_string(buffer.getvalue())
     outputs = [o.name for o in proto.graph.output]
-    return proto, outputs[0], dict(zip([r.name for r in refs], outputs[1:]))
+    after_layers = 1 + len(refs)
+    return TorchForward(proto, outputs[0], dict(zip([r.name for r in refs], outputs[1:after_layers])),
+                        dict(zip(maps, outputs[after_layers:after_layers + len(maps)])),
+                        dict(zip(maps, outputs[after_layers + len(maps):])) if layer_scores else {})
 
 
 @contextmanager
@@ -312,30 +370,45 @@ def relu_backward(rule_set: str):
 
 
 def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
-                        bias_terms: bool = False):
+                        bias_terms: bool = False, maps: Sequence[str] = (), layer_scores: bool = False):
     """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
-    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`)."""
+    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`); with `maps`, those attention
+    maps and their gradients (recorded as the export records them, `attention.SoftmaxRecorder`),
+    and with `layer_scores` the gradient of each map's LeGrad layer score."""
     import torch
 
-    taps = _Taps(model, sorted({r.module for r in refs}))
+    from .attention import SoftmaxRecorder, layer_score_projection
+
+    blocks = block_refs(model, maps) if layer_scores else []
+    taps = _Taps(model, sorted({r.module for r in [*refs, *blocks]}))
     bias_taps = _BiasTermTaps(model) if bias_terms else None
+    recorder = SoftmaxRecorder(model) if maps else None
     try:
-        with relu_backward(rule_set):
+        with relu_backward(rule_set), (recorder.recording() if recorder else contextlib.nullcontext()):
             x = x.clone().requires_grad_(True)
             logits = model(x)
             acts = [taps.pick(r) for r in refs]
+            attention = [recorder.named()[m] for m in maps] if recorder else []
             resolved = torch.where(targets < 0, logits.argmax(dim=1), targets)
             score = logits.gather(1, resolved[:, None]).sum()
-            grads = torch.autograd.grad(score, [*acts, x])
+            grads = torch.autograd.grad(score, [*acts, *attention, x], retain_graph=bool(blocks))
+            projection = layer_score_projection(model) if blocks else None
+            layer_grads = [torch.autograd.grad(projection(taps.pick(block)).gather(1, resolved[:, None]).sum(), [a],
+                                               retain_graph=True)[0] for block, a in zip(blocks, attention)]
     finally:
         taps.remove()
         if bias_taps is not None:
             bias_taps.remove()
+        if recorder is not None:
+            recorder.remove()
     return {
         "logits": logits.detach().numpy(),
         "target": resolved.numpy(),
         "acts": [a.detach().numpy() for a in acts],
-        "grads": [g.numpy() for g in grads[:-1]],
+        "grads": [g.numpy() for g in grads[:len(acts)]],
+        "attention": [a.detach().numpy() for a in attention],
+        "attention_grads": [g.numpy() for g in grads[len(acts):-1]],
+        "attention_layer_grads": [g.numpy() for g in layer_grads],
         "input_grad": grads[-1].numpy(),
         "bias_terms": bias_taps.terms() if bias_taps is not None else [],
     }

@@ -8,14 +8,17 @@ Every mismatching tensor is reported; a failure raises ValidationError and nothi
 from __future__ import annotations
 
 import json
-
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError
+from camrt.errors import first_line
+
+from .autodiff.graph import cpu_session
+from .errors import ExportError, ValidationError
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -102,14 +105,10 @@ class _OrtSession:
     """An onnxruntime session whose failures are ExportErrors (the exported graph does not run)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._session = cpu_session(model)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot load the exported graph: {first_line(exc)}") from None
 
     def output_names(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
@@ -118,11 +117,8 @@ class _OrtSession:
         try:
             return self._session.run(fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot run the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot run the exported graph: {first_line(exc)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def session_for(model: onnx.ModelProto) -> _OrtSession:
@@ -148,11 +144,13 @@ def require_finite(outputs: dict[str, np.ndarray]) -> None:
 
 
 def validate_against_torch(model, contract_model, refs, layers: dict[str, str], rule_sets, image_input: str,
-                           input_size: tuple[int, int]) -> list[Check]:
+                           input_size: tuple[int, int], maps: Sequence[str] = (), layer_scores: bool = False) -> list[Check]:
     """Compare with torch float32 autograd; a tensor outside tolerance is judged again against torch
     float64, where camrt must be no further from the truth than twice torch float32's own error
     (float32 ReLU/MaxPool switches legitimately flip between implementations). A layer gradient that
-    still differs (a switch flipped in onnxruntime only) must be within SWITCH_L2_REL in relative L2."""
+    still differs (a switch flipped in onnxruntime only) must be within SWITCH_L2_REL in relative L2.
+    Attention maps `maps` and their gradients (and, with `layer_scores`, the gradients of LeGrad's
+    layer scores) are checked like layer activations and gradients."""
     import torch
 
     from .torch_frontend import reference_gradients
@@ -168,31 +166,40 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     # (`--rules ''`); _torch_checks skips the input gradients the file does not carry.
     for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
         terms = bias_terms if rule_set == contract.RULE_VANILLA else []
-        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms)), refs, terms)
-        pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set, terms)
-                   if name in got]
+        rule_maps = maps if rule_set == contract.RULE_VANILLA else ()
+        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms), rule_maps,
+                                           layer_scores), refs, terms, rule_maps)
+        pending = [(name, metric, tol, kind) for name, metric, tol, kind
+                   in _torch_checks(refs, rule_set, terms, rule_maps, layer_scores) if name in got]
         truth = None
         for name, metric, tol, kind in pending:
             check = Check(name, metric(got[name], ref[name]), tol, kind)
             if not check.ok:
                 if truth is None:
-                    truth = _float64_reference(model, refs, x, targets, rule_set, terms)
+                    truth = _float64_reference(model, refs, x, targets, rule_set, terms, rule_maps, layer_scores)
                 own_error = metric(ref[name], truth[name])
                 check = Check(name, metric(got[name], truth[name]), max(2 * own_error, tol),
                               f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
-                if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX)):
+                if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX,
+                                                     contract.ATTENTION_GRADIENT_PREFIX,
+                                                     contract.ATTENTION_LAYER_GRADIENT_PREFIX)):
                     check = Check(name, l2_rel(got[name], truth[name]), SWITCH_L2_REL,
                                   "relative-L2 vs torch float64 (a downstream switch flipped in onnxruntime)")
             checks.append(check)
     return raise_on_failures(checks)
 
 
-def _torch_checks(refs, rule_set: str, bias_terms=()):
+def _torch_checks(refs, rule_set: str, bias_terms=(), maps=(), layer_scores: bool = False):
     if rule_set == contract.RULE_VANILLA:
         yield contract.LOGITS_OUTPUT, max_rel, FORWARD_MAX_REL, "max-relative"
         for ref in refs:
             yield contract.activation_output(ref.name), max_rel, FORWARD_MAX_REL, "max-relative"
             yield contract.gradient_output(ref.name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+    for name in maps:
+        yield contract.attention_output(name), max_rel, FORWARD_MAX_REL, "max-relative"
+        yield contract.attention_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+        if layer_scores:
+            yield contract.attention_layer_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     for name in bias_terms:
         yield name, max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
@@ -214,7 +221,7 @@ def _cam_weight_checks(got: dict[str, np.ndarray], contract_model) -> list[Check
     return checks
 
 
-def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
+def _flatten(ref: dict, refs, bias_terms=(), maps=()) -> dict[str, np.ndarray]:
     """reference_gradients() output keyed by contract names; the rule set is the caller's. The
     file's bias terms (`bias_terms`) and torch's are both in execution order."""
     if len(ref["bias_terms"]) != len(bias_terms):
@@ -224,12 +231,18 @@ def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
     for layer, act, grad in zip(refs, ref["acts"], ref["grads"]):
         flat[contract.activation_output(layer.name)] = act
         flat[contract.gradient_output(layer.name)] = grad
+    for name, value, grad in zip(maps, ref["attention"], ref["attention_grads"]):
+        flat[contract.attention_output(name)] = value
+        flat[contract.attention_gradient_output(name)] = grad
+    for name, grad in zip(maps, ref["attention_layer_grads"]):
+        flat[contract.attention_layer_gradient_output(name)] = grad
     for rule_set in (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET):
         flat[contract.input_gradient_output(rule_set)] = ref["input_grad"]
     return flat
 
 
-def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_terms=()) -> dict[str, np.ndarray]:
+def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_terms=(),
+                       maps=(), layer_scores: bool = False) -> dict[str, np.ndarray]:
     import copy
 
     import torch
@@ -237,8 +250,8 @@ def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_
     from .torch_frontend import reference_gradients
 
     model64 = copy.deepcopy(model).double()
-    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms)),
-                    refs, bias_terms)
+    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms),
+                                        maps, layer_scores), refs, bias_terms, maps)
 
 
 def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -293,8 +306,10 @@ def _directional_check(name: str, score: "_Scorer", point: np.ndarray, grad: np.
 
 
 def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, layers: dict[str, str],
-                                image_input: str, score_tensor: str, input_shape: tuple[int, ...]) -> list[Check]:
-    """Directional derivatives of the target score vs central differences in onnxruntime (float32)."""
+                                image_input: str, score_tensor: str, input_shape: tuple[int, ...],
+                                maps: dict[str, str] | None = None) -> list[Check]:
+    """Directional derivatives of the target score vs central differences in onnxruntime (float32), for
+    the input, the `layers` and the attention `maps` (each {name: tensor})."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *input_shape)).astype(np.float32)
     got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
@@ -306,11 +321,13 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
     if vanilla_input in got:
         scorer = _Scorer(forward_model, score_tensor, targets, image_input, x, image_input, logits)
         checks.append(_directional_check(vanilla_input, scorer, x, got[vanilla_input], rng))
-    for layer, tensor in layers.items():
+    tensors = [(contract.activation_output(layer), contract.gradient_output(layer), tensor)
+               for layer, tensor in layers.items()]
+    tensors += [(contract.attention_output(name), contract.attention_gradient_output(name), tensor)
+                for name, tensor in (maps or {}).items()]
+    for value, gradient, tensor in tensors:
         scorer = _Scorer(forward_model, score_tensor, targets, image_input, x, tensor, logits)
-        point = got[contract.activation_output(layer)]
-        checks.append(_directional_check(contract.gradient_output(layer), scorer, point,
-                                         got[contract.gradient_output(layer)], rng))
+        checks.append(_directional_check(gradient, scorer, got[value], got[gradient], rng))
     return raise_on_failures(checks)
 
 

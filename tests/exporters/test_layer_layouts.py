@@ -20,11 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.contract import LayerLayout
-from camrt.errors import ContractError, ExportError, ModelError
+from camrt.errors import ContractError, ModelError
+from camrt.execution.feature_layout import from_nchw, to_nchw
 from camrt.explainer import Explainer
-from camrt.feature_layout import from_nchw, to_nchw
-from camrt.registry import build_method_registry
-from camrt.session import parse_contract, read_contract
+from camrt.modelfile.metadata import parse_contract, read_contract
+from camrt.plugins.registry import build_method_registry
+from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.layouts import LayoutOverride, parse_layout_overrides
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)

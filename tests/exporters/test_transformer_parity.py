@@ -130,7 +130,7 @@ def exported(request, tmp_path_factory):
 
 
 def test_default_layer_and_layout_are_recorded(exported):
-    from camrt.session import read_contract
+    from camrt.modelfile.metadata import read_contract
 
     name, _, path, _, _ = exported
     info = read_contract(path)
@@ -145,7 +145,7 @@ def test_head_split_layer_is_refused_naming_the_flag():
     import timm
     import torch
 
-    from camrt.errors import ExportError
+    from camrt_exporters.errors import ExportError
     from camrt_exporters.export import export_torch
 
     torch.manual_seed(0)

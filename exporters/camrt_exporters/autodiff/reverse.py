@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from camrt.errors import ExportError, UnsupportedOpError
-from camrt.layers import tensors_between
+from camrt.modelfile.layers import tensors_between
 
+from ..errors import ExportError, UnsupportedOpError
 from .graph import Dim, GraphIndex
 
 
@@ -311,14 +311,18 @@ def differentiate(
 RuleTable = dict[str, BackwardRule]
 
 
+def _add_rule(table: RuleTable, op_type: str, rule: BackwardRule) -> None:
+    if op_type in table:
+        raise ExportError(f"two backward rules for op type {op_type!r}")
+    table[op_type] = rule
+
+
 def rule_table(*tables: Mapping[str, BackwardRule]) -> RuleTable:
     """Merge rule tables, refusing two rules for one op type."""
     merged: RuleTable = {}
     for table in tables:
         for op_type, rule in table.items():
-            if op_type in merged:
-                raise ExportError(f"two backward rules for op type {op_type!r}")
-            merged[op_type] = rule
+            _add_rule(merged, op_type, rule)
     return merged
 
 
@@ -328,9 +332,7 @@ def registering(table: RuleTable) -> Callable[..., Callable[[BackwardRule], Back
     def rule(*op_types: str):
         def decorate(fn: BackwardRule) -> BackwardRule:
             for op_type in op_types:
-                if op_type in table:
-                    raise ExportError(f"two backward rules for op type {op_type!r}")
-                table[op_type] = fn
+                _add_rule(table, op_type, fn)
             return fn
 
         return decorate
