@@ -14,8 +14,7 @@ defaults, 1e-6.
 
 from __future__ import annotations
 
-from camrt_exporters import RuleSet
-from camrt_exporters.autodiff.rules import VANILLA
+from camrt_exporters import VANILLA, RuleSet
 
 from .names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 from .rules import (

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
-from camrt_exporters import ExportError, RuleContext
-from camrt_exporters.autodiff.graph import attribute
-from camrt_exporters.autodiff.rules import VANILLA
+
+from camrt_exporters import VANILLA, ExportError, RuleContext, attribute
 
 #: Ops zennit counts as activations (zennit.types.Activation; ReLU6 is Clip in ONNX): relevance passes.
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "HardSigmoid",
@@ -54,13 +53,16 @@ LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class Layer:
     """A linear layer z = f(x) read off its node: `weight` in the node's layout (Conv [M, C/g, k...];
-    dense [in, out]), `bias` [M] or [out], `z` the tensor holding f(x) (a folded BatchNormalization's output)."""
+    dense [in, out]), `bias` [M] or [out], `z` the tensor holding f(x) (a folded BatchNormalization's output);
+    `own_weights`: f is the node's own linear map (no BatchNormalization folded in), so its transpose is the
+    built-in backward rule of the node, reading the file's weights (no copy of a large dense matrix)."""
 
     node: onnx.NodeProto
     x: str
     weight: np.ndarray
     bias: np.ndarray
     z: str
+    own_weights: bool = True
 
     @property
     def is_conv(self) -> bool:
@@ -82,26 +84,26 @@ def folded_batchnorm(ctx: RuleContext, conv: onnx.NodeProto) -> onnx.NodeProto |
 
 def read_layer(ctx: RuleContext, node: onnx.NodeProto) -> Layer:
     if node.op_type == "Conv":
-        weight = ctx.require_value(node.input[1], "the Conv weights").astype(np.float64)
-        bias = (ctx.require_value(node.input[2], "the Conv bias").astype(np.float64)
-                if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0]))
-        z = node.output[0]
+        weight = ctx.require_value(node.input[1], "the Conv weights")
+        bias = (ctx.require_value(node.input[2], "the Conv bias")
+                if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0], weight.dtype))
         bn = folded_batchnorm(ctx, node)
         if bn is not None:
-            gamma, beta, mean, var = (ctx.value(name).astype(np.float64) for name in bn.input[1:5])
+            gamma, beta, mean, var = (ctx.value(name) for name in bn.input[1:5])
             scale = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
-            weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
-            bias = (bias - mean) * scale + beta
-            z = bn.output[0]
-        return Layer(node, node.input[0], weight, bias, z)
+            folded_weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+            return Layer(node, node.input[0], folded_weight, (bias - mean) * scale + beta, bn.output[0], own_weights=False)
+        return Layer(node, node.input[0], weight, bias, node.output[0])
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0):
             raise ExportError(f"node {node.name!r} (Gemm): transA=1 has no LRP rule; the activations must be A")
-        b = ctx.require_value(node.input[1], "the Gemm weights").astype(np.float64)
-        weight = attribute(node, "alpha", 1.0) * (b.T if attribute(node, "transB", 0) else b)
-        bias = np.zeros(weight.shape[1])
+        b = ctx.require_value(node.input[1], "the Gemm weights")
+        weight = b.T if attribute(node, "transB", 0) else b
+        if attribute(node, "alpha", 1.0) != 1.0:
+            weight = attribute(node, "alpha", 1.0) * weight
+        bias = np.zeros(weight.shape[1], weight.dtype)
         if len(node.input) > 2 and node.input[2]:
-            c = ctx.require_value(node.input[2], "the Gemm bias").astype(np.float64)
+            c = ctx.require_value(node.input[2], "the Gemm bias")
             if c.size not in (1, weight.shape[1]):
                 raise ExportError(f"node {node.name!r} (Gemm): a bias C of shape {c.shape} (not one per output) "
                                   "has no LRP rule")
@@ -112,7 +114,7 @@ def read_layer(ctx: RuleContext, node: onnx.NodeProto) -> Layer:
     if weight is None or weight.ndim != 2 or ctx.index.rank(x) != 2:
         raise ExportError(f"node {node.name!r} (MatMul): LRP rules need [batch, features] activations times a "
                           "constant 2-D weight; this MatMul is neither (use a rule set without LRP rules)")
-    return Layer(node, x, weight.astype(np.float64), np.zeros(weight.shape[1]), node.output[0])
+    return Layer(node, x, weight, np.zeros(weight.shape[1], weight.dtype), node.output[0])
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -132,8 +134,13 @@ def apply(ctx: RuleContext, layer: Layer, x: str, weight: str, bias: str | None)
     return out
 
 
-def transpose(ctx: RuleContext, layer: Layer, weight: str, g: str) -> str:
-    """f_V^T(g): the gradient of x -> f_V(x) against g (the built-in Conv rule, with other weights)."""
+def transpose(ctx: RuleContext, layer: Layer, weight: str | None, g: str) -> str:
+    """f_V^T(g): the gradient of x -> f_V(x) against g, for the constant named `weight`, or for the layer's own
+    weights when None (the node's built-in rule; the Conv rule with other weights for a Conv)."""
+    if weight is None:
+        if not layer.own_weights:
+            return transpose(ctx, layer, weights(ctx, layer, layer.weight), g)
+        return VANILLA.lookup(layer.node.op_type)(ctx, layer.node, [g])[0]
     if not layer.is_conv:
         return ctx.emit("Gemm", [g, weight], transB=1)
     node = onnx.NodeProto()
@@ -191,7 +198,7 @@ LayerRule = Callable[[RuleContext, Layer, str], str]
 def epsilon_rule(epsilon: float) -> LayerRule:
     def epsilon_(ctx: RuleContext, layer: Layer, relevance: str) -> str:
         s = ratio(ctx, relevance, layer.z, epsilon)
-        return ctx.mul(layer.x, transpose(ctx, layer, weights(ctx, layer, layer.weight), s))
+        return ctx.mul(layer.x, transpose(ctx, layer, None, s))
 
     return epsilon_
 
@@ -241,13 +248,12 @@ def gamma_rule(gamma: float, stabilizer: float) -> LayerRule:
 def box_rule(stabilizer: float) -> LayerRule:
     def box(ctx: RuleContext, layer: Layer, relevance: str) -> str:
         low, high = pixel_bounds(ctx, layer)
-        w = weights(ctx, layer, layer.weight)
         wp, wn = weights(ctx, layer, np.maximum(layer.weight, 0)), weights(ctx, layer, np.minimum(layer.weight, 0))
         bp = bias_or_none(ctx, layer, np.maximum(layer.bias, 0))
         bn = bias_or_none(ctx, layer, np.minimum(layer.bias, 0))
         z = ctx.emit("Sub", [ctx.emit("Sub", [layer.z, apply(ctx, layer, low, wp, bp)]), apply(ctx, layer, high, wn, bn)])
         s = ratio(ctx, relevance, z, stabilizer)
-        return ctx.emit("Sub", [ctx.emit("Sub", [ctx.mul(layer.x, transpose(ctx, layer, w, s)),
+        return ctx.emit("Sub", [ctx.emit("Sub", [ctx.mul(layer.x, transpose(ctx, layer, None, s)),
                                                  ctx.mul(low, transpose(ctx, layer, wp, s))]),
                                 ctx.mul(high, transpose(ctx, layer, wn, s))])
 

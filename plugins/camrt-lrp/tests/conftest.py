@@ -5,9 +5,8 @@ import pytest
 def lrp_plugin():
     """camrt_lrp on the process-wide plugin manager for this module's tests (the project's suite disables
     entry-point autoloading, and an installed copy may already be there)."""
-    from camrt.plugins import ensure_registered, get_plugin_manager
-
     import camrt_lrp
+    from camrt.plugins import ensure_registered, get_plugin_manager
 
     pm = get_plugin_manager()
     registered_here = not pm.is_registered(camrt_lrp)
