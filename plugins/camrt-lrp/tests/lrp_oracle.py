@@ -58,12 +58,14 @@ def zennit_relevance(model, x: np.ndarray, targets: np.ndarray, rule_set: str, c
 
 
 def assert_matches_zennit(got: np.ndarray, model, x: np.ndarray, targets: np.ndarray, rule_set: str,
-                          canonizers=None, what: str = "") -> None:
+                          canonizers=None, what: str = "", truth: np.ndarray | None = None) -> None:
+    """The tolerance above; `truth`: zennit's float64 relevance when the caller has it already."""
     reference = zennit_relevance(model, x, targets, rule_set, canonizers)
     errors = max_rel_per_sample(got, reference)
     if errors.max() <= MAX_REL:
         return
-    truth = zennit_float64(model, x, targets, rule_set, canonizers)
+    if truth is None:
+        truth = zennit_float64(model, x, targets, rule_set, canonizers)
     own, ours = max_rel_per_sample(reference, truth), max_rel_per_sample(got, truth)
     assert (ours <= np.maximum(2 * own, MAX_REL)).all(), (
         f"{what} {rule_set}: max-relative error to zennit float32 {errors}, to zennit float64 {ours} "
