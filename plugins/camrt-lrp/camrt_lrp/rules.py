@@ -145,7 +145,12 @@ def transpose(ctx: RuleContext, layer: Layer, weight: str | None, g: str) -> str
         return ctx.emit("Gemm", [g, weight], transB=1)
     node = onnx.NodeProto()
     node.CopyFrom(layer.node)
-    node.input[1] = weight
+    # Through an Identity the weights are no constant to the Conv rule, which then uses a ConvTranspose of
+    # the same initializer instead of adding a flipped copy of it (the file would hold every modified
+    # weight twice).
+    node.input[1] = ctx.emit("Identity", [weight])
+    if attribute(node, "kernel_shape", None) is None:
+        node.attribute.append(helper.make_attribute("kernel_shape", list(ctx.value(weight).shape[2:])))
     return VANILLA.lookup("Conv")(ctx, node, [g])[0]
 
 
