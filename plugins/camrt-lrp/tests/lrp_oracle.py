@@ -7,7 +7,7 @@ float32; every rule divides by a stabilised z = z + 1e-6 sign(z), so where |z| i
 round-off of z (summed in another order by onnxruntime than by torch) is amplified by R / z, the more so
 the deeper the net. Where float32 zennit is further than 1e-4 away, both are judged against zennit in
 float64: camrt must then be no further from it than twice zennit float32's own error (the rule of the
-exporter's own validation). Measured: small nets and resnet18 below 1e-5 against float32.
+exporter's own validation). Measured against float32: small nets 2e-5, resnet18 1e-5.
 
 Known departures (xfail in test_lrp_torchvision.py, with figures): mobilenet_v2 with alpha2-beta1
 (5.6e-4; zennit float32's own error 3e-5) and vgg11_bn's non-top-1 sample (7e-4..3e-3; own 1.4e-4..2.5e-4).
