@@ -182,8 +182,9 @@ def bias_or_none(ctx: RuleContext, layer: Layer, value: np.ndarray) -> str | Non
 
 
 def pixel_bounds(ctx: RuleContext, layer: Layer) -> tuple[str, str]:
-    """The lowest and highest model inputs, (0 - mean) / std and (1 - mean) / std per channel (the
-    runtime scales pixels to [0, 1] before normalising), broadcast to the input's shape."""
+    """The lowest and highest model inputs per channel, broadcast to the input's shape: 8-bit pixels 0 and
+    255, scaled and normalised as the runtime does, (0 - mean) / std and (255 scale - mean) / std (with the
+    usual scale 1/255: (1 - mean) / std, zennit's examples' bounds)."""
     pre = ctx.preprocessing
     if pre is None:
         raise ExportError(f"node {layer.node.name!r} (Conv): the z^B rule needs the file's preprocessing (the pixel "
@@ -192,7 +193,7 @@ def pixel_bounds(ctx: RuleContext, layer: Layer) -> tuple[str, str]:
     shape = (1, -1) + (1,) * (layer.weight.ndim - 2)
     shape_of_x = ctx.shape_of(layer.x)
     return tuple(ctx.emit("Expand", [ctx.const(((edge - mean) / std).reshape(shape), like=layer.x), shape_of_x])
-                 for edge in (0.0, 1.0))
+                 for edge in (0.0, 255.0 * pre.scale))
 
 
 # --- the rules on a layer: (ctx, layer, R) -> R_x --------------------------------------------------
