@@ -468,6 +468,8 @@ def build_contract_model(
     ))
 
     patches = ForwardPatches()
+    preprocessing = (contract.Preprocessing.from_json(metadata[contract.META_PREPROCESSING])
+                     if contract.META_PREPROCESSING in metadata else None)
     outputs: list[onnx.ValueInfoProto] = [o for o in index.graph.output if o.name in keep_outputs]
 
     def expose(contract_name: str, tensor: str, like: str | None = None) -> None:
@@ -504,7 +506,8 @@ def build_contract_model(
         passes.append((vanilla, vanilla_wrt))
     passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
-        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}")
+        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
+                                 image_input=image_input, preprocessing=preprocessing)
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:

@@ -84,7 +84,8 @@ def register_commands(cli):
     @click.argument("source")
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The camrt .onnx file to write.")
     @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the last tensor with spatial extent.")
-    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
+    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet; plugins add more, "
+              "e.g. camrt-lrp's lrp-epsilon-plus-flat).")
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
     @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model, "
                   "required when its height/width are open, e.g. symbolic or -1).")
@@ -177,5 +178,11 @@ def register_commands(cli):
                 log(f"UNVERIFIED {check.name}: the {check.kind} tolerance {check.tolerance:.0e} is as large as the "
                     "gradient itself (float32 cannot resolve the score's change); check it against the source "
                     "framework's autograd")
+        from .validate import TORCH_REFERENCE_RULE_SETS
+
+        for name in rule_names:
+            if name not in TORCH_REFERENCE_RULE_SETS:
+                log(f"not validated at export: camrt/input_grad/{name} (a plugin's rule set; its plugin's tests "
+                    "check it against a reference implementation)")
         write_model(model, output)
         click.echo(f"wrote {output}", err=True)

@@ -28,6 +28,9 @@ INPUT_GRAD_L2_REL = 2e-2
 #: ||a - b|| <= SWITCH_L2_REL * ||b|| against torch float64 for a layer gradient when a ReLU switch
 #: downstream flipped in onnxruntime but not in torch (an exact max-relative match is then impossible).
 SWITCH_L2_REL = 1e-2
+#: The rule sets whose input gradients torch autograd can reproduce (torch_frontend.relu_backward);
+#: a plugin's rule set (LRP) is checked by the plugin's own tests against its reference implementation.
+TORCH_REFERENCE_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET)
 #: Finite-difference checks (ONNX front end). Along a unit-norm direction v the directional
 #: derivative <g, v> is at most ||g|| (g over v's support), so the error of a central difference
 #: D_h is measured in units of that bound: a scale-free number that means the same for every model.
@@ -164,6 +167,8 @@ def validate_against_torch(model, contract_model, refs, layers: dict[str, str], 
     # The logits and the layers' activations and gradients come with vanilla, requested or not
     # (`--rules ''`); _torch_checks skips the input gradients the file does not carry.
     for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
+        if rule_set not in TORCH_REFERENCE_RULE_SETS:
+            continue
         terms = bias_terms if rule_set == contract.RULE_VANILLA else []
         rule_maps = maps if rule_set == contract.RULE_VANILLA else ()
         ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms), rule_maps,
