@@ -96,9 +96,15 @@ def export_torch(
     source_name: str = "",
     opset: int | None = None,
     fullgrad: bool = False,
+    seed: bool = False,
+    score_output: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
+
+    seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2: segmentation
+    logits, detection heads, embeddings). score_output: the key (dict) or index (tuple) of the
+    explained output when the model returns several (torchvision's segmentation models: "out").
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -114,10 +120,11 @@ def export_torch(
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
-    forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad)
+    forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad,
+                                              score_output=score_output)
     forward = prepare(forward)
     index = GraphIndex(forward)
-    score = choose_score(index, logits)
+    score = choose_score(index, logits, seeded=seed)
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
@@ -129,9 +136,10 @@ def export_torch(
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad,
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, seeded=seed,
     )
-    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
+    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size,
+                                    score_output)
     return result, checks
 
 
@@ -276,6 +284,7 @@ def export_onnx(
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     input_layout: str | None = None,
+    seed: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -285,7 +294,8 @@ def export_onnx(
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
-    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). seed: give the file the
+    seed entry `camrt/seed` (any score tensor of rank >= 2, see `export_torch`)."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
@@ -296,7 +306,7 @@ def export_onnx(
     _forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
-    score = choose_score(index, output, use_softmax_output, log)
+    score = choose_score(index, output, use_softmax_output, log, seeded=seed)
     require_batch_carried(index, image.name, score.tensor)
     names = list(layers)
     for name in names:
@@ -322,7 +332,7 @@ def export_onnx(
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
+        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad, seeded=seed,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
                                          tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]))

@@ -72,6 +72,30 @@ def load_weights(model, path: str) -> None:
         )
 
 
+def select_output(output, key: str | None):
+    """The score tensor among a model's outputs: the tensor itself, `output[key]` of a dict
+    (torchvision's segmentation models return {"out", "aux"}), or `output[int(key)]` of a tuple/list."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if key is not None:
+            raise ExportError(f"--score-output {key!r}: the model returns one tensor, not a dict or tuple")
+        return output
+    if isinstance(output, dict):
+        if key is None and len(output) == 1:
+            return next(iter(output.values()))
+        if key not in output:
+            raise ExportError(f"the model returns a dict with keys {list(output)}; name the explained one with "
+                              "--score-output KEY")
+        return output[key]
+    if isinstance(output, (tuple, list)):
+        if key is None or not key.isdigit() or int(key) >= len(output):
+            raise ExportError(f"the model returns {len(output)} outputs; name the explained one with --score-output "
+                              f"INDEX (0..{len(output) - 1})")
+        return output[int(key)]
+    raise ExportError(f"the model returns {type(output).__name__}; camrt explains tensors (or a dict/tuple of them)")
+
+
 @dataclass(frozen=True)
 class LayerRef:
     name: str  # as the user gave it: "layer4" or "_swish@1"
@@ -183,7 +207,7 @@ class TapModel:
     """Factory of the export wrapper: model outputs followed by the requested layers' outputs."""
 
     @staticmethod
-    def build(model, refs: Sequence[LayerRef]):
+    def build(model, refs: Sequence[LayerRef], score_output: str | None = None):
         import torch
 
         class _Wrapper(torch.nn.Module):
@@ -194,23 +218,23 @@ class TapModel:
 
             def forward(self, x):
                 self.taps.clear()
-                logits = self.model(x)
+                logits = select_output(self.model(x), score_output)
                 return (logits, *[self.taps.pick(r) for r in refs])
 
         return _Wrapper().eval()
 
 
 def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
-                   fold_batchnorm: bool = True):
+                   fold_batchnorm: bool = True, score_output: str | None = None):
     """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors.
 
     fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
     rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
-    removal alone."""
+    removal alone. score_output: which of a dict/tuple output is explained (`select_output`)."""
     import onnx
     import torch
 
-    wrapper = TapModel.build(model, refs)
+    wrapper = TapModel.build(model, refs, score_output)
     tap_names = [f"camrt_tap_{i}" for i in range(len(refs))]
     example = torch.zeros(2, 3, *input_size)
     buffer = io.BytesIO()
@@ -284,9 +308,13 @@ def relu_backward(rule_set: str):
 
 
 def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
-                        bias_terms: bool = False):
+                        bias_terms: bool = False, score_output: str | None = None, seed=None):
     """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
-    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`)."""
+    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`).
+
+    The score is sum_b logits[b, target_b] (for logits of rank > 2: the class channel summed over
+    the other axes, the top-1 taken on those sums, as the file's target path), or <seed, logits>
+    when a `seed` shaped like the logits is given."""
     import torch
 
     taps = _Taps(model, sorted({r.module for r in refs}))
@@ -294,10 +322,14 @@ def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: s
     try:
         with relu_backward(rule_set):
             x = x.clone().requires_grad_(True)
-            logits = model(x)
+            logits = select_output(model(x), score_output)
             acts = [taps.pick(r) for r in refs]
-            resolved = torch.where(targets < 0, logits.argmax(dim=1), targets)
-            score = logits.gather(1, resolved[:, None]).sum()
+            per_class = logits.flatten(2).sum(dim=2) if logits.dim() > 2 else logits
+            resolved = torch.where(targets < 0, per_class.argmax(dim=1), targets)
+            if seed is None:
+                score = per_class.gather(1, resolved[:, None]).sum()
+            else:
+                score = (logits * seed.to(logits.dtype)).sum()
             grads = torch.autograd.grad(score, [*acts, x])
     finally:
         taps.remove()
