@@ -78,9 +78,9 @@ def _reads(node) -> list[str]:
     return names
 
 
-def _ancestor_nodes(graph, wanted: Sequence[str], stop: set[str]) -> list:
+def _ancestor_nodes(nodes: list, wanted: Sequence[str], stop: set[str]) -> list:
     """The nodes needed to compute `wanted`, not looking behind the tensors in `stop`, in graph order."""
-    producer = {o: n for n in graph.node for o in n.output if o}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     keep: set[int] = set()
     stack = [t for t in wanted if t not in stop]
     seen: set[str] = set()
@@ -89,12 +89,12 @@ def _ancestor_nodes(graph, wanted: Sequence[str], stop: set[str]) -> list:
         if name in seen:
             continue
         seen.add(name)
-        node = producer.get(name)
-        if node is None or id(node) in keep:
+        index = producer.get(name)
+        if index is None or index in keep:
             continue
-        keep.add(id(node))
-        stack += [i for i in _reads(node) if i not in stop]
-    return [n for n in graph.node if id(n) in keep]
+        keep.add(index)
+        stack += [i for i in _reads(nodes[index]) if i not in stop]
+    return [nodes[i] for i in sorted(keep)]
 
 
 def _value_infos(model, names: Sequence[str], path: str) -> dict[str, Any]:
@@ -142,11 +142,11 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], path: str = "<
                          "fetch them with a target run")
     backward_fetch = tuple(f for f in dict.fromkeys(fetch) if f in depends_on_seed)
     forward_fetch = tuple(f for f in dict.fromkeys([contract.LOGITS_OUTPUT, *fetch]) if f not in depends_on_seed)
-    forward_nodes = {id(n) for n in _ancestor_nodes(graph, forward_fetch, set(constants))}
+    nodes = list(graph.node)
     inputs = {i.name for i in graph.input}
-    produced_forward = {o for n in graph.node if id(n) in forward_nodes for o in n.output if o}
+    produced_forward = {o for n in _ancestor_nodes(nodes, forward_fetch, set(constants)) for o in n.output if o}
     stop = set(constants) | produced_forward | inputs | {contract.SEED_TENSOR}
-    backward_nodes = _ancestor_nodes(graph, backward_fetch, stop)
+    backward_nodes = _ancestor_nodes(nodes, backward_fetch, stop)
     made_backward = {o for n in backward_nodes for o in n.output if o}
     boundary = tuple(dict.fromkeys(
         i for n in backward_nodes for i in _reads(n)
