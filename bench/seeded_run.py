@@ -26,14 +26,17 @@ from camrt import contract
 from camrt.execution.session import ExplainSession
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_ms(rows: dict, repeats: int) -> dict[str, float]:
+    """Median time of each function, run round-robin so that a varying machine load hits every row alike."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for fn in rows.values():
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def target_path_seed(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -80,8 +83,8 @@ def main() -> None:
         }
         boundary_mb = sum(values[b].nbytes for b in graphs.boundary) / 2**20
         print(f"fetch {label}: {len(graphs.boundary)} boundary tensors, {boundary_mb:.1f} MiB")
-        for name, fn in rows.items():
-            print(f"  {name:24s} {median_ms(fn, args.repeats):8.1f}")
+        for name, ms in median_ms(rows, args.repeats).items():
+            print(f"  {name:24s} {ms:8.1f}")
 
 
 if __name__ == "__main__":
