@@ -108,7 +108,7 @@ def _value_infos(model, names: Sequence[str], path: str) -> dict[str, Any]:
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
             infos.update({v.name: v for v in inferred.graph.value_info if v.name in missing})
-        except Exception:  # noqa: BLE001 - inference is best effort; what stays unknown is reported below
+        except Exception:  # inference is best effort; what stays unknown is reported below
             pass
     unknown = [n for n in names if n not in infos or not infos[n].type.tensor_type.elem_type]
     if unknown:
@@ -129,7 +129,8 @@ def _has_batch_axis(info, batch_dim: str | None) -> bool:
     return bool(batch_dim) and len(dims) > 0 and dims[0].dim_param == batch_dim
 
 
-def cut_at_seed(model, fetch: Sequence[str], constants: set[str], path: str = "<model>") -> SeededGraphs:
+def cut_at_seed(model, fetch: Sequence[str], constants: set[str], image_input: str,
+                path: str = "<model>") -> SeededGraphs:
     """Cut `model` (a seeded contract file; initializers may be absent, named in `constants`) into
     the forward and backward graphs that compute `fetch` from a fed `camrt/seed`."""
     from onnx import helper
@@ -141,6 +142,10 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], path: str = "<
         raise InputError(f"{contract.TARGET_INDEX_OUTPUT!r} and CAM weights follow `camrt/target`, not a seed: "
                          "fetch them with a target run")
     backward_fetch = tuple(f for f in dict.fromkeys(fetch) if f in depends_on_seed)
+    if not backward_fetch:
+        raise InputError(f"a seeded run of {list(fetch)} has nothing to differentiate: fetch gradients "
+                         f"({contract.GRADIENT_PREFIX}<layer>, {contract.INPUT_GRADIENT_PREFIX}<rules>), or run() "
+                         "for forward outputs")
     forward_fetch = tuple(f for f in dict.fromkeys([contract.LOGITS_OUTPUT, *fetch]) if f not in depends_on_seed)
     nodes = list(graph.node)
     inputs = {i.name for i in graph.input}
@@ -163,7 +168,7 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], path: str = "<
     )
     backward = helper.make_model(backward_graph, opset_imports=list(model.opset_import))
     backward.ir_version = model.ir_version
-    image = next(i for i in graph.input if i.name not in constants and i.name != contract.TARGET_INPUT)
+    image = next(i for i in graph.input if i.name == image_input)
     batch_dim = image.type.tensor_type.shape.dim[0].dim_param if image.type.tensor_type.shape.dim else None
     batched = frozenset(n for n in [*boundary, *forward_fetch] if _has_batch_axis(infos[n], batch_dim))
     return SeededGraphs(forward, backward, forward_fetch, backward_fetch, boundary, batched)
@@ -219,12 +224,11 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
         return values[name] if identity or name not in graphs.batched else values[name][rows]
 
     results = {name: per_seed_row(name) for name in graphs.forward_fetch if name in fetch}
-    if graphs.backward_fetch:
-        backward_feeds = {contract.SEED_TENSOR: seeds.values, **{b: per_seed_row(b) for b in graphs.boundary}}
-        batched_feeds = {k: v for k, v in backward_feeds.items() if k == contract.SEED_TENSOR or k in graphs.batched}
-        fixed = {k: v for k, v in backward_feeds.items() if k not in batched_feeds}
-        grads = session._run_chunked(plan.backward_session, batched_feeds, list(graphs.backward_fetch), fixed)
-        results.update(zip(graphs.backward_fetch, grads))
+    backward_feeds = {contract.SEED_TENSOR: seeds.values, **{b: per_seed_row(b) for b in graphs.boundary}}
+    batched_feeds = {k: v for k, v in backward_feeds.items() if k == contract.SEED_TENSOR or k in graphs.batched}
+    fixed = {k: v for k, v in backward_feeds.items() if k not in batched_feeds}
+    grads = session._run_chunked(plan.backward_session, batched_feeds, list(graphs.backward_fetch), fixed)
+    results.update(zip(graphs.backward_fetch, grads))
     _check_finite(results, "the seeded backward pass")
     return {name: session._input_gradient_as_nchw(name, results[name]) for name in dict.fromkeys(fetch)}
 

@@ -280,7 +280,7 @@ class ExplainSession:
         constants = set(self._sliced.initializers) if self._sliced else {i.name for i in self._model.graph.initializer}
         with self._lock:
             if key not in self._sessions:
-                graphs = cut_at_seed(self._model, list(fetch), constants, self.path)
+                graphs = cut_at_seed(self._model, list(fetch), constants, self.info.input_name, self.path)
                 try:
                     sessions = [ort.InferenceSession(self._serialize(model), sess_options=self._options,
                                                      providers=self._providers)

@@ -135,5 +135,7 @@ def test_files_and_seeds_that_cannot_serve(tiny, segmenter_file, rng):
                                                           np.zeros_like(out[contract.LOGITS_OUTPUT][:1])]), grad)
     with pytest.raises(InputError, match="seed rows have shape"):
         session.run_seeded(x, lambda out: np.ones((2, CLASSES)), grad)
+    with pytest.raises(InputError, match="nothing to differentiate"):
+        session.run_seeded(x, lambda out: np.ones_like(out[contract.LOGITS_OUTPUT]), [contract.activation_output("feat")])
     with pytest.raises(InputError, match="follow `camrt/target`"):
         session.run_seeded(x, lambda out: np.ones_like(out[contract.LOGITS_OUTPUT]), [contract.TARGET_INDEX_OUTPUT])
