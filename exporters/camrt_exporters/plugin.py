@@ -51,7 +51,6 @@ Examples:
   camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
   camrt export torchvision.models:squeezenet1_1 --weights squeezenet.pth --input-size 64,64 --labels labels.txt -o sq.camrt.onnx
   camrt export plain.onnx --mean 0.5 --std 0.5 --channel-order bgr -o plain.camrt.onnx
-  camrt export mymodels:segmenter --score-output out --seed -o seg.camrt.onnx
 """
 
 

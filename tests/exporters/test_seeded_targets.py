@@ -198,13 +198,15 @@ def test_deeplabv3_segmentation_gradcam_matches_pytorch_grad_cam(tmp_path_factor
     path = _export(tmp_path_factory, model, "backbone.16", SEG_SIZE, "deeplab", score_output="out")
     x = _seg_inputs()
     fetch = [contract.activation_output("backbone.16"), contract.gradient_output("backbone.16")]
-    got = ExplainSession(path).run_seeded(x, lambda out: segmentation_seed(out[contract.LOGITS_OUTPUT], 0), fetch)
-    ours = _gradcam_maps(got, "backbone.16", x)
     with torch.no_grad():
-        masks = (_SegOut(model)(torch.from_numpy(x)).argmax(1) == 0).float().numpy()
+        argmax = _SegOut(model)(torch.from_numpy(x)).argmax(1).numpy()
+    classes = [int(np.bincount(argmax[b].ravel()).argmax()) for b in range(len(x))]
+    got = ExplainSession(path).run_seeded(x, lambda out: segmentation_seed(out[contract.LOGITS_OUTPUT], classes), fetch)
+    ours = _gradcam_maps(got, "backbone.16", x)
     with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
-        for b in range(len(x)):
-            reference = cam(torch.from_numpy(x[b:b + 1]), targets=[SemanticSegmentationTarget(0, masks[b])])[0]
+        for b, category in enumerate(classes):
+            mask = (argmax[b] == category).astype(np.float32)
+            reference = cam(torch.from_numpy(x[b:b + 1]), targets=[SemanticSegmentationTarget(category, mask)])[0]
             assert np.abs(_minmax(ours[b]) - _minmax(reference)).max() <= 1e-4
 
 

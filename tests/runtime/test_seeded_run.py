@@ -11,6 +11,7 @@ from camrt import contract
 from camrt.errors import InputError, ModelError
 from camrt.seeds import SeedBatch
 
+from .cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 from .tiny import CHANNELS, CLASSES, HEIGHT, WIDTH, TinyModel, numpy_forward, tiny_onnx
 
 
@@ -139,3 +140,26 @@ def test_files_and_seeds_that_cannot_serve(tiny, segmenter_file, rng):
         session.run_seeded(x, lambda out: np.ones_like(out[contract.LOGITS_OUTPUT]), [contract.activation_output("feat")])
     with pytest.raises(InputError, match="follow `camrt/target`"):
         session.run_seeded(x, lambda out: np.ones_like(out[contract.LOGITS_OUTPUT]), [contract.TARGET_INDEX_OUTPUT])
+
+
+@pytest.mark.usefixtures("exporters_plugin")
+def test_export_cli_seed_flag(exporter, tmp_path, rng):
+    """`camrt export --seed` writes the seed entry; the seeded gradient is the closed form."""
+    import onnx
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+    from camrt.execution.session import ExplainSession
+
+    model, w2 = _segmenter()
+    onnx.save(model, tmp_path / "seg.onnx")
+    result = CliRunner().invoke(build_cli(), ["export", str(tmp_path / "seg.onnx"), "--seed", "--layer", "feat",
+                                              "--rules", "vanilla", "-o", str(tmp_path / "seg.camrt.onnx")])
+    assert result.exit_code == 0, result.output
+    session = ExplainSession(tmp_path / "seg.camrt.onnx")
+    assert session.info.seed == {"tensor": contract.SEED_TENSOR, "shape": ["batch", CLASSES, HEIGHT // 2, WIDTH // 2]}
+    x = rng.standard_normal((1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    seed = rng.standard_normal((1, CLASSES, HEIGHT // 2, WIDTH // 2)).astype(np.float32)
+    grad = session.run_seeded(x, lambda outputs: seed, [contract.gradient_output("feat")])
+    np.testing.assert_allclose(grad[contract.gradient_output("feat")], np.einsum("bchw,ck->bkhw", seed, w2),
+                               rtol=1e-5, atol=1e-6)
