@@ -19,6 +19,7 @@ from ..modelfile.layers import dims
 from ..modelfile.metadata import read_contract
 from ..modelfile.slicing import SlicedModel, Unsliceable
 from ..targets import ClassTarget, Target
+from .seeded import SeededPlan, cut_at_seed, run_seeded
 from .subgraphs import TailPlan, subgraph, tail_graphs
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -126,7 +127,8 @@ class ExplainSession:
             if needed not in outputs:
                 raise ContractError(f"{self.path}: the graph has no output {needed!r}; re-export the model with `camrt export`")
         logits_shape = outputs[contract.LOGITS_OUTPUT]
-        classes = logits_shape[1] if len(logits_shape) == 2 else None
+        # [B, classes], or [B, C, ...] in a seeded file (segmentation, detection heads): axis 1 is the class axis
+        classes = logits_shape[1] if len(logits_shape) == 2 or (self.info.seed and len(logits_shape) > 2) else None
         if not isinstance(classes, int) or classes < 1:
             raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
         self.num_classes: int = classes
@@ -245,6 +247,39 @@ class ExplainSession:
         if self.info.preprocessing.layout == contract.LAYOUT_NHWC and name.startswith(contract.INPUT_GRADIENT_PREFIX):
             return np.ascontiguousarray(value.transpose(contract.NHWC_TO_NCHW))
         return value
+
+    # -- seeded runs: forward once, the seed from its outputs, backward on the same activations --
+    def seeded_plan(self, fetch: Sequence[str]) -> "SeededPlan":
+        """The cached forward and backward sessions of a seeded run fetching `fetch`
+        (camrt.execution.seeded)."""
+        key = ("seeded", *sorted(set(fetch)))
+        plan = self._sessions.get(key)
+        if plan is not None:
+            return plan
+        missing = [n for n in set(fetch) if n not in self.output_names]
+        if missing:
+            raise ModelError(f"{self.path} has no output(s) {sorted(missing)}; re-export it with `camrt export`")
+        import onnxruntime as ort
+
+        constants = set(self._sliced.initializers) if self._sliced else {i.name for i in self._model.graph.initializer}
+        with self._lock:
+            if key not in self._sessions:
+                graphs = cut_at_seed(self._model, list(fetch), constants, self.info.input_name, self.path)
+                try:
+                    sessions = [ort.InferenceSession(self._serialize(model), sess_options=self._options,
+                                                     providers=self._providers)
+                                for model in (graphs.forward, graphs.backward)]
+                except _ort_errors() as exc:
+                    raise ModelError(f"{self.path}: onnxruntime cannot load the seeded graphs: {first_line(exc)}") from None
+                self._sessions[key] = SeededPlan(graphs, *sessions)
+            return self._sessions[key]
+
+    def run_seeded(self, inputs: np.ndarray, make_seed: Callable[[dict[str, np.ndarray]], Any],
+                   fetch: Sequence[str]) -> dict[str, np.ndarray]:
+        """Forward once, `make_seed(forward outputs)` -> seed (an array [B, ...] or a
+        `camrt.seeds.SeedBatch` of M rows), then the backward pass on the same activations; returns
+        the `fetch` outputs, one row per seed row (camrt.execution.seeded.run_seeded)."""
+        return run_seeded(self, inputs, make_seed, fetch)
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
     def layer_tensor(self, layer: str) -> str:
