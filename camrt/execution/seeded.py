@@ -15,7 +15,7 @@ image (one map per (image, target)) cost one forward pass and one batched backwa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from .. import contract
 from ..errors import InputError, ModelError
 from ..seeds.batch import SeedBatch
+from .finite import check_finite
 from .subgraphs import subgraph
 
 
@@ -211,7 +212,7 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
                                                      {k: v for k, v in feeds.items() if k in needed}, computed)))
     values.update({k: v for k, v in feeds.items() if k in graphs.boundary})
     forward_outputs = {name: values[name] for name in graphs.forward_fetch}
-    _check_finite(forward_outputs, "the forward pass")
+    check_finite(forward_outputs, "the forward pass")
     seeds = _seed_batch(make_seed(dict(forward_outputs)), values[contract.LOGITS_OUTPUT])
     rows = seeds.samples
     identity = len(rows) == x.shape[0] and np.array_equal(rows, np.arange(x.shape[0]))
@@ -229,7 +230,7 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
     fixed = {k: v for k, v in backward_feeds.items() if k not in batched_feeds}
     grads = session._run_chunked(plan.backward_session, batched_feeds, list(graphs.backward_fetch), fixed)
     results.update(zip(graphs.backward_fetch, grads))
-    _check_finite(results, "the seeded backward pass")
+    check_finite(results, "the seeded backward pass")
     return {name: session._input_gradient_as_nchw(name, results[name]) for name in dict.fromkeys(fetch)}
 
 
@@ -252,8 +253,3 @@ def _seed_batch(made: Any, logits: np.ndarray) -> SeedBatch:
                          "or no candidate matched)")
     return SeedBatch(values, seeds.samples)
 
-
-def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
-    from .session import _check_finite as check  # session.py imports this module
-
-    check(values, what)

@@ -19,6 +19,7 @@ from ..modelfile.layers import dims
 from ..modelfile.metadata import read_contract
 from ..modelfile.slicing import SlicedModel, Unsliceable
 from ..targets import ClassTarget, Target
+from .finite import check_finite
 from .seeded import SeededPlan, cut_at_seed, run_seeded
 from .subgraphs import TailPlan, subgraph, tail_graphs
 
@@ -232,7 +233,7 @@ class ExplainSession:
         feeds = {self.info.input_name: self._model_input(x), **target_feeds}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
-        _check_finite(dict(zip(fetch, values)), "the model")
+        check_finite(dict(zip(fetch, values)), "the model")
         return {name: self._input_gradient_as_nchw(name, value) for name, value in zip(fetch, values)}
 
     # -- the image layout: methods see NCHW inputs and input gradients -------------------
@@ -356,7 +357,7 @@ class ExplainSession:
                                  f"for {acts.shape[0]} activation rows")
             feeds[name] = value
         logits = self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
-        _check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
+        check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
         return logits
 
     def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
@@ -380,25 +381,6 @@ class ExplainSession:
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]
-
-
-def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
-    """NonFiniteError naming the rows and outputs where `what` produced NaN or inf.
-
-    A NaN activation or gradient would become a NaN (or silently normalised) heatmap; the rows are
-    refused instead, so that a batch run can report them as error records."""
-    bad: dict[int, list[str]] = {}
-    for name, value in values.items():
-        if value.dtype.kind == "f" and value.ndim and value.size:
-            for row in np.flatnonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(axis=1)):
-                bad.setdefault(int(row), []).append(name)
-    if bad:
-        rows = sorted(bad)
-        detail = "; ".join(f"row {row}: {', '.join(bad[row])}" for row in rows[:8])
-        raise NonFiniteError(
-            f"{what} produced NaN or inf ({detail}{'; ...' if len(rows) > 8 else ''}); no heatmap is made "
-            "from non-finite values: check the image and the model (e.g. a Log, Sqrt or Div that meets 0 or "
-            "a negative number)", rows)
 
 
 def _as_nchw(shape: tuple[int | str | None, ...], layout: str) -> tuple[int | str | None, ...]:
