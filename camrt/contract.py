@@ -17,6 +17,13 @@ SUPPORTED_CONTRACT_VERSIONS = frozenset({1})
 #: int64 [B]: the class to explain per sample; TOP1_TARGET means "the top-1 prediction".
 TARGET_INPUT = "camrt/target"
 TOP1_TARGET = -1
+#: float, shaped like `camrt/logits` ([B, ...]): the cotangent dL/d(score) that seeds the backward
+#: pass, so that the gradients are those of L = <seed, score>. In the file it is the tensor the
+#: backward subgraph starts from, computed there as the target path's one-hot (the class axis is 1;
+#: for scores of rank > 2 the one-hot is broadcast over the remaining axes). The runtime feeds it by
+#: cutting the graph at this tensor, which becomes an input of the cut graphs (camrt.execution.seeded).
+#: Present in files exported with `camrt export --seed` (metadata META_SEED).
+SEED_TENSOR = "camrt/seed"
 
 # --- graph outputs ------------------------------------------------------------------------
 #: The differentiated score tensor [B, num_classes] (the input of a final Softmax when there is one).
@@ -27,7 +34,8 @@ ACTIVATION_PREFIX = "camrt/act/"
 GRADIENT_PREFIX = "camrt/grad/"
 INPUT_GRADIENT_PREFIX = "camrt/input_grad/"
 #: float [B, K]: the classifier weight row of the explained class for a layer followed by global
-#: average pooling and a fully connected layer (CAM's w_k^c), gathered in the graph by the target.
+#: average pooling and a fully connected layer (CAM's w_k^c), gathered in the graph by the target
+#: (it follows `camrt/target`, never a fed `camrt/seed`).
 CAM_WEIGHTS_PREFIX = "camrt/cam_weights/"
 #: float [B, C, h, w]: d score / d (node output) * bias, per bias-carrying Conv / BatchNormalization
 #: node (FullGrad's bias-gradient terms; `camrt export --fullgrad`).
@@ -86,6 +94,9 @@ META_PREPROCESSING = "camrt.preprocessing"  # JSON of Preprocessing
 META_LABELS = "camrt.labels"  # JSON list of class names (optional)
 META_RULE_SETS = "camrt.rule_sets"  # JSON list of rule sets with input gradients
 META_SCORE = "camrt.score"  # JSON: {"tensor": ..., "softmax": bool}
+#: JSON {"tensor": SEED_TENSOR, "shape": the score's shape, "batch" for the batch axis}; absent: the
+#: file has no seed entry (exported without --seed) and only the target path.
+META_SEED = "camrt.seed"
 META_EXPORTER_VERSION = "camrt.exporter_version"
 META_INPUT = "camrt.input"  # name of the image input
 META_CAM_LAYERS = "camrt.cam_layers"  # JSON list of the layers with a cam_weights output (GAP + FC head)
@@ -217,6 +228,8 @@ class ContractInfo:
     bias_terms: list[str] | None = None
     #: The exposed attention maps; None when the file was exported without `--attention`.
     attention: Attention | None = None
+    #: The seed entry (META_SEED: {"tensor", "shape"}); None when the file was exported without --seed.
+    seed: dict | None = None
     #: The layout of each layer the file records (META_LAYER_LAYOUTS); a layer missing is NCHW.
     layer_layouts: dict[str, LayerLayout] = field(default_factory=dict)
 

@@ -22,8 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = "camrt"
 EXPORTERS = "camrt_exporters"
@@ -32,7 +30,8 @@ PACKAGE_ROOTS = {RUNTIME: REPO, EXPORTERS: REPO / "exporters"}
 #: hook markers, the lazy public names, the layer queries shared with `camrt inspect`, and the
 #: plugin manager.
 EXPORTER_SEAM = {
-    "camrt.contract", "camrt.errors", "camrt.hookspecs", "camrt.lazy", "camrt.modelfile.layers", "camrt.plugins"}
+    "camrt.contract", "camrt.errors", "camrt.execution.seeded", "camrt.hookspecs", "camrt.lazy", "camrt.modelfile.layers",
+    "camrt.plugins"}
 #: The runtime's command line: it may import every other room of the runtime.
 CLI_MODULES = ("camrt.cli", "camrt.__main__")
 

@@ -20,6 +20,8 @@ from ..modelfile.metadata import read_contract
 from ..modelfile.slicing import SlicedModel, Unsliceable
 from ..targets import ClassTarget, Target
 from .feature_layout import outputs_as_nchw
+from .finite import check_finite
+from .seeded import SeededPlan, cut_at_seed, run_seeded
 from .subgraphs import TailPlan, subgraph, tail_graphs
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -127,7 +129,8 @@ class ExplainSession:
             if needed not in outputs:
                 raise ContractError(f"{self.path}: the graph has no output {needed!r}; re-export the model with `camrt export`")
         logits_shape = outputs[contract.LOGITS_OUTPUT]
-        classes = logits_shape[1] if len(logits_shape) == 2 else None
+        # [B, classes], or [B, C, ...] in a seeded file (segmentation, detection heads): axis 1 is the class axis
+        classes = logits_shape[1] if len(logits_shape) == 2 or (self.info.seed and len(logits_shape) > 2) else None
         if not isinstance(classes, int) or classes < 1:
             raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
         self.num_classes: int = classes
@@ -232,7 +235,7 @@ class ExplainSession:
         feeds = {self.info.input_name: self._model_input(x), **target_feeds}
         needed = {i.name for i in session.get_inputs()}
         values = self._run_chunked(session, {k: v for k, v in feeds.items() if k in needed}, fetch, fixed)
-        _check_finite(dict(zip(fetch, values)), "the model")
+        check_finite(dict(zip(fetch, values)), "the model")
         values = {name: self._input_gradient_as_nchw(name, value) for name, value in zip(fetch, values)}
         return values if file_layout else outputs_as_nchw(values, self.info.layer_layouts)
 
@@ -248,6 +251,39 @@ class ExplainSession:
         if self.info.preprocessing.layout == contract.LAYOUT_NHWC and name.startswith(contract.INPUT_GRADIENT_PREFIX):
             return np.ascontiguousarray(value.transpose(contract.NHWC_TO_NCHW))
         return value
+
+    # -- seeded runs: forward once, the seed from its outputs, backward on the same activations --
+    def seeded_plan(self, fetch: Sequence[str]) -> "SeededPlan":
+        """The cached forward and backward sessions of a seeded run fetching `fetch`
+        (camrt.execution.seeded)."""
+        key = ("seeded", *sorted(set(fetch)))
+        plan = self._sessions.get(key)
+        if plan is not None:
+            return plan
+        missing = [n for n in set(fetch) if n not in self.output_names]
+        if missing:
+            raise ModelError(f"{self.path} has no output(s) {sorted(missing)}; re-export it with `camrt export`")
+        import onnxruntime as ort
+
+        constants = set(self._sliced.initializers) if self._sliced else {i.name for i in self._model.graph.initializer}
+        with self._lock:
+            if key not in self._sessions:
+                graphs = cut_at_seed(self._model, list(fetch), constants, self.info.input_name, self.path)
+                try:
+                    sessions = [ort.InferenceSession(self._serialize(model), sess_options=self._options,
+                                                     providers=self._providers)
+                                for model in (graphs.forward, graphs.backward)]
+                except _ort_errors() as exc:
+                    raise ModelError(f"{self.path}: onnxruntime cannot load the seeded graphs: {first_line(exc)}") from None
+                self._sessions[key] = SeededPlan(graphs, *sessions)
+            return self._sessions[key]
+
+    def run_seeded(self, inputs: np.ndarray, make_seed: Callable[[dict[str, np.ndarray]], Any],
+                   fetch: Sequence[str]) -> dict[str, np.ndarray]:
+        """Forward once, `make_seed(forward outputs)` -> seed (an array [B, ...] or a
+        `camrt.seeds.SeedBatch` of M rows), then the backward pass on the same activations; returns
+        the `fetch` outputs, one row per seed row (camrt.execution.seeded.run_seeded)."""
+        return run_seeded(self, inputs, make_seed, fetch)
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
     def layer_tensor(self, layer: str) -> str:
@@ -324,7 +360,7 @@ class ExplainSession:
                                  f"for {acts.shape[0]} activation rows")
             feeds[name] = value
         logits = self._run_chunked(plan.session, feeds, [contract.LOGITS_OUTPUT])[0]
-        _check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
+        check_finite({contract.LOGITS_OUTPUT: logits}, f"the tail of layer {layer!r}")
         return logits
 
     def _run_chunked(self, session, feeds: Mapping[str, np.ndarray], fetch: Sequence[str],
@@ -348,25 +384,6 @@ class ExplainSession:
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]
-
-
-def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
-    """NonFiniteError naming the rows and outputs where `what` produced NaN or inf.
-
-    A NaN activation or gradient would become a NaN (or silently normalised) heatmap; the rows are
-    refused instead, so that a batch run can report them as error records."""
-    bad: dict[int, list[str]] = {}
-    for name, value in values.items():
-        if value.dtype.kind == "f" and value.ndim and value.size:
-            for row in np.flatnonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(axis=1)):
-                bad.setdefault(int(row), []).append(name)
-    if bad:
-        rows = sorted(bad)
-        detail = "; ".join(f"row {row}: {', '.join(bad[row])}" for row in rows[:8])
-        raise NonFiniteError(
-            f"{what} produced NaN or inf ({detail}{'; ...' if len(rows) > 8 else ''}); no heatmap is made "
-            "from non-finite values: check the image and the model (e.g. a Log, Sqrt or Div that meets 0 or "
-            "a negative number)", rows)
 
 
 def _as_nchw(shape: tuple[int | str | None, ...], layout: str) -> tuple[int | str | None, ...]:

@@ -152,6 +152,7 @@ def parse_contract(meta: Mapping[str, str], path: str = "<model>") -> contract.C
         cam_layers=_names(meta, contract.META_CAM_LAYERS, path),
         bias_terms=_names(meta, contract.META_BIAS_TERMS, path),
         attention=_attention(meta, path),
+        seed=_seed(meta, path),
         layer_layouts=_layer_layouts(_json(meta, contract.META_LAYER_LAYOUTS, path), path),
     )
 
@@ -204,6 +205,18 @@ def _layer_layout_problem(layout: contract.LayerLayout) -> str | None:
     if not all(isinstance(p, int) and p >= 0 for p in extra) or len(set(extra)) != len(extra):
         return f"extra token positions {list(extra)!r} must be distinct ints >= 0"
     return None
+
+
+def _seed(meta: Mapping[str, str], path: str) -> dict | None:
+    """The seed entry (META_SEED), checked; None when the file has none."""
+    seed = _json(meta, contract.META_SEED, path)
+    if seed is None:
+        return None
+    shape = seed.get("shape") if isinstance(seed, dict) else None
+    if not isinstance(shape, list) or len(shape) < 2 or seed.get("tensor") != contract.SEED_TENSOR:
+        raise ContractError(f"{path}: metadata {contract.META_SEED!r} must be {{'tensor': {contract.SEED_TENSOR!r}, "
+                            "'shape': [batch, ...]}; re-export the model with `camrt export --seed`")
+    return seed
 
 
 def _names(meta: Mapping[str, str], key: str, path: str) -> list[str] | None:

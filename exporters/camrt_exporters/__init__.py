@@ -5,8 +5,9 @@ The public names below are imported lazily on first use: `import camrt_exporters
 nor onnx nor onnxruntime. The errors are cheap and come eagerly.
 
 Writing a rule set: a `RuleSet` maps op types to `BackwardRule` functions (they build ONNX nodes
-through a `RuleContext`) and names a base set for the op types it leaves alone; a plugin
-registers it through the `register_gradient_rules` hook (camrt_exporters/hookspecs.py).
+through a `RuleContext`) and names a base set for the op types it leaves alone (`VANILLA`: the plain
+gradient); a plugin registers it through the `register_gradient_rules` hook (camrt_exporters/hookspecs.py).
+`attribute(node, name, default)` reads an ONNX node's attribute. plugins/camrt-lrp is the worked example.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _LAZY = {
     "RuleContext": "camrt_exporters.autodiff.reverse",
     "BackwardRule": "camrt_exporters.autodiff.reverse",
     "rule_table": "camrt_exporters.autodiff.reverse",
+    "VANILLA": "camrt_exporters.autodiff.rules",
+    "attribute": "camrt_exporters.autodiff.graph",
 }
 
 __all__ = ["__version__", "ExportError", "UnsupportedOpError", "ValidationError", *sorted(_LAZY)]

@@ -236,9 +236,12 @@ def _looks_like_class_scores(index: GraphIndex, score: ScoreChoice) -> bool:
 
 
 def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool = False,
-                 log: Callable[[str], None] = lambda message: None) -> ScoreChoice:
+                 log: Callable[[str], None] = lambda message: None, seeded: bool = False) -> ScoreChoice:
     """The score of model output `output`, or, when None, of the output that looks like class scores:
-    the only [B, C] output, or the only one behind a Softmax/Sigmoid (differentiated before it)."""
+    the only [B, C] output, or the only one behind a Softmax/Sigmoid (differentiated before it).
+
+    seeded: the file gets a seed entry (`--seed`), which differentiates a score tensor of any rank >= 2
+    (segmentation logits [B, C, H, W], detection heads [B, 4 + C, N]); otherwise it must be [B, C]."""
     names = [o.name for o in index.graph.output]
     if output is not None and output not in names:
         raise ExportError(f"--score-output {output!r} is not an output of the model; its outputs are {names}")
@@ -257,10 +260,14 @@ def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool
         output = chosen[0].output
     score = _score_of(index, output or names[0], use_softmax_output)
     rank = index.rank(score.tensor)
-    if rank != 2:
+    if seeded and (rank is None or rank < 2):
+        raise ExportError(f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; "
+                          "a seeded file explains a [batch, ...] tensor of rank >= 2")
+    if not seeded and rank != 2:
         raise ExportError(
-            f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; camrt explains "
-            "classifiers whose output is [batch, num_classes]."
+            f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; without a seed "
+            "camrt explains classifiers whose output is [batch, num_classes]. Export with --seed to explain "
+            "any score tensor (segmentation logits, detection heads) through a seed."
         )
     return score
 
@@ -427,6 +434,7 @@ def build_contract_model(
     layer_layouts: Mapping[str, contract.LayerLayout] | None = None,
     attention: dict[str, str] | None = None,
     layer_scores: dict[str, str] | None = None,
+    seeded: bool = False,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
@@ -437,13 +445,14 @@ def build_contract_model(
     attention-map names to tensors (Softmax outputs): each is exposed with its gradient
     (`camrt_exporters.attention`; the caller writes META_ATTENTION); `layer_scores` maps some of
     them to a [B, classes] tensor s^l (LeGrad's layer score) whose target's gradient with respect
-    to the map is exposed too.
+    to the map is exposed too. `seeded` names the backward pass's seed `contract.SEED_TENSOR` (the
+    entry the runtime feeds any cotangent through) and records it in the metadata.
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
     num_classes = index.shape(score.tensor)[1]
     if not isinstance(num_classes, int):
-        raise ExportError(f"the score tensor {score.tensor!r} needs a static number of classes")
+        raise ExportError(f"the score tensor {score.tensor!r} needs a static number of classes (axis 1)")
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
 
@@ -451,24 +460,12 @@ def build_contract_model(
         inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    top1 = "camrt_seed/top1"
-    nodes.append(helper.make_node("ArgMax", [score.tensor], [top1], name="camrt_seed/argmax", axis=1, keepdims=0))
-    is_top1 = "camrt_seed/is_top1"
-    nodes.append(helper.make_node("Less", [contract.TARGET_INPUT, const("camrt_seed/zero", np.int64(0))],
-                                  [is_top1], name="camrt_seed/less"))
-    nodes.append(helper.make_node("Where", [is_top1, top1, contract.TARGET_INPUT],
-                                  [contract.TARGET_INDEX_OUTPUT], name="camrt_seed/where"))
-    seed = "camrt_seed/one_hot"
-    score_type = index.dtypes.get(score.tensor, TensorProto.FLOAT)
-    np_type = helper.tensor_dtype_to_np_dtype(score_type)
-    nodes.append(helper.make_node(
-        "OneHot",
-        [contract.TARGET_INDEX_OUTPUT, const("camrt_seed/depth", np.int64(num_classes)),
-         const("camrt_seed/values", np.array([0, 1], dtype=np_type))],
-        [seed], name="camrt_seed/onehot", axis=-1,
-    ))
+    seed = contract.SEED_TENSOR if seeded else "camrt_seed/one_hot"
+    nodes += _target_seed_nodes(index, score.tensor, num_classes, seed, const)
 
     patches = ForwardPatches()
+    preprocessing = (contract.Preprocessing.from_json(metadata[contract.META_PREPROCESSING])
+                     if contract.META_PREPROCESSING in metadata else None)
     outputs: list[onnx.ValueInfoProto] = [o for o in index.graph.output if o.name in keep_outputs]
 
     def expose(contract_name: str, tensor: str, like: str | None = None) -> None:
@@ -506,7 +503,8 @@ def build_contract_model(
         passes.append((vanilla, vanilla_wrt))
     passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
-        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}")
+        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
+                                 image_input=image_input, preprocessing=preprocessing)
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:
@@ -541,6 +539,9 @@ def build_contract_model(
     result = helper.make_model(new_graph, opset_imports=list(model.opset_import), producer_name="camrt-exporters")
     result.ir_version = model.ir_version
     metadata = {**metadata, contract.META_CAM_LAYERS: json.dumps(cam_layers)}
+    if seeded:
+        metadata[contract.META_SEED] = json.dumps({"tensor": contract.SEED_TENSOR,
+                                                   "shape": list(index.shape(score.tensor))})
     if fullgrad:
         metadata[contract.META_BIAS_TERMS] = json.dumps([term.node for term in bias_terms])
     for key, value in metadata.items():
@@ -550,6 +551,45 @@ def build_contract_model(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the generated camrt graph is not valid ONNX: {exc}") from exc
     return result
+
+
+def _target_seed_nodes(index: GraphIndex, score: str, num_classes: int, seed: str, const) -> list[onnx.NodeProto]:
+    """The target path: `camrt/target_index` (TOP1_TARGET resolved by ArgMax over the class axis 1)
+    and `seed`, its one-hot shaped like the score. For scores of rank r > 2 the class axis is summed
+    over the other axes before the ArgMax and the one-hot is broadcast over them, so that L is the
+    class channel's sum (a segmentation class over the whole image)."""
+    rank = index.rank(score)
+    np_type = helper.tensor_dtype_to_np_dtype(index.dtypes.get(score, TensorProto.FLOAT))
+    trailing = list(range(2, rank))
+    nodes = []
+    per_class = score
+    if trailing:
+        per_class = "camrt_seed/class_totals"
+        nodes.append(helper.make_node("ReduceSum", [score, const("camrt_seed/trailing_axes", np.array(trailing))],
+                                      [per_class], name="camrt_seed/class_totals", keepdims=0))
+    top1 = "camrt_seed/top1"
+    nodes.append(helper.make_node("ArgMax", [per_class], [top1], name="camrt_seed/argmax", axis=1, keepdims=0))
+    is_top1 = "camrt_seed/is_top1"
+    nodes.append(helper.make_node("Less", [contract.TARGET_INPUT, const("camrt_seed/zero", np.int64(0))],
+                                  [is_top1], name="camrt_seed/less"))
+    nodes.append(helper.make_node("Where", [is_top1, top1, contract.TARGET_INPUT],
+                                  [contract.TARGET_INDEX_OUTPUT], name="camrt_seed/where"))
+    one_hot = seed if not trailing else "camrt_seed/one_hot_rows"
+    nodes.append(helper.make_node(
+        "OneHot",
+        [contract.TARGET_INDEX_OUTPUT, const("camrt_seed/depth", np.int64(num_classes)),
+         const("camrt_seed/values", np.array([0, 1], dtype=np_type))],
+        [one_hot], name="camrt_seed/onehot", axis=-1,
+    ))
+    if trailing:
+        nodes += [
+            helper.make_node("Unsqueeze", [one_hot, const("camrt_seed/unsqueeze_axes", np.array(trailing))],
+                             ["camrt_seed/one_hot_unsqueezed"], name="camrt_seed/unsqueeze"),
+            helper.make_node("Shape", [score], ["camrt_seed/score_shape"], name="camrt_seed/score_shape"),
+            helper.make_node("Expand", ["camrt_seed/one_hot_unsqueezed", "camrt_seed/score_shape"], [seed],
+                             name="camrt_seed/expand"),
+        ]
+    return nodes
 
 
 def _cam_weight_nodes(head: CamHead, target: str, output: str, const) -> list[onnx.NodeProto]:

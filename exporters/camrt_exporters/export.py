@@ -136,6 +136,8 @@ def export_torch(
     attention: Sequence[str] | None = None,
     attention_tokens: contract.LayerLayout | None = None,
     attention_layer_scores: bool = False,
+    seed: bool = False,
+    score_output: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
@@ -146,6 +148,9 @@ def export_torch(
     attention_tokens: the token sequence the maps attend over (grid and extra tokens); None: the one
     the graph establishes (`token_layout`). attention_layer_scores: also the gradient of each map's
     LeGrad layer score (`attention.layer_score_projection`; timm and torchvision ViTs).
+    seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2: segmentation
+    logits, detection heads, embeddings). score_output: the key (dict) or index (tuple) of the
+    explained output when the model returns several (torchvision's segmentation models: "out").
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -162,10 +167,10 @@ def export_torch(
         raise ExportError("--attention-layer-scores needs --attention (the maps whose gradients it adds)")
     maps = attention_map_names(model, input_size, attention) if attention is not None else []
     exported = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad, maps=maps,
-                              layer_scores=attention_layer_scores)
+                              layer_scores=attention_layer_scores, score_output=score_output)
     forward, logits, tensors = prepare(exported.model), exported.logits, exported.layers
     index = GraphIndex(forward)
-    score = choose_score(index, logits)
+    score = choose_score(index, logits, seeded=seed)
     image_input = forward.graph.input[0].name
     inferred = infer_layer_layouts(index.nodes, index.shape, image_input, contract.LAYOUT_NCHW, index.value)
     layer_layouts = resolve_layer_layouts(index, tensors, inferred, layouts or {}, ())
@@ -184,9 +189,10 @@ def export_torch(
         forward, image_input=image_input, score=score, layers=tensors, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors, layer_scores=layer_scores,
+        seeded=seed,
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), image_input, input_size,
-                                    maps=list(map_tensors), layer_scores=bool(layer_scores))
+                                    maps=list(map_tensors), layer_scores=bool(layer_scores), score_output=score_output)
     return result, checks
 
 
@@ -376,6 +382,7 @@ def export_onnx(
     layouts: Mapping[str, LayoutOverride] | None = None,
     attention: Sequence[str] | None = None,
     attention_tokens: contract.LayerLayout | None = None,
+    seed: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -388,7 +395,8 @@ def export_onnx(
     layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). layouts: `--layout`
     overrides of the layers' layouts (default: inferred from the graph, `camrt_exporters.token_layout`).
     attention, attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map
-    names."""
+    names. seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2, see
+    `export_torch`)."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_float32(source, image)
@@ -399,7 +407,7 @@ def export_onnx(
     _forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
-    score = choose_score(index, output, use_softmax_output, log)
+    score = choose_score(index, output, use_softmax_output, log, seeded=seed)
     require_batch_carried(index, image.name, score.tensor)
     inferred = infer_layer_layouts(index.nodes, index.shape, image.name, layout, index.value)
     map_tensors, attention_tokens = ({}, None) if attention is None else _matching_maps(
@@ -429,7 +437,7 @@ def export_onnx(
         forward, image_input=image.name, score=score, layers={n: n for n in names}, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
-        attention=map_tensors,
+        attention=map_tensors, seeded=seed,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
                                          tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]),

@@ -88,7 +88,8 @@ def register_commands(cli):
     @click.option("--layout", "layouts", multiple=True, metavar="LAYER=SPEC", help="The layout of a layer, LAYER=nchw|nhwc|tokens[:HxW[:P,P...]] (tokens: the grid "
                   "and the positions of the extra tokens, e.g. blocks.11.norm1=tokens:14x14:0). Default: inferred "
                   "from the graph; a layer whose layout cannot be inferred needs it. Repeatable.")
-    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
+    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet; plugins add more, "
+              "e.g. camrt-lrp's lrp-epsilon-plus-flat).")
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
     @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model, "
                   "required when its height/width are open, e.g. symbolic or -1).")
@@ -100,8 +101,12 @@ def register_commands(cli):
     @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
     @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
-    @click.option("--score-output", help="ONNX source: the model output to explain (default: the only [batch, "
-                  "classes] output, or the only one behind a Softmax/Sigmoid).")
+    @click.option("--score-output", help="The model output to explain. ONNX source: an output name (default: the "
+                  "only [batch, classes] output, or the only one behind a Softmax/Sigmoid); torch source returning "
+                  "a dict or tuple: its key or index (torchvision segmentation: out).")
+    @click.option("--seed", "seed", is_flag=True, help="Add the seed entry camrt/seed: the file then differentiates "
+                  "<seed, score> for any seed the runtime feeds, and may explain a score of any rank >= 2 "
+                  "(segmentation logits [B,C,H,W], raw detection heads [B,4+C,N], embeddings [B,D]).")
     @click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX source: the image input's "
                   "layout (default: told by where its 1, 3 or 4 channels are; Keras/tf2onnx files are nhwc).")
     @click.option("--softmax-output", is_flag=True, help="Differentiate the Softmax/Sigmoid output instead of the "
@@ -122,7 +127,7 @@ def register_commands(cli):
                   "map's layer score (the model's final norm and head applied to the mean token of the map's "
                   "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, input_layout, softmax_output, opset, fullgrad, layouts, attention,
+               input_name, score_output, seed, input_layout, softmax_output, opset, fullgrad, layouts, attention,
                attention_maps, attention_tokens, attention_layer_scores):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
@@ -148,8 +153,6 @@ def register_commands(cli):
         if is_onnx and attention_layer_scores:
             raise click.UsageError(f"--attention-layer-scores applies to torch sources; {source} is an ONNX file (the "
                                    "layer scores apply the model's head to each block's tokens, built from its modules)")
-        if not is_onnx and score_output:
-            raise click.UsageError("--score-output applies to ONNX sources; a torch model's output is its logits")
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
@@ -167,7 +170,8 @@ def register_commands(cli):
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, log=log,
+                                        fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, seed=seed,
+                                        log=log,
                                         **attention_options)
         else:
             height, width = size or (224, 224)
@@ -176,8 +180,8 @@ def register_commands(cli):
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
                                          source_name=source, opset=opset, fullgrad=fullgrad, layouts=overrides,
-                                         log=log, attention_layer_scores=attention_layer_scores,
-                                         **attention_options)
+                                         seed=seed, score_output=score_output, log=log,
+                                         attention_layer_scores=attention_layer_scores, **attention_options)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")
@@ -185,5 +189,11 @@ def register_commands(cli):
                 log(f"UNVERIFIED {check.name}: the {check.kind} tolerance {check.tolerance:.0e} is as large as the "
                     "gradient itself (float32 cannot resolve the score's change); check it against the source "
                     "framework's autograd")
+        from .validate import TORCH_REFERENCE_RULE_SETS
+
+        for name in rule_names:
+            if name not in TORCH_REFERENCE_RULE_SETS:
+                log(f"not validated at export: camrt/input_grad/{name} (a plugin's rule set; its plugin's tests "
+                    "check it against a reference implementation)")
         write_model(model, output)
         click.echo(f"wrote {output}", err=True)

@@ -73,6 +73,30 @@ def load_weights(model, path: str) -> None:
         )
 
 
+def select_output(output, key: str | None):
+    """The score tensor among a model's outputs: the tensor itself, `output[key]` of a dict
+    (torchvision's segmentation models return {"out", "aux"}), or `output[int(key)]` of a tuple/list."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if key is not None:
+            raise ExportError(f"--score-output {key!r}: the model returns one tensor, not a dict or tuple")
+        return output
+    if isinstance(output, dict):
+        if key is None and len(output) == 1:
+            return next(iter(output.values()))
+        if key not in output:
+            raise ExportError(f"the model returns a dict with keys {list(output)}; name the explained one with "
+                              "--score-output KEY")
+        return output[key]
+    if isinstance(output, (tuple, list)):
+        if key is None or not key.isdigit() or int(key) >= len(output):
+            raise ExportError(f"the model returns {len(output)} outputs; name the explained one with --score-output "
+                              f"INDEX (0..{len(output) - 1})")
+        return output[int(key)]
+    raise ExportError(f"the model returns {type(output).__name__}; camrt explains tensors (or a dict/tuple of them)")
+
+
 @dataclass(frozen=True)
 class LayerRef:
     name: str  # as the user gave it: "layer4" or "_swish@1"
@@ -221,7 +245,8 @@ class TapModel:
     layer score of each map's block (`attention.layer_score_projection`)."""
 
     @staticmethod
-    def build(model, refs: Sequence[LayerRef], maps: Sequence[str] = (), layer_scores: bool = False):
+    def build(model, refs: Sequence[LayerRef], maps: Sequence[str] = (), layer_scores: bool = False,
+              score_output: str | None = None):
         import torch
 
         from .attention import SoftmaxRecorder, layer_score_projection
@@ -239,9 +264,9 @@ class TapModel:
             def forward(self, x):
                 self.taps.clear()
                 if self.recorder is None:
-                    return (self.model(x), *[self.taps.pick(r) for r in refs])
+                    return (select_output(self.model(x), score_output), *[self.taps.pick(r) for r in refs])
                 with self.recorder.recording():
-                    logits = self.model(x)
+                    logits = select_output(self.model(x), score_output)
                 recorded = self.recorder.named()
                 scores = [projection(self.taps.pick(block)) for block in blocks]
                 return (logits, *[self.taps.pick(r) for r in refs], *[recorded[m] for m in maps], *scores)
@@ -282,17 +307,18 @@ class TorchForward:
 
 
 def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
-                   fold_batchnorm: bool = True, maps: Sequence[str] = (), layer_scores: bool = False) -> TorchForward:
+                   fold_batchnorm: bool = True, maps: Sequence[str] = (), layer_scores: bool = False,
+                   score_output: str | None = None) -> TorchForward:
     """torch.onnx.export (dynamo) with a dynamic batch, with the layers, the attention maps `maps`
     (see `attention_map_names`) and, with `layer_scores`, LeGrad's layer scores as outputs.
 
     fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
     rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
-    removal alone."""
+    removal alone. score_output: which of a dict/tuple output is explained (`select_output`)."""
     import onnx
     import torch
 
-    wrapper = TapModel.build(model, refs, maps, layer_scores)
+    wrapper = TapModel.build(model, refs, maps, layer_scores, score_output)
     tap_names = ([f"camrt_tap_{i}" for i in range(len(refs))] + [f"camrt_attention_{i}" for i in range(len(maps))]
                  + [f"camrt_layer_score_{i}" for i in range(len(maps) if layer_scores else 0)])
     example = torch.zeros(2, 3, *input_size)
@@ -370,11 +396,16 @@ def relu_backward(rule_set: str):
 
 
 def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
-                        bias_terms: bool = False, maps: Sequence[str] = (), layer_scores: bool = False):
+                        bias_terms: bool = False, maps: Sequence[str] = (), layer_scores: bool = False,
+                        score_output: str | None = None, seed=None):
     """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
     with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`); with `maps`, those attention
     maps and their gradients (recorded as the export records them, `attention.SoftmaxRecorder`),
-    and with `layer_scores` the gradient of each map's LeGrad layer score."""
+    and with `layer_scores` the gradient of each map's LeGrad layer score.
+
+    The score is sum_b logits[b, target_b] (for logits of rank > 2: the class channel summed over
+    the other axes, the top-1 taken on those sums, as the file's target path), or <seed, logits>
+    when a `seed` shaped like the logits is given."""
     import torch
 
     from .attention import SoftmaxRecorder, layer_score_projection
@@ -386,11 +417,15 @@ def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: s
     try:
         with relu_backward(rule_set), (recorder.recording() if recorder else contextlib.nullcontext()):
             x = x.clone().requires_grad_(True)
-            logits = model(x)
+            logits = select_output(model(x), score_output)
             acts = [taps.pick(r) for r in refs]
             attention = [recorder.named()[m] for m in maps] if recorder else []
-            resolved = torch.where(targets < 0, logits.argmax(dim=1), targets)
-            score = logits.gather(1, resolved[:, None]).sum()
+            per_class = logits.flatten(2).sum(dim=2) if logits.dim() > 2 else logits
+            resolved = torch.where(targets < 0, per_class.argmax(dim=1), targets)
+            if seed is None:
+                score = per_class.gather(1, resolved[:, None]).sum()
+            else:
+                score = (logits * seed.to(logits.dtype)).sum()
             grads = torch.autograd.grad(score, [*acts, *attention, x], retain_graph=bool(blocks))
             projection = layer_score_projection(model) if blocks else None
             layer_grads = [torch.autograd.grad(projection(taps.pick(block)).gather(1, resolved[:, None]).sum(), [a],

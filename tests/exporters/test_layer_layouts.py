@@ -132,6 +132,27 @@ def test_heatmaps_made_in_the_session_are_the_twin_maps(twin):
     np.testing.assert_allclose(fused, host, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("builder", [channels_last_twin, token_twin], ids=["channels_last", "tokens"])
+def test_seeded_runs_give_the_twin_feature_maps(builder, tmp_path):
+    """`run_seeded` folds layers as `run` does: a random seed's activations and gradients of the
+    rearranged layer are those of the NCHW one."""
+    from camrt.execution.session import ExplainSession
+
+    twin_layer = "grid_nhwc" if builder is channels_last_twin else "tokens"
+    onnx.save(builder(), tmp_path / "m.onnx")
+    exported, _ = export_onnx(tmp_path / "m.onnx", layers=["grid", twin_layer], rules=["vanilla"], seed=True)
+    write_model(exported, tmp_path / "m.camrt.onnx")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    seed = rng.standard_normal((2, 5)).astype(np.float32)
+    fetch = [name(layer) for layer in ("grid", twin_layer)
+             for name in (contract.activation_output, contract.gradient_output)]
+    got = ExplainSession(str(tmp_path / "m.camrt.onnx")).run_seeded(x, lambda outputs: seed, fetch)
+    assert np.abs(got[fetch[1]]).min(axis=(1, 2, 3)).max() > 0
+    np.testing.assert_allclose(got[fetch[2]], got[fetch[0]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[fetch[3]], got[fetch[1]], rtol=1e-5, atol=1e-7)
+
+
 def test_default_layers_carry_their_layout(tmp_path):
     """Without --layer the default is the last candidate, whatever its layout, recorded with it."""
     onnx.save(channels_last_twin(), tmp_path / "nhwc.onnx")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -21,6 +21,9 @@ from camrt.modelfile.layers import tensors_between
 
 from ..errors import ExportError, UnsupportedOpError
 from .graph import Dim, GraphIndex
+
+if TYPE_CHECKING:
+    from camrt.contract import Preprocessing
 
 
 class BackwardRule(Protocol):
@@ -83,12 +86,20 @@ class Backward:
 
 
 class RuleContext:
-    """What a backward rule may use: emit nodes, make constants, read static facts of the graph."""
+    """What a backward rule may use: emit nodes, make constants, read static facts of the graph.
 
-    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches):
+    image_input / preprocessing: the graph's image input and how the runtime normalises it, when the
+    caller knows them (the contract exporter does); rules for the first layer read them (LRP's z^B
+    rule takes its pixel bounds from the preprocessing)."""
+
+    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches, image_input: str | None = None,
+                 preprocessing: "Preprocessing | None" = None):
         self.index = index
         self.prefix = prefix
         self.patches = patches
+        self.image_input = image_input
+        self.preprocessing = preprocessing
+        self._constants: dict[str, np.ndarray] = {}  # made by `const`: constants to the rules that read them
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._counter = 0
@@ -107,11 +118,13 @@ class RuleContext:
         return input_index < len(self.node.input) and self.node.input[input_index] in self._active
 
     def shape(self, name: str) -> tuple[Dim, ...] | None:
+        if name in self._constants:
+            return tuple(self._constants[name].shape)
         return self.index.shape(name)
 
     def static_shape(self, name: str, what: str = "") -> tuple[int, ...]:
         """The shape of `name` with every dimension but the first (batch) static."""
-        shape = self.index.shape(name)
+        shape = self.shape(name)
         if shape is None or any(not isinstance(d, int) for d in shape[1:]):
             raise ExportError(
                 f"node {self.node.name!r} ({self.node.op_type}): the backward rule needs the static "
@@ -120,6 +133,8 @@ class RuleContext:
         return shape
 
     def value(self, name: str) -> np.ndarray | None:
+        if name in self._constants:
+            return self._constants[name]
         return self.index.value(name) if name else None
 
     def require_value(self, name: str, what: str) -> np.ndarray:
@@ -154,6 +169,7 @@ class RuleContext:
         array = np.asarray(value, dtype=dtype)
         name = self.fresh("const")
         self.initializers.append(numpy_helper.from_array(array, name))
+        self._constants[name] = array
         return name
 
     def ints(self, values) -> str:
@@ -255,8 +271,12 @@ def differentiate(
     rules: RuleSet,
     patches: ForwardPatches,
     prefix: str,
+    image_input: str | None = None,
+    preprocessing: "Preprocessing | None" = None,
 ) -> Backward:
-    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt`."""
+    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (with a rule set of
+    modified rules, e.g. LRP's, whatever those rules propagate); `image_input` and `preprocessing`
+    are handed to the rules through the RuleContext."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -267,7 +287,7 @@ def differentiate(
                 f"tensor {name!r} has no differentiable path to the score {score!r}; "
                 "choose a layer that feeds the classifier."
             )
-    ctx = RuleContext(index, prefix, patches)
+    ctx = RuleContext(index, prefix, patches, image_input, preprocessing)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
     wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for
@@ -305,7 +325,8 @@ def differentiate(
         if name not in contributions:
             raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}{_integer_break(index, active)}")
         gradients[name] = ctx.add_n(contributions[name])
-    return Backward(ctx.nodes, ctx.initializers, gradients)
+    read = {name for node in ctx.nodes for name in node.input}  # a rule may make a constant it ends up not using
+    return Backward(ctx.nodes, [init for init in ctx.initializers if init.name in read], gradients)
 
 
 RuleTable = dict[str, BackwardRule]
