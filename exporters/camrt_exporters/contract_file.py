@@ -96,6 +96,9 @@ def _first_line(exc: BaseException) -> str:
 #: Ops never folded: their value changes from run to run.
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                "Multinomial", "Bernoulli"})
+#: Kept as deployed: folding the DequantizeLinear of quantized weights would store them as float32 and
+#: stop onnxruntime fusing the QDQ pattern into integer kernels.
+_QUANTIZED_AS_DEPLOYED = frozenset({"DequantizeLinear"})
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -186,7 +189,7 @@ def _drop_dead(graph: onnx.GraphProto, candidates: list[onnx.NodeProto], now_con
 
 def _foldable_op(node: onnx.NodeProto) -> bool:
     """A standard op whose value depends on its inputs alone (no randomness, no subgraph)."""
-    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC | _QUANTIZED_AS_DEPLOYED
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
 
 
@@ -302,8 +305,8 @@ def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> No
 def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
     """NCHW tensors with spatial extent on a path from the input to the score, in graph order
     (the rule lives in camrt.layers, shared with `camrt inspect`)."""
-    return spatial_candidates(index.nodes, index.shape, active_tensors(index, score, [image_input]),
-                              tensor_layouts(index.nodes, image_input, image_layout))
+    on_path = {t for t in active_tensors(index, score, [image_input]) if index.is_float(t)}  # not quantized ones
+    return spatial_candidates(index.nodes, index.shape, on_path, tensor_layouts(index.nodes, image_input, image_layout))
 
 
 @dataclass

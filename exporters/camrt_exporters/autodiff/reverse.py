@@ -212,8 +212,9 @@ class RuleContext:
 
 
 def active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
-    """Float tensors that depend on a `wrt` tensor and that the score depends on."""
-    return tensors_between(index.nodes, wrt, score, keep=index.is_float)
+    """Differentiable tensors (float, or quantized by QuantizeLinear) that depend on a `wrt` tensor and
+    that the score depends on."""
+    return tensors_between(index.nodes, wrt, score, keep=index.is_differentiable)
 
 
 def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], score: str) -> list[str]:
@@ -240,10 +241,11 @@ def _integer_break(index: GraphIndex, active: set[str]) -> str:
     """Why a path can carry no gradient: the first node turning an active tensor into integers."""
     for node in index.nodes:
         outputs = [o for o in node.output if o]
-        if outputs and any(i in active for i in node.input) and not any(index.is_float(o) for o in outputs):
+        if outputs and any(i in active for i in node.input) and not any(index.is_differentiable(o) for o in outputs):
             kind = onnx.TensorProto.DataType.Name(index.dtypes.get(outputs[0], 0)).lower()
             return (f": the path goes through node {node.name!r} ({node.op_type}), whose output is {kind}; "
-                    "integer (quantized) graphs cannot be differentiated: export the float model")
+                    "integer ops other than QuantizeLinear/DequantizeLinear cannot be differentiated: quantize with "
+                    "QuantFormat.QDQ (not QOperator) or export the float model")
     return ""
 
 
