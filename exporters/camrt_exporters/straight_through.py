@@ -1,13 +1,13 @@
 """The straight-through surrogate of a QDQ quantized graph: the finite-difference oracle of its gradients.
 
 A quantized graph is a step function of its input, so central differences of it say nothing about
-the straight-through gradient (rules/quantize.py). The surrogate replaces every activation
-QuantizeLinear -> DequantizeLinear pair by its straight-through linearisation at one point x0:
-x_hat(x) = x_hat0 + m * (s_dq / s_q) * (x - x0), with x0, x_hat0 the values of the quantized graph at
-that point and m = 1 where x0 did not clip, 0 where it did (computed here in numpy, independently of
-the backward rules). Its value at the point is the quantized graph's and its derivative is, by
-definition, the straight-through gradient, so the export self-check runs its usual finite differences
-on the surrogate instead of the model.
+the straight-through gradient (rules/quantize.py). The surrogate replaces each activation
+QuantizeLinear -> DequantizeLinear pair that the gradient crosses by its straight-through
+linearisation at one point: x_hat(x) = x_hat0 + m * (s_dq / s_q) * (x - x0), with x0 the value the
+exported file computes there, x_hat0 its quantized-dequantized value and m = 1 where x0 did not clip,
+0 where it did (computed here in numpy, independently of the backward rules). Its value at the point
+is the quantized graph's and its derivative is, by definition, the straight-through gradient, so the
+export self-check runs its usual finite differences on the surrogate instead of the model.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from camrt import contract
 
 from .autodiff.graph import attribute, quantized_range
 
@@ -27,54 +29,73 @@ def activation_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             and n.input[0] not in constants]
 
 
-def _along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
-    value = np.asarray(value, dtype=np.float64)
+def differentiated_quantizer_inputs(forward: onnx.ModelProto, contract_model: onnx.ModelProto,
+                                    feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs x0 of the activation QuantizeLinear nodes whose backward rule the exported file runs
+    (the gradient nodes read them), as the file computes them at `feeds` (its run's values, so its
+    fused integer kernels included)."""
+    import onnxruntime as ort
+
+    forward_nodes = {n.name for n in forward.graph.node}
+    read_by_gradient = {i for n in contract_model.graph.node if n.name not in forward_nodes for i in n.input}
+    names = list(dict.fromkeys(q.input[0] for q in activation_quantizers(forward) if q.input[0] in read_by_gradient))
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(contract_model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    batch = len(next(iter(feeds.values())))
+    targets = {contract.TARGET_INPUT: np.full(batch, contract.TOP1_TARGET, dtype=np.int64)}
+    return dict(zip(names, session.run(names, {**feeds, **targets})))
+
+
+def _along_axis(node: onnx.NodeProto, value, rank: int) -> np.ndarray:
+    value = np.asarray(value)
     if value.size == 1:
         return value.reshape(())
     axis = attribute(node, "axis", 1) % rank
     return value.reshape([-1 if a == axis else 1 for a in range(rank)])
 
 
-def _unclipped(node: onnx.NodeProto, x0: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-               elem_type: int) -> np.ndarray:
-    """1 where round(x0 / s) + z lies in [qmin, qmax] (round half to even, as QuantizeLinear), else 0."""
-    qmin, qmax = quantized_range(elem_type, node)
-    shift = 0.0 if zero_point is None else _along_axis(node, zero_point, x0.ndim)
-    unsaturated = np.rint(x0.astype(np.float32) / _along_axis(node, scale, x0.ndim).astype(np.float32)) + shift
-    return ((unsaturated >= qmin) & (unsaturated <= qmax)).astype(np.float64)
+def _quantize(node: onnx.NodeProto, x0: np.ndarray, values: dict[str, np.ndarray], elem_type: int):
+    """(unsaturated, saturated) round(x0 / s) + z of a QuantizeLinear, in float32 as the op (half to even)."""
+    scale = _along_axis(node, values[node.input[1]], x0.ndim).astype(np.float32)
+    zero_point = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    shift = 0.0 if zero_point is None else _along_axis(node, zero_point, x0.ndim).astype(np.float32)
+    unsaturated = np.rint(x0.astype(np.float32) / scale) + shift
+    return unsaturated, np.clip(unsaturated, *quantized_range(elem_type, node))
 
 
-def straight_through_surrogate(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A float copy of `model` whose activation Q -> DQ pairs are linearised at the point `feeds`."""
-    import onnxruntime as ort
+def _dequantize(node: onnx.NodeProto, q: np.ndarray, values: dict[str, np.ndarray]) -> np.ndarray:
+    zero_point = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    shift = 0.0 if zero_point is None else _along_axis(node, zero_point, q.ndim).astype(np.float32)
+    return ((q - shift) * _along_axis(node, values[node.input[1]], q.ndim).astype(np.float32)).astype(np.float32)
 
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    quantizers = activation_quantizers(model)
-    readers = {q.output[0]: [n for n in model.graph.node if q.output[0] in n.input] for q in quantizers}
-    wanted = [q.input[0] for q in quantizers] + [d.output[0] for q in quantizers for d in readers[q.output[0]]]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(wanted))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = list(dict.fromkeys(wanted))
-    at_point = dict(zip(names, session.run(names, feeds)))
+
+def straight_through_surrogate(forward: onnx.ModelProto, contract_model: onnx.ModelProto,
+                               feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `forward` whose activation Q -> DQ pairs that the gradient crosses are linearised at `feeds`."""
+    values = {i.name: numpy_helper.to_array(i) for i in forward.graph.initializer}
+    at_point = differentiated_quantizer_inputs(forward, contract_model, feeds)
     elem_types = {vi.name: vi.type.tensor_type.elem_type
-                  for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+                  for vi in onnx.shape_inference.infer_shapes(forward).graph.value_info}
     replaced: dict[str, list[onnx.NodeProto]] = {}  # by node name (unique after contract_file.prepare)
     initializers: list[onnx.TensorProto] = []
-    for q in quantizers:
+    for q in activation_quantizers(forward):
+        if q.input[0] not in at_point:
+            continue
         x, x0 = q.input[0], at_point[q.input[0]]
-        zero_point = values.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
-        mask = _unclipped(q, x0, values[q.input[1]], zero_point, elem_types.get(q.output[0], onnx.TensorProto.UINT8))
-        for dq in readers[q.output[0]]:
-            if dq.op_type != "DequantizeLinear":
-                continue  # an integer op: the export refuses it by name
-            ratio = _along_axis(dq, values[dq.input[1]], x0.ndim) / _along_axis(q, values[q.input[1]], x0.ndim)
-            prefix = f"camrt_surrogate/{dq.name or dq.output[0]}"
-            consts = {"x0": x0, "x_hat0": at_point[dq.output[0]], "slope": mask * ratio}
-            for key, value in consts.items():
+        qmin, qmax = quantized_range(elem_types.get(q.output[0], onnx.TensorProto.UINT8), q)
+        unsaturated, saturated = _quantize(q, x0, values, elem_types.get(q.output[0], onnx.TensorProto.UINT8))
+        unclipped = ((unsaturated >= qmin) & (unsaturated <= qmax)).astype(np.float32)
+        q_scale = _along_axis(q, values[q.input[1]], x0.ndim).astype(np.float32)
+        for dq in (n for n in forward.graph.node if q.output[0] in n.input and n.op_type == "DequantizeLinear"):
+            prefix = f"camrt_surrogate/{dq.name}"
+            slope = unclipped * _along_axis(dq, values[dq.input[1]], x0.ndim).astype(np.float32) / q_scale
+            for key, value in {"x0": x0, "x_hat0": _dequantize(dq, saturated, values), "slope": slope}.items():
                 initializers.append(numpy_helper.from_array(np.asarray(value, dtype=x0.dtype), f"{prefix}/{key}"))
             replaced[dq.name] = [
                 helper.make_node("Sub", [x, f"{prefix}/x0"], [f"{prefix}/dx"]),
@@ -82,9 +103,8 @@ def straight_through_surrogate(model: onnx.ModelProto, feeds: dict[str, np.ndarr
                 helper.make_node("Add", [f"{prefix}/x_hat0", f"{prefix}/dy"], [dq.output[0]]),
             ]
     surrogate = onnx.ModelProto()
-    surrogate.CopyFrom(model)
-    nodes = [new for node in model.graph.node for new in replaced.get(node.name, [node])]
+    surrogate.CopyFrom(forward)
     del surrogate.graph.node[:]
-    surrogate.graph.node.extend(nodes)
+    surrogate.graph.node.extend(new for node in forward.graph.node for new in replaced.get(node.name, [node]))
     surrogate.graph.initializer.extend(initializers)
     return surrogate
