@@ -148,21 +148,23 @@ def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProt
     return inputs[0]
 
 
-#: Float types the gradient graph cannot use: onnxruntime's CPU kernels lack them for the backward
-#: ops (e.g. ScatterElements with reduction "add" has no float16 kernel).
-_UNSUPPORTED_FLOATS = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+#: The image input types camrt feeds (the runtime feeds the image in the model's own type).
+IMAGE_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+#: Float types the gradient graph cannot use: onnxruntime's CPU kernels lack them for most ops.
+_UNSUPPORTED_FLOATS = {onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
-def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None:
-    """ExportError unless the image input is float32 and no tensor of the graph is 16-bit float.
+def _require_supported_floats(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None:
+    """ExportError unless the image input is float32 or float16 and no tensor of the graph is bfloat16.
 
-    Integer (quantized) graphs need no check here: their QuantizeLinear/QLinear* ops on the path
-    to the score have no backward rule and are refused by name when differentiated."""
+    Integer (quantized) graphs need no check here: QDQ ones are differentiated straight through, and
+    the integer ops of others (QLinearConv, ...) are refused by name when differentiated."""
     elem_type = image.type.tensor_type.elem_type
-    if elem_type != onnx.TensorProto.FLOAT:
+    if elem_type not in IMAGE_TYPES:
         raise ExportError(
             f"the image input {image.name!r} is {onnx.TensorProto.DataType.Name(elem_type).lower()}; camrt exports "
-            "models that take float32 images: export the float32 model (quantize or cast after camrt, not before)"
+            "models that take float32 or float16 images: export the float model (quantize it with QDQ nodes, "
+            "or cast inside the graph)"
         )
     tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
     typed = [(t.name, t.data_type) for t in tensors]
@@ -171,8 +173,8 @@ def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None
     for name, kind in typed:
         if kind in _UNSUPPORTED_FLOATS:
             raise ExportError(
-                f"tensor {name!r} is {_UNSUPPORTED_FLOATS[kind]}; camrt's gradient graphs run in float32 "
-                "(onnxruntime's CPU kernels lack 16-bit floats for them): export the float32 model"
+                f"tensor {name!r} is {_UNSUPPORTED_FLOATS[kind]}; camrt's gradient graphs run in float32 or float16 "
+                "(onnxruntime's CPU kernels lack bfloat16 for them): export the float32 or float16 model"
             )
 
 
@@ -288,7 +290,7 @@ def export_onnx(
     layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
     source = _load(path)
     image = _image_input(source, input_name)
-    _require_float32(source, image)
+    _require_supported_floats(source, image)
     if input_size is None and preprocessing is not None:
         input_size = (preprocessing.height, preprocessing.width)
     geometry = _pin_image_geometry(image, input_size, input_layout)

@@ -175,6 +175,15 @@ class RuleContext:
             extra[output_index] = f"{node.name}/camrt_{hint}"
         return extra[output_index]
 
+    def scatter_add(self, op_type: str, data: str, indices: str, updates: str, like: str, **attrs) -> str:
+        """ScatterElements or ScatterND with reduction "add" of data and updates typed like tensor `like`;
+        in float32 for float16, cast back (onnxruntime's CPU kernels have no float16 one with a reduction)."""
+        if self.np_dtype(like) != np.float16:
+            return self.emit(op_type, [data, indices, updates], reduction="add", **attrs)
+        wide = [self.emit("Cast", [name], to=onnx.TensorProto.FLOAT) for name in (data, updates)]
+        summed = self.emit(op_type, [wide[0], indices, wide[1]], reduction="add", **attrs)
+        return self.emit("Cast", [summed], to=onnx.TensorProto.FLOAT16)
+
     def add_n(self, names: list[str]) -> str:
         return names[0] if len(names) == 1 else self.emit("Sum", names)
 
