@@ -435,13 +435,14 @@ def build_contract_model(
     metadata: dict[str, str],
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
+    compact: bool = False,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
     `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
-    with the lists of both.
+    with the lists of both. `compact`: the gradient subgraphs share the forward's weights (see RuleContext).
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -506,7 +507,8 @@ def build_contract_model(
         passes.append((vanilla, vanilla_wrt))
     passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
-        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}")
+        backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
+                                 compact=compact)
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:

@@ -96,9 +96,13 @@ def export_torch(
     source_name: str = "",
     opset: int | None = None,
     fullgrad: bool = False,
+    compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
+
+    compact: the input-gradient subgraphs share the forward's Conv weights (ConvTranspose) instead of
+    storing flipped copies: a smaller file, a slower backward (docs/edge.md).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -129,7 +133,7 @@ def export_torch(
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad,
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, compact=compact,
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
     return result, checks
@@ -278,6 +282,7 @@ def export_onnx(
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     input_layout: str | None = None,
+    compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -287,7 +292,10 @@ def export_onnx(
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
-    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are)."""
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). compact: as export_torch.
+
+    QDQ int8 models are differentiated straight through their QuantizeLinear/DequantizeLinear pairs
+    (autodiff/rules/quantize.py), float16 models in float16 (the image input keeps the model's type)."""
     source = _load(path)
     image = _image_input(source, input_name)
     _require_supported_floats(source, image)
@@ -324,7 +332,7 @@ def export_onnx(
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
+        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad, compact=compact,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
                                          tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]))

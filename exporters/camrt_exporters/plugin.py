@@ -81,8 +81,10 @@ def register_commands(cli):
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
+    @click.option("--compact", is_flag=True, help="Input gradients share the model's Conv weights (ConvTranspose) "
+                  "instead of storing flipped copies: a smaller file, a slower backward (docs/edge.md).")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, input_layout, softmax_output, opset, fullgrad):
+               input_name, score_output, input_layout, softmax_output, opset, fullgrad, compact):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -118,14 +120,15 @@ def register_commands(cli):
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, input_layout=input_layout, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, compact=compact, log=log)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
             module = load_model(source, weights)
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
-                                         source_name=source, opset=opset, fullgrad=fullgrad, log=log)
+                                         source_name=source, opset=opset, fullgrad=fullgrad, compact=compact,
+                                         log=log)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")

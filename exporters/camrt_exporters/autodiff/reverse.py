@@ -85,8 +85,11 @@ class Backward:
 class RuleContext:
     """What a backward rule may use: emit nodes, make constants, read static facts of the graph."""
 
-    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches):
+    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches, compact: bool = False):
         self.index = index
+        #: Share the forward pass's weights instead of storing transformed copies (e.g. a Conv's flipped
+        #: kernel): a smaller file, a slower backward.
+        self.compact = compact
         self.prefix = prefix
         self.patches = patches
         self.nodes: list[onnx.NodeProto] = []
@@ -266,8 +269,9 @@ def differentiate(
     rules: RuleSet,
     patches: ForwardPatches,
     prefix: str,
+    compact: bool = False,
 ) -> Backward:
-    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt`."""
+    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (`compact`: see RuleContext)."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -278,7 +282,7 @@ def differentiate(
                 f"tensor {name!r} has no differentiable path to the score {score!r}; "
                 "choose a layer that feeds the classifier."
             )
-    ctx = RuleContext(index, prefix, patches)
+    ctx = RuleContext(index, prefix, patches, compact)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
     wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for
