@@ -1,0 +1,252 @@
+"""Edge formats side by side in one run: int8 (QDQ) and float16 explanations against float32 ones.
+
+    python bench/edge.py                        # ResNet-50, MobileNetV3-Large, EfficientNet-Lite0; ~15 min on 2 cores
+    python bench/edge.py --models resnet18 --repeats 3 --results /tmp/edge    # a quick look
+
+Run from the repository root with the runtime and the exporters importable
+(`PYTHONPATH=$PWD:$PWD/exporters`) and onnxconverter-common installed. For each model it:
+
+1. makes the edge files as an edge user would (tests/exporters/edge_models.py): the float32 ONNX file,
+   its QDQ int8 quantization (onnxruntime `quantize_static`, per-channel weights, calibrated on
+   scikit-image's photographs) and its float16 conversion (onnxconverter-common), then camrt files of
+   each: Grad-CAM only (`--rules ""`), with input gradients (vanilla, guided) and the same `--compact`;
+   all cached in bench/.cache/edge/;
+2. times, in this process and with the same thread count: plain onnxruntime inference of the float32
+   and int8 files (the floor) and camrt's Grad-CAM and saliency of every format (`Explainer.explain` on a
+   preprocessed NCHW batch), at batch 1 (median latency) and batch 8 (images/s), after a warm-up;
+3. compares the int8 and float16 Grad-CAM heatmaps with the float32 file's on the photographs
+   (Pearson, max abs difference of the [0, 1] maps; EfficientNet-Lite0 has real ImageNet weights, the
+   torchvision models fixed random ones);
+4. measures the footprint: file sizes, the peak resident memory of one `camrt explain` process per
+   method family (Grad-CAM: CAM methods; saliency: input gradients; Score-CAM: perturbation) and its
+   wall time from a cold start (Python, imports, session creation, one image);
+5. writes <results>/<name>.json and .md (docs/edge.md quotes the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache" / "edge"
+sys.path.insert(0, str(ROOT))
+
+#: model -> (mean, std, scale) of its preprocessing (EfficientNet-Lite0: (x - 127) / 128 on 0..255).
+MODELS = {
+    "resnet50": None,
+    "mobilenet_v3_large": None,
+    "efficientnet_lite0": ((127.0,) * 3, (128.0,) * 3, 1.0),
+    "resnet18": None,
+}
+FORMATS = ("fp32", "int8", "fp16")
+#: camrt file variants: name -> (rule sets, compact)
+VARIANTS = {"gradcam": ((), False), "full": (("vanilla", "guided"), False), "compact": (("vanilla", "guided"), True)}
+#: method family -> (method, the file variant it needs)
+FAMILIES = {"gradcam": ("gradcam", "gradcam"), "saliency": ("saliency", "full"), "scorecam": ("scorecam", "gradcam")}
+BATCH = 8
+
+
+def _preprocessing(name: str):
+    from camrt import contract
+
+    custom = MODELS[name]
+    if custom is None:
+        return contract.Preprocessing(224, 224)
+    mean, std, scale = custom
+    return contract.Preprocessing(224, 224, mean=mean, std=std, scale=scale)
+
+
+def _photos(name: str) -> np.ndarray:
+    from tests.exporters import edge_models
+
+    p = _preprocessing(name)
+    return edge_models.photo_batch(224, p.mean, p.std, p.scale)
+
+
+def make_files(name: str, log) -> dict[str, Path]:
+    """The plain files (fp32, int8, fp16) and the camrt files (<format>.<variant>) of `name`, cached."""
+    from camrt_exporters.export import export_onnx, write_model
+
+    from tests.exporters import edge_models, models
+
+    folder = CACHE / name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"fp32": folder / "fp32.onnx", "int8": folder / "int8.onnx", "fp16": folder / "fp16.onnx"}
+    if not files["fp32"].exists():
+        model = models.load(name)
+        edge_models.export_float(model, files["fp32"])
+    if not files["int8"].exists():
+        edge_models.quantize_qdq(files["fp32"], files["int8"], _photos(name))
+    if not files["fp16"].exists():
+        edge_models.convert_float16(files["fp32"], files["fp16"])
+    for fmt in FORMATS:
+        for variant, (rules, compact) in VARIANTS.items():
+            path = folder / f"{fmt}.{variant}.camrt.onnx"
+            if not path.exists():
+                log(f"export {name} {fmt} {variant}")
+                model, _ = export_onnx(files[fmt], rules=rules, compact=compact, preprocessing=_preprocessing(name))
+                write_model(model, path)
+            files[f"{fmt}.{variant}"] = path
+    return files
+
+
+def _timed(run, batch: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median latency (ms) at batch 1 and images/s at batch BATCH, after one warm-up call each."""
+    single, full = batch[:1], np.concatenate([batch] * (BATCH // len(batch) + 1))[:BATCH]
+    results = {}
+    for key, x in (("latency_ms", single), ("images_per_s", full)):
+        run(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        results[key] = median * 1000 if key == "latency_ms" else len(x) / median
+    return results
+
+
+def speed(name: str, files: dict[str, Path], threads: int, repeats: int) -> dict[str, dict[str, float]]:
+    import onnxruntime as ort
+
+    from camrt import Explainer
+
+    x = _photos(name)
+    rows = {}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    for fmt in ("fp32", "int8", "fp16"):
+        session = ort.InferenceSession(str(files[fmt]), options, providers=["CPUExecutionProvider"])
+        dtype = np.float16 if fmt == "fp16" else np.float32
+        rows[f"onnxruntime inference {fmt}"] = _timed(lambda b: session.run(None, {"input": b.astype(dtype)}), x, repeats)
+    for method, variant in (("gradcam", "gradcam"), ("saliency", "full"), ("saliency", "compact")):
+        for fmt in FORMATS:
+            explainer = Explainer(files[f"{fmt}.{variant}"], method=method, device="cpu", threads=threads)
+            rows[f"camrt {method} {fmt}{' --compact' if variant == 'compact' else ''}"] = _timed(explainer.explain, x,
+                                                                                                  repeats)
+    return rows
+
+
+def agreement(name: str, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
+    """Grad-CAM heatmaps of the int8 and float16 files against the float32 file's, on the photographs."""
+    from camrt import Explainer
+
+    x = _photos(name)
+    explained = {fmt: Explainer(files[f"{fmt}.gradcam"], method="gradcam", device="cpu", threads=threads).explain(x)
+                 for fmt in FORMATS}
+    maps = {fmt: np.stack([e.heatmap for e in explanations]) for fmt, explanations in explained.items()}
+    targets = {fmt: [e.target for e in explanations] for fmt, explanations in explained.items()}
+    return {fmt: {"pearson": float(np.corrcoef(maps[fmt].ravel(), maps["fp32"].ravel())[0, 1]),
+                  "max_abs": float(np.abs(maps[fmt] - maps["fp32"]).max()),
+                  "same_top1": sum(a == b for a, b in zip(targets[fmt], targets["fp32"])), "images": len(x)}
+            for fmt in ("int8", "fp16")}
+
+
+def footprint(name: str, files: dict[str, Path], threads: int, photo: Path) -> dict[str, dict[str, float]]:
+    """File sizes (MB) and, per method family, one cold `camrt explain` process: peak RSS (MB) and wall s."""
+    rows: dict[str, dict[str, float]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for fmt in FORMATS:
+        row = {"model_mb": files[fmt].stat().st_size / 1e6}
+        row.update({f"{variant}_file_mb": files[f"{fmt}.{variant}"].stat().st_size / 1e6 for variant in VARIANTS})
+        for family, (method, variant) in FAMILIES.items():
+            out = CACHE / "explain-out"
+            start = time.perf_counter()
+            process = subprocess.Popen([sys.executable, "-m", "camrt", "explain", str(files[f"{fmt}.{variant}"]),
+                                        str(photo), "-m", method, "--threads", str(threads), "-o", str(out)],
+                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - start
+            if status:
+                raise RuntimeError(f"camrt explain {files[f'{fmt}.{variant}']} -m {method} failed: "
+                                   f"{process.stderr.read().decode()[-500:]}")
+            row[f"{family}_rss_mb"] = usage.ru_maxrss / 1024
+            row[f"{family}_cold_s"] = wall
+        rows[fmt] = row
+    return rows
+
+
+def _photo_file() -> Path:
+    import cv2
+    import skimage.data
+
+    path = CACHE / "chelsea.png"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Edge formats: int8 (QDQ) and float16 against float32 ({report['date']})", "",
+             f"Machine: {report['machine']}; onnxruntime {report['onnxruntime']}, {report['threads']} thread(s), "
+             f"{report['repeats']} repeats (medians). Produced by `python bench/edge.py`.", ""]
+    lines += ["## Speed", "", "| model | what | batch 1 latency (ms) | batch 8 (images/s) |", "|---|---|---:|---:|"]
+    for name, rows in report["speed"].items():
+        for what, row in rows.items():
+            lines.append(f"| {name} | {what} | {row['latency_ms']:.1f} | {row['images_per_s']:.1f} |")
+    lines += ["", "## Grad-CAM agreement with the float32 file (photographs)", "",
+              "| model | format | Pearson | max abs | same top-1 |", "|---|---|---:|---:|---:|"]
+    for name, rows in report["agreement"].items():
+        for fmt, row in rows.items():
+            lines.append(f"| {name} | {fmt} | {row['pearson']:.4f} | {row['max_abs']:.3f} | "
+                         f"{row['same_top1']}/{row['images']} |")
+    lines += ["", "## Footprint", "",
+              "Sizes in MB; peak resident memory (MB) and cold-start wall time (s) of one `camrt explain` "
+              "process on one photograph, per method family.", "",
+              "| model | format | model file | Grad-CAM file | + input gradients | + input gradients --compact | "
+              "Grad-CAM RSS / cold s | saliency RSS / cold s | Score-CAM RSS / cold s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in report["footprint"].items():
+        for fmt, r in rows.items():
+            lines.append(f"| {name} | {fmt} | {r['model_mb']:.1f} | {r['gradcam_file_mb']:.1f} | {r['full_file_mb']:.1f} | "
+                         f"{r['compact_file_mb']:.1f} | {r['gradcam_rss_mb']:.0f} / {r['gradcam_cold_s']:.2f} | "
+                         f"{r['saliency_rss_mb']:.0f} / {r['saliency_cold_s']:.2f} | "
+                         f"{r['scorecam_rss_mb']:.0f} / {r['scorecam_cold_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,mobilenet_v3_large,efficientnet_lite0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--name", default=f"{datetime.date.today().isoformat()}-edge")
+    args = parser.parse_args(argv)
+    import onnxruntime as ort
+
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats,
+              "speed": {}, "agreement": {}, "footprint": {}}
+    photo = _photo_file()
+    for name in args.models.split(","):
+        files = make_files(name, log)
+        log(f"{name}: speed")
+        report["speed"][name] = speed(name, files, args.threads, args.repeats)
+        log(f"{name}: agreement")
+        report["agreement"][name] = agreement(name, files, args.threads)
+        log(f"{name}: footprint")
+        report["footprint"][name] = footprint(name, files, args.threads, photo)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (results / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
