@@ -214,3 +214,4 @@ def json_layers(model: onnx.ModelProto) -> list[str]:
 
     meta = {p.key: p.value for p in model.metadata_props}
     return json.loads(meta[contract.META_LAYERS])
+
