@@ -15,17 +15,17 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from camrt_exporters.autodiff.graph import attribute
+from camrt_exporters.autodiff.rules import VANILLA
+from camrt_exporters.contract_file import prepare
+from camrt_exporters.export import export_onnx
+from camrt_exporters.straight_through import differentiated_quantizer_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from camrt import contract
 from camrt.errors import ValidationError
-from camrt_exporters.autodiff.graph import attribute
-from camrt_exporters.autodiff.rules import VANILLA
-from camrt_exporters.contract_file import prepare
-from camrt_exporters.export import export_onnx
-from camrt_exporters.straight_through import differentiated_quantizer_inputs
 
 from . import edge_models, models
 from .rule_harness import FEW, Case, gradient_model, node, seeds, shapes
@@ -110,6 +110,17 @@ def _pads(node) -> tuple[int, ...]:
     return tuple(pads[:2])
 
 
+def _elementwise(n, ins):
+    """The other ops of the replay (each reads `ins`, the node's input tensors)."""
+    op = n.op_type
+    if op == "HardSigmoid":
+        return torch.clamp(ins[0] * attribute(n, "alpha", 0.2) + attribute(n, "beta", 0.5), 0, 1)
+    if op == "Flatten":
+        return ins[0].flatten(attribute(n, "axis", 1))
+    return {"Add": torch.add, "Mul": torch.mul, "Identity": lambda x: x, "Relu": F.relu,
+            "HardSwish": F.hardswish}[op](*ins)
+
+
 def torch_replay(model: onnx.ModelProto, x: torch.Tensor, keep: str,
                  at_point: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized file in torch float32, each activation Q -> DQ pair a torch fake-quantize: (logits, tensor `keep`).
@@ -146,10 +157,7 @@ def torch_replay(model: onnx.ModelProto, x: torch.Tensor, keep: str,
         elif op == "GlobalAveragePool":
             out = ins[0].mean(dim=(2, 3), keepdim=True)
         else:
-            out = {"Add": lambda: ins[0] + ins[1], "Mul": lambda: ins[0] * ins[1], "Identity": lambda: ins[0],
-                   "Relu": lambda: F.relu(ins[0]), "HardSwish": lambda: F.hardswish(ins[0]),
-                   "HardSigmoid": lambda: torch.clamp(ins[0] * attribute(n, "alpha", 0.2) + attribute(n, "beta", 0.5), 0, 1),
-                   "Flatten": lambda: ins[0].flatten(attribute(n, "axis", 1))}[op]()
+            out = _elementwise(n, ins)
         values[n.output[0]] = out
     return values[model.graph.output[0].name], values[keep]
 
