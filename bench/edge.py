@@ -125,7 +125,7 @@ def _export(source: Path, rules, compact: bool, preprocessing, refusals: dict[st
     against the 1e-2 finite-difference tolerance, on main as well."""
     from camrt_exporters import export
 
-    from camrt.errors import ValidationError
+    from camrt_exporters.errors import ValidationError
 
     try:
         return export.export_onnx(source, rules=rules, compact=compact, preprocessing=preprocessing)[0]

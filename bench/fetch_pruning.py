@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from camrt import contract
-from camrt.session import ExplainSession
+from camrt.execution.session import ExplainSession
 
 
 def median_ms(fn, repeats: int) -> tuple[float, float, float]:

@@ -21,7 +21,7 @@ the repeats after warm-up, CUDA synchronised:
 - onnxruntime CUDA inference-only (the forward graph pruned from the camrt file), IOBinding with
   input and output on the GPU: the onnxruntime floor;
 - camrt Grad-CAM end to end, `Explainer(..., device="cuda", device_postprocess=True).explain(x)`
-  from a host batch to host heatmaps: the heatmaps are made inside the session (camrt.fused), only
+  from a host batch to host heatmaps: the heatmaps are made inside the session (camrt.execution.heatmap_graph), only
   they come back;
 - the same session with IOBinding (input already on the GPU, heatmaps copied to the host);
 - camrt's default host path (activations and gradients to the host, numpy + OpenCV), for contrast.
@@ -94,7 +94,7 @@ def export(model, folder: Path) -> tuple[str, str, dict]:
     import onnx
 
     from camrt import contract
-    from camrt.session import _subgraph
+    from camrt.execution.subgraphs import subgraph
     from camrt_exporters.export import export_torch, write_model
 
     start = time.perf_counter()
@@ -107,7 +107,7 @@ def export(model, folder: Path) -> tuple[str, str, dict]:
     write_model(onnx_model, camrt_path)
     outputs = [o.name for o in onnx_model.graph.output if not o.name.startswith("camrt/")]
     forward_path = folder / "model.forward.onnx"
-    write_model(_subgraph(onnx_model, outputs[:1]), forward_path)
+    write_model(subgraph(onnx_model, outputs[:1]), forward_path)
     info = {"export_s": round(time.perf_counter() - start, 1), "ir_version_exported": exported_ir,
             "ir_version": onnx_model.ir_version,
             "opset": [(o.domain, o.version) for o in onnx_model.opset_import],
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             lambda: maps.__setitem__("camrt fused", np.stack([e.heatmap for e in fused.explain(x)])),
             lambda: None, repeats)
 
-        from camrt import fused as fused_graph
+        from camrt.execution import heatmap_graph as fused_graph
 
         session = fused._fused  # the session Explainer(device_postprocess=True) runs
         fused_binding = session.io_binding()

@@ -135,7 +135,7 @@ def _export(name: str, cache: str) -> None:
     import torch
 
     from camrt import contract
-    from camrt.session import _subgraph
+    from camrt.execution.subgraphs import subgraph
     from camrt_exporters.export import export_torch, write_model
     from tests.exporters.models import load
 
@@ -145,7 +145,7 @@ def _export(name: str, cache: str) -> None:
     cache_dir = Path(cache)
     write_model(onnx_model, cache_dir / f"{name}.camrt.onnx")
     model_outputs = [o.name for o in onnx_model.graph.output if not o.name.startswith("camrt/")]
-    forward = _subgraph(onnx_model, model_outputs[:1])  # the model's own logits: no target input, no gradients
+    forward = subgraph(onnx_model, model_outputs[:1])  # the model's own logits: no target input, no gradients
     onnx.checker.check_model(forward)
     write_model(forward, cache_dir / f"{name}.forward.onnx")
     torch.save(model.state_dict(), cache_dir / f"{name}.pt")
@@ -174,8 +174,8 @@ def minmax(maps: np.ndarray) -> np.ndarray:
 def _torch_model(spec: dict):
     import torch
 
-    from tests.exporters.models import ARCHITECTURES
     from camrt_exporters.torch_frontend import load_model
+    from tests.exporters.models import ARCHITECTURES
 
     model = load_model(ARCHITECTURES[spec["model"]][0])
     model.load_state_dict(torch.load(spec["paths"]["weights"], map_location="cpu", weights_only=True))

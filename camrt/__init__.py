@@ -6,18 +6,17 @@ The public names below are imported lazily on first use, so that `import camrt` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Explainer": "camrt.explainer",
     "Explanation": "camrt.explainer",
-    "ExplainSession": "camrt.session",
-    "read_contract": "camrt.session",
-    "load_image": "camrt.images",
-    "preprocess": "camrt.images",
+    "ExplainSession": "camrt.execution.session",
+    "read_contract": "camrt.modelfile.metadata",
+    "load_image": "camrt.imaging.decode",
+    "preprocess": "camrt.imaging.preprocess",
     "Method": "camrt.methods.base",
     "ChannelWeightingMethod": "camrt.methods.base",
     "ActivationWeightingMethod": "camrt.methods.base",
@@ -26,6 +25,13 @@ _LAZY = {
     "ScoreWeightedMethod": "camrt.methods.scorecam",
     "Requirements": "camrt.methods.base",
     "GraphOutputs": "camrt.methods.base",
+    "ExplainPlan": "camrt.plan",
+    "PlanRefused": "camrt.plan",
+    "Target": "camrt.targets",
+    "ClassTarget": "camrt.targets",
+    "TargetRequest": "camrt.targets",
+    "ClassRequest": "camrt.targets",
+    "TopKRequest": "camrt.targets",
     "hookimpl": "camrt.hookspecs",
     "CamrtError": "camrt.errors",
     "ModelError": "camrt.errors",
@@ -40,14 +46,4 @@ _LAZY = {
 __all__ = ["__version__", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'camrt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

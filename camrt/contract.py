@@ -17,6 +17,13 @@ SUPPORTED_CONTRACT_VERSIONS = frozenset({1})
 #: int64 [B]: the class to explain per sample; TOP1_TARGET means "the top-1 prediction".
 TARGET_INPUT = "camrt/target"
 TOP1_TARGET = -1
+#: float, shaped like `camrt/logits` ([B, ...]): the cotangent dL/d(score) that seeds the backward
+#: pass, so that the gradients are those of L = <seed, score>. In the file it is the tensor the
+#: backward subgraph starts from, computed there as the target path's one-hot (the class axis is 1;
+#: for scores of rank > 2 the one-hot is broadcast over the remaining axes). The runtime feeds it by
+#: cutting the graph at this tensor, which becomes an input of the cut graphs (camrt.execution.seeded).
+#: Present in files exported with `camrt export --seed` (metadata META_SEED).
+SEED_TENSOR = "camrt/seed"
 
 # --- graph outputs ------------------------------------------------------------------------
 #: The differentiated score tensor [B, num_classes] (the input of a final Softmax when there is one).
@@ -27,7 +34,8 @@ ACTIVATION_PREFIX = "camrt/act/"
 GRADIENT_PREFIX = "camrt/grad/"
 INPUT_GRADIENT_PREFIX = "camrt/input_grad/"
 #: float [B, K]: the classifier weight row of the explained class for a layer followed by global
-#: average pooling and a fully connected layer (CAM's w_k^c), gathered in the graph by the target.
+#: average pooling and a fully connected layer (CAM's w_k^c), gathered in the graph by the target
+#: (it follows `camrt/target`, never a fed `camrt/seed`).
 CAM_WEIGHTS_PREFIX = "camrt/cam_weights/"
 #: float [B, C, h, w]: d score / d (node output) * bias, per bias-carrying Conv / BatchNormalization
 #: node (FullGrad's bias-gradient terms; `camrt export --fullgrad`).
@@ -35,6 +43,9 @@ BIAS_GRADIENT_PREFIX = "camrt/bias_grad/"
 #: float [B, heads, T, T]: attention probabilities (a Softmax output) and d score / d them.
 ATTENTION_PREFIX = "camrt/attn/"
 ATTENTION_GRADIENT_PREFIX = "camrt/attn_grad/"
+#: float [B, heads, T, T]: d s^l / d A^l, where s^l is the model's head applied to the tokens of the
+#: block that holds attention map A^l (LeGrad's layer score; `camrt export --attention-layer-scores`).
+ATTENTION_LAYER_GRADIENT_PREFIX = "camrt/attn_layer_grad/"
 
 #: Backward rule sets a file can carry input gradients for.
 RULE_VANILLA = "vanilla"
@@ -62,15 +73,30 @@ def bias_gradient_output(node: str) -> str:
     return BIAS_GRADIENT_PREFIX + node
 
 
+def attention_output(name: str) -> str:
+    return ATTENTION_PREFIX + name
+
+
+def attention_gradient_output(name: str) -> str:
+    return ATTENTION_GRADIENT_PREFIX + name
+
+
+def attention_layer_gradient_output(name: str) -> str:
+    return ATTENTION_LAYER_GRADIENT_PREFIX + name
+
+
 # --- metadata_props keys ------------------------------------------------------------------
 META_CONTRACT_VERSION = "camrt.contract_version"
 META_SOURCE = "camrt.source"  # JSON: {"framework": "torch"|"onnx", "model": "..."}
-META_LAYERS = "camrt.layers"  # JSON list of layer names, first one is the default
+META_LAYERS = "camrt.modelfile.layers"  # JSON list of layer names, first one is the default
 META_DEFAULT_LAYER = "camrt.default_layer"
 META_PREPROCESSING = "camrt.preprocessing"  # JSON of Preprocessing
 META_LABELS = "camrt.labels"  # JSON list of class names (optional)
 META_RULE_SETS = "camrt.rule_sets"  # JSON list of rule sets with input gradients
 META_SCORE = "camrt.score"  # JSON: {"tensor": ..., "softmax": bool}
+#: JSON {"tensor": SEED_TENSOR, "shape": the score's shape, "batch" for the batch axis}; absent: the
+#: file has no seed entry (exported without --seed) and only the target path.
+META_SEED = "camrt.seed"
 META_EXPORTER_VERSION = "camrt.exporter_version"
 META_INPUT = "camrt.input"  # name of the image input
 META_CAM_LAYERS = "camrt.cam_layers"  # JSON list of the layers with a cam_weights output (GAP + FC head)
@@ -78,7 +104,8 @@ META_BIAS_TERMS = "camrt.bias_terms"  # JSON list of the nodes with a bias_grad 
 #: JSON {layer: LayerLayout.to_dict()}; absent (or a layer missing from it): the layer is NCHW.
 META_LAYER_LAYOUTS = "camrt.layer_layouts"
 #: JSON {"maps": [attention-map names, input to output], "tokens": LayerLayout.to_dict()}: the
-#: attention probabilities exposed as ATTENTION_PREFIX / ATTENTION_GRADIENT_PREFIX outputs.
+#: attention probabilities exposed as ATTENTION_PREFIX / ATTENTION_GRADIENT_PREFIX outputs; with
+#: "layer_scores": true also ATTENTION_LAYER_GRADIENT_PREFIX outputs (`Attention`).
 META_ATTENTION = "camrt.attention"
 
 
@@ -158,6 +185,29 @@ class LayerLayout:
         return cls(data["layout"], tuple(grid) if grid is not None else None, tuple(data.get("extra_tokens", ())))
 
 
+@dataclass(frozen=True)
+class Attention:
+    """The attention maps a file exposes (META_ATTENTION): their names, input to output, and the
+    token sequence they attend over (a `LayerLayout` of layout tokens: grid and extra tokens)."""
+
+    maps: tuple[str, ...]
+    tokens: LayerLayout
+    #: Whether each map also has LeGrad's layer-score gradient (ATTENTION_LAYER_GRADIENT_PREFIX).
+    layer_scores: bool = False
+
+    def to_json(self) -> str:
+        data = {"maps": list(self.maps), "tokens": self.tokens.to_dict()}
+        if self.layer_scores:
+            data["layer_scores"] = True
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Attention":
+        data = json.loads(text)
+        return cls(tuple(str(name) for name in data["maps"]), LayerLayout.from_dict(data["tokens"]),
+                   bool(data.get("layer_scores", False)))
+
+
 @dataclass
 class ContractInfo:
     """Everything the metadata of a camrt file says, parsed."""
@@ -176,3 +226,7 @@ class ContractInfo:
     cam_layers: list[str] | None = None
     #: Nodes with FullGrad bias-gradient terms; None when the file was exported without them.
     bias_terms: list[str] | None = None
+    #: The exposed attention maps; None when the file was exported without `--attention`.
+    attention: Attention | None = None
+    #: The seed entry (META_SEED: {"tensor", "shape"}); None when the file was exported without --seed.
+    seed: dict | None = None

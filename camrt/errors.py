@@ -61,37 +61,6 @@ class PluginError(CamrtError):
     exit_code = ExitCode.USAGE_ERROR
 
 
-class ExportError(CamrtError):
-    """The exporter cannot build a camrt file from this model; nothing was written."""
-
-    exit_code = ExitCode.MODEL_ERROR
-
-
-class UnsupportedOpError(ExportError):
-    """An op on a differentiated path has no backward rule."""
-
-    def __init__(self, op_type: str, node_name: str, path: list[str], rule_set: str):
-        self.op_type = op_type
-        self.node_name = node_name
-        self.path = path
-        self.rule_set = rule_set
-        super().__init__(
-            f"no backward rule for op type {op_type!r} (node {node_name!r}, rule set {rule_set!r}); "
-            f"it lies on the differentiated path {' -> '.join(path)}. Register a rule through the "
-            "register_gradient_rules hook, or choose a layer that does not need this op."
-        )
-
-
-class ValidationError(ExportError):
-    """The exported gradients do not match the oracle; lists every mismatching tensor."""
-
-    def __init__(self, mismatches: list[str]):
-        self.mismatches = mismatches
-        super().__init__(
-            "export validation failed, nothing was written:\n  " + "\n  ".join(mismatches)
-        )
-
-
 def require_regular_file(path: str | os.PathLike, error: type[CamrtError]) -> str:
     """`path` as a str, or `error` naming it when it does not exist or is not a regular file
     (a directory, a FIFO, a device, a broken symbolic link)."""
@@ -104,3 +73,9 @@ def require_regular_file(path: str | os.PathLike, error: type[CamrtError]) -> st
         kind = "a directory" if os.path.isdir(path) else "a FIFO, socket or device"
         raise error(f"{path}: not a file ({kind})")
     return path
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnx and onnxruntime messages run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

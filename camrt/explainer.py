@@ -10,16 +10,18 @@ An Explainer is safe to share between threads: it keeps no per-call state.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import contract, postprocess
-from .errors import InputError, ModelError, PluginError, UsageError
+from .errors import InputError, PluginError, UsageError
+from .execution.session import ExplainSession
 from .methods.base import GraphOutputs, Method, _coerce
-from .session import ExplainSession
+from .plan import ExplainPlan
+from .targets import ClassTarget, Target, TargetRequest, TopKRequest, as_target
 
 
 @dataclass
@@ -80,10 +82,10 @@ class Explainer:
         custom-op libraries the file may use (refused otherwise). aug_smooth: average the heatmaps
         of flipped and scaled copies of the input (pytorch-grad-cam's test-time augmentation,
         `camrt.postprocess.AUGMENTATIONS`; 6x the cost); CAM-family methods and FullGrad only.
-        device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.fused`), so
+        device_postprocess: make the heatmaps inside the onnxruntime session (`camrt.execution.heatmap_graph`), so
         that only they leave the device; for methods with a ``weights_graph`` (Grad-CAM).
         graph_optimization: onnxruntime's optimisation level, "all" (fastest) or "extended" (closer to
-        float64 on ill-conditioned layers), "basic", "none" (`camrt.session.GRAPH_OPTIMIZATIONS`).
+        float64 on ill-conditioned layers), "basic", "none" (`camrt.execution.session.GRAPH_OPTIMIZATIONS`).
         Other keyword arguments are the method's options."""
         self.session = ExplainSession(path, device=device, threads=threads, custom_op_libraries=custom_op_libraries,
                                       graph_optimization=graph_optimization)
@@ -94,21 +96,17 @@ class Explainer:
             #: Who provides the method: the registering plugin's name, or the class's module.
             self.method_plugin = type(method).__module__
         else:
-            from .registry import build_method_registry
+            from .plugins.registry import build_method_registry
 
             registry = build_method_registry()
             cls = registry.get(method)
             self.method = cls(**method_options)
             self.method_plugin = registry.plugin_of(cls.name)
-        self.layers: tuple[str, ...] = self._resolve_layers(layer)
+        #: What this file offers the method: the layers, the fetched outputs (`camrt.plan`).
+        self.plan = ExplainPlan.build(self.info, self.session.output_names, self.method, layer=layer,
+                                     path=self.session.path)
         self.aug_smooth: bool = self._check_aug_smooth(aug_smooth)
-        self.fetch: tuple[str, ...] = (
-            contract.LOGITS_OUTPUT,
-            contract.TARGET_INDEX_OUTPUT,
-            *self.method.requires.outputs(self.layers, self.info),
-        )
-        self._check_outputs()
-        if self.method.requires.tail:
+        if self.plan.tail:
             for name in self.layers:  # the tail graphs are cut now: a layer without one fails here
                 self.session.tail_plan(name)
         self.softmax = bool(self.info.score.get("softmax", False)) if softmax is None else bool(softmax)
@@ -117,7 +115,7 @@ class Explainer:
             self.session.prepare(self.fetch)  # load errors surface when the file is opened, not mid-run
 
     def _fused_session(self):
-        from . import fused
+        from .execution import heatmap_graph as fused
 
         method = self.method
         weights_graph = method.session_weights_graph()
@@ -135,39 +133,16 @@ class Explainer:
         return self.session.info
 
     @property
+    def layers(self) -> tuple[str, ...]:
+        return self.plan.layers
+
+    @property
+    def fetch(self) -> tuple[str, ...]:
+        return self.plan.fetch
+
+    @property
     def num_classes(self) -> int:
         return self.session.num_classes
-
-    def _resolve_layers(self, layer: str | Sequence[str] | None) -> tuple[str, ...]:
-        requires = self.method.requires
-        path = self.session.path
-        if not requires.uses_layers:
-            if layer:
-                raise UsageError(f"method {self.method.name!r} explains the input, it takes no layer")
-            return ()
-        if layer is None or (not isinstance(layer, str) and len(layer) == 0):
-            default = self.info.default_layer or (self.info.layers[0] if self.info.layers else None)
-            if default is None:
-                needs = ", ".join(what for what, needed in (
-                    ("activations", requires.activations), ("gradients", requires.gradients),
-                    ("CAM class weights", requires.cam_weights), ("tail graph", requires.tail)) if needed)
-                rule = requires.input_gradient
-                flags = ["--layer NAME", *([self._rules_flag(rule)] if rule and rule not in self.info.rule_sets else [])]
-                raise ModelError(
-                    f"method {self.method.name!r} needs a layer's {needs} but {path} has no layers; "
-                    f"re-export it with `camrt export ... {' '.join(flags)}`"
-                )
-            return (default,)
-        layers = (layer,) if isinstance(layer, str) else tuple(layer)
-        unknown = [name for name in layers if name not in self.info.layers]
-        if unknown:
-            have = ", ".join(self.info.layers) or "(none)"
-            flags = " ".join(f"--layer {name}" for name in unknown)
-            raise ModelError(
-                f"layer(s) {', '.join(unknown)} not in {path} (it has: {have}); "
-                f"re-export it with `camrt export ... {flags}`"
-            )
-        return tuple(dict.fromkeys(layers))
 
     def _check_aug_smooth(self, aug_smooth: bool | str) -> bool:
         value = _coerce(aug_smooth, bool, self.method.name, "aug_smooth")
@@ -177,41 +152,6 @@ class Explainer:
             raise UsageError(f"aug_smooth applies to CAM-family methods (those that explain a layer, and "
                              f"fullgrad); method {self.method.name!r} does not take it")
         return value
-
-    def _rules_flag(self, rule: str) -> str:
-        """The `camrt export` flag that keeps the file's rule sets and adds `rule`."""
-        return f"--rules {','.join(dict.fromkeys([*self.info.rule_sets, rule]))}"
-
-    def _check_outputs(self) -> None:
-        requires = self.method.requires
-        if requires.cam_weights and self.info.cam_layers is not None:
-            no_head = [layer for layer in self.layers if layer not in self.info.cam_layers]
-            if no_head:
-                raise ModelError(
-                    f"method {self.method.name!r}: layer(s) {', '.join(no_head)} of {self.session.path} are not "
-                    "followed by global average pooling and a fully connected classifier, so CAM's class "
-                    "weights do not exist for them; use -m gradcam (equal to CAM on such a head) or a layer "
-                    f"that feeds the pooling (with CAM weights here: {', '.join(self.info.cam_layers) or 'none'})"
-                )
-        missing = [name for name in self.fetch if name not in self.session.output_names]
-        if requires.bias_gradients and not self.info.bias_terms:
-            missing.append(contract.bias_gradient_output("<node>") + " (FullGrad's bias-gradient terms)")
-        if not missing:
-            return
-        flags: list[str] = []
-        for layer in self.layers:
-            if any(name in missing for name in (contract.activation_output(layer), contract.gradient_output(layer),
-                                                contract.cam_weights_output(layer))):
-                flags.append(f"--layer {layer}")
-        rule = requires.input_gradient
-        if rule is not None and contract.input_gradient_output(rule) in missing:
-            flags.append(self._rules_flag(rule))
-        if requires.bias_gradients and not self.info.bias_terms:
-            flags.append("--fullgrad")
-        raise ModelError(
-            f"method {self.method.name!r} needs output(s) {', '.join(missing)}, which {self.session.path} "
-            f"lacks; re-export it with `camrt export ... {' '.join(flags)}`"
-        )
 
     # -- explaining ----------------------------------------------------------------------
     def _checked(self, maps: Any, layer: str | None, outputs: GraphOutputs) -> np.ndarray:
@@ -238,7 +178,8 @@ class Explainer:
 
     def prepare(self, images: Any) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """(NCHW float32 model input, the (H, W) each heatmap is returned at)."""
-        from .images import check_image, preprocess
+        from .imaging.decode import check_image
+        from .imaging.preprocess import preprocess
 
         if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype, np.floating):
             x = self.session.check_inputs(images)
@@ -256,18 +197,6 @@ class Explainer:
             raise InputError("no images to explain")
         return preprocess(images, self.info.preprocessing), [image.shape[:2] for image in images]
 
-    def _targets(self, targets: Any, batch: int) -> list[int]:
-        if targets is None:
-            return [contract.TOP1_TARGET] * batch
-        if isinstance(targets, (bool, np.bool_, str, bytes)) or not isinstance(targets, (int, np.integer, Iterable)):
-            raise InputError(f"targets must be None, an integer or one integer per input, got {targets!r}")
-        if isinstance(targets, (int, np.integer)):
-            return [int(targets)] * batch
-        targets = list(targets)
-        if any(isinstance(t, (bool, np.bool_)) for t in targets):
-            raise InputError(f"targets must be integers, got {targets!r}")
-        return [contract.TOP1_TARGET if t is None else t for t in targets]
-
     def _raw_maps(self, outputs: GraphOutputs) -> list[np.ndarray]:
         """The method's checked raw maps, one [B, h, w] array per explained layer."""
         return [self._checked(self.method.explain(outputs, layer=layer), layer, outputs)
@@ -278,7 +207,7 @@ class Explainer:
         """(flip, raw maps) for each augmented copy of the input (aug_smooth); the unchanged copy
         reuses `raw`. Every copy explains the class resolved for the original input (for top-1,
         pytorch-grad-cam takes each copy's own top-1 instead)."""
-        from .context import ExplainContext
+        from .execution.context import ExplainContext
 
         augmented = []
         for flip, factor in postprocess.AUGMENTATIONS:
@@ -295,11 +224,11 @@ class Explainer:
 
         images: a list of HWC uint8 RGB arrays (preprocessed as the file says; heatmaps at each
         image's resolution) or an NCHW float32 array already preprocessed (heatmaps at the model
-        input size). targets: None (top-1 for all), one int for all, or one per image
-        (an int, or -1/None for top-1).
+        input size). targets: None (top-1 for all), one int for all, one per image
+        (an int, or -1/None for top-1), or a `camrt.targets.Target`.
         """
         x, sizes = self.prepare(images)
-        return self._explain_prepared(x, sizes, self._targets(targets, x.shape[0]))
+        return self._explain_prepared(x, sizes, as_target(targets))
 
     def explain_top_k(self, images: Any, k: int) -> list[list[Explanation]]:
         """For each image, explanations of its k highest-scoring classes, best first.
@@ -309,18 +238,22 @@ class Explainer:
         """
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_classes:
             raise UsageError(f"top-k: k must be in 1..{self.num_classes} (the model's classes), got {k!r}")
-        x, sizes = self.prepare(images)
-        logits = self.session.run(x, [contract.TOP1_TARGET] * x.shape[0], [contract.LOGITS_OUTPUT])[
-            contract.LOGITS_OUTPUT]
-        ranked = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        by_rank = [self._explain_prepared(x, sizes, ranked[:, rank].tolist()) for rank in range(int(k))]
-        return [[by_rank[rank][i] for rank in range(int(k))] for i in range(x.shape[0])]
+        return self.explain_request(images, TopKRequest(int(k)))
 
-    def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], targets: list[int]) -> list[Explanation]:
+    def explain_request(self, images: Any, request: TargetRequest) -> list[list[Explanation]]:
+        """For each image, one explanation per target of `request` (`camrt.targets`: a class, the
+        top-1, the top k), in its rank order; the targets come from one forward pass when the
+        request reads one."""
+        x, sizes = self.prepare(images)
+        forward = self.session.run(x, ClassTarget(), request.forward_outputs) if request.forward_outputs else {}
+        by_rank = [self._explain_prepared(x, sizes, target) for target in request.targets(forward)]
+        return [[explained[i] for explained in by_rank] for i in range(x.shape[0])]
+
+    def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation]:
         if self._fused is not None:
-            return self._explain_fused(x, targets, sizes)
-        values = self.session.run(x, targets, self.fetch)
-        from .context import ExplainContext
+            return self._explain_fused(x, target, sizes)
+        values = self.session.run(x, target, self.fetch)
+        from .execution.context import ExplainContext
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
@@ -336,16 +269,16 @@ class Explainer:
                 for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
         return self._explanations(values, heatmaps, context.extra)
 
-    def _explain_fused(self, x: np.ndarray, targets: list, sizes: list[tuple[int, int]]) -> list[Explanation]:
+    def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""
-        from . import fused
+        from .execution import heatmap_graph as fused
 
         fetch = [fused.HEATMAP_OUTPUT, contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
         heatmaps: list = [None] * len(sizes)
         values = {name: [None] * len(sizes) for name in fetch[1:]}
         for size in dict.fromkeys(sizes):
             rows = [i for i, s in enumerate(sizes) if s == size]
-            got = self.session.run(x[rows], [targets[i] for i in rows], fetch, session=self._fused,
+            got = self.session.run(x[rows], target.select(rows), fetch, session=self._fused,
                                    fixed={fused.SIZE_INPUT: np.asarray(size, dtype=np.int64)})
             for j, i in enumerate(rows):
                 heatmaps[i] = got[fused.HEATMAP_OUTPUT][j]

@@ -1,5 +1,8 @@
 """Every hook camrt calls, typed and documented. Plugins implement them with `@camrt.hookimpl`.
 
+A plugin package may declare hooks of its own through `declare_hooks` (camrt-exporters declares
+``register_gradient_rules`` in camrt_exporters/hookspecs.py); the runtime knows none of them.
+
 Hooks only register things; the work happens in plain classes that can be tested without pluggy.
 Hooks are always called with keyword arguments.
 """
@@ -17,6 +20,20 @@ if TYPE_CHECKING:
 PROJECT = "camrt"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(historic=True)
+def declare_hooks(declare: Callable[[Any], None]) -> None:
+    """Declare the hooks this plugin package owns: ``declare(hookspec_module)``.
+
+    pytest's ``pytest_addhooks``: called for every plugin as it is registered (built-ins, entry
+    points, listed modules, later registrations alike), before any plugin's implementations are
+    checked against the specifications, so the order in which entry points load does not matter.
+    ``hookspec_module`` holds functions marked with ``camrt.hookspecs.hookspec``; declaring the
+    same module again is a no-op, a hook name declared by two modules leaves the second plugin
+    out. A plugin implementing a hook that no loaded plugin declares is left out, named in
+    ``camrt.plugins.load_failures``.
+    """
 
 
 @hookspec
@@ -58,15 +75,6 @@ def register_commands(cli: "click.Group") -> None:
     """Add subcommands to the ``camrt`` CLI (camrt-exporters adds ``camrt export``).
 
     Called once when the CLI group is built.
-    """
-
-
-@hookspec
-def register_gradient_rules(register: Callable[..., None]) -> None:
-    """Register backward-rule sets for the exporter: ``register(rule_set)``.
-
-    ``rule_set`` is a ``camrt_exporters.autodiff.reverse.RuleSet`` (name, op type -> rule, base
-    set). Called by the exporter only, never on the edge runtime; duplicates raise ``PluginError``.
     """
 
 

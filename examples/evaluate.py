@@ -74,7 +74,7 @@ def main() -> int:
         print("$", " ".join(command), file=sys.stderr)
         if subprocess.run(command).returncode:
             return 1
-    from camrt.registry import build_metric_registry, build_method_registry
+    from camrt.plugins.registry import build_method_registry, build_metric_registry
 
     methods = args.methods or ",".join(build_method_registry().names())
     chosen = {build_method_registry().get(m).name for m in methods.split(",")}

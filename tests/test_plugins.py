@@ -26,9 +26,8 @@ from camrt.errors import PluginError
 from camrt.hookspecs import hookimpl
 from camrt.methods.base import Method
 from camrt.plugins import create_plugin_manager
-from camrt.registry import build_method_registry
-
-from .conftest import write_plugin_modules
+from camrt.plugins.registry import build_method_registry
+from tests.helpers import write_plugin_modules
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "camrt-example"
@@ -45,14 +44,6 @@ def example(monkeypatch):
     module = importlib.import_module("camrt_example")
     yield module
     sys.modules.pop("camrt_example", None)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("camrt_exporters")
-    from tests.runtime.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("plugins") / "tiny.camrt.onnx"))
 
 
 MODULES = {
@@ -78,6 +69,53 @@ MODULES = {
         @camrt.hookimpl
         def register_methods(register):
             raise ValueError("bad registration on purpose")
+    """,
+    # A plugin package with a hook of its own (as camrt-exporters has register_gradient_rules)...
+    "camrt_test_palette_hookspecs": """
+        from camrt.hookspecs import hookspec
+
+        @hookspec
+        def register_palettes(register):
+            \"\"\"register(name, colours)\"\"\"
+    """,
+    "camrt_test_palettes": """
+        import camrt
+        import camrt_test_palette_hookspecs
+
+        @camrt.hookimpl
+        def declare_hooks(declare):
+            declare(camrt_test_palette_hookspecs)
+
+        @camrt.hookimpl
+        def register_palettes(register):
+            register("gray", ["#000000", "#ffffff"])
+    """,
+    # ...and another plugin implementing that hook.
+    "camrt_test_palette_user": """
+        import camrt
+
+        @camrt.hookimpl
+        def register_palettes(register):
+            register("sunset", ["#ff0000", "#ffff00"])
+    """,
+    "camrt_test_misspelt": """
+        import camrt
+
+        @camrt.hookimpl
+        def register_method(register):
+            raise AssertionError("an undeclared hook is never called")
+    """,
+    "camrt_test_rule_set": """
+        import camrt
+        from camrt_exporters import RuleSet
+        from camrt_exporters.autodiff.rules import VANILLA
+
+        # vanilla's rules under this plugin's own name
+        MIRROR = RuleSet("mirror", {}, base=VANILLA)
+
+        @camrt.hookimpl
+        def register_gradient_rules(register):
+            register(MIRROR)
     """,
 }
 
@@ -127,7 +165,7 @@ def test_max_gradcam_closed_form_on_the_tiny_model(example, plugin, tiny):
     """On `conv` (pre-ReLU) the gradient of logit c is W[c, k]/(hw) masked by conv > 0: the
     weight is its spatial max, which differs from Grad-CAM's mean."""
     from camrt.explainer import Explainer
-    from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
+    from tests.helpers import HEIGHT, WIDTH, numpy_forward
 
     plugin(example, "example")
     explainer = Explainer(tiny.path, method="max-gradcam", device="cpu", layer="conv")
@@ -151,7 +189,7 @@ def test_readme_testing_examples_run(example):
     text = (EXAMPLE / "README.md").read_text()
     section = text[text.index("## Testing a plugin"):text.index("## Disabling and blocking")]
     blocks = section.split("```python\n")[1:]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block.split("```")[0], "README.md", "exec"), {})  # noqa: S102 - our own docs
 
@@ -208,6 +246,62 @@ def test_disable_autoload_env(entry_points, monkeypatch, value, loads):
     assert (pm.get_plugin("good") is not None) is loads
     assert asked == (["camrt"] if loads else [])  # disabled: the installed entry points are not even listed
     assert pm.get_plugin("camrt.methods.gradcam") is not None  # built-ins load either way
+
+
+# --- hooks declared by plugins -----------------------------------------------------------------
+
+
+def _palettes(pm) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    pm.hook.register_palettes(register=found.__setitem__)
+    return found
+
+
+@pytest.mark.parametrize("user_first", [True, False], ids=["implementer-loads-first", "declarer-loads-first"])
+def test_a_plugin_declares_a_hook_that_another_implements(entry_points, user_first):
+    """Entry points load in no set order: the hook counts as declared whichever comes first."""
+    order = [("user", "camrt_test_palette_user"), ("palettes", "camrt_test_palettes")]
+    entry_points(**dict(order if user_first else order[::-1]))
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert plugins.load_failures == {}
+    assert _palettes(pm) == {"gray": ["#000000", "#ffffff"], "sunset": ["#ff0000", "#ffff00"]}
+    declarer = pm.get_plugin("palettes")
+    pm.unregister(declarer)
+    pm.register(declarer, name="palettes")  # declaring the same module again is a no-op
+    assert set(_palettes(pm)) == {"gray", "sunset"}
+
+
+def test_a_hook_no_plugin_declares_leaves_its_implementer_out(entry_points):
+    entry_points(typo="camrt_test_misspelt", user="camrt_test_palette_user", good="camrt_test_good")
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert pm.get_plugin("typo") is None and pm.get_plugin("user") is None
+    assert plugins.load_failures["typo"] == (
+        "plugin 'typo' (camrt_test_misspelt) failed to load: it implements register_method, which no loaded plugin "
+        "declares (a misspelt hook name, or the plugin declaring it is not installed or is blocked)")
+    assert "it implements register_palettes, which no loaded plugin declares" in plugins.load_failures["user"]
+    assert set(plugins.load_failures) == {"typo", "user"}
+    assert build_method_registry(pm).plugin_of("test-good") == "good"
+
+
+def test_gradient_rule_plugin_loaded_before_the_exporter_registers_its_rule_set(entry_points, exporter):
+    """register_gradient_rules is declared by camrt-exporters, not the runtime: a rule-set plugin
+    whose entry point comes first still loads, and the exporter sees its rule set."""
+    from camrt_exporters import rule_sets
+    from camrt_exporters.autodiff.rules import BUILTIN_RULE_SETS
+
+    entry_points(rules="camrt_test_rule_set", exporters="camrt_exporters.plugin")
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert plugins.load_failures == {}
+    found = rule_sets(pm)
+    assert found["mirror"] is sys.modules["camrt_test_rule_set"].MIRROR
+    assert {name: found[name] for name in ("vanilla", "guided", "deconvnet")} == {r.name: r for r in BUILTIN_RULE_SETS}
+
+
+def test_gradient_rule_plugin_without_the_exporter_is_left_out_naming_the_hook(entry_points, exporter):
+    entry_points(rules="camrt_test_rule_set")
+    pm = create_plugin_manager(load_entrypoints=True, blocked=set())
+    assert pm.get_plugin("rules") is None
+    assert "it implements register_gradient_rules, which no loaded plugin declares" in plugins.load_failures["rules"]
 
 
 # --- the method boundary in the Explainer -------------------------------------------------------

@@ -33,7 +33,7 @@ class Requirements:
     gradients: bool = False
     input_gradient: str | None = None
     #: The method runs further passes through the file (perturbed inputs: Score-CAM, SmoothGrad,
-    #: Integrated Gradients) through ``outputs.context`` (`camrt.context.ExplainContext`).
+    #: Integrated Gradients) through ``outputs.context`` (`camrt.execution.context.ExplainContext`).
     extra_passes: bool = False
     #: The method runs the layer's tail graph (activations -> logits: Ablation-CAM); the runtime
     #: builds it when the file is opened, so a layer without a tail fails early.
@@ -44,10 +44,20 @@ class Requirements:
     #: ``camrt/bias_grad/<node>`` of every bias-carrying Conv / BatchNormalization node, listed in
     #: the file's metadata (FullGrad; ``camrt export --fullgrad``).
     bias_gradients: bool = False
+    #: ``camrt/attn/<map>`` / ``camrt/attn_grad/<map>`` / ``camrt/attn_layer_grad/<map>`` of every
+    #: attention map the file's metadata lists (``camrt export --attention``; the last one with
+    #: ``--attention-layer-scores``).
+    attention: bool = False
+    attention_gradients: bool = False
+    attention_layer_gradients: bool = False
 
     @property
     def uses_layers(self) -> bool:
         return self.activations or self.gradients or self.tail or self.cam_weights
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.attention or self.attention_gradients or self.attention_layer_gradients
 
     def outputs(self, layers: Sequence[str], info: contract.ContractInfo | None = None) -> list[str]:
         """The output names to fetch for `layers` (bias-gradient terms: those `info` lists)."""
@@ -63,21 +73,24 @@ class Requirements:
             names.append(contract.input_gradient_output(self.input_gradient))
         if self.bias_gradients and info is not None:
             names += [contract.bias_gradient_output(node) for node in info.bias_terms or ()]
+        if info is not None and info.attention is not None:
+            for name in info.attention.maps:
+                names += self.attention_outputs(name)
         return names
 
-    def supported_by(self, info: contract.ContractInfo) -> bool:
-        """Whether a file with this metadata can serve the method (at its default layer)."""
-        layer = info.default_layer or (info.layers[0] if info.layers else None)
-        return ((not self.uses_layers or layer is not None)
-                and (self.input_gradient is None or self.input_gradient in info.rule_sets)
-                and (not self.cam_weights or layer in (info.cam_layers or ()))
-                and (not self.bias_gradients or bool(info.bias_terms)))
+    def attention_outputs(self, name: str) -> list[str]:
+        """The outputs of attention map `name` the method reads."""
+        return [output(name) for output, wanted in (
+            (contract.attention_output, self.attention),
+            (contract.attention_gradient_output, self.attention_gradients),
+            (contract.attention_layer_gradient_output, self.attention_layer_gradients)) if wanted]
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; the optional ones (``extra_passes``, ``tail``, ``cam_weights``,
-        ``bias_gradients``) only when set (single-pass methods keep the three-key form)."""
+        ``bias_gradients``, the attention ones) only when set (single-pass methods keep the three-key form)."""
         data = dataclasses.asdict(self)
-        for key in ("extra_passes", "tail", "cam_weights", "bias_gradients"):
+        for key in ("extra_passes", "tail", "cam_weights", "bias_gradients", "attention", "attention_gradients",
+                    "attention_layer_gradients"):
             if not data[key]:
                 del data[key]
         return data
@@ -90,7 +103,7 @@ class GraphOutputs:
     values: Mapping[str, np.ndarray]
     #: The preprocessed model input, NCHW float32.
     inputs: np.ndarray
-    #: Further passes through the same file (`camrt.context.ExplainContext`); set by the Explainer.
+    #: Further passes through the same file (`camrt.execution.context.ExplainContext`); set by the Explainer.
     context: Any = None
 
     def require_context(self, method: str):
@@ -253,7 +266,7 @@ class Method(ABC):
         return "mean"
 
     def session_weights_graph(self):
-        """For heatmaps made inside the session (`camrt.fused`): a function
+        """For heatmaps made inside the session (`camrt.execution.heatmap_graph`): a function
         ``(builder, activation, gradient) -> name of the [B, K, 1, 1] channel weights`` that builds
         this method's weights as ONNX nodes, or None when it cannot with its options."""
         return None
@@ -353,7 +366,7 @@ class ActivationWeightingMethod(ChannelWeightingMethod):
     requires: ClassVar[Requirements] = Requirements(activations=True, gradients=True)
 
     #: Optional: the same weights as ONNX nodes, for heatmaps made inside the session
-    #: (`camrt.fused`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
+    #: (`camrt.execution.heatmap_graph`): a method ``weights_graph(builder, activation, gradient) -> name of [B, K, 1, 1]``.
     weights_graph = None
 
     def session_weights_graph(self):

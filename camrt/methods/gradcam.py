@@ -26,7 +26,7 @@ class GradCAM(ActivationWeightingMethod):
         return gradients.mean(axis=(2, 3), dtype=np.float32)
 
     def weights_graph(self, builder, activation: str, gradient: str) -> str:
-        """Eq. 1 as an ONNX node (camrt.fused): ReduceMean over the spatial axes, [B, K, 1, 1]."""
+        """Eq. 1 as an ONNX node (camrt.execution.heatmap_graph): ReduceMean over the spatial axes, [B, K, 1, 1]."""
         return builder.reduce("ReduceMean", gradient, [2, 3])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..hookspecs import hookimpl
 from ..postprocess import check_fusion
-from .base import ElementwiseWeightingMethod, EigenSmoothOptions
+from .base import EigenSmoothOptions, ElementwiseWeightingMethod
 
 
 class LayerCAM(ElementwiseWeightingMethod):

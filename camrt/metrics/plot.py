@@ -99,7 +99,7 @@ def plot_overlays(path: str, image: np.ndarray, heatmaps: Mapping[str, np.ndarra
     """image: HWC uint8 RGB; heatmaps: method -> [H, W] in [0, 1] (any size: resized to the tiles)."""
     import cv2
 
-    from ..render import overlay
+    from ..imaging.render import overlay
 
     if not heatmaps:
         raise ValueError("no heatmaps to plot")
@@ -118,7 +118,7 @@ def plot_overlays(path: str, image: np.ndarray, heatmaps: Mapping[str, np.ndarra
 def _write_png(path: str, canvas: np.ndarray) -> None:
     import cv2
 
-    from ..render import write_atomic
+    from ..imaging.render import write_atomic
 
     ok, encoded = cv2.imencode(".png", canvas)
     if not ok:

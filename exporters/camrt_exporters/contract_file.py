@@ -11,11 +11,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExportError
-from camrt.layers import spatial_candidates, tensor_layouts
+from camrt.errors import first_line
+from camrt.modelfile.layers import spatial_candidates, tensor_layouts
 
-from .autodiff.graph import GraphIndex, attribute, run_for
+from .autodiff.graph import GraphIndex, attribute, cpu_session, run_for
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
+from .errors import ExportError
 
 MIN_OPSET = 16  # ScatterElements(reduction="add") used by the MaxPool rule
 
@@ -68,7 +69,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ExportError(
             f"the model uses opset {opset}; camrt needs >= {MIN_OPSET} and automatic conversion to opset 17 "
-            f"failed ({_first_line(exc)}). Re-export the model with opset 17 or newer."
+            f"failed ({first_line(exc)}). Re-export the model with opset 17 or newer."
         ) from exc
     if opset < 11:
         _keep_asymmetric_resize(converted)
@@ -88,9 +89,6 @@ def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
             else:
                 node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 #: Ops never folded: their value changes from run to run.
@@ -206,22 +204,17 @@ def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
     """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
-    import onnxruntime as ort
-
     graph = helper.make_graph(
         [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
         [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
     )
     folding = helper.make_model(graph, opset_imports=list(model.opset_import))
     folding.ir_version = model.ir_version
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(folding.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, session.run(wanted, {})))
+        return dict(zip(wanted, cpu_session(folding).run(wanted, {})))
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
-                          f"failed in onnxruntime: {_first_line(exc)}") from None
+                          f"failed in onnxruntime: {first_line(exc)}") from None
 
 
 def _behind_identities(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto | None]:
@@ -247,9 +240,12 @@ def _looks_like_class_scores(index: GraphIndex, score: ScoreChoice) -> bool:
 
 
 def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool = False,
-                 log: Callable[[str], None] = lambda message: None) -> ScoreChoice:
+                 log: Callable[[str], None] = lambda message: None, seeded: bool = False) -> ScoreChoice:
     """The score of model output `output`, or, when None, of the output that looks like class scores:
-    the only [B, C] output, or the only one behind a Softmax/Sigmoid (differentiated before it)."""
+    the only [B, C] output, or the only one behind a Softmax/Sigmoid (differentiated before it).
+
+    seeded: the file gets a seed entry (`--seed`), which differentiates a score tensor of any rank >= 2
+    (segmentation logits [B, C, H, W], detection heads [B, 4 + C, N]); otherwise it must be [B, C]."""
     names = [o.name for o in index.graph.output]
     if output is not None and output not in names:
         raise ExportError(f"--score-output {output!r} is not an output of the model; its outputs are {names}")
@@ -268,10 +264,14 @@ def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool
         output = chosen[0].output
     score = _score_of(index, output or names[0], use_softmax_output)
     rank = index.rank(score.tensor)
-    if rank != 2:
+    if seeded and (rank is None or rank < 2):
+        raise ExportError(f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; "
+                          "a seeded file explains a [batch, ...] tensor of rank >= 2")
+    if not seeded and rank != 2:
         raise ExportError(
-            f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; camrt explains "
-            "classifiers whose output is [batch, num_classes]."
+            f"the score tensor {score.tensor!r} (behind output {score.output!r}) has rank {rank}; without a seed "
+            "camrt explains classifiers whose output is [batch, num_classes]. Export with --seed to explain "
+            "any score tensor (segmentation logits, detection heads) through a seed."
         )
     return score
 
@@ -304,7 +304,7 @@ def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> No
 
 def layer_candidates(index: GraphIndex, image_input: str, score: str, image_layout: str) -> list[str]:
     """NCHW tensors with spatial extent on a path from the input to the score, in graph order
-    (the rule lives in camrt.layers, shared with `camrt inspect`)."""
+    (the rule lives in camrt.modelfile.layers, shared with `camrt inspect`)."""
     on_path = {t for t in active_tensors(index, score, [image_input]) if index.is_float(t)}  # not quantized ones
     return spatial_candidates(index.nodes, index.shape, on_path, tensor_layouts(index.nodes, image_input, image_layout))
 
@@ -435,6 +435,9 @@ def build_contract_model(
     metadata: dict[str, str],
     keep_outputs: Sequence[str],
     fullgrad: bool = False,
+    attention: dict[str, str] | None = None,
+    layer_scores: dict[str, str] | None = None,
+    seeded: bool = False,
     compact: bool = False,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
@@ -442,13 +445,18 @@ def build_contract_model(
     `layers` maps layer names (as the user gave them) to tensor names in `model`. Layers followed by
     global average pooling and a linear classifier also get CAM's class weights; `fullgrad` adds
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
-    with the lists of both. `compact`: the gradient subgraphs share the forward's weights (see RuleContext).
+    with the lists of both. `attention` maps attention-map names to tensors (Softmax outputs): each
+    is exposed with its gradient (`camrt_exporters.attention`; the caller writes META_ATTENTION);
+    `layer_scores` maps some of them to a [B, classes] tensor s^l (LeGrad's layer score) whose
+    target's gradient with respect to the map is exposed too. `seeded` names the backward pass's
+    seed `contract.SEED_TENSOR` (the entry the runtime feeds any cotangent through) and records it
+    in the metadata. `compact`: the gradient subgraphs share the forward's weights (see RuleContext).
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
     num_classes = index.shape(score.tensor)[1]
     if not isinstance(num_classes, int):
-        raise ExportError(f"the score tensor {score.tensor!r} needs a static number of classes")
+        raise ExportError(f"the score tensor {score.tensor!r} needs a static number of classes (axis 1)")
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
 
@@ -456,24 +464,12 @@ def build_contract_model(
         inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    top1 = "camrt_seed/top1"
-    nodes.append(helper.make_node("ArgMax", [score.tensor], [top1], name="camrt_seed/argmax", axis=1, keepdims=0))
-    is_top1 = "camrt_seed/is_top1"
-    nodes.append(helper.make_node("Less", [contract.TARGET_INPUT, const("camrt_seed/zero", np.int64(0))],
-                                  [is_top1], name="camrt_seed/less"))
-    nodes.append(helper.make_node("Where", [is_top1, top1, contract.TARGET_INPUT],
-                                  [contract.TARGET_INDEX_OUTPUT], name="camrt_seed/where"))
-    seed = "camrt_seed/one_hot"
-    score_type = index.dtypes.get(score.tensor, TensorProto.FLOAT)
-    np_type = helper.tensor_dtype_to_np_dtype(score_type)
-    nodes.append(helper.make_node(
-        "OneHot",
-        [contract.TARGET_INDEX_OUTPUT, const("camrt_seed/depth", np.int64(num_classes)),
-         const("camrt_seed/values", np.array([0, 1], dtype=np_type))],
-        [seed], name="camrt_seed/onehot", axis=-1,
-    ))
+    seed = contract.SEED_TENSOR if seeded else "camrt_seed/one_hot"
+    nodes += _target_seed_nodes(index, score.tensor, num_classes, seed, const)
 
     patches = ForwardPatches()
+    preprocessing = (contract.Preprocessing.from_json(metadata[contract.META_PREPROCESSING])
+                     if contract.META_PREPROCESSING in metadata else None)
     outputs: list[onnx.ValueInfoProto] = [o for o in index.graph.output if o.name in keep_outputs]
 
     def expose(contract_name: str, tensor: str, like: str | None = None) -> None:
@@ -486,6 +482,9 @@ def build_contract_model(
     outputs.append(_value_info(contract.TARGET_INDEX_OUTPUT, TensorProto.INT64, [batch]))
     for layer, tensor in layers.items():
         expose(contract.activation_output(layer), tensor)
+    attention = attention or {}
+    for name, tensor in attention.items():
+        expose(contract.attention_output(name), tensor)
     cam_layers = []
     for layer, tensor in layers.items():
         head = find_cam_head(index, tensor, score.tensor)
@@ -500,7 +499,7 @@ def build_contract_model(
         raise ExportError("FullGrad needs the vanilla input gradient: add 'vanilla' to the rule sets")
     bias_terms = find_bias_terms(index, score.tensor, image_input) if fullgrad else []
     passes: list[tuple[RuleSet, list[str]]] = []
-    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms)]))
+    vanilla_wrt = list(dict.fromkeys([*layers.values(), *(term.output for term in bias_terms), *attention.values()]))
     if any(r.name == vanilla.name for r in input_rule_sets):
         vanilla_wrt.append(image_input)
     if vanilla_wrt:
@@ -508,12 +507,14 @@ def build_contract_model(
     passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
         backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
-                                 compact=compact)
+                                 image_input=image_input, preprocessing=preprocessing, compact=compact)
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:
             for layer, tensor in layers.items():
                 expose(contract.gradient_output(layer), backward.gradients[tensor], like=tensor)
+            for name, tensor in attention.items():
+                expose(contract.attention_gradient_output(name), backward.gradients[tensor], like=tensor)
             for term in bias_terms:
                 name = contract.bias_gradient_output(term.node)
                 bias = const(name + "/bias", term.bias.reshape(1, -1, 1, 1))
@@ -522,6 +523,12 @@ def build_contract_model(
                                            index.shape(term.output)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
+    for i, (name, layer_score) in enumerate((layer_scores or {}).items()):
+        tensor = attention[name]
+        backward = differentiate(index, layer_score, seed, [tensor], vanilla, patches, prefix=f"camrt_bwd/layer_score_{i}")
+        nodes += backward.nodes
+        inits += backward.initializers
+        expose(contract.attention_layer_gradient_output(name), backward.gradients[tensor], like=tensor)
 
     graph = index.graph
     new_graph = helper.make_graph(
@@ -535,6 +542,9 @@ def build_contract_model(
     result = helper.make_model(new_graph, opset_imports=list(model.opset_import), producer_name="camrt-exporters")
     result.ir_version = model.ir_version
     metadata = {**metadata, contract.META_CAM_LAYERS: json.dumps(cam_layers)}
+    if seeded:
+        metadata[contract.META_SEED] = json.dumps({"tensor": contract.SEED_TENSOR,
+                                                   "shape": list(index.shape(score.tensor))})
     if fullgrad:
         metadata[contract.META_BIAS_TERMS] = json.dumps([term.node for term in bias_terms])
     for key, value in metadata.items():
@@ -544,6 +554,45 @@ def build_contract_model(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the generated camrt graph is not valid ONNX: {exc}") from exc
     return result
+
+
+def _target_seed_nodes(index: GraphIndex, score: str, num_classes: int, seed: str, const) -> list[onnx.NodeProto]:
+    """The target path: `camrt/target_index` (TOP1_TARGET resolved by ArgMax over the class axis 1)
+    and `seed`, its one-hot shaped like the score. For scores of rank r > 2 the class axis is summed
+    over the other axes before the ArgMax and the one-hot is broadcast over them, so that L is the
+    class channel's sum (a segmentation class over the whole image)."""
+    rank = index.rank(score)
+    np_type = helper.tensor_dtype_to_np_dtype(index.dtypes.get(score, TensorProto.FLOAT))
+    trailing = list(range(2, rank))
+    nodes = []
+    per_class = score
+    if trailing:
+        per_class = "camrt_seed/class_totals"
+        nodes.append(helper.make_node("ReduceSum", [score, const("camrt_seed/trailing_axes", np.array(trailing))],
+                                      [per_class], name="camrt_seed/class_totals", keepdims=0))
+    top1 = "camrt_seed/top1"
+    nodes.append(helper.make_node("ArgMax", [per_class], [top1], name="camrt_seed/argmax", axis=1, keepdims=0))
+    is_top1 = "camrt_seed/is_top1"
+    nodes.append(helper.make_node("Less", [contract.TARGET_INPUT, const("camrt_seed/zero", np.int64(0))],
+                                  [is_top1], name="camrt_seed/less"))
+    nodes.append(helper.make_node("Where", [is_top1, top1, contract.TARGET_INPUT],
+                                  [contract.TARGET_INDEX_OUTPUT], name="camrt_seed/where"))
+    one_hot = seed if not trailing else "camrt_seed/one_hot_rows"
+    nodes.append(helper.make_node(
+        "OneHot",
+        [contract.TARGET_INDEX_OUTPUT, const("camrt_seed/depth", np.int64(num_classes)),
+         const("camrt_seed/values", np.array([0, 1], dtype=np_type))],
+        [one_hot], name="camrt_seed/onehot", axis=-1,
+    ))
+    if trailing:
+        nodes += [
+            helper.make_node("Unsqueeze", [one_hot, const("camrt_seed/unsqueeze_axes", np.array(trailing))],
+                             ["camrt_seed/one_hot_unsqueezed"], name="camrt_seed/unsqueeze"),
+            helper.make_node("Shape", [score], ["camrt_seed/score_shape"], name="camrt_seed/score_shape"),
+            helper.make_node("Expand", ["camrt_seed/one_hot_unsqueezed", "camrt_seed/score_shape"], [seed],
+                             name="camrt_seed/expand"),
+        ]
+    return nodes
 
 
 def _cam_weight_nodes(head: CamHead, target: str, output: str, const) -> list[onnx.NodeProto]:

@@ -9,13 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import pluggy
 
 from camrt import contract
-from camrt.errors import ExportError, PluginError
-from camrt.layers import choose_default_layer
+from camrt.errors import PluginError
+from camrt.modelfile.layers import choose_default_layer
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
+from .attention import onnx_attention_maps
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
 from .contract_file import (
@@ -26,25 +28,31 @@ from .contract_file import (
     prepare,
     require_batch_carried,
 )
+from .errors import ExportError
 from .layouts import image_layout, refuse_non_nchw_layers
+from .token_layout import infer_layer_layouts, sequence_layout
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
 IMAGENET_LABELS = "imagenet"
 
 
-def rule_sets() -> dict[str, RuleSet]:
-    """Every rule set registered through the `register_gradient_rules` hook (built-ins included)."""
-    pm = get_plugin_manager()
-    ensure_registered(pm, "camrt_exporters.plugin")
+def rule_sets(pm: pluggy.PluginManager | None = None) -> dict[str, RuleSet]:
+    """Every rule set registered through the `register_gradient_rules` hook of `pm` (default: the
+    process-wide manager), built-ins included; none when the exporter's plugin is blocked."""
+    pm = pm or get_plugin_manager()
+    ensure_registered(pm, "camrt_exporters.plugin")  # declares the hook unless blocked
     found: dict[str, RuleSet] = {}
+    hook = getattr(pm.hook, "register_gradient_rules", None)
+    if hook is None:
+        return found
 
     def register(rule_set: RuleSet) -> None:
         if rule_set.name in found:
             raise PluginError(f"rule set {rule_set.name!r} registered twice; registered: {sorted(found)}")
         found[rule_set.name] = rule_set
 
-    pm.hook.register_gradient_rules(register=register)
+    hook(register=register)
     return found
 
 
@@ -96,11 +104,24 @@ def export_torch(
     source_name: str = "",
     opset: int | None = None,
     fullgrad: bool = False,
+    attention: Sequence[str] | None = None,
+    attention_tokens: contract.LayerLayout | None = None,
+    attention_layer_scores: bool = False,
+    seed: bool = False,
+    score_output: str | None = None,
     compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
 
+    attention: expose attention maps and their gradients (`camrt_exporters.attention`): module or
+    map names, or empty for every attention softmax over the token sequence; None: none.
+    attention_tokens: the token sequence the maps attend over (grid and extra tokens); None: the one
+    the graph establishes (`token_layout`). attention_layer_scores: also the gradient of each map's
+    LeGrad layer score (`attention.layer_score_projection`; timm and torchvision ViTs).
+    seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2: segmentation
+    logits, detection heads, embeddings). score_output: the key (dict) or index (tuple) of the
+    explained output when the model returns several (torchvision's segmentation models: "out").
     compact: the input-gradient subgraphs share the forward's Conv weights (ConvTranspose) instead of
     storing flipped copies: a smaller file, a slower backward (docs/edge.md).
 
@@ -109,7 +130,7 @@ def export_torch(
     graph is then exported unoptimised (BatchNormalization nodes kept, as pytorch-grad-cam hooks
     BatchNorm2d modules); the file runs somewhat slower for every method.
     """
-    from .torch_frontend import export_forward, parse_layer, spatial_candidates
+    from .torch_frontend import attention_map_names, export_forward, parse_layer, spatial_candidates
 
     model = model.eval()
     names = list(layers)
@@ -118,10 +139,17 @@ def export_torch(
         log(f"default layer: {names[0]} (the last output with spatial extent)")
     refs = [parse_layer(model, n) for n in names]
     vanilla, input_rule_sets = resolve_rule_sets(rules)
-    forward, logits, tensors = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad)
-    forward = prepare(forward)
+    if attention_layer_scores and attention is None:
+        raise ExportError("--attention-layer-scores needs --attention (the maps whose gradients it adds)")
+    maps = attention_map_names(model, input_size, attention) if attention is not None else []
+    exported = export_forward(model, refs, input_size, opset, fold_batchnorm=not fullgrad, maps=maps,
+                              layer_scores=attention_layer_scores, score_output=score_output)
+    forward, logits, tensors = prepare(exported.model), exported.logits, exported.layers
     index = GraphIndex(forward)
-    score = choose_score(index, logits)
+    score = choose_score(index, logits, seeded=seed)
+    map_tensors, attention_tokens = _matching_maps(index, exported.maps, attention, forward.graph.input[0].name,
+                                                   contract.LAYOUT_NCHW, attention_tokens, log)
+    layer_scores = {name: exported.layer_scores[name] for name in map_tensors if name in exported.layer_scores}
     labels = resolve_labels(labels)
     _check_labels(labels, index.shape(score.tensor)[1])
     preprocessing = preprocessing or contract.Preprocessing(*input_size)
@@ -130,13 +158,58 @@ def export_torch(
         source={"framework": "torch", "model": source_name or type(model).__name__}, score=score,
         image_input=forward.graph.input[0].name, exporter_version=__version__,
     )
+    _add_attention_metadata(meta, map_tensors, attention_tokens, bool(layer_scores))
     result = build_contract_model(
         forward, image_input=forward.graph.input[0].name, score=score, layers=tensors,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, compact=compact,
+        metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors, layer_scores=layer_scores,
+        seeded=seed, compact=compact,
     )
-    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size)
+    checks = validate_against_torch(model, result, refs, tensors, list(rules), forward.graph.input[0].name, input_size,
+                                    maps=list(map_tensors), layer_scores=bool(layer_scores), score_output=score_output)
     return result, checks
+
+
+def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str] | None, image_input: str,
+                   image_layout: str, tokens: contract.LayerLayout | None,
+                   log: Callable[[str], None]) -> tuple[dict[str, str], contract.LayerLayout | None]:
+    """(the attention maps over the token sequence, its layout). The layout is `tokens` when given
+    (--attention-tokens), else the one the graph establishes for sequences of the maps' length T
+    (`token_layout`); named maps (`wanted`) must all attend over it, else the maps that do are kept."""
+    if wanted is None:
+        return {}, None
+    lengths = {name: index.shape(tensor)[2] for name, tensor in maps.items()}
+    if tokens is None:
+        layouts = infer_layer_layouts(index.nodes, index.shape, image_input, image_layout)
+        found = {layout for layout in (sequence_layout(layouts, length) for length in set(lengths.values())) if layout}
+        if len(found) != 1:
+            what = "none of them" if not found else f"several ({', '.join(str(f.to_dict()) for f in found)})"
+            raise ExportError(f"--attention: the maps attend over {sorted(set(lengths.values()))} tokens and the graph "
+                              f"establishes the patch grid and extra tokens of {what}; give them with "
+                              "--attention-tokens H,W[,EXTRA_POSITION...] (e.g. 14,14,0: a 14x14 patch grid and a "
+                              "class token at position 0)")
+        tokens = found.pop()
+    count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
+    if len(set(tokens.extra_tokens)) != len(tokens.extra_tokens) or any(p >= count for p in tokens.extra_tokens):
+        raise ExportError(f"--attention-tokens: the extra-token positions {list(tokens.extra_tokens)} must be distinct "
+                          f"and below the {count} tokens")
+    other = [f"{name} (T = {length})" for name, length in lengths.items() if length != count]
+    if other and wanted:
+        raise ExportError(f"--attention: map(s) {', '.join(other)} do not attend over the {count} tokens of the "
+                          f"token grid {tokens.to_dict()}")
+    matching = {name: tensor for name, tensor in maps.items() if lengths[name] == count}
+    if not matching:
+        raise ExportError(f"--attention: no attention map attends over the {count} tokens of the token grid "
+                          f"{tokens.to_dict()} (found: {', '.join(other)})")
+    log(f"attention maps: {', '.join(matching)} over {tokens.grid[0]}x{tokens.grid[1]} patches and extra tokens at "
+        f"{list(tokens.extra_tokens)}")
+    return matching, tokens
+
+
+def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None,
+                            layer_scores: bool = False) -> None:
+    if maps:
+        meta[contract.META_ATTENTION] = contract.Attention(tuple(maps), tokens, layer_scores).to_json()
 
 
 def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProto:
@@ -282,6 +355,9 @@ def export_onnx(
     use_softmax_output: bool = False,
     fullgrad: bool = False,
     input_layout: str | None = None,
+    attention: Sequence[str] | None = None,
+    attention_tokens: contract.LayerLayout | None = None,
+    seed: bool = False,
     compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
@@ -292,7 +368,10 @@ def export_onnx(
     one that looks like class scores, see `choose_score`).
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
-    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). compact: as export_torch.
+    layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). attention,
+    attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map names.
+    seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2, see `export_torch`).
+    compact: as for `export_torch`.
 
     QDQ int8 models are differentiated straight through their QuantizeLinear/DequantizeLinear pairs
     (autodiff/rules/quantize.py), float16 models in float16 (the image input keeps the model's type)."""
@@ -306,8 +385,11 @@ def export_onnx(
     _forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
-    score = choose_score(index, output, use_softmax_output, log)
+    score = choose_score(index, output, use_softmax_output, log, seeded=seed)
     require_batch_carried(index, image.name, score.tensor)
+    map_tensors, attention_tokens = ({}, None) if attention is None else _matching_maps(
+        index, onnx_attention_maps(index, image.name, score.tensor, attention), attention, image.name, layout,
+        attention_tokens, log)
     names = list(layers)
     for name in names:
         if name not in index.shapes and name not in index.producer:
@@ -329,13 +411,16 @@ def export_onnx(
         source={"framework": "onnx", "model": Path(path).name}, score=score, image_input=image.name,
         exporter_version=__version__,
     )
+    _add_attention_metadata(meta, map_tensors, attention_tokens)
     result = build_contract_model(
         forward, image_input=image.name, score=score, layers={n: n for n in names},
         input_rule_sets=input_rule_sets, vanilla=vanilla,
-        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad, compact=compact,
+        metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
+        attention=map_tensors, seeded=seed, compact=compact,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
-                                         tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]))
+                                         tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]),
+                                         maps=map_tensors)
     return result, checks
 
 

@@ -1,8 +1,8 @@
 """Layouts of an ONNX source: its image input (NCHW, or NHWC as Keras/tf2onnx files have it) and
-the layers it may explain (established NCHW only; the rule is camrt.layers.tensor_layouts).
+the layers it may explain (established NCHW only; the rule is camrt.modelfile.layers.tensor_layouts).
 
 camrt's runtime hands every method NCHW batches; an NHWC file records `layout: nhwc` in its
-preprocessing metadata and the runtime transposes at the model's input (camrt.session).
+preprocessing metadata and the runtime transposes at the model's input (camrt.execution.session).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from camrt import contract
-from camrt.errors import ExportError
-from camrt.layers import Shape, guess_image_layout, layer_layout_problem, tensor_layouts
+from camrt.modelfile.layers import Shape, guess_image_layout, layer_layout_problem, tensor_layouts
 
 from .autodiff.graph import GraphIndex
+from .errors import ExportError
 
 
 def image_layout(name: str, shape: Shape, given: str | None = None) -> str:

@@ -1,10 +1,18 @@
-"""camrt plugin of the exporters: the built-in rule sets and the `camrt export` command."""
+"""camrt plugin of the exporters: the exporter's hooks, the built-in rule sets and the `camrt export`
+command. Loaded through the entry point of group ``camrt``; it imports neither onnx nor torch."""
 
 from __future__ import annotations
 
 import click
 
 from camrt.hookspecs import hookimpl
+
+
+@hookimpl
+def declare_hooks(declare):
+    from . import hookspecs
+
+    declare(hookspecs)
 
 
 @hookimpl
@@ -46,6 +54,22 @@ def _preprocessing(height: int, width: int, channels: int, mean: str | None, std
     )
 
 
+def _token_layout(text: str | None):
+    """--attention-tokens H,W[,EXTRA...] as a tokens LayerLayout."""
+    from camrt import contract
+
+    if text is None:
+        return None
+    try:
+        numbers = [int(v) for v in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) < 2 or min(numbers[:2]) < 1 or any(n < 0 for n in numbers[2:]):
+        raise click.BadParameter(f"expected H,W[,EXTRA_POSITION...] (positive grid sides, token positions), got {text!r}",
+                                 param_hint="--attention-tokens")
+    return contract.LayerLayout(contract.LAYOUT_TOKENS, (numbers[0], numbers[1]), tuple(numbers[2:]))
+
+
 EXPORT_EPILOG = """\b
 Examples:
   camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
@@ -60,7 +84,8 @@ def register_commands(cli):
     @click.argument("source")
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The camrt .onnx file to write.")
     @click.option("--layer", "layers", multiple=True, help="Layer to expose: a dotted module name (torch) or a tensor name (onnx). Repeatable. Default: the last tensor with spatial extent.")
-    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet).")
+    @click.option("--rules", default="vanilla,guided", show_default=True, help="Rule sets of the input gradients to add (vanilla, guided, deconvnet; plugins add more, "
+              "e.g. camrt-lrp's lrp-epsilon-plus-flat).")
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state-dict file to load into a torch model.")
     @click.option("--input-size", help="H,W of the model input (torch default 224,224; onnx: from the model, "
                   "required when its height/width are open, e.g. symbolic or -1).")
@@ -72,8 +97,12 @@ def register_commands(cli):
     @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
     @click.option("--labels", help="Class names: a text file with one per line, or 'imagenet'.")
     @click.option("--input-name", help="ONNX source: the image input when the model has several inputs.")
-    @click.option("--score-output", help="ONNX source: the model output to explain (default: the only [batch, "
-                  "classes] output, or the only one behind a Softmax/Sigmoid).")
+    @click.option("--score-output", help="The model output to explain. ONNX source: an output name (default: the "
+                  "only [batch, classes] output, or the only one behind a Softmax/Sigmoid); torch source returning "
+                  "a dict or tuple: its key or index (torchvision segmentation: out).")
+    @click.option("--seed", "seed", is_flag=True, help="Add the seed entry camrt/seed: the file then differentiates "
+                  "<seed, score> for any seed the runtime feeds, and may explain a score of any rank >= 2 "
+                  "(segmentation logits [B,C,H,W], raw detection heads [B,4+C,N], embeddings [B,D]).")
     @click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX source: the image input's "
                   "layout (default: told by where its 1, 3 or 4 channels are; Keras/tf2onnx files are nhwc).")
     @click.option("--softmax-output", is_flag=True, help="Differentiate the Softmax/Sigmoid output instead of the "
@@ -81,10 +110,23 @@ def register_commands(cli):
     @click.option("--opset", type=int, help="ONNX opset for torch sources.")
     @click.option("--fullgrad", is_flag=True, help="Add FullGrad's bias-gradient terms (every Conv bias and "
                   "BatchNorm; torch sources keep BatchNorm unfused). Implies the vanilla input gradient.")
+    @click.option("--attention", "attention", is_flag=True, help="Add the attention maps (every Softmax over the last "
+                  "axis with an output [batch, heads, T, T] over the token sequence) and their gradients, for "
+                  "attention-rollout and generic-attention.")
+    @click.option("--attention-map", "attention_maps", multiple=True, metavar="NAME", help="Only these attention "
+                  "maps: a module name (torch; its maps) or a Softmax output tensor (onnx). Repeatable; implies "
+                  "--attention.")
+    @click.option("--attention-tokens", metavar="H,W[,EXTRA...]", help="The token sequence of the attention maps: "
+                  "the patch grid and the positions of the extra tokens (class, distillation, registers), e.g. "
+                  "14,14,0 (default: established from the graph).")
+    @click.option("--attention-layer-scores", is_flag=True, help="torch sources: also the gradient of each attention "
+                  "map's layer score (the model's final norm and head applied to the mean token of the map's "
+                  "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
     @click.option("--compact", is_flag=True, help="Input gradients share the model's Conv weights (ConvTranspose) "
                   "instead of storing flipped copies: a smaller file, a slower backward (docs/edge.md).")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
-               input_name, score_output, input_layout, softmax_output, opset, fullgrad, compact):
+               input_name, score_output, seed, input_layout, softmax_output, opset, fullgrad, attention,
+               attention_maps, attention_tokens, attention_layer_scores, compact):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -105,12 +147,16 @@ def register_commands(cli):
         if is_onnx and torch_only:
             raise click.UsageError(f"{' and '.join(torch_only)} apply to torch sources; {source} is an ONNX file "
                                    "(its weights are in it; its opset is kept, raised to 16 when older)")
-        if not is_onnx and score_output:
-            raise click.UsageError("--score-output applies to ONNX sources; a torch model's output is its logits")
+        if is_onnx and attention_layer_scores:
+            raise click.UsageError(f"--attention-layer-scores applies to torch sources; {source} is an ONNX file (the "
+                                   "layer scores apply the model's head to each block's tokens, built from its modules)")
         rule_names = [r.strip() for r in rules.split(",") if r.strip()]
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
+        wants_attention = attention or attention_maps or attention_layer_scores
+        attention_options = {"attention": list(attention_maps) if wants_attention else None,
+                             "attention_tokens": _token_layout(attention_tokens)}
         if is_onnx:
             preprocessing = None
             if mean or std or scale is not None or channel_order != "rgb":
@@ -120,15 +166,17 @@ def register_commands(cli):
             model, checks = export_onnx(source, layers=layers, rules=rule_names, input_size=size,
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
-                                        fullgrad=fullgrad, input_layout=input_layout, compact=compact, log=log)
+                                        fullgrad=fullgrad, input_layout=input_layout, seed=seed, compact=compact,
+                                        log=log, **attention_options)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
             module = load_model(source, weights)
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
-                                         source_name=source, opset=opset, fullgrad=fullgrad, compact=compact,
-                                         log=log)
+                                         source_name=source, opset=opset, fullgrad=fullgrad, seed=seed,
+                                         score_output=score_output, compact=compact, log=log,
+                                         attention_layer_scores=attention_layer_scores, **attention_options)
         for check in checks:
             if check.resolved:
                 log(f"validated {check.name}: {check.kind} error {check.error:.2e} <= {check.tolerance:.0e}")
@@ -136,5 +184,11 @@ def register_commands(cli):
                 log(f"UNVERIFIED {check.name}: the {check.kind} tolerance {check.tolerance:.0e} is as large as the "
                     "gradient itself (float32 cannot resolve the score's change); check it against the source "
                     "framework's autograd")
+        from .validate import TORCH_REFERENCE_RULE_SETS
+
+        for name in rule_names:
+            if name not in TORCH_REFERENCE_RULE_SETS:
+                log(f"not validated at export: camrt/input_grad/{name} (a plugin's rule set; its plugin's tests "
+                    "check it against a reference implementation)")
         write_model(model, output)
         click.echo(f"wrote {output}", err=True)

@@ -7,6 +7,7 @@ internals to find a module's tensor. torch is imported lazily; the runtime never
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import io
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from camrt.errors import ExportError
+from .errors import ExportError
 
 IMAGE_INPUT = "input"
 LOGITS = "logits"
@@ -70,6 +71,30 @@ def load_weights(model, path: str) -> None:
             f"the weights in {path!r} do not fit the model: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+
+
+def select_output(output, key: str | None):
+    """The score tensor among a model's outputs: the tensor itself, `output[key]` of a dict
+    (torchvision's segmentation models return {"out", "aux"}), or `output[int(key)]` of a tuple/list."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if key is not None:
+            raise ExportError(f"--score-output {key!r}: the model returns one tensor, not a dict or tuple")
+        return output
+    if isinstance(output, dict):
+        if key is None and len(output) == 1:
+            return next(iter(output.values()))
+        if key not in output:
+            raise ExportError(f"the model returns a dict with keys {list(output)}; name the explained one with "
+                              "--score-output KEY")
+        return output[key]
+    if isinstance(output, (tuple, list)):
+        if key is None or not key.isdigit() or int(key) >= len(output):
+            raise ExportError(f"the model returns {len(output)} outputs; name the explained one with --score-output "
+                              f"INDEX (0..{len(output) - 1})")
+        return output[int(key)]
+    raise ExportError(f"the model returns {type(output).__name__}; camrt explains tensors (or a dict/tuple of them)")
 
 
 @dataclass(frozen=True)
@@ -179,39 +204,95 @@ def spatial_candidates(model, input_size: tuple[int, int]) -> list[str]:
     return chosen
 
 
+def block_refs(model, maps: Sequence[str]) -> list[LayerRef]:
+    """The block of each attention map (`attention.map_block`), as a layer."""
+    from .attention import map_block
+
+    return [parse_layer(model, map_block(m)) for m in maps]
+
+
 class TapModel:
-    """Factory of the export wrapper: model outputs followed by the requested layers' outputs."""
+    """Factory of the export wrapper: model outputs followed by the requested layers' outputs, the
+    attention maps `maps` (names from `attention.SoftmaxRecorder`) and, with `layer_scores`, LeGrad's
+    layer score of each map's block (`attention.layer_score_projection`)."""
 
     @staticmethod
-    def build(model, refs: Sequence[LayerRef]):
+    def build(model, refs: Sequence[LayerRef], maps: Sequence[str] = (), layer_scores: bool = False,
+              score_output: str | None = None):
         import torch
+
+        from .attention import SoftmaxRecorder, layer_score_projection
+
+        blocks = block_refs(model, maps) if layer_scores else []
+        projection = layer_score_projection(model) if layer_scores else None
 
         class _Wrapper(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.model = model
-                self.taps = _Taps(model, sorted({r.module for r in refs}))
+                self.taps = _Taps(model, sorted({r.module for r in [*refs, *blocks]}))
+                self.recorder = SoftmaxRecorder(model) if maps else None
 
             def forward(self, x):
                 self.taps.clear()
-                logits = self.model(x)
-                return (logits, *[self.taps.pick(r) for r in refs])
+                if self.recorder is None:
+                    return (select_output(self.model(x), score_output), *[self.taps.pick(r) for r in refs])
+                with self.recorder.recording():
+                    logits = select_output(self.model(x), score_output)
+                recorded = self.recorder.named()
+                scores = [projection(self.taps.pick(block)) for block in blocks]
+                return (logits, *[self.taps.pick(r) for r in refs], *[recorded[m] for m in maps], *scores)
+
+            def remove_hooks(self):
+                self.taps.remove()
+                if self.recorder is not None:
+                    self.recorder.remove()
 
         return _Wrapper().eval()
 
 
+def attention_map_names(model, input_size: tuple[int, int], wanted: Sequence[str] = ()) -> list[str]:
+    """The attention maps `wanted` selects (module or map names; empty: all), from one forward pass."""
+    import torch
+
+    from .attention import SoftmaxRecorder, select_maps
+
+    recorder = SoftmaxRecorder(model)
+    try:
+        with recorder.recording():  # with autograd on: nn.MultiheadAttention's inference fast path has no softmax
+            model(torch.zeros(1, 3, *input_size))
+        available = list(recorder.named())
+    finally:
+        recorder.remove()
+    return select_maps(available, wanted)
+
+
+@dataclass
+class TorchForward:
+    """The exported forward graph and the names of its tensors."""
+
+    model: object  # onnx.ModelProto
+    logits: str
+    layers: dict[str, str]  # layer name -> tensor
+    maps: dict[str, str]  # attention-map name -> tensor
+    layer_scores: dict[str, str]  # attention-map name -> LeGrad's layer score [B, classes] of its block
+
+
 def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int], opset: int | None,
-                   fold_batchnorm: bool = True):
-    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNX model and the layer tensors.
+                   fold_batchnorm: bool = True, maps: Sequence[str] = (), layer_scores: bool = False,
+                   score_output: str | None = None) -> TorchForward:
+    """torch.onnx.export (dynamo) with a dynamic batch, with the layers, the attention maps `maps`
+    (see `attention_map_names`) and, with `layer_scores`, LeGrad's layer scores as outputs.
 
     fold_batchnorm=False keeps BatchNormalization nodes: the exporter's optimiser (whose rewrite
     rules fold BatchNorm into the Conv before it) is replaced by its constant folding and dead-node
-    removal alone."""
+    removal alone. score_output: which of a dict/tuple output is explained (`select_output`)."""
     import onnx
     import torch
 
-    wrapper = TapModel.build(model, refs)
-    tap_names = [f"camrt_tap_{i}" for i in range(len(refs))]
+    wrapper = TapModel.build(model, refs, maps, layer_scores, score_output)
+    tap_names = ([f"camrt_tap_{i}" for i in range(len(refs))] + [f"camrt_attention_{i}" for i in range(len(maps))]
+                 + [f"camrt_layer_score_{i}" for i in range(len(maps) if layer_scores else 0)])
     example = torch.zeros(2, 3, *input_size)
     buffer = io.BytesIO()
     kwargs = {"opset_version": opset} if opset else {}
@@ -230,10 +311,13 @@ def export_forward(model, refs: Sequence[LayerRef], input_size: tuple[int, int],
     except Exception as exc:  # torch.export raises a wide range of types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
     finally:
-        wrapper.taps.remove()
+        wrapper.remove_hooks()
     proto = onnx.load_from_string(buffer.getvalue())
     outputs = [o.name for o in proto.graph.output]
-    return proto, outputs[0], dict(zip([r.name for r in refs], outputs[1:]))
+    after_layers = 1 + len(refs)
+    return TorchForward(proto, outputs[0], dict(zip([r.name for r in refs], outputs[1:after_layers])),
+                        dict(zip(maps, outputs[after_layers:after_layers + len(maps)])),
+                        dict(zip(maps, outputs[after_layers + len(maps):])) if layer_scores else {})
 
 
 @contextmanager
@@ -284,30 +368,54 @@ def relu_backward(rule_set: str):
 
 
 def reference_gradients(model, refs: Sequence[LayerRef], x, targets, rule_set: str = "vanilla",
-                        bias_terms: bool = False):
+                        bias_terms: bool = False, maps: Sequence[str] = (), layer_scores: bool = False,
+                        score_output: str | None = None, seed=None):
     """Torch autograd oracle: logits, layer activations and gradients, and the input gradient;
-    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`)."""
+    with `bias_terms`, also FullGrad's bias terms (`_BiasTermTaps`); with `maps`, those attention
+    maps and their gradients (recorded as the export records them, `attention.SoftmaxRecorder`),
+    and with `layer_scores` the gradient of each map's LeGrad layer score.
+
+    The score is sum_b logits[b, target_b] (for logits of rank > 2: the class channel summed over
+    the other axes, the top-1 taken on those sums, as the file's target path), or <seed, logits>
+    when a `seed` shaped like the logits is given."""
     import torch
 
-    taps = _Taps(model, sorted({r.module for r in refs}))
+    from .attention import SoftmaxRecorder, layer_score_projection
+
+    blocks = block_refs(model, maps) if layer_scores else []
+    taps = _Taps(model, sorted({r.module for r in [*refs, *blocks]}))
     bias_taps = _BiasTermTaps(model) if bias_terms else None
+    recorder = SoftmaxRecorder(model) if maps else None
     try:
-        with relu_backward(rule_set):
+        with relu_backward(rule_set), (recorder.recording() if recorder else contextlib.nullcontext()):
             x = x.clone().requires_grad_(True)
-            logits = model(x)
+            logits = select_output(model(x), score_output)
             acts = [taps.pick(r) for r in refs]
-            resolved = torch.where(targets < 0, logits.argmax(dim=1), targets)
-            score = logits.gather(1, resolved[:, None]).sum()
-            grads = torch.autograd.grad(score, [*acts, x])
+            attention = [recorder.named()[m] for m in maps] if recorder else []
+            per_class = logits.flatten(2).sum(dim=2) if logits.dim() > 2 else logits
+            resolved = torch.where(targets < 0, per_class.argmax(dim=1), targets)
+            if seed is None:
+                score = per_class.gather(1, resolved[:, None]).sum()
+            else:
+                score = (logits * seed.to(logits.dtype)).sum()
+            grads = torch.autograd.grad(score, [*acts, *attention, x], retain_graph=bool(blocks))
+            projection = layer_score_projection(model) if blocks else None
+            layer_grads = [torch.autograd.grad(projection(taps.pick(block)).gather(1, resolved[:, None]).sum(), [a],
+                                               retain_graph=True)[0] for block, a in zip(blocks, attention)]
     finally:
         taps.remove()
         if bias_taps is not None:
             bias_taps.remove()
+        if recorder is not None:
+            recorder.remove()
     return {
         "logits": logits.detach().numpy(),
         "target": resolved.numpy(),
         "acts": [a.detach().numpy() for a in acts],
-        "grads": [g.numpy() for g in grads[:-1]],
+        "grads": [g.numpy() for g in grads[:len(acts)]],
+        "attention": [a.detach().numpy() for a in attention],
+        "attention_grads": [g.numpy() for g in grads[len(acts):-1]],
+        "attention_layer_grads": [g.numpy() for g in layer_grads],
         "input_grad": grads[-1].numpy(),
         "bias_terms": bias_taps.terms() if bias_taps is not None else [],
     }

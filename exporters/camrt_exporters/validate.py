@@ -7,14 +7,18 @@ Every mismatching tensor is reported; a failure raises ValidationError and nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
 
 from camrt import contract
-from camrt.errors import ExportError, ValidationError
+from camrt.errors import first_line
 
+from .autodiff.graph import cpu_session
+from .errors import ExportError, ValidationError
 from .float16 import FLOAT16, float32_twin
 from .straight_through import activation_quantizers, straight_through_surrogate
 
@@ -27,6 +31,9 @@ INPUT_GRAD_L2_REL = 2e-2
 #: ||a - b|| <= SWITCH_L2_REL * ||b|| against torch float64 for a layer gradient when a ReLU switch
 #: downstream flipped in onnxruntime but not in torch (an exact max-relative match is then impossible).
 SWITCH_L2_REL = 1e-2
+#: The rule sets whose input gradients torch autograd can reproduce (torch_frontend.relu_backward);
+#: a plugin's rule set (LRP) is checked by the plugin's own tests against its reference implementation.
+TORCH_REFERENCE_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET)
 #: Finite-difference checks (ONNX front end). Along a unit-norm direction v the directional
 #: derivative <g, v> is at most ||g|| (g over v's support), so the error of a central difference
 #: D_h is measured in units of that bound: a scale-free number that means the same for every model.
@@ -115,14 +122,10 @@ class _OrtSession:
     """An onnxruntime session whose failures are ExportErrors (the exported graph does not run)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._session = cpu_session(model)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot load the exported graph: {first_line(exc)}") from None
 
     def output_names(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
@@ -131,21 +134,34 @@ class _OrtSession:
         try:
             return self._session.run(fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise ExportError(f"onnxruntime cannot run the exported graph: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot run the exported graph: {first_line(exc)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def session_for(model: onnx.ModelProto) -> _OrtSession:
     return _OrtSession(model)
 
 
-def run_contract(model: onnx.ModelProto, image_input: str, x: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+def run_contract(model: onnx.ModelProto, image_input: str, x: np.ndarray, targets: np.ndarray,
+                 seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every output of the file for images `x` and `targets`; with `seed`, of the file fed that seed."""
+    from camrt.execution.seeded import feed_seed
+
+    feeds = {image_input: x, contract.TARGET_INPUT: targets}
+    if seed is not None:
+        model, feeds[contract.SEED_TENSOR] = feed_seed(model), seed
     session = session_for(model)
     names = session.output_names()
-    return dict(zip(names, session.run(None, {image_input: x, contract.TARGET_INPUT: targets})))
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def is_seeded(model: onnx.ModelProto) -> bool:
+    return any(p.key == contract.META_SEED for p in model.metadata_props)
+
+
+def random_seed(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A seed shaped like the score, for checking the gradients of L = <seed, score> for any seed."""
+    return rng.standard_normal(logits.shape).astype(logits.dtype)
 
 
 def require_finite(outputs: dict[str, np.ndarray]) -> None:
@@ -161,51 +177,110 @@ def require_finite(outputs: dict[str, np.ndarray]) -> None:
 
 
 def validate_against_torch(model, contract_model, refs, layers: dict[str, str], rule_sets, image_input: str,
-                           input_size: tuple[int, int]) -> list[Check]:
+                           input_size: tuple[int, int], maps: Sequence[str] = (), layer_scores: bool = False,
+                           score_output: str | None = None) -> list[Check]:
     """Compare with torch float32 autograd; a tensor outside tolerance is judged again against torch
     float64, where camrt must be no further from the truth than twice torch float32's own error
     (float32 ReLU/MaxPool switches legitimately flip between implementations). A layer gradient that
-    still differs (a switch flipped in onnxruntime only) must be within SWITCH_L2_REL in relative L2."""
+    still differs (a switch flipped in onnxruntime only) must be within SWITCH_L2_REL in relative L2.
+    Attention maps `maps` and their gradients (and, with `layer_scores`, the gradients of LeGrad's
+    layer scores) are checked like layer activations and gradients. A seeded file is checked twice:
+    on the target path, and fed a random seed (L = <seed, score>)."""
     import torch
-
-    from .torch_frontend import reference_gradients
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, *input_size)).astype(np.float32)
-    got = run_contract(contract_model, image_input, x, np.array([contract.TOP1_TARGET, 1], dtype=np.int64))
+    requested = np.array([contract.TOP1_TARGET, 1], dtype=np.int64)
+    got = run_contract(contract_model, image_input, x, requested)
     require_finite(got)
     targets = torch.tensor(got[contract.TARGET_INDEX_OUTPUT])
     bias_terms = [o.name for o in contract_model.graph.output if o.name.startswith(contract.BIAS_GRADIENT_PREFIX)]
-    checks = _cam_weight_checks(got)
-    # The logits and the layers' activations and gradients come with vanilla, requested or not
-    # (`--rules ''`); _torch_checks skips the input gradients the file does not carry.
-    for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
-        terms = bias_terms if rule_set == contract.RULE_VANILLA else []
-        ref = _flatten(reference_gradients(model, refs, torch.from_numpy(x), targets, rule_set, bool(terms)), refs, terms)
-        pending = [(name, metric, tol, kind) for name, metric, tol, kind in _torch_checks(refs, rule_set, terms)
-                   if name in got]
-        truth = None
-        for name, metric, tol, kind in pending:
-            check = Check(name, metric(got[name], ref[name]), tol, kind)
-            if not check.ok:
-                if truth is None:
-                    truth = _float64_reference(model, refs, x, targets, rule_set, terms)
-                own_error = metric(ref[name], truth[name])
-                check = Check(name, metric(got[name], truth[name]), max(2 * own_error, tol),
-                              f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
-                if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX)):
-                    check = Check(name, l2_rel(got[name], truth[name]), SWITCH_L2_REL,
-                                  "relative-L2 vs torch float64 (a downstream switch flipped in onnxruntime)")
-            checks.append(check)
+    reference = _TorchReference(model, refs, x, targets, score_output, maps=maps, layer_scores=layer_scores)
+    checks = _cam_weight_checks(got) + _compare_with_torch(got, reference, rule_sets, bias_terms)
+    if is_seeded(contract_model):
+        seed = random_seed(got[contract.LOGITS_OUTPUT], rng)
+        seeded = run_contract(contract_model, image_input, x, requested, seed)
+        require_finite(seeded)
+        checks += _compare_with_torch(seeded, replace(reference, seed=seed), rule_sets, bias_terms,
+                                      label="fed a random seed: ")
     return raise_on_failures(checks)
 
 
-def _torch_checks(refs, rule_set: str, bias_terms=()):
+@dataclass
+class _TorchReference:
+    """torch autograd's tensors for one input, per rule set, in float32 and (on demand) float64. The
+    attention `maps` (and, with `layer_scores`, LeGrad's layer-score gradients) come with vanilla."""
+
+    model: Any
+    refs: Sequence[Any]
+    x: np.ndarray
+    targets: Any
+    score_output: str | None = None
+    seed: np.ndarray | None = None
+    maps: Sequence[str] = ()
+    layer_scores: bool = False
+
+    def maps_of(self, rule_set: str) -> Sequence[str]:
+        return self.maps if rule_set == contract.RULE_VANILLA else ()
+
+    def tensors(self, rule_set: str, bias_terms, float64: bool = False) -> dict[str, np.ndarray]:
+        import copy
+
+        import torch
+
+        from .torch_frontend import reference_gradients
+
+        model, x = self.model, torch.from_numpy(self.x)
+        seed = torch.from_numpy(self.seed) if self.seed is not None else None
+        if float64:
+            model, x = copy.deepcopy(model).double(), x.double()
+        maps = self.maps_of(rule_set)
+        return _flatten(reference_gradients(model, self.refs, x, self.targets, rule_set, bool(bias_terms), maps,
+                                            self.layer_scores, self.score_output, seed), self.refs, bias_terms, maps)
+
+
+def _compare_with_torch(got: dict[str, np.ndarray], reference: _TorchReference, rule_sets, bias_terms,
+                        label: str = "") -> list[Check]:
+    checks = []
+    # The logits and the layers' activations and gradients come with vanilla, requested or not
+    # (`--rules ''`); _torch_checks skips the input gradients the file does not carry.
+    for rule_set in dict.fromkeys([contract.RULE_VANILLA, *rule_sets]):
+        if rule_set not in TORCH_REFERENCE_RULE_SETS:
+            continue
+        terms = bias_terms if rule_set == contract.RULE_VANILLA else []
+        ref = reference.tensors(rule_set, terms)
+        pending = [(name, metric, tol, kind) for name, metric, tol, kind
+                   in _torch_checks(reference.refs, rule_set, terms, reference.maps_of(rule_set), reference.layer_scores)
+                   if name in got]
+        truth = None
+        for name, metric, tol, kind in pending:
+            check = Check(label + name, metric(got[name], ref[name]), tol, kind)
+            if not check.ok:
+                if truth is None:
+                    truth = reference.tensors(rule_set, terms, float64=True)
+                own_error = metric(ref[name], truth[name])
+                check = Check(label + name, metric(got[name], truth[name]), max(2 * own_error, tol),
+                              f"{kind} vs torch float64 (torch float32's own error {own_error:.2e}, x2)")
+                if not check.ok and name.startswith((contract.GRADIENT_PREFIX, contract.BIAS_GRADIENT_PREFIX,
+                                                     contract.ATTENTION_GRADIENT_PREFIX,
+                                                     contract.ATTENTION_LAYER_GRADIENT_PREFIX)):
+                    check = Check(label + name, l2_rel(got[name], truth[name]), SWITCH_L2_REL,
+                                  "relative-L2 vs torch float64 (a downstream switch flipped in onnxruntime)")
+            checks.append(check)
+    return checks
+
+
+def _torch_checks(refs, rule_set: str, bias_terms=(), maps=(), layer_scores: bool = False):
     if rule_set == contract.RULE_VANILLA:
         yield contract.LOGITS_OUTPUT, max_rel, FORWARD_MAX_REL, "max-relative"
         for ref in refs:
             yield contract.activation_output(ref.name), max_rel, FORWARD_MAX_REL, "max-relative"
             yield contract.gradient_output(ref.name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+    for name in maps:
+        yield contract.attention_output(name), max_rel, FORWARD_MAX_REL, "max-relative"
+        yield contract.attention_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
+        if layer_scores:
+            yield contract.attention_layer_gradient_output(name), max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     for name in bias_terms:
         yield name, max_rel, LAYER_GRAD_MAX_REL, "max-relative"
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
@@ -224,7 +299,7 @@ def _cam_weight_checks(got: dict[str, np.ndarray], tolerance: float = FORWARD_MA
     return checks
 
 
-def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
+def _flatten(ref: dict, refs, bias_terms=(), maps=()) -> dict[str, np.ndarray]:
     """reference_gradients() output keyed by contract names; the rule set is the caller's. The
     file's bias terms (`bias_terms`) and torch's are both in execution order."""
     if len(ref["bias_terms"]) != len(bias_terms):
@@ -234,21 +309,14 @@ def _flatten(ref: dict, refs, bias_terms=()) -> dict[str, np.ndarray]:
     for layer, act, grad in zip(refs, ref["acts"], ref["grads"]):
         flat[contract.activation_output(layer.name)] = act
         flat[contract.gradient_output(layer.name)] = grad
+    for name, value, grad in zip(maps, ref["attention"], ref["attention_grads"]):
+        flat[contract.attention_output(name)] = value
+        flat[contract.attention_gradient_output(name)] = grad
+    for name, grad in zip(maps, ref["attention_layer_grads"]):
+        flat[contract.attention_layer_gradient_output(name)] = grad
     for rule_set in (contract.RULE_VANILLA, contract.RULE_GUIDED, contract.RULE_DECONVNET):
         flat[contract.input_gradient_output(rule_set)] = ref["input_grad"]
     return flat
-
-
-def _float64_reference(model, refs, x: np.ndarray, targets, rule_set: str, bias_terms=()) -> dict[str, np.ndarray]:
-    import copy
-
-    import torch
-
-    from .torch_frontend import reference_gradients
-
-    model64 = copy.deepcopy(model).double()
-    return _flatten(reference_gradients(model64, refs, torch.from_numpy(x).double(), targets, rule_set, bool(bias_terms)),
-                    refs, bias_terms)
 
 
 def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -304,8 +372,11 @@ def _directional_check(name: str, score: "_Scorer", point: np.ndarray, grad: np.
 
 
 def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, layers: dict[str, str],
-                                image_input: str, score_tensor: str, input_shape: tuple[int, ...]) -> list[Check]:
-    """Directional derivatives of the target score vs central differences in onnxruntime (float32).
+                                image_input: str, score_tensor: str, input_shape: tuple[int, ...],
+                                maps: dict[str, str] | None = None) -> list[Check]:
+    """Directional derivatives of L vs central differences in onnxruntime (float32), for the input,
+    the `layers` and the attention `maps` (each {name: tensor}): L is the target score, and for a
+    seeded file also <seed, score> for a random seed.
 
     A QDQ quantized model is a step function of its input: its differences are taken of its
     straight-through surrogate at the same point instead (straight_through.py), whose derivative is
@@ -320,41 +391,80 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
         feed = x.astype(np.float16)
         x, forward_model = feed.astype(np.float32), float32_twin(forward_model)
         rel, cam_rel = FLOAT16_FD_REL, FLOAT16_MAX_REL
-    got = run_contract(contract_model, image_input, feed, np.array([contract.TOP1_TARGET, 0], dtype=np.int64))
-    got = {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in got.items()}
+    requested = np.array([contract.TOP1_TARGET, 0], dtype=np.int64)
+    got = _widened(run_contract(contract_model, image_input, feed, requested))
     require_finite(got)
-    targets = got[contract.TARGET_INDEX_OUTPUT]
-    checks = _cam_weight_checks(got, cam_rel)
-    vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
     logits = got[contract.LOGITS_OUTPUT]
-    if vanilla_input in got:
-        scorer = _Scorer(forward_model, score_tensor, targets, image_input, x, image_input, logits)
-        checks.append(_directional_check(vanilla_input, scorer, x, got[vanilla_input], rng, rel))
-    for layer, tensor in layers.items():
-        scorer = _Scorer(forward_model, score_tensor, targets, image_input, x, tensor, logits)
-        point = got[contract.activation_output(layer)]
-        checks.append(_directional_check(contract.gradient_output(layer), scorer, point,
-                                         got[contract.gradient_output(layer)], rng, rel))
+    checks = _cam_weight_checks(got, cam_rel)
+    tensors = _checked_tensors(layers, maps or {})
+    checks += _fd_checks(forward_model, got, _target_weights(logits, got[contract.TARGET_INDEX_OUTPUT]), tensors,
+                         image_input, score_tensor, x, rng, rel=rel)
+    if is_seeded(contract_model):
+        seed = random_seed(logits, rng)
+        # a float16 model's score, hence its seed, is float16 like its image input
+        seeded = _widened(run_contract(contract_model, image_input, feed, requested, seed.astype(feed.dtype)))
+        require_finite(seeded)
+        checks += _fd_checks(forward_model, seeded, seed, tensors, image_input, score_tensor, x, rng,
+                             label="fed a random seed: ", rel=rel)
     return raise_on_failures(checks)
 
 
+def _widened(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`outputs` with float16 arrays widened to float32 (a float16 file's), for the float64 checks."""
+    return {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in outputs.items()}
+    return raise_on_failures(checks)
+
+
+def _target_weights(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The target path's seed: 1 on each row's class channel (every position of it for rank > 2)."""
+    weights = np.zeros_like(logits)
+    weights[np.arange(len(targets)), targets] = 1
+    return weights
+
+
+def _checked_tensors(layers: dict[str, str], maps: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(value output, gradient output, graph tensor) of each layer and attention map."""
+    return ([(contract.activation_output(layer), contract.gradient_output(layer), tensor)
+             for layer, tensor in layers.items()]
+            + [(contract.attention_output(name), contract.attention_gradient_output(name), tensor)
+               for name, tensor in maps.items()])
+
+
+def _fd_checks(forward_model: onnx.ModelProto, got: dict[str, np.ndarray], weights: np.ndarray,
+               tensors: list[tuple[str, str, str]], image_input: str, score_tensor: str, x: np.ndarray,
+               rng: np.random.Generator, label: str = "", rel: float = FD_REL) -> list[Check]:
+    checks = []
+    vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
+    logits = got[contract.LOGITS_OUTPUT]
+    if vanilla_input in got:
+        scorer = _Scorer(forward_model, score_tensor, weights, image_input, x, image_input, logits)
+        checks.append(_directional_check(label + vanilla_input, scorer, x, got[vanilla_input], rng, rel))
+    for value, gradient, tensor in tensors:
+        scorer = _Scorer(forward_model, score_tensor, weights, image_input, x, tensor, logits)
+        checks.append(_directional_check(label + gradient, scorer, got[value], got[gradient], rng, rel))
+    return checks
+
+
 class _Scorer:
-    """sum_b score[b, target_b] as a function of tensor `overridden` (all other tensors as in the
-    forward pass), in float64 from onnxruntime's float32 logits. `roundoff` bounds the float32
+    """L = sum(weights * score) as a function of tensor `overridden` (all other tensors as in the
+    forward pass), in float64 from onnxruntime's float32 score. `roundoff` bounds the float32
     round-off of one evaluation (SCORE_ROUNDOFF_ULPS)."""
 
-    def __init__(self, forward_model: onnx.ModelProto, score_tensor: str, targets: np.ndarray, image_input: str,
+    def __init__(self, forward_model: onnx.ModelProto, score_tensor: str, weights: np.ndarray, image_input: str,
                  x: np.ndarray, overridden: str, logits: np.ndarray):
         self._session = session_for(cut_at(forward_model, overridden, score_tensor))
-        self._score_tensor, self._targets, self._overridden = score_tensor, targets, overridden
+        self._score_tensor, self._weights, self._overridden = score_tensor, weights.astype(np.float64), overridden
         self._fixed = {image_input: x} if overridden != image_input else {}
-        self._rows = np.arange(len(targets))
-        magnitude = float(np.abs(logits.astype(np.float64)).max(axis=1).sum())
-        self.roundoff = SCORE_ROUNDOFF_ULPS * float(np.finfo(np.float32).eps) * magnitude
+        # sum_b max|score_b| * max(1, ||weights_b||): a one-hot row counts its largest score once
+        # (independent round-off errors of many weighted terms grow like the weights' L2 norm)
+        rows = len(logits)
+        largest = np.abs(logits.astype(np.float64)).reshape(rows, -1).max(axis=1)
+        spread = np.maximum(1.0, np.linalg.norm(self._weights.reshape(rows, -1), axis=1))
+        self.roundoff = SCORE_ROUNDOFF_ULPS * float(np.finfo(np.float32).eps) * float((largest * spread).sum())
 
     def __call__(self, value: np.ndarray) -> float:
         logits = self._session.run([self._score_tensor], {**self._fixed, self._overridden: value})[0]
-        return float(logits[self._rows, self._targets].astype(np.float64).sum())
+        return float((logits.astype(np.float64) * self._weights).sum())
 
 
 def cut_at(model: onnx.ModelProto, tensor: str, output: str) -> onnx.ModelProto:

@@ -12,8 +12,9 @@ ReLU, upsampling and normalisation are applied by camrt after `explain`, as for 
 
 from __future__ import annotations
 
-import camrt
 import numpy as np
+
+import camrt
 
 
 class MaxGradCAM(camrt.ActivationWeightingMethod):

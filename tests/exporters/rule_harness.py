@@ -382,3 +382,12 @@ def broadcast_partner(draw, x_shape, widen=True):
         w = [1] + w  # same rank as X, with a 1 in the batch position
     assume(int(np.prod(out)) <= 64)
     return tuple(w), tuple(out)
+
+
+def run_gradient(case: Case, g: np.ndarray, rules, dtype) -> np.ndarray:
+    """dX from the gradient graph: float64 by the reference evaluator, float32 by onnxruntime."""
+    model = gradient_model(case, dtype, rules)
+    if dtype is np.float64:
+        return reference(model).run(None, {"X": case.x, "G": g})[1]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"X": case.x.astype(np.float32), "G": g.astype(np.float32)})[1]

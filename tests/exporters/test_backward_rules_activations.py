@@ -19,7 +19,17 @@ from camrt_exporters.autodiff.reverse import ForwardPatches, differentiate
 from camrt_exporters.autodiff.rules import VANILLA
 
 from .rule_harness import (
-    FEW, SOME, Case, away_from, broadcast_partner, check, distinct, gradient_model, node, seeds, shapes,
+    FEW,
+    SOME,
+    Case,
+    away_from,
+    broadcast_partner,
+    check,
+    distinct,
+    gradient_model,
+    node,
+    seeds,
+    shapes,
 )
 
 

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from camrt.errors import ExportError
+from camrt_exporters.errors import ExportError
 
 from .rule_harness import SOME, Case, check, gradient_model, node, seeds, shapes
 

@@ -21,12 +21,23 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from onnx.reference.op_run import OpRun
 
-from camrt.errors import ExportError
 from camrt_exporters.autodiff.graph import GraphIndex
 from camrt_exporters.contract_file import prepare
+from camrt_exporters.errors import ExportError
 
 from .rule_harness import (
-    FEW, RTOL_F32, SOME, Case, check, finite_differences, forward_model, gradient_model, node, reference, seeds, shapes,
+    FEW,
+    RTOL_F32,
+    SOME,
+    Case,
+    check,
+    finite_differences,
+    forward_model,
+    gradient_model,
+    node,
+    reference,
+    seeds,
+    shapes,
 )
 
 #: the ops whose rules this file tests (test_backward_rules.py's inventory includes them)

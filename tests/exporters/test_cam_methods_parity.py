@@ -158,7 +158,7 @@ def _check_formula_on_reference_tensors(tensors, method, reference, size):
     """camrt's method on pytorch-grad-cam's own activations and gradients reproduces its maps."""
     from camrt import postprocess
     from camrt.methods.base import GraphOutputs
-    from camrt.registry import build_method_registry
+    from camrt.plugins.registry import build_method_registry
 
     acts, grads = tensors
     values = {contract.activation_output("L"): acts, contract.gradient_output("L"): grads}
@@ -181,7 +181,7 @@ def test_raw_maps_match_pytorch_grad_cam_formula(method):
     import torch
 
     from camrt.methods.base import GraphOutputs
-    from camrt.registry import build_method_registry
+    from camrt.plugins.registry import build_method_registry
 
     rng = np.random.default_rng(5)
     acts = (rng.standard_normal((2, 64, 7, 9)) + 0.3).astype(np.float32)
@@ -408,7 +408,7 @@ def test_cam_refuses_a_layer_without_gap_fc_head(exported):
     no class weights for them and `cam` says so, naming the layer and pointing to gradcam."""
     from camrt import Explainer
     from camrt.errors import ModelError
-    from camrt.session import read_contract
+    from camrt.modelfile.metadata import read_contract
 
     name, _, _, path, _ = exported
     cam_layer, other = CAM_LAYERS[name]

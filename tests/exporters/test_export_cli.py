@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.session import ExplainSession
+from camrt.execution.session import ExplainSession
+from tests.helpers import tiny_onnx
 from tests.runtime.cli_docs import DOCS, examples, exporters_plugin  # noqa: F401 (a fixture)
-from tests.runtime.tiny import tiny_onnx
 
 
 @pytest.fixture

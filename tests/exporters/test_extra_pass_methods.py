@@ -1,4 +1,4 @@
-"""Methods that run further passes through the contract file (`camrt.context.ExplainContext`).
+"""Methods that run further passes through the contract file (`camrt.execution.context.ExplainContext`).
 
 resnet18 and mobilenet_v3_large (fixed random weights, tests/exporters/models.py), each exported
 once, rules vanilla, with three layers (CASES): one for Ablation-CAM (resnet18 layer4,
@@ -65,7 +65,7 @@ def _module(model, layer):
 
 
 def test_tail_graph_reproduces_logits(exported):
-    from camrt.session import ExplainSession
+    from camrt.execution.session import ExplainSession
 
     _, path, x, (ablation, _, skip, _) = exported
     session = ExplainSession(path)
@@ -112,7 +112,7 @@ def test_ablationcam_matches_pytorch_grad_cam(exported):
 def test_ablationcam_on_a_signed_layer_zeroes_channels_as_the_paper(exported):
     """On a signed layer camrt still sets the channel to 0 (the paper); pytorch-grad-cam writes
     min - 1e7 there, cumulatively within its batch, so it is given an AblationLayer that zeroes."""
-    from camrt.session import ExplainSession
+    from camrt.execution.session import ExplainSession
 
     model, path, x, (_, _, _, layer) = exported
     acts = ExplainSession(path).run(x[:1], TARGETS[:1], [contract.activation_output(layer)])
@@ -234,10 +234,10 @@ def test_smoothgrad_matches_captum_noise_tunnel(exported, monkeypatch):
     import torch
     from captum.attr import NoiseTunnel, Saliency
 
-    from camrt.context import ExplainContext
+    from camrt.execution.context import ExplainContext
+    from camrt.execution.session import ExplainSession
     from camrt.methods.base import GraphOutputs
     from camrt.methods.smoothgrad import SmoothGrad, noise_sigma
-    from camrt.session import ExplainSession
 
     model, path, x, _ = exported
     x, targets = x[:2], TARGETS[:2]
@@ -275,10 +275,10 @@ def test_integrated_gradients_matches_captum(exported):
     from captum.attr import IntegratedGradients as CaptumIG
 
     from camrt import Explainer
-    from camrt.context import ExplainContext
+    from camrt.execution.context import ExplainContext
+    from camrt.execution.session import ExplainSession
     from camrt.methods.base import GraphOutputs
     from camrt.methods.integrated_gradients import IntegratedGradients
-    from camrt.session import ExplainSession
 
     model, path, x, _ = exported
     x, targets = x[:2], TARGETS[:2]

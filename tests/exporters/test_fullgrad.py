@@ -58,7 +58,7 @@ def test_bias_terms_are_pytorch_grad_cams_modules(exported):
     """One bias term per BatchNorm2d (and Conv2d with a bias) module: the dynamo export keeps them unfused."""
     import torch
 
-    from camrt.session import read_contract
+    from camrt.modelfile.metadata import read_contract
 
     name, model, path, _ = exported
     modules = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and m.bias is not None]

@@ -124,7 +124,8 @@ def test_saliency(exported):
 @pytest.mark.parametrize("rule", [contract.RULE_GUIDED, contract.RULE_DECONVNET])
 def test_guided_backprop_and_deconvnet(exported, rule):
     import torch
-    from captum.attr import Deconvolution, GuidedBackprop as CaptumGuidedBackprop
+    from captum.attr import Deconvolution
+    from captum.attr import GuidedBackprop as CaptumGuidedBackprop
 
     from camrt.methods.deconvnet import Deconvnet
     from camrt.methods.guided_backprop import GuidedBackprop

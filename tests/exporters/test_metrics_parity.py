@@ -19,6 +19,7 @@ differ by ~1e-6 relative); increase in confidence (a comparison) exactly.
 from __future__ import annotations
 
 from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -59,7 +60,7 @@ def setup(tmp_path_factory):
 
 def _batch(session, x, heatmaps):
     """The metrics' view of the maps, targets TARGETS (the first len(x)), logit scores."""
-    from camrt.context import ExplainContext
+    from camrt.execution.context import ExplainContext
     from camrt.metrics.base import EvalBatch
 
     targets = np.array(TARGETS[:len(x)])
@@ -168,7 +169,7 @@ def test_road_matches_pytorch_grad_cam_with_the_same_noise(setup, monkeypatch):
 def test_randomization_low_for_gradcam_high_for_an_edge_detector(setup, plugin):
     """Adebayo et al.'s cascading randomization on resnet18: Grad-CAM's maps decorrelate, an edge
     detector's (a test plugin that ignores the weights) stay identical."""
-    from camrt.metrics.runner import Evaluation
+    from camrt.batch.evaluation import Evaluation
 
     from ..runtime.test_metrics import Sobel
 

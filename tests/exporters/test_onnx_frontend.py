@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from camrt import contract
-from camrt.errors import ExportError, UnsupportedOpError
+from camrt_exporters.errors import ExportError, UnsupportedOpError
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
 
@@ -176,7 +176,7 @@ def test_cli_export_fullgrad_adds_the_bias_terms_and_the_vanilla_input_gradient(
 
     from camrt import Explainer
     from camrt.cli import build_cli
-    from camrt.session import read_contract
+    from camrt.modelfile.metadata import read_contract
     from camrt_exporters.autodiff.graph import GraphIndex
     from camrt_exporters.plugin import register_commands
 

@@ -66,9 +66,9 @@ _sessions: dict = {}
 
 def _camrt_raw(path, method, x, layer, targets=TARGETS):
     """camrt's raw maps [B, h, w] for TARGETS, through the same context the Explainer gives."""
-    from camrt.context import ExplainContext
+    from camrt.execution.context import ExplainContext
+    from camrt.execution.session import ExplainSession
     from camrt.methods.base import GraphOutputs
-    from camrt.session import ExplainSession
 
     if path not in _sessions:  # one session per file: its onnxruntime sessions are built once
         _sessions[path] = ExplainSession(path)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from camrt import contract
-from camrt.errors import ValidationError
+from camrt_exporters.errors import ValidationError
 
 from . import edge_models, models
 from .rule_harness import FEW, Case, gradient_model, node, seeds, shapes

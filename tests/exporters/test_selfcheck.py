@@ -19,14 +19,15 @@ from click.testing import CliRunner
 
 from camrt import contract
 from camrt.cli import build_cli
-from camrt.errors import ExitCode, ValidationError
+from camrt.errors import ExitCode
 from camrt_exporters import export as export_module
 from camrt_exporters.autodiff.reverse import RuleSet
 from camrt_exporters.autodiff.rules import VANILLA, linear, pooling
+from camrt_exporters.errors import ValidationError
 from camrt_exporters.export import export_onnx, export_torch
 from camrt_exporters.validate import FD_REL
+from tests.helpers import tiny_onnx
 from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
-from tests.runtime.tiny import tiny_onnx
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

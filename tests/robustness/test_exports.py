@@ -14,15 +14,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
-from camrt.errors import ExitCode, ExportError, NonFiniteError, ValidationError
+from camrt.errors import ExitCode, NonFiniteError
+from camrt_exporters.errors import ExportError, ValidationError
+from camrt_exporters.export import export_onnx
+from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax
 
 from .tally import record, refused
-
-pytest.importorskip("camrt_exporters")
-
-from camrt_exporters.export import export_onnx  # noqa: E402
-
-from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax  # noqa: E402
 
 
 def _cli():
@@ -125,7 +122,7 @@ def test_nan_at_run_time_is_an_error_record_never_a_heatmap(tmp_path, sqrt_camrt
     those of explaining each alone."""
     from camrt.cli import build_cli
     from camrt.explainer import Explainer
-    from tests.runtime.tiny import write_image
+    from tests.helpers import write_image
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from camrt import contract
 from camrt.errors import CamrtError
-from camrt.images import decode_image, image_header
+from camrt.imaging.decode import decode_image
+from camrt.imaging.headers import image_header
 
 from .tally import fuzzed
 
@@ -176,7 +177,8 @@ def test_mutated_camrt_files_in_the_session_and_explainer(camrt_model, tmp_path_
 @fuzz_settings(60)
 @given(data=st.data())
 def test_mutated_bytes_of_camrt_files_in_the_contract_reader(tiny, tmp_path_factory, data):
-    from camrt.session import ExplainSession, read_contract
+    from camrt.execution.session import ExplainSession
+    from camrt.modelfile.metadata import read_contract
 
     raw = bytearray(open(tiny.path, "rb").read())
     for _ in range(data.draw(st.integers(1, 4))):
@@ -203,9 +205,8 @@ def test_mutated_bytes_of_camrt_files_in_the_contract_reader(tiny, tmp_path_fact
 
 @fuzz_settings(25)
 @given(data=st.data())
-def test_mutated_graphs_in_the_exporter(tmp_path_factory, data):
+def test_mutated_graphs_in_the_exporter(tmp_path_factory, exporter, data):
     """The ONNX front end on mutated classifiers: a validated camrt file or a camrt error."""
-    pytest.importorskip("camrt_exporters")
     from camrt_exporters.export import export_onnx
     from tests.exporters.tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

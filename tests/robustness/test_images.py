@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from camrt import images
 from camrt.errors import InputError, UsageError
-from camrt.images import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, decode_image, image_header, load_image
+from camrt.imaging import decode as image_decoding
+from camrt.imaging.decode import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, decode_image, load_image
+from camrt.imaging.headers import image_header
 
 from .encoders import GRAY, GRAY_ALPHA, PALETTE, RGB, RGBA, exif_orientation, jpeg_with_exif, oriented, png, png_header
 from .tally import refused
@@ -63,8 +64,8 @@ def test_one_pixel_image_is_explained(tiny, tmp_path):
     """A 1x1 image resizes to a constant model input: its target is the top-1 of that constant
     image in the numpy re-implementation, and its heatmap is 1x1 (min-max of one value: 0)."""
     from camrt.explainer import Explainer
-    from camrt.images import preprocess
-    from tests.runtime.tiny import HEIGHT, WIDTH, numpy_forward
+    from camrt.imaging.preprocess import preprocess
+    from tests.helpers import HEIGHT, WIDTH, numpy_forward
 
     pixel = np.array([[[200, 30, 90]]], np.uint8)
     loaded = load_image(_write(tmp_path / "one.png", png(pixel, RGB)))
@@ -152,7 +153,7 @@ def test_swapped_for_a_fifo_after_the_path_check_does_not_block(tmp_path, monkey
     """The descriptor is opened non-blocking and checked itself (the path check can be raced)."""
     fifo = tmp_path / "raced.png"
     os.mkfifo(fifo)
-    monkeypatch.setattr(images, "require_regular_file", lambda path, error: os.fspath(path))
+    monkeypatch.setattr(image_decoding, "require_regular_file", lambda path, error: os.fspath(path))
     refused(lambda: load_image(fifo), InputError, str(fifo), "not a regular file")
 
 

@@ -14,9 +14,10 @@ from onnx import external_data_helper, helper
 
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
+from camrt.execution.session import ExplainSession
 from camrt.explainer import Explainer
-from camrt.registry import build_method_registry
-from camrt.session import CUSTOM_OP_LIBRARIES_ENV, ExplainSession
+from camrt.modelfile.checks import CUSTOM_OP_LIBRARIES_ENV
+from camrt.plugins.registry import build_method_registry
 
 from .tally import refused
 
@@ -83,10 +84,8 @@ def test_contract_metadata_problems(tmp_path, tiny, key, value, reason):
     refused(lambda: _open(path), ContractError, path, reason, "camrt export")
 
 
-def test_missing_outputs_name_the_export_flags(tmp_path, exporter):
-    from tests.runtime.tiny import build_tiny_model
-
-    no_layers = build_tiny_model(str(tmp_path / "no_layers.onnx"), layers=(), rule_sets=("vanilla",))
+def test_missing_outputs_name_the_export_flags(tmp_path, make_model):
+    no_layers = make_model(layers=(), rule_sets=("vanilla",))
     refused(lambda: Explainer(no_layers.path, method="gradcam", device="cpu"), ModelError, no_layers.path,
             "has no layers", "--layer")
     refused(lambda: Explainer(no_layers.path, method="guided-backprop", device="cpu"), ModelError,
@@ -97,19 +96,17 @@ def test_missing_outputs_name_the_export_flags(tmp_path, exporter):
         del model.graph.output[:]
         model.graph.output.extend(keep)
 
-    path = _copy_model(build_tiny_model(str(tmp_path / "full.onnx")), tmp_path, "no_grad.onnx", drop_gradient)
+    path = _copy_model(make_model(), tmp_path, "no_grad.onnx", drop_gradient)
     refused(lambda: Explainer(path, method="gradcam", device="cpu", layer="feat"), ModelError, path,
             "camrt/grad/feat", "--layer feat")
 
 
 @pytest.mark.parametrize("method", sorted(build_method_registry().names()))
-def test_every_method_names_what_a_bare_file_lacks(tmp_path_factory, exporter, method):
+def test_every_method_names_what_a_bare_file_lacks(make_model, method):
     """A file with no layers and no input gradients: every built-in method is refused when the file
     is opened, naming the method, the file, what it needs from it and the `camrt export` flags that
     add it (all of them at once: guided-gradcam needs a layer and the guided rule set)."""
-    from tests.runtime.tiny import build_tiny_model
-
-    bare = build_tiny_model(str(tmp_path_factory.mktemp(method) / "bare.onnx"), layers=(), rule_sets=())
+    bare = make_model(layers=(), rule_sets=())
     requires = build_method_registry().get(method).requires
     expected = []
     if requires.uses_layers:

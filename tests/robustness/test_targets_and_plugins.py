@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from camrt import plugins
 from camrt.errors import ExitCode, InputError
 from camrt.plugins import create_plugin_manager
+from tests.helpers import write_plugin_modules
 
-from ..conftest import write_plugin_modules
 from .tally import record, refused
 
 
@@ -56,7 +56,7 @@ def test_bad_targets_in_the_library(explainer, targets, fragment):
 ])
 def test_bad_targets_on_the_command_line(tiny, tmp_path, target, fragment):
     from camrt.cli import build_cli
-    from tests.runtime.tiny import random_image, write_image
+    from tests.helpers import random_image, write_image
 
     image = write_image(str(tmp_path / "a.png"), random_image(np.random.default_rng(0), 12, 16))
     result = CliRunner().invoke(build_cli(), ["explain", tiny.path, image, "-o", str(tmp_path / "o"),
@@ -133,7 +133,7 @@ def test_only_listed_modules_load_and_failures_are_named(plugin_modules, tiny, m
     """Modules on sys.path that nobody listed are never imported (a model file cannot ask for
     one either); listed ones that fail are recorded by name and the rest still load."""
     from camrt.explainer import Explainer
-    from camrt.registry import build_method_registry, build_renderer_registry
+    from camrt.plugins.registry import build_method_registry, build_renderer_registry
 
     monkeypatch.setenv("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv(plugins.PLUGINS_ENV, "camrt_robust_import_fails, camrt_robust_good,camrt_robust_unknown_hook,"
@@ -167,7 +167,7 @@ def test_camrt_plugins_command_lists_loaded_and_failed(plugin_modules, monkeypat
     assert by_name["camrt_robust_good"] == {"name": "camrt_robust_good", "origin": plugins.ORIGIN_LISTED,
                                             "module": "camrt_robust_good", "hooks": ["register_methods"]}
     assert by_name["camrt.methods.gradcam"]["origin"] == plugins.ORIGIN_BUILTIN
-    assert by_name["camrt.plugin_commands"]["hooks"] == ["register_commands"]
+    assert not [p["module"] for p in listed["plugins"] if p["module"].startswith("camrt.cli")]  # the CLI is no plugin
     assert list(listed["failures"]) == ["camrt_robust_import_fails"]
     table = CliRunner().invoke(build_cli(), ["plugins"], catch_exceptions=False).stdout
     assert "camrt_robust_good" in table and "failed to load:" in table and "on purpose" in table
@@ -175,7 +175,7 @@ def test_camrt_plugins_command_lists_loaded_and_failed(plugin_modules, monkeypat
 
 def test_wrong_shape_in_a_cli_run_names_the_plugin(plugin_modules, tiny, tmp_path, monkeypatch):
     from camrt.cli import build_cli
-    from tests.runtime.tiny import random_image, write_image
+    from tests.helpers import random_image, write_image
 
     monkeypatch.setenv("CAMRT_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv(plugins.PLUGINS_ENV, "camrt_robust_wrong_shape")

@@ -40,7 +40,6 @@ def exporters_plugin():
     """The CLI as installed with camrt-exporters: `camrt export` listed. Registered for the test
     unless something (an export in this process) already registered it."""
     import camrt_exporters.plugin as module
-
     from camrt.plugins import get_plugin_manager
 
     pm = get_plugin_manager()

@@ -11,10 +11,9 @@ import pytest
 from camrt import contract, postprocess
 from camrt.errors import ModelError
 from camrt.explainer import Explainer
-from camrt.images import preprocess
+from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs
-
-from .tiny import HEIGHT, WIDTH, numpy_forward, random_image
+from tests.helpers import HEIGHT, WIDTH, numpy_forward, random_image
 
 TARGETS = [0, 3, -1, 4]
 
@@ -79,7 +78,8 @@ def test_fullgrad_bias_terms_complete_the_logit(make_model, rng):
 def test_methods_and_inspect_list_cam_and_fullgrad(tiny, make_model):
     from click.testing import CliRunner
 
-    from camrt.cli import build_cli, contract_summary
+    from camrt.cli import build_cli
+    from camrt.cli.inspect import contract_summary
 
     result = CliRunner().invoke(build_cli(), ["methods", "--json"], catch_exceptions=False)
     listed = {m["name"]: m for m in json.loads(result.stdout)}

@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 
 from camrt import contract
-from camrt.cli import RECORDS_FILE, build_cli
+from camrt.cli import build_cli
+from camrt.cli.explain import RECORDS_FILE
 from camrt.errors import ExitCode
+from camrt.execution.session import GRAPH_OPTIMIZATIONS
 from camrt.explainer import Explainer
 from camrt.hookspecs import hookimpl
-from camrt.images import load_image
+from camrt.imaging.decode import load_image
 from camrt.methods.gradcam import GradCAM
-from camrt.session import GRAPH_OPTIMIZATIONS
-
-from .tiny import CLASSES, random_image, write_image
+from tests.helpers import CLASSES, random_image, write_image
 
 
 def run(*args: str, input: str | None = None):

@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from camrt.cli import build_cli
-from camrt.images import load_image
+from camrt.imaging.decode import load_image
+from tests.helpers import random_image, tiny_onnx, write_image
 
 from .cli_docs import DOCS, examples, exporters_plugin, help_texts  # noqa: F401 (a fixture)
-from .tiny import random_image, tiny_onnx, write_image
 
 
 def test_help_texts_are_checked_in(exporter, exporters_plugin):

@@ -25,12 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from camrt import contract
-from camrt.cli import RECORD_FIELDS, RECORDS_FILE, build_cli, open_log
+from camrt.batch import RECORD_FIELDS, open_log
+from camrt.cli import build_cli
+from camrt.cli.explain import RECORDS_FILE
 from camrt.errors import ExitCode
 from camrt.explainer import Explainer
-from camrt.images import load_image, preprocess
-
-from .tiny import CLASSES, numpy_forward, random_image, write_image
+from camrt.imaging.decode import load_image
+from camrt.imaging.preprocess import preprocess
+from tests.helpers import CLASSES, numpy_forward, random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,9 +24,8 @@ import pytest
 
 from camrt import __version__
 from camrt.explainer import Explainer
-from camrt.images import load_image
-
-from .tiny import random_image, write_image
+from camrt.imaging.decode import load_image
+from tests.helpers import random_image, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -11,11 +11,10 @@ import pytest
 from camrt import contract, postprocess
 from camrt.errors import InputError, ModelError, UsageError
 from camrt.explainer import Explainer
-from camrt.images import preprocess
+from camrt.imaging.preprocess import preprocess
 from camrt.methods.base import GraphOutputs, Method, Requirements
 from camrt.methods.gradcam import GradCAM
-
-from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward, random_image
+from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward, random_image
 
 
 def _cam(model, feat: np.ndarray, target: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Heatmaps made inside the onnxruntime session (`camrt.fused`) equal the numpy path's.
+"""Heatmaps made inside the onnxruntime session (`camrt.execution.heatmap_graph`) equal the numpy path's.
 
 Oracle: the default host path (the method's numpy code + `camrt.postprocess`, itself checked
 against pytorch-grad-cam in tests/exporters). Images of several sizes exercise the ONNX Resize
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from camrt import Explainer, UsageError
-
-from .tiny import random_image
+from tests.helpers import random_image
 
 TOLERANCE = 1e-5
 

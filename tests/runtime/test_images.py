@@ -10,9 +10,9 @@ import pytest
 
 from camrt.contract import Preprocessing
 from camrt.errors import InputError
-from camrt.images import decode_image, load_image, preprocess
-
-from .tiny import random_image, write_image
+from camrt.imaging.decode import decode_image, load_image
+from camrt.imaging.preprocess import preprocess
+from tests.helpers import random_image, write_image
 
 
 def test_rgb_png_round_trip(tmp_path, rng):
@@ -80,7 +80,7 @@ def test_bad_files(tmp_path, rng):
 
 def test_truncated_jpeg_marker_check():
     """OpenCV 4 decodes truncated JPEGs into half-grey images; the marker check refuses them anyway."""
-    from camrt.images import _jpeg_truncated
+    from camrt.imaging.decode import _jpeg_truncated
 
     ok, jpg = cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))
     data = jpg.tobytes()

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-from .tiny import random_image, write_image
+import pytest
+
+from tests.helpers import random_image, write_image
 
 HEAVY = ("torch", "camrt_exporters", "onnxruntime", "cv2", "onnx")
 
@@ -24,12 +26,13 @@ def test_import_camrt_is_light():
 
 def test_cli_and_runtime_modules_never_import_torch():
     loaded = _modules_after(
-        "import camrt, camrt.cli, camrt.session, camrt.explainer, camrt.images, camrt.postprocess, "
-        "camrt.registry, camrt.render, camrt.methods.gradcam"
+        "import camrt, camrt.cli, camrt.execution.session, camrt.explainer, camrt.imaging.decode, camrt.postprocess, "
+        "camrt.plugins.registry, camrt.imaging.render, camrt.methods.gradcam"
     )
     assert "torch" not in loaded and "camrt_exporters" not in loaded and "onnxruntime" not in loaded
 
 
+@pytest.mark.exporters
 def test_building_the_cli_with_plugins_autoloaded_stays_light():
     """What bench/import_time.py times: the CLI built and its commands listed (camrt-exporters'
     `export` included, as installed): the exporters' plugin module is imported, but none of the
@@ -38,6 +41,16 @@ def test_building_the_cli_with_plugins_autoloaded_stays_light():
             "import camrt.cli\nnames = camrt.cli.build_cli().list_commands(None)\n"
             "assert 'export' in names and 'explain' in names, names")
     assert _modules_after(code) == ["camrt_exporters"]
+
+
+@pytest.mark.exporters
+def test_import_camrt_exporters_is_light_and_its_public_names_never_import_torch():
+    """The exporter package and its plugin module (imported by every CLI start) load their public
+    names lazily; all of them resolve, and none imports torch until an export runs."""
+    assert _modules_after("import camrt_exporters, camrt_exporters.plugin, camrt_exporters.hookspecs") == [
+        "camrt_exporters"]
+    every_name = "import camrt_exporters as e\nfor name in e.__all__: getattr(e, name)"
+    assert _modules_after(every_name) == ["camrt_exporters", "onnx"]
 
 
 def test_explain_run_with_plugins_autoloaded_never_imports_torch(tiny, tmp_path, rng):

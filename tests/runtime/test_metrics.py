@@ -4,52 +4,21 @@ the registry and the command."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 
 import numpy as np
 import pytest
 
 from camrt import contract
-from camrt.context import ExplainContext
 from camrt.errors import PluginError, UsageError
+from camrt.execution.context import ExplainContext
+from camrt.execution.session import ExplainSession
 from camrt.hookspecs import hookimpl
 from camrt.metrics.base import EvalBatch, Metric
-from camrt.session import ExplainSession
+from tests.helpers import TOY_HEIGHT, TOY_WIDTH, initializers, random_image, toy_model, write_image
 
-from .tiny import random_image, write_image
-
-H, W = 6, 8
-
-
-def _export_onnx(path, nodes, initializers, outputs, rules=("vanilla",), layers=()):
-    """A camrt file from an ONNX graph with input `image` [N, 3, H, W] (camrt export's ONNX front end)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from camrt_exporters.export import export_onnx, write_model
-
-    graph = helper.make_graph(
-        nodes, "toy", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, H, W])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-        initializer=[numpy_helper.from_array(value, name) for name, value in initializers.items()])
-    source = path.with_suffix(".source.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), source)
-    model, _ = export_onnx(source, layers=list(layers), rules=list(rules))
-    write_model(model, path)
-    return str(path)
-
-
-def linear_model(path, weights: np.ndarray, bias: np.ndarray) -> str:
-    """logits = weights @ flatten(image) + bias (weights [classes, 3*H*W]); layer: the image times one."""
-    from onnx import helper
-
-    nodes = [helper.make_node("Mul", ["image", "one"], ["pixels"]),
-             helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
-             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)]
-    return _export_onnx(path, nodes, {"one": np.ones(1, np.float32), "w": weights, "b": bias}, ["logits"],
-                        layers=["pixels"])
+H, W = TOY_HEIGHT, TOY_WIDTH
 
 
 def _batch(session: ExplainSession, x: np.ndarray, heatmaps: np.ndarray, targets, **kwargs) -> EvalBatch:
@@ -57,13 +26,14 @@ def _batch(session: ExplainSession, x: np.ndarray, heatmaps: np.ndarray, targets
     return EvalBatch(x, heatmaps.astype(np.float32), targets, ExplainContext(session, x, targets), **kwargs)
 
 
-def test_uniform_map_deletion_curve_is_linear_on_a_mean_model(exporter, tmp_path):
+def test_uniform_map_deletion_curve_is_linear_on_a_mean_model(tmp_path):
     """logit = mean of the pixels, image constant c, zeros baseline: deleting any k of N positions
     leaves c (N - k) / N, so the curve is the line c (1 - fraction) and the AUC is c / 2."""
     from camrt.metrics.deletion import DeletionAUC
 
     n = 3 * H * W
-    path = linear_model(tmp_path / "mean.onnx", np.full((2, n), 1 / n, np.float32), np.zeros(2, np.float32))
+    path = toy_model("toy-mean", tmp_path)  # weights 1 / n, biases 0
+    assert np.array_equal(initializers(path)["w"], np.full((2, n), 1 / n, np.float32))
     c = 0.8
     x = np.full((1, 3, H, W), c, np.float32)
     session = ExplainSession(path, device="cpu")
@@ -76,7 +46,7 @@ def test_uniform_map_deletion_curve_is_linear_on_a_mean_model(exporter, tmp_path
 
 
 @pytest.mark.parametrize("baseline", ["zeros", "mean"])
-def test_deletion_and_insertion_curves_on_a_linear_model(exporter, tmp_path, baseline):
+def test_deletion_and_insertion_curves_on_a_linear_model(tmp_path, baseline):
     """A uniform map ranks positions in raster order (a stable sort): after k positions the logit of
     class t is b_t + sum over positions p of w_t[:, p] . (x[:, p] if kept else baseline[:, p]),
     summed by hand with cumulative sums; the AUC is the trapezoidal rule over the fractions."""
@@ -84,9 +54,8 @@ def test_deletion_and_insertion_curves_on_a_linear_model(exporter, tmp_path, bas
 
     rng = np.random.default_rng(0)
     n = H * W
-    w = rng.normal(size=(3, 3 * n)).astype(np.float32)
-    b = rng.normal(size=3).astype(np.float32)
-    path = linear_model(tmp_path / "linear.onnx", w, b)
+    path = toy_model("toy-linear", tmp_path)
+    w, b = initializers(path)["w"], initializers(path)["b"]
     x = rng.normal(size=(2, 3, H, W)).astype(np.float32)
     session = ExplainSession(path, device="cpu")
     targets = [2, 0]
@@ -121,7 +90,8 @@ def test_blur_baseline_is_opencv_gaussian_of_each_channel():
 
 
 def test_spearman_matches_scipy_with_ties():
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats
+
     from camrt.metrics.randomization import spearman
 
     rng = np.random.default_rng(3)
@@ -132,24 +102,7 @@ def test_spearman_matches_scipy_with_ties():
     assert spearman(a, np.zeros_like(a)) is None
 
 
-def conv_matmul_model(path) -> str:
-    """Conv 3x3 stride 1 -> Sigmoid (smooth: finite differences apply) -> GlobalAveragePool -> Flatten -> MatMul + Add: both the Conv and the
-    MatMul get backward constants derived from their weights (flipped kernel, transposed matrix)."""
-    from onnx import helper
-
-    rng = np.random.default_rng(5)
-    nodes = [helper.make_node("Conv", ["image", "cw", "cb"], ["conv"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             helper.make_node("Sigmoid", ["conv"], ["feat"]),
-             helper.make_node("GlobalAveragePool", ["feat"], ["gap"]),
-             helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
-             helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
-             helper.make_node("Add", ["mm", "fb"], ["logits"])]
-    weights = {"cw": rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "cb": rng.normal(0, 0.1, 6).astype(np.float32),
-               "fw": rng.normal(0, 1, (6, 4)).astype(np.float32), "fb": rng.normal(0, 0.1, 4).astype(np.float32)}
-    return _export_onnx(path, nodes, weights, ["logits"], layers=["feat"])
-
-
-def test_randomized_file_keeps_gradients_consistent(exporter, tmp_path):
+def test_randomized_file_keeps_gradients_consistent(tmp_path):
     """After cascading randomization of every layer, the weights differ and the randomized file's
     input gradient equals central finite differences of its own forward pass (the derived backward
     constants were replaced too)."""
@@ -158,7 +111,7 @@ def test_randomized_file_keeps_gradients_consistent(exporter, tmp_path):
 
     from camrt.metrics.randomization import Cascade
 
-    path = conv_matmul_model(tmp_path / "convmm.onnx")
+    path = toy_model("toy-convmm", tmp_path)
     cascade = Cascade(path)
     assert [n.op_type for n in cascade.layers] == ["MatMul", "Conv"]
     (randomized,) = cascade.write_stages([2], str(tmp_path), seed=0)
@@ -183,7 +136,7 @@ def test_randomized_file_keeps_gradients_consistent(exporter, tmp_path):
         assert (grad * d).sum() == pytest.approx(finite, rel=2e-2, abs=1e-4)
 
 
-def test_unknown_derived_transform_is_refused(exporter, tmp_path):
+def test_unknown_derived_transform_is_refused(tmp_path):
     """A backward-only constant that holds a weight's values in an order camrt cannot explain."""
     import onnx
     from onnx import numpy_helper
@@ -191,7 +144,7 @@ def test_unknown_derived_transform_is_refused(exporter, tmp_path):
     from camrt.errors import ModelError
     from camrt.metrics.randomization import Cascade
 
-    path = conv_matmul_model(tmp_path / "convmm.onnx")
+    path = toy_model("toy-convmm", tmp_path)
     model = onnx.load(path)
     fw = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "fw")
     for init in model.graph.initializer:
@@ -229,14 +182,14 @@ class Sobel:
         register(self.method_class())
 
 
-def test_randomization_cli_edge_detector_stays_gradcam_moves(exporter, tmp_path, plugin):
+def test_randomization_cli_edge_detector_stays_gradcam_moves(tmp_path, plugin):
     """The edge detector's maps are identical after randomization (Spearman 1); Grad-CAM's are not."""
     from click.testing import CliRunner
 
     from camrt.cli import build_cli
 
     plugin(Sobel(), "test-sobel")
-    path = conv_matmul_model(tmp_path / "convmm.onnx")
+    path = toy_model("toy-convmm", tmp_path)
     rng = np.random.default_rng(2)
     images = [write_image(str(tmp_path / f"im{i}.png"), random_image(rng, H * 4, W * 4)) for i in range(2)]
     result = CliRunner().invoke(
@@ -337,7 +290,7 @@ class _Dup(Metric):
 
 
 def test_metric_registry_duplicates_and_unknown_names(plugin):
-    from camrt.registry import build_metric_registry
+    from camrt.plugins.registry import build_metric_registry
 
     registry = build_metric_registry()
     assert registry.plugin_of("road") == "camrt.metrics.road" and registry.get("Deletion-AUC").name == "deletion"

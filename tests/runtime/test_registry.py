@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ from camrt.errors import PluginError, UsageError
 from camrt.hookspecs import hookimpl
 from camrt.methods.base import ActivationWeightingMethod, EigenSmoothOptions, ElementwiseWeightingMethod, Method
 from camrt.methods.gradcam import GradCAM
-from camrt.registry import MethodRegistry, build_method_registry, build_renderer_registry
+from camrt.plugins.registry import MethodRegistry, build_method_registry, build_renderer_registry
 
 
 def test_builtins_registered_through_the_hook():
@@ -170,8 +169,8 @@ def test_duplicate_renderer(plugin):
 
     plugin(Plugin(), "test-png")
     registry = build_renderer_registry()
-    assert "renderer 'png' is already registered by plugin 'camrt.render'" in registry.failures["test-png"]
-    assert registry.get("png").plugin == "camrt.render"
+    assert "renderer 'png' is already registered by plugin 'camrt.imaging.render'" in registry.failures["test-png"]
+    assert registry.get("png").plugin == "camrt.imaging.render"
 
 
 def test_method_is_abstract():

@@ -9,10 +9,10 @@ import pytest
 
 from camrt import contract
 from camrt.errors import ContractError, InputError, ModelError, UsageError
-from camrt.images import preprocess
-from camrt.session import GRAPH_OPTIMIZATIONS, ExplainSession, read_contract, read_metadata
-
-from .tiny import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
+from camrt.execution.session import GRAPH_OPTIMIZATIONS, ExplainSession
+from camrt.imaging.preprocess import preprocess
+from camrt.modelfile.metadata import read_contract, read_metadata
+from tests.helpers import CLASSES, HEIGHT, LABELS, WIDTH, numpy_forward
 
 
 def _batch(model, rng, n):
@@ -187,7 +187,7 @@ def test_static_batch_runs_in_chunks(make_model, rng):
 
 
 def test_contract_summary_json(tiny):
-    from camrt.cli import contract_summary
+    from camrt.cli.inspect import contract_summary
 
     summary = contract_summary(tiny.path)
     json.dumps(summary)
@@ -201,6 +201,8 @@ def test_each_fetch_set_runs_only_its_subgraph(tiny, rng):
     import onnx
     import onnxruntime as ort
 
+    from camrt.execution.subgraphs import subgraph
+
     session = ExplainSession(tiny.path, device="cpu")
     x = _batch(tiny, rng, 3)
     targets = np.array([-1, 1, 0])
@@ -212,10 +214,9 @@ def test_each_fetch_set_runs_only_its_subgraph(tiny, rng):
     reference = dict(zip(fetch, whole.run(fetch, {session.info.input_name: x, contract.TARGET_INPUT: targets})))
     for name in fetch:
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
-    from camrt.session import _subgraph
 
     model = onnx.load(tiny.path)
-    kept = {n.name for n in _subgraph(model, fetch).graph.node}
+    kept = {n.name for n in subgraph(model, fetch).graph.node}
     # the input gradients' nodes are in the file but not in the Grad-CAM session's graph
     assert any(n.name.startswith("camrt_bwd/guided") for n in model.graph.node)
     assert not any(name.startswith("camrt_bwd/guided") for name in kept)

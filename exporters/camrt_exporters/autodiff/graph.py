@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from camrt.errors import ExportError
+from ..errors import ExportError
 
 #: A dimension is an int when static, a str (symbol) or None when not.
 Dim = int | str | None
@@ -85,11 +85,19 @@ def zero_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | No
     return feeds
 
 
+def cpu_session(model: onnx.ModelProto):
+    """An onnxruntime CPU session of `model` that logs nothing (onnxruntime warns about graphs the
+    exporter builds and throws away); its failures are onnxruntime's own exception types."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def run_for(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.ndarray] | None:
     """Tensors `names` of `model` in one onnxruntime run on zero inputs (see `zero_feeds`);
     None when the model cannot run that way."""
-    import onnxruntime as ort
-
     feeds = zero_feeds(model, batch)
     if feeds is None:
         return None
@@ -97,11 +105,8 @@ def run_for(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, n
     running.CopyFrom(model)
     del running.graph.output[:]
     running.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(running.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return dict(zip(names, session.run(names, feeds)))
+        return dict(zip(names, cpu_session(running).run(names, feeds)))
     except Exception:  # noqa: BLE001 - onnxruntime's own types; the caller keeps what it knew
         return None
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from camrt.errors import ExportError, UnsupportedOpError
-from camrt.layers import tensors_between
+from camrt.modelfile.layers import tensors_between
 
+from ..errors import ExportError, UnsupportedOpError
 from .graph import Dim, GraphIndex
+
+if TYPE_CHECKING:
+    from camrt.contract import Preprocessing
 
 
 class BackwardRule(Protocol):
@@ -83,15 +86,23 @@ class Backward:
 
 
 class RuleContext:
-    """What a backward rule may use: emit nodes, make constants, read static facts of the graph."""
+    """What a backward rule may use: emit nodes, make constants, read static facts of the graph.
 
-    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches, compact: bool = False):
+    image_input / preprocessing: the graph's image input and how the runtime normalises it, when the
+    caller knows them (the contract exporter does); rules for the first layer read them (LRP's z^B
+    rule takes its pixel bounds from the preprocessing)."""
+
+    def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches, image_input: str | None = None,
+                 preprocessing: "Preprocessing | None" = None, compact: bool = False):
         self.index = index
         #: Share the forward pass's weights instead of storing transformed copies (e.g. a Conv's flipped
         #: kernel): a smaller file, a slower backward.
         self.compact = compact
         self.prefix = prefix
         self.patches = patches
+        self.image_input = image_input
+        self.preprocessing = preprocessing
+        self._constants: dict[str, np.ndarray] = {}  # made by `const`: constants to the rules that read them
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._counter = 0
@@ -110,11 +121,13 @@ class RuleContext:
         return input_index < len(self.node.input) and self.node.input[input_index] in self._active
 
     def shape(self, name: str) -> tuple[Dim, ...] | None:
+        if name in self._constants:
+            return tuple(self._constants[name].shape)
         return self.index.shape(name)
 
     def static_shape(self, name: str, what: str = "") -> tuple[int, ...]:
         """The shape of `name` with every dimension but the first (batch) static."""
-        shape = self.index.shape(name)
+        shape = self.shape(name)
         if shape is None or any(not isinstance(d, int) for d in shape[1:]):
             raise ExportError(
                 f"node {self.node.name!r} ({self.node.op_type}): the backward rule needs the static "
@@ -123,6 +136,8 @@ class RuleContext:
         return shape
 
     def value(self, name: str) -> np.ndarray | None:
+        if name in self._constants:
+            return self._constants[name]
         return self.index.value(name) if name else None
 
     def require_value(self, name: str, what: str) -> np.ndarray:
@@ -157,6 +172,7 @@ class RuleContext:
         array = np.asarray(value, dtype=dtype)
         name = self.fresh("const")
         self.initializers.append(numpy_helper.from_array(array, name))
+        self._constants[name] = array
         return name
 
     def ints(self, values) -> str:
@@ -269,9 +285,13 @@ def differentiate(
     rules: RuleSet,
     patches: ForwardPatches,
     prefix: str,
+    image_input: str | None = None,
+    preprocessing: "Preprocessing | None" = None,
     compact: bool = False,
 ) -> Backward:
-    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (`compact`: see RuleContext)."""
+    """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (with a rule set of
+    modified rules, e.g. LRP's, whatever those rules propagate); `image_input` and `preprocessing`
+    are handed to the rules through the RuleContext (`compact`: see RuleContext)."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -282,7 +302,7 @@ def differentiate(
                 f"tensor {name!r} has no differentiable path to the score {score!r}; "
                 "choose a layer that feeds the classifier."
             )
-    ctx = RuleContext(index, prefix, patches, compact)
+    ctx = RuleContext(index, prefix, patches, image_input, preprocessing, compact)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
     wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for
@@ -320,10 +340,17 @@ def differentiate(
         if name not in contributions:
             raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}{_integer_break(index, active)}")
         gradients[name] = ctx.add_n(contributions[name])
-    return Backward(ctx.nodes, ctx.initializers, gradients)
+    read = {name for node in ctx.nodes for name in node.input}  # a rule may make a constant it ends up not using
+    return Backward(ctx.nodes, [init for init in ctx.initializers if init.name in read], gradients)
 
 
 RuleTable = dict[str, BackwardRule]
+
+
+def _add_rule(table: RuleTable, op_type: str, rule: BackwardRule) -> None:
+    if op_type in table:
+        raise ExportError(f"two backward rules for op type {op_type!r}")
+    table[op_type] = rule
 
 
 def rule_table(*tables: Mapping[str, BackwardRule]) -> RuleTable:
@@ -331,9 +358,7 @@ def rule_table(*tables: Mapping[str, BackwardRule]) -> RuleTable:
     merged: RuleTable = {}
     for table in tables:
         for op_type, rule in table.items():
-            if op_type in merged:
-                raise ExportError(f"two backward rules for op type {op_type!r}")
-            merged[op_type] = rule
+            _add_rule(merged, op_type, rule)
     return merged
 
 
@@ -343,9 +368,7 @@ def registering(table: RuleTable) -> Callable[..., Callable[[BackwardRule], Back
     def rule(*op_types: str):
         def decorate(fn: BackwardRule) -> BackwardRule:
             for op_type in op_types:
-                if op_type in table:
-                    raise ExportError(f"two backward rules for op type {op_type!r}")
-                table[op_type] = fn
+                _add_rule(table, op_type, fn)
             return fn
 
         return decorate

@@ -6,8 +6,7 @@ import math
 
 import onnx
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 

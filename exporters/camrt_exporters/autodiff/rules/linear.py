@@ -6,8 +6,7 @@ import string
 
 import numpy as np
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 
@@ -23,15 +22,26 @@ def _only_data_gradient(ctx: RuleContext, node, what: str) -> None:
         )
 
 
-def explicit_pads(ctx: RuleContext, node, in_spatial, kernel, strides, dilations) -> list[int]:
-    """The pads of a Conv/Pool node as explicit [begins..., ends...], resolving auto_pad."""
+def _auto_pad(node) -> str:
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    n = len(in_spatial)
+    return auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+
+
+def _fixed_pads(node, auto_pad: str, n: int) -> list[int] | None:
+    """The pads when auto_pad computes none (NOTSET: the pads attribute, VALID: zeros), else None."""
     if auto_pad in ("NOTSET", ""):
         return list(attribute(node, "pads", [0] * (2 * n)))
     if auto_pad == "VALID":
         return [0] * (2 * n)
+    return None
+
+
+def explicit_pads(ctx: RuleContext, node, in_spatial, kernel, strides, dilations) -> list[int]:
+    """The pads of a Conv/Pool node as explicit [begins..., ends...], resolving auto_pad."""
+    auto_pad = _auto_pad(node)
+    fixed = _fixed_pads(node, auto_pad, len(in_spatial))
+    if fixed is not None:
+        return fixed
     begins, ends = [], []
     for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
         out = -(-size // s)
@@ -124,15 +134,13 @@ def _conv_transpose_pads(ctx: RuleContext, node, n: int, kernel, strides, dilati
     """Explicit [begins..., ends...] pads of a ConvTranspose. auto_pad SAME_*: the output is
     input * stride and the total padding goes mostly to the end (SAME_UPPER) or the begin
     (SAME_LOWER), as onnxruntime and the reference evaluator do it."""
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if attribute(node, "output_shape", None):
         raise ExportError(f"node {node.name!r} (ConvTranspose): the output_shape attribute has no backward rule; "
                           "export the model with explicit pads and output_padding")
-    if auto_pad in ("NOTSET", ""):
-        return list(attribute(node, "pads", [0] * (2 * n)))
-    if auto_pad == "VALID":
-        return [0] * (2 * n)
+    auto_pad = _auto_pad(node)
+    fixed = _fixed_pads(node, auto_pad, n)
+    if fixed is not None:
+        return fixed
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         raise ExportError(f"node {node.name!r} (ConvTranspose): unknown auto_pad {auto_pad!r}")
     spatial = ctx.static_shape(node.input[0])[2:]

@@ -3,8 +3,7 @@ and GroupNormalization (BatchNormalization and LayerNormalization are in pooling
 
 from __future__ import annotations
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 

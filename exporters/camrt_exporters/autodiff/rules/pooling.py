@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 from .elementwise import _mask

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from camrt.errors import ExportError
+from ...errors import ExportError
 
 from ..graph import attribute, quantized_range
 from ..reverse import RuleContext, RuleTable, registering

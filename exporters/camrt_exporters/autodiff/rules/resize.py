@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from camrt.errors import ExportError
-
-from ..graph import attribute
+from ...errors import ExportError
+from ..graph import attribute, cpu_session
 from ..reverse import RuleContext, RuleTable, registering
 from .shape import along_axis
 
@@ -93,8 +92,6 @@ def _scales_and_sizes(ctx: RuleContext, node, rank: int) -> tuple[list[float] | 
 def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int | None) -> np.ndarray:
     """R [out, extent]: onnxruntime's Resize, with this node's attributes, of the identity basis laid
     out as [extent, 1, extent, 1] and resized along axis 2 only."""
-    import onnxruntime as ort  # only when a Resize is differentiated, as camrt imports it only for a session
-
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _SIZE_ATTRIBUTES}
     inputs = ["X", "", "scales"] if scale is not None else ["X", "", "", "sizes"]
     inits = ([numpy_helper.from_array(np.array([1, 1, scale, 1], dtype=np.float32), "scales")] if scale is not None
@@ -106,8 +103,7 @@ def _probe(ctx: RuleContext, node, extent: int, scale: float | None, size: int |
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ctx.opset)])
     basis = np.eye(extent, dtype=np.float32).reshape(extent, 1, extent, 1)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        (resized,) = session.run(None, {"X": basis})
+        (resized,) = cpu_session(model).run(None, {"X": basis})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"node {node.name!r} (Resize): onnxruntime cannot run its attributes on one axis ({exc})") from exc
     return resized[:, 0, :, 0].T

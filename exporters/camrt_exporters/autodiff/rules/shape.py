@@ -6,8 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from camrt.errors import ExportError
-
+from ...errors import ExportError
 from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 

@@ -1,0 +1,78 @@
+"""The execution context of one explain call: further passes through the same contract file.
+
+Most methods need one run of the file (forward + backward) and read its outputs. Methods that
+perturb the input (Score-CAM, SmoothGrad, Integrated Gradients) or edit a layer's activations
+(Ablation-CAM) need more passes; they declare it in `Requirements` (``extra_passes``, ``tail``) and
+get an `ExplainContext` as ``outputs.context``:
+
+    ctx = outputs.context
+    logits = ctx.forward(masked_inputs)                         # [N, classes], forward only
+    grads = ctx.gradients(noisy, targets, [input_gradient_output("vanilla")])
+    logits = ctx.tail(layer, edited_activations, samples=rows)  # from the layer to the logits
+    ctx.add_extra("completeness", per_sample_values)            # -> Explanation.extra
+
+Every pass goes through the `ExplainSession` of the file (cached onnxruntime sessions of the
+pruned subgraphs), so no model other than the file is ever run. Callers bound their memory by
+passing chunks; the context does not batch for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import contract
+from ..errors import InputError, PluginError
+
+
+class ExplainContext:
+    """Passes through the contract file, for the batch being explained.
+
+    inputs: the preprocessed batch [B, C, H, W] of this call; targets: the explained class per
+    sample (already resolved, int64 [B]).
+    """
+
+    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray):
+        self.session = session
+        self.inputs = inputs
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.extra: dict[str, list[Any]] = {}
+        self._side: dict[str, dict[str, np.ndarray]] = {}
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        """``camrt/logits`` [N, classes] of model inputs [N, C, H, W] (the forward subgraph only)."""
+        x = np.asarray(inputs)
+        return self.session.run(x, np.full(x.shape[0], contract.TOP1_TARGET), [contract.LOGITS_OUTPUT])[
+            contract.LOGITS_OUTPUT]
+
+    def gradients(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
+        """Any contract outputs (e.g. ``camrt/input_grad/vanilla``) for inputs [N, C, H, W] and one
+        target per row (a class index, or -1 for the top-1 of that row)."""
+        return self.session.run(inputs, targets, list(fetch))
+
+    def tail(self, layer: str, activations: np.ndarray, samples: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``camrt/logits`` [N, classes] from (edited) activations [N, K, h, w] of `layer`.
+
+        samples: for each row, the index of the batch sample it was made from (default: row i is
+        sample i). When the tail reads tensors from before the layer (skip connections), those are
+        taken from a forward pass of that sample (computed once per layer and call).
+        """
+        acts = np.asarray(activations)
+        rows = np.arange(acts.shape[0]) if samples is None else np.asarray(samples, dtype=np.int64)
+        if rows.shape != (acts.shape[0],):
+            raise PluginError(f"tail: {rows.shape[0] if rows.ndim else 1} sample indices for {acts.shape[0]} rows")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.inputs.shape[0]):
+            raise InputError(f"tail: sample indices out of range for a batch of {self.inputs.shape[0]}")
+        if layer not in self._side:
+            self._side[layer] = self.session.tail_side_tensors(layer, self.inputs)
+        side = {name: value[rows] for name, value in self._side[layer].items()}
+        return self.session.run_tail(layer, acts, side)
+
+    def add_extra(self, key: str, values: Sequence[Any]) -> None:
+        """Per-sample fields (one JSON-able value per sample) for each Explanation's ``extra``."""
+        values = list(values)
+        if len(values) != self.inputs.shape[0]:
+            raise PluginError(f"extra field {key!r}: {len(values)} values for a batch of {self.inputs.shape[0]}")
+        self.extra[key] = values

@@ -1,0 +1,217 @@
+"""Registries of methods, metrics and renderers, built from the `register_methods`, `register_metrics`
+and `register_renderers` hooks.
+
+Each plugin's hook implementation is called on its own so that errors name the plugin. A plugin
+whose hook raises, or registers something invalid (a duplicate name or alias, a class that is not
+a `Method` or `Metric`), is left out as a whole and its failure is recorded with its name in
+`camrt.plugins.load_failures` (listed by `camrt plugins`, and quoted when a missing method is asked
+for); the other plugins still register. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from .. import plugins
+from ..errors import PluginError
+from ..methods.base import Method
+from ..metrics.base import Metric
+
+
+def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]],
+               forget: Callable[[str], None]) -> dict[str, str]:
+    """Call every implementation of `hook_name`, one by one, with a register bound to its plugin.
+
+    A plugin that fails is rolled back with `forget(plugin)`; returns plugin name -> message."""
+    failures: dict[str, str] = {}
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():  # registration order: built-ins first, so a clash blames the newcomer
+        kwargs = {"register": make_register(impl.plugin_name)}
+        try:
+            impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Exception as exc:  # PluginError from the registry, or a plugin's own bug
+            message = str(exc) if isinstance(exc, PluginError) else (
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}")
+            forget(impl.plugin_name)
+            failures[impl.plugin_name] = message
+            plugins.load_failures[impl.plugin_name] = message
+    return failures
+
+
+def _failures_text(failures: dict[str, str]) -> str:
+    return f"; plugins that failed to register: {'; '.join(failures.values())}" if failures else ""
+
+
+class ClassRegistry:
+    """Plugin classes of one kind (methods, metrics) by name and alias (case-insensitive).
+
+    Subclasses set `kind` (the word used in messages) and `base` (the class every entry subclasses).
+    """
+
+    kind: str = "class"
+    base: type = object
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type] = {}  # canonical name -> class
+        self._plugins: dict[str, str] = {}  # canonical name -> plugin name
+        self._lookup: dict[str, str] = {}  # name or alias (lower case) -> canonical name
+        #: Plugins left out: plugin name -> why.
+        self.failures: dict[str, str] = {}
+
+    def register(self, cls: Any, plugin: str = "<direct>") -> None:
+        kind = self.kind
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a subclass of camrt {self.base.__name__}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} that does not implement {missing}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a `name`")
+        keys = [name.lower(), *(alias.lower() for alias in cls.aliases)]
+        for key in keys:
+            owner = self._lookup.get(key)
+            if owner is not None or keys.count(key) > 1:
+                by = f" by plugin {self._plugins[owner]!r} ({kind} {owner!r})" if owner else " twice by the same class"
+                raise PluginError(
+                    f"plugin {plugin!r}: {kind} name {key!r} is already registered{by}; "
+                    f"registered {kind}s: {self.listing()}"
+                )
+        self._classes[name] = cls
+        self._plugins[name] = plugin
+        for key in keys:
+            self._lookup[key] = name
+
+    def forget_plugin(self, plugin: str) -> None:
+        """Remove every class `plugin` registered."""
+        for name in [n for n, owner in self._plugins.items() if owner == plugin]:
+            del self._classes[name], self._plugins[name]
+            self._lookup = {key: canonical for key, canonical in self._lookup.items() if canonical != name}
+
+    def get(self, name: str) -> type:
+        canonical = self._lookup.get(name.lower())
+        if canonical is None:
+            raise PluginError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.listing()}"
+                              f"{_failures_text(self.failures)}")
+        return self._classes[canonical]
+
+    def plugin_of(self, name: str) -> str:
+        return self._plugins[self.get(name).name]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def listing(self) -> str:
+        if not self._classes:
+            return "(none)"
+        parts = []
+        for name in self.names():
+            aliases = self._classes[name].aliases
+            parts.append(f"{name} (aliases: {', '.join(aliases)})" if aliases else name)
+        return ", ".join(parts)
+
+    def __iter__(self) -> Iterator[type]:
+        return (self._classes[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
+class MethodRegistry(ClassRegistry):
+    """Method classes (`camrt.methods.base.Method`) by name and alias."""
+
+    kind = "method"
+    base = Method
+
+
+class MetricRegistry(ClassRegistry):
+    """Metric classes (`camrt.metrics.base.Metric`) by name and alias."""
+
+    kind = "metric"
+    base = Metric
+
+
+def _build_class_registry(registry: ClassRegistry, hook_name: str, pm: pluggy.PluginManager | None) -> ClassRegistry:
+    if pm is None:
+        pm = plugins.get_plugin_manager()
+    registry.failures = _call_each(pm, hook_name, lambda plugin: lambda cls: registry.register(cls, plugin),
+                                   registry.forget_plugin)
+    return registry
+
+
+def build_method_registry(pm: pluggy.PluginManager | None = None) -> MethodRegistry:
+    return _build_class_registry(MethodRegistry(), "register_methods", pm)
+
+
+def build_metric_registry(pm: pluggy.PluginManager | None = None) -> MetricRegistry:
+    return _build_class_registry(MetricRegistry(), "register_metrics", pm)
+
+
+#: write(path, heatmap [H, W] float32 in [0, 1], image HWC uint8 RGB or None, options dict) -> None
+WriteFunction = Callable[[str, Any, Any, dict], None]
+
+
+@dataclass(frozen=True)
+class Renderer:
+    name: str
+    write: WriteFunction
+    #: File name suffix after the input's stem, e.g. ".overlay.png".
+    suffix: str
+    #: Key of the written path in the JSON record (e.g. "overlay"); every path is also under "outputs".
+    field: str
+    plugin: str
+
+
+class RendererRegistry:
+    def __init__(self) -> None:
+        self._renderers: dict[str, Renderer] = {}
+        #: Plugins left out: plugin name -> why.
+        self.failures: dict[str, str] = {}
+
+    def forget_plugin(self, plugin: str) -> None:
+        """Remove every renderer `plugin` registered."""
+        self._renderers = {key: r for key, r in self._renderers.items() if r.plugin != plugin}
+
+    def register(self, name: str, write: WriteFunction, *, suffix: str | None = None,
+                 field: str | None = None, plugin: str = "<direct>") -> None:
+        if not isinstance(name, str) or not name or not callable(write):
+            raise PluginError(f"plugin {plugin!r} registered an invalid renderer {name!r} ({write!r})")
+        key = name.lower()
+        if key in self._renderers:
+            raise PluginError(
+                f"plugin {plugin!r}: renderer {key!r} is already registered by plugin "
+                f"{self._renderers[key].plugin!r}; registered renderers: {', '.join(self.names())}"
+            )
+        self._renderers[key] = Renderer(key, write, suffix or f".{key}", field or key, plugin)
+
+    def get(self, name: str) -> Renderer:
+        renderer = self._renderers.get(name.lower())
+        if renderer is None:
+            raise PluginError(f"unknown output format {name!r}; registered renderers: {', '.join(self.names()) or '(none)'}"
+                              f"{_failures_text(self.failures)}")
+        return renderer
+
+    def names(self) -> list[str]:
+        return sorted(self._renderers)
+
+    def __iter__(self) -> Iterator[Renderer]:
+        return (self._renderers[name] for name in self.names())
+
+
+def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererRegistry:
+    if pm is None:
+        pm = plugins.get_plugin_manager()
+    registry = RendererRegistry()
+
+    def make_register(plugin: str):
+        def register(name, write, *, suffix=None, field=None):
+            registry.register(name, write, suffix=suffix, field=field, plugin=plugin)
+        return register
+
+    registry.failures = _call_each(pm, "register_renderers", make_register, registry.forget_plugin)
+    return registry

@@ -1,0 +1,54 @@
+"""Layer-wise relevance propagation heatmaps from the input relevance of an LRP rule set.
+
+Bach, Binder, Montavon, Klauschen, Mueller, Samek, "On Pixel-Wise Explanations for Non-Linear Classifier
+Decisions by Layer-Wise Relevance Propagation", PLoS ONE 10(7), 2015: relevance is redistributed layer by
+layer from the output to the input, conserving its total (eq. 2: sum_d R_d^(l) = sum_d R_d^(l+1) = f(x)).
+Montavon, Binder, Lapuschkin, Samek, Mueller, "Layer-Wise Relevance Propagation: An Overview", in
+Explainable AI, LNCS 11700, 2019: the rules (eqs. 4.1-4.4) and the composites that assign them by layer.
+
+Every rule propagates R linearly (R_x = M(x) R_out for a matrix M that depends on the input only), so the
+file carries the input relevance for R_out = one-hot of the target (the contract's seed), as zennit's
+attributor returns it for that output relevance. This method starts from zennit's other usual choice,
+the target score: R_out = one-hot * f_c(x), so that the input relevance sums to the score
+(conservation) wherever the rules conserve:
+
+    R_input = f_c(x) * camrt/input_grad/<rule set>,    map_ij = sum_c R_input[c, i, j]
+
+the sum over colour channels as in zennit's examples (`relevance.sum(1)`). The map is signed (negative
+relevance speaks against the class), so no ReLU is applied; camrt normalises it to [0, 1] afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import camrt
+
+from .names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+
+
+def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
+    """[B, C, H, W] relevance of the input pixels for the output relevance one-hot * target score."""
+    score = np.take_along_axis(outputs.logits, outputs.target_index[:, None].astype(np.int64), axis=1)[:, 0]
+    return outputs.input_gradient(rule_set) * score.astype(np.float32)[:, None, None, None]
+
+
+class LRP(camrt.Method):
+    """LRP heatmap (Bach et al. 2015) under one of zennit's composites: the channel sum of the input relevance."""
+
+    relu = False
+
+    def explain(self, outputs: camrt.GraphOutputs, *, layer: str | None) -> np.ndarray:
+        return input_relevance(outputs, self.requires.input_gradient).sum(axis=1).astype(np.float32, copy=False)
+
+
+def lrp_method(rule_set: str) -> type[LRP]:
+    return type(f"LRP_{rule_set.replace('-', '_')}", (LRP,), {
+        "name": rule_set,
+        "requires": camrt.Requirements(input_gradient=rule_set),
+        "__doc__": f"LRP heatmap with the {rule_set} rule set (zennit's composite of that name).",
+        "__module__": __name__,
+    })
+
+
+METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1))

@@ -1,0 +1,5 @@
+"""The rule-set names, shared by the exporter side (composites) and the run-time side (methods)."""
+
+EPSILON_PLUS_FLAT = "lrp-epsilon-plus-flat"
+EPSILON_GAMMA_BOX = "lrp-epsilon-gamma-box"
+EPSILON_ALPHA2_BETA1 = "lrp-epsilon-alpha2-beta1"

@@ -1,0 +1,366 @@
+"""Seeded files (`camrt export --seed`): gradients of L = <seed, score> for segmentation, embedding
+and raw detection-head targets, run as one forward pass and one backward pass on its activations.
+
+Oracles: torch autograd of the same L (float64 where it decides), pytorch-grad-cam 1.5.7's GradCAM
+with `SemanticSegmentationTarget` / `SimilarityToConceptTarget` (max abs of min-max normalised maps
+<= 1e-4), torchvision's differentiable `box_iou` for the box-matched score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from camrt import contract
+from camrt.seeds import SeedBatch
+from camrt.seeds.boxes import BoxTarget, box_seed
+from camrt.seeds.embedding import similarity_seed
+from camrt.seeds.segmentation import segmentation_seed
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pytorch_grad_cam")
+
+
+def _minmax(m):
+    m = m - m.min()
+    return m / (m.max() + 1e-7)
+
+
+def _export(tmp_path_factory, model, layer, size, name, score_output=None):
+    from camrt_exporters.export import export_torch, write_model
+
+    onnx_model, _ = export_torch(model, layers=[layer], input_size=size, rules=[contract.RULE_VANILLA], seed=True,
+                                 score_output=score_output)
+    path = tmp_path_factory.mktemp(name) / f"{name}.camrt.onnx"
+    write_model(onnx_model, path)
+    return str(path)
+
+
+def _layer_autograd(model, module_name, x, loss, score_output=None, float64=True):
+    """Activation and d loss(score) / d activation of a module's output in torch (float64 copy)."""
+    import copy
+
+    from camrt_exporters.torch_frontend import select_output
+
+    if float64:
+        model, x = copy.deepcopy(model).double(), x.double()
+    captured = {}
+    handle = dict(model.named_modules())[module_name].register_forward_hook(
+        lambda m, a, out: captured.__setitem__("act", out))
+    try:
+        score = select_output(model(x), score_output)
+        grad, = torch.autograd.grad(loss(score), [captured["act"]])
+    finally:
+        handle.remove()
+    return captured["act"].detach().numpy(), grad.numpy()
+
+
+def _gradcam_maps(values, layer, inputs):
+    from camrt.methods.base import GraphOutputs
+    from camrt.methods.gradcam import GradCAM
+    from camrt.postprocess import finalize
+
+    raw = GradCAM().explain(GraphOutputs(values, inputs), layer=layer)
+    return [finalize([m], inputs.shape[2:]) for m in raw]
+
+
+def _count_runs(session_object):
+    """Wrap an onnxruntime session's run to count calls."""
+    calls = []
+    original = session_object.run
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    session_object.run = counting
+    return calls
+
+
+# --- segmentation: torchvision LR-ASPP (dict output {"out"}) ---------------------------------
+SEG_SIZE = (128, 128)
+SEG_LAYER = "backbone.16"
+
+
+class _SegOut(torch.nn.Module):
+    """The "out" logits of a torchvision segmentation model (pytorch-grad-cam's tutorial wrapper)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["out"]
+
+
+@pytest.fixture(scope="module")
+def lraspp(tmp_path_factory):
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    return model, _export(tmp_path_factory, model, SEG_LAYER, SEG_SIZE, "lraspp", score_output="out")
+
+
+def _seg_inputs():
+    return np.random.default_rng(1).standard_normal((2, 3, *SEG_SIZE)).astype(np.float32)
+
+
+def test_segmentation_gradients_match_autograd_and_one_forward(lraspp):
+    from camrt.execution.session import ExplainSession
+
+    model, path = lraspp
+    session = ExplainSession(path)
+    x = _seg_inputs()
+    fetch = [contract.activation_output(SEG_LAYER), contract.gradient_output(SEG_LAYER)]
+    plan = session.seeded_plan(fetch)
+    forward_runs, backward_runs = _count_runs(plan.forward_session), _count_runs(plan.backward_session)
+    made = {}
+
+    def make_seed(outputs):
+        logits = outputs[contract.LOGITS_OUTPUT]
+        classes = [int(np.bincount(logits.argmax(1)[b].ravel()).argmax()) for b in range(len(logits))]
+        made["classes"], made["seed"] = classes, segmentation_seed(logits, classes)
+        return made["seed"]
+
+    got = session.run_seeded(x, make_seed, fetch)
+    assert (len(forward_runs), len(backward_runs)) == (1, 1)
+    seed = made["seed"].values
+    for b in range(len(x)):
+        act, grad = _layer_autograd(model, "backbone.16", torch.from_numpy(x[b:b + 1]),
+                                    lambda out: (out * torch.from_numpy(seed[b:b + 1]).double()).sum(), "out")
+        np.testing.assert_allclose(got[fetch[0]][b:b + 1], act, atol=1e-4 * np.abs(act).max())
+        assert np.abs(got[fetch[1]][b:b + 1] - grad).max() <= 1e-4 * np.abs(grad).max()
+
+
+def test_segmentation_gradcam_matches_pytorch_grad_cam(lraspp):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.execution.session import ExplainSession
+
+    model, path = lraspp
+    x = _seg_inputs()
+    fetch = [contract.activation_output(SEG_LAYER), contract.gradient_output(SEG_LAYER)]
+    with torch.no_grad():
+        logits = _SegOut(model)(torch.from_numpy(x)).numpy()
+    category = int(np.bincount(logits.argmax(1).ravel()).argmax())
+    masks = (logits.argmax(1) == category).astype(np.float32)  # pytorch-grad-cam's tutorial region
+    got = ExplainSession(path).run_seeded(x, lambda out: segmentation_seed(out[contract.LOGITS_OUTPUT], category),
+                                          fetch)
+    ours = _gradcam_maps(got, SEG_LAYER, x)
+    with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
+        for b in range(len(x)):
+            reference = cam(torch.from_numpy(x[b:b + 1]), targets=[SemanticSegmentationTarget(category, masks[b])])[0]
+            assert np.abs(_minmax(ours[b]) - _minmax(reference)).max() <= 1e-4
+
+
+def test_several_classes_per_image_in_one_forward(lraspp):
+    """Two targets per image (its most frequent class over its argmax region, and class 1 over the
+    left half): one forward run, one backward run of 4 rows, each row equal to its own seeded run."""
+    from camrt.execution.session import ExplainSession
+
+    _, path = lraspp
+    session = ExplainSession(path)
+    x = _seg_inputs()
+    grad = contract.gradient_output(SEG_LAYER)
+    plan = session.seeded_plan([grad])
+    forward_runs = _count_runs(plan.forward_session)
+    half = np.zeros(SEG_SIZE, np.float32)
+    half[:, : SEG_SIZE[1] // 2] = 1
+
+    def frequent(logits):
+        return [int(np.bincount(logits.argmax(1)[b].ravel()).argmax()) for b in range(len(logits))]
+
+    def two_targets(outputs):
+        logits = outputs[contract.LOGITS_OUTPUT]
+        return SeedBatch.stack([segmentation_seed(logits, frequent(logits)), segmentation_seed(logits, 1, half)])
+
+    stacked = session.run_seeded(x, two_targets, [grad])[grad]
+    assert len(forward_runs) == 1 and stacked.shape[0] == 4
+    for b in range(2):
+        for k, seed in enumerate([lambda logits: segmentation_seed(logits, frequent(logits)),
+                                  lambda logits: segmentation_seed(logits, 1, half)]):
+            single = session.run_seeded(x[b:b + 1], lambda out: seed(out[contract.LOGITS_OUTPUT]), [grad])[grad]
+            assert np.abs(stacked[2 * k + b] - single[0]).max() <= 1e-5 * np.abs(single).max()
+
+
+@pytest.mark.slow
+def test_deeplabv3_segmentation_gradcam_matches_pytorch_grad_cam(tmp_path_factory):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    from camrt.execution.session import ExplainSession
+
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    path = _export(tmp_path_factory, model, "backbone.16", SEG_SIZE, "deeplab", score_output="out")
+    x = _seg_inputs()
+    fetch = [contract.activation_output("backbone.16"), contract.gradient_output("backbone.16")]
+    with torch.no_grad():
+        argmax = _SegOut(model)(torch.from_numpy(x)).argmax(1).numpy()
+    classes = [int(np.bincount(argmax[b].ravel()).argmax()) for b in range(len(x))]
+    got = ExplainSession(path).run_seeded(x, lambda out: segmentation_seed(out[contract.LOGITS_OUTPUT], classes), fetch)
+    ours = _gradcam_maps(got, "backbone.16", x)
+    with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
+        for b, category in enumerate(classes):
+            mask = (argmax[b] == category).astype(np.float32)
+            reference = cam(torch.from_numpy(x[b:b + 1]), targets=[SemanticSegmentationTarget(category, mask)])[0]
+            assert np.abs(_minmax(ours[b]) - _minmax(reference)).max() <= 1e-4
+
+
+# --- embeddings: resnet18 without its classifier ---------------------------------------------
+EMB_SIZE = (96, 96)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(weights=None)
+    model.fc = torch.nn.Identity()
+    model.eval()
+    return model, _export(tmp_path_factory, model, "layer4", EMB_SIZE, "embedder")
+
+
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's target of its embeddings tutorial ("Pixel Attribution for embeddings"; not
+    in the 1.5.7 package): the cosine similarity of one sample's embedding to a concept embedding."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __call__(self, model_output):
+        return torch.nn.CosineSimilarity(dim=0)(model_output, self.features)
+
+
+def test_embedding_similarity_matches_autograd_and_pytorch_grad_cam(embedder):
+    from pytorch_grad_cam import GradCAM
+
+    from camrt.execution.session import ExplainSession
+
+    model, path = embedder
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, *EMB_SIZE)).astype(np.float32)
+    with torch.no_grad():
+        concept = model(torch.from_numpy(rng.standard_normal((1, 3, *EMB_SIZE)).astype(np.float32)))[0]
+    fetch = [contract.activation_output("layer4"), contract.gradient_output("layer4")]
+    got = ExplainSession(path).run_seeded(x, lambda out: similarity_seed(out[contract.LOGITS_OUTPUT],
+                                                                         concept.numpy()), fetch)
+    cosine = torch.nn.CosineSimilarity(dim=1)
+    for b in range(len(x)):
+        _, grad = _layer_autograd(model, "layer4", torch.from_numpy(x[b:b + 1]),
+                                  lambda out: cosine(out, concept.double()[None]).sum())
+        assert np.abs(got[fetch[1]][b:b + 1] - grad).max() <= 1e-4 * np.abs(grad).max()
+    ours = _gradcam_maps(got, "layer4", x)
+    with GradCAM(model=model, target_layers=[model.layer4]) as cam:
+        reference = cam(torch.from_numpy(x), targets=[SimilarityToConceptTarget(concept)] * len(x))
+    for b in range(len(x)):
+        assert np.abs(_minmax(ours[b]) - _minmax(reference[b])).max() <= 1e-4
+
+
+# --- raw detection head: a small YOLO-style model [B, 4 + C, N] ------------------------------
+DET_SIZE = (64, 64)
+DET_CLASSES = 3
+
+
+class TinyYolo(torch.nn.Module):
+    """Two strides (4, 8), anchor-free heads decoded as ultralytics exports them: cx, cy, w, h in
+    input pixels and sigmoid class scores, concatenated over the candidates: [B, 4 + C, N]."""
+
+    def __init__(self, classes: int = DET_CLASSES, size: tuple[int, int] = DET_SIZE):
+        super().__init__()
+        nn = torch.nn
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.SiLU())
+
+        self.stem = nn.Sequential(block(3, 8), block(8, 16))
+        self.down = block(16, 32)
+        self.heads = nn.ModuleList([nn.Conv2d(16, 4 + classes, 1), nn.Conv2d(32, 4 + classes, 1)])
+        self.strides = (4, 8)
+        for stride in self.strides:
+            h, w = size[0] // stride, size[1] // stride
+            gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                    indexing="ij")
+            self.register_buffer(f"grid{stride}", torch.stack([gx, gy])[None])
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        outs = []
+        for feature, head, stride in zip((f1, self.down(f1)), self.heads, self.strides):
+            p = head(feature)
+            xy = (torch.sigmoid(p[:, :2]) * 2 - 0.5 + getattr(self, f"grid{stride}")) * stride
+            wh = (torch.sigmoid(p[:, 2:4]) * 4) ** 2 * stride
+            outs.append(torch.cat([xy, wh, torch.sigmoid(p[:, 4:])], 1).flatten(2))
+        return torch.cat(outs, 2)
+
+
+def _torch_box_score(head, target: BoxTarget, threshold=0.5):
+    """The box-matched score in torch: sum over matching candidates of IoU x class score."""
+    from torchvision.ops import box_convert, box_iou
+
+    boxes = box_convert(head[target.sample, :4].T, "cxcywh", "xyxy")
+    scores = head[target.sample, 4:]
+    labels = scores.argmax(0)
+    iou = box_iou(torch.tensor([target.box], dtype=head.dtype), boxes)[0]
+    matched = (iou > threshold) & (labels == target.label)
+    return (iou[matched] * scores[target.label, matched]).sum()
+
+
+def _box_targets(head: np.ndarray):
+    """Per image, the box of its best-scoring candidate (x1, y1, x2, y2) and label, nudged off its
+    edges (at an equal edge min/max have no derivative; torch splits it in halves)."""
+    targets = []
+    for b in range(len(head)):
+        k = int(head[b, 4:].max(0).argmax())
+        label = int(head[b, 4:, k].argmax())
+        cx, cy, w, h = head[b, :4, k]
+        targets.append(BoxTarget(b, (cx - w / 2 + 0.5, cy - h / 2 - 0.3, cx + w / 2 + 0.2, cy + h / 2 + 0.1), label))
+    return targets
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyYolo().eval()
+    return model, _export(tmp_path_factory, model, "stem", DET_SIZE, "tinyyolo")
+
+
+def test_box_seed_is_the_autograd_gradient_of_the_box_score():
+    torch.manual_seed(1)
+    model = TinyYolo().double().eval()
+    x = torch.randn(2, 3, *DET_SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        head = model(x).numpy()
+    targets = _box_targets(head)
+    seeds = box_seed(head, targets)
+    for row, target in enumerate(targets):
+        raw = torch.from_numpy(head).requires_grad_(True)
+        score = _torch_box_score(raw, target)
+        grad, = torch.autograd.grad(score, [raw])
+        assert int((grad[target.sample, 4:] != 0).sum()) >= 2  # several candidates matched
+        np.testing.assert_allclose(seeds.values[row], grad[target.sample].numpy(), rtol=1e-9, atol=1e-12)
+        assert seeds.samples[row] == target.sample
+
+
+def test_box_gradients_at_a_layer_match_autograd(yolo):
+    from camrt.execution.session import ExplainSession
+
+    model, path = yolo
+    x = np.random.default_rng(4).standard_normal((2, 3, *DET_SIZE)).astype(np.float32)
+    fetch = [contract.gradient_output("stem")]
+    chosen = {}
+
+    def make_seed(outputs):
+        chosen["targets"] = _box_targets(outputs[contract.LOGITS_OUTPUT])
+        return box_seed(outputs[contract.LOGITS_OUTPUT], chosen["targets"])
+
+    got = ExplainSession(path).run_seeded(x, make_seed, fetch)[fetch[0]]
+    for row, target in enumerate(chosen["targets"]):
+        one = BoxTarget(0, target.box, target.label)
+        _, grad = _layer_autograd(model, "stem", torch.from_numpy(x[target.sample:target.sample + 1]),
+                                  lambda out: _torch_box_score(out, one))
+        assert np.abs(got[row] - grad[0]).max() <= 1e-4 * np.abs(grad).max()
