@@ -95,7 +95,6 @@ def make_files(name: str, log, refusals: dict[str, str]) -> dict[str, Path]:
     """The plain files (fp32, int8, fp16) and the camrt files (<format>.<variant>) of `name`, cached;
     self-check refusals recorded in `refusals` (see _export)."""
     from camrt_exporters.export import write_model
-
     from tests.exporters import edge_models, models
 
     folder = CACHE / name
@@ -124,7 +123,6 @@ def _export(source: Path, rules, compact: bool, preprocessing, refusals: dict[st
     in `refusals` (the report prints it): random-weight ResNet-50's float32 input gradient measures 2.8e-2
     against the 1e-2 finite-difference tolerance, on main as well."""
     from camrt_exporters import export
-
     from camrt_exporters.errors import ValidationError
 
     try:

@@ -412,7 +412,6 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
 def _widened(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`outputs` with float16 arrays widened to float32 (a float16 file's), for the float64 checks."""
     return {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in outputs.items()}
-    return raise_on_failures(checks)
 
 
 def _target_weights(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

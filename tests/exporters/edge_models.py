@@ -40,12 +40,7 @@ def export_float(model, path: Path, size: int = 224) -> Path:
 
 def quantize_qdq(float_path: Path, path: Path, calibration: np.ndarray) -> Path:
     """onnxruntime's static QDQ quantization: int8 activations and per-channel int8 weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Photos(CalibrationDataReader):
         def __init__(self):

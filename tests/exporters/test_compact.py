@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from camrt_exporters.export import export_onnx
 from onnx import numpy_helper
 
 from camrt import contract
+from camrt_exporters.export import export_onnx
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, weights
 

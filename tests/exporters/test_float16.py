@@ -14,9 +14,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from camrt_exporters.export import export_onnx, write_model
 
 from camrt import Explainer, contract
+from camrt_exporters.export import export_onnx, write_model
 
 from . import edge_models, models
 

@@ -15,17 +15,17 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from camrt_exporters.autodiff.graph import attribute
-from camrt_exporters.autodiff.rules import VANILLA
-from camrt_exporters.contract_file import prepare
-from camrt_exporters.export import export_onnx
-from camrt_exporters.straight_through import differentiated_quantizer_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from camrt import contract
+from camrt_exporters.autodiff.graph import attribute
+from camrt_exporters.autodiff.rules import VANILLA
+from camrt_exporters.contract_file import prepare
 from camrt_exporters.errors import ValidationError
+from camrt_exporters.export import export_onnx
+from camrt_exporters.straight_through import differentiated_quantizer_inputs
 
 from . import edge_models, models
 from .rule_harness import FEW, Case, gradient_model, node, seeds, shapes

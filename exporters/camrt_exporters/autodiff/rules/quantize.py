@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 
 from ...errors import ExportError
-
 from ..graph import attribute, quantized_range
 from ..reverse import RuleContext, RuleTable, registering
 
