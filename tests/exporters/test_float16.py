@@ -103,3 +103,38 @@ def json_layers(model: onnx.ModelProto) -> list[str]:
     import json
 
     return json.loads({p.key: p.value for p in model.metadata_props}[contract.META_LAYERS])
+
+
+def test_float16_file_with_a_seed_entry_matches_torch(tmp_path):
+    """A float16 file exported with `seed=True` (the seed entry of main's seeded targets): the export
+    self-check passes on a random seed too, and the runtime's seeded run (`run_seeded`: the float32
+    seed and the forward's widened values cast back to the file's float16) gives the input gradient
+    of <seed, logits> that torch autograd gives on the same network (float32), within float16's
+    rounding: relative L2 <= 1e-2 (measured 5e-4)."""
+    from camrt.execution.session import ExplainSession
+
+    from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, torch_equivalent
+
+    base = conv_relu_maxpool_gap_gemm_softmax(batch="N")
+    for constant in [n for n in base.graph.node if n.op_type == "Constant"]:  # weights as initializers, as exported
+        value = onnx.helper.get_attribute_value(constant.attribute[0])
+        value.name = constant.output[0]
+        base.graph.initializer.append(value)
+        base.graph.node.remove(constant)
+    onnx.save(base, tmp_path / "float.onnx")
+    half_path = edge_models.convert_float16(tmp_path / "float.onnx", tmp_path / "fp16.onnx")
+    model, checks = export_onnx(half_path, seed=True)
+    assert any(c.name.startswith("fed a random seed: ") for c in checks) and all(c.ok for c in checks)
+    write_model(model, tmp_path / "fp16.camrt.onnx")
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float16).astype(np.float32)  # what the file is fed
+    seed = rng.standard_normal((3, 5)).astype(np.float32)
+    fetch = contract.input_gradient_output(contract.RULE_VANILLA)
+    got = ExplainSession(tmp_path / "fp16.camrt.onnx", device="cpu").run_seeded(x, lambda forward: seed, [fetch])[fetch]
+
+    image = torch.from_numpy(x).requires_grad_(True)
+    (torch.from_numpy(seed) * torch_equivalent()(image)[2]).sum().backward()
+    error = _rel_l2(got.astype(np.float64), image.grad.double().numpy())
+    print(f"float16 seeded input gradient vs torch: relative L2 {error:.2e}")
+    assert got.dtype == np.float32 and error <= 1e-2
