@@ -152,7 +152,10 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], image_input: s
     nodes = list(graph.node)
     inputs = {i.name for i in graph.input}
     produced_forward = {o for n in _ancestor_nodes(nodes, forward_fetch, set(constants)) for o in n.output if o}
-    stop = set(constants) | produced_forward | inputs | {contract.SEED_TENSOR}
+    # Tensors that depend on no graph input (Constant nodes: weights of files written by onnx.helper)
+    # are recomputed by the backward graph, not passed over: they have no batch axis to slice.
+    from_inputs = set().union(*(_dependents(graph, name) for name in inputs))
+    stop = set(constants) | (produced_forward & from_inputs) | inputs | {contract.SEED_TENSOR}
     backward_nodes = _ancestor_nodes(nodes, backward_fetch, stop)
     made_backward = {o for n in backward_nodes for o in n.output if o}
     boundary = tuple(dict.fromkeys(

@@ -21,6 +21,7 @@ from ..modelfile.slicing import SlicedModel, Unsliceable
 from ..targets import ClassTarget, Target
 from .feature_layout import outputs_as_nchw
 from .finite import check_finite
+from .float_types import IMAGE_TYPES, as_float32, in_session_types
 from .seeded import SeededPlan, cut_at_seed, run_seeded
 from .subgraphs import TailPlan, subgraph, tail_graphs
 
@@ -139,15 +140,15 @@ class ExplainSession:
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
 
     def _check_image_input(self, value_info) -> None:
-        """The image input must be float32, rank 4 and agree with the preprocessing metadata
+        """The image input must be float32 or float16, rank 4 and agree with the preprocessing metadata
         (`input_shape`: its shape in NCHW order)."""
         from onnx import TensorProto
 
         elem_type = value_info.type.tensor_type.elem_type
-        if elem_type != TensorProto.FLOAT:
+        if elem_type not in IMAGE_TYPES:
             raise ContractError(
                 f"{self.path}: the image input {value_info.name!r} is {TensorProto.DataType.Name(elem_type).lower()}; "
-                "camrt feeds float32 images: export a float32 model with `camrt export`"
+                "camrt feeds float32 or float16 images: export a float model with `camrt export`"
             )
         p = self.info.preprocessing
         shape = self.input_shape
@@ -377,7 +378,7 @@ class ExplainSession:
             if real < step:  # a static-batch graph: pad the last chunk, drop the padding after
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
             try:
-                values = session.run(list(fetch), {**chunk, **(fixed or {})})
+                values = as_float32(session.run(list(fetch), in_session_types(session, {**chunk, **(fixed or {})})))
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {first_line(exc)}") from None
             parts.append([v[:real] for v in values])

@@ -40,6 +40,7 @@ _LAYOUT_KEEPING_OPS = frozenset({
     "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
     "Concat", "Pad", "Slice", "Split", "Resize", "Upsample", "LayerNormalization", "Softmax", "LogSoftmax",
+    "QuantizeLinear", "DequantizeLinear",
 })
 _TRANSPOSES = {(tuple(contract.NCHW_TO_NHWC), contract.LAYOUT_NCHW): contract.LAYOUT_NHWC,
                (tuple(contract.NHWC_TO_NCHW), contract.LAYOUT_NHWC): contract.LAYOUT_NCHW}
@@ -173,7 +174,9 @@ def onnx_layers(model: Any, path: str) -> OnnxLayers:
     image, output = images[0].name, graph.output[0].name
     nodes = list(graph.node)
     layout = guess_image_layout(dims(images[0]))
-    names = spatial_candidates(nodes, shape_of, tensors_between(nodes, [image], output, keep=is_float),
+    quantized = {n.output[0] for n in nodes if n.op_type == "QuantizeLinear"}  # QDQ models: straight-through
+    on_path = tensors_between(nodes, [image], output, keep=lambda name: is_float(name) or name in quantized)
+    names = spatial_candidates(nodes, shape_of, {name for name in on_path if is_float(name)},
                                tensor_layouts(nodes, image, layout))
     return OnnxLayers(image, dims(images[0]) or (), layout, output, [(n, shape_of(n)) for n in names],
                       choose_default_layer(names, "onnx"))

@@ -93,6 +93,9 @@ def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
 #: Ops never folded: their value changes from run to run.
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                "Multinomial", "Bernoulli"})
+#: Kept as deployed: folding the DequantizeLinear of quantized weights would store them as float32 and
+#: stop onnxruntime fusing the QDQ pattern into integer kernels.
+_QUANTIZED_AS_DEPLOYED = frozenset({"DequantizeLinear"})
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -183,7 +186,7 @@ def _drop_dead(graph: onnx.GraphProto, candidates: list[onnx.NodeProto], now_con
 
 def _foldable_op(node: onnx.NodeProto) -> bool:
     """A standard op whose value depends on its inputs alone (no randomness, no subgraph)."""
-    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC | _QUANTIZED_AS_DEPLOYED
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
 
 
@@ -435,6 +438,7 @@ def build_contract_model(
     attention: dict[str, str] | None = None,
     layer_scores: dict[str, str] | None = None,
     seeded: bool = False,
+    compact: bool = False,
 ) -> onnx.ModelProto:
     """Add the target input, the seed, the gradient subgraphs and the contract outputs.
 
@@ -446,7 +450,8 @@ def build_contract_model(
     (`camrt_exporters.attention`; the caller writes META_ATTENTION); `layer_scores` maps some of
     them to a [B, classes] tensor s^l (LeGrad's layer score) whose target's gradient with respect
     to the map is exposed too. `seeded` names the backward pass's seed `contract.SEED_TENSOR` (the
-    entry the runtime feeds any cotangent through) and records it in the metadata.
+    entry the runtime feeds any cotangent through) and records it in the metadata. `compact`: the
+    gradient subgraphs share the forward's weights (see RuleContext).
     """
     index = GraphIndex(model)
     batch = (index.shape(image_input) or ["batch"])[0]
@@ -504,7 +509,7 @@ def build_contract_model(
     passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
         backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
-                                 image_input=image_input, preprocessing=preprocessing)
+                                 image_input=image_input, preprocessing=preprocessing, compact=compact)
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:

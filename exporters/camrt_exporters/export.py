@@ -138,6 +138,7 @@ def export_torch(
     attention_layer_scores: bool = False,
     seed: bool = False,
     score_output: str | None = None,
+    compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export a torch classifier; validated against torch autograd. Returns the model and the checks.
@@ -151,6 +152,8 @@ def export_torch(
     seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2: segmentation
     logits, detection heads, embeddings). score_output: the key (dict) or index (tuple) of the
     explained output when the model returns several (torchvision's segmentation models: "out").
+    compact: the input-gradient subgraphs share the forward's Conv weights (ConvTranspose) instead of
+    storing flipped copies: a smaller file, a slower backward (docs/edge.md).
 
     fullgrad: add FullGrad's bias-gradient terms. The ONNX exporter's optimiser folds each
     BatchNorm into the Conv before it, which would merge two of FullGrad's terms into one, so the
@@ -189,7 +192,7 @@ def export_torch(
         forward, image_input=image_input, score=score, layers=tensors, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[logits], fullgrad=fullgrad, attention=map_tensors, layer_scores=layer_scores,
-        seeded=seed,
+        seeded=seed, compact=compact,
     )
     checks = validate_against_torch(model, result, refs, tensors, list(rules), image_input, input_size,
                                     maps=list(map_tensors), layer_scores=bool(layer_scores), score_output=score_output)
@@ -251,21 +254,23 @@ def _image_input(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProt
     return inputs[0]
 
 
-#: Float types the gradient graph cannot use: onnxruntime's CPU kernels lack them for the backward
-#: ops (e.g. ScatterElements with reduction "add" has no float16 kernel).
-_UNSUPPORTED_FLOATS = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+#: The image input types camrt feeds (the runtime feeds the image in the model's own type).
+IMAGE_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+#: Float types the gradient graph cannot use: onnxruntime's CPU kernels lack them for most ops.
+_UNSUPPORTED_FLOATS = {onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
-def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None:
-    """ExportError unless the image input is float32 and no tensor of the graph is 16-bit float.
+def _require_supported_floats(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None:
+    """ExportError unless the image input is float32 or float16 and no tensor of the graph is bfloat16.
 
-    Integer (quantized) graphs need no check here: their QuantizeLinear/QLinear* ops on the path
-    to the score have no backward rule and are refused by name when differentiated."""
+    Integer (quantized) graphs need no check here: QDQ ones are differentiated straight through, and
+    the integer ops of others (QLinearConv, ...) are refused by name when differentiated."""
     elem_type = image.type.tensor_type.elem_type
-    if elem_type != onnx.TensorProto.FLOAT:
+    if elem_type not in IMAGE_TYPES:
         raise ExportError(
             f"the image input {image.name!r} is {onnx.TensorProto.DataType.Name(elem_type).lower()}; camrt exports "
-            "models that take float32 images: export the float32 model (quantize or cast after camrt, not before)"
+            "models that take float32 or float16 images: export the float model (quantize it with QDQ nodes, "
+            "or cast inside the graph)"
         )
     tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
     typed = [(t.name, t.data_type) for t in tensors]
@@ -274,8 +279,8 @@ def _require_float32(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> None
     for name, kind in typed:
         if kind in _UNSUPPORTED_FLOATS:
             raise ExportError(
-                f"tensor {name!r} is {_UNSUPPORTED_FLOATS[kind]}; camrt's gradient graphs run in float32 "
-                "(onnxruntime's CPU kernels lack 16-bit floats for them): export the float32 model"
+                f"tensor {name!r} is {_UNSUPPORTED_FLOATS[kind]}; camrt's gradient graphs run in float32 or float16 "
+                "(onnxruntime's CPU kernels lack bfloat16 for them): export the float32 or float16 model"
             )
 
 
@@ -383,6 +388,7 @@ def export_onnx(
     attention: Sequence[str] | None = None,
     attention_tokens: contract.LayerLayout | None = None,
     seed: bool = False,
+    compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[onnx.ModelProto, list[Check]]:
     """Export any ONNX classifier (layers are tensor names); validated by finite differences.
@@ -396,10 +402,13 @@ def export_onnx(
     overrides of the layers' layouts (default: inferred from the graph, `camrt_exporters.token_layout`).
     attention, attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map
     names. seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2, see
-    `export_torch`)."""
+    `export_torch`). compact: as for `export_torch`.
+
+    QDQ int8 models are differentiated straight through their QuantizeLinear/DequantizeLinear pairs
+    (autodiff/rules/quantize.py), float16 models in float16 (the image input keeps the model's type)."""
     source = _load(path)
     image = _image_input(source, input_name)
-    _require_float32(source, image)
+    _require_supported_floats(source, image)
     if input_size is None and preprocessing is not None:
         input_size = (preprocessing.height, preprocessing.width)
     geometry = _pin_image_geometry(image, input_size, input_layout)
@@ -437,7 +446,7 @@ def export_onnx(
         forward, image_input=image.name, score=score, layers={n: n for n in names}, layer_layouts=layer_layouts,
         input_rule_sets=input_rule_sets, vanilla=vanilla,
         metadata=meta, keep_outputs=[o.name for o in forward.graph.output], fullgrad=fullgrad,
-        attention=map_tensors, seeded=seed,
+        attention=map_tensors, seeded=seed, compact=compact,
     )
     checks = validate_finite_differences(forward, result, {n: n for n in names}, image.name, score.tensor,
                                          tuple(d.dim_value for d in image.type.tensor_type.shape.dim[1:]),

@@ -69,8 +69,9 @@ def parse_layout_overrides(values: Sequence[str]) -> dict[str, LayoutOverride]:
 def layout_candidates(index: GraphIndex, image_input: str, score: str,
                       layouts: Mapping[str, LayerLayout]) -> list[str]:
     """Tensors on a path from the input to the score whose layout is established and whose grid has
-    spatial extent (h and w both > 1), in graph order."""
-    on_path = active_tensors(index, score, [image_input])
+    spatial extent (h and w both > 1), in graph order; float tensors only (not a QDQ model's
+    quantized ones)."""
+    on_path = {t for t in active_tensors(index, score, [image_input]) if index.is_float(t)}
     found = []
     for node in index.nodes:
         for out in node.output:

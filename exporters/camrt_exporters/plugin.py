@@ -126,9 +126,11 @@ def register_commands(cli):
     @click.option("--attention-layer-scores", is_flag=True, help="torch sources: also the gradient of each attention "
                   "map's layer score (the model's final norm and head applied to the mean token of the map's "
                   "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
+    @click.option("--compact", is_flag=True, help="Input gradients share the model's Conv weights (ConvTranspose) "
+                  "instead of storing flipped copies: a smaller file, a slower backward (docs/edge.md).")
     def export(source, output, layers, rules, weights, input_size, mean, std, scale, channel_order, labels,
                input_name, score_output, seed, input_layout, softmax_output, opset, fullgrad, layouts, attention,
-               attention_maps, attention_tokens, attention_layer_scores):
+               attention_maps, attention_tokens, attention_layer_scores, compact):
         """Export SOURCE (a .onnx file or a torch 'package.module:factory') to a camrt file.
 
         The file carries the model's outputs, the activations and gradients of the chosen layers
@@ -171,8 +173,7 @@ def register_commands(cli):
                                         preprocessing=preprocessing, labels=labels, input_name=input_name,
                                         output=score_output, use_softmax_output=softmax_output,
                                         fullgrad=fullgrad, input_layout=input_layout, layouts=overrides, seed=seed,
-                                        log=log,
-                                        **attention_options)
+                                        compact=compact, log=log, **attention_options)
         else:
             height, width = size or (224, 224)
             preprocessing = _preprocessing(height, width, 3, mean, std, scale, channel_order)
@@ -180,7 +181,7 @@ def register_commands(cli):
             model, checks = export_torch(module, layers=layers, input_size=(height, width),
                                          rules=rule_names, preprocessing=preprocessing, labels=labels,
                                          source_name=source, opset=opset, fullgrad=fullgrad, layouts=overrides,
-                                         seed=seed, score_output=score_output, log=log,
+                                         seed=seed, score_output=score_output, compact=compact, log=log,
                                          attention_layer_scores=attention_layer_scores, **attention_options)
         for check in checks:
             if check.resolved:

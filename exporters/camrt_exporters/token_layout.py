@@ -74,6 +74,7 @@ _ELEMENTWISE_OPS = frozenset({
     "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Mish", "Softplus", "Softsign", "Gelu", "Erf",
     "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+    "QuantizeLinear", "DequantizeLinear",  # QDQ models: per-tensor or per-channel scales keep the axes
 })
 #: Ops that keep their first input's axes (normalising or choosing along one axis, resampling).
 _FIRST_INPUT_OPS = frozenset({

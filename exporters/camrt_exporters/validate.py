@@ -20,6 +20,8 @@ from camrt.errors import first_line
 
 from .autodiff.graph import cpu_session
 from .errors import ExportError, ValidationError
+from .float16 import FLOAT16, float32_twin
+from .straight_through import activation_quantizers, straight_through_surrogate
 
 #: max|a - b| <= MAX_REL * max|b| for forward tensors and activation gradients.
 FORWARD_MAX_REL = 1e-4
@@ -42,6 +44,18 @@ TORCH_REFERENCE_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED, contra
 #: dropping an operand, a Gemm weight not transposed, a pooling divisor off) 0.2..1.8 on a small
 #: residual net. 1e-2 plus the round-off allowance below sits between them.
 FD_REL = 1e-2
+#: FD_REL for a QDQ quantized model's straight-through surrogate (straight_through.py): its
+#: activations sit on the quantization grid, so max-pool windows hold exact ties, where the file
+#: routes the gradient to one element and a difference sees the largest move (resnet18 int8: 1.2e-2;
+#: a straight-through rule that ignores clipping, i.e. every folded ReLU: 0.5 and above).
+QUANTIZED_FD_REL = 3e-2
+#: FD_REL for a float16 model against its float32 twin (float16.py): the file's gradient carries the
+#: float16 rounding of its forward and backward passes (eps16 = 9.8e-4, accumulated over the layers;
+#: measured resnet18 2.5e-3, mobilenet_v3_large 2.1e-3, random weights, 224).
+FLOAT16_FD_REL = 2e-2
+#: FORWARD_MAX_REL for float16 files: the CAM weights against the spatial sum of a float16 gradient
+#: (resnet18 float16: 6e-4, the sum of 49 values rounded to eps16 = 9.8e-4).
+FLOAT16_MAX_REL = 1e-2
 #: Steps h, in units of the tensor's RMS, tried in this order until one agrees. A unit-direction step
 #: moves the whole tensor by h*RMS in L2 norm, each element by about h*RMS/sqrt(n): too little to
 #: cross many ReLU/MaxPool/Hardswish kinks (whose error grows with h; the old check moved each
@@ -273,7 +287,8 @@ def _torch_checks(refs, rule_set: str, bias_terms=(), maps=(), layer_scores: boo
     yield contract.input_gradient_output(rule_set), l2_rel, INPUT_GRAD_L2_REL, "relative-L2"
 
 
-def _cam_weight_checks(got: dict[str, np.ndarray], contract_model) -> list[Check]:
+def _cam_weight_checks(got: dict[str, np.ndarray], contract_model,
+                       tolerance: float = FORWARD_MAX_REL) -> list[Check]:
     """CAM weights against the closed form of a GAP + FC head: the layer's gradient is w^c / (h w)
     at every position, so its spatial sum is w^c (over h and w of the layer's layout)."""
     meta = {p.key: p.value for p in contract_model.metadata_props}
@@ -284,7 +299,7 @@ def _cam_weight_checks(got: dict[str, np.ndarray], contract_model) -> list[Check
             layer = name[len(contract.CAM_WEIGHTS_PREFIX):]
             channels_last = layouts.get(layer, {}).get("layout") == contract.LAYOUT_NHWC
             spatial_sum = got[contract.gradient_output(layer)].astype(np.float64).sum(axis=(1, 2) if channels_last else (2, 3))
-            checks.append(Check(name, max_rel(weights, spatial_sum), FORWARD_MAX_REL,
+            checks.append(Check(name, max_rel(weights, spatial_sum), tolerance,
                                 "max-relative vs the spatial sum of the layer gradient"))
     return checks
 
@@ -325,7 +340,8 @@ def _fd_directions(point: np.ndarray, grad: np.ndarray, rng: np.random.Generator
     return [v / np.linalg.norm(v) for v in directions if np.linalg.norm(v) > 0]
 
 
-def _directional_error(score: "_Scorer", point: np.ndarray, grad: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+def _directional_error(score: "_Scorer", point: np.ndarray, grad: np.ndarray, v: np.ndarray,
+                       rel: float = FD_REL) -> tuple[float, float]:
     """(error, tolerance) at the first of FD_STEPS that agrees, else at the most lenient one:
     error |D_h - <g, dx>/2h| / max(||g on v's support||, |D_h|), tolerance FD_REL plus the score's
     round-off / h in the same units.
@@ -336,14 +352,14 @@ def _directional_error(score: "_Scorer", point: np.ndarray, grad: np.ndarray, v:
     g = grad.astype(np.float64)
     bound = float(np.linalg.norm(g[v != 0]))
     rms = float(np.sqrt(np.mean(point.astype(np.float64) ** 2))) or 1.0
-    best = (float("inf"), FD_REL)
+    best = (float("inf"), rel)
     for step in FD_STEPS:
         h = step * rms
         plus, minus = (point + h * v).astype(point.dtype), (point - h * v).astype(point.dtype)
         fd = (score(plus) - score(minus)) / (2 * h)
         analytic = float((g * (plus.astype(np.float64) - minus)).sum()) / (2 * h)
         scale = max(bound, abs(fd)) or 1.0
-        error, tolerance = abs(fd - analytic) / scale, FD_REL + score.roundoff / (h * scale)
+        error, tolerance = abs(fd - analytic) / scale, rel + score.roundoff / (h * scale)
         if error / tolerance < best[0] / best[1]:
             best = (error, tolerance)
         if error <= tolerance:
@@ -352,11 +368,11 @@ def _directional_error(score: "_Scorer", point: np.ndarray, grad: np.ndarray, v:
 
 
 def _directional_check(name: str, score: "_Scorer", point: np.ndarray, grad: np.ndarray,
-                       rng: np.random.Generator) -> Check:
+                       rng: np.random.Generator, rel: float = FD_REL) -> Check:
     if grad.shape != point.shape:
-        return Check(name, float("inf"), FD_REL, f"shape {grad.shape} vs the tensor's {point.shape}")
-    results = [_directional_error(score, point, grad, v) for v in _fd_directions(point, grad, rng)]
-    error, tolerance = max(results, key=lambda r: r[0] / r[1], default=(0.0, FD_REL))
+        return Check(name, float("inf"), rel, f"shape {grad.shape} vs the tensor's {point.shape}")
+    results = [_directional_error(score, point, grad, v, rel) for v in _fd_directions(point, grad, rng)]
+    error, tolerance = max(results, key=lambda r: r[0] / r[1], default=(0.0, rel))
     return Check(name, error, tolerance, "finite-difference (unit directions, relative to ||g||)")
 
 
@@ -365,24 +381,42 @@ def validate_finite_differences(forward_model: onnx.ModelProto, contract_model, 
                                 maps: dict[str, str] | None = None) -> list[Check]:
     """Directional derivatives of L vs central differences in onnxruntime (float32), for the input,
     the `layers` and the attention `maps` (each {name: tensor}): L is the target score, and for a
-    seeded file also <seed, score> for a random seed."""
+    seeded file also <seed, score> for a random seed.
+
+    A QDQ quantized model is a step function of its input: its differences are taken of its
+    straight-through surrogate at the same point instead (straight_through.py), whose derivative is
+    the straight-through gradient the file computes. A float16 model's are taken of its float32 twin
+    (float16.py), float16 differences resolving nothing."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *input_shape)).astype(np.float32)
+    rel, cam_rel, feed = FD_REL, FORWARD_MAX_REL, x
+    if activation_quantizers(forward_model):
+        forward_model, rel = straight_through_surrogate(forward_model, contract_model, {image_input: x}), QUANTIZED_FD_REL
+    if next(i for i in forward_model.graph.input if i.name == image_input).type.tensor_type.elem_type == FLOAT16:
+        feed = x.astype(np.float16)
+        x, forward_model = feed.astype(np.float32), float32_twin(forward_model)
+        rel, cam_rel = FLOAT16_FD_REL, FLOAT16_MAX_REL
     requested = np.array([contract.TOP1_TARGET, 0], dtype=np.int64)
-    got = run_contract(contract_model, image_input, x, requested)
+    got = _widened(run_contract(contract_model, image_input, feed, requested))
     require_finite(got)
     logits = got[contract.LOGITS_OUTPUT]
-    checks = _cam_weight_checks(got, contract_model)
+    checks = _cam_weight_checks(got, contract_model, cam_rel)
     tensors = _checked_tensors(layers, maps or {})
     checks += _fd_checks(forward_model, got, _target_weights(logits, got[contract.TARGET_INDEX_OUTPUT]), tensors,
-                         image_input, score_tensor, x, rng)
+                         image_input, score_tensor, x, rng, rel=rel)
     if is_seeded(contract_model):
         seed = random_seed(logits, rng)
-        seeded = run_contract(contract_model, image_input, x, requested, seed)
+        # a float16 model's score, hence its seed, is float16 like its image input
+        seeded = _widened(run_contract(contract_model, image_input, feed, requested, seed.astype(feed.dtype)))
         require_finite(seeded)
         checks += _fd_checks(forward_model, seeded, seed, tensors, image_input, score_tensor, x, rng,
-                             label="fed a random seed: ")
+                             label="fed a random seed: ", rel=rel)
     return raise_on_failures(checks)
+
+
+def _widened(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`outputs` with float16 arrays widened to float32 (a float16 file's), for the float64 checks."""
+    return {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in outputs.items()}
 
 
 def _target_weights(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -402,16 +436,16 @@ def _checked_tensors(layers: dict[str, str], maps: dict[str, str]) -> list[tuple
 
 def _fd_checks(forward_model: onnx.ModelProto, got: dict[str, np.ndarray], weights: np.ndarray,
                tensors: list[tuple[str, str, str]], image_input: str, score_tensor: str, x: np.ndarray,
-               rng: np.random.Generator, label: str = "") -> list[Check]:
+               rng: np.random.Generator, label: str = "", rel: float = FD_REL) -> list[Check]:
     checks = []
     vanilla_input = contract.input_gradient_output(contract.RULE_VANILLA)
     logits = got[contract.LOGITS_OUTPUT]
     if vanilla_input in got:
         scorer = _Scorer(forward_model, score_tensor, weights, image_input, x, image_input, logits)
-        checks.append(_directional_check(label + vanilla_input, scorer, x, got[vanilla_input], rng))
+        checks.append(_directional_check(label + vanilla_input, scorer, x, got[vanilla_input], rng, rel))
     for value, gradient, tensor in tensors:
         scorer = _Scorer(forward_model, score_tensor, weights, image_input, x, tensor, logits)
-        checks.append(_directional_check(label + gradient, scorer, got[value], got[gradient], rng))
+        checks.append(_directional_check(label + gradient, scorer, got[value], got[gradient], rng, rel))
     return checks
 
 

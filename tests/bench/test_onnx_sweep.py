@@ -72,14 +72,14 @@ def _args() -> argparse.Namespace:
 
 
 def test_a_refusal_becomes_a_row(tmp_path, monkeypatch):
-    """A float16 classifier: `camrt export` refuses it (exit code != 0); the sweep records the
+    """A float64 classifier: `camrt export` refuses it (exit code != 0); the sweep records the
     message and goes on."""
     monkeypatch.setattr(onnx_sweep, "CACHE", tmp_path)
-    weights = np.ones((CLASSES, int(np.prod(SHAPE))), np.float16)
-    onnx.save(linear_classifier(weights, TensorProto.FLOAT16), tmp_path / "half.legacy.onnx")
-    (tmp_path / "half.legacy.json").write_text(json.dumps({"torch_error": None, "torch_export_s": 0.0}))
-    row = onnx_sweep.sweep_one("half", "legacy", _args(), onnx_sweep.subprocess_env(1), tmp_path)
-    assert row.result.startswith("refused: ") and "float16" in row.result, row
+    weights = np.ones((CLASSES, int(np.prod(SHAPE))), np.float64)
+    onnx.save(linear_classifier(weights, TensorProto.DOUBLE), tmp_path / "double.legacy.onnx")
+    (tmp_path / "double.legacy.json").write_text(json.dumps({"torch_error": None, "torch_export_s": 0.0}))
+    row = onnx_sweep.sweep_one("double", "legacy", _args(), onnx_sweep.subprocess_env(1), tmp_path)
+    assert row.result.startswith("refused: ") and "double" in row.result, row
     assert row.exit_code not in (0, None) and row.input_grad_error is None
     missing = onnx_sweep.sweep_one("absent", "dynamo", _args(), onnx_sweep.subprocess_env(1), tmp_path)
     assert missing.result == "no plain file: not cached (--skip-torch-export)"

@@ -364,3 +364,33 @@ def test_box_gradients_at_a_layer_match_autograd(yolo):
         _, grad = _layer_autograd(model, "stem", torch.from_numpy(x[target.sample:target.sample + 1]),
                                   lambda out: _torch_box_score(out, one))
         assert np.abs(got[row] - grad[0]).max() <= 1e-4 * np.abs(grad).max()
+
+
+def test_seeded_run_of_a_file_whose_weights_are_constant_nodes(tmp_path):
+    """Weights held by Constant nodes (files written with onnx.helper) are recomputed by the backward
+    graph, never passed over from the forward pass as if they had a batch axis (onnxruntime refused
+    them: 'invalid dimensions for input: fc_w'). Oracle: torch autograd of <seed, logits> on the same
+    network, rtol 1e-4 of the largest element."""
+    import onnx
+    import torch
+
+    from camrt.execution.session import ExplainSession
+    from camrt_exporters.export import export_onnx, write_model
+
+    from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, torch_equivalent
+
+    source = conv_relu_maxpool_gap_gemm_softmax(batch="N")
+    assert any(node.op_type == "Constant" for node in source.graph.node)
+    onnx.save(source, tmp_path / "constants.onnx")
+    exported, _ = export_onnx(tmp_path / "constants.onnx", seed=True)
+    write_model(exported, tmp_path / "constants.camrt.onnx")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    seed = rng.standard_normal((3, 5)).astype(np.float32)
+    fetch = contract.input_gradient_output(contract.RULE_VANILLA)
+    session = ExplainSession(tmp_path / "constants.camrt.onnx", device="cpu")
+    got = session.run_seeded(x, lambda forward: seed, [fetch])[fetch]
+    image = torch.from_numpy(x).requires_grad_(True)
+    (torch.from_numpy(seed) * torch_equivalent()(image)[2]).sum().backward()
+    want = image.grad.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())

@@ -169,30 +169,31 @@ def _cast_model(model: onnx.ModelProto, elem_type: int) -> onnx.ModelProto:
     return converted
 
 
-def test_float16_integer_and_quantized_models_are_refused_by_name(tmp_path):
+def test_bfloat16_double_integer_and_operator_quantized_models_are_refused_by_name(tmp_path):
+    """float16 and QDQ int8 models export (tests/exporters/test_float16.py, test_quantized.py); these do not."""
     base = conv_relu_maxpool_gap_gemm_softmax()
-    half = _save(_cast_model(base, TensorProto.FLOAT16), tmp_path / "half.onnx")
-    refused(lambda: export_onnx(half), ExportError, "image input 'image' is float16", "float32")
-    half_inside = _cast_model(base, TensorProto.FLOAT16)
-    half_inside.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
-    half_inside.graph.node.insert(0, helper.make_node("Cast", ["image32"], ["image"], to=TensorProto.FLOAT16))
-    half_inside.graph.input[0].name = "image32"
-    path = _save(half_inside, tmp_path / "half_inside.onnx")
-    refused(lambda: export_onnx(path), ExportError, "is float16", "camrt's gradient graphs run in float32")
+    double = _save(_cast_model(base, TensorProto.DOUBLE), tmp_path / "double.onnx")
+    refused(lambda: export_onnx(double), ExportError, "image input 'image' is double", "float32 or float16")
+    bf16_inside = conv_relu_maxpool_gap_gemm_softmax()
+    bf16_inside.graph.node.insert(0, helper.make_node("Cast", ["image"], ["image_bf16"], to=TensorProto.BFLOAT16))
+    bf16_inside.graph.node.insert(1, helper.make_node("Cast", ["image_bf16"], ["image_back"], to=TensorProto.FLOAT))
+    path = _save(bf16_inside, tmp_path / "bf16_inside.onnx")
+    refused(lambda: export_onnx(path), ExportError, "'image_bf16' is bfloat16", "float32 or float16")
     uint8 = conv_relu_maxpool_gap_gemm_softmax()
     uint8.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
     path = _save(uint8, tmp_path / "uint8.onnx")
     refused(lambda: export_onnx(path), ExportError, "image input 'image' is uint8")
-    # Quantize/dequantize of the activations on the path to the score: the integer step is named.
-    qdq = conv_relu_maxpool_gap_gemm_softmax()
-    relu = next(n for n in qdq.graph.node if n.name == "relu")
+    # An integer op between QuantizeLinear and DequantizeLinear (QOperator-style): the integer step is named.
+    qop = conv_relu_maxpool_gap_gemm_softmax()
+    relu = next(n for n in qop.graph.node if n.name == "relu")
     relu.output[0] = "relu_float"
-    qdq.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "scale"),
+    qop.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "scale"),
                                   numpy_helper.from_array(np.uint8(0), "zero")])
-    at = [n.name for n in qdq.graph.node].index("relu") + 1
-    qdq.graph.node.insert(at, helper.make_node("DequantizeLinear", ["relu_q", "scale", "zero"], ["relu"], name="dequantize"))
-    qdq.graph.node.insert(at, helper.make_node("QuantizeLinear", ["relu_float", "scale", "zero"], ["relu_q"], name="quantize"))
-    path = _save(qdq, tmp_path / "qdq.onnx")
+    at = [n.name for n in qop.graph.node].index("relu") + 1
+    qop.graph.node.insert(at, helper.make_node("DequantizeLinear", ["relu_q2", "scale", "zero"], ["relu"], name="dequantize"))
+    qop.graph.node.insert(at, helper.make_node("Identity", ["relu_q"], ["relu_q2"], name="integer_identity"))
+    qop.graph.node.insert(at, helper.make_node("QuantizeLinear", ["relu_float", "scale", "zero"], ["relu_q"], name="quantize"))
+    path = _save(qop, tmp_path / "qop.onnx")
     refused(lambda: export_onnx(path, layers=["conv"], rules=["vanilla"]), ExportError,
-            "no gradient reached tensor 'conv'", "node 'quantize' (QuantizeLinear), whose output is uint8",
-            "export the float model")
+            "no gradient reached tensor 'conv'", "node 'integer_identity' (Identity), whose output is uint8",
+            "QuantFormat.QDQ")

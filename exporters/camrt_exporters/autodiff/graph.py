@@ -13,6 +13,21 @@ Dim = int | str | None
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
+#: [qmin, qmax] of the integer types QuantizeLinear produces.
+_QUANTIZED_RANGES = {
+    onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535),
+    onnx.TensorProto.INT4: (-8, 7), onnx.TensorProto.UINT4: (0, 15),
+}
+
+
+def quantized_range(elem_type: int, node: onnx.NodeProto) -> tuple[int, int]:
+    """[qmin, qmax] of a QuantizeLinear output of type `elem_type` (ExportError for float8 and others)."""
+    if elem_type not in _QUANTIZED_RANGES:
+        kind = onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "of unknown type"
+        raise ExportError(f"node {node.name!r} ({node.op_type}): its output is {kind}; camrt differentiates "
+                          "integer quantization (int8, uint8, int16, uint16, int4, uint4) only")
+    return _QUANTIZED_RANGES[elem_type]
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
@@ -168,6 +183,11 @@ class GraphIndex:
                 value = _constant_node_value(node)
                 if value is not None:
                     self.constants[node.output[0]] = value
+        for node in self.nodes:
+            if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+                value = _dequantized(node, self.constants)
+                if value is not None:
+                    self.constants[node.output[0]] = value
         for name, value in self.constants.items():
             self.shapes[name] = tuple(value.shape)
             self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
@@ -213,6 +233,13 @@ class GraphIndex:
     def is_float(self, name: str) -> bool:
         return self.dtypes.get(name) in FLOAT_TYPES
 
+    def is_differentiable(self, name: str) -> bool:
+        """Float, or the integer output of a QuantizeLinear: the straight-through estimator carries
+        a gradient through quantized activations (rules/quantize.py)."""
+        producer = self.producer.get(name)
+        return self.is_float(name) or (producer is not None and producer.op_type == "QuantizeLinear"
+                                       and producer.domain in ("", "ai.onnx"))
+
     def value(self, name: str) -> np.ndarray | None:
         return self.constants.get(name)
 
@@ -230,6 +257,25 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None
+
+
+def _dequantized(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The float value of a DequantizeLinear of constants (quantized weights), None otherwise: backward
+    rules read it as they read float weights (e.g. a Conv's flipped kernel) while the forward graph keeps
+    the integer weights and its DequantizeLinear node, which onnxruntime fuses into integer kernels."""
+    values = [constants.get(name) if name else None for name in node.input]
+    if values[0] is None or values[1] is None or (len(values) > 2 and node.input[2] and values[2] is None):
+        return None
+    if attribute(node, "block_size", 0) or values[0].dtype.kind not in "iu":
+        return None
+    quantized, scale = values[0], values[1]
+    zero_point = values[2] if len(values) > 2 and values[2] is not None else np.zeros((), quantized.dtype)
+    if scale.size > 1:
+        axis = attribute(node, "axis", 1) % quantized.ndim
+        layout = [-1 if a == axis else 1 for a in range(quantized.ndim)]
+        scale, zero_point = scale.reshape(layout), zero_point.reshape(layout)
+    shifted = quantized.astype(np.int64) - zero_point.astype(np.int64)
+    return (shifted * scale.astype(np.float32)).astype(scale.dtype)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

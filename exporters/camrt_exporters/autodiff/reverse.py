@@ -93,8 +93,11 @@ class RuleContext:
     rule takes its pixel bounds from the preprocessing)."""
 
     def __init__(self, index: GraphIndex, prefix: str, patches: ForwardPatches, image_input: str | None = None,
-                 preprocessing: "Preprocessing | None" = None):
+                 preprocessing: "Preprocessing | None" = None, compact: bool = False):
         self.index = index
+        #: Share the forward pass's weights instead of storing transformed copies (e.g. a Conv's flipped
+        #: kernel): a smaller file, a slower backward.
+        self.compact = compact
         self.prefix = prefix
         self.patches = patches
         self.image_input = image_input
@@ -191,6 +194,15 @@ class RuleContext:
             extra[output_index] = f"{node.name}/camrt_{hint}"
         return extra[output_index]
 
+    def scatter_add(self, op_type: str, data: str, indices: str, updates: str, like: str, **attrs) -> str:
+        """ScatterElements or ScatterND with reduction "add" of data and updates typed like tensor `like`;
+        in float32 for float16, cast back (onnxruntime's CPU kernels have no float16 one with a reduction)."""
+        if self.np_dtype(like) != np.float16:
+            return self.emit(op_type, [data, indices, updates], reduction="add", **attrs)
+        wide = [self.emit("Cast", [name], to=onnx.TensorProto.FLOAT) for name in (data, updates)]
+        summed = self.emit(op_type, [wide[0], indices, wide[1]], reduction="add", **attrs)
+        return self.emit("Cast", [summed], to=onnx.TensorProto.FLOAT16)
+
     def add_n(self, names: list[str]) -> str:
         return names[0] if len(names) == 1 else self.emit("Sum", names)
 
@@ -228,8 +240,9 @@ class RuleContext:
 
 
 def active_tensors(index: GraphIndex, score: str, wrt: list[str]) -> set[str]:
-    """Float tensors that depend on a `wrt` tensor and that the score depends on."""
-    return tensors_between(index.nodes, wrt, score, keep=index.is_float)
+    """Differentiable tensors (float, or quantized by QuantizeLinear) that depend on a `wrt` tensor and
+    that the score depends on."""
+    return tensors_between(index.nodes, wrt, score, keep=index.is_differentiable)
 
 
 def _path_to_score(index: GraphIndex, node: onnx.NodeProto, active: set[str], score: str) -> list[str]:
@@ -256,10 +269,11 @@ def _integer_break(index: GraphIndex, active: set[str]) -> str:
     """Why a path can carry no gradient: the first node turning an active tensor into integers."""
     for node in index.nodes:
         outputs = [o for o in node.output if o]
-        if outputs and any(i in active for i in node.input) and not any(index.is_float(o) for o in outputs):
+        if outputs and any(i in active for i in node.input) and not any(index.is_differentiable(o) for o in outputs):
             kind = onnx.TensorProto.DataType.Name(index.dtypes.get(outputs[0], 0)).lower()
             return (f": the path goes through node {node.name!r} ({node.op_type}), whose output is {kind}; "
-                    "integer (quantized) graphs cannot be differentiated: export the float model")
+                    "integer ops other than QuantizeLinear/DequantizeLinear cannot be differentiated: quantize with "
+                    "QuantFormat.QDQ (not QOperator) or export the float model")
     return ""
 
 
@@ -273,10 +287,11 @@ def differentiate(
     prefix: str,
     image_input: str | None = None,
     preprocessing: "Preprocessing | None" = None,
+    compact: bool = False,
 ) -> Backward:
     """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (with a rule set of
     modified rules, e.g. LRP's, whatever those rules propagate); `image_input` and `preprocessing`
-    are handed to the rules through the RuleContext."""
+    are handed to the rules through the RuleContext (`compact`: see RuleContext)."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -287,7 +302,7 @@ def differentiate(
                 f"tensor {name!r} has no differentiable path to the score {score!r}; "
                 "choose a layer that feeds the classifier."
             )
-    ctx = RuleContext(index, prefix, patches, image_input, preprocessing)
+    ctx = RuleContext(index, prefix, patches, image_input, preprocessing, compact)
     ctx._active = active
     contributions: dict[str, list[str]] = {score: [seed]}
     wanted = list(dict.fromkeys(wrt))  # in the caller's order: errors name the first tensor asked for

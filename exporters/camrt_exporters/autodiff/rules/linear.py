@@ -54,7 +54,8 @@ def explicit_pads(ctx: RuleContext, node, in_spatial, kernel, strides, dilations
 
 @rule("Conv")
 def conv(ctx: RuleContext, node, grads):
-    """dX of a convolution: Conv with the flipped, transposed kernel for stride 1; else ConvTranspose."""
+    """dX of a convolution: Conv with the flipped, transposed kernel (a copy) for stride 1; else, or when
+    `ctx.compact`, ConvTranspose on the forward's own weights."""
     _only_data_gradient(ctx, node, "Conv weights or bias")
     x, w = node.input[0], node.input[1]
     g = grads[0]
@@ -69,7 +70,7 @@ def conv(ctx: RuleContext, node, grads):
     pads = explicit_pads(ctx, node, spatial, kernel, strides, dilations)
     out_spatial = ctx.static_shape(node.output[0])[2:]
     flipped_pads = [d * (k - 1) - p for d, k, p in zip(dilations * 2, kernel * 2, pads)]
-    if weight is not None and all(s == 1 for s in strides) and min(flipped_pads) >= 0:
+    if weight is not None and not ctx.compact and all(s == 1 for s in strides) and min(flipped_pads) >= 0:
         m, c_per_group = weight.shape[:2]
         grouped = weight.reshape(group, m // group, c_per_group, *kernel)
         transposed = np.swapaxes(grouped, 1, 2).reshape(group * c_per_group, m // group, *kernel)

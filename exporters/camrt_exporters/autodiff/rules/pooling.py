@@ -199,11 +199,8 @@ def max_pool(ctx: RuleContext, node, grads):
     size = ctx.emit("Reshape", [ctx.emit("Size", [x]), flat])
     zero = numpy_helper.from_array(np.zeros(1, dtype=ctx.np_dtype(x)))
     zeros = ctx.emit("ConstantOfShape", [size], value=zero)
-    scattered = ctx.emit(
-        "ScatterElements",
-        [zeros, ctx.emit("Reshape", [indices, flat]), ctx.emit("Reshape", [grads[0], flat])],
-        axis=0, reduction="add",
-    )
+    scattered = ctx.scatter_add("ScatterElements", zeros, ctx.emit("Reshape", [indices, flat]),
+                                ctx.emit("Reshape", [grads[0], flat]), like=x, axis=0)
     return [ctx.emit("Reshape", [scattered, ctx.shape_of(x)])]
 
 

@@ -91,7 +91,7 @@ def _scatter_rows(ctx: RuleContext, shape: str, like: str, indices: str, g: str)
     wrapped = ctx.emit("Where", [ctx.emit("Less", [indices, ctx.ints(0)]),
                                  ctx.emit("Add", [indices, rows]), indices])
     zeros = ctx.emit("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, dtype=ctx.np_dtype(like))))
-    return ctx.emit("ScatterND", [zeros, ctx.emit("Unsqueeze", [wrapped, ctx.ints([-1])]), g], reduction="add")
+    return ctx.scatter_add("ScatterND", zeros, ctx.emit("Unsqueeze", [wrapped, ctx.ints([-1])]), g, like=like)
 
 
 def _extent(ctx: RuleContext, name: str, axis: int) -> str:
