@@ -88,7 +88,7 @@ def attention_layer_gradient_output(name: str) -> str:
 # --- metadata_props keys ------------------------------------------------------------------
 META_CONTRACT_VERSION = "camrt.contract_version"
 META_SOURCE = "camrt.source"  # JSON: {"framework": "torch"|"onnx", "model": "..."}
-META_LAYERS = "camrt.modelfile.layers"  # JSON list of layer names, first one is the default
+META_LAYERS = "camrt.layers"  # JSON list of layer names, first one is the default
 META_DEFAULT_LAYER = "camrt.default_layer"
 META_PREPROCESSING = "camrt.preprocessing"  # JSON of Preprocessing
 META_LABELS = "camrt.labels"  # JSON list of class names (optional)
