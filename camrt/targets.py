@@ -155,9 +155,16 @@ def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
     return UsageError(f"--target {given} is out of range: {path} has {num_classes} classes (0..{num_classes - 1})")
 
 
-def parse_target(text: str) -> TargetRequest:
-    """--target: a class index, top1 (or -1), or topk:K."""
+def parse_target(text: str, region: Any = None) -> TargetRequest:
+    """--target: a class index, top1 (or -1), topk:K, or a seeded target (seg:CLASS with an
+    optional `region` mask file, similar:concept.npy, box:x1,y1,x2,y2[:label]; camrt.seeds.targets)."""
     value = text.strip().lower()
+    if value.partition(":")[0] in ("seg", "similar", "box"):
+        from .seeds.targets import parse_seeded
+
+        return parse_seeded(text, region)
+    if region is not None:
+        raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
     if value in ("top1", "top-1", str(TOP1_TARGET)):
         return ClassRequest(TOP1_TARGET)
     if value.startswith("topk:"):
@@ -168,7 +175,8 @@ def parse_target(text: str) -> TargetRequest:
     try:
         target = int(value)
     except ValueError:
-        raise UsageError(f"--target must be a class index, top1 or topk:K, got {text!r}") from None
+        raise UsageError(f"--target must be a class index, top1, topk:K, seg:CLASS, similar:FILE.npy or "
+                         f"box:x1,y1,x2,y2[:label], got {text!r}") from None
     if target < 0:
         raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
     return ClassRequest(target)

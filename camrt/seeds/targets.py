@@ -1,0 +1,294 @@
+"""Seeded targets: what to explain when L is not one class logit (`--target seg:CLASS`,
+`similar:concept.npy`, `box:x1,y1,x2,y2[:label]`), and how the Explainer runs them.
+
+A `SeededTarget` makes its seed (the cotangent dL/d score, camrt/seeds/) from the outputs of one
+forward pass; the Explainer then runs the backward pass on the same activations
+(`ExplainSession.run_seeded`) and hands the method the gradients of L. Only methods that read
+gradients of the target and nothing else that follows `camrt/target` can do that; the others are
+refused (`check_serves`), never run on the class path.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import contract
+from ..errors import InputError, ModelError, UsageError
+from ..targets import Target, TargetRequest
+from . import boxes
+from .batch import SeedBatch
+from .embedding import cosine_similarity, similarity_seed
+from .segmentation import segmentation_seed
+
+#: The `--target KIND:...` prefixes of seeded targets.
+SEEDED_KINDS = ("seg", "similar", "box")
+
+
+class SeededTarget(Target):
+    """A target whose seed is built from the forward outputs: one seed row per input."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        """(one seed row per input, L of each row in float64) from the forward outputs
+        (``camrt/logits``: the score tensor)."""
+
+    @abstractmethod
+    def parameters(self) -> dict[str, Any]:
+        """The target's parameters, JSON-able, for the explanation's record."""
+
+    @property
+    def class_index(self) -> int | None:
+        """The class the target explains (the record's ``target``), None when there is none."""
+        return None
+
+    def feeds(self, batch: int, num_classes: int) -> dict[str, np.ndarray]:
+        raise UsageError(f"a {self.kind} target is a seed made from the forward pass, not a graph input: explain it "
+                         "with Explainer.explain(..., targets=...) or ExplainSession.run_seeded")
+
+    def select(self, rows: Sequence[int]) -> SeededTarget:
+        return self  # the same target in every input
+
+    def check(self, num_classes: int, path: str) -> None:
+        """UsageError when a file with `num_classes` classes (axis 1 of its score) cannot serve it."""
+
+
+@dataclass(frozen=True)
+class SegmentationTarget(SeededTarget):
+    """L = the sum of class `category`'s logits over a region (pytorch-grad-cam's
+    `SemanticSegmentationTarget`): `region` a [H, W] weight map (nonzero: in the region), resized
+    (nearest) to the logits' size; None: the pixels where `category` is the argmax."""
+
+    category: int
+    region: np.ndarray | None = field(default=None, compare=False)
+    region_path: str | None = None
+    kind: ClassVar[str] = "seg"
+
+    @property
+    def class_index(self) -> int:
+        return self.category
+
+    def parameters(self) -> dict[str, Any]:
+        return {"class": self.category, "region": self.region_path if self.region is not None else "argmax"}
+
+    def check(self, num_classes: int, path: str) -> None:
+        if not 0 <= self.category < num_classes:
+            raise UsageError(f"--target seg:{self.category} is out of range: {path} has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        logits = forward[contract.LOGITS_OUTPUT]
+        if logits.ndim != 4:
+            raise ModelError(f"seg targets need a [batch, classes, height, width] score; this file's is {logits.shape}")
+        mask = None if self.region is None else _resized(self.region, logits.shape[2:])
+        seeds = segmentation_seed(logits, self.category, mask)
+        return seeds, _inner(seeds.values, logits)
+
+
+@dataclass(frozen=True)
+class SimilarityTarget(SeededTarget):
+    """L = cos(embedding, concept) (pytorch-grad-cam's `SimilarityToConceptTarget`)."""
+
+    concept: np.ndarray = field(compare=False)
+    concept_path: str | None = None
+    kind: ClassVar[str] = "similar"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"concept": self.concept_path, "dim": int(np.asarray(self.concept).shape[-1])}
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        embeddings = forward[contract.LOGITS_OUTPUT]
+        return similarity_seed(embeddings, self.concept), cosine_similarity(embeddings, self.concept)
+
+
+@dataclass(frozen=True)
+class BoxScoreTarget(SeededTarget):
+    """L = sum over the raw head's candidates matching `box` (IoU > iou_threshold, label
+    `label`; None: any) of IoU x class score (D-RISE's similarity; camrt/seeds/boxes.py), in every input."""
+
+    box: tuple[float, float, float, float]
+    label: int | None = None
+    iou_threshold: float = 0.5
+    box_format: str = "cxcywh"
+    kind: ClassVar[str] = "box"
+
+    @property
+    def class_index(self) -> int | None:
+        return self.label
+
+    def parameters(self) -> dict[str, Any]:
+        return {"box": list(self.box), "label": self.label, "iou_threshold": self.iou_threshold,
+                "box_format": self.box_format}
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        head = forward[contract.LOGITS_OUTPUT]
+        wanted = [boxes.BoxTarget(b, self.box, self.label) for b in range(head.shape[0])]
+        seeds = boxes.box_seed(head, wanted, self.iou_threshold, self.box_format)
+        return seeds, np.array([boxes.box_score(head, t, self.iou_threshold, self.box_format) for t in wanted])
+
+
+def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A [H, W] region at `size` (nearest neighbour: the preprocessing resizes without cropping)."""
+    region = np.asarray(region, dtype=np.float32)
+    if region.ndim != 2:
+        raise InputError(f"a region mask must be [H, W], got shape {region.shape}")
+    rows = (np.arange(size[0]) * region.shape[0] // size[0]).astype(np.int64)
+    cols = (np.arange(size[1]) * region.shape[1] // size[1]).astype(np.int64)
+    return region[rows][:, cols]
+
+
+def _inner(seeds: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """<seed row, score row> in float64: L for a seed that is dL/d score of a linear L."""
+    return (seeds.astype(np.float64) * score.astype(np.float64)).reshape(len(seeds), -1).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class SeededRequest(TargetRequest):
+    """One seeded target for every input (one map per input)."""
+
+    target: SeededTarget
+
+    @property
+    def ranks(self) -> list[int | None]:
+        return [None]
+
+    def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
+        return [self.target]
+
+    def check(self, num_classes: int, path: str) -> None:
+        self.target.check(num_classes, path)
+
+
+# -- which methods and files serve a seeded target ---------------------------------------------
+def method_refusal(requires: Any) -> str | None:
+    """Why a method with `requires` (methods.base.Requirements) cannot explain a seeded target, or None."""
+    if requires.extra_passes or requires.tail:
+        return "scores further passes through the file with the class path (camrt/target), not with a seed"
+    if requires.cam_weights:
+        return "reads the target class's classifier weights (camrt/cam_weights), which a seed has not"
+    if requires.uses_attention:
+        return "reads attention outputs, which a seeded run does not fetch"
+    if not (requires.gradients or requires.input_gradient or requires.bias_gradients):
+        return "reads no gradient, so its map would not depend on the target"
+    return None
+
+
+def check_serves(explainer: Any, target: SeededTarget) -> None:
+    """ModelError when the Explainer's file has no seed entry, UsageError when its method or
+    options cannot explain `target`."""
+    method = explainer.method
+    if explainer.info.seed is None:
+        raise ModelError(f"{explainer.session.path} has no seed entry ({contract.SEED_TENSOR!r}), needed by a "
+                         f"{target.kind} target: re-export it with `camrt export ... --seed`")
+    reason = method_refusal(method.requires)
+    if reason is not None:
+        raise UsageError(f"method {method.name!r} cannot explain a {target.kind} target: it {reason}; use a gradient "
+                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...)")
+    if explainer._fused is not None or explainer.aug_smooth:
+        option = "device_postprocess" if explainer._fused is not None else "aug_smooth"
+        raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
+
+
+def explain_seeded(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list:
+    """The Explanations of `target` in each input of the prepared batch `x`: one forward pass, the
+    seed from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
+    from .. import postprocess
+    from ..explainer import Explanation, _finite
+    from ..methods.base import GraphOutputs
+
+    check_serves(explainer, target)
+    fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
+                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+    made: dict[str, Any] = {}
+
+    def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
+        made["seeds"], made["scores"] = target.seeds(forward)
+        return made["seeds"]
+
+    values = explainer.session.run_seeded(x, make_seed, fetch)
+    if not np.array_equal(made["seeds"].samples, np.arange(x.shape[0])):
+        raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
+    method = explainer.method
+    raw = explainer._raw_maps(GraphOutputs(values, x))
+    labels = explainer.info.labels
+    index = target.class_index
+    extra = {"target_kind": target.kind, "target_params": target.parameters()}
+    return [Explanation(
+        heatmap=postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu,
+                                     fusion=method.layer_fusion()),
+        target=index,
+        score=_finite(float(made["scores"][i])),
+        probability=None,
+        label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
+        layer=",".join(explainer.layers) if explainer.layers else None,
+        method=method.name,
+        extra=dict(extra),
+    ) for i, size in enumerate(sizes)]
+
+
+# -- --target KIND:... -------------------------------------------------------------------------
+def parse_seeded(text: str, region: str | os.PathLike | None = None) -> SeededRequest:
+    """`--target seg:CLASS` (with `region`: a mask image, nonzero pixels in the region),
+    `similar:concept.npy`, or `box:x1,y1,x2,y2[:label]`."""
+    kind, _, value = text.strip().partition(":")
+    kind = kind.lower()
+    if region is not None and kind != "seg":
+        raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
+    if kind == "seg":
+        if not value.isdigit():
+            raise UsageError(f"--target seg:CLASS needs a class index >= 0, got {text!r}")
+        if region is None:
+            return SeededRequest(SegmentationTarget(int(value)))
+        return SeededRequest(SegmentationTarget(int(value), _load_region(region), os.fspath(region)))
+    if kind == "similar":
+        return SeededRequest(SimilarityTarget(_load_concept(value), value))
+    if kind == "box":
+        return SeededRequest(_parse_box(text, value))
+    raise UsageError(f"--target {text!r}: seeded targets are {', '.join(k + ':...' for k in SEEDED_KINDS)}")
+
+
+def _load_region(path: str | os.PathLike) -> np.ndarray:
+    from ..imaging.decode import load_image
+
+    try:
+        image = load_image(path)
+    except InputError as exc:
+        raise UsageError(f"--region {os.fspath(path)}: {exc}") from None
+    region = (image.max(axis=2) > 0).astype(np.float32)
+    if not region.any():
+        raise UsageError(f"--region {os.fspath(path)} has no nonzero pixel: the region is empty")
+    return region
+
+
+def _load_concept(path: str) -> np.ndarray:
+    if not path:
+        raise UsageError("--target similar:FILE needs a .npy file holding the concept embedding [dim]")
+    try:
+        concept = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--target similar:{path}: cannot read the concept embedding ({exc})") from None
+    concept = np.asarray(concept, dtype=np.float64).squeeze()
+    if concept.ndim != 1 or not np.isfinite(concept).all() or not concept.any():
+        raise UsageError(f"--target similar:{path}: the concept must be one finite nonzero vector [dim], "
+                         f"got shape {np.shape(concept)}")
+    return concept
+
+
+def _parse_box(text: str, value: str) -> BoxScoreTarget:
+    coordinates, _, label = value.partition(":")
+    try:
+        box = tuple(float(v) for v in coordinates.split(","))
+        parsed_label = int(label) if label else None
+    except ValueError:
+        box, parsed_label = (), None
+    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3] or (parsed_label is not None and parsed_label < 0):
+        raise UsageError(f"--target box:x1,y1,x2,y2[:label] needs 4 numbers with x1 < x2, y1 < y2 (input pixels) "
+                         f"and a class index >= 0, got {text!r}")
+    return BoxScoreTarget(box, parsed_label)  # type: ignore[arg-type]
