@@ -167,6 +167,15 @@ class SeededRequest(TargetRequest):
 
 
 # -- which methods and files serve a seeded target ---------------------------------------------
+def target_kinds(info: contract.ContractInfo) -> list[str]:
+    """The `--target` kinds a file serves: class (N, top1, topk:K) always; with a seed entry, the
+    seeded kinds whose score shape fits its score: seg [B, C, H, W], similar [B, D], box [B, 4 + C, N]."""
+    if info.seed is None:
+        return ["class"]
+    rank = len(info.seed.get("shape", ()))
+    return ["class", *{4: ["seg"], 2: ["similar"], 3: ["box"]}.get(rank, [])]
+
+
 def method_refusal(requires: Any) -> str | None:
     """Why a method with `requires` (methods.base.Requirements) cannot explain a seeded target, or None."""
     if requires.extra_passes or requires.tail:

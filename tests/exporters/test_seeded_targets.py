@@ -583,3 +583,15 @@ def test_seeded_target_errors(lraspp, tiny, tmp_path):
     with pytest.raises(UsageError, match=r"device_postprocess runs the class path; a seg target needs "
                                          r"device_postprocess off"):
         Explainer(path, device_postprocess=True).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+
+
+def test_inspect_lists_the_target_kinds(lraspp, embedder, yolo, tiny):
+    """`camrt inspect`: class for every file; the seeded kind whose score shape the file has."""
+    import json
+
+    kinds = {name: json.loads(_cli("inspect", path, "--json").stdout)["targets"]
+             for name, path in (("seg", lraspp[1]), ("similar", embedder[1]), ("box", yolo[1]), ("plain", tiny.path))}
+    assert kinds == {"seg": ["class", "seg"], "similar": ["class", "similar"], "box": ["class", "box"],
+                     "plain": ["class"]}
+    assert "targets:          class, seg" in _cli("inspect", lraspp[1]).stdout
+    assert "seg/similar/box need a file exported with --seed" in _cli("inspect", tiny.path).stdout
