@@ -156,13 +156,20 @@ def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
 
 
 def parse_target(text: str, region: Any = None) -> TargetRequest:
-    """--target: a class index, top1 (or -1), topk:K, or a seeded target (seg:CLASS with an
-    optional `region` mask file, similar:concept.npy, box:x1,y1,x2,y2[:label]; camrt.seeds.targets)."""
+    """--target: a class index, top1 (or -1), topk:K, or KIND:VALUE of a registered target kind
+    (the `register_targets` hook; built-in: seg:CLASS with an optional `region` mask file,
+    similar:concept.npy, box:x1,y1,x2,y2[:label], camrt.seeds.targets)."""
     value = text.strip().lower()
-    if value.partition(":")[0] in ("seg", "similar", "box"):
-        from .seeds.targets import parse_seeded
+    options = {} if region is None else {"region": region}
+    kind, colon, rest = text.strip().partition(":")
+    if colon and kind.lower() != "topk":
+        from .plugins.registry import build_target_registry
 
-        return parse_seeded(text, region)
+        registered = build_target_registry().get(kind)
+        unknown = [name for name in options if name not in registered.options]
+        if unknown:
+            raise UsageError(f"--{unknown[0]} does not apply to --target {kind}:... ({text!r})")
+        return registered.parse(rest, **options)
     if region is not None:
         raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
     if value in ("top1", "top-1", str(TOP1_TARGET)):

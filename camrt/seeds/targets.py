@@ -26,9 +26,6 @@ from .batch import SeedBatch
 from .embedding import cosine_similarity, similarity_seed
 from .segmentation import segmentation_seed
 
-#: The `--target KIND:...` prefixes of seeded targets.
-SEEDED_KINDS = ("seg", "similar", "box")
-
 
 class SeededTarget(Target):
     """A target whose seed is built from the forward outputs: one seed row per input."""
@@ -242,25 +239,24 @@ def explain_seeded(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], 
     ) for i, size in enumerate(sizes)]
 
 
-# -- --target KIND:... -------------------------------------------------------------------------
-def parse_seeded(text: str, region: str | os.PathLike | None = None) -> SeededRequest:
-    """`--target seg:CLASS` (with `region`: a mask image, nonzero pixels in the region),
-    `similar:concept.npy`, or `box:x1,y1,x2,y2[:label]`."""
-    kind, _, value = text.strip().partition(":")
-    kind = kind.lower()
-    if region is not None and kind != "seg":
-        raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
-    if kind == "seg":
-        if not value.isdigit():
-            raise UsageError(f"--target seg:CLASS needs a class index >= 0, got {text!r}")
-        if region is None:
-            return SeededRequest(SegmentationTarget(int(value)))
-        return SeededRequest(SegmentationTarget(int(value), _load_region(region), os.fspath(region)))
-    if kind == "similar":
-        return SeededRequest(SimilarityTarget(_load_concept(value), value))
-    if kind == "box":
-        return SeededRequest(_parse_box(text, value))
-    raise UsageError(f"--target {text!r}: seeded targets are {', '.join(k + ':...' for k in SEEDED_KINDS)}")
+# -- --target KIND:... (registered by camrt.seeds.plugin through the register_targets hook) ----
+def parse_segmentation(value: str, region: str | os.PathLike | None = None) -> SeededRequest:
+    """seg:CLASS, with `region` a mask image (nonzero pixels: the region; default the argmax pixels)."""
+    if not value.isdigit():
+        raise UsageError(f"--target seg:CLASS needs a class index >= 0, got 'seg:{value}'")
+    if region is None:
+        return SeededRequest(SegmentationTarget(int(value)))
+    return SeededRequest(SegmentationTarget(int(value), _load_region(region), os.fspath(region)))
+
+
+def parse_similarity(value: str) -> SeededRequest:
+    """similar:FILE.npy, the concept embedding [dim]."""
+    return SeededRequest(SimilarityTarget(_load_concept(value), value))
+
+
+def parse_box(value: str) -> SeededRequest:
+    """box:x1,y1,x2,y2[:label], in model input pixels."""
+    return SeededRequest(_parse_box(f"box:{value}", value))
 
 
 def _load_region(path: str | os.PathLike) -> np.ndarray:

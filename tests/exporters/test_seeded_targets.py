@@ -595,3 +595,80 @@ def test_inspect_lists_the_target_kinds(lraspp, embedder, yolo, tiny):
                      "plain": ["class"]}
     assert "targets:          class, seg" in _cli("inspect", lraspp[1]).stdout
     assert "seg/similar/box need a file exported with --seed" in _cli("inspect", tiny.path).stdout
+
+
+# --- target kinds as plugins (the register_targets hook) -------------------------------------
+def test_builtin_target_kinds_are_registered_through_the_hook():
+    from camrt.plugins.registry import build_target_registry
+
+    registry = build_target_registry()
+    assert registry.names() == ["box", "seg", "similar"]
+    assert {registry.get(k).plugin for k in registry.names()} == {"camrt.seeds.plugin"}
+    assert registry.get("seg").options == ("region",)
+
+
+def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
+    """A third-party kind (the sum of one candidate's class scores: a seed made from the forward
+    outputs) is parsed from --target and explained; Grad-CAM equals its formula on torch float64
+    autograd of the same L. A duplicate kind is left out, an unknown kind names the registered ones,
+    and --region is refused for a kind that does not take it."""
+    import json
+
+    from camrt.errors import UsageError
+    from camrt.hookspecs import hookimpl
+    from camrt.plugins.registry import build_target_registry
+    from camrt.postprocess import finalize
+    from camrt.seeds.targets import SeededRequest, SeededTarget
+    from camrt.targets import parse_target
+    from tests.helpers import random_image, write_image
+
+    class CandidateTarget(SeededTarget):
+        kind = "candidate"
+
+        def __init__(self, index):
+            self.index = index
+
+        def seeds(self, forward):
+            head = forward[contract.LOGITS_OUTPUT]
+            seed = np.zeros_like(head)
+            seed[:, 4:, self.index] = 1
+            return SeedBatch.one_per_sample(seed), head[:, 4:, self.index].sum(axis=1)
+
+        def parameters(self):
+            return {"index": self.index}
+
+    class Plugin:
+        @hookimpl
+        def register_targets(self, register):
+            register("candidate", lambda value: SeededRequest(CandidateTarget(int(value))))
+
+    class Clash:
+        @hookimpl
+        def register_targets(self, register):
+            register("seg", lambda value: None)
+
+    plugin(Plugin(), "test-candidate")
+    plugin(Clash(), "test-clash")
+    registry = build_target_registry()
+    assert "candidate" in registry.names() and registry.get("seg").plugin == "camrt.seeds.plugin"
+    assert "target kind 'seg' is already registered by plugin 'camrt.seeds.plugin'" in registry.failures["test-clash"]
+    with pytest.raises(UsageError, match=r"unknown target kind 'nope'; registered kinds: box, candidate, seg, similar"):
+        parse_target("nope:1")
+    with pytest.raises(UsageError, match=r"--region does not apply to --target candidate:"):
+        parse_target("candidate:3", region="mask.png")
+
+    model, path = yolo
+    image = random_image(np.random.default_rng(7), *DET_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "candidate:5", "--layer", "stem",
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["target_kind"] == "candidate" and record["target_params"] == {"index": 5}
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+
+    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    act, grad = _layer_autograd(model, "stem", torch.from_numpy(x), lambda out: out[0, 4:, 5].sum())
+    reference = finalize([(grad.mean(axis=(2, 3))[0][:, None, None] * act[0]).sum(0)], DET_SIZE)
+    assert np.abs(np.load(record["heatmap"]) - reference).max() <= 1e-4
