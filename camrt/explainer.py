@@ -21,7 +21,8 @@ from .errors import InputError, PluginError, UsageError
 from .execution.session import ExplainSession
 from .methods.base import GraphOutputs, Method, _coerce
 from .plan import ExplainPlan
-from .seeds.targets import SeededTarget, explain_seeded
+from .seeded_explain import seeded_maps
+from .seeds.targets import SeededTarget
 from .targets import ClassTarget, Target, TargetRequest, TopKRequest, as_target
 
 
@@ -253,7 +254,7 @@ class Explainer:
 
     def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation]:
         if isinstance(target, SeededTarget):  # a seed made from the forward pass (camrt.seeds.targets)
-            return explain_seeded(self, x, sizes, target)
+            return self._explain_seeded(x, sizes, target)
         if self._fused is not None:
             return self._explain_fused(x, target, sizes)
         values = self.session.run(x, target, self.fetch)
@@ -272,6 +273,14 @@ class Explainer:
                 (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu, fusion=fusion))
                 for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
         return self._explanations(values, heatmaps, context.extra)
+
+    def _explain_seeded(self, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list[Explanation]:
+        index, labels = target.class_index, self.info.labels
+        return [Explanation(heatmap=heatmap, target=index, score=_finite(score), probability=None,
+                            label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
+                            layer=",".join(self.layers) if self.layers else None, method=self.method.name,
+                            extra={"target_kind": target.kind, "target_params": target.parameters()})
+                for heatmap, score in seeded_maps(self, x, sizes, target)]
 
     def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""

@@ -53,11 +53,11 @@ Examples:
               help="A method option (repeatable; see `camrt methods`).")
 @click.option("-o", "--output", "outdir", default=DEFAULT_OUTDIR, show_default=True, metavar="OUTDIR",
               help="Output directory (created if needed).")
-@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K|seg:C|similar:F.npy|box:x1,y1,x2,y2[:L]",
+@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K|KIND:V",
               help="Class index to explain, the top-1 class, the K best classes (K records per input), or, in a "
-                   "file exported with --seed: class C's logits over a region (seg), the cosine similarity to the "
-                   "embedding in F.npy (similar), the candidates of a raw detection head matching a box in model "
-                   "input pixels (box).")
+                   "file exported with --seed: seg:C (class C's logits over a region), similar:F.npy (cosine "
+                   "similarity to the embedding in F.npy), box:x1,y1,x2,y2[:L] (a raw detection head's "
+                   "candidates matching a box, in model input pixels), or a plugin's KIND:V.")
 @click.option("--region", metavar="MASK", default=None,
               help="With --target seg:C: a mask image whose nonzero pixels are the region (default: the pixels "
                    "where C is the argmax).")
@@ -102,7 +102,8 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     from ..explainer import Explainer
     from ..imaging.render import colormap_code, remove_stale_temporaries
     from ..plugins.registry import build_renderer_registry
-    from ..seeds.targets import SeededRequest, check_serves
+    from ..seeded_explain import check_serves
+    from ..seeds.targets import SeededRequest
     from ..targets import parse_target
 
     wanted = _split_formats(formats)

@@ -5,7 +5,7 @@ A `SeededTarget` makes its seed (the cotangent dL/d score, camrt/seeds/) from th
 forward pass; the Explainer then runs the backward pass on the same activations
 (`ExplainSession.run_seeded`) and hands the method the gradients of L. Only methods that read
 gradients of the target and nothing else that follows `camrt/target` can do that; the others are
-refused (`check_serves`), never run on the class path.
+refused (`method_refusal`; camrt.seeded_explain runs them), never run on the class path.
 """
 
 from __future__ import annotations
@@ -184,59 +184,6 @@ def method_refusal(requires: Any) -> str | None:
     if not (requires.gradients or requires.input_gradient or requires.bias_gradients):
         return "reads no gradient, so its map would not depend on the target"
     return None
-
-
-def check_serves(explainer: Any, target: SeededTarget) -> None:
-    """ModelError when the Explainer's file has no seed entry, UsageError when its method or
-    options cannot explain `target`."""
-    method = explainer.method
-    if explainer.info.seed is None:
-        raise ModelError(f"{explainer.session.path} has no seed entry ({contract.SEED_TENSOR!r}), needed by a "
-                         f"{target.kind} target: re-export it with `camrt export ... --seed`")
-    reason = method_refusal(method.requires)
-    if reason is not None:
-        raise UsageError(f"method {method.name!r} cannot explain a {target.kind} target: it {reason}; use a gradient "
-                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...)")
-    if explainer._fused is not None or explainer.aug_smooth:
-        option = "device_postprocess" if explainer._fused is not None else "aug_smooth"
-        raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
-
-
-def explain_seeded(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list:
-    """The Explanations of `target` in each input of the prepared batch `x`: one forward pass, the
-    seed from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
-    from .. import postprocess
-    from ..explainer import Explanation, _finite
-    from ..methods.base import GraphOutputs
-
-    check_serves(explainer, target)
-    fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
-                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
-    made: dict[str, Any] = {}
-
-    def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
-        made["seeds"], made["scores"] = target.seeds(forward)
-        return made["seeds"]
-
-    values = explainer.session.run_seeded(x, make_seed, fetch)
-    if not np.array_equal(made["seeds"].samples, np.arange(x.shape[0])):
-        raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
-    method = explainer.method
-    raw = explainer._raw_maps(GraphOutputs(values, x))
-    labels = explainer.info.labels
-    index = target.class_index
-    extra = {"target_kind": target.kind, "target_params": target.parameters()}
-    return [Explanation(
-        heatmap=postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu,
-                                     fusion=method.layer_fusion()),
-        target=index,
-        score=_finite(float(made["scores"][i])),
-        probability=None,
-        label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
-        layer=",".join(explainer.layers) if explainer.layers else None,
-        method=method.name,
-        extra=dict(extra),
-    ) for i, size in enumerate(sizes)]
 
 
 # -- --target KIND:... (registered by camrt.seeds.plugin through the register_targets hook) ----
