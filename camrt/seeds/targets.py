@@ -41,6 +41,12 @@ class SeededTarget(Target):
     def parameters(self) -> dict[str, Any]:
         """The target's parameters, JSON-able, for the explanation's record."""
 
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """L [N] of score rows [N, ...] of perturbed copies of an input whose seed row is
+        `seed_row` (Score-CAM's passes): <seed_row, row>, the L of a target linear in the score whose
+        seed (e.g. a segmentation region) stays that of the unperturbed input."""
+        return _inner(np.broadcast_to(seed_row, scores.shape), scores)
+
     @property
     def class_index(self) -> int | None:
         """The class the target explains (the record's ``target``), None when there is none."""
@@ -104,6 +110,9 @@ class SimilarityTarget(SeededTarget):
         embeddings = forward[contract.LOGITS_OUTPUT]
         return similarity_seed(embeddings, self.concept), cosine_similarity(embeddings, self.concept)
 
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        return cosine_similarity(scores, self.concept)
+
 
 @dataclass(frozen=True)
 class BoxScoreTarget(SeededTarget):
@@ -128,7 +137,12 @@ class BoxScoreTarget(SeededTarget):
         head = forward[contract.LOGITS_OUTPUT]
         wanted = [boxes.BoxTarget(b, self.box, self.label) for b in range(head.shape[0])]
         seeds = boxes.box_seed(head, wanted, self.iou_threshold, self.box_format)
-        return seeds, np.array([boxes.box_score(head, t, self.iou_threshold, self.box_format) for t in wanted])
+        return seeds, self.row_scores(head, seeds.values[0])
+
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """Each row's candidates matched again (none matching: 0)."""
+        return np.array([boxes.box_score(scores, boxes.BoxTarget(i, self.box, self.label), self.iou_threshold,
+                                         self.box_format) for i in range(scores.shape[0])])
 
 
 def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -173,8 +187,13 @@ def target_kinds(info: contract.ContractInfo) -> list[str]:
     return ["class", *{4: ["seg"], 2: ["similar"], 3: ["box"]}.get(rank, [])]
 
 
-def method_refusal(requires: Any) -> str | None:
-    """Why a method with `requires` (methods.base.Requirements) cannot explain a seeded target, or None."""
+def method_refusal(method: Any) -> str | None:
+    """Why `method` (a Method class or instance) cannot explain a seeded target, or None. Methods
+    whose further passes score the target through `ExplainContext.target_scores` (Score-CAM, SS-CAM,
+    IS-CAM: ``scores_seeded_targets``) can."""
+    requires = method.requires
+    if getattr(method, "scores_seeded_targets", False):
+        return None
     if requires.extra_passes or requires.tail:
         return "scores further passes through the file with the class path (camrt/target), not with a seed"
     if requires.cam_weights:

@@ -523,8 +523,8 @@ def test_explainer_box_target_gradcam_is_autograd_of_the_box_score(yolo):
 
 
 @pytest.mark.parametrize("method, reason", [
-    ("scorecam", "scores further passes"), ("ablationcam", "scores further passes"),
-    ("eigencam", "reads no gradient"), ("smoothgrad", "scores further passes"),
+    ("ablationcam", "scores further passes"), ("eigencam", "reads no gradient"),
+    ("smoothgrad", "scores further passes"),
 ])
 def test_methods_that_cannot_explain_a_seed_are_refused(lraspp, method, reason):
     from camrt.errors import UsageError
@@ -544,12 +544,12 @@ def test_which_registered_methods_explain_seeds():
     from camrt.seeds.targets import method_refusal
 
     registry = build_method_registry()
-    served = {name for name in registry.names() if method_refusal(registry.get(name).requires) is None}
+    served = {name for name in registry.names() if method_refusal(registry.get(name)) is None}
     assert {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "saliency", "guided-backprop",
-            "fullgrad"} <= served
-    assert not served & {"cam", "scorecam", "ablationcam", "eigencam", "smoothgrad", "integrated-gradients",
-                         "attention-rollout"}
-    assert method_refusal(registry.get("cam").requires).startswith("reads the target class's classifier weights")
+            "fullgrad", "scorecam", "sscam", "iscam"} <= served
+    assert not served & {"cam", "ablationcam", "eigencam", "smoothgrad", "integrated-gradients",
+                         "smooth-gradcam++", "attention-rollout"}
+    assert method_refusal(registry.get("cam")).startswith("reads the target class's classifier weights")
 
 
 def test_seeded_target_errors(lraspp, tiny, tmp_path):
@@ -672,3 +672,60 @@ def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
     act, grad = _layer_autograd(model, "stem", torch.from_numpy(x), lambda out: out[0, 4:, 5].sum())
     reference = finalize([(grad.mean(axis=(2, 3))[0][:, None, None] * act[0]).sum(0)], DET_SIZE)
     assert np.abs(np.load(record["heatmap"]) - reference).max() <= 1e-4
+
+
+# --- Score-CAM with seeded targets: the target's L scored on the masked inputs ---------------
+class _TinySegmenter(torch.nn.Module):
+    """conv-bn-relu (feat, 6 channels) -> 1x1 conv: logits [B, 3, 32, 32]."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.feat(x))
+
+
+class _TinyEmbedder(_TinySegmenter):
+    """The segmenter's logits averaged over the image: an embedding [B, 3]."""
+
+    def forward(self, x):
+        return super().forward(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["seg", "similar"])
+def test_scorecam_of_a_seeded_target_matches_pytorch_grad_cam(kind, tmp_path_factory, monkeypatch):
+    """Score-CAM scores L on each masked input: a region fixed from the unmasked input (as
+    pytorch-grad-cam's SemanticSegmentationTarget) or the cosine to the concept; equal to
+    pytorch-grad-cam's ScoreCAM (with the paper's upsampling patched in, as for class targets)."""
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget, SimilarityTarget
+
+    from .test_perturbation_methods import _patch_score_cam_upsampling
+
+    torch.manual_seed(3)
+    model = (_TinySegmenter() if kind == "seg" else _TinyEmbedder()).eval()
+    path = _export(tmp_path_factory, model, "feat", (32, 32), f"tiny{kind}")
+    x = np.random.default_rng(8).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    if kind == "seg":
+        with torch.no_grad():
+            argmax = model(torch.from_numpy(x)).argmax(1).numpy()
+        category = int(np.bincount(argmax.ravel()).argmax())
+        target = SegmentationTarget(category)
+        references = [SemanticSegmentationTarget(category, (argmax[b] == category).astype(np.float32))
+                      for b in range(len(x))]
+    else:
+        concept = torch.tensor([0.3, -1.0, 0.5])
+        target = SimilarityTarget(concept.numpy())
+        references = [SimilarityToConceptTarget(concept)] * len(x)
+    ours = Explainer(path, method="scorecam", layer="feat").explain(x, targets=target)
+    _patch_score_cam_upsampling(monkeypatch)
+    with ScoreCAM(model=model, target_layers=[model.feat]) as cam:
+        reference = cam(torch.from_numpy(x), targets=references)
+    for b in range(len(x)):
+        assert np.ptp(reference[b]) > 0.5
+        assert np.abs(ours[b].heatmap - _minmax(reference[b])).max() <= 1e-4
