@@ -598,6 +598,19 @@ def test_inspect_lists_the_target_kinds(lraspp, embedder, yolo, tiny):
 
 
 # --- target kinds as plugins (the register_targets hook) -------------------------------------
+def _docs_plugin_example():
+    """The plugin example of docs/targets.md, run as written (a module holding its hook)."""
+    import re
+    import types
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "targets.md").read_text(encoding="utf-8")
+    code = next(block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "register_targets" in block)
+    module = types.ModuleType("docs_target_plugin")
+    exec(compile(code, "docs/targets.md", "exec"), module.__dict__)
+    return module
+
+
 def test_builtin_target_kinds_are_registered_through_the_hook():
     from camrt.plugins.registry import build_target_registry
 
@@ -608,8 +621,8 @@ def test_builtin_target_kinds_are_registered_through_the_hook():
 
 
 def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
-    """A third-party kind (the sum of one candidate's class scores: a seed made from the forward
-    outputs) is parsed from --target and explained; Grad-CAM equals its formula on torch float64
+    """A third-party kind (docs/targets.md's example, run as written: the sum of one candidate's
+    class scores, a seed made from the forward outputs) is parsed from --target and explained; Grad-CAM equals its formula on torch float64
     autograd of the same L. A duplicate kind is left out, an unknown kind names the registered ones,
     and --region is refused for a kind that does not take it."""
     import json
@@ -618,36 +631,16 @@ def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
     from camrt.hookspecs import hookimpl
     from camrt.plugins.registry import build_target_registry
     from camrt.postprocess import finalize
-    from camrt.seeds.targets import SeededRequest, SeededTarget
     from camrt.targets import parse_target
     from tests.helpers import random_image, write_image
 
-    class CandidateTarget(SeededTarget):
-        kind = "candidate"
-
-        def __init__(self, index):
-            self.index = index
-
-        def seeds(self, forward):
-            head = forward[contract.LOGITS_OUTPUT]
-            seed = np.zeros_like(head)
-            seed[:, 4:, self.index] = 1
-            return SeedBatch.one_per_sample(seed), head[:, 4:, self.index].sum(axis=1)
-
-        def parameters(self):
-            return {"index": self.index}
-
-    class Plugin:
-        @hookimpl
-        def register_targets(self, register):
-            register("candidate", lambda value: SeededRequest(CandidateTarget(int(value))))
+    plugin(_docs_plugin_example(), "test-candidate")
 
     class Clash:
         @hookimpl
         def register_targets(self, register):
             register("seg", lambda value: None)
 
-    plugin(Plugin(), "test-candidate")
     plugin(Clash(), "test-clash")
     registry = build_target_registry()
     assert "candidate" in registry.names() and registry.get("seg").plugin == "camrt.seeds.plugin"
