@@ -31,7 +31,7 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
     reason = method_refusal(method)
     if reason is not None:
         raise UsageError(f"method {method.name!r} cannot explain a {target.kind} target: it {reason}; use a gradient "
-                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...)")
+                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...) or scorecam")
     if explainer._fused is not None or explainer.aug_smooth:
         option = "device_postprocess" if explainer._fused is not None else "aug_smooth"
         raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")

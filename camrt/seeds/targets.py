@@ -1,11 +1,11 @@
 """Seeded targets: what to explain when L is not one class logit (`--target seg:CLASS`,
-`similar:concept.npy`, `box:x1,y1,x2,y2[:label]`), and how the Explainer runs them.
+`similar:concept.npy`, `box:x1,y1,x2,y2[:label]`), their parsing, and which methods serve them.
 
 A `SeededTarget` makes its seed (the cotangent dL/d score, camrt/seeds/) from the outputs of one
 forward pass; the Explainer then runs the backward pass on the same activations
 (`ExplainSession.run_seeded`) and hands the method the gradients of L. Only methods that read
 gradients of the target and nothing else that follows `camrt/target` can do that; the others are
-refused (`method_refusal`; camrt.seeded_explain runs them), never run on the class path.
+refused (`method_refusal`), never run on the class path. camrt/seeded_explain.py runs them.
 """
 
 from __future__ import annotations
