@@ -733,3 +733,47 @@ def test_scorecam_of_a_seeded_target_matches_pytorch_grad_cam(kind, tmp_path_fac
         diff = float(np.abs(ours[b].heatmap - _minmax(reference[b])).max())
         print(f"scorecam {kind} image {b}: max diff {diff:.2e}")
         assert np.ptp(reference[b]) > 0.5 and diff <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    """The small segmenter exported with a seed and FullGrad's bias terms."""
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(3)
+    model = _TinySegmenter().eval()
+    onnx_model, _ = export_torch(model, layers=["feat"], input_size=(32, 32), rules=[contract.RULE_VANILLA],
+                                 seed=True, fullgrad=True)
+    path = tmp_path_factory.mktemp("tinyseg") / "tinyseg.camrt.onnx"
+    write_model(onnx_model, path)
+    return model, str(path)
+
+
+@pytest.mark.parametrize("method, reference_class", [
+    ("gradcam++", "GradCAMPlusPlus"), ("xgradcam", "XGradCAM"), ("hirescam", "HiResCAM"),
+    ("gradcam-elementwise", "GradCAMElementWise"), ("layercam", "LayerCAM"), ("eigengradcam", "EigenGradCAM"),
+    ("fullgrad", "FullGrad"),
+])
+def test_gradient_methods_of_a_seg_target_match_pytorch_grad_cam(tiny_segmenter, method, reference_class):
+    """Every gradient method pytorch-grad-cam has, on a seg target through the Explainer, equals
+    that class with SemanticSegmentationTarget (FullGrad: every bias term of the model)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+
+    model, path = tiny_segmenter
+    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        argmax = model(torch.from_numpy(x)).argmax(1).numpy()
+    category = int(np.bincount(argmax.ravel()).argmax())
+    ours = Explainer(path, method=method).explain(x, targets=SegmentationTarget(category))
+    layers = [] if method == "fullgrad" else [model.feat]
+    with getattr(pytorch_grad_cam, reference_class)(model=model, target_layers=layers) as cam:
+        reference = cam(torch.from_numpy(x), targets=[
+            SemanticSegmentationTarget(category, (argmax[b] == category).astype(np.float32)) for b in range(len(x))])
+    for b in range(len(x)):
+        diff = float(np.abs(_minmax(ours[b].heatmap) - _minmax(reference[b])).max())
+        print(f"{method} seg image {b}: max diff {diff:.2e}")
+        assert np.ptp(reference[b]) > 0.5 and diff <= 1e-4
