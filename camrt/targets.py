@@ -111,6 +111,10 @@ class TargetRequest(ABC):
     def check(self, num_classes: int, path: str) -> None:
         """UsageError when the file at `path`, with `num_classes` classes, cannot serve the request."""
 
+    def record_fields(self) -> dict[str, Any]:
+        """Fields every record of the request carries, failed ones included (none for class targets)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class ClassRequest(TargetRequest):

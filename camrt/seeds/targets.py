@@ -176,6 +176,9 @@ class SeededRequest(TargetRequest):
     def check(self, num_classes: int, path: str) -> None:
         self.target.check(num_classes, path)
 
+    def record_fields(self) -> dict[str, Any]:
+        return {"target_kind": self.target.kind, "target_params": self.target.parameters()}
+
 
 # -- which methods and files serve a seeded target ---------------------------------------------
 def target_kinds(info: contract.ContractInfo) -> list[str]:

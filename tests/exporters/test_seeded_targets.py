@@ -590,6 +590,19 @@ def test_seeded_target_errors(lraspp, tiny, tmp_path):
 
     with pytest.raises(InputError, match=r"segmentation class 1 has an empty region mask"):
         Explainer(path).explain(_seg_inputs()[:1], targets=SegmentationTarget(1, np.zeros((4, 4))))
+    import json
+
+    from tests.helpers import write_image
+
+    write_image(str(tmp_path / "img.png"), np.zeros((*SEG_SIZE, 3), np.uint8))
+    write_image(str(tmp_path / "mask.png"), np.zeros((8, 8, 3), np.uint8) + 255)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "seg:1", "--region", str(tmp_path / "mask.png"),
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")  # a region where the image is all black
+    assert result.exit_code == 0 and json.loads(result.stdout)["target_kind"] == "seg"
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "seg:1", "-o", str(tmp_path / "out"), "-q")
+    failed = json.loads(result.stdout)  # an image where class 1 is the argmax nowhere: an error record
+    assert result.exit_code == 1 and failed["status"] == "error" and "is the argmax at no pixel" in failed["error"]
+    assert failed["target_kind"] == "seg" and failed["target_params"] == {"class": 1, "region": "argmax"}
     with pytest.raises(UsageError, match=r"device_postprocess runs the class path; a seg target needs "
                                          r"device_postprocess off"):
         Explainer(path, device_postprocess=True).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
