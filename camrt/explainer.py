@@ -21,6 +21,8 @@ from .errors import InputError, PluginError, UsageError
 from .execution.session import ExplainSession
 from .methods.base import GraphOutputs, Method, _coerce
 from .plan import ExplainPlan
+from .seeded_explain import seeded_maps
+from .seeds.targets import SeededTarget
 from .targets import ClassTarget, Target, TargetRequest, TopKRequest, as_target
 
 
@@ -29,7 +31,7 @@ class Explanation:
     """One explained input: the heatmap and what it explains."""
 
     heatmap: np.ndarray  # float32 [H, W] in [0, 1]
-    target: int  # the class explained (top-1 resolved)
+    target: int | None  # the class explained (top-1 resolved); None for a seeded target without a class
     score: float | None  # the logit of the target (None if not finite)
     probability: float | None  # softmax of the logits at the target (model ends in a softmax, or softmax=True)
     label: str | None  # the target's class name, when the file has labels
@@ -226,7 +228,8 @@ class Explainer:
         images: a list of HWC uint8 RGB arrays (preprocessed as the file says; heatmaps at each
         image's resolution) or an NCHW float32 array already preprocessed (heatmaps at the model
         input size). targets: None (top-1 for all), one int for all, one per image
-        (an int, or -1/None for top-1), or a `camrt.targets.Target`.
+        (an int, or -1/None for top-1), or a `camrt.targets.Target` (a seeded one,
+        `camrt.seeds.targets`: segmentation region, concept similarity, detection box).
         """
         x, sizes = self.prepare(images)
         return self._explain_prepared(x, sizes, as_target(targets))
@@ -251,6 +254,8 @@ class Explainer:
         return [[explained[i] for explained in by_rank] for i in range(x.shape[0])]
 
     def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation]:
+        if isinstance(target, SeededTarget):  # a seed made from the forward pass (camrt.seeds.targets)
+            return self._explain_seeded(x, sizes, target)
         if self._fused is not None:
             return self._explain_fused(x, target, sizes)
         values = self.session.run(x, target, self.fetch)
@@ -269,6 +274,14 @@ class Explainer:
                 (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu, fusion=fusion))
                 for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
         return self._explanations(values, heatmaps, context.extra)
+
+    def _explain_seeded(self, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list[Explanation]:
+        index, labels = target.class_index, self.info.labels
+        return [Explanation(heatmap=heatmap, target=index, score=_finite(score), probability=None,
+                            label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
+                            layer=",".join(self.layers) if self.layers else None, method=self.method.name,
+                            extra={"target_kind": target.kind, "target_params": target.parameters()})
+                for heatmap, score in seeded_maps(self, x, sizes, target)]
 
     def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""

@@ -71,6 +71,21 @@ def register_renderers(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def register_targets(register: Callable[..., None]) -> None:
+    """Register kinds of target for ``--target KIND:VALUE``: ``register(kind, parse, *, options=())``.
+
+    ``parse(value, **options) -> camrt.targets.TargetRequest`` turns the text after ``KIND:`` into
+    a request (raise ``camrt.errors.UsageError`` for bad text); ``options`` names the target
+    options of ``camrt explain`` it takes (``"region"``: ``--region``), passed when given. A request
+    of a `camrt.seeds.targets.SeededTarget` (its seed made from the forward outputs) is run by the
+    Explainer with one forward and one backward pass. The built-ins (``seg``, ``similar``, ``box``,
+    in camrt/seeds/targets.py) register through this hook too; class targets (``N``, ``top1``,
+    ``topk:K``) are not kinds. A duplicate kind leaves the plugin out, recorded in
+    ``camrt.plugins.load_failures``. Called once when the target registry is built.
+    """
+
+
+@hookspec
 def register_commands(cli: "click.Group") -> None:
     """Add subcommands to the ``camrt`` CLI (camrt-exporters adds ``camrt export``).
 

@@ -111,6 +111,10 @@ class TargetRequest(ABC):
     def check(self, num_classes: int, path: str) -> None:
         """UsageError when the file at `path`, with `num_classes` classes, cannot serve the request."""
 
+    def record_fields(self) -> dict[str, Any]:
+        """Fields every record of the request carries, failed ones included (none for class targets)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class ClassRequest(TargetRequest):
@@ -155,9 +159,23 @@ def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
     return UsageError(f"--target {given} is out of range: {path} has {num_classes} classes (0..{num_classes - 1})")
 
 
-def parse_target(text: str) -> TargetRequest:
-    """--target: a class index, top1 (or -1), or topk:K."""
+def parse_target(text: str, region: Any = None) -> TargetRequest:
+    """--target: a class index, top1 (or -1), topk:K, or KIND:VALUE of a registered target kind
+    (the `register_targets` hook; built-in: seg:CLASS with an optional `region` mask file,
+    similar:concept.npy, box:x1,y1,x2,y2[:label], camrt.seeds.targets)."""
     value = text.strip().lower()
+    options = {} if region is None else {"region": region}
+    kind, colon, rest = text.strip().partition(":")
+    if colon and kind.lower() != "topk":
+        from .plugins.registry import build_target_registry
+
+        registered = build_target_registry().get(kind)
+        unknown = [name for name in options if name not in registered.options]
+        if unknown:
+            raise UsageError(f"--{unknown[0]} does not apply to --target {kind}:... ({text!r})")
+        return registered.parse(rest, **options)
+    if region is not None:
+        raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
     if value in ("top1", "top-1", str(TOP1_TARGET)):
         return ClassRequest(TOP1_TARGET)
     if value.startswith("topk:"):
@@ -168,7 +186,8 @@ def parse_target(text: str) -> TargetRequest:
     try:
         target = int(value)
     except ValueError:
-        raise UsageError(f"--target must be a class index, top1 or topk:K, got {text!r}") from None
+        raise UsageError(f"--target must be a class index, top1, topk:K, seg:CLASS, similar:FILE.npy or "
+                         f"box:x1,y1,x2,y2[:label], got {text!r}") from None
     if target < 0:
         raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
     return ClassRequest(target)

@@ -122,7 +122,8 @@ class ExplainRun:
         return self._finish(pending)
 
     def _claim(self, spec: str) -> _Pending:
-        return _Pending(self.names.claim(spec), [base_record(spec, self.explainer, rank) for rank in self.target.ranks])
+        return _Pending(self.names.claim(spec), [{**base_record(spec, self.explainer, rank), **self.target.record_fields()}
+                                                 for rank in self.target.ranks])
 
     def _reuse(self, item: _Pending, spec: str) -> None:
         if self.previous is not None:

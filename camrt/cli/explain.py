@@ -53,8 +53,14 @@ Examples:
               help="A method option (repeatable; see `camrt methods`).")
 @click.option("-o", "--output", "outdir", default=DEFAULT_OUTDIR, show_default=True, metavar="OUTDIR",
               help="Output directory (created if needed).")
-@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K",
-              help="Class index to explain, the top-1 class, or the K best classes (K records per input).")
+@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K|KIND:V",
+              help="Class index to explain, the top-1 class, the K best classes (K records per input), or, in a "
+                   "file exported with --seed: seg:C (class C's logits over a region), similar:F.npy (cosine "
+                   "similarity to the embedding in F.npy), box:x1,y1,x2,y2[:L] (a raw detection head's "
+                   "candidates matching a box, in model input pixels), or a plugin's KIND:V.")
+@click.option("--region", metavar="MASK", default=None,
+              help="With --target seg:C: a mask image whose nonzero pixels are the region (default: the pixels "
+                   "where C is the argmax).")
 @click.option("--layer", "layers", multiple=True,
               help="Layer to explain (repeat to fuse several); default: the file's default layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
@@ -80,7 +86,7 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
-                    method_options: tuple[str, ...], outdir: str, target: str, layers: tuple[str, ...],
+                    method_options: tuple[str, ...], outdir: str, target: str, region: str | None, layers: tuple[str, ...],
                     batch_size: int, device: str, threads: int | None, graph_optimization: str, formats: str,
                     colormap: str, alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
                     jsonl_path: str | None, quiet: bool) -> None:
@@ -96,17 +102,21 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     from ..explainer import Explainer
     from ..imaging.render import colormap_code, remove_stale_temporaries
     from ..plugins.registry import build_renderer_registry
+    from ..seeded_explain import check_serves
+    from ..seeds.targets import SeededRequest
     from ..targets import parse_target
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    request = parse_target(target)
+    request = parse_target(target, region)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,
                           **parse_method_options(method_options))
     request.check(explainer.num_classes, model)
+    if isinstance(request, SeededRequest):
+        check_serves(explainer, request.target)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:

@@ -80,6 +80,7 @@ def contract_summary(path: str) -> dict[str, Any]:
 
     from .. import contract
     from ..modelfile.metadata import read_contract, read_output_names
+    from ..seeds.targets import target_kinds
 
     info = read_contract(path)
     plans = method_plans(info, read_output_names(path), path)
@@ -99,6 +100,7 @@ def contract_summary(path: str) -> dict[str, Any]:
         "labels": len(info.labels) if info.labels else 0,
         "score": info.score,
         "methods": [plan["method"] for plan in plans if plan["serves"]],
+        "targets": target_kinds(info),
         "method_plans": plans,
     }
 
@@ -161,8 +163,16 @@ def _contract_text(summary: dict[str, Any]) -> list[str]:
         f"labels:           {summary['labels'] or '(none)'}",
         f"score:            {json.dumps(summary['score'])}",
         f"methods:          {', '.join(summary['methods']) or '(none)'}",
+        f"targets:          {_targets_text(summary['targets'])}",
         *_refusals_text(summary["method_plans"]),
     ]
+
+
+def _targets_text(kinds: list[str]) -> str:
+    """The --target kinds a file serves, with the flag that adds the seeded ones when it has none."""
+    if kinds == ["class"]:
+        return "class (N, top1, topk:K); seg/similar/box need a file exported with --seed"
+    return ", ".join(kinds)
 
 
 def _refusals_text(plans: list[dict[str, Any]]) -> list[str]:

@@ -32,13 +32,15 @@ class ExplainContext:
     """Passes through the contract file, for the batch being explained.
 
     inputs: the preprocessed batch [B, C, H, W] of this call; targets: the explained class per
-    sample (already resolved, int64 [B]).
+    sample (already resolved, int64 [B]); target_score: for a seeded target (camrt.seeds.targets),
+    (score rows [N, ...], sample b) -> its L per row, which `target_scores` then gives.
     """
 
-    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray):
+    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray, target_score: Any = None):
         self.session = session
         self.inputs = inputs
         self.targets = np.asarray(targets, dtype=np.int64)
+        self.target_score = target_score
         self.extra: dict[str, list[Any]] = {}
         self._side: dict[str, dict[str, np.ndarray]] = {}
         self._layer_values: dict[str, np.ndarray] = {}
@@ -48,6 +50,13 @@ class ExplainContext:
         x = np.asarray(inputs)
         return self.session.run(x, np.full(x.shape[0], contract.TOP1_TARGET), [contract.LOGITS_OUTPUT])[
             contract.LOGITS_OUTPUT]
+
+    def target_scores(self, scores: np.ndarray, sample: int) -> np.ndarray:
+        """The explained target's score (L) of each row of `forward` outputs [N, ...] made from batch
+        sample `sample`: its class logit, or a seeded target's L."""
+        if self.target_score is None:
+            return scores[:, self.targets[sample]]
+        return np.asarray(self.target_score(scores, sample), dtype=np.float64)
 
     def gradients(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
         """Any contract outputs (e.g. ``camrt/input_grad/vanilla``) for inputs [N, C, H, W] and one

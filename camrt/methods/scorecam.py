@@ -90,6 +90,9 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
     """
 
     requires = Requirements(activations=True, extra_passes=True)
+    #: Its further passes score the target through `ExplainContext.target_scores`, so a seeded
+    #: target's L (camrt.seeds.targets) is scored as a class logit is.
+    scores_seeded_targets = True
 
     def samples(self) -> int:
         """Perturbations per mask."""
@@ -117,7 +120,6 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
         context = outputs.require_context(self.name)
         acts = outputs.activation(layer).astype(np.float32, copy=False)
         x = outputs.inputs
-        targets = outputs.target_index.astype(np.int64)
         batch, channels = acts.shape[:2]
         size = x.shape[2:]
         step = self.options.batch_size
@@ -133,7 +135,7 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
                 for start in range(0, live.size, step):
                     chosen = live[start:start + step]
                     logits = context.forward(self.masked_inputs(x[b], score_masks(acts[b, chosen], size), index, rng))
-                    scores[start:start + chosen.size] += logits[:, targets[b]]
+                    scores[start:start + chosen.size] += context.target_scores(logits, b)
             if live.size:
                 scores /= samples
                 shifted = np.exp(scores - scores.max())

@@ -61,6 +61,7 @@ DEFAULT_PLUGINS = (
     "camrt.metrics.road",
     "camrt.metrics.pointing",
     "camrt.metrics.randomization",
+    "camrt.seeds.plugin",
 )
 ORIGIN_BUILTIN = "built-in"
 ORIGIN_ENTRY_POINT = "entry point"

@@ -1,5 +1,5 @@
-"""Registries of methods, metrics and renderers, built from the `register_methods`, `register_metrics`
-and `register_renderers` hooks.
+"""Registries of methods, metrics, renderers and target kinds, built from the `register_methods`,
+`register_metrics`, `register_renderers` and `register_targets` hooks.
 
 Each plugin's hook implementation is called on its own so that errors name the plugin. A plugin
 whose hook raises, or registers something invalid (a duplicate name or alias, a class that is not
@@ -11,14 +11,14 @@ for); the other plugins still register. Nothing is dropped silently.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from .. import plugins
-from ..errors import PluginError
+from ..errors import PluginError, UsageError
 from ..methods.base import Method
 from ..metrics.base import Metric
 
@@ -214,4 +214,61 @@ def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererR
         return register
 
     registry.failures = _call_each(pm, "register_renderers", make_register, registry.forget_plugin)
+    return registry
+
+
+#: parse(value after "KIND:", **options) -> camrt.targets.TargetRequest
+ParseFunction = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    kind: str
+    parse: ParseFunction
+    #: The `camrt explain` target options it takes (e.g. "region").
+    options: tuple[str, ...]
+    plugin: str
+
+
+class TargetRegistry:
+    """Kinds of ``--target KIND:VALUE`` (the `register_targets` hook) by lower-case name."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, TargetKind] = {}
+        #: Plugins left out: plugin name -> why.
+        self.failures: dict[str, str] = {}
+
+    def forget_plugin(self, plugin: str) -> None:
+        self._kinds = {key: k for key, k in self._kinds.items() if k.plugin != plugin}
+
+    def register(self, kind: str, parse: ParseFunction, *, options: Sequence[str] = (), plugin: str = "<direct>") -> None:
+        if not isinstance(kind, str) or not kind.isidentifier() or not callable(parse):
+            raise PluginError(f"plugin {plugin!r} registered an invalid target kind {kind!r} ({parse!r}); give a "
+                              "word and a parse function")
+        key = kind.lower()
+        if key in self._kinds or key == "topk":
+            owner = self._kinds[key].plugin if key in self._kinds else "camrt.targets"
+            raise PluginError(f"plugin {plugin!r}: target kind {key!r} is already registered by plugin {owner!r}; "
+                              f"registered kinds: {', '.join(self.names())}")
+        self._kinds[key] = TargetKind(key, parse, tuple(options), plugin)
+
+    def get(self, kind: str) -> TargetKind:
+        found = self._kinds.get(kind.lower())
+        if found is None:
+            raise UsageError(f"--target {kind}:...: unknown target kind {kind!r}; registered kinds: "
+                             f"{', '.join(self.names()) or '(none)'} (and N, top1, topk:K){_failures_text(self.failures)}")
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self._kinds)
+
+
+def build_target_registry(pm: pluggy.PluginManager | None = None) -> TargetRegistry:
+    if pm is None:
+        pm = plugins.get_plugin_manager()
+    registry = TargetRegistry()
+    registry.failures = _call_each(
+        pm, "register_targets",
+        lambda plugin: lambda kind, parse, options=(): registry.register(kind, parse, options=options, plugin=plugin),
+        registry.forget_plugin)
     return registry

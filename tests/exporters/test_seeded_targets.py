@@ -394,3 +394,429 @@ def test_seeded_run_of_a_file_whose_weights_are_constant_nodes(tmp_path):
     (torch.from_numpy(seed) * torch_equivalent()(image)[2]).sum().backward()
     want = image.grad.numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+# --- seeded targets through the Explainer and `camrt explain --target` -----------------------
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    return CliRunner().invoke(build_cli(), list(args), catch_exceptions=False)
+
+
+def _frequent_class(model, x) -> int:
+    with torch.no_grad():
+        return int(np.bincount(_SegOut(model)(torch.from_numpy(x)).argmax(1).numpy().ravel()).argmax())
+
+
+def test_explainer_seg_target_matches_pytorch_grad_cam(lraspp):
+    """Explainer(gradcam).explain(targets=SegmentationTarget) for the default (argmax) region and a
+    given region equals pytorch-grad-cam's GradCAM + SemanticSegmentationTarget with that region."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+
+    model, path = lraspp
+    x = _seg_inputs()
+    category = _frequent_class(model, x)
+    with torch.no_grad():
+        argmax = _SegOut(model)(torch.from_numpy(x)).argmax(1).numpy()
+    half = np.zeros(SEG_SIZE, np.float32)
+    half[:, : SEG_SIZE[1] // 2] = 1
+    explainer = Explainer(path, method="gradcam")
+    default = explainer.explain(x, targets=SegmentationTarget(category))
+    region = explainer.explain(x, targets=SegmentationTarget(category, half, "half.png"))
+    assert default[0].record()["target_kind"] == "seg" and default[0].target == category
+    assert region[0].record()["target_params"] == {"class": category, "region": "half.png"}
+    with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
+        for b in range(len(x)):
+            for got, mask in ((default[b], (argmax[b] == category).astype(np.float32)), (region[b], half)):
+                reference = cam(torch.from_numpy(x[b:b + 1]), targets=[SemanticSegmentationTarget(category, mask)])[0]
+                diff = float(np.abs(got.heatmap - _minmax(reference)).max())
+                print(f"explainer seg gradcam image {b}: max diff {diff:.2e}")
+                assert diff <= 1e-4
+                with torch.no_grad():
+                    score = float((_SegOut(model)(torch.from_numpy(x[b:b + 1]))[0, category] * torch.from_numpy(mask))
+                                  .sum())
+                assert got.score == pytest.approx(score, rel=1e-4)
+
+
+def test_explainer_seg_saliency_is_the_input_gradient_of_the_region_score(lraspp):
+    """saliency (max over channels of |dL/d input|) of a seg target equals torch float64 autograd."""
+    from camrt.explainer import Explainer
+    from camrt.postprocess import finalize
+    from camrt.seeds.targets import SegmentationTarget
+
+    model, path = lraspp
+    x = _seg_inputs()[:1]
+    category = _frequent_class(model, x)
+    got = Explainer(path, method="saliency").explain(x, targets=SegmentationTarget(category))[0].heatmap
+    double = _SegOut(model).double()
+    inputs = torch.from_numpy(x).double().requires_grad_(True)
+    logits = double(inputs)
+    region = (logits.argmax(1) == category).double()
+    grad, = torch.autograd.grad((logits[:, category] * region).sum(), [inputs])
+    _SegOut(model).float()
+    model.float()
+    reference = finalize([grad[0].abs().amax(0).numpy()], SEG_SIZE)
+    diff = float(np.abs(got - reference).max())
+    print(f"explainer seg saliency: max diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_cli_seg_target_with_region(lraspp, tmp_path):
+    """`camrt explain FILE IMG --target seg:C --region mask.png`: the heatmap equals pytorch-grad-cam
+    on the same preprocessed input and region; the record names the target kind and parameters."""
+    import json
+
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+    from tests.helpers import random_image, write_image
+
+    model, path = lraspp
+    image = random_image(np.random.default_rng(5), *SEG_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    mask = np.zeros((*SEG_SIZE, 3), np.uint8)
+    mask[16:100, 40:120] = 255
+    write_image(str(tmp_path / "mask.png"), mask)
+    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    category = _frequent_class(model, x)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", f"seg:{category}", "--region",
+                  str(tmp_path / "mask.png"), "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["target_kind"] == "seg" and record["target"] == category
+    assert record["target_params"] == {"class": category, "region": str(tmp_path / "mask.png")}
+    heatmap = np.load(record["heatmap"])
+    with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
+        region = (mask[..., 0] > 0).astype(np.float32)
+        reference = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, region)])[0]
+    diff = float(np.abs(heatmap - _minmax(reference)).max())
+    print(f"cli seg --region gradcam: max diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_cli_similar_target_matches_pytorch_grad_cam(embedder, tmp_path):
+    import json
+
+    from pytorch_grad_cam import GradCAM
+
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+    from tests.helpers import random_image, write_image
+
+    model, path = embedder
+    rng = np.random.default_rng(6)
+    image = random_image(rng, *EMB_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    with torch.no_grad():
+        concept = model(torch.from_numpy(rng.standard_normal((1, 3, *EMB_SIZE)).astype(np.float32)))[0]
+    np.save(tmp_path / "concept.npy", concept.numpy())
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", f"similar:{tmp_path / 'concept.npy'}",
+                  "-m", "gradcam", "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["target_kind"] == "similar" and record["target"] is None
+    assert record["target_params"] == {"concept": str(tmp_path / "concept.npy"), "dim": 512}
+    with torch.no_grad():
+        cosine = float(torch.nn.functional.cosine_similarity(model(torch.from_numpy(x)), concept[None])[0])
+    assert record["score"] == pytest.approx(cosine, abs=1e-5)
+    with GradCAM(model=model, target_layers=[model.layer4]) as cam:
+        reference = cam(torch.from_numpy(x), targets=[SimilarityToConceptTarget(concept)])[0]
+    diff = float(np.abs(np.load(record["heatmap"]) - _minmax(reference)).max())
+    print(f"cli similar gradcam: max diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_explainer_box_target_gradcam_is_autograd_of_the_box_score(yolo):
+    """Grad-CAM of a box target (parsed from `box:x1,y1,x2,y2:label`) equals Grad-CAM's formula on
+    the torch float64 autograd gradient of the box-matched score at the layer."""
+    from camrt.explainer import Explainer
+    from camrt.postprocess import finalize
+    from camrt.targets import parse_target
+
+    model, path = yolo
+    x = np.random.default_rng(4).standard_normal((1, 3, *DET_SIZE)).astype(np.float32)
+    with torch.no_grad():
+        head = model(torch.from_numpy(x)).numpy()
+    target = _box_targets(head)[0]
+    text = "box:" + ",".join(f"{v:.6f}" for v in target.box) + f":{target.label}"
+    request = parse_target(text)
+    got = Explainer(path, method="gradcam", layer="stem").explain_request(x, request)[0][0]
+    box = request.target.box
+    one = BoxTarget(0, box, target.label)
+    act, grad = _layer_autograd(model, "stem", torch.from_numpy(x), lambda out: _torch_box_score(out, one))
+    reference = finalize([(grad.mean(axis=(2, 3))[0][:, None, None] * act[0]).sum(0)], DET_SIZE)
+    diff = float(np.abs(got.heatmap - reference).max())
+    print(f"explainer box gradcam: max diff {diff:.2e}")
+    assert diff <= 1e-4
+    assert got.record()["target_params"]["box"] == list(box) and got.target == target.label
+    with torch.no_grad():
+        assert got.score == pytest.approx(float(_torch_box_score(torch.from_numpy(head).double(), one)), rel=1e-4)
+
+
+@pytest.mark.parametrize("method, reason", [
+    ("ablationcam", "scores further passes"), ("eigencam", "reads no gradient"),
+    ("smoothgrad", "scores further passes"),
+])
+def test_methods_that_cannot_explain_a_seed_are_refused(lraspp, method, reason):
+    from camrt.errors import UsageError
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+
+    _, path = lraspp
+    options = {"layer": SEG_LAYER} if method not in ("smoothgrad",) else {}
+    with pytest.raises(UsageError, match=rf"method '{method}' cannot explain a seg target: it {reason}"):
+        Explainer(path, method=method, **options).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+
+
+def test_which_registered_methods_explain_seeds():
+    """A method explains a seed exactly when it reads gradients of the target and nothing that
+    follows the class path (CAM's class weights, further passes, the tail graph, attention)."""
+    from camrt.plugins.registry import build_method_registry
+    from camrt.seeds.targets import method_refusal
+
+    registry = build_method_registry()
+    served = {name for name in registry.names() if method_refusal(registry.get(name)) is None}
+    assert {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "saliency", "guided-backprop",
+            "fullgrad", "scorecam", "sscam", "iscam"} <= served
+    assert not served & {"cam", "ablationcam", "eigencam", "smoothgrad", "integrated-gradients",
+                         "smooth-gradcam++", "attention-rollout"}
+    assert method_refusal(registry.get("cam")).startswith("reads the target class's classifier weights")
+
+
+def test_seeded_target_errors(lraspp, tiny, tmp_path):
+    """A file without the seed entry, a seeded target option on a class target, bad target text,
+    an empty region, and device_postprocess: each refused with its message."""
+    from camrt.errors import ModelError, UsageError
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+    from camrt.targets import parse_target
+
+    with pytest.raises(ModelError, match=r"has no seed entry .*needed by a seg target: re-export it with "
+                                         r"`camrt export \.\.\. --seed`"):
+        Explainer(tiny.path).explain(np.zeros((1, 3, 12, 16), np.float32), targets=SegmentationTarget(0))
+    result = _cli("explain", tiny.path, str(tmp_path), "--target", "seg:0")
+    assert result.exit_code == 3 and "camrt export ... --seed" in result.output
+    with pytest.raises(UsageError, match=r"--region applies to --target seg:CLASS, not to '3'"):
+        parse_target("3", region="mask.png")
+    with pytest.raises(UsageError, match=r"box:x1,y1,x2,y2\[:label\] needs 4 numbers"):
+        parse_target("box:1,2,3")
+    with pytest.raises(UsageError, match=r"seg:CLASS needs a class index"):
+        parse_target("seg:cat")
+    with pytest.raises(UsageError, match=r"similar:missing.npy: cannot read the concept embedding"):
+        parse_target("similar:missing.npy")
+    _, path = lraspp
+    with pytest.raises(UsageError, match=r"--target seg:999 is out of range"):
+        parse_target("seg:999").check(Explainer(path).num_classes, path)
+    from camrt.errors import InputError
+
+    with pytest.raises(InputError, match=r"segmentation class 1 has an empty region mask"):
+        Explainer(path).explain(_seg_inputs()[:1], targets=SegmentationTarget(1, np.zeros((4, 4))))
+    import json
+
+    from tests.helpers import write_image
+
+    write_image(str(tmp_path / "img.png"), np.zeros((*SEG_SIZE, 3), np.uint8))
+    write_image(str(tmp_path / "mask.png"), np.zeros((8, 8, 3), np.uint8) + 255)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "seg:1", "--region", str(tmp_path / "mask.png"),
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")  # a region where the image is all black
+    assert result.exit_code == 0 and json.loads(result.stdout)["target_kind"] == "seg"
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "seg:1", "-o", str(tmp_path / "out"), "-q")
+    failed = json.loads(result.stdout)  # an image where class 1 is the argmax nowhere: an error record
+    assert result.exit_code == 1 and failed["status"] == "error" and "is the argmax at no pixel" in failed["error"]
+    assert failed["target_kind"] == "seg" and failed["target_params"] == {"class": 1, "region": "argmax"}
+    with pytest.raises(UsageError, match=r"device_postprocess runs the class path; a seg target needs "
+                                         r"device_postprocess off"):
+        Explainer(path, device_postprocess=True).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+
+
+def test_inspect_lists_the_target_kinds(lraspp, embedder, yolo, tiny):
+    """`camrt inspect`: class for every file; the seeded kind whose score shape the file has."""
+    import json
+
+    kinds = {name: json.loads(_cli("inspect", path, "--json").stdout)["targets"]
+             for name, path in (("seg", lraspp[1]), ("similar", embedder[1]), ("box", yolo[1]), ("plain", tiny.path))}
+    assert kinds == {"seg": ["class", "seg"], "similar": ["class", "similar"], "box": ["class", "box"],
+                     "plain": ["class"]}
+    assert "targets:          class, seg" in _cli("inspect", lraspp[1]).stdout
+    assert "seg/similar/box need a file exported with --seed" in _cli("inspect", tiny.path).stdout
+
+
+# --- target kinds as plugins (the register_targets hook) -------------------------------------
+def _docs_plugin_example():
+    """The plugin example of docs/targets.md, run as written (a module holding its hook)."""
+    import re
+    import types
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "targets.md").read_text(encoding="utf-8")
+    code = next(block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "register_targets" in block)
+    module = types.ModuleType("docs_target_plugin")
+    exec(compile(code, "docs/targets.md", "exec"), module.__dict__)
+    return module
+
+
+def test_builtin_target_kinds_are_registered_through_the_hook():
+    from camrt.plugins.registry import build_target_registry
+
+    registry = build_target_registry()
+    assert registry.names() == ["box", "seg", "similar"]
+    assert {registry.get(k).plugin for k in registry.names()} == {"camrt.seeds.plugin"}
+    assert registry.get("seg").options == ("region",)
+
+
+def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
+    """A third-party kind (docs/targets.md's example, run as written: the sum of one candidate's
+    class scores, a seed made from the forward outputs) is parsed from --target and explained; Grad-CAM equals its formula on torch float64
+    autograd of the same L. A duplicate kind is left out, an unknown kind names the registered ones,
+    and --region is refused for a kind that does not take it."""
+    import json
+
+    from camrt.errors import UsageError
+    from camrt.hookspecs import hookimpl
+    from camrt.plugins.registry import build_target_registry
+    from camrt.postprocess import finalize
+    from camrt.targets import parse_target
+    from tests.helpers import random_image, write_image
+
+    plugin(_docs_plugin_example(), "test-candidate")
+
+    class Clash:
+        @hookimpl
+        def register_targets(self, register):
+            register("seg", lambda value: None)
+
+    plugin(Clash(), "test-clash")
+    registry = build_target_registry()
+    assert "candidate" in registry.names() and registry.get("seg").plugin == "camrt.seeds.plugin"
+    assert "target kind 'seg' is already registered by plugin 'camrt.seeds.plugin'" in registry.failures["test-clash"]
+    with pytest.raises(UsageError, match=r"unknown target kind 'nope'; registered kinds: box, candidate, seg, similar"):
+        parse_target("nope:1")
+    with pytest.raises(UsageError, match=r"--region does not apply to --target candidate:"):
+        parse_target("candidate:3", region="mask.png")
+
+    model, path = yolo
+    image = random_image(np.random.default_rng(7), *DET_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", "candidate:5", "--layer", "stem",
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["target_kind"] == "candidate" and record["target_params"] == {"index": 5}
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+
+    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    act, grad = _layer_autograd(model, "stem", torch.from_numpy(x), lambda out: out[0, 4:, 5].sum())
+    reference = finalize([(grad.mean(axis=(2, 3))[0][:, None, None] * act[0]).sum(0)], DET_SIZE)
+    assert np.abs(np.load(record["heatmap"]) - reference).max() <= 1e-4
+
+
+# --- Score-CAM with seeded targets: the target's L scored on the masked inputs ---------------
+class _TinySegmenter(torch.nn.Module):
+    """conv-bn-relu (feat, 6 channels) -> 1x1 conv: logits [B, 3, 32, 32]."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.feat(x))
+
+
+class _TinyEmbedder(_TinySegmenter):
+    """The segmenter's logits averaged over the image: an embedding [B, 3]."""
+
+    def forward(self, x):
+        return super().forward(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["seg", "similar"])
+def test_scorecam_of_a_seeded_target_matches_pytorch_grad_cam(kind, tmp_path_factory, monkeypatch):
+    """Score-CAM scores L on each masked input: a region fixed from the unmasked input (as
+    pytorch-grad-cam's SemanticSegmentationTarget) or the cosine to the concept; equal to
+    pytorch-grad-cam's ScoreCAM (with the paper's upsampling patched in, as for class targets)."""
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget, SimilarityTarget
+
+    from .test_perturbation_methods import _patch_score_cam_upsampling
+
+    torch.manual_seed(3)
+    model = (_TinySegmenter() if kind == "seg" else _TinyEmbedder()).eval()
+    path = _export(tmp_path_factory, model, "feat", (32, 32), f"tiny{kind}")
+    x = np.random.default_rng(8).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    if kind == "seg":
+        with torch.no_grad():
+            argmax = model(torch.from_numpy(x)).argmax(1).numpy()
+        category = int(np.bincount(argmax.ravel()).argmax())
+        target = SegmentationTarget(category)
+        references = [SemanticSegmentationTarget(category, (argmax[b] == category).astype(np.float32))
+                      for b in range(len(x))]
+    else:
+        concept = torch.tensor([0.3, -1.0, 0.5])
+        target = SimilarityTarget(concept.numpy())
+        references = [SimilarityToConceptTarget(concept)] * len(x)
+    ours = Explainer(path, method="scorecam", layer="feat").explain(x, targets=target)
+    _patch_score_cam_upsampling(monkeypatch)
+    with ScoreCAM(model=model, target_layers=[model.feat]) as cam:
+        reference = cam(torch.from_numpy(x), targets=references)
+    for b in range(len(x)):
+        diff = float(np.abs(ours[b].heatmap - _minmax(reference[b])).max())
+        print(f"scorecam {kind} image {b}: max diff {diff:.2e}")
+        assert np.ptp(reference[b]) > 0.5 and diff <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    """The small segmenter exported with a seed and FullGrad's bias terms."""
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(3)
+    model = _TinySegmenter().eval()
+    onnx_model, _ = export_torch(model, layers=["feat"], input_size=(32, 32), rules=[contract.RULE_VANILLA],
+                                 seed=True, fullgrad=True)
+    path = tmp_path_factory.mktemp("tinyseg") / "tinyseg.camrt.onnx"
+    write_model(onnx_model, path)
+    return model, str(path)
+
+
+@pytest.mark.parametrize("method, reference_class", [
+    ("gradcam++", "GradCAMPlusPlus"), ("xgradcam", "XGradCAM"), ("hirescam", "HiResCAM"),
+    ("gradcam-elementwise", "GradCAMElementWise"), ("layercam", "LayerCAM"), ("eigengradcam", "EigenGradCAM"),
+    ("fullgrad", "FullGrad"),
+])
+def test_gradient_methods_of_a_seg_target_match_pytorch_grad_cam(tiny_segmenter, method, reference_class):
+    """Every gradient method pytorch-grad-cam has, on a seg target through the Explainer, equals
+    that class with SemanticSegmentationTarget (FullGrad: every bias term of the model)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+
+    model, path = tiny_segmenter
+    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        argmax = model(torch.from_numpy(x)).argmax(1).numpy()
+    category = int(np.bincount(argmax.ravel()).argmax())
+    ours = Explainer(path, method=method).explain(x, targets=SegmentationTarget(category))
+    layers = [] if method == "fullgrad" else [model.feat]
+    with getattr(pytorch_grad_cam, reference_class)(model=model, target_layers=layers) as cam:
+        reference = cam(torch.from_numpy(x), targets=[
+            SemanticSegmentationTarget(category, (argmax[b] == category).astype(np.float32)) for b in range(len(x))])
+    for b in range(len(x)):
+        diff = float(np.abs(_minmax(ours[b].heatmap) - _minmax(reference[b])).max())
+        print(f"{method} seg image {b}: max diff {diff:.2e}")
+        assert np.ptp(reference[b]) > 0.5 and diff <= 1e-4

@@ -1,0 +1,268 @@
+"""Seeded targets: what to explain when L is not one class logit (`--target seg:CLASS`,
+`similar:concept.npy`, `box:x1,y1,x2,y2[:label]`), their parsing, and which methods serve them.
+
+A `SeededTarget` makes its seed (the cotangent dL/d score, camrt/seeds/) from the outputs of one
+forward pass; the Explainer then runs the backward pass on the same activations
+(`ExplainSession.run_seeded`) and hands the method the gradients of L. Only methods that read
+gradients of the target and nothing else that follows `camrt/target` can do that; the others are
+refused (`method_refusal`), never run on the class path. camrt/seeded_explain.py runs them.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import contract
+from ..errors import InputError, ModelError, UsageError
+from ..targets import Target, TargetRequest
+from . import boxes
+from .batch import SeedBatch
+from .embedding import cosine_similarity, similarity_seed
+from .segmentation import segmentation_seed
+
+
+class SeededTarget(Target):
+    """A target whose seed is built from the forward outputs: one seed row per input."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        """(one seed row per input, L of each row in float64) from the forward outputs
+        (``camrt/logits``: the score tensor)."""
+
+    @abstractmethod
+    def parameters(self) -> dict[str, Any]:
+        """The target's parameters, JSON-able, for the explanation's record."""
+
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """L [N] of score rows [N, ...] of perturbed copies of an input whose seed row is
+        `seed_row` (Score-CAM's passes): <seed_row, row>, the L of a target linear in the score whose
+        seed (e.g. a segmentation region) stays that of the unperturbed input."""
+        return _inner(np.broadcast_to(seed_row, scores.shape), scores)
+
+    @property
+    def class_index(self) -> int | None:
+        """The class the target explains (the record's ``target``), None when there is none."""
+        return None
+
+    def feeds(self, batch: int, num_classes: int) -> dict[str, np.ndarray]:
+        raise UsageError(f"a {self.kind} target is a seed made from the forward pass, not a graph input: explain it "
+                         "with Explainer.explain(..., targets=...) or ExplainSession.run_seeded")
+
+    def select(self, rows: Sequence[int]) -> SeededTarget:
+        return self  # the same target in every input
+
+    def check(self, num_classes: int, path: str) -> None:
+        """UsageError when a file with `num_classes` classes (axis 1 of its score) cannot serve it."""
+
+
+@dataclass(frozen=True)
+class SegmentationTarget(SeededTarget):
+    """L = the sum of class `category`'s logits over a region (pytorch-grad-cam's
+    `SemanticSegmentationTarget`): `region` a [H, W] weight map (nonzero: in the region), resized
+    (nearest) to the logits' size; None: the pixels where `category` is the argmax."""
+
+    category: int
+    region: np.ndarray | None = field(default=None, compare=False)
+    region_path: str | None = None
+    kind: ClassVar[str] = "seg"
+
+    @property
+    def class_index(self) -> int:
+        return self.category
+
+    def parameters(self) -> dict[str, Any]:
+        return {"class": self.category, "region": self.region_path if self.region is not None else "argmax"}
+
+    def check(self, num_classes: int, path: str) -> None:
+        if not 0 <= self.category < num_classes:
+            raise UsageError(f"--target seg:{self.category} is out of range: {path} has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        logits = forward[contract.LOGITS_OUTPUT]
+        if logits.ndim != 4:
+            raise ModelError(f"seg targets need a [batch, classes, height, width] score; this file's is {logits.shape}")
+        mask = None if self.region is None else _resized(self.region, logits.shape[2:])
+        seeds = segmentation_seed(logits, self.category, mask)
+        return seeds, _inner(seeds.values, logits)
+
+
+@dataclass(frozen=True)
+class SimilarityTarget(SeededTarget):
+    """L = cos(embedding, concept) (pytorch-grad-cam's `SimilarityToConceptTarget`)."""
+
+    concept: np.ndarray = field(compare=False)
+    concept_path: str | None = None
+    kind: ClassVar[str] = "similar"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"concept": self.concept_path, "dim": int(np.asarray(self.concept).shape[-1])}
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        embeddings = forward[contract.LOGITS_OUTPUT]
+        return similarity_seed(embeddings, self.concept), cosine_similarity(embeddings, self.concept)
+
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        return cosine_similarity(scores, self.concept)
+
+
+@dataclass(frozen=True)
+class BoxScoreTarget(SeededTarget):
+    """L = sum over the raw head's candidates matching `box` (IoU > iou_threshold, label
+    `label`; None: any) of IoU x class score (D-RISE's similarity; camrt/seeds/boxes.py), in every input."""
+
+    box: tuple[float, float, float, float]
+    label: int | None = None
+    iou_threshold: float = 0.5
+    box_format: str = "cxcywh"
+    kind: ClassVar[str] = "box"
+
+    @property
+    def class_index(self) -> int | None:
+        return self.label
+
+    def parameters(self) -> dict[str, Any]:
+        return {"box": list(self.box), "label": self.label, "iou_threshold": self.iou_threshold,
+                "box_format": self.box_format}
+
+    def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        head = forward[contract.LOGITS_OUTPUT]
+        wanted = [boxes.BoxTarget(b, self.box, self.label) for b in range(head.shape[0])]
+        seeds = boxes.box_seed(head, wanted, self.iou_threshold, self.box_format)
+        return seeds, self.row_scores(head, seeds.values[0])
+
+    def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """Each row's candidates matched again (none matching: 0)."""
+        return np.array([boxes.box_score(scores, boxes.BoxTarget(i, self.box, self.label), self.iou_threshold,
+                                         self.box_format) for i in range(scores.shape[0])])
+
+
+def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A [H, W] region at `size` (nearest neighbour: the preprocessing resizes without cropping)."""
+    region = np.asarray(region, dtype=np.float32)
+    if region.ndim != 2:
+        raise InputError(f"a region mask must be [H, W], got shape {region.shape}")
+    rows = (np.arange(size[0]) * region.shape[0] // size[0]).astype(np.int64)
+    cols = (np.arange(size[1]) * region.shape[1] // size[1]).astype(np.int64)
+    return region[rows][:, cols]
+
+
+def _inner(seeds: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """<seed row, score row> in float64: L for a seed that is dL/d score of a linear L."""
+    return (seeds.astype(np.float64) * score.astype(np.float64)).reshape(len(seeds), -1).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class SeededRequest(TargetRequest):
+    """One seeded target for every input (one map per input)."""
+
+    target: SeededTarget
+
+    @property
+    def ranks(self) -> list[int | None]:
+        return [None]
+
+    def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
+        return [self.target]
+
+    def check(self, num_classes: int, path: str) -> None:
+        self.target.check(num_classes, path)
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"target_kind": self.target.kind, "target_params": self.target.parameters()}
+
+
+# -- which methods and files serve a seeded target ---------------------------------------------
+def target_kinds(info: contract.ContractInfo) -> list[str]:
+    """The `--target` kinds a file serves: class (N, top1, topk:K) always; with a seed entry, the
+    seeded kinds whose score shape fits its score: seg [B, C, H, W], similar [B, D], box [B, 4 + C, N]."""
+    if info.seed is None:
+        return ["class"]
+    rank = len(info.seed.get("shape", ()))
+    return ["class", *{4: ["seg"], 2: ["similar"], 3: ["box"]}.get(rank, [])]
+
+
+def method_refusal(method: Any) -> str | None:
+    """Why `method` (a Method class or instance) cannot explain a seeded target, or None. Methods
+    whose further passes score the target through `ExplainContext.target_scores` (Score-CAM, SS-CAM,
+    IS-CAM: ``scores_seeded_targets``) can."""
+    requires = method.requires
+    if getattr(method, "scores_seeded_targets", False):
+        return None
+    if requires.extra_passes or requires.tail:
+        return "scores further passes through the file with the class path (camrt/target), not with a seed"
+    if requires.cam_weights:
+        return "reads the target class's classifier weights (camrt/cam_weights), which a seed has not"
+    if requires.uses_attention:
+        return "reads attention outputs, which a seeded run does not fetch"
+    if not (requires.gradients or requires.input_gradient or requires.bias_gradients):
+        return "reads no gradient, so its map would not depend on the target"
+    return None
+
+
+# -- --target KIND:... (registered by camrt.seeds.plugin through the register_targets hook) ----
+def parse_segmentation(value: str, region: str | os.PathLike | None = None) -> SeededRequest:
+    """seg:CLASS, with `region` a mask image (nonzero pixels: the region; default the argmax pixels)."""
+    if not value.isdigit():
+        raise UsageError(f"--target seg:CLASS needs a class index >= 0, got 'seg:{value}'")
+    if region is None:
+        return SeededRequest(SegmentationTarget(int(value)))
+    return SeededRequest(SegmentationTarget(int(value), _load_region(region), os.fspath(region)))
+
+
+def parse_similarity(value: str) -> SeededRequest:
+    """similar:FILE.npy, the concept embedding [dim]."""
+    return SeededRequest(SimilarityTarget(_load_concept(value), value))
+
+
+def parse_box(value: str) -> SeededRequest:
+    """box:x1,y1,x2,y2[:label], in model input pixels."""
+    return SeededRequest(_parse_box(f"box:{value}", value))
+
+
+def _load_region(path: str | os.PathLike) -> np.ndarray:
+    from ..imaging.decode import load_image
+
+    try:
+        image = load_image(path)
+    except InputError as exc:
+        raise UsageError(f"--region {os.fspath(path)}: {exc}") from None
+    region = (image.max(axis=2) > 0).astype(np.float32)
+    if not region.any():
+        raise UsageError(f"--region {os.fspath(path)} has no nonzero pixel: the region is empty")
+    return region
+
+
+def _load_concept(path: str) -> np.ndarray:
+    if not path:
+        raise UsageError("--target similar:FILE needs a .npy file holding the concept embedding [dim]")
+    try:
+        concept = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--target similar:{path}: cannot read the concept embedding ({exc})") from None
+    concept = np.asarray(concept, dtype=np.float64).squeeze()
+    if concept.ndim != 1 or not np.isfinite(concept).all() or not concept.any():
+        raise UsageError(f"--target similar:{path}: the concept must be one finite nonzero vector [dim], "
+                         f"got shape {np.shape(concept)}")
+    return concept
+
+
+def _parse_box(text: str, value: str) -> BoxScoreTarget:
+    coordinates, _, label = value.partition(":")
+    try:
+        box = tuple(float(v) for v in coordinates.split(","))
+        parsed_label = int(label) if label else None
+    except ValueError:
+        box, parsed_label = (), None
+    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3] or (parsed_label is not None and parsed_label < 0):
+        raise UsageError(f"--target box:x1,y1,x2,y2[:label] needs 4 numbers with x1 < x2, y1 < y2 (input pixels) "
+                         f"and a class index >= 0, got {text!r}")
+    return BoxScoreTarget(box, parsed_label)  # type: ignore[arg-type]
