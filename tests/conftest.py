@@ -53,7 +53,7 @@ def pytest_ignore_collect(collection_path: Path, config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "exporter" in getattr(item, "fixturenames", ()) or _exporter_only(Path(item.path)):
+        if {"exporter", "exporters_plugin"} & set(getattr(item, "fixturenames", ())) or _exporter_only(Path(item.path)):
             item.add_marker(pytest.mark.exporters)
     if config.getoption("--runtime-only"):
         deselected = [item for item in items if item.get_closest_marker("exporters")]
@@ -68,6 +68,22 @@ def exporter():
     import camrt_exporters
 
     return camrt_exporters
+
+
+@pytest.fixture
+def exporters_plugin():
+    """The CLI as installed with camrt-exporters: `camrt export` listed. Registered for the test
+    unless something (an export in this process) already registered it."""
+    import camrt_exporters.plugin as module
+    from camrt.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    added = not pm.is_registered(module)
+    if added:
+        pm.register(module, name="exporters")
+    yield module
+    if added:
+        pm.unregister(module)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from camrt import contract
 
 #: (factory spec, a mid-network layer)
@@ -83,10 +85,8 @@ def switch_layers(model, after: str | None = None) -> list[str]:
     return [label for name, label in labelled[start:] if name in counts]
 
 
-def switch_states(outputs) -> "np.ndarray":
+def switch_states(outputs) -> np.ndarray:
     """The switch of each ReLU/ReLU6 output element: off (== 0), saturated (== 6, ReLU6) or passing."""
-    import numpy as np
-
     return np.concatenate([np.stack([o == 0, o == 6]).ravel() for o in outputs])
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from camrt import contract
 from camrt.errors import ModelError
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture: `camrt export` registered)
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("skimage")

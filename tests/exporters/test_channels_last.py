@@ -29,7 +29,6 @@ from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.validate import run_contract
 from tests.helpers import random_image, write_image
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

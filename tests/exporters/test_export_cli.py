@@ -17,7 +17,7 @@ from camrt import contract
 from camrt.cli import build_cli
 from camrt.execution.session import ExplainSession
 from tests.helpers import tiny_onnx
-from tests.runtime.cli_docs import DOCS, examples, exporters_plugin  # noqa: F401 (a fixture)
+from tests.runtime.cli_docs import DOCS, examples
 
 
 @pytest.fixture

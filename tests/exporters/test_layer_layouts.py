@@ -28,7 +28,6 @@ from camrt.plugins.registry import build_method_registry
 from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
 from camrt_exporters.layouts import LayoutOverride, parse_layout_overrides
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 #: Every registered method that explains a layer (CAM needs a GAP + FC head the twins lack).
 LAYER_METHODS = [name for name in build_method_registry().names()

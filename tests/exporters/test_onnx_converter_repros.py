@@ -18,7 +18,6 @@ from camrt import contract
 from camrt.cli import build_cli
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

@@ -19,7 +19,6 @@ from camrt.modelfile.metadata import parse_contract
 from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx
 from camrt_exporters.validate import run_contract
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax, torch_equivalent
 

@@ -27,7 +27,6 @@ from camrt_exporters.errors import ValidationError
 from camrt_exporters.export import export_onnx, export_torch
 from camrt_exporters.validate import FD_REL
 from tests.helpers import tiny_onnx
-from tests.runtime.cli_docs import exporters_plugin  # noqa: F401 (a fixture)
 
 from .tiny_models import conv_relu_maxpool_gap_gemm_softmax
 

@@ -10,7 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli"
@@ -33,22 +32,6 @@ def examples(text: str) -> list[str]:
     """The command lines of a help text's "Examples:" section."""
     section = text.split("Examples:", 1)[1] if "Examples:" in text else ""
     return [line.strip() for line in section.splitlines() if re.search(r"(^|\| )camrt\b", line.strip())]
-
-
-@pytest.fixture
-def exporters_plugin():
-    """The CLI as installed with camrt-exporters: `camrt export` listed. Registered for the test
-    unless something (an export in this process) already registered it."""
-    import camrt_exporters.plugin as module
-    from camrt.plugins import get_plugin_manager
-
-    pm = get_plugin_manager()
-    added = not pm.is_registered(module)
-    if added:
-        pm.register(module, name="exporters")
-    yield module
-    if added:
-        pm.unregister(module)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from camrt.cli import build_cli
 from camrt.imaging.decode import load_image
 from tests.helpers import random_image, tiny_onnx, write_image
 
-from .cli_docs import DOCS, examples, exporters_plugin, help_texts  # noqa: F401 (a fixture)
+from .cli_docs import DOCS, examples, help_texts
 
 
 def test_help_texts_are_checked_in(exporter, exporters_plugin):

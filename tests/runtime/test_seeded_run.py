@@ -12,8 +12,6 @@ from camrt.errors import InputError, ModelError
 from camrt.seeds import SeedBatch
 from tests.helpers import CHANNELS, CLASSES, HEIGHT, WIDTH, TinyModel, numpy_forward, tiny_onnx
 
-from .cli_docs import exporters_plugin  # noqa: F401 (a fixture)
-
 
 def _segmenter(seed: int = 0):
     """image [N, 3, 12, 16] -> Conv(3x3, stride 2) -> Relu (feat) -> Conv(1x1) -> logits [N, 5, 6, 8]."""
