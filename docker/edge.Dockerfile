@@ -1,6 +1,6 @@
 # The edge image: the camrt runtime on CPU (onnxruntime, OpenCV headless; no PyTorch), entry point
 # `camrt`. Build from the repository root:
-#   docker build -f docker/runtime.Dockerfile -t camrt .
+#   docker build -f docker/edge.Dockerfile -t camrt .
 #   docker run --rm -v "$PWD:/data" camrt explain /data/model.camrt.onnx /data/photos -o /data/out
 FROM python:3.11-slim
 
