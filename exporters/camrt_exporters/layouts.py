@@ -96,6 +96,10 @@ def resolve_layer_layouts(index: GraphIndex, tensors: Mapping[str, str], layouts
             resolved[layer] = _apply_override(layer, shape, overrides[layer])
         elif tensor in layouts:
             resolved[layer] = layouts[tensor]
+        elif shape is not None and len(shape) == 2:
+            # A vector [B, C] (a classifier's hidden layer) is no map: it gets no layout, its
+            # gradients are exported and checked, and a map method refuses it at explain time.
+            continue
         else:
             nearest = nearest_nchw_layer(tensor, index.nodes, candidates)
             raise ExportError(

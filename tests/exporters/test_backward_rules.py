@@ -2,6 +2,8 @@
 rule family: test_backward_rules_{elementwise,activations,linear,pooling,normalization,spatial,
 data_movement}.py; the rule sets and the graph walk in test_backward_rules_rule_sets.py, torch
 exports in test_backward_rules_torch_exports.py. The harness: tests/exporters/rule_harness.py.
+The quantizers are step functions: their straight-through convention is checked in closed form and
+against torch's fake-quantize autograd instead (test_quantized.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from .test_backward_rules_linear import TESTED_OPS as LINEAR_OPS
 from .test_backward_rules_normalization import TESTED_OPS as NORMALIZATION_OPS
 from .test_backward_rules_pooling import TESTED_OPS as POOLING_OPS
 from .test_backward_rules_spatial import TESTED_OPS as SPATIAL_OPS
+from .test_quantized import TESTED_OPS as QUANTIZER_OPS
 
 TESTED_OPS = {
     *ELEMENTWISE_OPS, *LINEAR_OPS, *POOLING_OPS, *DATA_MOVEMENT_OPS,
-    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS, *SPATIAL_OPS,
+    *ACTIVATION_AND_REDUCTION_OPS, *NORMALIZATION_OPS, *SPATIAL_OPS, *QUANTIZER_OPS,
 }
 
 

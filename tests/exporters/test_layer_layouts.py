@@ -336,3 +336,27 @@ def test_pooled_maps_stay_nchw():
     layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
     assert {name: layouts[name].layout for name in ("conv", "pooled", "se", "gate")} == dict.fromkeys(
         ("conv", "pooled", "se", "gate"), contract.LAYOUT_NCHW)
+
+
+def test_a_vector_layer_exports_without_a_layout_and_map_methods_refuse_it(tmp_path):
+    """A classifier's hidden vector [B, C] (vgg's `classifier.1`) is no map: it exports (its gradient
+    checked against torch autograd at export) with no layout entry, and Grad-CAM on it is refused."""
+    import torch
+
+    from camrt.errors import ModelError
+    from camrt.explainer import Explainer
+    from camrt.modelfile.metadata import read_contract
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    exported, checks = export_torch(model, layers=["1", "4"], input_size=(8, 8), rules=["vanilla"])
+    assert any(c.name == contract.gradient_output("4") for c in checks) and all(c.ok for c in checks)
+    write_model(exported, tmp_path / "vector.camrt.onnx")
+    info = read_contract(tmp_path / "vector.camrt.onnx")
+    assert info.layers == ["1", "4"] and "4" not in (info.layer_layouts or {})
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(ModelError, match="methods need NCHW feature maps"):
+        Explainer(tmp_path / "vector.camrt.onnx", method="gradcam", layer="4", device="cpu").explain(x)
+    assert Explainer(tmp_path / "vector.camrt.onnx", method="gradcam", layer="1", device="cpu").explain(x)

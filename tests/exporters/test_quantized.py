@@ -30,6 +30,10 @@ from camrt_exporters.straight_through import differentiated_quantizer_inputs
 from . import edge_models, models
 from .rule_harness import FEW, Case, gradient_model, node, seeds, shapes
 
+#: The rules checked here instead of by finite differences: a quantizer is a step function, its
+#: straight-through gradient is a convention (tested in closed form and against torch's fake-quantize).
+TESTED_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
 QUANTIZED = {"int8": (TensorProto.INT8, np.int8, -128, 127), "uint8": (TensorProto.UINT8, np.uint8, 0, 255)}
 
 
