@@ -263,17 +263,21 @@ class Explainer:
 
         context = ExplainContext(self.session, x, values[contract.TARGET_INDEX_OUTPUT])
         outputs = GraphOutputs(values, x, context)
-        relu, fusion = self.method.relu, self.method.layer_fusion()
         raw = self._raw_maps(outputs)
         if not self.aug_smooth:
-            heatmaps = [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=relu, fusion=fusion)
-                        for i, size in enumerate(sizes)]
+            heatmaps = self._heatmaps(raw, sizes)
         else:
             augmented = self._augmented_raw_maps(x, outputs.target_index.astype(np.int64), raw)
-            heatmaps = [postprocess.merge_augmented([
-                (flip, postprocess.finalize([maps[i] for maps in maps_t], size, apply_relu=relu, fusion=fusion))
-                for flip, maps_t in augmented]) for i, size in enumerate(sizes)]
+            per_flip = [(flip, self._heatmaps(maps_t, sizes)) for flip, maps_t in augmented]
+            heatmaps = [postprocess.merge_augmented([(flip, maps[i]) for flip, maps in per_flip])
+                        for i in range(len(sizes))]
         return self._explanations(values, heatmaps, context.extra)
+
+    def _heatmaps(self, raw: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Each input's heatmap at its size, from the method's raw maps (one [B, h, w] per layer)."""
+        relu, fusion = self.method.relu, self.method.layer_fusion()
+        return [postprocess.finalize([maps[i] for maps in raw], size, apply_relu=relu, fusion=fusion)
+                for i, size in enumerate(sizes)]
 
     def _explain_seeded(self, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list[Explanation]:
         index, labels = target.class_index, self.info.labels

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import contract, postprocess
+from . import contract
 from .errors import ModelError, UsageError
 from .execution.context import ExplainContext
 from .methods.base import GraphOutputs
@@ -61,7 +61,5 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
         raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
     context = ExplainContext(explainer.session, x, np.full(x.shape[0], contract.TOP1_TARGET),
                              target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]))
-    raw = explainer._raw_maps(GraphOutputs(values, x, context))
-    return [(postprocess.finalize([maps[i] for maps in raw], size, apply_relu=method.relu,
-                                  fusion=method.layer_fusion()), float(made["scores"][i]))
-            for i, size in enumerate(sizes)]
+    heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
+    return [(heatmap, float(score)) for heatmap, score in zip(heatmaps, made["scores"])]

@@ -15,7 +15,7 @@ image (one map per (image, target)) cost one forward pass and one batched backwa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +61,9 @@ def require_seed_entry(model, path: str) -> None:
                          "`camrt export ... --seed` to explain segmentation, detection or embedding targets")
 
 
-def _dependents(graph, source: str) -> set[str]:
-    """Tensors computed (transitively) from `source`; nodes are in topological order."""
-    tainted = {source}
+def _dependents(graph, sources: Iterable[str]) -> set[str]:
+    """Tensors computed (transitively) from `sources`, those included; nodes are in topological order."""
+    tainted = set(sources)
     for node in graph.node:
         if any(i in tainted for i in _reads(node)):
             tainted.update(o for o in node.output if o)
@@ -139,7 +139,7 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], image_input: s
 
     require_seed_entry(model, path)
     graph = model.graph
-    depends_on_seed = _dependents(graph, contract.SEED_TENSOR)
+    depends_on_seed = _dependents(graph, [contract.SEED_TENSOR])
     if contract.TARGET_INDEX_OUTPUT in fetch or any(f.startswith(contract.CAM_WEIGHTS_PREFIX) for f in fetch):
         raise InputError(f"{contract.TARGET_INDEX_OUTPUT!r} and CAM weights follow `camrt/target`, not a seed: "
                          "fetch them with a target run")
@@ -154,7 +154,7 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], image_input: s
     produced_forward = {o for n in _ancestor_nodes(nodes, forward_fetch, set(constants)) for o in n.output if o}
     # Tensors that depend on no graph input (Constant nodes: weights of files written by onnx.helper)
     # are recomputed by the backward graph, not passed over: they have no batch axis to slice.
-    from_inputs = set().union(*(_dependents(graph, name) for name in inputs))
+    from_inputs = _dependents(graph, inputs)
     stop = set(constants) | (produced_forward & from_inputs) | inputs | {contract.SEED_TENSOR}
     backward_nodes = _ancestor_nodes(nodes, backward_fetch, stop)
     made_backward = {o for n in backward_nodes for o in n.output if o}

@@ -29,19 +29,22 @@ def has_spatial_extent(shape: Shape | None) -> bool:
 
 # --- which rank-4 tensors are NCHW ------------------------------------------------------------
 #: Ops whose rank-4 output ONNX defines as [N, C, H, W].
-_NCHW_OUTPUT_OPS = frozenset({
+NCHW_OUTPUT_OPS = frozenset({
     "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
     "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "DepthToSpace", "SpaceToDepth", "MaxUnpool",
 })
-#: Ops whose output has the layout of their rank-4 inputs (element-wise, or indexing every axis alike).
-_LAYOUT_KEEPING_OPS = frozenset({
+#: Ops applied per element (with broadcasting): the output's axes are those of its full-shape inputs.
+ELEMENTWISE_OPS = frozenset({
     "Identity", "Dropout", "Cast", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Sigmoid",
     "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Mish", "Softplus", "Softsign", "Gelu", "Erf",
     "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-    "Concat", "Pad", "Slice", "Split", "Resize", "Upsample", "LayerNormalization", "Softmax", "LogSoftmax",
-    "QuantizeLinear", "DequantizeLinear",
+    "QuantizeLinear", "DequantizeLinear",  # QDQ models: per-tensor or per-channel scales keep the axes
 })
+#: Ops whose output has the layout of their rank-4 inputs (element-wise, or indexing every axis alike).
+_LAYOUT_KEEPING_OPS = ELEMENTWISE_OPS | {
+    "Concat", "Pad", "Slice", "Split", "Resize", "Upsample", "LayerNormalization", "Softmax", "LogSoftmax",
+}
 _TRANSPOSES = {(tuple(contract.NCHW_TO_NHWC), contract.LAYOUT_NCHW): contract.LAYOUT_NHWC,
                (tuple(contract.NHWC_TO_NCHW), contract.LAYOUT_NHWC): contract.LAYOUT_NCHW}
 
@@ -68,7 +71,7 @@ def tensor_layouts(nodes: Sequence[Any], image_input: str, image_layout: str | N
     unestablished. `nodes` in topological order."""
     layouts = {image_input: image_layout} if image_layout else {}
     for node in nodes:
-        if node.op_type in _NCHW_OUTPUT_OPS:
+        if node.op_type in NCHW_OUTPUT_OPS:
             layout = contract.LAYOUT_NCHW
         elif node.op_type == "Transpose" and node.input[0] in layouts:
             perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())

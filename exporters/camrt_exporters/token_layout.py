@@ -32,7 +32,7 @@ from typing import Any
 
 from camrt import contract
 from camrt.contract import LayerLayout
-from camrt.modelfile.layers import Shape
+from camrt.modelfile.layers import ELEMENTWISE_OPS, NCHW_OUTPUT_OPS, Shape
 
 _BATCH, _CHANNELS, _ROWS, _COLUMNS, _TOKENS = "B", "C", "H", "W", "T"
 
@@ -63,19 +63,6 @@ class Axes:
     sequence: LayerLayout | None = None
 
 
-#: Ops whose rank-4 output ONNX defines as [N, C, H, W] (the rule of camrt.modelfile.layers.tensor_layouts).
-_NCHW_OUTPUT_OPS = frozenset({
-    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
-    "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "DepthToSpace", "SpaceToDepth", "MaxUnpool",
-})
-#: Ops applied per element (with broadcasting): the output's axes are those of its full-shape inputs.
-_ELEMENTWISE_OPS = frozenset({
-    "Identity", "Dropout", "Cast", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Sigmoid",
-    "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Mish", "Softplus", "Softsign", "Gelu", "Erf",
-    "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-    "QuantizeLinear", "DequantizeLinear",  # QDQ models: per-tensor or per-channel scales keep the axes
-})
 #: Ops that keep their first input's axes (normalising or choosing along one axis, resampling).
 _FIRST_INPUT_OPS = frozenset({
     "LayerNormalization", "Softmax", "LogSoftmax", "Pad", "Resize", "Upsample", "GroupNormalization",
@@ -151,10 +138,10 @@ def _factors(role: str, size: int) -> Axis:
 def _propagate(node: Any, states: dict[str, Axes], shape_of: Callable[[str], Shape | None],
                value_of: Callable[[str], Any]) -> Axes | None:
     op, out = node.op_type, node.output[0]
-    if op in _NCHW_OUTPUT_OPS:
+    if op in NCHW_OUTPUT_OPS:
         return _seed(shape_of(out), contract.LAYOUT_NCHW)
     source = states.get(node.input[0]) if node.input else None
-    if op in _ELEMENTWISE_OPS:
+    if op in ELEMENTWISE_OPS:
         return _elementwise(node, states, shape_of)
     if op == "Concat":
         return _concat(node, states, shape_of)
