@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pluggy
 
@@ -167,40 +167,54 @@ class Renderer:
     plugin: str
 
 
-class RendererRegistry:
+class _NamedRegistry:
+    """Entries (each with a `plugin`) by lower-case name: the registries of things that are not
+    classes. Subclasses set `entry` and `entries` (the words of the messages)."""
+
+    entry: ClassVar[str]
+    entries: ClassVar[str]
+    #: Names no plugin may take: name -> who holds it.
+    reserved: ClassVar[dict[str, str]] = {}
+
     def __init__(self) -> None:
-        self._renderers: dict[str, Renderer] = {}
+        self._entries: dict[str, Any] = {}
         #: Plugins left out: plugin name -> why.
         self.failures: dict[str, str] = {}
 
     def forget_plugin(self, plugin: str) -> None:
-        """Remove every renderer `plugin` registered."""
-        self._renderers = {key: r for key, r in self._renderers.items() if r.plugin != plugin}
+        """Remove every entry `plugin` registered."""
+        self._entries = {key: e for key, e in self._entries.items() if e.plugin != plugin}
+
+    def _add(self, key: str, entry: Any, plugin: str) -> None:
+        if key in self._entries or key in self.reserved:
+            owner = self._entries[key].plugin if key in self._entries else self.reserved[key]
+            raise PluginError(f"plugin {plugin!r}: {self.entry} {key!r} is already registered by plugin {owner!r}; "
+                              f"registered {self.entries}: {', '.join(self.names())}")
+        self._entries[key] = entry
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._entries[name] for name in self.names())
+
+
+class RendererRegistry(_NamedRegistry):
+    entry, entries = "renderer", "renderers"
 
     def register(self, name: str, write: WriteFunction, *, suffix: str | None = None,
                  field: str | None = None, plugin: str = "<direct>") -> None:
         if not isinstance(name, str) or not name or not callable(write):
             raise PluginError(f"plugin {plugin!r} registered an invalid renderer {name!r} ({write!r})")
         key = name.lower()
-        if key in self._renderers:
-            raise PluginError(
-                f"plugin {plugin!r}: renderer {key!r} is already registered by plugin "
-                f"{self._renderers[key].plugin!r}; registered renderers: {', '.join(self.names())}"
-            )
-        self._renderers[key] = Renderer(key, write, suffix or f".{key}", field or key, plugin)
+        self._add(key, Renderer(key, write, suffix or f".{key}", field or key, plugin), plugin)
 
     def get(self, name: str) -> Renderer:
-        renderer = self._renderers.get(name.lower())
+        renderer = self._entries.get(name.lower())
         if renderer is None:
             raise PluginError(f"unknown output format {name!r}; registered renderers: {', '.join(self.names()) or '(none)'}"
                               f"{_failures_text(self.failures)}")
         return renderer
-
-    def names(self) -> list[str]:
-        return sorted(self._renderers)
-
-    def __iter__(self) -> Iterator[Renderer]:
-        return (self._renderers[name] for name in self.names())
 
 
 def build_renderer_registry(pm: pluggy.PluginManager | None = None) -> RendererRegistry:
@@ -230,37 +244,25 @@ class TargetKind:
     plugin: str
 
 
-class TargetRegistry:
+class TargetRegistry(_NamedRegistry):
     """Kinds of ``--target KIND:VALUE`` (the `register_targets` hook) by lower-case name."""
 
-    def __init__(self) -> None:
-        self._kinds: dict[str, TargetKind] = {}
-        #: Plugins left out: plugin name -> why.
-        self.failures: dict[str, str] = {}
-
-    def forget_plugin(self, plugin: str) -> None:
-        self._kinds = {key: k for key, k in self._kinds.items() if k.plugin != plugin}
+    entry, entries = "target kind", "kinds"
+    reserved = {"topk": "camrt.targets"}
 
     def register(self, kind: str, parse: ParseFunction, *, options: Sequence[str] = (), plugin: str = "<direct>") -> None:
         if not isinstance(kind, str) or not kind.isidentifier() or not callable(parse):
             raise PluginError(f"plugin {plugin!r} registered an invalid target kind {kind!r} ({parse!r}); give a "
                               "word and a parse function")
         key = kind.lower()
-        if key in self._kinds or key == "topk":
-            owner = self._kinds[key].plugin if key in self._kinds else "camrt.targets"
-            raise PluginError(f"plugin {plugin!r}: target kind {key!r} is already registered by plugin {owner!r}; "
-                              f"registered kinds: {', '.join(self.names())}")
-        self._kinds[key] = TargetKind(key, parse, tuple(options), plugin)
+        self._add(key, TargetKind(key, parse, tuple(options), plugin), plugin)
 
     def get(self, kind: str) -> TargetKind:
-        found = self._kinds.get(kind.lower())
+        found = self._entries.get(kind.lower())
         if found is None:
             raise UsageError(f"--target {kind}:...: unknown target kind {kind!r}; registered kinds: "
                              f"{', '.join(self.names()) or '(none)'} (and N, top1, topk:K){_failures_text(self.failures)}")
         return found
-
-    def names(self) -> list[str]:
-        return sorted(self._kinds)
 
 
 def build_target_registry(pm: pluggy.PluginManager | None = None) -> TargetRegistry:
