@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CamrtError, UsageError
+from ..errors import CamrtError, InputError, UsageError
 from ..metrics.base import EvalBatch, Metric
 from .inputs import chunked
+from .isolate import isolate_failures
 
 #: An input of an evaluation: its name and its HWC uint8 RGB image, or the error reading it raised.
 EvalInput = tuple[str, "np.ndarray | CamrtError"]
@@ -165,8 +166,6 @@ class Evaluation:
             del explainer  # let this method's session go before the next one is made
 
     def _chunk(self, explainer: Any, start: int, chunk: list[EvalInput]) -> EvaluatedChunk:
-        from ..execution.context import ExplainContext
-
         layer = ",".join(explainer.layers) if explainer.layers else None
         base = [{"input": name, "method": explainer.method.name, "layer": layer, "status": "ok", "error": None}
                 for name, _ in chunk]
@@ -176,28 +175,48 @@ class Evaluation:
             if i not in good:
                 base[i].update(status="error", error=str(image))
         if good:
-            names = [chunk[i][0] for i in good]
-            images = [chunk[i][1] for i in good]
-            x, _ = explainer.prepare(images)
-            results = explainer.explain(x)
-            targets = np.array([r.target for r in results], dtype=np.int64)
-            batch = EvalBatch(
-                inputs=x, heatmaps=np.stack([r.heatmap for r in results]), targets=targets,
-                context=ExplainContext(explainer.session, x, targets), score=self.score,
-                batch_size=self.batch_size, names=names, images=images, explainer=explainer,
-                reexplainer=self._reexplainer(explainer),
-            )
-            clean = batch.clean_scores()
-            per_metric = [metric.evaluate(batch) for metric in self.metrics]
-            for k, i in enumerate(good):
-                record = base[i]
-                record.update(target=int(targets[k]), label=results[k].label, score=float(clean[k]),
-                              score_type=self.score)
-                for values in per_metric:
+            x, _ = explainer.prepare([chunk[i][1] for i in good])
+            results = isolate_failures(lambda rows: explainer.explain(x[list(rows)]), range(len(good)))
+            for i, result in zip(good, results):
+                if isinstance(result, InputError):
+                    base[i].update(status="error", error=str(result))
+            explained = [k for k, result in enumerate(results) if not isinstance(result, InputError)]
+            if explained:
+                self._score([good[k] for k in explained], x[explained], [results[k] for k in explained],
+                            explainer, chunk, evaluated)
+        return evaluated
+
+    def _score(self, positions: list[int], x: np.ndarray, results: list[Any], explainer: Any,
+               chunk: list[EvalInput], evaluated: EvaluatedChunk) -> None:
+        """Every metric on the explained inputs at `positions` of the chunk, into their records. A metric
+        that fails for an input (e.g. a randomized model's NaN) leaves its fields None and says why in
+        the record's ``metric_errors``; the input's other metrics stand."""
+        from ..execution.context import ExplainContext
+
+        targets = np.array([r.target for r in results], dtype=np.int64)
+        batch = EvalBatch(
+            inputs=x, heatmaps=np.stack([r.heatmap for r in results]), targets=targets,
+            context=ExplainContext(explainer.session, x, targets), score=self.score,
+            batch_size=self.batch_size, names=[chunk[i][0] for i in positions],
+            images=[chunk[i][1] for i in positions], explainer=explainer, reexplainer=self._reexplainer(explainer),
+        )
+        clean = batch.clean_scores()
+        per_metric = [(metric, isolate_failures(lambda rows, metric=metric: metric.evaluate(batch.rows(rows)),
+                                                range(len(batch))))
+                      for metric in self.metrics]
+        for k, i in enumerate(positions):
+            record = evaluated.records[i]
+            record.update(target=int(targets[k]), label=results[k].label, score=float(clean[k]),
+                          score_type=self.score)
+            for metric, values in per_metric:
+                if isinstance(values[k], InputError):
+                    record.update(dict.fromkeys(metric.fields))
+                    record.setdefault("metric_errors", {})[metric.name] = str(values[k])
+                else:
                     record.update(values[k])
-                self._count(record)
-                if self.keep_maps:
-                    evaluated.maps[i] = batch.heatmaps[k]
+            self._count(record)
+            if self.keep_maps:
+                evaluated.maps[i] = batch.heatmaps[k]
         return evaluated
 
     def _count(self, record: dict[str, Any]) -> None:

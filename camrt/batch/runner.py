@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import InputError, UsageError
 from ..targets import ClassRequest, TargetRequest
 from .inputs import OutputNames, chunked
+from .isolate import isolate_failures
 from .records import base_record, mark_failed
 
 
@@ -161,12 +162,8 @@ class ExplainRun:
         """Per image, its Explanations (best class first) or its InputError: when one input of a
         batch fails (e.g. the model produced NaN for it), the batch is explained again one image at
         a time so that only that input gets an error record."""
-        try:
-            return self.explainer.explain_request(images, self.target)
-        except InputError as exc:
-            if len(images) == 1:
-                return [exc]
-        return [self._explain_each([image])[0] for image in images]
+        return isolate_failures(lambda rows: self.explainer.explain_request([images[i] for i in rows], self.target),
+                                range(len(images)))
 
     def is_done(self, name: str, spec: str) -> bool:
         """Whether input `spec` (output stem `name`) was finished by an earlier run: all its files

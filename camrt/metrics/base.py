@@ -73,6 +73,21 @@ class EvalBatch:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    def rows(self, rows: Sequence[int]) -> EvalBatch:
+        """The batch of the images at `rows`, in that order (camrt/batch/isolate.py scores a failing
+        image alone)."""
+        rows = list(rows)
+        if rows == list(range(len(self))):
+            return self
+        index = np.asarray(rows, dtype=np.int64)
+        inputs, targets = self.inputs[index], self.targets[index]
+        return dataclasses.replace(
+            self, inputs=inputs, heatmaps=self.heatmaps[index], targets=targets,
+            context=type(self.context)(self.context.session, inputs, targets),
+            names=[self.names[i] for i in rows] if self.names else (),
+            images=[self.images[i] for i in rows] if self.images else (),
+            _clean=None if self._clean is None else self._clean[index])
+
     def select(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The score (float64) of each row's image's target class from logits [N, classes]."""
         values = softmax(logits) if self.score == "probability" else logits.astype(np.float64)

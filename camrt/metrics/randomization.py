@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .. import contract
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..hookspecs import hookimpl
 from .base import LOWER, EvalBatch, Metric
 
@@ -216,14 +216,21 @@ class ModelRandomization(Metric):
         depths, names, files = self._stage_files(batch.explainer.session.path)
         if self._explainers is None or self._explainers[0] is not batch.explainer:
             self._explainers = (batch.explainer, [batch.reexplainer(path) for path in files])
-        maps = [np.stack([r.heatmap for r in explainer.explain(batch.inputs, targets=[int(t) for t in batch.targets])])
-                for explainer in self._explainers[1]]
+        maps = [self._stage_maps(explainer, depth, batch) for depth, explainer in zip(depths, self._explainers[1])]
         results = []
         for i in range(len(batch)):
             cascade = [{"layers": depth, "last": name, "spearman": spearman(batch.heatmaps[i], stage[i])}
                        for depth, name, stage in zip(depths, names, maps)]
             results.append({"randomization_spearman": cascade[-1]["spearman"], "randomization_cascade": cascade})
         return results
+
+    @staticmethod
+    def _stage_maps(explainer: Any, depth: int, batch: EvalBatch) -> np.ndarray:
+        try:
+            results = explainer.explain(batch.inputs, targets=[int(t) for t in batch.targets])
+        except InputError as exc:  # e.g. relevance that overflows float32 in a random network
+            raise InputError(f"the model with its last {depth} parameter layers randomized: {exc}") from exc
+        return np.stack([r.heatmap for r in results])
 
     def close(self) -> None:
         self._explainers = None

@@ -155,6 +155,30 @@ def test_nan_at_run_time_is_an_error_record_never_a_heatmap(tmp_path, sqrt_camrt
     assert error.rows == [1, 3]
 
 
+def test_nan_at_run_time_in_eval_is_an_error_record_for_that_image_only(sqrt_camrt, rng):
+    """`camrt eval`'s engine explains a chunk as one batch; an image the model turns into NaN gets an
+    error record, and the others are scored as when evaluated without it."""
+    from camrt.batch.evaluation import Evaluation
+
+    bright = [rng.integers(130, 256, (12, 16, 3), dtype=np.uint8) for _ in range(2)]
+    dark = rng.integers(0, 100, (12, 16, 3), dtype=np.uint8)
+    runs = []
+    for inputs in ([("b0", bright[0]), ("d0", dark), ("b1", bright[1])], [("b0", bright[0]), ("b1", bright[1])]):
+        evaluation = Evaluation(sqrt_camrt, ["gradcam"], ["deletion"], metric_options={"deletion": {"steps": 3}},
+                                images_per_batch=3, device="cpu")
+        try:
+            runs.append({r["input"]: r for r in evaluation.run(inputs)})
+        finally:
+            evaluation.close()
+    evaluated, without = runs
+    assert evaluated["d0"]["status"] == "error" and "produced NaN or inf" in evaluated["d0"]["error"]
+    assert "deletion_auc" not in evaluated["d0"]
+    for name in ("b0", "b1"):
+        assert evaluated[name]["status"] == "ok"
+        assert evaluated[name]["deletion_auc"] == pytest.approx(without[name]["deletion_auc"], rel=1e-6)
+    record(tried=1, clear=1)
+
+
 def _cast_model(model: onnx.ModelProto, elem_type: int) -> onnx.ModelProto:
     """`model` with its image input and constants converted to `elem_type`."""
     converted = onnx.ModelProto()

@@ -158,6 +158,42 @@ def test_eval_figures_of_every_method_across_chunks(tiny, rng, tmp_path):
                                           cv2.imread(str(tmp_path / f"{kind}.png")))
 
 
+def test_eval_a_metric_failing_for_one_image_costs_only_that_metric_of_that_image(tiny, rng, monkeypatch):
+    """Deletion raises InputError (as a model's NaN does) whenever image "bad" is in its batch: that
+    image's deletion is None with the reason in ``metric_errors``, its confidence stands, and every
+    other image's results equal those of an evaluation without it."""
+    from camrt.batch.evaluation import Evaluation
+    from camrt.metrics.deletion import DeletionAUC
+
+    original = DeletionAUC.evaluate
+
+    def failing(self, batch):
+        if "bad" in batch.names:
+            raise InputError("the model produced NaN or inf (row 0: camrt/logits)")
+        return original(self, batch)
+
+    images = {name: random_image(rng, 14, 18) for name in ("a", "bad", "b", "c")}
+    runs = []
+    for names, patched in ((list(images), True), (["a", "b", "c"], False)):
+        if patched:
+            monkeypatch.setattr(DeletionAUC, "evaluate", failing)
+        evaluation = Evaluation(tiny.path, ["gradcam"], ["deletion", "confidence"],
+                                metric_options={"deletion": {"steps": 3}}, images_per_batch=4, device="cpu")
+        try:
+            runs.append({r["input"]: r for r in evaluation.run([(n, images[n]) for n in names])})
+        finally:
+            evaluation.close()
+        monkeypatch.setattr(DeletionAUC, "evaluate", original)
+    evaluated, without = runs
+    bad = evaluated["bad"]
+    assert bad["status"] == "ok" and bad["deletion_auc"] is None and bad["average_drop"] is not None
+    assert bad["metric_errors"] == {"deletion": "the model produced NaN or inf (row 0: camrt/logits)"}
+    for name in ("a", "b", "c"):
+        assert "metric_errors" not in evaluated[name]
+        for field in ("deletion_auc", "average_drop", "score"):
+            assert evaluated[name][field] == pytest.approx(without[name][field], rel=1e-6), (name, field)
+
+
 def test_spooled_paths_replay_what_the_first_pass_read():
     pulled: list[int] = []
     names = ["a.png", "dir with space/ü.jpg", "new\nline.png"]
