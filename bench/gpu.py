@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - started:6.1f}s] {m}", file=sys.stderr, flush=True)
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     import onnxruntime as ort
     import torch

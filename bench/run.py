@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = CONFIGS[args.config]
     started = time.perf_counter()
-    log = lambda message: print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
     cache = Path(args.cache)
     paths = {}
     for model in config["models"]:

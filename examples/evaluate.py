@@ -1,8 +1,8 @@
 """Evaluate every built-in method on EfficientNet-Lite0 (real ImageNet weights) over real photographs.
 
 Build side (torch, once): `camrt export` writes the contract file with the vanilla, guided and
-deconvnet input-gradient rule sets. Evaluation side (onnxruntime only): `camrt eval` runs every
-registered method and scores its heatmaps with the faithfulness metrics and the randomization
+deconvnet input-gradient rule sets (and the LRP composites' when plugins/camrt-lrp is installed). Evaluation side (onnxruntime only): `camrt eval` runs every
+method the file serves and scores its heatmaps with the faithfulness metrics and the randomization
 sanity check; the summary becomes a Markdown table (OUT/results.md).
 
 Photographs: scikit-image's chelsea, coffee, astronaut, rocket and matplotlib's grace_hopper.jpg
@@ -49,6 +49,20 @@ def photographs(folder: Path, quick: bool) -> list[Path]:
     return paths
 
 
+def rule_sets() -> list[str]:
+    """vanilla, guided, deconvnet, and the LRP composites when plugins/camrt-lrp is installed."""
+    from camrt_exporters.export import rule_sets as registered
+
+    return ["vanilla", "guided", "deconvnet", *(name for name in registered() if name.startswith("lrp-"))]
+
+
+def served_methods(camrt: list[str], model: Path) -> list[str]:
+    """The registered methods that `model` serves, as `camrt inspect` reports them."""
+    summary = json.loads(subprocess.run([*camrt, "inspect", str(model), "--json"], check=True, capture_output=True,
+                                        text=True).stdout)
+    return [plan["method"] for plan in summary["method_plans"] if plan["serves"]]
+
+
 def markdown(summary: dict, fields: list[str], arrows: dict[str, str]) -> str:
     header = "| method | " + " | ".join(f"{f} {arrows[f]}" for f in fields) + " |"
     lines = [header, "|---|" + "---|" * len(fields)]
@@ -62,7 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="eval-out", help="output folder")
     parser.add_argument("--model", default=None, help="an EfficientNet-Lite0 camrt file exported as below (skips the export)")
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every one the file serves)")
     parser.add_argument("--quick", action="store_true", help="three photographs, 8 steps, no ROAD")
     args = parser.parse_args()
     out = Path(args.out)
@@ -70,13 +84,13 @@ def main() -> int:
     model = Path(args.model) if args.model else out / "efficientnet_lite0.camrt.onnx"
     if not model.exists():
         command = [*camrt, "export", "camrt_exporters.zoo:efficientnet_lite0", "--scale", "1", "--mean", "127",
-                   "--std", "128", "--labels", "imagenet", "--rules", "vanilla,guided,deconvnet", "-o", str(model)]
+                   "--std", "128", "--labels", "imagenet", "--rules", ",".join(rule_sets()), "-o", str(model)]
         print("$", " ".join(command), file=sys.stderr)
         if subprocess.run(command).returncode:
             return 1
     from camrt.plugins.registry import build_method_registry, build_metric_registry
 
-    methods = args.methods or ",".join(build_method_registry().names())
+    methods = args.methods or ",".join(served_methods(camrt, model))
     chosen = {build_method_registry().get(m).name for m in methods.split(",")}
     method_options = [o for o in METHOD_OPTIONS if o.split(".")[0] in chosen]
     metrics, options = METRICS, list(METRIC_OPTIONS)
