@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CamrtError, InputError, UsageError
+from ..errors import CamrtError, InputError, ModelError, UsageError
 from ..metrics.base import EvalBatch, Metric
 from .inputs import chunked
 from .isolate import isolate_failures
@@ -63,6 +63,15 @@ class _Mean:
     @property
     def value(self) -> float | None:
         return self.total / self.count if self.count else None
+
+
+def _evaluate(metric: Metric, batch: EvalBatch) -> list[dict[str, Any] | CamrtError]:
+    """The metric's results per image, or the error of each image it failed for: an InputError only
+    that image's (camrt/batch/isolate.py), a ModelError (it cannot run on this method's file) every image's."""
+    try:
+        return isolate_failures(lambda rows: metric.evaluate(batch.rows(rows)), range(len(batch)))
+    except ModelError as exc:
+        return [exc] * len(batch)
 
 
 def _reader(inputs: EvalInputs, passes: int) -> Callable[[], Iterable[EvalInput]]:
@@ -201,15 +210,13 @@ class Evaluation:
             images=[chunk[i][1] for i in positions], explainer=explainer, reexplainer=self._reexplainer(explainer),
         )
         clean = batch.clean_scores()
-        per_metric = [(metric, isolate_failures(lambda rows, metric=metric: metric.evaluate(batch.rows(rows)),
-                                                range(len(batch))))
-                      for metric in self.metrics]
+        per_metric = [(metric, _evaluate(metric, batch)) for metric in self.metrics]
         for k, i in enumerate(positions):
             record = evaluated.records[i]
             record.update(target=int(targets[k]), label=results[k].label, score=float(clean[k]),
                           score_type=self.score)
             for metric, values in per_metric:
-                if isinstance(values[k], InputError):
+                if isinstance(values[k], CamrtError):
                     record.update(dict.fromkeys(metric.fields))
                     record.setdefault("metric_errors", {})[metric.name] = str(values[k])
                 else:

@@ -15,7 +15,9 @@ reads some weights through constants the exporter derived from them (a Conv's fl
 kernel, a MatMul's transposed operand): those are found by value (same multiset of values, the
 exporter's transform) and replaced by the same transform of the new weights, so that gradients
 stay those of the randomized model; a constant that holds a weight's values under an unknown
-transform is an error rather than a silent mismatch.
+transform is an error rather than a silent mismatch, and so is a constant of the weight's shape
+that is no known transform of any weight (a rule set that derives constants from the weights, as
+LRP's positive parts): only the constants that the method's outputs read count.
 
 For each depth in ``stages`` evenly spaced checkpoints (the last: every layer), the same method,
 options, layers and target classes explain the images with the randomized file; the Spearman
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,21 +85,16 @@ def _transforms(node, name: str, value: np.ndarray):
 class Cascade:
     """The parameter layers of a contract file and its cascading randomization."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fetch: Sequence[str] | None = None):
+        """fetch: the outputs a method reads (None: every graph output); constants that only other
+        outputs read do not matter to it."""
         import onnx
         from onnx import numpy_helper
 
         self.model = onnx.load(path)
         graph = self.model.graph
         self.initializers = {i.name: i for i in graph.initializer}
-        producer = {o: n for n in graph.node for o in n.output}
-        forward, stack = set(), [contract.LOGITS_OUTPUT]
-        while stack:  # every node that computes the logits (the forward graph)
-            node = producer.get(stack.pop())
-            if node is not None and id(node) not in forward:
-                forward.add(id(node))
-                stack.extend(i for i in node.input if i)
-        forward_nodes = [n for n in graph.node if id(n) in forward]
+        forward_nodes = _ancestors(graph, [contract.LOGITS_OUTPUT])
         #: Parameter nodes, last first: the cascade order.
         self.layers = [n for n in reversed(forward_nodes)
                        if n.op_type in PARAMETER_OPS and len(n.input) > 1 and n.input[1] in self.initializers]
@@ -116,9 +114,12 @@ class Cascade:
             raise ModelError(f"{path}: no Conv/Gemm/MatMul with weights computes {contract.LOGITS_OUTPUT!r}; "
                              "nothing to randomize")
         forward_inputs = {i for n in forward_nodes for i in n.input}
+        fetched = _ancestors(graph, list(fetch) if fetch is not None else [o.name for o in graph.output])
+        read = {i for n in fetched for i in n.input}
         self._derived_pool = {name: numpy_helper.to_array(init) for name, init in self.initializers.items()
-                              if name not in forward_inputs}
+                              if name not in forward_inputs and name in read}
         self.path = path
+        self._followed: set[str] | None = None
 
     def _derived(self, node, name: str, value: np.ndarray) -> list[tuple[str, Any]]:
         """Backward-only constants holding `value`'s numbers: (name, transform) for each."""
@@ -140,6 +141,29 @@ class Cascade:
             found.append((other, match))
         return found
 
+    def _check_no_stale_copy(self, node, name: str, value: np.ndarray) -> None:
+        """ModelError when the gradient graph reads a constant shaped like weight `name` (or like one
+        of its known transforms) that is no known transform of any weight: a rule set that derives
+        constants from the weights (LRP's positive parts, a gamma-modified kernel) would keep the
+        original model's in the randomized file."""
+        from onnx import numpy_helper
+
+        if value.ndim < 2:
+            return
+        if self._followed is None:
+            self._followed = {other for layer, names in zip(self.layers, self.parameters) for weight in names
+                              for other, _ in self._derived(layer, weight,
+                                                            numpy_helper.to_array(self.initializers[weight]))}
+        shapes = {fn(value).shape for fn in _transforms(node, name, value)}
+        stale = [other for other, candidate in self._derived_pool.items()
+                 if candidate.shape in shapes and other not in self._followed]
+        if stale:
+            raise ModelError(
+                f"{self.path}: the gradient graph of this method reads {stale[0]!r}, shaped like the weights "
+                f"{name!r} of node {node.name!r} but derived from them in a way camrt cannot redo (e.g. a rule set "
+                "that keeps the positive part of the weights, as LRP's do); the randomized file would keep the "
+                "original model's, so the randomization check cannot run for this method")
+
     def write_stages(self, depths: list[int], folder: str, seed: int) -> list[str]:
         """Files with the last `depth` layers randomized, for each depth (ascending)."""
         import onnx
@@ -156,6 +180,7 @@ class Cascade:
                     spread = float(value.std())
                     if spread == 0.0:
                         continue
+                    self._check_no_stale_copy(node, name, value)
                     derived = self._derived(node, name, value)
                     fresh = rng.normal(0.0, spread, value.shape).astype(value.dtype)
                     self.initializers[name].CopyFrom(numpy_helper.from_array(fresh, name))
@@ -167,6 +192,19 @@ class Cascade:
             onnx.save(self.model, path)
             paths.append(path)
         return paths
+
+
+def _ancestors(graph, outputs: list[str]) -> list[Any]:
+    """The nodes that `outputs` depend on, in graph order."""
+    nodes = list(graph.node)
+    producer = {o: position for position, n in enumerate(nodes) for o in n.output}
+    found, stack = set(), list(outputs)
+    while stack:
+        position = producer.get(stack.pop())
+        if position is not None and position not in found:
+            found.add(position)
+            stack.extend(i for i in nodes[position].input if i)
+    return [nodes[position] for position in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -192,12 +230,14 @@ class ModelRandomization(Metric):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self._folder: tempfile.TemporaryDirectory | None = None
-        self._stages: dict[str, tuple[list[int], list[str], list[str]]] = {}  # model -> depths, names, files
+        #: (model, the method's outputs) -> depths, names, files
+        self._stages: dict[tuple[str, tuple[str, ...]], tuple[list[int], list[str], list[str]]] = {}
         self._explainers: tuple[Any, list[Any]] | None = None  # (original explainer, one per stage)
 
-    def _stage_files(self, path: str) -> tuple[list[int], list[str], list[str]]:
-        if path not in self._stages:
-            cascade = Cascade(path)
+    def _stage_files(self, path: str, fetch: Sequence[str]) -> tuple[list[int], list[str], list[str]]:
+        key = (path, tuple(fetch))
+        if key not in self._stages:
+            cascade = Cascade(path, fetch)
             count = len(cascade.layers)
             stages = min(self.options.stages, count)
             # from the last layer alone to every layer; one stage: every layer
@@ -206,14 +246,14 @@ class ModelRandomization(Metric):
                 self._folder = tempfile.TemporaryDirectory(prefix="camrt-randomization-")
             folder = tempfile.mkdtemp(dir=self._folder.name)
             files = cascade.write_stages(depths, folder, self.options.seed)
-            self._stages[path] = (depths, [cascade.layers[d - 1].name or cascade.layers[d - 1].output[0]
+            self._stages[key] = (depths, [cascade.layers[d - 1].name or cascade.layers[d - 1].output[0]
                                             for d in depths], files)
-        return self._stages[path]
+        return self._stages[key]
 
     def evaluate(self, batch: EvalBatch) -> list[dict[str, Any]]:
         if batch.explainer is None or batch.reexplainer is None:
             raise ModelError("the randomization check needs the method's Explainer (run it through camrt eval)")
-        depths, names, files = self._stage_files(batch.explainer.session.path)
+        depths, names, files = self._stage_files(batch.explainer.session.path, batch.explainer.fetch)
         if self._explainers is None or self._explainers[0] is not batch.explainer:
             self._explainers = (batch.explainer, [batch.reexplainer(path) for path in files])
         maps = [self._stage_maps(explainer, depth, batch) for depth, explainer in zip(depths, self._explainers[1])]

@@ -156,6 +156,32 @@ def test_unknown_derived_transform_is_refused(tmp_path):
         Cascade(str(tmp_path / "odd.onnx")).write_stages([1], str(tmp_path), seed=0)
 
 
+def test_a_constant_derived_from_a_weight_by_an_unknown_rule_is_refused_for_the_methods_reading_it(tmp_path):
+    """A rule set that keeps a weight's positive part (LRP's z+) as a constant of the gradient graph: the
+    randomized file would keep the original weights there. The cascade refuses it for the outputs that
+    read it, naming the constant and the weight, and not for the outputs that do not."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from camrt.errors import ModelError
+    from camrt.metrics.randomization import Cascade
+
+    path = toy_model("toy-convmm", tmp_path)
+    model = onnx.load(path)
+    cw = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "cw")
+    model.graph.initializer.append(numpy_helper.from_array(np.maximum(cw, 0), "positive_cw"))
+    model.graph.node.append(helper.make_node("ReduceSum", ["positive_cw"], ["rule_output"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("rule_output", onnx.TensorProto.FLOAT, []))
+    odd = str(tmp_path / "positive.onnx")
+    onnx.save(model, odd)
+    with pytest.raises(ModelError, match="reads 'positive_cw', shaped like the weights 'cw'.*cannot run for this method"):
+        Cascade(odd, [contract.LOGITS_OUTPUT, "rule_output"]).write_stages([2], str(tmp_path), seed=0)
+    gradient = contract.input_gradient_output("vanilla")
+    (randomized,) = Cascade(odd, [contract.LOGITS_OUTPUT, gradient]).write_stages([2], str(tmp_path), seed=0)
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(randomized).graph.initializer}
+    assert not np.array_equal(after["cw"], cw)
+
+
 class Sobel:
     """An edge detector posing as a method: the Sobel gradient magnitude of the input (ignores weights)."""
 
