@@ -30,6 +30,10 @@ BatchNormalization right after a Conv (the Conv's only consumer) is folded into 
 SequentialMergeBatchNorm canonizer does: W' = W s, b' = (b - mean) s + beta with s = gamma / sqrt(var + eps).
 The relevance then passes through the BatchNormalization node unchanged and the Conv's rule uses W', b'
 and the BatchNormalization's output as z.
+
+Every tensor derived from the weights (W', W+, W + gamma W+, ...) is computed in the graph from the file's
+own weight initializers (onnxruntime folds it once, when the session is made), never stored as a copy: a
+tool that changes the weights (`camrt eval`'s randomization check) changes the relevance with them.
 """
 
 from __future__ import annotations
@@ -52,15 +56,17 @@ LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
 @dataclass(frozen=True)
 class Layer:
-    """A linear layer z = f(x) read off its node: `weight` in the node's layout (Conv [M, C/g, k...];
-    dense [in, out]), `bias` [M] or [out], `z` the tensor holding f(x) (a folded BatchNormalization's output);
-    `own_weights`: f is the node's own linear map (no BatchNormalization folded in), so its transpose is the
-    built-in backward rule of the node, reading the file's weights (no copy of a large dense matrix)."""
+    """A linear layer z = f(x) read off its node: `w` the graph tensor of its weights in the node's layout
+    (Conv [M, C/g, k...]; dense [in, out]) and `b` of its bias ([M] or [out]; None: no bias), both computed
+    in the graph from the file's initializers; `weight_shape`; `z` the tensor holding f(x) (a folded
+    BatchNormalization's output); `own_weights`: f is the node's own linear map (no BatchNormalization
+    folded in), so its transpose is the built-in backward rule of the node, reading the file's weights."""
 
     node: onnx.NodeProto
     x: str
-    weight: np.ndarray
-    bias: np.ndarray
+    w: str
+    b: str | None
+    weight_shape: tuple[int, ...]
     z: str
     own_weights: bool = True
 
@@ -85,36 +91,42 @@ def folded_batchnorm(ctx: RuleContext, conv: onnx.NodeProto) -> onnx.NodeProto |
 def read_layer(ctx: RuleContext, node: onnx.NodeProto) -> Layer:
     if node.op_type == "Conv":
         weight = ctx.require_value(node.input[1], "the Conv weights")
-        bias = (ctx.require_value(node.input[2], "the Conv bias")
-                if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0], weight.dtype))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            ctx.require_value(bias, "the Conv bias")
         bn = folded_batchnorm(ctx, node)
-        if bn is not None:
-            gamma, beta, mean, var = (ctx.value(name) for name in bn.input[1:5])
-            scale = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
-            folded_weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
-            return Layer(node, node.input[0], folded_weight, (bias - mean) * scale + beta, bn.output[0], own_weights=False)
-        return Layer(node, node.input[0], weight, bias, node.output[0])
+        if bn is None:
+            return Layer(node, node.input[0], node.input[1], bias, weight.shape, node.output[0])
+        gamma, beta, mean, var = (ctx.value(name) for name in bn.input[1:5])
+        scale = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
+        w = ctx.mul(node.input[1], ctx.const(scale.reshape(-1, *[1] * (weight.ndim - 1)), like=node.input[0]))
+        shift = ctx.const(beta - mean * scale, like=node.input[0])  # b' = b s + (beta - mean s)
+        b = shift if bias is None else ctx.emit("Add", [ctx.mul(bias, ctx.const(scale, like=node.input[0])), shift])
+        return Layer(node, node.input[0], w, b, weight.shape, bn.output[0], own_weights=False)
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0):
             raise ExportError(f"node {node.name!r} (Gemm): transA=1 has no LRP rule; the activations must be A")
         b = ctx.require_value(node.input[1], "the Gemm weights")
-        weight = b.T if attribute(node, "transB", 0) else b
+        w = ctx.emit("Transpose", [node.input[1]], perm=[1, 0]) if attribute(node, "transB", 0) else node.input[1]
+        shape = b.shape[::-1] if attribute(node, "transB", 0) else b.shape
         if attribute(node, "alpha", 1.0) != 1.0:
-            weight = attribute(node, "alpha", 1.0) * weight
-        bias = np.zeros(weight.shape[1], weight.dtype)
+            w = ctx.mul(w, ctx.const(attribute(node, "alpha", 1.0), like=node.input[0]))
+        bias = None
         if len(node.input) > 2 and node.input[2]:
             c = ctx.require_value(node.input[2], "the Gemm bias")
-            if c.size not in (1, weight.shape[1]):
+            if c.size not in (1, shape[1]):
                 raise ExportError(f"node {node.name!r} (Gemm): a bias C of shape {c.shape} (not one per output) "
                                   "has no LRP rule")
-            bias = attribute(node, "beta", 1.0) * np.broadcast_to(c.reshape(-1), weight.shape[1:])
-        return Layer(node, node.input[0], weight, bias, node.output[0])
+            bias = ctx.emit("Expand", [ctx.emit("Reshape", [node.input[2], ctx.ints([-1])]), ctx.ints([shape[1]])])
+            if attribute(node, "beta", 1.0) != 1.0:
+                bias = ctx.mul(bias, ctx.const(attribute(node, "beta", 1.0), like=node.input[0]))
+        return Layer(node, node.input[0], w, bias, tuple(shape), node.output[0])
     x, w = node.input
     weight = ctx.value(w)
     if weight is None or weight.ndim != 2 or ctx.index.rank(x) != 2:
         raise ExportError(f"node {node.name!r} (MatMul): LRP rules need [batch, features] activations times a "
                           "constant 2-D weight; this MatMul is neither (use a rule set without LRP rules)")
-    return Layer(node, x, weight, np.zeros(weight.shape[1], weight.dtype), node.output[0])
+    return Layer(node, x, w, None, weight.shape, node.output[0])
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -139,7 +151,7 @@ def transpose(ctx: RuleContext, layer: Layer, weight: str | None, g: str) -> str
     weights when None (the node's built-in rule; the Conv rule with other weights for a Conv)."""
     if weight is None:
         if not layer.own_weights:
-            return transpose(ctx, layer, weights(ctx, layer, layer.weight), g)
+            return transpose(ctx, layer, layer.w, g)
         return VANILLA.lookup(layer.node.op_type)(ctx, layer.node, [g])[0]
     if not layer.is_conv:
         return ctx.emit("Gemm", [g, weight], transB=1)
@@ -150,7 +162,7 @@ def transpose(ctx: RuleContext, layer: Layer, weight: str | None, g: str) -> str
     # weight twice).
     node.input[1] = ctx.emit("Identity", [weight])
     if attribute(node, "kernel_shape", None) is None:
-        node.attribute.append(helper.make_attribute("kernel_shape", list(ctx.value(weight).shape[2:])))
+        node.attribute.append(helper.make_attribute("kernel_shape", list(layer.weight_shape[2:])))
     return VANILLA.lookup("Conv")(ctx, node, [g])[0]
 
 
@@ -173,12 +185,20 @@ def negative(ctx: RuleContext, x: str) -> str:
     return ctx.emit("Min", [x, ctx.const(0.0, like=x)])
 
 
-def weights(ctx: RuleContext, layer: Layer, value: np.ndarray) -> str:
-    return ctx.const(value, like=layer.x)
+def part(ctx: RuleContext, layer: Layer, tensor: str | None, sign: str) -> str | None:
+    """The positive (sign "+") or negative ("-") part of the layer's weight or bias tensor, in the graph."""
+    if tensor is None:
+        return None
+    if sign == "+":
+        return positive(ctx, tensor)
+    return ctx.emit("Min", [tensor, ctx.const(0.0, like=layer.x)])
 
 
-def bias_or_none(ctx: RuleContext, layer: Layer, value: np.ndarray) -> str | None:
-    return ctx.const(value, like=layer.x) if np.any(value) else None
+def gamma_modified(ctx: RuleContext, layer: Layer, tensor: str | None, gamma: float, sign: str) -> str | None:
+    """V + gamma V+ (sign "+") or V + gamma V- ("-") of the layer's weight or bias tensor, in the graph."""
+    if tensor is None:
+        return None
+    return ctx.emit("Add", [tensor, ctx.mul(part(ctx, layer, tensor, sign), ctx.const(gamma, like=layer.x))])
 
 
 def pixel_bounds(ctx: RuleContext, layer: Layer) -> tuple[str, str]:
@@ -190,7 +210,7 @@ def pixel_bounds(ctx: RuleContext, layer: Layer) -> tuple[str, str]:
         raise ExportError(f"node {layer.node.name!r} (Conv): the z^B rule needs the file's preprocessing (the pixel "
                           "bounds); differentiate through the contract exporter, which passes it")
     mean, std = np.asarray(pre.mean, np.float64), np.asarray(pre.std, np.float64)
-    shape = (1, -1) + (1,) * (layer.weight.ndim - 2)
+    shape = (1, -1) + (1,) * (len(layer.weight_shape) - 2)
     shape_of_x = ctx.shape_of(layer.x)
     return tuple(ctx.emit("Expand", [ctx.const(((edge - mean) / std).reshape(shape), like=layer.x), shape_of_x])
                  for edge in (0.0, 255.0 * pre.scale))
@@ -212,8 +232,8 @@ def epsilon_rule(epsilon: float) -> LayerRule:
 def alpha_beta_rule(alpha: float, beta: float, stabilizer: float) -> LayerRule:
     def alpha_beta(ctx: RuleContext, layer: Layer, relevance: str) -> str:
         xp, xn = positive(ctx, layer.x), negative(ctx, layer.x)
-        wp, wn = weights(ctx, layer, np.maximum(layer.weight, 0)), weights(ctx, layer, np.minimum(layer.weight, 0))
-        bp, bn = bias_or_none(ctx, layer, np.maximum(layer.bias, 0)), bias_or_none(ctx, layer, np.minimum(layer.bias, 0))
+        wp, wn = part(ctx, layer, layer.w, "+"), part(ctx, layer, layer.w, "-")
+        bp, bn = part(ctx, layer, layer.b, "+"), part(ctx, layer, layer.b, "-")
 
         def share(w_of_xp: str, b: str | None, w_of_xn: str) -> str:
             z = ctx.add_n([apply(ctx, layer, xp, w_of_xp, b), apply(ctx, layer, xn, w_of_xn, None)])
@@ -233,10 +253,8 @@ def alpha_beta_rule(alpha: float, beta: float, stabilizer: float) -> LayerRule:
 def gamma_rule(gamma: float, stabilizer: float) -> LayerRule:
     def gamma_(ctx: RuleContext, layer: Layer, relevance: str) -> str:
         xp, xn = positive(ctx, layer.x), negative(ctx, layer.x)
-        w, b = layer.weight, layer.bias
-        wp, wn = weights(ctx, layer, w + gamma * np.maximum(w, 0)), weights(ctx, layer, w + gamma * np.minimum(w, 0))
-        bp = bias_or_none(ctx, layer, b + gamma * np.maximum(b, 0))
-        bn = bias_or_none(ctx, layer, b + gamma * np.minimum(b, 0))
+        wp, wn = gamma_modified(ctx, layer, layer.w, gamma, "+"), gamma_modified(ctx, layer, layer.w, gamma, "-")
+        bp, bn = gamma_modified(ctx, layer, layer.b, gamma, "+"), gamma_modified(ctx, layer, layer.b, gamma, "-")
         zero = ctx.const(0.0, like=layer.z)
         dtype = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(layer.z))
 
@@ -254,9 +272,8 @@ def gamma_rule(gamma: float, stabilizer: float) -> LayerRule:
 def box_rule(stabilizer: float) -> LayerRule:
     def box(ctx: RuleContext, layer: Layer, relevance: str) -> str:
         low, high = pixel_bounds(ctx, layer)
-        wp, wn = weights(ctx, layer, np.maximum(layer.weight, 0)), weights(ctx, layer, np.minimum(layer.weight, 0))
-        bp = bias_or_none(ctx, layer, np.maximum(layer.bias, 0))
-        bn = bias_or_none(ctx, layer, np.minimum(layer.bias, 0))
+        wp, wn = part(ctx, layer, layer.w, "+"), part(ctx, layer, layer.w, "-")
+        bp, bn = part(ctx, layer, layer.b, "+"), part(ctx, layer, layer.b, "-")
         z = ctx.emit("Sub", [ctx.emit("Sub", [layer.z, apply(ctx, layer, low, wp, bp)]), apply(ctx, layer, high, wn, bn)])
         s = ratio(ctx, relevance, z, stabilizer)
         return ctx.emit("Sub", [ctx.emit("Sub", [ctx.mul(layer.x, transpose(ctx, layer, None, s)),
@@ -268,7 +285,7 @@ def box_rule(stabilizer: float) -> LayerRule:
 
 def flat_rule(stabilizer: float) -> LayerRule:
     def flat(ctx: RuleContext, layer: Layer, relevance: str) -> str:
-        ones = weights(ctx, layer, np.ones_like(layer.weight))
+        ones = ctx.emit("Expand", [ctx.const(1.0, like=layer.x), ctx.shape_of(layer.w)])
         ones_x = ctx.emit("Expand", [ctx.const(1.0, like=layer.x), ctx.shape_of(layer.x)])
         s = ratio(ctx, relevance, apply(ctx, layer, ones_x, ones, None), stabilizer)
         return transpose(ctx, layer, ones, s)
