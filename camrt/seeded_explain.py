@@ -40,13 +40,19 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
         raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
 
 
+def seeded_fetch(explainer: Any) -> list[str]:
+    """What a seeded run of the Explainer fetches: the score and its method's outputs but those
+    that follow `camrt/target`."""
+    return [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
+                                      if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+
+
 def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
                 target: SeededTarget) -> list[tuple[np.ndarray, float]]:
     """(heatmap, L) of `target` in each input of the prepared batch `x`: one forward pass, the seed
     from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
     check_serves(explainer, target)
-    fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
-                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+    fetch = seeded_fetch(explainer)
     made: dict[str, Any] = {}
 
     def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
@@ -108,8 +114,7 @@ def stacked_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], re
     targets and their seed rows from its outputs, one backward pass of all rows (`run_seeded`)."""
     for target in _seeded_parts(request):
         check_serves(explainer, target)
-    fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
-                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+    fetch = seeded_fetch(explainer)
     made: dict[str, Any] = {}
 
     def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
