@@ -240,8 +240,9 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
             if pooled is None:
                 raise ModelError(f"{session.path}: the backward pass reads MaxPool indices {name!r} without the pooled "
                                  "tensor; give one seed per sample, in order")
-            per_sample = pooled[0].size
-            shift = (np.arange(len(rows)) - rows) * per_sample
+            # both passes run in chunks of a static batch size, if the file has one: indices count within a chunk
+            step = session.static_batch or max(len(rows), x.shape[0])
+            shift = (np.arange(len(rows)) % step - rows % step) * pooled[0].size
             gathered = gathered + shift.reshape(-1, *[1] * (gathered.ndim - 1)).astype(gathered.dtype)
         return gathered
 
