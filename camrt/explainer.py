@@ -238,7 +238,8 @@ class Explainer:
         """For each image, explanations of its k highest-scoring classes, best first.
 
         Ties rank the lower class index first (as ArgMax, and so top-1, does). The class order
-        comes from one forward pass; each rank is then explained like `explain` with those targets.
+        comes from one forward pass; each rank is then explained like `explain` with those targets,
+        or all ranks by one batched backward pass (`explain_request`).
         """
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_classes:
             raise UsageError(f"top-k: k must be in 1..{self.num_classes} (the model's classes), got {k!r}")

@@ -112,7 +112,7 @@ def class_seeds(logits: np.ndarray, target: ClassTarget) -> tuple[SeedBatch, np.
 def stacked_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], request: TargetRequest) -> list[StackedMap]:
     """Every map of `request` for the prepared batch `x`, in rank order: one forward pass, the
     targets and their seed rows from its outputs, one backward pass of all rows (`run_seeded`)."""
-    for target in _seeded_parts(request):
+    for target in seeded_parts(request):
         check_serves(explainer, target)
     fetch = seeded_fetch(explainer)
     made: dict[str, Any] = {}
@@ -164,7 +164,7 @@ def _row_scores(target: int | SeededTarget, scores: np.ndarray, seed_row: np.nda
     return class_scores(scores)[:, target]
 
 
-def _seeded_parts(request: TargetRequest) -> list[SeededTarget]:
+def seeded_parts(request: TargetRequest) -> list[SeededTarget]:
     """The seeded targets a request names (its parts', for a list)."""
     from .seeds.targets import SeededRequest
 

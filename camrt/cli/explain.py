@@ -39,13 +39,11 @@ def checked_request(explainer, request, model: str):
     """`request` bound to the explainer's file (a concept image embedded), once it is known that the
     file and method serve it: UsageError (class out of range, method refusing a seeded target) or
     ModelError (no seed entry) before any input is read."""
-    from ..seeded_explain import check_serves
-    from ..seeds.targets import SeededRequest
+    from ..seeded_explain import check_serves, seeded_parts
 
     request.check(explainer.num_classes, model)
-    for part in getattr(request, "requests", (request,)):
-        if isinstance(part, SeededRequest):
-            check_serves(explainer, part.target)
+    for target in seeded_parts(request):
+        check_serves(explainer, target)
     return request.bound(explainer)
 
 
@@ -54,9 +52,7 @@ Examples:
   camrt explain model.camrt.onnx photo.jpg photos/ -m gradcam -o out/
   camrt explain model.camrt.onnx 'photos/**/*.jpg' --target topk:3 --format png,npy,jsonl -o out/
   camrt explain model.camrt.onnx photos/ --target 2 --colormap turbo --alpha 0.4 -o out/
-  camrt explain model.camrt.onnx photos/ --target 281,285 -o out/
-  camrt explain multilabel.camrt.onnx photos/ --target above:sigmoid:0.5 -o out/
-  camrt explain seg.camrt.onnx street.jpg --target seg:7 --target seg:15 -o out/
+  camrt explain model.camrt.onnx photos/ --target 3,1 -o out/
   camrt explain model.camrt.onnx photos/ -m saliency --format npy --jsonl records.jsonl -o out/
   find photos -name '*.jpg' | camrt explain model.camrt.onnx - --skip-existing -o out/
 """
