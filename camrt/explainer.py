@@ -21,7 +21,7 @@ from .errors import InputError, PluginError, UsageError
 from .execution.session import ExplainSession
 from .methods.base import GraphOutputs, Method, _coerce
 from .plan import ExplainPlan
-from .seeded_explain import seeded_maps
+from .seeded_explain import StackedMap, seeded_maps, stacked_maps, stacks_targets
 from .seeds.targets import SeededTarget
 from .targets import ClassTarget, Target, TargetRequest, TopKRequest, as_target
 
@@ -238,7 +238,8 @@ class Explainer:
         """For each image, explanations of its k highest-scoring classes, best first.
 
         Ties rank the lower class index first (as ArgMax, and so top-1, does). The class order
-        comes from one forward pass; each rank is then explained like `explain` with those targets.
+        comes from one forward pass; each rank is then explained like `explain` with those targets,
+        or all ranks by one batched backward pass (`explain_request`).
         """
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_classes:
             raise UsageError(f"top-k: k must be in 1..{self.num_classes} (the model's classes), got {k!r}")
@@ -246,16 +247,52 @@ class Explainer:
 
     def explain_request(self, images: Any, request: TargetRequest) -> list[list[Explanation]]:
         """For each image, one explanation per target of `request` (`camrt.targets`: a class, the
-        top-1, the top k), in its rank order; the targets come from one forward pass when the
-        request reads one."""
+        top-1, the top k, a class list, the classes above a threshold, seeded targets), in its rank
+        order; an image the request gives no target (none above a threshold) gets an empty list.
+
+        Several targets per image on a file with a seed entry, with a method that reads only
+        gradients: one forward pass and one backward pass of all (image, target) seed rows
+        (`camrt.seeded_explain.stacked_maps`). Otherwise the targets come from one forward pass
+        when the request reads one, and each rank is explained like `explain`."""
         x, sizes = self.prepare(images)
+        request = request.bound(self)
+        if request.ranks != [None] and stacks_targets(self):
+            by_image: list[list[Explanation]] = [[] for _ in sizes]
+            for stacked in stacked_maps(self, x, sizes, request):
+                by_image[stacked.sample].append(self._stacked_explanation(stacked))
+            return by_image
         forward = self.session.run(x, ClassTarget(), request.forward_outputs) if request.forward_outputs else {}
-        by_rank = [self._explain_prepared(x, sizes, target) for target in request.targets(forward)]
-        return [[explained[i] for explained in by_rank] for i in range(x.shape[0])]
+        by_rank = [self._explain_rows(x, sizes, target) for target in request.targets(forward)]
+        return [[explained[i] for explained in by_rank if explained[i] is not None] for i in range(x.shape[0])]
+
+    def _explain_rows(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation | None]:
+        """`_explain_prepared` of the inputs the target explains (`Target.rows`); None for the others."""
+        rows = target.rows(x.shape[0])
+        if len(rows) == x.shape[0]:
+            return list(self._explain_prepared(x, sizes, target))
+        explained: list[Explanation | None] = [None] * x.shape[0]
+        if rows:
+            for i, result in zip(rows, self._explain_prepared(x[rows], [sizes[i] for i in rows], target.select(rows))):
+                explained[i] = result
+        return explained
+
+    def _stacked_explanation(self, stacked: StackedMap) -> Explanation:
+        if isinstance(stacked.target, SeededTarget):
+            return self._seeded_explanation(stacked.target, stacked.heatmap, stacked.score)
+        probability = _finite(float(_softmax(stacked.class_scores)[stacked.target])) if self.softmax else None
+        return self._explanation(stacked.heatmap, stacked.target, _finite(stacked.score), probability, stacked.extra)
+
+    def _explanation(self, heatmap: np.ndarray, index: int | None, score: float | None, probability: float | None,
+                     extra: dict[str, Any]) -> Explanation:
+        labels = self.info.labels
+        return Explanation(heatmap=heatmap, target=index, score=score, probability=probability,
+                           label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
+                           layer=",".join(self.layers) if self.layers else None, method=self.method.name,
+                           extra=extra)
 
     def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation]:
         if isinstance(target, SeededTarget):  # a seed made from the forward pass (camrt.seeds.targets)
-            return self._explain_seeded(x, sizes, target)
+            return self._explain_seeded(x, sizes, target.bound(self))
         if self._fused is not None:
             return self._explain_fused(x, target, sizes)
         values = self.session.run(x, target, self.fetch)
@@ -280,12 +317,11 @@ class Explainer:
                 for i, size in enumerate(sizes)]
 
     def _explain_seeded(self, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list[Explanation]:
-        index, labels = target.class_index, self.info.labels
-        return [Explanation(heatmap=heatmap, target=index, score=_finite(score), probability=None,
-                            label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
-                            layer=",".join(self.layers) if self.layers else None, method=self.method.name,
-                            extra={"target_kind": target.kind, "target_params": target.parameters()})
-                for heatmap, score in seeded_maps(self, x, sizes, target)]
+        return [self._seeded_explanation(target, heatmap, score) for heatmap, score in seeded_maps(self, x, sizes, target)]
+
+    def _seeded_explanation(self, target: SeededTarget, heatmap: np.ndarray, score: float) -> Explanation:
+        return self._explanation(heatmap, target.class_index, _finite(score), None,
+                                 {"target_kind": target.kind, "target_params": target.parameters()})
 
     def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""

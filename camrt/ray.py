@@ -33,7 +33,7 @@ import numpy as np
 
 from .batch import ExplainRun, OutputNames, RecordLog, decode_inputs, iter_inputs, latest_ok_records, logged_records
 from .errors import UsageError
-from .targets import parse_target
+from .targets import parse_targets
 
 #: Input row fields: the image path (the record's `input`) and its output stem.
 INPUT_COLUMN = "input"
@@ -81,7 +81,7 @@ def renderers(formats: str) -> list[Any]:
 class ExplainBatches:
     """The per-actor callable of ``Dataset.map_batches`` (batch_format="numpy").
 
-    model, method, layers, target ("top1", a class index or "topk:K"), device, threads, softmax and
+    model, method, layers, target (one `--target` value or several), region (`--region`), device, threads, softmax and
     method options as for `camrt explain`; outdir + formats: the files written per input, as the
     CLI writes them (formats "" writes none: the rows carry everything); overlay_bytes: add the
     overlay PNG as bytes; colormap, alpha: the overlay's look; base_dir: the folder relative paths
@@ -89,8 +89,8 @@ class ExplainBatches:
     filesystem (records keep the inputs as given, as the local CLI's do).
     """
 
-    def __init__(self, model: str, method: str = "gradcam", layers: Sequence[str] = (), target: str = "top1",
-                 device: str = "auto", threads: int | None = None, softmax: bool = False, outdir: str = ".",
+    def __init__(self, model: str, method: str = "gradcam", layers: Sequence[str] = (),
+                 target: str | Sequence[str] = "top1", region: str | None = None, device: str = "auto", threads: int | None = None, softmax: bool = False, outdir: str = ".",
                  formats: str = "png,npy", overlay_bytes: bool = False, colormap: str = "jet", alpha: float = 0.5,
                  method_options: dict[str, Any] | None = None,
                  base_dir: str | None = None):
@@ -101,7 +101,8 @@ class ExplainBatches:
                               softmax=True if softmax else None, **(method_options or {}))
         self.options = {"alpha": alpha, "colormap": colormap}
         self.overlay_bytes = overlay_bytes
-        self.run = ExplainRun(explainer, parse_target(target), renderers(formats), outdir, self.options)
+        request = parse_targets(target, region).bound(explainer)
+        self.run = ExplainRun(explainer, request, renderers(formats), outdir, self.options)
         os.makedirs(outdir, exist_ok=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -213,7 +214,7 @@ def explain_with_ray(model: str, inputs: Sequence[str], outdir: str, *, manifest
         todo = rows
         if skip_existing:
             # what the actors would write, to find what an earlier run finished (no model is opened)
-            written = ExplainRun(None, parse_target(explain_options.get("target", "top1")),
+            written = ExplainRun(None, parse_targets(explain_options.get("target", "top1"), explain_options.get("region")),
                                  renderers(explain_options.get("formats", "png,npy")), outdir,
                                  previous=log.previous())
             todo = [row for row in rows if not written.is_done(row[NAME_COLUMN], row[INPUT_COLUMN])]

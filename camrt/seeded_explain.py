@@ -1,9 +1,12 @@
 """Running a seeded target (camrt.seeds.targets) for the Explainer: the checks that the file and
 the method can serve it, then one forward pass, the seed made from its outputs, one backward pass
-(`ExplainSession.run_seeded`) and the method's maps."""
+(`ExplainSession.run_seeded`) and the method's maps. Several targets per input (top-k, class lists,
+thresholds, repeated seeded targets) stack their seeds along the batch: one forward pass and one
+batched backward pass for all of them (`stacked_maps`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +17,7 @@ from .execution.context import ExplainContext
 from .methods.base import GraphOutputs
 from .seeds.batch import SeedBatch
 from .seeds.targets import SeededTarget, method_refusal
-from .targets import ClassTarget
+from .targets import ClassTarget, TargetRequest, class_scores
 
 
 def _reads_gradients(requires: Any) -> bool:
@@ -37,13 +40,19 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
         raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
 
 
+def seeded_fetch(explainer: Any) -> list[str]:
+    """What a seeded run of the Explainer fetches: the score and its method's outputs but those
+    that follow `camrt/target`."""
+    return [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
+                                      if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+
+
 def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
                 target: SeededTarget) -> list[tuple[np.ndarray, float]]:
     """(heatmap, L) of `target` in each input of the prepared batch `x`: one forward pass, the seed
     from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
     check_serves(explainer, target)
-    fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
-                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
+    fetch = seeded_fetch(explainer)
     made: dict[str, Any] = {}
 
     def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
@@ -63,3 +72,101 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
                              target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]))
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
     return [(heatmap, float(score)) for heatmap, score in zip(heatmaps, made["scores"])]
+
+
+def stacks_targets(explainer: Any) -> bool:
+    """Whether the Explainer can serve several targets per input with one batched backward pass: a
+    file with a seed entry, and a method that reads only gradients of the target (no further passes)."""
+    requires = explainer.method.requires
+    return (explainer.info.seed is not None and explainer._fused is None and not explainer.aug_smooth
+            and _reads_gradients(requires) and method_refusal(explainer.method) is None
+            and not (requires.extra_passes or requires.tail or getattr(explainer.method, "scores_seeded_targets", False)))
+
+
+@dataclass(frozen=True)
+class StackedMap:
+    """One map of a stacked run: the input it explains, its target (a class index or a bound
+    SeededTarget), the heatmap, L (the class's score), the method's extra fields."""
+
+    sample: int
+    target: int | SeededTarget
+    heatmap: np.ndarray
+    score: float
+    extra: dict[str, Any]
+    #: The input's class scores [classes] (`class_scores`), for the class's probability.
+    class_scores: np.ndarray
+
+
+def class_seeds(logits: np.ndarray, target: ClassTarget) -> tuple[SeedBatch, np.ndarray, list[int]]:
+    """The one-hot seed rows of a class target (the class channel, every position of a score with
+    more axes: what the file's target path differentiates), L of each row, and each row's class."""
+    scores = class_scores(logits)
+    pairs = target.resolved(scores)
+    seeds = np.zeros((len(pairs), *logits.shape[1:]), dtype=logits.dtype)
+    for row, (_, category) in enumerate(pairs):
+        seeds[row, category] = 1
+    return (SeedBatch(seeds, np.array([i for i, _ in pairs], dtype=np.int64)),
+            np.array([scores[i, c] for i, c in pairs], dtype=np.float64), [c for _, c in pairs])
+
+
+def stacked_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], request: TargetRequest) -> list[StackedMap]:
+    """Every map of `request` for the prepared batch `x`, in rank order: one forward pass, the
+    targets and their seed rows from its outputs, one backward pass of all rows (`run_seeded`)."""
+    for target in seeded_parts(request):
+        check_serves(explainer, target)
+    fetch = seeded_fetch(explainer)
+    made: dict[str, Any] = {}
+
+    def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
+        batches, scores, targets = [], [], []
+        for target in request.targets(forward):
+            if isinstance(target, SeededTarget):
+                target = target.bound(explainer)
+                seeds, values = target.seeds(forward)
+                row_targets = [target] * len(seeds.samples)
+            else:
+                seeds, values, row_targets = class_seeds(forward[contract.LOGITS_OUTPUT], target)
+            if len(seeds.samples):
+                batches.append(seeds)
+                scores.extend(values)
+                targets.extend(row_targets)
+        if not batches:
+            raise _NoTarget
+        made["scores"], made["targets"] = scores, targets
+        made["class_scores"] = class_scores(forward[contract.LOGITS_OUTPUT])
+        made["seeds"] = SeedBatch.stack(batches)
+        return made["seeds"]
+
+    try:
+        values = explainer.session.run_seeded(x, make_seed, fetch)
+    except _NoTarget:  # no input has a target (e.g. none above a threshold): no backward pass
+        return []
+    seeds = made["seeds"]
+    rows_x = x[seeds.samples]
+    targets = made["targets"]
+    classes = np.array([t if isinstance(t, int) else contract.TOP1_TARGET for t in targets], dtype=np.int64)
+    context = ExplainContext(explainer.session, rows_x, classes,
+                             target_score=lambda scores, m: _row_scores(targets[m], scores, seeds.values[m]))
+    heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, rows_x, context)),
+                                   [sizes[s] for s in seeds.samples])
+    return [StackedMap(int(sample), target, heatmap, float(score), {k: v[m] for k, v in context.extra.items()},
+                       made["class_scores"][sample])
+            for m, (sample, target, heatmap, score) in enumerate(zip(seeds.samples, targets, heatmaps, made["scores"]))]
+
+
+class _NoTarget(Exception):
+    """Raised from a seed maker when the request gives no input a target."""
+
+
+def _row_scores(target: int | SeededTarget, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+    if isinstance(target, SeededTarget):
+        return target.row_scores(scores, seed_row)
+    return class_scores(scores)[:, target]
+
+
+def seeded_parts(request: TargetRequest) -> list[SeededTarget]:
+    """The seeded targets a request names (its parts', for a list)."""
+    from .seeds.targets import SeededRequest
+
+    parts = getattr(request, "requests", (request,))
+    return [part.target for part in parts if isinstance(part, SeededRequest)]

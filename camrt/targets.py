@@ -23,6 +23,9 @@ from . import contract
 from .contract import TOP1_TARGET
 from .errors import InputError, UsageError
 
+#: A `ClassTarget` entry for an input that has no target at that rank.
+NO_CLASS = None
+
 
 class Target(ABC):
     """What to differentiate for each input of one batch."""
@@ -36,11 +39,17 @@ class Target(ABC):
     def select(self, rows: Sequence[int]) -> Target:
         """The target of the inputs `rows` of the batch, in that order."""
 
+    def rows(self, batch: int) -> list[int]:
+        """The inputs of a batch of `batch` that this target explains (all of them but where a
+        request gives an input fewer targets: `--target above:T`)."""
+        return list(range(batch))
+
 
 @dataclass(frozen=True)
 class ClassTarget(Target):
     """One class logit per input: `classes` is one index for every input or one per input, each
-    a class index or TOP1_TARGET (-1: the top-1 class, resolved in the graph by ArgMax)."""
+    a class index, TOP1_TARGET (-1: the top-1 class, resolved in the graph by ArgMax) or NO_CLASS
+    (that input has no target at this rank: `rows` leaves it out)."""
 
     classes: Any = TOP1_TARGET
 
@@ -74,6 +83,19 @@ class ClassTarget(Target):
         classes = list(self.classes)
         return ClassTarget(tuple(classes[i] for i in rows))
 
+    def rows(self, batch: int) -> list[int]:
+        if self._for_all:
+            return list(range(batch))
+        return [i for i, c in enumerate(self.classes) if c is not NO_CLASS]
+
+    def resolved(self, class_scores: np.ndarray) -> list[tuple[int, int]]:
+        """(input, class) of each input in `rows`, the top-1 taken from `class_scores` [B, classes]
+        as the graph's ArgMax takes it (the first of equal maxima)."""
+        batch = class_scores.shape[0]
+        classes = [int(self.classes)] * batch if self._for_all else list(self.classes)
+        return [(i, int(class_scores[i].argmax()) if classes[i] == TOP1_TARGET else int(classes[i]))
+                for i in self.rows(batch)]
+
 
 def as_target(targets: Any) -> Target:
     """The library's ``targets`` argument as a Target: a Target as it is; None (top-1 for all);
@@ -100,8 +122,9 @@ class TargetRequest(ABC):
 
     @property
     @abstractmethod
-    def ranks(self) -> list[int | None]:
-        """One entry per map made for each input: [None] for one target, [1..k] for ranked ones."""
+    def ranks(self) -> list[int | None] | None:
+        """One entry per map made for each input: [None] for one target, [1..k] for several; None
+        when the forward pass decides how many each input gets (`ThresholdRequest`)."""
 
     @abstractmethod
     def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
@@ -111,9 +134,22 @@ class TargetRequest(ABC):
     def check(self, num_classes: int, path: str) -> None:
         """UsageError when the file at `path`, with `num_classes` classes, cannot serve the request."""
 
-    def record_fields(self) -> dict[str, Any]:
-        """Fields every record of the request carries, failed ones included (none for class targets)."""
+    def record_fields(self, rank: int | None = None) -> dict[str, Any]:
+        """Fields every record of the request's target at `rank` carries, failed ones included (none
+        for class targets)."""
         return {}
+
+    def output_tag(self, rank: int | None) -> str | None:
+        """What tells the output files of the map at `rank` apart (<stem>.<tag>.png); None: one map."""
+        return None if rank is None else f"top{rank}"
+
+    def none_found(self) -> str:
+        """The error of an input that gets no target (only requests whose `ranks` is None)."""
+        return "no target to explain in this input"
+
+    def bound(self, explainer: Any) -> TargetRequest:
+        """The request with what it takes from the file resolved (a concept image's embedding)."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -155,6 +191,82 @@ class TopKRequest(TargetRequest):
             raise _out_of_range(f"topk:{self.k}", num_classes, path)
 
 
+@dataclass(frozen=True)
+class TargetListRequest(TargetRequest):
+    """Several targets per input, in the given order (--target 281,285; --target seg:3 --target
+    seg:7): one map per (input, target). Each part is a one-target request."""
+
+    requests: tuple[TargetRequest, ...]
+
+    @property
+    def forward_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(name for request in self.requests for name in request.forward_outputs))
+
+    @property
+    def ranks(self) -> list[int | None]:
+        return list(range(1, len(self.requests) + 1))
+
+    def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
+        return [request.targets(forward)[0] for request in self.requests]
+
+    def check(self, num_classes: int, path: str) -> None:
+        for request in self.requests:
+            request.check(num_classes, path)
+
+    def record_fields(self, rank: int | None = None) -> dict[str, Any]:
+        return self.requests[(rank or 1) - 1].record_fields()
+
+    def output_tag(self, rank: int | None) -> str | None:
+        part = self.requests[(rank or 1) - 1]
+        if isinstance(part, ClassRequest) and part.index != TOP1_TARGET:
+            return f"class{part.index}"
+        return f"target{rank}"
+
+    def bound(self, explainer: Any) -> TargetListRequest:
+        return TargetListRequest(tuple(request.bound(explainer) for request in self.requests))
+
+
+@dataclass(frozen=True)
+class ThresholdRequest(TargetRequest):
+    """--target above:T (score > T) or above:sigmoid:P (sigmoid(score) > P, multi-label sigmoid
+    heads): every class over the threshold, best first (ties: lower class index first). The score is
+    the file's `camrt/logits` (the record's score): a logit for a head that ends in a sigmoid."""
+
+    threshold: float
+    sigmoid: bool = False
+    forward_outputs: ClassVar[tuple[str, ...]] = (contract.LOGITS_OUTPUT,)
+
+    @property
+    def ranks(self) -> None:
+        return None
+
+    def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
+        scores = class_scores(forward[contract.LOGITS_OUTPUT]).astype(np.float64)
+        values = 1 / (1 + np.exp(-scores)) if self.sigmoid else scores
+        ranked = np.argsort(-scores, axis=1, kind="stable")
+        per_input = [[int(c) for c in order if values[i, c] > self.threshold] for i, order in enumerate(ranked)]
+        count = max(len(classes) for classes in per_input)
+        return [ClassTarget(tuple(classes[r] if r < len(classes) else NO_CLASS for classes in per_input))
+                for r in range(count)]
+
+    def check(self, num_classes: int, path: str) -> None:
+        """Any file with classes serves it."""
+
+    def record_fields(self, rank: int | None = None) -> dict[str, Any]:
+        return {"threshold": self.threshold, "threshold_of": "sigmoid" if self.sigmoid else "score"}
+
+    def none_found(self) -> str:
+        of = "sigmoid(score)" if self.sigmoid else "score"
+        text = f"above:sigmoid:{self.threshold:g}" if self.sigmoid else f"above:{self.threshold:g}"
+        return f"no class has a {of} above {self.threshold:g} (--target {text}): nothing to explain"
+
+
+def class_scores(logits: np.ndarray) -> np.ndarray:
+    """Each class's score [B, classes]: the score tensor, its class channel (axis 1) summed over the
+    other axes when it has more (a seeded file's target path explains that sum)."""
+    return logits if logits.ndim == 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)
+
+
 def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
     return UsageError(f"--target {given} is out of range: {path} has {num_classes} classes (0..{num_classes - 1})")
 
@@ -166,7 +278,7 @@ def parse_target(text: str, region: Any = None) -> TargetRequest:
     value = text.strip().lower()
     options = {} if region is None else {"region": region}
     kind, colon, rest = text.strip().partition(":")
-    if colon and kind.lower() != "topk":
+    if colon and kind.lower() not in ("topk", "above"):
         from .plugins.registry import build_target_registry
 
         registered = build_target_registry().get(kind)
@@ -183,11 +295,61 @@ def parse_target(text: str, region: Any = None) -> TargetRequest:
         if not k.isdigit() or int(k) < 1:
             raise UsageError(f"--target topk:K needs a whole number K >= 1, got {text!r}")
         return TopKRequest(int(k))
+    if value.startswith("above:"):
+        return _parse_threshold(text.strip(), value[len("above:"):])
+    if "," in value:
+        return _parse_class_list(text.strip(), value)
     try:
         target = int(value)
     except ValueError:
-        raise UsageError(f"--target must be a class index, top1, topk:K, seg:CLASS, similar:FILE.npy or "
-                         f"box:x1,y1,x2,y2[:label], got {text!r}") from None
+        raise UsageError(f"--target must be a class index, a list of them (3,7), top1, topk:K, above:T, seg:CLASS, "
+                         f"similar:FILE.npy or box:x1,y1,x2,y2[:label], got {text!r}") from None
     if target < 0:
         raise UsageError(f"--target must be a class index >= 0, top1 or topk:K, got {text!r}")
     return ClassRequest(target)
+
+
+def _parse_class_list(text: str, value: str) -> TargetListRequest:
+    """N,M,...: class indices >= 0, each once."""
+    parts = [part.strip() for part in value.split(",")]
+    bad = [part for part in parts if not part.isdigit()]
+    if bad:
+        raise UsageError(f"--target {text}: a class list takes class indices >= 0 separated by commas; "
+                         f"{bad[0]!r} is not one")
+    classes = [int(part) for part in parts]
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise UsageError(f"--target {text}: class {repeated[0]} is listed twice")
+    return TargetListRequest(tuple(ClassRequest(c) for c in classes))
+
+
+def _parse_threshold(text: str, value: str) -> ThresholdRequest:
+    """above:T (score > T) or above:sigmoid:P (sigmoid(score) > P, 0 < P < 1)."""
+    sigmoid = value.startswith("sigmoid:")
+    number = value[len("sigmoid:"):] if sigmoid else value
+    try:
+        threshold = float(number)
+    except ValueError:
+        threshold = float("nan")
+    if not np.isfinite(threshold) or (sigmoid and not 0 < threshold < 1):
+        raise UsageError(f"--target above:T (a score) or above:sigmoid:P (0 < P < 1) needs a number, got {text!r}")
+    return ThresholdRequest(threshold, sigmoid)
+
+
+def parse_targets(texts: str | Sequence[str], region: Any = None) -> TargetRequest:
+    """--target given once or more: several one-target values (--target seg:3 --target seg:7) are
+    one `TargetListRequest`; `region` applies to each of them."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        return ClassRequest(TOP1_TARGET)
+    if len(texts) == 1:
+        return parse_target(texts[0], region)
+    requests = [parse_target(text, region) for text in texts]
+    for text, request in zip(texts, requests):
+        if request.ranks != [None]:
+            raise UsageError(f"--target {text} makes several maps per input; repeat --target only with one-target "
+                             "values (N, top1, seg:C, similar:F, box:...)")
+    for i, request in enumerate(requests):
+        if request in requests[:i]:
+            raise UsageError(f"--target {texts[i]} is given twice")
+    return TargetListRequest(tuple(requests))

@@ -27,6 +27,7 @@ class _Pending:
     """One input of a chunk on its way to its records."""
 
     name: str  # its output stem
+    spec: str  # the input as given
     records: list[dict[str, Any]]
     image: Any = None  # HWC uint8 RGB; None when skipped or failed
     millis: float = 0.0
@@ -75,7 +76,8 @@ class ExplainRun:
             yield self.explain_chunk(chunk)
 
     def output_path(self, name: str, rank: int | None, renderer: Any) -> str:
-        return os.path.join(self.outdir, f"{name}{'' if rank is None else f'.top{rank}'}{renderer.suffix}")
+        tag = self.target.output_tag(rank)
+        return os.path.join(self.outdir, f"{name}{'' if tag is None else f'.{tag}'}{renderer.suffix}")
 
     def explain_chunk(self, paths: Sequence[str]) -> list[dict[str, Any]]:
         """The records of a batch of input paths, in input order (top-k: k records per input)."""
@@ -123,8 +125,11 @@ class ExplainRun:
         return self._finish(pending)
 
     def _claim(self, spec: str) -> _Pending:
-        return _Pending(self.names.claim(spec), [{**base_record(spec, self.explainer, rank), **self.target.record_fields()}
-                                                 for rank in self.target.ranks])
+        # a request whose forward pass decides the number of maps starts with one record (`_finish`)
+        return _Pending(self.names.claim(spec), spec, self._records(spec, self.target.ranks or [1]))
+
+    def _records(self, spec: str, ranks: Sequence[int | None]) -> list[dict[str, Any]]:
+        return [{**base_record(spec, self.explainer, rank), **self.target.record_fields(rank)} for rank in ranks]
 
     def _reuse(self, item: _Pending, spec: str) -> None:
         if self.previous is not None:
@@ -146,6 +151,12 @@ class ExplainRun:
                 if isinstance(ranked, InputError):
                     item.fail(str(ranked))
                     continue
+                if not ranked:  # every input yields a record: an input without a target an error one
+                    item.fail(self.target.none_found())
+                    continue
+                if len(ranked) != len(item.records):
+                    item.records = self._records(item.spec, range(1, len(ranked) + 1))
+                    item.take(item.image)
                 for record, result in zip(item.records, ranked):
                     record.update(result.record())
                     self._write(record, item.name, result.heatmap, item.image)
@@ -168,10 +179,15 @@ class ExplainRun:
     def is_done(self, name: str, spec: str) -> bool:
         """Whether input `spec` (output stem `name`) was finished by an earlier run: all its files
         exist and, when `previous` is known, its records were logged."""
-        if self.previous is not None and len(self.previous.get(spec, ())) != len(self.target.ranks):
+        ranks = self.target.ranks
+        if ranks is None:  # as many maps as the earlier run found: known only from its records
+            if self.previous is None or spec not in self.previous:
+                return False
+            ranks = [record.get("rank") for record in self.previous[spec]]
+        elif self.previous is not None and len(self.previous.get(spec, ())) != len(ranks):
             return False
         return all(os.path.isfile(self.output_path(name, rank, renderer))
-                   for rank in self.target.ranks for renderer in self.renderers)
+                   for rank in ranks for renderer in self.renderers)
 
     def _set_output(self, record: dict[str, Any], renderer: Any, path: str) -> None:
         record["outputs"][renderer.name] = path

@@ -35,11 +35,24 @@ def parse_method_options(items: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
+def checked_request(explainer, request, model: str):
+    """`request` bound to the explainer's file (a concept image embedded), once it is known that the
+    file and method serve it: UsageError (class out of range, method refusing a seeded target) or
+    ModelError (no seed entry) before any input is read."""
+    from ..seeded_explain import check_serves, seeded_parts
+
+    request.check(explainer.num_classes, model)
+    for target in seeded_parts(request):
+        check_serves(explainer, target)
+    return request.bound(explainer)
+
+
 EXPLAIN_EPILOG = """\b
 Examples:
   camrt explain model.camrt.onnx photo.jpg photos/ -m gradcam -o out/
   camrt explain model.camrt.onnx 'photos/**/*.jpg' --target topk:3 --format png,npy,jsonl -o out/
   camrt explain model.camrt.onnx photos/ --target 2 --colormap turbo --alpha 0.4 -o out/
+  camrt explain model.camrt.onnx photos/ --target 3,1 -o out/
   camrt explain model.camrt.onnx photos/ -m saliency --format npy --jsonl records.jsonl -o out/
   find photos -name '*.jpg' | camrt explain model.camrt.onnx - --skip-existing -o out/
 """
@@ -53,11 +66,15 @@ Examples:
               help="A method option (repeatable; see `camrt methods`).")
 @click.option("-o", "--output", "outdir", default=DEFAULT_OUTDIR, show_default=True, metavar="OUTDIR",
               help="Output directory (created if needed).")
-@click.option("--target", default="top1", show_default=True, metavar="N|top1|topk:K|KIND:V",
-              help="Class index to explain, the top-1 class, the K best classes (K records per input), or, in a "
-                   "file exported with --seed: seg:C (class C's logits over a region), similar:F.npy (cosine "
-                   "similarity to the embedding in F.npy), box:x1,y1,x2,y2[:L] (a raw detection head's "
-                   "candidates matching a box, in model input pixels), or a plugin's KIND:V.")
+@click.option("--target", "targets", multiple=True, default=("top1",), show_default=True,
+              metavar="N|N,M,..|top1|topk:K|above:T|KIND:V",
+              help="Class index to explain, a list of classes (one record each), the top-1 class, the K best "
+                   "classes (K records per input), every class whose score is above T (above:sigmoid:P: whose "
+                   "sigmoid is above P; multi-label heads), or, in a file exported with --seed: seg:C (class C's "
+                   "logits over a region), similar:F (cosine similarity to the embedding in F.npy, or to the "
+                   "file's embedding of the image F), box:x1,y1,x2,y2[:L] (a raw detection head's candidates "
+                   "matching a box, in model input pixels), or a plugin's KIND:V. Repeat for several targets per "
+                   "input (one record each).")
 @click.option("--region", metavar="MASK", default=None,
               help="With --target seg:C: a mask image whose nonzero pixels are the region (default: the pixels "
                    "where C is the argmax).")
@@ -86,7 +103,7 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
-                    method_options: tuple[str, ...], outdir: str, target: str, region: str | None, layers: tuple[str, ...],
+                    method_options: tuple[str, ...], outdir: str, targets: tuple[str, ...], region: str | None, layers: tuple[str, ...],
                     batch_size: int, device: str, threads: int | None, graph_optimization: str, formats: str,
                     colormap: str, alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
                     jsonl_path: str | None, quiet: bool) -> None:
@@ -97,26 +114,23 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     <stem>.top<rank>.*; inputs with the same stem get <stem>-2, <stem>-3, ...), each file
     atomically, and prints one JSON line per input (per class with top-k). Exit code 0 when every
     input was explained, 1 when some failed (their records say why), 2 for a usage error, 3 for a
-    model or contract error.
+    model or contract error. Several targets per input (class lists, above:T, repeated --target):
+    <stem>.class<N>.* for classes, <stem>.top<rank>.* for above:T, <stem>.target<rank>.* otherwise.
     """
     from ..explainer import Explainer
     from ..imaging.render import colormap_code, remove_stale_temporaries
     from ..plugins.registry import build_renderer_registry
-    from ..seeded_explain import check_serves
-    from ..seeds.targets import SeededRequest
-    from ..targets import parse_target
+    from ..targets import parse_targets
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    request = parse_target(target, region)
+    request = parse_targets(targets, region)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,
                           **parse_method_options(method_options))
-    request.check(explainer.num_classes, model)
-    if isinstance(request, SeededRequest):
-        check_serves(explainer, request.target)
+    request = checked_request(explainer, request, model)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:

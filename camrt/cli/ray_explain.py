@@ -15,7 +15,7 @@ from .common import CONTEXT_SETTINGS
 from .explain import DEFAULT_OUTDIR, explain_command, parse_method_options
 
 #: `camrt explain` options that mean the same here (one definition: explain's).
-SHARED_OPTIONS = ("method", "method_options", "target", "layers", "batch_size", "device", "threads", "formats",
+SHARED_OPTIONS = ("method", "method_options", "targets", "region", "layers", "batch_size", "device", "threads", "formats",
                   "colormap", "alpha", "softmax", "skip_existing")
 
 RAY_EPILOG = """\b
@@ -28,7 +28,8 @@ Examples:
 
 def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir: str, actors: int,
                  num_gpus: float, ray_address: str | None, manifest: str, quiet: bool, method: str,
-                 method_options: tuple[str, ...], target: str, layers: tuple[str, ...], batch_size: int,
+                 method_options: tuple[str, ...], targets: tuple[str, ...], region: str | None,
+                 layers: tuple[str, ...], batch_size: int,
                  device: str, threads: int | None, formats: str, colormap: str, alpha: float, softmax: bool,
                  skip_existing: bool) -> None:
     """Explain MODEL's decisions on INPUT images on a Ray cluster: one actor per --actors, each with
@@ -36,7 +37,15 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
     OUTDIR/camrt-records.jsonl (or a Parquet folder) as batches finish, and to stdout unless --quiet.
     A rerun with --skip-existing redoes only what is missing. Exit code 1 when some inputs failed.
     """
+    from ..explainer import Explainer
     from ..ray import explain_with_ray
+    from ..targets import parse_targets
+    from .explain import checked_request
+
+    options = parse_method_options(method_options)
+    # the check `camrt explain` makes before reading inputs, here before any actor starts
+    checked_request(Explainer(model, method=method, device="cpu", threads=threads, layer=list(layers) or None,
+                              **options), parse_targets(targets, region), model)
 
     def echo(record: dict[str, Any]) -> None:
         click.echo(json.dumps(record, ensure_ascii=False))
@@ -44,8 +53,8 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
     counts = explain_with_ray(
         model, inputs, outdir, manifest=manifest, actors=actors, batch_size=batch_size, num_gpus=num_gpus,
         ray_address=ray_address, skip_existing=skip_existing, records=None if quiet else echo, method=method,
-        layers=layers, target=target, device=device, threads=threads, softmax=softmax, formats=formats,
-        colormap=colormap, alpha=alpha, method_options=parse_method_options(method_options))
+        layers=layers, target=list(targets), region=region, device=device, threads=threads, softmax=softmax,
+        formats=formats, colormap=colormap, alpha=alpha, method_options=options)
     if not quiet:
         click.echo(f"camrt: {counts['records']} records ({counts['failed']} failed), {counts['skipped']} inputs "
                    "already done", err=True)

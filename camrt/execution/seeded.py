@@ -16,7 +16,7 @@ image (one map per (image, target)) cost one forward pass and one batched backwa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ class SeededGraphs:
     boundary: tuple[str, ...]
     #: The boundary tensors (and fetched forward outputs) whose axis 0 is the batch.
     batched: frozenset[str]
+    #: MaxPool Indices on the boundary (flat indices over the whole batch) -> the pooled tensor.
+    flat_indices: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,9 @@ def cut_at_seed(model, fetch: Sequence[str], constants: set[str], image_input: s
     image = next(i for i in graph.input if i.name == image_input)
     batch_dim = image.type.tensor_type.shape.dim[0].dim_param if image.type.tensor_type.shape.dim else None
     batched = frozenset(n for n in [*boundary, *forward_fetch] if _has_batch_axis(infos[n], batch_dim))
-    return SeededGraphs(forward, backward, forward_fetch, backward_fetch, boundary, batched)
+    flat_indices = {n.output[1]: n.input[0] for n in nodes
+                    if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in batched}
+    return SeededGraphs(forward, backward, forward_fetch, backward_fetch, boundary, batched, flat_indices)
 
 
 def feed_seed(model):
@@ -228,7 +232,19 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
                          "known batch axis; give one seed per sample, in order")
 
     def per_seed_row(name: str) -> np.ndarray:
-        return values[name] if identity or name not in graphs.batched else values[name][rows]
+        if identity or name not in graphs.batched:
+            return values[name]
+        gathered = values[name][rows]
+        if name in graphs.flat_indices:  # flat over the batch: row m's indices must point into row m
+            pooled = values.get(graphs.flat_indices[name])
+            if pooled is None:
+                raise ModelError(f"{session.path}: the backward pass reads MaxPool indices {name!r} without the pooled "
+                                 "tensor; give one seed per sample, in order")
+            # both passes run in chunks of a static batch size, if the file has one: indices count within a chunk
+            step = session.static_batch or max(len(rows), x.shape[0])
+            shift = (np.arange(len(rows)) % step - rows % step) * pooled[0].size
+            gathered = gathered + shift.reshape(-1, *[1] * (gathered.ndim - 1)).astype(gathered.dtype)
+        return gathered
 
     results = {name: per_seed_row(name) for name in graphs.forward_fetch if name in fetch}
     backward_feeds = {contract.SEED_TENSOR: seeds.values, **{b: per_seed_row(b) for b in graphs.boundary}}

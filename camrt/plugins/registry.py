@@ -248,7 +248,7 @@ class TargetRegistry(_NamedRegistry):
     """Kinds of ``--target KIND:VALUE`` (the `register_targets` hook) by lower-case name."""
 
     entry, entries = "target kind", "kinds"
-    reserved = {"topk": "camrt.targets"}
+    reserved = {"topk": "camrt.targets", "above": "camrt.targets"}
 
     def register(self, kind: str, parse: ParseFunction, *, options: Sequence[str] = (), plugin: str = "<direct>") -> None:
         if not isinstance(kind, str) or not kind.isidentifier() or not callable(parse):
@@ -261,7 +261,7 @@ class TargetRegistry(_NamedRegistry):
         found = self._entries.get(kind.lower())
         if found is None:
             raise UsageError(f"--target {kind}:...: unknown target kind {kind!r}; registered kinds: "
-                             f"{', '.join(self.names()) or '(none)'} (and N, top1, topk:K){_failures_text(self.failures)}")
+                             f"{', '.join(self.names()) or '(none)'} (and N, N,M,..., top1, topk:K, above:T){_failures_text(self.failures)}")
         return found
 
 

@@ -62,6 +62,10 @@ class SeededTarget(Target):
     def check(self, num_classes: int, path: str) -> None:
         """UsageError when a file with `num_classes` classes (axis 1 of its score) cannot serve it."""
 
+    def bound(self, explainer: Any) -> SeededTarget:
+        """The target with what it takes from the file resolved (`SimilarityTarget`'s concept image)."""
+        return self
+
 
 @dataclass(frozen=True)
 class SegmentationTarget(SeededTarget):
@@ -97,16 +101,26 @@ class SegmentationTarget(SeededTarget):
 
 @dataclass(frozen=True)
 class SimilarityTarget(SeededTarget):
-    """L = cos(embedding, concept) (pytorch-grad-cam's `SimilarityToConceptTarget`)."""
+    """L = cos(embedding, concept) (pytorch-grad-cam's `SimilarityToConceptTarget`). concept None:
+    the embedding of the image at `concept_path` by the explained file (`bound`)."""
 
-    concept: np.ndarray = field(compare=False)
+    concept: np.ndarray | None = field(compare=False)
     concept_path: str | None = None
     kind: ClassVar[str] = "similar"
 
     def parameters(self) -> dict[str, Any]:
-        return {"concept": self.concept_path, "dim": int(np.asarray(self.concept).shape[-1])}
+        return {"concept": self.concept_path,
+                "dim": None if self.concept is None else int(np.asarray(self.concept).shape[-1])}
+
+    def bound(self, explainer: Any) -> SimilarityTarget:
+        if self.concept is not None:
+            return self
+        return SimilarityTarget(concept_embedding(explainer, self.concept_path), self.concept_path)
 
     def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
+        if self.concept is None:
+            raise UsageError(f"similar:{self.concept_path}: the concept image is not embedded yet; explain through "
+                             "an Explainer (it runs the file on the image once)")
         embeddings = forward[contract.LOGITS_OUTPUT]
         return similarity_seed(embeddings, self.concept), cosine_similarity(embeddings, self.concept)
 
@@ -176,8 +190,11 @@ class SeededRequest(TargetRequest):
     def check(self, num_classes: int, path: str) -> None:
         self.target.check(num_classes, path)
 
-    def record_fields(self) -> dict[str, Any]:
+    def record_fields(self, rank: int | None = None) -> dict[str, Any]:
         return {"target_kind": self.target.kind, "target_params": self.target.parameters()}
+
+    def bound(self, explainer: Any) -> SeededRequest:
+        return SeededRequest(self.target.bound(explainer))
 
 
 # -- which methods and files serve a seeded target ---------------------------------------------
@@ -219,8 +236,31 @@ def parse_segmentation(value: str, region: str | os.PathLike | None = None) -> S
 
 
 def parse_similarity(value: str) -> SeededRequest:
-    """similar:FILE.npy, the concept embedding [dim]."""
+    """similar:FILE.npy, the concept embedding [dim]; similar:IMAGE (any other file, e.g. cat.png):
+    the embedding the explained file gives that image (`concept_embedding`)."""
+    if value and not value.lower().endswith(".npy"):
+        if not os.path.isfile(value):
+            raise UsageError(f"--target similar:{value}: no such concept file (a .npy embedding or an image)")
+        return SeededRequest(SimilarityTarget(None, value))
     return SeededRequest(SimilarityTarget(_load_concept(value), value))
+
+
+def concept_embedding(explainer: Any, path: str | None) -> np.ndarray:
+    """The embedding [dim] (float64) of the image at `path`: one forward pass of the explainer's file
+    on it, preprocessed as the file says (as pytorch-grad-cam's tutorial embeds its concept image)."""
+    from ..imaging.decode import load_image
+    from ..targets import ClassTarget
+
+    try:
+        image = load_image(path)
+    except InputError as exc:
+        raise UsageError(f"--target similar:{path}: {exc}") from None
+    x, _ = explainer.prepare([image])
+    embedding = explainer.session.run(x, ClassTarget(), [contract.LOGITS_OUTPUT])[contract.LOGITS_OUTPUT][0]
+    if embedding.ndim != 1 or not embedding.any():
+        raise UsageError(f"--target similar:{path}: the file's score for the image is {embedding.shape}, not a nonzero "
+                         "embedding [dim]")
+    return embedding.astype(np.float64)
 
 
 def parse_box(value: str) -> SeededRequest:

@@ -820,3 +820,98 @@ def test_gradient_methods_of_a_seg_target_match_pytorch_grad_cam(tiny_segmenter,
         diff = float(np.abs(_minmax(ours[b].heatmap) - _minmax(reference[b])).max())
         print(f"{method} seg image {b}: max diff {diff:.2e}")
         assert np.ptp(reference[b]) > 0.5 and diff <= 1e-4
+
+
+# --- several seeded targets per image, a concept given as an image -----------------------------
+def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
+    """`--target seg:A --target seg:B --region mask.png`: one record and map per (image, target),
+    each equal to pytorch-grad-cam's GradCAM + SemanticSegmentationTarget; in the library the two
+    targets of two images are one forward run and one backward run of 4 seed rows."""
+    import json
+
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from camrt.execution.session import ExplainSession
+    from camrt.explainer import Explainer
+    from camrt.imaging.preprocess import preprocess
+    from camrt.seeded_explain import seeded_fetch
+    from camrt.seeds.targets import SegmentationTarget
+    from camrt.targets import parse_targets
+    from tests.helpers import random_image, write_image
+
+    model, path = lraspp
+    # the image and region of test_cli_seg_target_with_region: rng 9 with another region gives raw Grad-CAM
+    # maps of range 3e-8 at backbone.16, where torch float32's gradient is 1.8e-2 (max-relative) from
+    # torch float64's (camrt's 3e-7) and pytorch-grad-cam's normalised maps up to 5e-3 from camrt's
+    image = random_image(np.random.default_rng(5), *SEG_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    mask = np.zeros((*SEG_SIZE, 3), np.uint8)
+    mask[16:100, 40:120] = 255
+    write_image(str(tmp_path / "mask.png"), mask)
+    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    first = _frequent_class(model, x)
+    classes = [first, (first + 5) % 21]
+    args = [arg for c in classes for arg in ("--target", f"seg:{c}")]
+    result = _cli("explain", path, str(tmp_path / "img.png"), *args, "--region", str(tmp_path / "mask.png"),
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["rank"], r["target"], r["target_kind"], r["target_params"]["class"]) for r in records] == [
+        (1, classes[0], "seg", classes[0]), (2, classes[1], "seg", classes[1])]
+    region = (mask[..., 0] > 0).astype(np.float32)
+    with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
+        for record, category in zip(records, classes):
+            assert record["heatmap"] == str(tmp_path / "out" / f"img.target{record['rank']}.heatmap.npy")
+            reference = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, region)])[0]
+            diff = float(np.abs(np.load(record["heatmap"]) - _minmax(reference)).max())
+            print(f"cli seg:{category} of two seeded targets: max diff {diff:.2e}")
+            assert diff <= 1e-4
+    explainer = Explainer(path)
+    plan = explainer.session.seeded_plan(seeded_fetch(explainer))
+    forward_runs, backward_runs = _count_runs(plan.forward_session), _count_runs(plan.backward_session)
+    both = explainer.explain_request(_seg_inputs(), parse_targets([f"seg:{c}" for c in classes],
+                                                                  region=str(tmp_path / "mask.png")))
+    assert (len(forward_runs), len(backward_runs)) == (1, 1)
+    for b, results in enumerate(both):
+        for result, category in zip(results, classes):
+            single = explainer.explain(_seg_inputs()[b:b + 1], targets=SegmentationTarget(category, region))[0]
+            assert result.target == category and np.abs(result.heatmap - single.heatmap).max() <= 1e-5
+
+
+def test_cli_similar_target_with_a_concept_image(embedder, tmp_path):
+    """`--target similar:concept.png`: the concept is the file's embedding of that image (one forward
+    pass); the map equals pytorch-grad-cam's with SimilarityToConceptTarget of the torch model's
+    embedding of the same preprocessed image, the score its cosine."""
+    import json
+
+    from pytorch_grad_cam import GradCAM
+
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+    from tests.helpers import random_image, write_image
+
+    model, path = embedder
+    rng = np.random.default_rng(10)
+    image, concept_image = random_image(rng, *EMB_SIZE), random_image(rng, 80, 112)
+    write_image(str(tmp_path / "img.png"), image)
+    write_image(str(tmp_path / "concept.png"), concept_image)
+    preprocessing = ExplainSession(path).info.preprocessing
+    x, concept_x = preprocess([image], preprocessing), preprocess([concept_image], preprocessing)
+    result = _cli("explain", path, str(tmp_path / "img.png"), "--target", f"similar:{tmp_path / 'concept.png'}",
+                  "--format", "npy", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["target_kind"] == "similar"
+    assert record["target_params"] == {"concept": str(tmp_path / "concept.png"), "dim": 512}
+    with torch.no_grad():
+        concept = model(torch.from_numpy(concept_x))[0]
+        cosine = float(torch.nn.functional.cosine_similarity(model(torch.from_numpy(x)), concept[None])[0])
+    assert record["score"] == pytest.approx(cosine, abs=1e-5)
+    with GradCAM(model=model, target_layers=[model.layer4]) as cam:
+        reference = cam(torch.from_numpy(x), targets=[SimilarityToConceptTarget(concept)])[0]
+    diff = float(np.abs(np.load(record["heatmap"]) - _minmax(reference)).max())
+    print(f"cli similar:concept.png gradcam: max diff {diff:.2e}")
+    assert diff <= 1e-4
+    missing = _cli("explain", path, str(tmp_path / "img.png"), "--target", "similar:nothing.png", "-q")
+    assert missing.exit_code == 2 and "similar:nothing.png: no such concept file" in missing.output

@@ -180,3 +180,77 @@ def test_the_ray_explain_examples_run(tiny, photos, tmp_path, cluster, monkeypat
     records = manifest(tmp_path / "out")
     assert {r["input"] for r in records} == {os.path.join("photos", p.name) for p in (tmp_path / "photos").iterdir()}
     assert all(r["status"] == "ok" for r in records)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory, exporter) -> str:
+    """A small segmenter (conv-relu `feat` -> 1x1 conv: logits [B, 3, 32, 32]) exported with a seed."""
+    import torch
+
+    from camrt import contract
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("feat", torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU()))
+    model.add_module("head", torch.nn.Conv2d(6, 3, 1))
+    onnx_model, _ = export_torch(model.eval(), layers=["feat"], input_size=(32, 32), rules=[contract.RULE_VANILLA],
+                                 seed=True)
+    path = tmp_path_factory.mktemp("segmenter") / "seg.camrt.onnx"
+    write_model(onnx_model, path)
+    return str(path)
+
+
+def test_ray_explain_takes_region_and_several_targets(segmenter, tmp_path, cluster):
+    """`camrt ray-explain ... --target seg:1 --target seg:2 --region mask.png` writes the records
+    and heatmaps the local `camrt explain` does with the same options."""
+    import cv2
+    from click.testing import CliRunner
+
+    rng = np.random.default_rng(4)
+    images = [str(tmp_path / f"img{i}.png") for i in range(3)]
+    for path in images:
+        cv2.imwrite(path, rng.integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[4:20, 10:30] = 255
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    options = ["--target", "seg:1", "--target", "seg:2", "--region", str(tmp_path / "mask.png"), "--format", "npy"]
+    local = CliRunner().invoke(build_cli(), ["explain", segmenter, *images, *options, "-o", str(tmp_path / "local"),
+                                             "-q"], catch_exceptions=False)
+    assert local.exit_code == 0, local.output
+    want = [json.loads(line) for line in local.stdout.splitlines()]
+    remote = CliRunner().invoke(build_cli(), ["ray-explain", segmenter, *images, *options, "-o", str(tmp_path / "ray"),
+                                              "-q"], catch_exceptions=False)
+    assert remote.exit_code == 0, remote.output
+    got = {(r["input"], r["rank"]): r for r in manifest(tmp_path / "ray")}
+    assert len(got) == len(want) == 6
+    for record in want:
+        mine = got[(record["input"], record["rank"])]
+        assert comparable(mine) == comparable(record)
+        assert mine["target_params"] == {"class": record["target"], "region": str(tmp_path / "mask.png")}
+        np.testing.assert_allclose(np.load(mine["heatmap"]), np.load(record["heatmap"]), rtol=0, atol=1e-6)
+
+
+def test_ray_explain_checks_method_and_target_before_starting(tiny, segmenter, photos, tmp_path, monkeypatch):
+    """A target the file cannot serve, a method that cannot explain it, or --region on a class
+    target: the error of `camrt explain`, before any Ray actor starts."""
+    from click.testing import CliRunner
+
+    import camrt.ray
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(camrt.ray, "explain_with_ray", started)
+
+    def ray_explain(*args):
+        return CliRunner().invoke(build_cli(), ["ray-explain", *args, "-o", str(tmp_path / "out")])
+
+    no_seed = ray_explain(tiny.path, str(photos), "--target", "seg:0")
+    assert no_seed.exit_code == 3 and "camrt export ... --seed" in no_seed.output
+    refused = ray_explain(segmenter, str(photos), "--target", "seg:0", "-m", "eigencam")
+    assert refused.exit_code == 2 and "method 'eigencam' cannot explain a seg target" in refused.output
+    region = ray_explain(tiny.path, str(photos), "--target", "3", "--region", str(tmp_path / "mask.png"))
+    assert region.exit_code == 2 and "--region applies to --target seg:CLASS, not to '3'" in region.output
+    out_of_range = ray_explain(tiny.path, str(photos), "--target", "1,7")
+    assert out_of_range.exit_code == 2 and "--target 7 is out of range" in out_of_range.output
