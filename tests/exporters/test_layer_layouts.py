@@ -27,7 +27,7 @@ from camrt.modelfile.metadata import parse_contract, read_contract
 from camrt.plugins.registry import build_method_registry
 from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
-from camrt_exporters.layouts import LayoutOverride, parse_layout_overrides
+from camrt_exporters.layouts import LayoutOverride, parse_attention_tokens, parse_layout_overrides
 
 #: Every registered method that explains a layer (CAM needs a GAP + FC head the twins lack).
 LAYER_METHODS = [name for name in build_method_registry().names()
@@ -210,6 +210,15 @@ def test_layout_flag_syntax(value, expected):
 def test_bad_layout_flag_is_refused(value):
     with pytest.raises(ExportError, match="--layout .*expected LAYER=nchw|nhwc|tokens"):
         parse_layout_overrides([value])
+
+
+def test_attention_tokens_take_the_same_syntax():
+    """One parser: `--attention-tokens SPEC` reads a tokens SPEC of `--layout LAYER=SPEC`."""
+    for spec in ("tokens", "tokens:14x14:0,1", "tokens:7x7:"):
+        assert parse_attention_tokens(spec) == parse_layout_overrides([f"x={spec}"])["x"]
+    for spec in ("14,14,0", "nhwc", "tokens:14"):
+        with pytest.raises(ExportError, match=rf"--attention-tokens '{spec}': expected tokens\[:HxW\[:P,P...\]\]"):
+            parse_attention_tokens(spec)
 
 
 def test_layer_layouts_metadata_is_optional_and_checked():
