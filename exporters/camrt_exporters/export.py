@@ -14,6 +14,8 @@ import pluggy
 from camrt import contract
 from camrt.errors import PluginError
 from camrt.modelfile.layers import choose_default_layer
+from camrt.modelfile.shapes import forget_inferred_shapes
+from camrt.modelfile.token_layout import default_layer, infer_layer_layouts, sequence_layout
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
@@ -23,7 +25,6 @@ from .autodiff.reverse import RuleSet
 from .contract_file import build_contract_model, choose_score, contract_metadata, prepare, require_batch_carried
 from .errors import ExportError
 from .layouts import LayoutOverride, image_layout, layout_candidates, resolve_layer_layouts, resolve_tokens
-from .token_layout import attention_inputs, infer_layer_layouts, sequence_layout
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -67,17 +68,12 @@ def _choose_layer(candidates: list[str], framework: str) -> str:
 
 def _default_onnx_layer(index: GraphIndex, candidates: list[str], layouts: dict[str, contract.LayerLayout],
                         log: Callable[[str], None]) -> str:
-    """The LayerNormalization output feeding the last attention (ViT, DeiT: after the last block
-    only the class token reaches the head, so the grid tokens of later tensors get no gradient),
-    else the `choose_target_layer` hook's pick (built-in: the last candidate)."""
-    attention = attention_inputs(index.nodes, lambda name: index.value(name) is not None, candidates, layouts)
-    if attention:
-        log(f"default layer: {attention[-1]} ({_layout_text(layouts[attention[-1]])}; the LayerNormalization "
-            "feeding the last attention)")
-        return attention[-1]
-    choice = _choose_layer(candidates, "onnx")
-    log(f"default layer: {choice} ({_layout_text(layouts[choice])}; the last tensor with spatial extent)")
-    return choice
+    """`token_layout.default_layer`, the one `camrt inspect` shows for the plain file."""
+    choice = default_layer(index.nodes, lambda name: index.value(name) is not None, candidates, layouts)
+    if choice is None:
+        raise ExportError("no layer with spatial extent feeds the score; name one with --layer")
+    log(f"default layer: {choice.tensor} ({_layout_text(layouts[choice.tensor])}; {choice.reason})")
+    return choice.tensor
 
 
 def _default_torch_layer(model, input_size: tuple[int, int], log: Callable[[str], None]) -> str:
@@ -359,15 +355,6 @@ def _preprocessing_for(geometry: ImageGeometry, preprocessing: contract.Preproce
     return replace(preprocessing, height=geometry.height, width=geometry.width)
 
 
-def _forget_inferred_shapes(model: onnx.ModelProto) -> None:
-    """Drop the shapes the converter recorded for the sizes it exported with (e.g. batch 1 outputs);
-    they are inferred again for the dynamic batch and the pinned size."""
-    del model.graph.value_info[:]
-    for output in model.graph.output:  # every dimension unknown (onnx's version converter needs a shape)
-        for dim in output.type.tensor_type.shape.dim:
-            dim.Clear()
-
-
 def read_image_geometry(path: str | os.PathLike, input_name: str | None = None,
                         input_size: tuple[int, int] | None = None, input_layout: str | None = None) -> ImageGeometry:
     """The geometry an export of the ONNX file at `path` would pin (ExportError when it cannot)."""
@@ -410,7 +397,7 @@ def export_onnx(
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
     layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). layouts: `--layout`
-    overrides of the layers' layouts (default: inferred from the graph, `camrt_exporters.token_layout`).
+    overrides of the layers' layouts (default: inferred from the graph, `camrt.modelfile.token_layout`).
     attention, attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map
     names. seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2, see
     `export_torch`). compact: as for `export_torch`.
@@ -424,7 +411,7 @@ def export_onnx(
         input_size = (preprocessing.height, preprocessing.width)
     geometry = _pin_image_geometry(image, input_size, input_layout)
     layout = geometry.layout
-    _forget_inferred_shapes(source)
+    forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
     score = choose_score(index, output, use_softmax_output, log, seeded=seed)

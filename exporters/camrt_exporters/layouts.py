@@ -1,5 +1,5 @@
 """Layouts of an ONNX source: its image input (NCHW, or NHWC as Keras/tf2onnx files have it) and
-the layers it may explain (nchw, nhwc or tokens: the rule is camrt_exporters.token_layout).
+the layers it may explain (nchw, nhwc or tokens: the rule is camrt.modelfile.token_layout).
 
 camrt's runtime hands every method NCHW batches and [B, C, h, w] feature maps: an NHWC file
 records `layout: nhwc` in its preprocessing metadata and the runtime transposes at the model's
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from camrt import contract
 from camrt.contract import LayerLayout
+from camrt.modelfile import token_layout
 from camrt.modelfile.layers import Shape, guess_image_layout, nearest_nchw_layer
 
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import active_tensors
 from .errors import ExportError
-from .token_layout import grid_size
 
 #: The one syntax of a layout: a layer's (`--layout LAYER=SPEC`) and the attention maps' token
 #: sequence (`--attention-tokens SPEC`, a tokens SPEC).
@@ -91,18 +91,10 @@ def parse_attention_tokens(spec: str | None) -> LayoutOverride | None:
 
 def layout_candidates(index: GraphIndex, image_input: str, score: str,
                       layouts: Mapping[str, LayerLayout]) -> list[str]:
-    """Tensors on a path from the input to the score whose layout is established and whose grid has
-    spatial extent (h and w both > 1), in graph order; float tensors only (not a QDQ model's
-    quantized ones)."""
+    """`token_layout.layout_candidates` on a path from the input to the score; float tensors only
+    (not a QDQ model's quantized ones)."""
     on_path = {t for t in active_tensors(index, score, [image_input]) if index.is_float(t)}
-    found = []
-    for node in index.nodes:
-        for out in node.output:
-            if out in on_path and out in layouts:
-                size = grid_size(layouts[out], index.shape(out) or ())
-                if size is not None and min(size) > 1:
-                    found.append(out)
-    return found
+    return token_layout.layout_candidates(index.nodes, index.shape, on_path, layouts)
 
 
 def resolve_layer_layouts(index: GraphIndex, tensors: Mapping[str, str], layouts: Mapping[str, LayerLayout],
