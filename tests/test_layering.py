@@ -31,7 +31,7 @@ PACKAGE_ROOTS = {RUNTIME: REPO, EXPORTERS: REPO / "exporters"}
 #: plugin manager.
 EXPORTER_SEAM = {
     "camrt.contract", "camrt.errors", "camrt.execution.seeded", "camrt.hookspecs", "camrt.lazy", "camrt.modelfile.layers",
-    "camrt.plugins"}
+    "camrt.modelfile.shapes", "camrt.modelfile.token_layout", "camrt.plugins"}
 #: The runtime's command line: it may import every other room of the runtime.
 CLI_MODULES = ("camrt.cli", "camrt.__main__")
 

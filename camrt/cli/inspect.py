@@ -106,13 +106,12 @@ def contract_summary(path: str) -> dict[str, Any]:
 
 
 def onnx_summary(path: str) -> dict[str, Any]:
-    """What `camrt inspect` shows for a plain ONNX file: its NCHW layer candidates and the last of
-    them (camrt.modelfile.layers; `camrt export` also infers channels-last and token layers, so its
-    default may differ: docs/transformers.md)."""
+    """What `camrt inspect` shows for a plain ONNX file: its layer candidates with their layouts
+    (nchw, nhwc, tokens) and the default `camrt export` chooses (camrt.modelfile.layers)."""
     import onnx
 
     from ..errors import first_line
-    from ..modelfile.layers import onnx_layers
+    from ..modelfile.plain import onnx_layers
 
     try:
         model = onnx.load(path)
@@ -126,8 +125,10 @@ def onnx_summary(path: str) -> dict[str, Any]:
         "input_shape": list(layers.input_shape),
         "input_layout": layers.image_layout,
         "output": layers.output,
-        "candidates": [{"layer": name, "shape": list(shape)} for name, shape in layers.candidates],
+        "candidates": [{"layer": name, "shape": list(shape), "layout": layout.to_dict()}
+                       for name, shape, layout in layers.candidates],
         "default_layer": layers.default,
+        "default_reason": layers.reason,
     }
 
 
@@ -135,12 +136,19 @@ def _shape_text(shape: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _layer_text(layer: str, layouts: dict[str, dict]) -> str:
-    """A layer name, with its layout when it is not NCHW (tokens: the grid and the extra tokens)."""
+def _default_text(summary: dict[str, Any]) -> str:
+    if not summary["default_layer"]:
+        return "(none: no tensor with spatial extent feeds the output)"
+    return f"{summary['default_layer']} ({summary['default_reason']})"
+
+
+def _layer_text(layer: str, layouts: dict[str, dict], nchw_too: bool = False) -> str:
+    """A layer name, with its layout when it is not NCHW or `nchw_too` (tokens: the grid and the
+    extra tokens)."""
     from .. import contract
 
     layout = layouts.get(layer)
-    if layout is None:
+    if layout is None or (layout["layout"] == contract.LAYOUT_NCHW and not nchw_too):
         return layer
     if layout["layout"] != contract.LAYOUT_TOKENS:
         return f"{layer} ({layout['layout']})"
@@ -193,11 +201,12 @@ def _onnx_text(summary: dict[str, Any]) -> list[str]:
         f"input:            {summary['input']} {_shape_text(summary['input_shape'])} "
         f"({summary['input_layout'] or 'layout ambiguous: give --input-layout to camrt export'})",
         f"output:           {summary['output']}",
-        f"default layer:    {summary['default_layer'] or '(none: no tensor with spatial extent feeds the output)'}",
+        f"default layer:    {_default_text(summary)}",
         "layer candidates (tensors with spatial extent between the input and the output, in graph order):",
     ]
-    rows = [[c["layer"], _shape_text(c["shape"]), "(default)" if c["layer"] == summary["default_layer"] else ""]
-            for c in summary["candidates"]]
+    layouts = {c["layer"]: c["layout"] for c in summary["candidates"]}
+    rows = [[_layer_text(c["layer"], layouts, nchw_too=True), _shape_text(c["shape"]),
+             "(default)" if c["layer"] == summary["default_layer"] else ""] for c in summary["candidates"]]
     if rows:
         lines.extend("  " + line for line in _table(rows).splitlines())
     return lines

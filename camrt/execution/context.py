@@ -9,6 +9,7 @@ get an `ExplainContext` as ``outputs.context``:
     logits = ctx.forward(masked_inputs)                         # [N, classes], forward only
     grads = ctx.gradients(noisy, targets, [input_gradient_output("vanilla")])
     logits = ctx.tail(layer, edited_activations, samples=rows)  # from the layer to the logits
+    logits = ctx.masked_tail(layer, masks, samples=rows)        # the layer's maps times masks [N, h, w]
     ctx.add_extra("completeness", per_sample_values)            # -> Explanation.extra
 
 Every pass goes through the `ExplainSession` of the file (cached onnxruntime sessions of the
@@ -25,7 +26,7 @@ import numpy as np
 
 from .. import contract
 from ..errors import InputError, PluginError
-from .feature_layout import from_nchw
+from .feature_layout import from_nchw, to_nchw
 
 
 class ExplainContext:
@@ -84,6 +85,26 @@ class ExplainContext:
         if layout.layout != contract.LAYOUT_NCHW:
             acts = from_nchw(acts, layout, self._unedited(layer)[rows])
         return self.session.run_tail(layer, acts, side)
+
+    def masked_tail(self, layer: str, masks: np.ndarray, samples: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``camrt/logits`` [N, classes] with the feature maps of `layer` of sample `samples[i]`
+        multiplied by `masks[i]` [h, w] (the extra tokens of a token layer kept), and so every
+        tensor the tail reads beside the layer that has the layer's shape: the residual stream a
+        transformer block adds to its branch (ViT-ReciproCAM masks both, the authors' OpenVINO XAI
+        does so), taken in the layer's layout."""
+        rows = np.asarray(samples, dtype=np.int64)
+        weights = np.asarray(masks, dtype=np.float32)[:, None]
+        if layer not in self._side:
+            self._side[layer] = self.session.tail_side_tensors(layer, self.inputs)
+        layout = self.session.info.layer_layout(layer)
+        unedited = self._unedited(layer)[rows]
+
+        def masked(value: np.ndarray) -> np.ndarray:
+            return from_nchw(to_nchw(value, layout, layer) * weights, layout, value)
+
+        side = {name: masked(value[rows]) if value.shape[1:] == unedited.shape[1:] else value[rows]
+                for name, value in self._side[layer].items()}
+        return self.session.run_tail(layer, masked(unedited), side)
 
     def _unedited(self, layer: str) -> np.ndarray:
         """The batch's activations of `layer` in the file's layout (one forward pass, cached)."""

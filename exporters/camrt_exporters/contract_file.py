@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camrt import contract
 from camrt.errors import first_line
+from camrt.modelfile.shapes import fold_graph
 
-from .autodiff.graph import GraphIndex, attribute, cpu_session, run_for
+from .autodiff.graph import GraphIndex, attribute
 from .autodiff.reverse import ForwardPatches, RuleSet, active_tensors, differentiate
 from .errors import ExportError
 
@@ -38,7 +39,7 @@ _SCORE_ACTIVATIONS = ("Softmax", "Sigmoid")
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """Name every node uniquely, lift the opset to one the backward rules can emit, and fold the
     constant subgraphs (so backward rules see the weights as constants)."""
-    model = fold_shape_arithmetic(fold_constants(_upgrade_opset(model)))
+    model = fold_graph(_upgrade_opset(model))
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -88,132 +89,6 @@ def _keep_asymmetric_resize(model: onnx.ModelProto) -> None:
             else:
                 node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
-
-
-#: Ops never folded: their value changes from run to run.
-_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                               "Multinomial", "Bernoulli"})
-#: Kept as deployed: folding the DequantizeLinear of quantized weights would store them as float32 and
-#: stop onnxruntime fusing the QDQ pattern into integer kernels.
-_QUANTIZED_AS_DEPLOYED = frozenset({"DequantizeLinear"})
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every node computed from constants alone by an initializer of the same name.
-
-    Converters write weights as Constant nodes, behind Identity nodes (torch's legacy exporter
-    deduplicates equal initializers that way) or behind small subgraphs (a Transpose or Reshape of
-    a weight); backward rules need them as constants. An Identity of a constant is bypassed (its
-    consumers read the constant itself, no copy); other nodes are evaluated once with onnxruntime.
-    Tensors that depend on a graph input keep their names, so --layer names stay valid.
-    """
-    graph = model.graph
-    constant = {i.name for i in graph.initializer}
-    outputs = {o.name for o in graph.output} | _read_in_subgraphs(graph)  # names that must stay
-    alias: dict[str, str] = {}
-    folded: list[onnx.NodeProto] = []
-    kept: list[onnx.NodeProto] = []
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = alias.get(name, name)
-        if node.op_type == "Constant" or not (_foldable_op(node) and all(i in constant for i in node.input if i)):
-            kept.append(node)
-            if node.op_type == "Constant":
-                constant.update(node.output)
-            continue
-        constant.update(o for o in node.output if o)
-        if node.op_type == "Identity" and node.output[0] not in outputs:
-            alias[node.output[0]] = node.input[0]
-        else:
-            folded.append(node)
-    if not folded and not alias:
-        return model
-    read = {i for n in kept for i in n.input} | outputs
-    wanted = [o for n in folded for o in n.output if o in read]
-    values = _evaluate(model, folded, wanted) if wanted else {}
-    graph_inputs = {g.name for g in graph.input}
-    inits = [i for i in graph.initializer if i.name in read or i.name in graph_inputs]
-    del graph.initializer[:]
-    graph.initializer.extend([*inits, *(numpy_helper.from_array(v, name) for name, v in values.items())])
-    del graph.node[:]
-    graph.node.extend(kept)
-    return model
-
-
-def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold the tensors computed from constants and Shape nodes alone (padding or reshape sizes
-    a converter computes from the input's size) whose values are the same at two batch sizes:
-    the file is pinned to one image size, so only the batch can change them."""
-    graph = model.graph
-    derived = {i.name for i in graph.initializer}
-    shape_nodes = []
-    for node in graph.node:
-        from_shapes = node.op_type in ("Shape", "Size", "Constant") or (
-            _foldable_op(node) and node.input and all(i in derived for i in node.input if i))
-        if from_shapes:
-            derived.update(o for o in node.output if o)
-            shape_nodes.append(node)
-    folded = {id(n) for n in shape_nodes if n.op_type != "Constant"}
-    read = {i for n in graph.node if id(n) not in folded for i in n.input} | {o.name for o in graph.output}
-    frontier = [o for n in shape_nodes if id(n) in folded for o in n.output if o in read]
-    if not frontier:
-        return model
-    small, large = run_for(model, frontier, 2), run_for(model, frontier, 3)
-    if small is None or large is None:
-        return model
-    fixed = {name: small[name] for name in frontier
-             if small[name].shape == large[name].shape and np.array_equal(small[name], large[name])}
-    if not fixed:
-        return model
-    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in fixed.items())
-    _drop_dead(graph, [n for n in shape_nodes if id(n) in folded], now_constant=set(fixed))
-    return model
-
-
-def _drop_dead(graph: onnx.GraphProto, candidates: list[onnx.NodeProto], now_constant: set[str]) -> None:
-    """Remove the `candidates` whose outputs are now initializers or are no longer read."""
-    removable = {id(n) for n in candidates}
-    needed = {o.name for o in graph.output} | _read_in_subgraphs(graph)
-    kept = []
-    for node in reversed(graph.node):
-        dead = any(o in now_constant for o in node.output) or not any(o in needed for o in node.output)
-        if id(node) not in removable or not dead:
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-
-
-def _foldable_op(node: onnx.NodeProto) -> bool:
-    """A standard op whose value depends on its inputs alone (no randomness, no subgraph)."""
-    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC | _QUANTIZED_AS_DEPLOYED
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
-
-
-def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    """Names read by the nodes of control-flow subgraphs (If, Loop, Scan bodies), at any depth."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(i for n in sub.node for i in n.input)
-                names |= _read_in_subgraphs(sub)
-    return names
-
-
-def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]) -> dict[str, np.ndarray]:
-    """The values of `wanted`, computed by `nodes` from the model's constants (one onnxruntime run)."""
-    graph = helper.make_graph(
-        [n for n in model.graph.node if n.op_type == "Constant"] + nodes, "camrt_fold", [],
-        [helper.make_empty_tensor_value_info(name) for name in wanted], initializer=list(model.graph.initializer),
-    )
-    folding = helper.make_model(graph, opset_imports=list(model.opset_import))
-    folding.ir_version = model.ir_version
-    try:
-        return dict(zip(wanted, cpu_session(folding).run(wanted, {})))
-    except Exception as exc:  # onnxruntime raises its own unrelated exception types
-        raise ExportError(f"folding the constant subgraphs (nodes {[n.name or n.op_type for n in nodes][:5]}...) "
-                          f"failed in onnxruntime: {first_line(exc)}") from None
 
 
 def _behind_identities(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto | None]:

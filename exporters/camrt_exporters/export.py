@@ -14,6 +14,8 @@ import pluggy
 from camrt import contract
 from camrt.errors import PluginError
 from camrt.modelfile.layers import choose_default_layer
+from camrt.modelfile.shapes import forget_inferred_shapes
+from camrt.modelfile.token_layout import default_layer, infer_layer_layouts, sequence_layout
 from camrt.plugins import ensure_registered, get_plugin_manager
 
 from . import __version__
@@ -22,8 +24,7 @@ from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
 from .contract_file import build_contract_model, choose_score, contract_metadata, prepare, require_batch_carried
 from .errors import ExportError
-from .layouts import LayoutOverride, image_layout, layout_candidates, resolve_layer_layouts
-from .token_layout import attention_inputs, infer_layer_layouts, sequence_layout
+from .layouts import LayoutOverride, image_layout, layout_candidates, resolve_layer_layouts, resolve_tokens
 from .validate import Check, validate_against_torch, validate_finite_differences
 
 DEFAULT_RULE_SETS = (contract.RULE_VANILLA, contract.RULE_GUIDED)
@@ -67,17 +68,12 @@ def _choose_layer(candidates: list[str], framework: str) -> str:
 
 def _default_onnx_layer(index: GraphIndex, candidates: list[str], layouts: dict[str, contract.LayerLayout],
                         log: Callable[[str], None]) -> str:
-    """The LayerNormalization output feeding the last attention (ViT, DeiT: after the last block
-    only the class token reaches the head, so the grid tokens of later tensors get no gradient),
-    else the `choose_target_layer` hook's pick (built-in: the last candidate)."""
-    attention = attention_inputs(index.nodes, lambda name: index.value(name) is not None, candidates, layouts)
-    if attention:
-        log(f"default layer: {attention[-1]} ({_layout_text(layouts[attention[-1]])}; the LayerNormalization "
-            "feeding the last attention)")
-        return attention[-1]
-    choice = _choose_layer(candidates, "onnx")
-    log(f"default layer: {choice} ({_layout_text(layouts[choice])}; the last tensor with spatial extent)")
-    return choice
+    """`token_layout.default_layer`, the one `camrt inspect` shows for the plain file."""
+    choice = default_layer(index.nodes, lambda name: index.value(name) is not None, candidates, layouts)
+    if choice is None:
+        raise ExportError("no layer with spatial extent feeds the score; name one with --layer")
+    log(f"default layer: {choice.tensor} ({_layout_text(layouts[choice.tensor])}; {choice.reason})")
+    return choice.tensor
 
 
 def _default_torch_layer(model, input_size: tuple[int, int], log: Callable[[str], None]) -> str:
@@ -134,7 +130,7 @@ def export_torch(
     fullgrad: bool = False,
     layouts: Mapping[str, LayoutOverride] | None = None,
     attention: Sequence[str] | None = None,
-    attention_tokens: contract.LayerLayout | None = None,
+    attention_tokens: LayoutOverride | None = None,
     attention_layer_scores: bool = False,
     seed: bool = False,
     score_output: str | None = None,
@@ -146,8 +142,8 @@ def export_torch(
     layouts: `--layout` overrides of the layers' layouts (default: inferred from the exported graph).
     attention: expose attention maps and their gradients (`camrt_exporters.attention`): module or
     map names, or empty for every attention softmax over the token sequence; None: none.
-    attention_tokens: the token sequence the maps attend over (grid and extra tokens); None: the one
-    the graph establishes (`token_layout`). attention_layer_scores: also the gradient of each map's
+    attention_tokens: the token sequence the maps attend over (`--attention-tokens`, a tokens layout
+    spec, `layouts.parse_attention_tokens`); None: the one the graph establishes (`token_layout`). attention_layer_scores: also the gradient of each map's
     LeGrad layer score (`attention.layer_score_projection`; timm and torchvision ViTs).
     seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2: segmentation
     logits, detection heads, embeddings). score_output: the key (dict) or index (tuple) of the
@@ -200,28 +196,27 @@ def export_torch(
 
 
 def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str] | None,
-                   layouts: dict[str, contract.LayerLayout], tokens: contract.LayerLayout | None,
+                   layouts: dict[str, contract.LayerLayout], given: LayoutOverride | None,
                    log: Callable[[str], None]) -> tuple[dict[str, str], contract.LayerLayout | None]:
-    """(the attention maps over the token sequence, its layout). The layout is `tokens` when given
-    (--attention-tokens), else the one the graph establishes (`layouts`, `token_layout`) for
-    sequences of the maps' length T; named maps (`wanted`) must all attend over it, else the maps
-    that do are kept."""
+    """(the attention maps over the token sequence, its layout). The layout is `given`
+    (--attention-tokens) resolved against the maps' length T, else the one the graph establishes
+    (`layouts`, `token_layout`) for sequences of that length; named maps (`wanted`) must all attend
+    over it, else the maps that do are kept."""
     if wanted is None:
         return {}, None
     lengths = {name: index.shape(tensor)[2] for name, tensor in maps.items()}
-    if tokens is None:
+    if given is not None:
+        tokens = _given_tokens(given, set(lengths.values()))
+    else:
         found = {layout for layout in (sequence_layout(layouts, length) for length in set(lengths.values())) if layout}
         if len(found) != 1:
             what = "none of them" if not found else f"several ({', '.join(str(f.to_dict()) for f in found)})"
             raise ExportError(f"--attention: the maps attend over {sorted(set(lengths.values()))} tokens and the graph "
                               f"establishes the patch grid and extra tokens of {what}; give them with "
-                              "--attention-tokens H,W[,EXTRA_POSITION...] (e.g. 14,14,0: a 14x14 patch grid and a "
+                              "--attention-tokens tokens:HxW:P,... (e.g. tokens:14x14:0: a 14x14 patch grid and a "
                               "class token at position 0)")
         tokens = found.pop()
     count = len(tokens.extra_tokens) + tokens.grid[0] * tokens.grid[1]
-    if len(set(tokens.extra_tokens)) != len(tokens.extra_tokens) or any(p >= count for p in tokens.extra_tokens):
-        raise ExportError(f"--attention-tokens: the extra-token positions {list(tokens.extra_tokens)} must be distinct "
-                          f"and below the {count} tokens")
     other = [f"{name} (T = {length})" for name, length in lengths.items() if length != count]
     if other and wanted:
         raise ExportError(f"--attention: map(s) {', '.join(other)} do not attend over the {count} tokens of the "
@@ -233,6 +228,18 @@ def _matching_maps(index: GraphIndex, maps: dict[str, str], wanted: Sequence[str
     log(f"attention maps: {', '.join(matching)} over {tokens.grid[0]}x{tokens.grid[1]} patches and extra tokens at "
         f"{list(tokens.extra_tokens)}")
     return matching, tokens
+
+
+def _given_tokens(given: LayoutOverride, lengths: set[int]) -> contract.LayerLayout:
+    """`--attention-tokens` as a layout: complete as given (grid and extra tokens), else completed
+    from the maps' one length T."""
+    if given.grid is not None and given.extra_tokens is not None:
+        count = given.grid[0] * given.grid[1] + len(given.extra_tokens)
+        return resolve_tokens(given, count, "--attention-tokens")
+    if len(lengths) != 1:
+        raise ExportError(f"--attention-tokens: the maps attend over {sorted(lengths)} tokens; give the grid and the "
+                          "extra tokens in full, tokens:HxW:P,...")
+    return resolve_tokens(given, lengths.pop(), "--attention-tokens")
 
 
 def _add_attention_metadata(meta: dict[str, str], maps: dict[str, str], tokens: contract.LayerLayout | None,
@@ -348,15 +355,6 @@ def _preprocessing_for(geometry: ImageGeometry, preprocessing: contract.Preproce
     return replace(preprocessing, height=geometry.height, width=geometry.width)
 
 
-def _forget_inferred_shapes(model: onnx.ModelProto) -> None:
-    """Drop the shapes the converter recorded for the sizes it exported with (e.g. batch 1 outputs);
-    they are inferred again for the dynamic batch and the pinned size."""
-    del model.graph.value_info[:]
-    for output in model.graph.output:  # every dimension unknown (onnx's version converter needs a shape)
-        for dim in output.type.tensor_type.shape.dim:
-            dim.Clear()
-
-
 def read_image_geometry(path: str | os.PathLike, input_name: str | None = None,
                         input_size: tuple[int, int] | None = None, input_layout: str | None = None) -> ImageGeometry:
     """The geometry an export of the ONNX file at `path` would pin (ExportError when it cannot)."""
@@ -386,7 +384,7 @@ def export_onnx(
     input_layout: str | None = None,
     layouts: Mapping[str, LayoutOverride] | None = None,
     attention: Sequence[str] | None = None,
-    attention_tokens: contract.LayerLayout | None = None,
+    attention_tokens: LayoutOverride | None = None,
     seed: bool = False,
     compact: bool = False,
     log: Callable[[str], None] = lambda message: None,
@@ -399,7 +397,7 @@ def export_onnx(
     fullgrad: add FullGrad's bias-gradient terms of the file's Conv and BatchNormalization nodes
     (a BatchNorm already folded into its Conv counts once). input_layout: the image input's
     layout, nchw or nhwc (default: told by where its 1, 3 or 4 channels are). layouts: `--layout`
-    overrides of the layers' layouts (default: inferred from the graph, `camrt_exporters.token_layout`).
+    overrides of the layers' layouts (default: inferred from the graph, `camrt.modelfile.token_layout`).
     attention, attention_tokens: as for `export_torch`, with tensor names (Softmax outputs) for map
     names. seed: give the file the seed entry `camrt/seed` (any score tensor of rank >= 2, see
     `export_torch`). compact: as for `export_torch`.
@@ -413,7 +411,7 @@ def export_onnx(
         input_size = (preprocessing.height, preprocessing.width)
     geometry = _pin_image_geometry(image, input_size, input_layout)
     layout = geometry.layout
-    _forget_inferred_shapes(source)
+    forget_inferred_shapes(source)
     forward = prepare(source)
     index = GraphIndex(forward)
     score = choose_score(index, output, use_softmax_output, log, seeded=seed)

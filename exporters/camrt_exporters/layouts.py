@@ -1,5 +1,5 @@
 """Layouts of an ONNX source: its image input (NCHW, or NHWC as Keras/tf2onnx files have it) and
-the layers it may explain (nchw, nhwc or tokens: the rule is camrt_exporters.token_layout).
+the layers it may explain (nchw, nhwc or tokens: the rule is camrt.modelfile.token_layout).
 
 camrt's runtime hands every method NCHW batches and [B, C, h, w] feature maps: an NHWC file
 records `layout: nhwc` in its preprocessing metadata and the runtime transposes at the model's
@@ -17,14 +17,18 @@ from dataclasses import dataclass
 
 from camrt import contract
 from camrt.contract import LayerLayout
+from camrt.modelfile import token_layout
 from camrt.modelfile.layers import Shape, guess_image_layout, nearest_nchw_layer
 
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import active_tensors
 from .errors import ExportError
-from .token_layout import grid_size
 
-LAYOUT_SYNTAX = "LAYER=nchw|nhwc|tokens[:HxW[:P,P...]]"
+#: The one syntax of a layout: a layer's (`--layout LAYER=SPEC`) and the attention maps' token
+#: sequence (`--attention-tokens SPEC`, a tokens SPEC).
+TOKENS_SYNTAX = "tokens[:HxW[:P,P...]]"
+LAYOUT_SPEC = f"nchw|nhwc|{TOKENS_SYNTAX}"
+LAYOUT_SYNTAX = f"LAYER={LAYOUT_SPEC}"
 
 
 def image_layout(name: str, shape: Shape, given: str | None = None) -> str:
@@ -52,34 +56,45 @@ class LayoutOverride:
 _SPEC = re.compile(r"^(?P<layout>nchw|nhwc|tokens)(?::(?P<h>\d+)x(?P<w>\d+)(?::(?P<extra>\d+(?:,\d+)*)?)?)?$")
 
 
+def parse_layout_spec(spec: str) -> LayoutOverride | None:
+    """A SPEC (nchw, nhwc, tokens, tokens:HxW, tokens:HxW:P,P; `tokens:HxW:` has no extra tokens)
+    as a LayoutOverride; None when it does not follow LAYOUT_SPEC."""
+    match = _SPEC.match(spec.strip().lower())
+    if match is None or (match["layout"] != contract.LAYOUT_TOKENS and match["h"]):
+        return None
+    grid = (int(match["h"]), int(match["w"])) if match["h"] else None
+    extra = tuple(int(p) for p in match["extra"].split(",")) if match["extra"] else (() if spec.endswith(":") else None)
+    return LayoutOverride(match["layout"], grid, extra)
+
+
 def parse_layout_overrides(values: Sequence[str]) -> dict[str, LayoutOverride]:
-    """`--layout LAYER=SPEC` values by layer (SPEC: nchw, nhwc, tokens, tokens:HxW, tokens:HxW:P,P)."""
+    """`--layout LAYER=SPEC` values by layer."""
     overrides = {}
     for value in values:
         layer, sep, spec = value.rpartition("=")
-        match = _SPEC.match(spec.strip().lower()) if sep and layer else None
-        if match is None or (match["layout"] != contract.LAYOUT_TOKENS and match["h"]):
+        given = parse_layout_spec(spec) if sep and layer else None
+        if given is None:
             raise ExportError(f"--layout {value!r}: expected {LAYOUT_SYNTAX} (e.g. blocks.11.norm1=tokens:14x14:0)")
-        grid = (int(match["h"]), int(match["w"])) if match["h"] else None
-        extra = tuple(int(p) for p in match["extra"].split(",")) if match["extra"] else (() if spec.endswith(":") else None)
-        overrides[layer] = LayoutOverride(match["layout"], grid, extra)
+        overrides[layer] = given
     return overrides
+
+
+def parse_attention_tokens(spec: str | None) -> LayoutOverride | None:
+    """`--attention-tokens SPEC`: the token sequence of the attention maps, a tokens SPEC."""
+    if spec is None:
+        return None
+    given = parse_layout_spec(spec)
+    if given is None or given.layout != contract.LAYOUT_TOKENS:
+        raise ExportError(f"--attention-tokens {spec!r}: expected {TOKENS_SYNTAX} (e.g. tokens:14x14:0)")
+    return given
 
 
 def layout_candidates(index: GraphIndex, image_input: str, score: str,
                       layouts: Mapping[str, LayerLayout]) -> list[str]:
-    """Tensors on a path from the input to the score whose layout is established and whose grid has
-    spatial extent (h and w both > 1), in graph order; float tensors only (not a QDQ model's
-    quantized ones)."""
+    """`token_layout.layout_candidates` on a path from the input to the score; float tensors only
+    (not a QDQ model's quantized ones)."""
     on_path = {t for t in active_tensors(index, score, [image_input]) if index.is_float(t)}
-    found = []
-    for node in index.nodes:
-        for out in node.output:
-            if out in on_path and out in layouts:
-                size = grid_size(layouts[out], index.shape(out) or ())
-                if size is not None and min(size) > 1:
-                    found.append(out)
-    return found
+    return token_layout.layout_candidates(index.nodes, index.shape, on_path, layouts)
 
 
 def resolve_layer_layouts(index: GraphIndex, tensors: Mapping[str, str], layouts: Mapping[str, LayerLayout],
@@ -123,17 +138,23 @@ def _apply_override(layer: str, shape: Shape | None, given: LayoutOverride) -> L
     tokens = dims[1] if len(dims) == 3 else None
     if not isinstance(tokens, int):
         raise ExportError(f"--layout {layer}=tokens: the tensor has shape {dims}, not [B, T, C] with a static T")
-    grid = given.grid or _square_grid(layer, tokens)
+    return resolve_tokens(given, tokens, f"--layout {layer}=tokens")
+
+
+def resolve_tokens(given: LayoutOverride, tokens: int, flag: str) -> LayerLayout:
+    """The tokens LayerLayout `given` means for a sequence of `tokens` tokens (no grid: a square one;
+    no extra tokens: the leading ones); ExportError naming `flag` when the sequence cannot hold it."""
+    grid = given.grid or _square_grid(flag, tokens)
     extra = given.extra_tokens if given.extra_tokens is not None else tuple(range(tokens - grid[0] * grid[1]))
     if tokens != grid[0] * grid[1] + len(extra) or any(p >= tokens for p in extra) or len(set(extra)) != len(extra):
-        raise ExportError(f"--layout {layer}=tokens: {tokens} tokens do not hold a {grid[0]}x{grid[1]} grid and the "
+        raise ExportError(f"{flag}: {tokens} tokens do not hold a {grid[0]}x{grid[1]} grid and the "
                           f"extra tokens at {list(extra)}")
     return LayerLayout(contract.LAYOUT_TOKENS, grid, tuple(extra))
 
 
-def _square_grid(layer: str, tokens: int) -> tuple[int, int]:
+def _square_grid(flag: str, tokens: int) -> tuple[int, int]:
     side = round(tokens ** 0.5)
     if side * side != tokens:
-        raise ExportError(f"--layout {layer}=tokens: {tokens} tokens are not a square grid; give it as "
+        raise ExportError(f"{flag}: {tokens} tokens are not a square grid; give it as "
                           f"tokens:HxW[:P,...] (the extra tokens' positions, e.g. 0 for a leading class token)")
     return side, side

@@ -54,22 +54,6 @@ def _preprocessing(height: int, width: int, channels: int, mean: str | None, std
     )
 
 
-def _token_layout(text: str | None):
-    """--attention-tokens H,W[,EXTRA...] as a tokens LayerLayout."""
-    from camrt import contract
-
-    if text is None:
-        return None
-    try:
-        numbers = [int(v) for v in text.split(",")]
-    except ValueError:
-        numbers = []
-    if len(numbers) < 2 or min(numbers[:2]) < 1 or any(n < 0 for n in numbers[2:]):
-        raise click.BadParameter(f"expected H,W[,EXTRA_POSITION...] (positive grid sides, token positions), got {text!r}",
-                                 param_hint="--attention-tokens")
-    return contract.LayerLayout(contract.LAYOUT_TOKENS, (numbers[0], numbers[1]), tuple(numbers[2:]))
-
-
 EXPORT_EPILOG = """\b
 Examples:
   camrt export torchvision.models:resnet18 --layer layer4 --layer layer3 --rules vanilla,guided --input-size 112,112 -o r18.camrt.onnx
@@ -120,9 +104,9 @@ def register_commands(cli):
     @click.option("--attention-map", "attention_maps", multiple=True, metavar="NAME", help="Only these attention "
                   "maps: a module name (torch; its maps) or a Softmax output tensor (onnx). Repeatable; implies "
                   "--attention.")
-    @click.option("--attention-tokens", metavar="H,W[,EXTRA...]", help="The token sequence of the attention maps: "
-                  "the patch grid and the positions of the extra tokens (class, distillation, registers), e.g. "
-                  "14,14,0 (default: established from the graph).")
+    @click.option("--attention-tokens", metavar="SPEC", help="The token sequence of the attention maps, in "
+                  "--layout's syntax: tokens[:HxW[:P,P...]] (the patch grid and the positions of the extra tokens: "
+                  "class, distillation, registers), e.g. tokens:14x14:0. Default: established from the graph.")
     @click.option("--attention-layer-scores", is_flag=True, help="torch sources: also the gradient of each attention "
                   "map's layer score (the model's final norm and head applied to the mean token of the map's "
                   "block), for legrad; timm and torchvision vision transformers. Implies --attention.")
@@ -139,8 +123,9 @@ def register_commands(cli):
         """
         from camrt import contract
 
+        from .errors import ExportError
         from .export import export_onnx, export_torch, read_image_geometry, write_model
-        from .layouts import parse_layout_overrides
+        from .layouts import parse_attention_tokens, parse_layout_overrides
         from .torch_frontend import load_model
 
         size = _floats(input_size, 2, "--input-size")
@@ -159,10 +144,13 @@ def register_commands(cli):
         if fullgrad and contract.RULE_VANILLA not in rule_names:
             rule_names.append(contract.RULE_VANILLA)
         log = lambda message: click.echo(message, err=True)  # noqa: E731
-        overrides = parse_layout_overrides(layouts)
+        try:
+            overrides, given_tokens = parse_layout_overrides(layouts), parse_attention_tokens(attention_tokens)
+        except ExportError as exc:
+            raise click.UsageError(str(exc)) from None
         wants_attention = attention or attention_maps or attention_layer_scores
         attention_options = {"attention": list(attention_maps) if wants_attention else None,
-                             "attention_tokens": _token_layout(attention_tokens)}
+                             "attention_tokens": given_tokens}
         if is_onnx:
             preprocessing = None
             if mean or std or scale is not None or channel_order != "rgb":

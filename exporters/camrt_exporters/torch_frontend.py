@@ -208,7 +208,7 @@ def attention_input_norms(model, input_size: tuple[int, int]) -> list[str]:
     """LayerNorm modules (forward order) whose [B, T, C] output is the input of an attention module
     (a class named ...Attention: timm's, torchvision's MultiheadAttention): ViT's and DeiT's `norm1`,
     pytorch-grad-cam's recommended layer. The graph rule for ONNX sources is
-    `camrt_exporters.token_layout.attention_inputs`."""
+    `camrt.modelfile.token_layout.attention_inputs`."""
     import torch
 
     made_by: dict[int, tuple[str, object]] = {}  # the output kept alive, so that its id stays its own

@@ -17,8 +17,8 @@ import onnx
 
 from camrt import contract
 from camrt.errors import first_line
+from camrt.modelfile.shapes import cpu_session
 
-from .autodiff.graph import cpu_session
 from .errors import ExportError, ValidationError
 from .float16 import FLOAT16, float32_twin
 from .straight_through import activation_quantizers, straight_through_surrogate

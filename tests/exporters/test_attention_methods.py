@@ -254,13 +254,50 @@ def test_fused_attention_op_is_refused_with_the_fix(tmp_path, camrt_cli):
 
 @pytest.mark.parametrize("args, message", [
     (["--attention-layer-scores"], "--attention-layer-scores applies to torch sources"),
-    (["--attention", "--attention-tokens", "7,x"], "expected H,W[,EXTRA_POSITION...]"),
-], ids=["layer-scores-onnx", "bad-tokens"])
+    (["--attention", "--attention-tokens", "7,7,0"], "--attention-tokens '7,7,0': expected tokens[:HxW[:P,P...]]"),
+    (["--layout", "x=tokens:7"], "--layout 'x=tokens:7': expected LAYER=nchw|nhwc|tokens[:HxW[:P,P...]]"),
+], ids=["layer-scores-onnx", "bad-tokens", "bad-layout"])
 def test_attention_flags_are_checked(tmp_path, camrt_cli, args, message):
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(b"")
     result = camrt_cli("export", str(plain), "-o", str(tmp_path / "out.camrt.onnx"), *args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("tokens:7x7:0", ((7, 7), (0,))),  # as the graph establishes it
+    ("tokens:7x7", ((7, 7), (0,))),  # the extra tokens: the leading ones of the maps' 50
+    ("tokens:7x7:49", ((7, 7), (49,))),  # a trailing extra token, as given (the graph is not consulted)
+])
+def test_attention_tokens_take_the_layout_syntax(tmp_path, spec, expected):
+    """`--attention-tokens` is a tokens SPEC of `--layout`, completed against the maps' length T = 50
+    (a one-block vit_tiny at 112 px: 7x7 patches and a class token) and stored as given."""
+    from camrt.modelfile.metadata import parse_contract
+    from camrt_exporters.export import export_onnx
+    from camrt_exporters.layouts import parse_attention_tokens
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1).eval()
+    plain = _plain_onnx(model, tmp_path / "plain.onnx")
+    exported, _ = export_onnx(plain, rules=[], attention=[], attention_tokens=parse_attention_tokens(spec))
+    attention = parse_contract({p.key: p.value for p in exported.metadata_props}).attention
+    assert attention.tokens == contract.LayerLayout(contract.LAYOUT_TOKENS, *expected)
+
+
+def test_attention_tokens_that_the_maps_cannot_hold_are_refused(tmp_path):
+    from camrt_exporters.errors import ExportError
+    from camrt_exporters.export import export_onnx
+    from camrt_exporters.layouts import parse_attention_tokens
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1).eval()
+    plain = _plain_onnx(model, tmp_path / "plain.onnx")
+    with pytest.raises(ExportError, match=r"no attention map attends over the 37 tokens"):
+        export_onnx(plain, rules=[], attention=[], attention_tokens=parse_attention_tokens("tokens:6x6:0"))
+    with pytest.raises(ExportError, match=r"--attention-tokens: 51 tokens do not hold a 7x7 grid and the extra tokens at \[0, 60\]"):
+        export_onnx(plain, rules=[], attention=[], attention_tokens=parse_attention_tokens("tokens:7x7:0,60"))
 
 
 def test_file_without_attention_maps_is_refused(tmp_path):

@@ -22,8 +22,8 @@ from camrt.cli import build_cli
 from camrt.errors import ContractError
 from camrt.execution.session import ExplainSession
 from camrt.explainer import Explainer
-from camrt.modelfile.layers import tensor_layouts
 from camrt.modelfile.metadata import parse_contract
+from camrt.modelfile.token_layout import infer_layer_layouts
 from camrt.plugins.registry import build_method_registry
 from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
@@ -144,7 +144,7 @@ def test_default_layer_may_be_channels_last_and_is_recorded_so(tmp_path):
 
 def test_layouts_propagate_through_a_convnext_style_channels_last_block():
     """Conv -> to NHWC -> LayerNormalization -> MatMul by weights -> to NCHW -> Add to the Conv
-    output; Reshape and other permutations establish nothing."""
+    output; a MatMul over the width and other permutations establish nothing."""
     node = helper.make_node
     nodes = [
         node("Conv", ["image", "w"], ["conv"]),
@@ -153,14 +153,16 @@ def test_layouts_propagate_through_a_convnext_style_channels_last_block():
         node("MatMul", ["norm", "fc"], ["linear"]),
         node("Transpose", ["linear"], ["nchw"], perm=list(contract.NHWC_TO_NCHW)),
         node("Add", ["conv", "nchw"], ["residual"]),
-        node("MatMul", ["residual", "fc"], ["mixes_width"]),
+        node("MatMul", ["residual", "fc_width"], ["mixes_width"]),
         node("Transpose", ["residual"], ["swapped"], perm=[0, 1, 3, 2]),
-        node("Reshape", ["residual", "shape"], ["reshaped"]),
-        node("Add", ["nhwc", "residual"], ["conflict"]),
     ]
-    layouts = tensor_layouts(nodes, "image", None)
-    assert layouts == {"conv": "nchw", "nhwc": "nhwc", "norm": "nhwc", "linear": "nhwc", "nchw": "nchw",
-                       "residual": "nchw"}
+    nchw, nhwc = ("batch", 16, 8, 6), ("batch", 8, 6, 16)
+    shapes = {"image": ("batch", 3, 8, 6), "conv": nchw, "nhwc": nhwc, "norm": nhwc, "fc": (16, 16), "linear": nhwc,
+              "nchw": nchw, "residual": nchw, "fc_width": (6, 6), "mixes_width": nchw, "swapped": ("batch", 16, 6, 8)}
+    layouts = infer_layer_layouts(nodes, shapes.get, "image", contract.LAYOUT_NCHW)
+    assert {name: layout.layout for name, layout in layouts.items()} == {
+        "image": "nchw", "conv": "nchw", "nhwc": "nhwc", "norm": "nhwc", "linear": "nhwc", "nchw": "nchw",
+        "residual": "nchw"}
 
 
 def test_named_layer_behind_a_reshape_is_refused_as_unestablished(tmp_path):

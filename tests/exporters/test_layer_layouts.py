@@ -27,7 +27,7 @@ from camrt.modelfile.metadata import parse_contract, read_contract
 from camrt.plugins.registry import build_method_registry
 from camrt_exporters.errors import ExportError
 from camrt_exporters.export import export_onnx, write_model
-from camrt_exporters.layouts import LayoutOverride, parse_layout_overrides
+from camrt_exporters.layouts import LayoutOverride, parse_attention_tokens, parse_layout_overrides
 
 #: Every registered method that explains a layer (CAM needs a GAP + FC head the twins lack).
 LAYER_METHODS = [name for name in build_method_registry().names()
@@ -212,6 +212,15 @@ def test_bad_layout_flag_is_refused(value):
         parse_layout_overrides([value])
 
 
+def test_attention_tokens_take_the_same_syntax():
+    """One parser: `--attention-tokens SPEC` reads a tokens SPEC of `--layout LAYER=SPEC`."""
+    for spec in ("tokens", "tokens:14x14:0,1", "tokens:7x7:"):
+        assert parse_attention_tokens(spec) == parse_layout_overrides([f"x={spec}"])["x"]
+    for spec in ("14,14,0", "nhwc", "tokens:14"):
+        with pytest.raises(ExportError, match=rf"--attention-tokens '{spec}': expected tokens\[:HxW\[:P,P...\]\]"):
+            parse_attention_tokens(spec)
+
+
 def test_layer_layouts_metadata_is_optional_and_checked():
     base = {contract.META_CONTRACT_VERSION: "1", contract.META_INPUT: "image",
             contract.META_PREPROCESSING: contract.Preprocessing(8, 8).to_json()}
@@ -282,8 +291,8 @@ def _patch_merging(step: int) -> onnx.ModelProto:
 def test_strided_slices_subsample_the_grid_when_the_step_divides_it(step, expected):
     """Step 2 on an 8x8 map: four 4x4 grids of the same map, concatenated on channels: nhwc. Step 3
     does not divide 8 (the slices of 3, 3, 2... rows do not tile the map evenly): unestablished."""
+    from camrt.modelfile.token_layout import infer_layer_layouts
     from camrt_exporters.autodiff.graph import GraphIndex
-    from camrt_exporters.token_layout import infer_layer_layouts
 
     index = GraphIndex(_patch_merging(step))
     layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
@@ -293,8 +302,8 @@ def test_strided_slices_subsample_the_grid_when_the_step_divides_it(step, expect
 
 def test_sequence_layout_names_the_token_layout_of_a_length():
     """What an attention map [B, heads, T, T] of the token twin would be folded with."""
+    from camrt.modelfile.token_layout import infer_layer_layouts, sequence_layout
     from camrt_exporters.autodiff.graph import GraphIndex
-    from camrt_exporters.token_layout import infer_layer_layouts, sequence_layout
 
     index = GraphIndex(token_twin())
     layouts = infer_layer_layouts(index.nodes, index.shape, "image", contract.LAYOUT_NCHW, index.value)
@@ -322,8 +331,8 @@ def test_cli_layout_flag(exporters_plugin, tmp_path):
 def test_pooled_maps_stay_nchw():
     """A [B, C, 1, 1] map (GlobalAveragePool, then a 1x1 Conv and a Sigmoid: a squeeze-and-excitation
     gate) is NCHW, as explicit layers of CNNs have always been."""
+    from camrt.modelfile.token_layout import infer_layer_layouts
     from camrt_exporters.autodiff.graph import GraphIndex
-    from camrt_exporters.token_layout import infer_layer_layouts
 
     node = helper.make_node
     nodes = [node("Conv", ["image", "conv_w"], ["conv"], kernel_shape=[3, 3]),

@@ -320,6 +320,28 @@ def test_onnx_front_end_default_layer_gives_pytorch_grad_cams_map(request, expor
     _compare(request, "gradcam", f"{name} (ONNX front end) {explainer.layers[0]}", result.heatmap, reference, None)
 
 
+#: name -> the tensor of the plain ONNX file that is the torch default layer's output
+ONNX_DEFAULTS = {"vit_tiny_patch16_224": "/blocks/blocks.11/norm1/LayerNormalization_output_0",
+                 "swin_tiny_patch4_window7_224": "/norm/LayerNormalization_output_0"}
+
+
+def test_inspect_of_the_plain_file_lists_the_default_and_layout_export_chooses(exported_from_onnx):
+    """`camrt inspect plain.onnx` (the runtime alone: camrt.modelfile) shows as its default the tensor
+    `camrt export` chose, with the layout stored in the file, which is the torch default's layout."""
+    from pathlib import Path
+
+    from camrt import Explainer
+    from camrt.cli.inspect import onnx_summary
+
+    name, _, path, _, _ = exported_from_onnx
+    summary = onnx_summary(str(Path(path).with_name("plain.onnx")))
+    info = Explainer(path, method="gradcam").info
+    layouts = {c["layer"]: c["layout"] for c in summary["candidates"]}
+    assert summary["default_layer"] == info.default_layer == ONNX_DEFAULTS[name]
+    assert contract.LayerLayout.from_dict(layouts[summary["default_layer"]]) == info.layer_layout(info.default_layer) \
+        == MODELS[name][3]
+
+
 # --- torchvision ---------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs, size, layer, layout", [

@@ -58,17 +58,21 @@ def test_plain_onnx_candidates_and_the_exporters_default(exporter, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["camrt_file"] is False and summary["input"] == "image" and summary["output"] == "probs"
     # Hand-derived: 3x3 pad 1 keeps 16x20, the 2x2 pool halves it; GAP's 1x1 and the side branch are out.
+    # The batch is made dynamic, as `camrt export` makes it.
+    nchw = {"layout": "nchw"}
     assert summary["candidates"] == [
-        {"layer": "c1", "shape": [1, 4, 16, 20]}, {"layer": "a1", "shape": [1, 4, 16, 20]},
-        {"layer": "p1", "shape": [1, 4, 8, 10]}, {"layer": "c2", "shape": [1, 6, 8, 10]},
-        {"layer": "a2", "shape": [1, 6, 8, 10]},
+        {"layer": "c1", "shape": ["batch", 4, 16, 20], "layout": nchw},
+        {"layer": "a1", "shape": ["batch", 4, 16, 20], "layout": nchw},
+        {"layer": "p1", "shape": ["batch", 4, 8, 10], "layout": nchw},
+        {"layer": "c2", "shape": ["batch", 6, 8, 10], "layout": nchw},
+        {"layer": "a2", "shape": ["batch", 6, 8, 10], "layout": nchw},
     ]
     model, _ = export_onnx(plain, rules=["vanilla"], log=lambda message: None)
     exported = str(tmp_path / "branchy.camrt.onnx")
     write_model(model, exported)
     assert summary["default_layer"] == json.loads(run("inspect", exported, "--json").stdout)["default_layer"] == "a2"
     text = run("inspect", plain).stdout
-    assert "plain ONNX" in text and "  a2  [1, 6, 8, 10]   (default)" in text
+    assert "plain ONNX" in text and "  a2 (nchw)  [batch, 6, 8, 10]   (default)" in text
 
 
 def test_plain_onnx_without_an_image_input(tmp_path):

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from camrt.modelfile.shapes import FLOAT_TYPES, Dim, constant_values, infer_shapes, type_dims
 
 from ..errors import ExportError
 
-#: A dimension is an int when static, a str (symbol) or None when not.
-Dim = int | str | None
-FLOAT_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-)
 #: [qmin, qmax] of the integer types QuantizeLinear produces.
 _QUANTIZED_RANGES = {
     onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
@@ -28,127 +24,6 @@ def quantized_range(elem_type: int, node: onnx.NodeProto) -> tuple[int, int]:
         raise ExportError(f"node {node.name!r} ({node.op_type}): its output is {kind}; camrt differentiates "
                           "integer quantization (int8, uint8, int16, uint16, int4, uint4) only")
     return _QUANTIZED_RANGES[elem_type]
-
-
-def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
-    if not type_proto.tensor_type.HasField("shape"):
-        return None
-    dims: list[Dim] = []
-    for d in type_proto.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return tuple(dims)
-
-
-#: The two batch sizes of the runs that measure the shapes ONNX shape inference leaves unknown:
-#: a dimension that differs between them depends on the batch.
-_MEASURING_BATCHES = (2, 3)
-
-
-def _is_unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    """Unnamed, or named `unk__N` by ONNX shape inference for a value it could not derive."""
-    return not dim.HasField("dim_value") and not (dim.dim_param and not dim.dim_param.startswith("unk__"))
-
-
-def _unknown_shapes(model: onnx.ModelProto) -> list[str]:
-    """Float node outputs whose shape is missing or has an unknown dimension."""
-    typed = {vi.name: vi.type.tensor_type for vi in [*model.graph.value_info, *model.graph.output]}
-    unknown = []
-    for node in model.graph.node:
-        for out in node.output:
-            tensor = typed.get(out)
-            if node.op_type == "Constant" or not out or (tensor is not None and tensor.elem_type not in FLOAT_TYPES):
-                continue
-            if tensor is None or not tensor.HasField("shape") or any(_is_unknown(d) for d in tensor.shape.dim):
-                unknown.append(out)
-    return unknown
-
-
-def zero_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
-    """Zeros for every graph input, `batch` for an open first dimension; None when an input has
-    another open dimension (the model then cannot run at one pinned size)."""
-    initializers = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for graph_input in model.graph.input:
-        if graph_input.name in initializers:
-            continue
-        dims = _dims(graph_input.type)
-        if dims is None or any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
-            return None
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in dims]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
-        feeds[graph_input.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
-def cpu_session(model: onnx.ModelProto):
-    """An onnxruntime CPU session of `model` that logs nothing (onnxruntime warns about graphs the
-    exporter builds and throws away); its failures are onnxruntime's own exception types."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def run_for(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.ndarray] | None:
-    """Tensors `names` of `model` in one onnxruntime run on zero inputs (see `zero_feeds`);
-    None when the model cannot run that way."""
-    feeds = zero_feeds(model, batch)
-    if feeds is None:
-        return None
-    running = onnx.ModelProto()
-    running.CopyFrom(model)
-    del running.graph.output[:]
-    running.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    try:
-        return dict(zip(names, cpu_session(running).run(names, feeds)))
-    except Exception:  # noqa: BLE001 - onnxruntime's own types; the caller keeps what it knew
-        return None
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with the shapes of its tensors: ONNX shape inference, and where it leaves a dimension
-    unknown (e.g. a Pad whose pads are computed from Shape, as EfficientNet's "same" padding is),
-    the shape measured in onnxruntime runs at the model's static size and two batch sizes."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # onnx raises several unrelated types here
-        raise ExportError(f"ONNX shape inference failed: {exc}") from exc
-    unknown = _unknown_shapes(inferred)
-    runs = [run_for(model, unknown, batch) for batch in _MEASURING_BATCHES] if unknown else []
-    if not runs or any(run is None for run in runs):
-        return inferred
-    inputs = [_dims(i.type) for i in model.graph.input]
-    batch = next((dims[0] for dims in inputs if dims and isinstance(dims[0], str)), "batch")
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    measured = {name: [_batch_dim(sizes, batch) for sizes in zip(*(run[name].shape for run in runs))]
-                for name in unknown if len({run[name].ndim for run in runs}) == 1}
-    kept = [vi for vi in inferred.graph.value_info if vi.name not in measured]
-    del inferred.graph.value_info[:]
-    inferred.graph.value_info.extend(kept)
-    for name, dims in measured.items():
-        inferred.graph.value_info.append(
-            onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, dims))
-    for output in inferred.graph.output:
-        if output.name in measured:
-            output.CopyFrom(next(vi for vi in inferred.graph.value_info if vi.name == output.name))
-    return inferred
-
-
-def _batch_dim(sizes: tuple[int, ...], batch: str) -> Dim:
-    """A dimension measured at the batch sizes _MEASURING_BATCHES: static when equal in both runs,
-    `batch` or `batch*k` when proportional to the batch, unknown (None) otherwise."""
-    if len(set(sizes)) == 1:
-        return sizes[0]
-    factors = {size / run_batch for size, run_batch in zip(sizes, _MEASURING_BATCHES)}
-    if len(factors) == 1 and (factor := factors.pop()).is_integer():
-        return batch if factor == 1 else f"{batch}*{int(factor)}"
-    return None
 
 
 class GraphIndex:
@@ -173,16 +48,9 @@ class GraphIndex:
         self.shapes: dict[str, tuple[Dim, ...] | None] = {}
         self.dtypes: dict[str, int] = {}
         for vi in [*self.graph.input, *self.graph.value_info, *self.graph.output]:
-            self.shapes[vi.name] = _dims(vi.type)
+            self.shapes[vi.name] = type_dims(vi.type)
             self.dtypes[vi.name] = vi.type.tensor_type.elem_type
-        self.constants: dict[str, np.ndarray] = {}
-        for init in self.graph.initializer:
-            self.constants[init.name] = numpy_helper.to_array(init)
-        for node in self.nodes:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = _constant_node_value(node)
-                if value is not None:
-                    self.constants[node.output[0]] = value
+        self.constants: dict[str, np.ndarray] = constant_values(self.graph)
         for node in self.nodes:
             if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
                 value = _dequantized(node, self.constants)
@@ -242,21 +110,6 @@ class GraphIndex:
 
     def value(self, name: str) -> np.ndarray | None:
         return self.constants.get(name)
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None
 
 
 def _dequantized(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from camrt.modelfile.shapes import cpu_session
+
 from ...errors import ExportError
-from ..graph import attribute, cpu_session
+from ..graph import attribute
 from ..reverse import RuleContext, RuleTable, registering
 from .shape import along_axis
 

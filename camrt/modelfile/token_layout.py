@@ -21,18 +21,19 @@ A tensor is then
 Attention reshapes tokens into heads and mixes them (MatMul of two activations): those tensors
 are unestablished, and the residual Add that brings the block's output back gets the layout of its
 other input (an element-wise op takes the layout its established full-shape inputs agree on).
-Needs `onnx` only (no torch).
+Reads only the graph (nodes, inferred shapes, constant values; no onnx import, no torch): `camrt
+export` and `camrt inspect` on a plain ONNX file both use it (`default_layer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from camrt import contract
-from camrt.contract import LayerLayout
-from camrt.modelfile.layers import ELEMENTWISE_OPS, NCHW_OUTPUT_OPS, Shape
+from .. import contract
+from ..contract import LayerLayout
+from .layers import ELEMENTWISE_OPS, NCHW_OUTPUT_OPS, Shape, choose_default_layer
 
 _BATCH, _CHANNELS, _ROWS, _COLUMNS, _TOKENS = "B", "C", "H", "W", "T"
 
@@ -116,6 +117,41 @@ def grid_size(layout: LayerLayout, shape: Shape) -> tuple[int, int] | None:
         return None
     h, w = shape[1:3] if layout.layout == contract.LAYOUT_NHWC else shape[2:4]
     return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+
+def layout_candidates(nodes: Sequence[Any], shape_of: Callable[[str], Shape | None], on_path: Collection[str],
+                      layouts: Mapping[str, LayerLayout]) -> list[str]:
+    """Node outputs in `on_path` whose layout is established and whose grid has spatial extent (h
+    and w both > 1), in graph order: the layers `camrt export` may choose by default."""
+    found = []
+    for node in nodes:
+        for out in node.output:
+            if out in on_path and out in layouts:
+                size = grid_size(layouts[out], shape_of(out) or ())
+                if size is not None and min(size) > 1:
+                    found.append(out)
+    return found
+
+
+@dataclass(frozen=True)
+class DefaultLayer:
+    """The default layer of a graph and why it was chosen."""
+
+    tensor: str
+    reason: str
+
+
+def default_layer(nodes: Sequence[Any], is_constant: Callable[[str], bool], candidates: Sequence[str],
+                  layouts: Mapping[str, LayerLayout], framework: str = "onnx") -> DefaultLayer | None:
+    """The LayerNormalization output feeding the last attention (ViT, DeiT: after the last block
+    only the class token reaches the head, so the grid tokens of later tensors get no gradient),
+    else the `choose_target_layer` hook's pick among `candidates` (built-in: the last); None when
+    there are no candidates."""
+    attention = attention_inputs(nodes, is_constant, candidates, layouts)
+    if attention:
+        return DefaultLayer(attention[-1], "the LayerNormalization feeding the last attention")
+    choice = choose_default_layer(candidates, framework)
+    return None if choice is None else DefaultLayer(choice, "the last tensor with spatial extent")
 
 
 # --- propagation ------------------------------------------------------------------------------
