@@ -24,7 +24,7 @@ import numpy as np
 
 import camrt
 
-from .names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
@@ -46,9 +46,10 @@ def lrp_method(rule_set: str) -> type[LRP]:
     return type(f"LRP_{rule_set.replace('-', '_')}", (LRP,), {
         "name": rule_set,
         "requires": camrt.Requirements(input_gradient=rule_set),
-        "__doc__": f"LRP heatmap with the {rule_set} rule set (zennit's composite of that name).",
+        "__doc__": f"LRP heatmap with the {rule_set} rule set (camrt_lrp.composites).",
         "__module__": __name__,
     })
 
 
-METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1))
+METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
+                                               CP_LRP))
