@@ -17,8 +17,10 @@ below, line for line, and applied to timm's modules:
 
 from __future__ import annotations
 
+import functools
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,13 +53,18 @@ def halved(x: torch.Tensor, conservative: bool) -> torch.Tensor:
     return x if conservative else _DivideGradient.apply(x, 2)
 
 
-def attention_forward(self, x, attn_mask=None, is_causal=False, *, conservative: bool):
+def attention_forward(self, x, attn_mask=None, is_causal=False, *, conservative: bool, record: list):
+    """timm's Attention (no mask, no q/k norm); `record` collects each softmax's input and output."""
     B, N, _ = x.shape
     q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     scores = halved(q * self.scale, conservative) @ halved(k, conservative).transpose(-2, -1)
     attn = scores.softmax(dim=-1)
     if conservative:
         attn = attn.detach()
+    elif scores.requires_grad:
+        scores.retain_grad()
+        attn.retain_grad()
+        record.append((scores, attn))
     x = (halved(attn, conservative) @ halved(v, conservative)).transpose(1, 2).reshape(B, N, self.attn_dim)
     return self.proj(self.norm(x))
 
@@ -73,7 +80,7 @@ def gelu_forward(self, x):
 
 
 @contextmanager
-def lxt_rules(model: torch.nn.Module, conservative: bool):
+def lxt_rules(model: torch.nn.Module, conservative: bool, record: list):
     """The model's LayerNorms, GELUs and attentions with LXT's rules for the time of the block."""
     from timm.models.vision_transformer import Attention
 
@@ -84,7 +91,7 @@ def lxt_rules(model: torch.nn.Module, conservative: bool):
         elif isinstance(module, torch.nn.GELU):
             forward = gelu_forward
         elif isinstance(module, Attention):
-            forward = lambda self, x, *a, **k: attention_forward(self, x, *a, conservative=conservative, **k)  # noqa: E731
+            forward = functools.partial(attention_forward, conservative=conservative, record=record)
         else:
             continue
         module.forward = types.MethodType(forward, module)
@@ -96,13 +103,26 @@ def lxt_rules(model: torch.nn.Module, conservative: bool):
             del module.forward
 
 
-def lxt_relevance(model, x: np.ndarray, targets: np.ndarray, conservative: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(input relevance x * dL/dx for L = the targets' logits, those logits): the relevance for the output
-    relevance one-hot * logit, in the dtype of the model."""
+@dataclass
+class Relevance:
+    """LXT's input relevance x * dL/dx for L = the targets' logits (the output relevance one-hot * logit),
+    those logits, and per sample the relevance the softmax rules absorbed (sum of R at their outputs minus
+    sum of R at their inputs; AttnLRP only)."""
+
+    input: np.ndarray
+    score: np.ndarray
+    softmax_absorbed: np.ndarray
+
+
+def lxt_relevance(model, x: np.ndarray, targets: np.ndarray, conservative: bool) -> Relevance:
     dtype = next(model.parameters()).dtype
     image = torch.from_numpy(x).to(dtype).requires_grad_(True)
-    with lxt_rules(model, conservative):
+    record = []
+    with lxt_rules(model, conservative, record):
         logits = model(image)
         score = logits[torch.arange(len(targets)), torch.from_numpy(targets)]
         score.sum().backward()
-    return (image * image.grad).detach().numpy(), score.detach().numpy()
+    absorbed = sum(((attn * attn.grad).sum(dim=(1, 2, 3)) - (scores * scores.grad).sum(dim=(1, 2, 3))).detach()
+                   for scores, attn in record)
+    return Relevance((image * image.grad).detach().numpy(), score.detach().numpy(),
+                     np.zeros(len(targets)) if not record else absorbed.numpy())
