@@ -5,6 +5,9 @@ Decisions by Layer-Wise Relevance Propagation", PLoS ONE 10(7), 2015: relevance 
 layer from the output to the input, conserving its total (eq. 2: sum_d R_d^(l) = sum_d R_d^(l+1) = f(x)).
 Montavon, Binder, Lapuschkin, Samek, Mueller, "Layer-Wise Relevance Propagation: An Overview", in
 Explainable AI, LNCS 11700, 2019: the rules (eqs. 4.1-4.4) and the composites that assign them by layer.
+For transformers (lrp-attn, lrp-cp): Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance
+Propagation for Transformers", ICML 2024, and Ali et al., "XAI for Transformers: Better Explanations
+through Conservative Propagation", ICML 2022 (rules: transformer_rules.py).
 
 Every rule propagates R linearly (R_x = M(x) R_out for a matrix M that depends on the input only), so the
 file carries the input relevance for R_out = one-hot of the target (the contract's seed), as zennit's
@@ -34,7 +37,7 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
 
 
 class LRP(camrt.Method):
-    """LRP heatmap (Bach et al. 2015) under one of zennit's composites: the channel sum of the input relevance."""
+    """LRP heatmap (Bach et al. 2015) under one of the plugin's rule sets: the channel sum of the input relevance."""
 
     relu = False
 
