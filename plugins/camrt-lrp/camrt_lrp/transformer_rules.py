@@ -115,13 +115,15 @@ def layer_norm_rule(epsilon: float) -> Rule:
                               "no LRP rule")
         x, scale = node.input[:2]
         rank = ctx.index.rank(x)
-        axes = ctx.ints(list(range(attribute(node, "axis", -1) % rank, rank)))
+        axes = list(range(attribute(node, "axis", -1) % rank, rank))
         rstd = ctx.forward_output(2, "inv_std_dev")
         to = helper.np_dtype_to_tensor_dtype(ctx.np_dtype(x))
         if attribute(node, "stash_type", TensorProto.FLOAT) != to:  # InvStdDev has the stash type
             rstd = ctx.emit("Cast", [rstd], to=to)
         g = ctx.mul(ratio(ctx, grads[0], node.output[0], epsilon), scale)
-        centred = ctx.emit("Sub", [g, ctx.emit("ReduceMean", [g, axes], keepdims=1)])
+        mean = (ctx.emit("ReduceMean", [g, ctx.ints(axes)], keepdims=1) if ctx.opset >= 18  # axes an input
+                else ctx.emit("ReduceMean", [g], axes=axes, keepdims=1))
+        centred = ctx.emit("Sub", [g, mean])
         return [ctx.mul(x, ctx.mul(centred, rstd))] + [None] * (len(node.input) - 1)
 
     return lrp_layer_norm
