@@ -1,24 +1,27 @@
 """LRP rules for transformers: AttnLRP and CP-LRP, written on ONNX nodes as relevance propagation.
 
 Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin, Samek, "AttnLRP: Attention-Aware Layer-Wise Relevance
-Propagation for Transformers", ICML 2024 (arXiv 2402.05602); the equation numbers below are those LXT 2.1
-(the authors' library, lxt/efficient/rules.py) cites. Ali, Schnake, Eberle, Montavon, Mueller, Wolf,
+Propagation for Transformers", ICML 2024 (arXiv 2402.05602); the equation and proposition numbers below are
+those LXT 2.1, the authors' library, cites in its docstrings (lxt/efficient/rules.py, lxt/explicit/functional.py;
+the paper itself could not be read offline). Ali, Schnake, Eberle, Montavon, Mueller, Wolf,
 "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022 (CP-LRP).
 
 For a node y = f(x_1, ..., x_n) with relevance R at y, J_i^T the transposed Jacobian of y in x_i (the node's
-built-in gradient rule) and stab(y) = y + eps (sign(y) + [y == 0]), eps = 1e-6 (zennit.core.stabilize):
+built-in gradient rule) and stab(y) = y + eps (sign(y) + [y == 0]) (zennit.core.stabilize; eps: the rule set's,
+composites.TRANSFORMER_EPSILON):
 
   epsilon   (Bach et al. 2015, eq. 58) for nodes linear in their one active input (Conv, Gemm, MatMul by a
             weight, Add/Sub/Sum, Mul or Div by a constant, ReduceMean/ReduceSum, average pools):
                 R_i = x_i * J_i^T (R / stab(y))
             An added constant (a bias, the position embedding) absorbs its share z_bias / y of R.
-  uniform   (AttnLRP eq. 7, the product rule) for a product of n active inputs (MatMul Q K^T and A V, Mul):
+  uniform   (AttnLRP eq. 7 and Prop. 3.3, the product rule) for a product of n active inputs (MatMul Q K^T
+            and A V, Mul):
                 R_i = (1/n) x_i * J_i^T (R / stab(y)),  n = 2: the relevance is halved between the operands
   identity  (AttnLRP eq. 9) element-wise activations (Gelu, ...): R_x = R
-  LayerNorm (AttnLRP sec. 3.3; CP-LRP sec. 3.2) the standard deviation held constant, so that
-            y = gamma (x - mean(x)) rstd + beta is linear in x; the epsilon rule on that map:
-                R_x = x * rstd ((g - mean(g)) ),  g = gamma R / stab(y)  (mean over the normalised axes)
-  softmax   AttnLRP (sec. 3.3.1, the first-order Taylor decomposition of s = softmax(x) at x, whose bias
+  LayerNorm (AttnLRP Prop. 3.4: the identity rule on 1/std; CP-LRP's LayerNorm rule) the standard deviation
+            held constant, so that y = gamma (x - mean(x)) rstd + beta is linear in x; the epsilon rule on it:
+                R_x = x * rstd (g - mean(g)),  g = gamma R / stab(y)  (mean over the normalised axes)
+  softmax   AttnLRP (Prop. 3.1, the first-order Taylor decomposition of s = softmax(x) at x, whose bias
             absorbs the rest):  R_x = x * (R - s sum(R))   (sum over the softmax axis)
             CP-LRP: the attention probabilities are constants: no relevance reaches the softmax input, and
             A V passes all of R to V (the epsilon rule of a linear map of V).
