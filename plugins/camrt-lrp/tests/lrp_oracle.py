@@ -19,7 +19,8 @@ receptive field (rows 61-70, columns 117-126). camrt's larger error lies elsewhe
 118-223) and follows the target, not the sample: with the targets swapped (sample 0 explains class 7)
 it is 1.4e-4 on sample 0. Ruled out: MaxPool switches (onnxruntime's indices equal torch float64's in
 every other window of the five pools), the 7x7 average pool's Norm rule (it moves zennit's map by 2e-6),
-pre-activations small enough for the stabiliser to matter (none below 1e-5 in the dense layers). Every case must still be within L2_REL relative L2 of zennit in float64, well
+pre-activations small enough for the stabiliser to matter (none below 1e-5 in the dense layers).
+Every case must still be within L2_REL relative L2 of zennit in float64, well
 below what a wrong rule does (a rule swapped for another, a missed first layer or BatchNorm fold
 changes the maps by 1e-1 and more).
 """
