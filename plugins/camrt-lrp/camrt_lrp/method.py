@@ -5,6 +5,9 @@ Decisions by Layer-Wise Relevance Propagation", PLoS ONE 10(7), 2015: relevance 
 layer from the output to the input, conserving its total (eq. 2: sum_d R_d^(l) = sum_d R_d^(l+1) = f(x)).
 Montavon, Binder, Lapuschkin, Samek, Mueller, "Layer-Wise Relevance Propagation: An Overview", in
 Explainable AI, LNCS 11700, 2019: the rules (eqs. 4.1-4.4) and the composites that assign them by layer.
+For transformers (lrp-attn, lrp-cp): Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance
+Propagation for Transformers", ICML 2024, and Ali et al., "XAI for Transformers: Better Explanations
+through Conservative Propagation", ICML 2022 (rules: transformer_rules.py).
 
 Every rule propagates R linearly (R_x = M(x) R_out for a matrix M that depends on the input only), so the
 file carries the input relevance for R_out = one-hot of the target (the contract's seed), as zennit's
@@ -24,7 +27,7 @@ import numpy as np
 
 import camrt
 
-from .names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
@@ -34,7 +37,7 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
 
 
 class LRP(camrt.Method):
-    """LRP heatmap (Bach et al. 2015) under one of zennit's composites: the channel sum of the input relevance."""
+    """LRP heatmap (Bach et al. 2015) under one of the plugin's rule sets: the channel sum of the input relevance."""
 
     relu = False
 
@@ -46,9 +49,10 @@ def lrp_method(rule_set: str) -> type[LRP]:
     return type(f"LRP_{rule_set.replace('-', '_')}", (LRP,), {
         "name": rule_set,
         "requires": camrt.Requirements(input_gradient=rule_set),
-        "__doc__": f"LRP heatmap with the {rule_set} rule set (zennit's composite of that name).",
+        "__doc__": f"LRP heatmap with the {rule_set} rule set (camrt_lrp.composites).",
         "__module__": __name__,
     })
 
 
-METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1))
+METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
+                                               CP_LRP))

@@ -12,7 +12,15 @@ exporter's own validation). Measured against float32: small nets 2e-5, resnet18 
 Known departures (xfail in test_lrp_torchvision.py, with figures): mobilenet_v2 with alpha2-beta1
 (5.6e-4; zennit float32's own error 3e-5) and vgg11_bn's non-top-1 sample (7e-4..3e-3; own 1.4e-4..2.5e-4).
 The error is spread thinly over many pixels (l2 2e-4..9e-4), the totals agree within 1e-5, and the
-cause is not established. Every case must still be within L2_REL relative L2 of zennit in float64, well
+cause is not established. What is known for vgg11_bn (epsilon-plus-flat): zennit float32's own error on
+the second sample is one MaxPool near-tie (second MaxPool, channel 118, output (16, 30): two inputs 1.8e-8
+apart, 4e-7 relative) that float32 flips in torch and onnxruntime alike; it stays inside that window's
+receptive field (rows 61-70, columns 117-126). camrt's larger error lies elsewhere (rows 41-102, columns
+118-223) and follows the target, not the sample: with the targets swapped (sample 0 explains class 7)
+it is 1.4e-4 on sample 0. Ruled out: MaxPool switches (onnxruntime's indices equal torch float64's in
+every other window of the five pools), the 7x7 average pool's Norm rule (it moves zennit's map by 2e-6),
+pre-activations small enough for the stabiliser to matter (none below 1e-5 in the dense layers).
+Every case must still be within L2_REL relative L2 of zennit in float64, well
 below what a wrong rule does (a rule swapped for another, a missed first layer or BatchNorm fold
 changes the maps by 1e-1 and more).
 """
