@@ -12,14 +12,15 @@ class scores as the model's postprocessing makes them (SSD: softmax over the cla
 from __future__ import annotations
 
 import torch
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.image_list import ImageList
 
 
 class RawDetectionHead(torch.nn.Module):
     def __init__(self, model: SSD | RetinaNet, size: tuple[int, int]):
         super().__init__()
+        model.eval()  # the anchors need only the feature sizes; BatchNorm in training mode would need a batch
         self.backbone, self.head, self.box_coder = model.backbone, model.head, model.box_coder
         self.softmax = isinstance(model, SSD)
         with torch.no_grad():
@@ -40,3 +41,16 @@ class RawDetectionHead(torch.nn.Module):
         boxes = self.box_coder.decode_single(codes.reshape(-1, 4), anchors).reshape(batch, count, 4)
         scores = logits.softmax(-1) if self.softmax else logits.sigmoid()
         return torch.cat([boxes, scores], 2)
+
+
+def calibrated(head: RawDetectionHead, size: tuple[int, int]) -> RawDetectionHead:
+    """The head in eval mode with its BatchNorm statistics calibrated on random images, as training
+    would: random-init statistics (mean 0, var 1) shrink SSDlite's features to 1e-13 by its last stage."""
+    for module in head.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the calibration batches
+    head.train()
+    with torch.no_grad():
+        for _ in range(2):
+            head(torch.randn(4, 3, *size))
+    return head.eval()
