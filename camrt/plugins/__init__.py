@@ -56,6 +56,7 @@ DEFAULT_PLUGINS = (
     "camrt.methods.attention_rollout",
     "camrt.methods.generic_attention",
     "camrt.methods.legrad",
+    "camrt.methods.drise",
     "camrt.metrics.deletion",
     "camrt.metrics.confidence",
     "camrt.metrics.road",

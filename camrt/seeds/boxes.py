@@ -159,3 +159,25 @@ def box_seed(head: np.ndarray, targets: Sequence[BoxTarget], iou_threshold: floa
             seed[:4, candidates] = _xyxy_gradient_to(d_iou[:, candidates] * score, box_format)
         rows.append((seed.T if layout == CANDIDATES_FIRST else seed).astype(np.asarray(head).dtype))
     return SeedBatch(np.stack(rows), np.array([t.sample for t in targets], dtype=np.int64))
+
+
+def detection_similarity(head: np.ndarray, box: Sequence[float], classes: np.ndarray, box_format: str = "cxcywh",
+                         layout: str = CANDIDATES_LAST) -> np.ndarray:
+    """D-RISE's similarity of a target detection (box, class vector `classes` [C]) to the best-matching
+    candidate of each row of a head [n, ...] in `layout`: max_j IoU(box, box_j) x cos(classes, P_j)
+    [n] (Petsiuk et al. 2021, sec. 3.2, eq. 2; without an objectness term: these heads have none)."""
+    heads = candidates_last(head, layout).astype(np.float64)
+    target = np.asarray(classes, dtype=np.float64)
+    similarity = np.empty(len(heads))
+    for row, rows in enumerate(heads):
+        iou = detection_iou(rows, box, box_format)
+        scores = rows[4:]
+        norms = np.linalg.norm(scores, axis=0) * np.linalg.norm(target)
+        cosine = np.divide(target @ scores, norms, out=np.zeros(scores.shape[1]), where=norms > 0)
+        similarity[row] = (iou * cosine).max()
+    return similarity
+
+
+def detection_iou(rows: np.ndarray, box: Sequence[float], box_format: str = "cxcywh") -> np.ndarray:
+    """IoU [N] of `box` with the candidates of one head [4 + C, N]."""
+    return iou_and_gradient(box, _checked_boxes(rows[:4], box_format))[0]
