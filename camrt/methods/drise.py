@@ -98,6 +98,7 @@ class DRISE(Method):
     requires = Requirements(extra_passes=True)
     #: Its passes read the box target itself (`ExplainContext.target`), never camrt/target.
     scores_seeded_targets = True
+    target_kinds = ("box",)
     Options = DRISEOptions
 
     def explain(self, outputs: GraphOutputs, *, layer: str | None) -> np.ndarray:
