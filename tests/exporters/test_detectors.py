@@ -193,11 +193,16 @@ def test_box_option_errors(ssdlite, tmp_path):
 
 @pytest.mark.slow
 def test_retinanet_box_gradcam_matches_autograd(tmp_path_factory):
-    """RetinaNet ResNet-50 FPN (sigmoid scores, 128x128): Grad-CAM of a box target at
-    backbone.body.layer3 through the Explainer equals Grad-CAM's formula on torch float64 autograd."""
+    """RetinaNet ResNet-50 FPN (sigmoid scores, 128x128), a box target at backbone.body.layer3: the
+    same candidates match as in torch; the gradient torch float32 itself gets is 6e-2 (max-relative)
+    from torch float64 there (random weights: ReLU switches flip), so camrt's gradient and its
+    Grad-CAM map through the Explainer are held to the design's criterion: no further from torch
+    float64 than twice torch float32 is."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
+    from camrt.execution.session import ExplainSession
     from camrt.explainer import Explainer
+    from camrt.postprocess import finalize
     from camrt.seeds.targets import BoxScoreTarget
 
     from .detector_heads import RawDetectionHead, calibrated
@@ -210,9 +215,44 @@ def test_retinanet_box_gradcam_matches_autograd(tmp_path_factory):
     with torch.no_grad():
         head = model(torch.from_numpy(x)).numpy()
     target = best_box(head)
-    got = Explainer(path, method="gradcam", layer=RETINA_LAYER).explain(
-        x, targets=BoxScoreTarget(target.box, target.label, IOU, "xyxy", "candidates-first"))[0]
-    reference = gradcam_reference(model, RETINA_LAYER, x, target, RETINA_SIZE)
-    diff = float(np.abs(got.heatmap - reference).max())
-    print(f"retinanet box gradcam: max diff {diff:.2e}")
-    assert np.ptp(reference) > 0.5 and diff <= 1e-4
+    request = BoxScoreTarget(target.box, target.label, IOU, "xyxy", "candidates-first")
+    grad_name = contract.gradient_output(RETINA_LAYER)
+    made = {}
+
+    def make_seed(forward):
+        made["seeds"], _ = request.seeds(forward)
+        return made["seeds"]
+
+    got = ExplainSession(path).run_seeded(x, make_seed, [grad_name])[grad_name]
+    matched = sorted(set(np.nonzero(made["seeds"].values[0][:, 4:])[0].tolist()))
+    loss = lambda out: torch_box_score_xyxy_first(out, target, IOU)  # noqa: E731
+    act64, grad64 = _layer_autograd(model, RETINA_LAYER, torch.from_numpy(x), loss)
+    grad32 = _layer_autograd_float32(model, RETINA_LAYER, torch.from_numpy(x), loss)
+    raw = torch.from_numpy(head).double().requires_grad_(True)
+    reference_matched = torch.autograd.grad(loss(raw), [raw])[0][0, :, 4:].nonzero()[:, 0].unique().tolist()
+    assert matched == reference_matched and len(matched) >= 2
+    scale = np.abs(grad64).max()
+    ours, torch32 = np.abs(got - grad64).max() / scale, np.abs(grad32 - grad64).max() / scale
+    print(f"retinanet layer3 gradient vs float64: camrt {ours:.1e}, torch float32 {torch32:.1e}")
+    assert ours <= 2 * torch32 + 1e-4
+
+    def gradcam(grad):
+        return finalize([(grad.mean(axis=(2, 3))[0][:, None, None] * act64[0]).sum(0)], RETINA_SIZE)
+
+    heatmap = Explainer(path, method="gradcam", layer=RETINA_LAYER).explain(x, targets=request)[0].heatmap
+    map_ours = float(np.abs(heatmap - gradcam(grad64)).max())
+    map_torch32 = float(np.abs(gradcam(grad32) - gradcam(grad64)).max())
+    print(f"retinanet box gradcam vs float64: camrt {map_ours:.1e}, torch float32 {map_torch32:.1e}")
+    assert np.ptp(gradcam(grad64)) > 0.5 and map_ours <= 2 * map_torch32 + 1e-4
+
+
+def _layer_autograd_float32(model, module_name, x, loss):
+    """d loss / d the module's output in torch float32 (the model as it is)."""
+    captured = {}
+    handle = dict(model.named_modules())[module_name].register_forward_hook(
+        lambda m, a, out: captured.__setitem__("act", out))
+    try:
+        grad, = torch.autograd.grad(loss(model(x)), [captured["act"]])
+    finally:
+        handle.remove()
+    return grad.numpy()
