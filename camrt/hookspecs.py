@@ -76,7 +76,8 @@ def register_targets(register: Callable[..., None]) -> None:
 
     ``parse(value, **options) -> camrt.targets.TargetRequest`` turns the text after ``KIND:`` into
     a request (raise ``camrt.errors.UsageError`` for bad text); ``options`` names the target
-    options of ``camrt explain`` it takes (``"region"``: ``--region``), passed when given. A request
+    options of ``camrt explain`` it takes (``"region"``: ``--region``; ``box`` takes ``"box_iou"``,
+    ``"box_format"``, ``"box_layout"``: ``--box-iou`` ...), passed when given. A request
     of a `camrt.seeds.targets.SeededTarget` (its seed made from the forward outputs) is run by the
     Explainer with one forward and one backward pass. The built-ins (``seg``, ``similar``, ``box``,
     in camrt/seeds/targets.py) register through this hook too; class targets (``N``, ``top1``,

@@ -28,7 +28,7 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
     """ModelError when the Explainer's file has no seed entry, UsageError when its method or
     options cannot explain `target`."""
     method = explainer.method
-    if explainer.info.seed is None:
+    if explainer.info.seed is None and _reads_gradients(method.requires):
         raise ModelError(f"{explainer.session.path} has no seed entry ({contract.SEED_TENSOR!r}), needed by a "
                          f"{target.kind} target: re-export it with `camrt export ... --seed`")
     reason = method_refusal(method)
@@ -69,7 +69,7 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
     if not np.array_equal(seeds.samples, np.arange(x.shape[0])):
         raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
     context = ExplainContext(explainer.session, x, np.full(x.shape[0], contract.TOP1_TARGET),
-                             target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]))
+                             target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]), target=target)
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
     return [(heatmap, float(score)) for heatmap, score in zip(heatmaps, made["scores"])]
 

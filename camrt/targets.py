@@ -271,23 +271,32 @@ def _out_of_range(given: str, num_classes: int, path: str) -> UsageError:
     return UsageError(f"--target {given} is out of range: {path} has {num_classes} classes (0..{num_classes - 1})")
 
 
-def parse_target(text: str, region: Any = None) -> TargetRequest:
+def _flag(option: str) -> str:
+    """The `camrt explain` flag of a target option (box_iou: box-iou)."""
+    return option.replace("_", "-")
+
+
+def parse_target(text: str, region: Any = None, **options: Any) -> TargetRequest:
     """--target: a class index, top1 (or -1), topk:K, or KIND:VALUE of a registered target kind
     (the `register_targets` hook; built-in: seg:CLASS with an optional `region` mask file,
-    similar:concept.npy, box:x1,y1,x2,y2[:label], camrt.seeds.targets)."""
+    similar:concept.npy, box:x1,y1,x2,y2[:label] with options box_iou, box_format, box_layout,
+    camrt.seeds.targets). `region` and `options` (None: not given) go to kinds that take them."""
+    from .plugins.registry import build_target_registry
+
     value = text.strip().lower()
-    options = {} if region is None else {"region": region}
+    given = {name: option for name, option in {"region": region, **options}.items() if option is not None}
     kind, colon, rest = text.strip().partition(":")
     if colon and kind.lower() not in ("topk", "above"):
-        from .plugins.registry import build_target_registry
-
         registered = build_target_registry().get(kind)
-        unknown = [name for name in options if name not in registered.options]
+        unknown = [name for name in given if name not in registered.options]
         if unknown:
-            raise UsageError(f"--{unknown[0]} does not apply to --target {kind}:... ({text!r})")
-        return registered.parse(rest, **options)
-    if region is not None:
-        raise UsageError(f"--region applies to --target seg:CLASS, not to {text!r}")
+            raise UsageError(f"--{_flag(unknown[0])} does not apply to --target {kind}:... ({text!r})")
+        return registered.parse(rest, **given)
+    if given:
+        name = next(iter(given))
+        registry = build_target_registry()
+        kinds = [f"{k}:..." for k in registry.names() if name in registry.get(k).options]
+        raise UsageError(f"--{_flag(name)} applies to --target {' or '.join(kinds) or 'no kind'}, not to {text!r}")
     if value in ("top1", "top-1", str(TOP1_TARGET)):
         return ClassRequest(TOP1_TARGET)
     if value.startswith("topk:"):
@@ -336,15 +345,15 @@ def _parse_threshold(text: str, value: str) -> ThresholdRequest:
     return ThresholdRequest(threshold, sigmoid)
 
 
-def parse_targets(texts: str | Sequence[str], region: Any = None) -> TargetRequest:
+def parse_targets(texts: str | Sequence[str], region: Any = None, **options: Any) -> TargetRequest:
     """--target given once or more: several one-target values (--target seg:3 --target seg:7) are
-    one `TargetListRequest`; `region` applies to each of them."""
+    one `TargetListRequest`; `region` and `options` (as `parse_target`'s) apply to each of them."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         return ClassRequest(TOP1_TARGET)
     if len(texts) == 1:
-        return parse_target(texts[0], region)
-    requests = [parse_target(text, region) for text in texts]
+        return parse_target(texts[0], region, **options)
+    requests = [parse_target(text, region, **options) for text in texts]
     for text, request in zip(texts, requests):
         if request.ranks != [None]:
             raise UsageError(f"--target {text} makes several maps per input; repeat --target only with one-target "

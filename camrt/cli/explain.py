@@ -78,6 +78,14 @@ Examples:
 @click.option("--region", metavar="MASK", default=None,
               help="With --target seg:C: a mask image whose nonzero pixels are the region (default: the pixels "
                    "where C is the argmax).")
+@click.option("--box-iou", type=float, default=None, metavar="T",
+              help="With --target box:...: a candidate matches when its IoU with the box exceeds T, in [0, 1) "
+                   "(default 0.5).")
+@click.option("--box-format", type=click.Choice(["cxcywh", "xyxy"]), default=None,
+              help="With --target box:...: the head's boxes as centre and size or as corners (default cxcywh).")
+@click.option("--box-layout", type=click.Choice(["candidates-last", "candidates-first"]), default=None,
+              help="With --target box:...: the head is [B, 4+C, N] (candidates-last, ultralytics; default) or "
+                   "[B, N, 4+C] (candidates-first: YOLOv5, torchvision detectors' decoded heads).")
 @click.option("--layer", "layers", multiple=True,
               help="Layer to explain (repeat to fuse several); default: the file's default layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
@@ -103,7 +111,8 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
-                    method_options: tuple[str, ...], outdir: str, targets: tuple[str, ...], region: str | None, layers: tuple[str, ...],
+                    method_options: tuple[str, ...], outdir: str, targets: tuple[str, ...], region: str | None,
+                    box_iou: float | None, box_format: str | None, box_layout: str | None, layers: tuple[str, ...],
                     batch_size: int, device: str, threads: int | None, graph_optimization: str, formats: str,
                     colormap: str, alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
                     jsonl_path: str | None, quiet: bool) -> None:
@@ -125,7 +134,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    request = parse_targets(targets, region)
+    request = parse_targets(targets, region, box_iou=box_iou, box_format=box_format, box_layout=box_layout)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,

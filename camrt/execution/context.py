@@ -34,11 +34,14 @@ class ExplainContext:
 
     inputs: the preprocessed batch [B, C, H, W] of this call; targets: the explained class per
     sample (already resolved, int64 [B]); target_score: for a seeded target (camrt.seeds.targets),
-    (score rows [N, ...], sample b) -> its L per row, which `target_scores` then gives.
+    (score rows [N, ...], sample b) -> its L per row, which `target_scores` then gives; target: that
+    seeded target itself (D-RISE reads its box), None on the class path.
     """
 
-    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray, target_score: Any = None):
+    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray, target_score: Any = None,
+                 target: Any = None):
         self.session = session
+        self.target = target
         self.inputs = inputs
         self.targets = np.asarray(targets, dtype=np.int64)
         self.target_score = target_score

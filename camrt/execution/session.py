@@ -381,7 +381,9 @@ class ExplainSession:
                 values = as_float32(session.run(list(fetch), in_session_types(session, {**chunk, **(fixed or {})})))
             except _ort_errors() as exc:
                 raise ModelError(f"{self.path}: onnxruntime failed to run the model: {first_line(exc)}") from None
-            parts.append([v[:real] for v in values])
+            # only padding is dropped: an output whose axis 0 is not the batch (a detector's flattened
+            # [batch * anchors, 4] boxes, passed to a seeded backward graph) stays whole
+            parts.append([v[:real] for v in values] if real < step else values)
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(fetch))]

@@ -208,6 +208,9 @@ class Method(ABC):
     #: Whether the postprocessing applies ReLU to the raw maps (methods whose maps are signed on
     #: purpose turn it off).
     relu: ClassVar[bool] = True
+    #: The seeded target kinds it alone explains (D-RISE: "box"), None: class targets and the seeded
+    #: kinds its requirements serve (camrt.seeds.targets.method_refusal).
+    target_kinds: ClassVar[tuple[str, ...] | None] = None
 
     @dataclass(frozen=True)
     class Options:

@@ -57,6 +57,7 @@ DEFAULT_PLUGINS = (
     "camrt.methods.generic_attention",
     "camrt.methods.legrad",
     "camrt.methods.vit_reciprocam",
+    "camrt.methods.drise",
     "camrt.metrics.deletion",
     "camrt.metrics.confidence",
     "camrt.metrics.road",

@@ -1,7 +1,9 @@
 """Box seeds for raw (pre-NMS) detection heads: L = sum over the candidates matching a box of IoU x score.
 
 A YOLO-style head (ultralytics' export) outputs [B, 4 + C, N]: for each of N candidates a box
-(rows 0..3; cx, cy, w, h in input pixels, or x1, y1, x2, y2) and C class scores. For a requested
+(rows 0..3; cx, cy, w, h in input pixels, or x1, y1, x2, y2) and C class scores; other heads
+(YOLOv5, a torchvision detector's decoded head) put the candidates first, [B, N, 4 + C]
+(`layout="candidates-first"`). For a requested
 box b and label l, every candidate k whose IoU with b exceeds the threshold and whose label (the
 argmax of its class scores) is l contributes IoU(b, box_k) * score_k[l] (D-RISE's similarity with
 its IoU and class terms, Petsiuk et al. 2021, eq. 3; pytorch-grad-cam's `FasterRCNNBoxScoreTarget`
@@ -22,6 +24,9 @@ from ..errors import InputError
 from .batch import SeedBatch
 
 BOX_FORMATS = ("cxcywh", "xyxy")
+#: [B, 4 + C, N] (ultralytics) and [B, N, 4 + C] (YOLOv5, torchvision heads decoded in a wrapper).
+CANDIDATES_LAST, CANDIDATES_FIRST = "candidates-last", "candidates-first"
+BOX_LAYOUTS = (CANDIDATES_LAST, CANDIDATES_FIRST)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ def iou_and_gradient(box: Sequence[float], candidates: np.ndarray) -> tuple[np.n
     return iou, np.where(overlaps, d_inter * grad_inter + d_area * grad_area, 0.0)
 
 
+def _checked_boxes(rows: np.ndarray, box_format: str) -> np.ndarray:
+    """The candidates' boxes [4, N] in x1, y1, x2, y2; InputError when one has a negative extent,
+    which no decoded head makes: the head is read in the wrong box format or layout."""
+    corners = _as_xyxy(rows, box_format)
+    inverted = int(((corners[2] < corners[0]) | (corners[3] < corners[1])).sum())
+    if inverted:
+        raise InputError(f"{inverted} of {corners.shape[1]} candidate boxes have x2 < x1 or y2 < y1 when the head is read "
+                         f"as {box_format} boxes: check the box format and layout (--box-format, --box-layout)")
+    return corners
+
+
 def _xyxy_gradient_to(grad: np.ndarray, box_format: str) -> np.ndarray:
     """A gradient with respect to x1, y1, x2, y2 as one with respect to the head's box rows."""
     if box_format == "xyxy":
@@ -67,19 +83,50 @@ def _xyxy_gradient_to(grad: np.ndarray, box_format: str) -> np.ndarray:
     return np.stack([g1x + g2x, g1y + g2y, (g2x - g1x) / 2, (g2y - g1y) / 2])
 
 
+def check_iou_threshold(iou_threshold: float) -> None:
+    if not 0 <= iou_threshold < 1:
+        raise InputError(f"the box IoU threshold must be in [0, 1) (a candidate matches when its IoU exceeds it), "
+                         f"got {iou_threshold}")
+
+
+def check_box_format(box_format: str) -> None:
+    if box_format not in BOX_FORMATS:
+        raise InputError(f"box format {box_format!r}: choose one of {', '.join(BOX_FORMATS)}")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in BOX_LAYOUTS:
+        raise InputError(f"box head layout {layout!r}: choose one of {', '.join(BOX_LAYOUTS)}")
+
+
+def check_box_options(iou_threshold: float, box_format: str, layout: str) -> None:
+    """InputError naming the bad option: IoU threshold in [0, 1), a known box format and layout."""
+    check_iou_threshold(iou_threshold)
+    check_box_format(box_format)
+    check_layout(layout)
+
+
+def candidates_last(head: np.ndarray, layout: str) -> np.ndarray:
+    """A head [B, 4 + C, N] (a view) from a head in `layout`; InputError unless it is a raw head."""
+    given = np.asarray(head)
+    head = given.transpose(0, 2, 1) if given.ndim == 3 and layout == CANDIDATES_FIRST else given
+    if head.ndim != 3 or head.shape[1] < 5:
+        shape = "[batch, candidates, 4 + classes]" if layout == CANDIDATES_FIRST else "[batch, 4 + classes, candidates]"
+        raise InputError(f"box targets of layout {layout} need a raw detection head {shape}, got {given.shape} "
+                         f"(layouts: {', '.join(BOX_LAYOUTS)})")
+    return head
+
+
 def box_score(head: np.ndarray, target: BoxTarget, iou_threshold: float = 0.5,
-              box_format: str = "cxcywh") -> float:
-    """L of one target on head output [B, 4 + C, N] (float64), for reporting and tests."""
-    return float(_matched(head, target, iou_threshold, box_format)[0])
+              box_format: str = "cxcywh", layout: str = CANDIDATES_LAST) -> float:
+    """L of one target on a head output in `layout` (float64), for reporting and tests."""
+    check_box_options(iou_threshold, box_format, layout)
+    return float(_matched(candidates_last(head, layout), target, iou_threshold, box_format)[0])
 
 
 def _matched(head: np.ndarray, target: BoxTarget, iou_threshold: float, box_format: str):
-    """(L, seed row [4 + C, N]) of one target."""
-    if box_format not in BOX_FORMATS:
-        raise InputError(f"box format {box_format!r}: choose one of {', '.join(BOX_FORMATS)}")
+    """(L, seed row [4 + C, N]) of one target on a head [B, 4 + C, N]."""
     head = np.asarray(head, dtype=np.float64)
-    if head.ndim != 3 or head.shape[1] < 5:
-        raise InputError(f"box targets need a raw detection head [batch, 4 + classes, candidates], got {head.shape}")
     if not 0 <= target.sample < head.shape[0]:
         raise InputError(f"box target of image {target.sample}: the batch has {head.shape[0]} images")
     rows = head[target.sample]
@@ -87,7 +134,7 @@ def _matched(head: np.ndarray, target: BoxTarget, iou_threshold: float, box_form
     labels = scores.argmax(axis=0)
     if target.label is not None and not 0 <= target.label < scores.shape[0]:
         raise InputError(f"box label {target.label} out of range 0..{scores.shape[0] - 1}")
-    iou, d_iou = iou_and_gradient(target.box, _as_xyxy(rows[:4], box_format))
+    iou, d_iou = iou_and_gradient(target.box, _checked_boxes(rows[:4], box_format))
     label = labels if target.label is None else np.full_like(labels, target.label)
     matched = (iou > iou_threshold) & (labels == label)
     candidates = np.flatnonzero(matched)
@@ -98,15 +145,39 @@ def _matched(head: np.ndarray, target: BoxTarget, iou_threshold: float, box_form
 
 
 def box_seed(head: np.ndarray, targets: Sequence[BoxTarget], iou_threshold: float = 0.5,
-             box_format: str = "cxcywh", iou_constant: bool = False) -> SeedBatch:
-    """One seed row per target (several per image allowed: one map per box, one backward pass)."""
+             box_format: str = "cxcywh", iou_constant: bool = False, layout: str = CANDIDATES_LAST) -> SeedBatch:
+    """One seed row per target (several per image allowed: one map per box, one backward pass),
+    shaped like the head's rows in `layout`."""
+    check_box_options(iou_threshold, box_format, layout)
     rows = []
     for target in targets:
-        _, seed, candidates, score, d_iou = _matched(head, target, iou_threshold, box_format)
+        _, seed, candidates, score, d_iou = _matched(candidates_last(head, layout), target, iou_threshold, box_format)
         if candidates.size == 0:
             raise InputError(f"box {list(target.box)} (image {target.sample}, label {target.label}): no candidate has "
                              f"IoU > {iou_threshold} with a matching label; lower the threshold or check the box")
         if not iou_constant:
             seed[:4, candidates] = _xyxy_gradient_to(d_iou[:, candidates] * score, box_format)
-        rows.append(seed.astype(np.asarray(head).dtype))
+        rows.append((seed.T if layout == CANDIDATES_FIRST else seed).astype(np.asarray(head).dtype))
     return SeedBatch(np.stack(rows), np.array([t.sample for t in targets], dtype=np.int64))
+
+
+def detection_similarity(head: np.ndarray, box: Sequence[float], classes: np.ndarray, box_format: str = "cxcywh",
+                         layout: str = CANDIDATES_LAST) -> np.ndarray:
+    """D-RISE's similarity of a target detection (box, class vector `classes` [C]) to the best-matching
+    candidate of each row of a head [n, ...] in `layout`: max_j IoU(box, box_j) x cos(classes, P_j)
+    [n] (Petsiuk et al. 2021, sec. 3.2, eq. 2; without an objectness term: these heads have none)."""
+    heads = candidates_last(head, layout).astype(np.float64)
+    target = np.asarray(classes, dtype=np.float64)
+    similarity = np.empty(len(heads))
+    for row, rows in enumerate(heads):
+        iou = detection_iou(rows, box, box_format)
+        scores = rows[4:]
+        norms = np.linalg.norm(scores, axis=0) * np.linalg.norm(target)
+        cosine = np.divide(target @ scores, norms, out=np.zeros(scores.shape[1]), where=norms > 0)
+        similarity[row] = (iou * cosine).max()
+    return similarity
+
+
+def detection_iou(rows: np.ndarray, box: Sequence[float], box_format: str = "cxcywh") -> np.ndarray:
+    """IoU [N] of `box` with the candidates of one head [4 + C, N]."""
+    return iou_and_gradient(box, _checked_boxes(rows[:4], box_format))[0]

@@ -8,4 +8,4 @@ from .targets import parse_box, parse_segmentation, parse_similarity
 def register_targets(register):
     register("seg", parse_segmentation, options=("region",))
     register("similar", parse_similarity)
-    register("box", parse_box)
+    register("box", parse_box, options=("box_iou", "box_format", "box_layout"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -131,13 +131,19 @@ class SimilarityTarget(SeededTarget):
 @dataclass(frozen=True)
 class BoxScoreTarget(SeededTarget):
     """L = sum over the raw head's candidates matching `box` (IoU > iou_threshold, label
-    `label`; None: any) of IoU x class score (D-RISE's similarity; camrt/seeds/boxes.py), in every input."""
+    `label`; None: any) of IoU x class score (D-RISE's similarity; camrt/seeds/boxes.py), in every
+    input. box_format: the head's boxes (cxcywh or xyxy); layout: candidates-last [B, 4 + C, N] or
+    candidates-first [B, N, 4 + C]."""
 
     box: tuple[float, float, float, float]
     label: int | None = None
     iou_threshold: float = 0.5
     box_format: str = "cxcywh"
+    layout: str = boxes.CANDIDATES_LAST
     kind: ClassVar[str] = "box"
+
+    def __post_init__(self):
+        boxes.check_box_options(self.iou_threshold, self.box_format, self.layout)
 
     @property
     def class_index(self) -> int | None:
@@ -145,18 +151,18 @@ class BoxScoreTarget(SeededTarget):
 
     def parameters(self) -> dict[str, Any]:
         return {"box": list(self.box), "label": self.label, "iou_threshold": self.iou_threshold,
-                "box_format": self.box_format}
+                "box_format": self.box_format, "layout": self.layout}
 
     def seeds(self, forward: Mapping[str, np.ndarray]) -> tuple[SeedBatch, np.ndarray]:
         head = forward[contract.LOGITS_OUTPUT]
         wanted = [boxes.BoxTarget(b, self.box, self.label) for b in range(head.shape[0])]
-        seeds = boxes.box_seed(head, wanted, self.iou_threshold, self.box_format)
+        seeds = boxes.box_seed(head, wanted, self.iou_threshold, self.box_format, layout=self.layout)
         return seeds, self.row_scores(head, seeds.values[0])
 
     def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
         """Each row's candidates matched again (none matching: 0)."""
         return np.array([boxes.box_score(scores, boxes.BoxTarget(i, self.box, self.label), self.iou_threshold,
-                                         self.box_format) for i in range(scores.shape[0])])
+                                         self.box_format, self.layout) for i in range(scores.shape[0])])
 
 
 def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -263,9 +269,24 @@ def concept_embedding(explainer: Any, path: str | None) -> np.ndarray:
     return embedding.astype(np.float64)
 
 
-def parse_box(value: str) -> SeededRequest:
-    """box:x1,y1,x2,y2[:label], in model input pixels."""
-    return SeededRequest(_parse_box(f"box:{value}", value))
+def parse_box(value: str, box_iou: float | str | None = None, box_format: str | None = None,
+              box_layout: str | None = None) -> SeededRequest:
+    """box:x1,y1,x2,y2[:label], in model input pixels; `box_iou` (--box-iou, default 0.5),
+    `box_format` (--box-format: cxcywh or xyxy) and `box_layout` (--box-layout: candidates-last
+    [B, 4 + C, N] or candidates-first [B, N, 4 + C]) describe the match and the head."""
+    target = _parse_box(f"box:{value}", value)
+    options: dict[str, Any] = {}
+    for flag, name, given, check in (("--box-iou", "iou_threshold", box_iou, boxes.check_iou_threshold),
+                                     ("--box-format", "box_format", box_format, boxes.check_box_format),
+                                     ("--box-layout", "layout", box_layout, boxes.check_layout)):
+        if given is None:
+            continue
+        try:
+            options[name] = float(given) if name == "iou_threshold" else given
+            check(options[name])
+        except (ValueError, InputError) as exc:
+            raise UsageError(f"{flag} {given!r}: {exc}") from None
+    return SeededRequest(replace(target, **options))
 
 
 def _load_region(path: str | os.PathLike) -> np.ndarray:

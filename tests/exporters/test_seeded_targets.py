@@ -605,7 +605,7 @@ def test_seeded_target_errors(lraspp, tiny, tmp_path):
         Explainer(tiny.path).explain(np.zeros((1, 3, 12, 16), np.float32), targets=SegmentationTarget(0))
     result = _cli("explain", tiny.path, str(tmp_path), "--target", "seg:0")
     assert result.exit_code == 3 and "camrt export ... --seed" in result.output
-    with pytest.raises(UsageError, match=r"--region applies to --target seg:CLASS, not to '3'"):
+    with pytest.raises(UsageError, match=r"--region applies to --target seg:..., not to '3'"):
         parse_target("3", region="mask.png")
     with pytest.raises(UsageError, match=r"box:x1,y1,x2,y2\[:label\] needs 4 numbers"):
         parse_target("box:1,2,3")

@@ -117,6 +117,9 @@ def test_every_method_names_what_a_bare_file_lacks(make_model, method):
         expected.append(f"--rules {requires.input_gradient}")
     if requires.bias_gradients:
         expected.append("--fullgrad")
+    if build_method_registry().get(method).target_kinds == ("box",):  # D-RISE reads only the score
+        assert Explainer(bare.path, method=method, device="cpu").method.name == method
+        return
     refused(lambda: Explainer(bare.path, method=method, device="cpu"), ModelError, bare.path,
             f"method {method!r}", "camrt export", *expected)
 

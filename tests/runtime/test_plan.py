@@ -39,7 +39,8 @@ ALL_METHODS = [cls.name for cls in build_method_registry()]
 #: The methods the tiny files can serve. The attention methods need a transformer's attention maps,
 #: which no tiny file has: their plans (served and refused, with `--attention` flags) are tested in
 #: test_attention_methods.py and, on real exports, tests/exporters/test_attention_methods.py.
-METHODS = [cls.name for cls in build_method_registry() if not cls.requires.uses_attention]
+#: D-RISE explains box targets only (tests/exporters/test_drise.py), which the tiny classifiers have not.
+METHODS = [cls.name for cls in build_method_registry() if not cls.requires.uses_attention and cls.target_kinds is None]
 
 
 def graph_outputs(path: str) -> list[str]:
