@@ -284,8 +284,8 @@ class Explainer:
         return [Explanation(heatmap=heatmap, target=index, score=_finite(score), probability=None,
                             label=labels[index] if labels and index is not None and 0 <= index < len(labels) else None,
                             layer=",".join(self.layers) if self.layers else None, method=self.method.name,
-                            extra={"target_kind": target.kind, "target_params": target.parameters()})
-                for heatmap, score in seeded_maps(self, x, sizes, target)]
+                            extra={**extra, "target_kind": target.kind, "target_params": target.parameters()})
+                for heatmap, score, extra in seeded_maps(self, x, sizes, target)]
 
     def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""

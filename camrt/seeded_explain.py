@@ -13,7 +13,7 @@ from .errors import ModelError, UsageError
 from .execution.context import ExplainContext
 from .methods.base import GraphOutputs
 from .seeds.batch import SeedBatch
-from .seeds.targets import SeededTarget, method_refusal
+from .seeds.targets import SeededPasses, SeededTarget, method_refusal
 from .targets import ClassTarget
 
 
@@ -31,16 +31,18 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
     reason = method_refusal(method)
     if reason is not None:
         raise UsageError(f"method {method.name!r} cannot explain a {target.kind} target: it {reason}; use a gradient "
-                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...) or scorecam")
+                         "method (gradcam, gradcam++, layercam, saliency, smoothgrad, integrated-gradients, ...), scorecam or "
+                         "ablationcam")
     if explainer._fused is not None or explainer.aug_smooth:
         option = "device_postprocess" if explainer._fused is not None else "aug_smooth"
         raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
 
 
 def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
-                target: SeededTarget) -> list[tuple[np.ndarray, float]]:
-    """(heatmap, L) of `target` in each input of the prepared batch `x`: one forward pass, the seed
-    from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
+                target: SeededTarget) -> list[tuple[np.ndarray, float, dict[str, Any]]]:
+    """(heatmap, L, the method's extra fields) of `target` in each input of the prepared batch `x`:
+    one forward pass, the seed from its outputs, one backward pass (`ExplainSession.run_seeded`),
+    the method on the result."""
     check_serves(explainer, target)
     fetch = [contract.LOGITS_OUTPUT, *(name for name in explainer.fetch
                                        if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
@@ -60,6 +62,7 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
     if not np.array_equal(seeds.samples, np.arange(x.shape[0])):
         raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
     context = ExplainContext(explainer.session, x, np.full(x.shape[0], contract.TOP1_TARGET),
-                             target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]))
+                             seeded=SeededPasses(target, seeds.values))
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
-    return [(heatmap, float(score)) for heatmap, score in zip(heatmaps, made["scores"])]
+    return [(heatmap, float(score), {key: values[i] for key, values in context.extra.items()})
+            for i, (heatmap, score) in enumerate(zip(heatmaps, made["scores"]))]

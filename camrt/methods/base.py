@@ -208,6 +208,11 @@ class Method(ABC):
     #: Whether the postprocessing applies ReLU to the raw maps (methods whose maps are signed on
     #: purpose turn it off).
     relu: ClassVar[bool] = True
+    #: Whether its further passes (``extra_passes``, ``tail``) get the explained target only through
+    #: ``ExplainContext.target_scores`` / ``target_gradients``, so that they explain any target (a
+    #: seeded one, camrt.seeds.targets, as a class); a method with further passes that does not say
+    #: so is refused a seeded target (`camrt.seeds.targets.method_refusal`).
+    scores_seeded_targets: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:
