@@ -278,3 +278,43 @@ def test_integrated_gradients_of_a_box_target_matches_captum(tmp_path_factory):
     diff = float(np.abs(got.heatmap - _finalized(reference, DET_SIZE)).max())
     print(f"integrated gradients box: max diff {diff:.2e} ({unmatched} of {steps} path points match no candidate)")
     assert unmatched > 0 and diff <= 1e-4
+
+
+def test_guided_gradcam_of_a_seg_target_matches_captum(tmp_path_factory):
+    """Guided Grad-CAM reads one seeded pass (guided backprop's input gradient and the layer's
+    gradient of L): Captum's GuidedGradCam (bilinear) of a module returning L (the clean argmax
+    region of the most frequent class, fixed), one image at a time."""
+    from captum.attr import GuidedGradCam
+
+    from camrt import contract
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SegmentationTarget
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(3)
+    model = _TinySegmenter().eval()
+    onnx_model, _ = export_torch(model, layers=["feat"], input_size=TINY_SIZE, seed=True,
+                                 rules=[contract.RULE_VANILLA, contract.RULE_GUIDED])
+    path = tmp_path_factory.mktemp("tinyseg-guided") / "tinyseg.camrt.onnx"
+    write_model(onnx_model, path)
+    x = np.random.default_rng(8).standard_normal((2, 3, *TINY_SIZE)).astype(np.float32)
+    with torch.no_grad():
+        argmax = model(torch.from_numpy(x)).argmax(1)
+    category = int(np.bincount(argmax.numpy().ravel()).argmax())
+    ours = Explainer(str(path), method="guided-gradcam", layer="feat").explain(x, targets=SegmentationTarget(category))
+
+    class RegionScore(torch.nn.Module):
+        def __init__(self, region):
+            super().__init__()
+            self.model, self.region = model, region
+
+        def forward(self, inp):
+            return (self.model(inp)[:, category] * self.region).sum(dim=(1, 2))[:, None]
+
+    for b in range(len(x)):
+        wrapped = RegionScore((argmax[b] == category).float())
+        reference = GuidedGradCam(wrapped, wrapped.model.feat).attribute(
+            torch.from_numpy(x[b:b + 1]), target=0, interpolate_mode="bilinear").detach().numpy()[0]
+        diff = float(np.abs(ours[b].heatmap - _finalized(reference, TINY_SIZE)).max())
+        print(f"guided-gradcam seg image {b}: max diff {diff:.2e}")
+        assert np.ptp(np.abs(reference).max(axis=0)) > 0 and diff <= 1e-4
