@@ -64,5 +64,5 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
     context = ExplainContext(explainer.session, x, np.full(x.shape[0], contract.TOP1_TARGET),
                              seeded=SeededPasses(target, seeds.values))
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
-    return [(heatmap, float(score), {key: values[i] for key, values in context.extra.items()})
+    return [(heatmap, float(score), {key: per_sample[i] for key, per_sample in context.extra.items()})
             for i, (heatmap, score) in enumerate(zip(heatmaps, made["scores"]))]
