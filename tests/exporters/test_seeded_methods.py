@@ -197,6 +197,8 @@ def test_integrated_gradients_of_a_seeded_target_matches_captum(tiny, kind):
         with torch.no_grad():
             difference = float(forward(torch.from_numpy(x[b:b + 1]))[0] - forward(torch.zeros(1, *x.shape[1:]))[0])
         completeness = ours[b].extra["completeness"]
+        record = ours[b].record()
+        assert record["completeness"] == completeness and record["target_kind"] == kind
         assert completeness["score_difference"] == pytest.approx(difference, rel=1e-4, abs=1e-6)
         assert completeness["attribution_sum"] == pytest.approx(float(reference.sum()), rel=1e-3, abs=1e-5)
 
