@@ -244,34 +244,45 @@ def test_smooth_gradcampp_of_a_seeded_target_matches_its_formula(tiny, kind):
         assert np.ptp(np.einsum("k,khw->hw", weights, clean[0])) > 0 and diff <= 1e-4
 
 
-# --- a box target: matched again at every point of the path -------------------------------------
-def test_integrated_gradients_of_a_box_target_matches_captum(tmp_path_factory):
-    """A YOLO-style head: L = the box-matched score (IoU threshold 0.9) of each path point's own
-    candidates; at the black baseline none matches (L = 0: a zero seed row, no gradient there).
-    Captum IntegratedGradients (riemann_left: the baseline is a path point) of the same L written
-    with torchvision's box_iou."""
-    from captum.attr import IntegratedGradients as CaptumIG
-
-    from camrt.explainer import Explainer
-    from camrt.methods.integrated_gradients import IntegratedGradients, quadrature
-    from camrt.seeds.boxes import BoxTarget
-    from camrt.seeds.targets import BoxScoreTarget
-
+# --- a box target: matched again on every pass -------------------------------------------------
+@pytest.fixture(scope="module")
+def yolo_box(tmp_path_factory):
+    """(YOLO-style model, its seeded file, one input, the box (x1, y1, x2, y2) and label of its best candidate)."""
     torch.manual_seed(0)
     model = TinyYolo().eval()
     path = _export(tmp_path_factory, model, "stem", DET_SIZE, "tinyyolo-methods")
     x = np.random.default_rng(4).standard_normal((1, 3, *DET_SIZE)).astype(np.float32)
     with torch.no_grad():
         chosen = _box_targets(model(torch.from_numpy(x)).numpy())[0]
-    steps, threshold = 16, 0.9
-    got = Explainer(path, method=IntegratedGradients(steps=steps, method="riemann_left", batch_size=8)).explain(
-        x, targets=BoxScoreTarget(chosen.box, chosen.label, iou_threshold=threshold))[0]
+    return model, path, x, chosen
+
+
+def _torch_box_scores(model, chosen, threshold):
+    """L of each row of a batch: the box-matched score of its own candidates (torchvision's box_iou)."""
+    from camrt.seeds.boxes import BoxTarget
 
     def box_score(inp):
         head = model(inp)
         return torch.stack([_torch_box_score(head, BoxTarget(i, chosen.box, chosen.label), threshold)
                             for i in range(len(inp))])
+    return box_score
 
+
+def test_integrated_gradients_of_a_box_target_matches_captum(yolo_box):
+    """L = the box-matched score (IoU threshold 0.9) of each path point's own candidates; at the
+    black baseline none matches (L = 0: a zero seed row, no gradient there). Captum
+    IntegratedGradients (riemann_left: the baseline is a path point) of the same L."""
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    from camrt.explainer import Explainer
+    from camrt.methods.integrated_gradients import IntegratedGradients, quadrature
+    from camrt.seeds.targets import BoxScoreTarget
+
+    model, path, x, chosen = yolo_box
+    steps, threshold = 16, 0.9
+    got = Explainer(path, method=IntegratedGradients(steps=steps, method="riemann_left", batch_size=8)).explain(
+        x, targets=BoxScoreTarget(chosen.box, chosen.label, iou_threshold=threshold))[0]
+    box_score = _torch_box_scores(model, chosen, threshold)
     with torch.no_grad():
         alphas = torch.from_numpy(quadrature("riemann_left", steps)[0]).float()
         unmatched = int((box_score(torch.from_numpy(x) * alphas[:, None, None, None]) == 0).sum())
@@ -280,6 +291,30 @@ def test_integrated_gradients_of_a_box_target_matches_captum(tmp_path_factory):
     diff = float(np.abs(got.heatmap - _finalized(reference, DET_SIZE)).max())
     print(f"integrated gradients box: max diff {diff:.2e} ({unmatched} of {steps} path points match no candidate)")
     assert unmatched > 0 and diff <= 1e-4
+
+
+def test_smoothgrad_of_a_box_target_matches_captum(yolo_box, monkeypatch):
+    """Each noisy copy's candidates matched again (IoU threshold 0.5); Captum NoiseTunnel(Saliency)
+    of the same L fed camrt's noise."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    from camrt.explainer import Explainer
+    from camrt.methods.smoothgrad import noise_sigma
+    from camrt.seeds.targets import BoxScoreTarget
+
+    model, path, x, chosen = yolo_box
+    n, spread, seed = 6, 0.3, 2
+    got = Explainer(path, method="smoothgrad", n_samples=n, stdev_spread=spread, seed=seed, batch_size=4).explain(
+        x, targets=BoxScoreTarget(chosen.box, chosen.label))[0]
+    sigma = noise_sigma(x, spread)
+    noise = np.random.default_rng(seed).standard_normal((n, *x.shape[1:]), dtype=np.float32) * sigma[0]
+    monkeypatch.setattr(torch, "normal", lambda *args, **kwargs: torch.from_numpy(noise))
+    reference = NoiseTunnel(Saliency(_torch_box_scores(model, chosen, 0.5))).attribute(
+        torch.from_numpy(x), nt_type="smoothgrad", nt_samples=n, stdevs=float(sigma[0]), abs=False).detach().numpy()[0]
+    monkeypatch.undo()
+    diff = float(np.abs(got.heatmap - _finalized(reference, DET_SIZE)).max())
+    print(f"smoothgrad box: max diff {diff:.2e}")
+    assert diff <= 1e-4
 
 
 def test_guided_gradcam_of_a_seg_target_matches_captum(tmp_path_factory):
