@@ -278,7 +278,7 @@ class Explainer:
 
     def _stacked_explanation(self, stacked: StackedMap) -> Explanation:
         if isinstance(stacked.target, SeededTarget):
-            return self._seeded_explanation(stacked.target, stacked.heatmap, stacked.score)
+            return self._seeded_explanation(stacked.target, stacked.heatmap, stacked.score, stacked.extra)
         probability = _finite(float(_softmax(stacked.class_scores)[stacked.target])) if self.softmax else None
         return self._explanation(stacked.heatmap, stacked.target, _finite(stacked.score), probability, stacked.extra)
 
@@ -317,11 +317,13 @@ class Explainer:
                 for i, size in enumerate(sizes)]
 
     def _explain_seeded(self, x: np.ndarray, sizes: list[tuple[int, int]], target: SeededTarget) -> list[Explanation]:
-        return [self._seeded_explanation(target, heatmap, score) for heatmap, score in seeded_maps(self, x, sizes, target)]
+        return [self._seeded_explanation(target, heatmap, score, extra)
+                for heatmap, score, extra in seeded_maps(self, x, sizes, target)]
 
-    def _seeded_explanation(self, target: SeededTarget, heatmap: np.ndarray, score: float) -> Explanation:
+    def _seeded_explanation(self, target: SeededTarget, heatmap: np.ndarray, score: float,
+                            extra: dict[str, Any]) -> Explanation:
         return self._explanation(heatmap, target.class_index, _finite(score), None,
-                                 {"target_kind": target.kind, "target_params": target.parameters()})
+                                 {**extra, "target_kind": target.kind, "target_params": target.parameters()})
 
     def _explain_fused(self, x: np.ndarray, target: Target, sizes: list[tuple[int, int]]) -> list[Explanation]:
         """One session run per distinct heatmap size (one run when the images share a size)."""

@@ -16,7 +16,7 @@ from .errors import ModelError, UsageError
 from .execution.context import ExplainContext
 from .methods.base import GraphOutputs
 from .seeds.batch import SeedBatch
-from .seeds.targets import SeededTarget, method_refusal
+from .seeds.targets import SeededPasses, SeededTarget, method_refusal
 from .targets import ClassTarget, TargetRequest, class_scores
 
 
@@ -34,7 +34,8 @@ def check_serves(explainer: Any, target: SeededTarget) -> None:
     reason = method_refusal(method)
     if reason is not None:
         raise UsageError(f"method {method.name!r} cannot explain a {target.kind} target: it {reason}; use a gradient "
-                         "method (gradcam, gradcam++, xgradcam, layercam, hirescam, saliency, guided-backprop, ...) or scorecam")
+                         "method (gradcam, gradcam++, layercam, saliency, smoothgrad, integrated-gradients, ...), scorecam or "
+                         "ablationcam")
     if explainer._fused is not None or explainer.aug_smooth:
         option = "device_postprocess" if explainer._fused is not None else "aug_smooth"
         raise UsageError(f"{option} runs the class path; a {target.kind} target needs {option} off")
@@ -48,9 +49,10 @@ def seeded_fetch(explainer: Any) -> list[str]:
 
 
 def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
-                target: SeededTarget) -> list[tuple[np.ndarray, float]]:
-    """(heatmap, L) of `target` in each input of the prepared batch `x`: one forward pass, the seed
-    from its outputs, one backward pass (`ExplainSession.run_seeded`), the method on the result."""
+                target: SeededTarget) -> list[tuple[np.ndarray, float, dict[str, Any]]]:
+    """(heatmap, L, the method's extra fields) of `target` in each input of the prepared batch `x`:
+    one forward pass, the seed from its outputs, one backward pass (`ExplainSession.run_seeded`),
+    the method on the result."""
     check_serves(explainer, target)
     fetch = seeded_fetch(explainer)
     made: dict[str, Any] = {}
@@ -69,9 +71,10 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
     if not np.array_equal(seeds.samples, np.arange(x.shape[0])):
         raise UsageError(f"a {target.kind} target must make one seed row per input, in order")
     context = ExplainContext(explainer.session, x, np.full(x.shape[0], contract.TOP1_TARGET),
-                             target_score=lambda scores, b: target.row_scores(scores, seeds.values[b]), target=target)
+                             seeded=SeededPasses(target, seeds.values))
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, x, context)), sizes)
-    return [(heatmap, float(score)) for heatmap, score in zip(heatmaps, made["scores"])]
+    return [(heatmap, float(score), {key: per_sample[i] for key, per_sample in context.extra.items()})
+            for i, (heatmap, score) in enumerate(zip(heatmaps, made["scores"]))]
 
 
 def stacks_targets(explainer: Any) -> bool:
@@ -145,8 +148,7 @@ def stacked_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], re
     rows_x = x[seeds.samples]
     targets = made["targets"]
     classes = np.array([t if isinstance(t, int) else contract.TOP1_TARGET for t in targets], dtype=np.int64)
-    context = ExplainContext(explainer.session, rows_x, classes,
-                             target_score=lambda scores, m: _row_scores(targets[m], scores, seeds.values[m]))
+    context = ExplainContext(explainer.session, rows_x, classes, seeded=_RowPasses(targets, seeds.values))
     heatmaps = explainer._heatmaps(explainer._raw_maps(GraphOutputs(values, rows_x, context)),
                                    [sizes[s] for s in seeds.samples])
     return [StackedMap(int(sample), target, heatmap, float(score), {k: v[m] for k, v in context.extra.items()},
@@ -158,10 +160,25 @@ class _NoTarget(Exception):
     """Raised from a seed maker when the request gives no input a target."""
 
 
-def _row_scores(target: int | SeededTarget, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
-    if isinstance(target, SeededTarget):
-        return target.row_scores(scores, seed_row)
-    return class_scores(scores)[:, target]
+@dataclass(frozen=True)
+class _RowPasses:
+    """`SeededPasses` of a stacked run, whose row m has its own target (a class or a seeded target)
+    and seed row: L and dL/d score of score rows made from row m."""
+
+    targets: list[int | SeededTarget]
+    seed_rows: np.ndarray
+
+    def scores(self, scores: np.ndarray, m: int) -> np.ndarray:
+        target = self.targets[m]
+        if isinstance(target, SeededTarget):
+            return target.row_scores(scores, self.seed_rows[m])
+        return class_scores(scores)[:, target]
+
+    def seeds(self, scores: np.ndarray, m: int) -> np.ndarray:
+        target = self.targets[m]
+        if isinstance(target, SeededTarget):
+            return target.row_seeds(scores, self.seed_rows[m])
+        return np.broadcast_to(self.seed_rows[m], scores.shape)  # a class logit is linear in the score
 
 
 def seeded_parts(request: TargetRequest) -> list[SeededTarget]:

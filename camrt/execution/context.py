@@ -7,10 +7,16 @@ get an `ExplainContext` as ``outputs.context``:
 
     ctx = outputs.context
     logits = ctx.forward(masked_inputs)                         # [N, classes], forward only
-    grads = ctx.gradients(noisy, targets, [input_gradient_output("vanilla")])
+    scores = ctx.target_scores(logits, b)                       # the explained target's L per row
+    grads = ctx.target_gradients(noisy, b, [input_gradient_output("vanilla")])  # dL/d... per row
     logits = ctx.tail(layer, edited_activations, samples=rows)  # from the layer to the logits
     logits = ctx.masked_tail(layer, masks, samples=rows)        # the layer's maps times masks [N, h, w]
     ctx.add_extra("completeness", per_sample_values)            # -> Explanation.extra
+
+`target_scores` and `target_gradients` are the one place where further passes get their target: the
+class explained for batch sample b, or a seeded target (segmentation region, concept similarity,
+detection box; camrt.seeds.targets) whose L and seed are made from each pass's own score. A method
+that uses only them (``Method.scores_seeded_targets``) explains every target kind.
 
 Every pass goes through the `ExplainSession` of the file (cached onnxruntime sessions of the
 pruned subgraphs), so no model other than the file is ever run. Callers bound their memory by
@@ -33,21 +39,24 @@ class ExplainContext:
     """Passes through the contract file, for the batch being explained.
 
     inputs: the preprocessed batch [B, C, H, W] of this call; targets: the explained class per
-    sample (already resolved, int64 [B]); target_score: for a seeded target (camrt.seeds.targets),
-    (score rows [N, ...], sample b) -> its L per row, which `target_scores` then gives; target: that
-    seeded target itself (D-RISE reads its box), None on the class path.
+    sample (already resolved, int64 [B]); seeded: for a seeded target, its `SeededPasses`
+    (camrt.seeds.targets: L and the seed of score rows made from sample b), which `target_scores`
+    and `target_gradients` then use instead of `targets`.
     """
 
-    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray, target_score: Any = None,
-                 target: Any = None):
+    def __init__(self, session, inputs: np.ndarray, targets: np.ndarray, seeded: Any = None):
         self.session = session
-        self.target = target
         self.inputs = inputs
         self.targets = np.asarray(targets, dtype=np.int64)
-        self.target_score = target_score
+        self.seeded = seeded
         self.extra: dict[str, list[Any]] = {}
         self._side: dict[str, dict[str, np.ndarray]] = {}
         self._layer_values: dict[str, np.ndarray] = {}
+
+    @property
+    def target(self) -> Any:
+        """The seeded target explained for every sample (D-RISE reads its box), None on the class path."""
+        return getattr(self.seeded, "target", None)
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """``camrt/logits`` [N, classes] of model inputs [N, C, H, W] (the forward subgraph only)."""
@@ -57,14 +66,31 @@ class ExplainContext:
 
     def target_scores(self, scores: np.ndarray, sample: int) -> np.ndarray:
         """The explained target's score (L) of each row of `forward` outputs [N, ...] made from batch
-        sample `sample`: its class logit, or a seeded target's L."""
-        if self.target_score is None:
+        sample `sample`: its class logit, or a seeded target's L (float64)."""
+        if self.seeded is None:
             return scores[:, self.targets[sample]]
-        return np.asarray(self.target_score(scores, sample), dtype=np.float64)
+        return np.asarray(self.seeded.scores(scores, sample), dtype=np.float64)
+
+    def target_gradients(self, inputs: np.ndarray, sample: int, fetch: Sequence[str]) -> dict[str, np.ndarray]:
+        """Contract outputs (e.g. ``camrt/input_grad/vanilla``, ``camrt/grad/<layer>``) of inputs
+        [N, C, H, W] made from batch sample `sample` (noisy or interpolated copies), differentiating
+        the explained target at each row: the class explained for `sample` (not each row's top-1),
+        or a seeded target's L, whose seed is made from that row's own score (one forward pass, the
+        seeds, one backward pass; a row whose L is locally constant, e.g. a box no candidate
+        matches any more, gets zero gradients)."""
+        x = np.asarray(inputs)
+        if self.seeded is None:
+            return self.session.run(x, np.full(x.shape[0], self.targets[sample]), list(fetch))
+        return self.session.run_seeded(x, lambda forward: self.seeded.seeds(forward[contract.LOGITS_OUTPUT], sample),
+                                       list(fetch), allow_zero_rows=True)
 
     def gradients(self, inputs: np.ndarray, targets: Any, fetch: Sequence[str]) -> dict[str, np.ndarray]:
         """Any contract outputs (e.g. ``camrt/input_grad/vanilla``) for inputs [N, C, H, W] and one
-        target per row (a class index, or -1 for the top-1 of that row)."""
+        class target per row (a class index, or -1 for the top-1 of that row). A seeded target has
+        no class: `target_gradients` serves every target."""
+        if self.seeded is not None:
+            raise PluginError("ExplainContext.gradients(inputs, targets, ...) differentiates class logits, but this "
+                              "call explains a seeded target: use target_gradients(inputs, sample, fetch)")
         return self.session.run(inputs, targets, list(fetch))
 
     def tail(self, layer: str, activations: np.ndarray, samples: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -202,14 +202,16 @@ def feed_seed(model):
 
 
 def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.ndarray]], Any],
-               fetch: Sequence[str]) -> dict[str, np.ndarray]:
+               fetch: Sequence[str], allow_zero_rows: bool = False) -> dict[str, np.ndarray]:
     """One forward pass of `inputs`, `make_seed(forward outputs)`, one backward pass of its rows.
 
     `session` is an ExplainSession; `make_seed` gets {"camrt/logits": ..., and the fetched outputs
     that do not depend on the seed} for the B inputs and returns a seed array [B, ...] (row b for
     sample b) or a `SeedBatch` of M rows. Returns every `fetch` output with one row per seed row,
     layer activations and gradients as [B, C, h, w] feature maps, as `ExplainSession.run` does
-    (`feature_layout`; `make_seed` sees them in the file's layout)."""
+    (`feature_layout`; `make_seed` sees them in the file's layout). A seed row of zeros (L = 0, no
+    gradient) is refused unless `allow_zero_rows` (further passes of a method, where L may be
+    locally constant: zero gradients)."""
     plan = session.seeded_plan(fetch)
     graphs = plan.graphs
     x = session._model_input(session.check_inputs(inputs))
@@ -223,7 +225,7 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
     values.update({k: v for k, v in feeds.items() if k in graphs.boundary})
     forward_outputs = {name: values[name] for name in graphs.forward_fetch}
     check_finite(forward_outputs, "the forward pass")
-    seeds = _seed_batch(make_seed(dict(forward_outputs)), values[contract.LOGITS_OUTPUT])
+    seeds = _seed_batch(make_seed(dict(forward_outputs)), values[contract.LOGITS_OUTPUT], allow_zero_rows)
     rows = seeds.samples
     identity = len(rows) == x.shape[0] and np.array_equal(rows, np.arange(x.shape[0]))
     unbatched = [b for b in graphs.boundary if b not in graphs.batched]
@@ -257,7 +259,7 @@ def run_seeded(session, inputs: np.ndarray, make_seed: Callable[[dict[str, np.nd
     return outputs_as_nchw(values, session.info.layer_layouts)
 
 
-def _seed_batch(made: Any, logits: np.ndarray) -> SeedBatch:
+def _seed_batch(made: Any, logits: np.ndarray, allow_zero_rows: bool = False) -> SeedBatch:
     """`made` as a float32 SeedBatch checked against the score's shape: one row per sample for an array."""
     seeds = made if isinstance(made, SeedBatch) else SeedBatch.one_per_sample(np.asarray(made))
     values = np.ascontiguousarray(seeds.values, dtype=logits.dtype)
@@ -271,7 +273,7 @@ def _seed_batch(made: Any, logits: np.ndarray) -> SeedBatch:
     if not np.isfinite(values).all():
         raise InputError("the seed holds NaN or inf")
     empty = np.flatnonzero(~values.reshape(values.shape[0], -1).any(axis=1))
-    if empty.size:
+    if empty.size and not allow_zero_rows:
         raise InputError(f"seed row(s) {empty.tolist()} are all zeros: L = 0 has no gradient (an empty region, "
                          "or no candidate matched)")
     return SeedBatch(values, seeds.samples)

@@ -280,11 +280,12 @@ class ExplainSession:
             return self._sessions[key]
 
     def run_seeded(self, inputs: np.ndarray, make_seed: Callable[[dict[str, np.ndarray]], Any],
-                   fetch: Sequence[str]) -> dict[str, np.ndarray]:
+                   fetch: Sequence[str], allow_zero_rows: bool = False) -> dict[str, np.ndarray]:
         """Forward once, `make_seed(forward outputs)` -> seed (an array [B, ...] or a
         `camrt.seeds.SeedBatch` of M rows), then the backward pass on the same activations; returns
-        the `fetch` outputs, one row per seed row (camrt.execution.seeded.run_seeded)."""
-        return run_seeded(self, inputs, make_seed, fetch)
+        the `fetch` outputs, one row per seed row (camrt.execution.seeded.run_seeded; seed rows of
+        zeros are refused unless `allow_zero_rows`)."""
+        return run_seeded(self, inputs, make_seed, fetch, allow_zero_rows)
 
     # -- the tail graph: from a layer's activations to the logits (Ablation-CAM) ---------
     def layer_tensor(self, layer: str) -> str:

@@ -14,8 +14,11 @@ instead, and because it takes that minimum over the batch of copies it is editin
 of a batch gets min(A) - (i + 1) * 1e7 (its maps there depend on its batch_size). camrt follows
 the paper; the tests compare signed layers with pytorch-grad-cam given a zeroing AblationLayer.
 y^c is the tail's score of the unedited activations (the same computation as y^c_k, so the
-difference carries no rounding of a different graph). The ReLU, upsampling and normalisation are
-`camrt.postprocess`'s.
+difference carries no rounding of a different graph). y^c is the explained target's score of the
+tail's output (`ExplainContext.target_scores`): a class logit, or a seeded target's L (a
+segmentation region fixed on the unablated input, as pytorch-grad-cam's SemanticSegmentationTarget
+keeps its mask; the cosine of the ablated embedding; the box matched again). The ReLU, upsampling
+and normalisation are `camrt.postprocess`'s.
 """
 
 from __future__ import annotations
@@ -32,23 +35,23 @@ class AblationCAM(ChannelWeightingMethod):
     name = "ablationcam"
     aliases = ("ablation-cam",)
     requires = Requirements(activations=True, tail=True)
+    scores_seeded_targets = True
 
     Options = BatchedCAMOptions
 
     def layer_weights(self, outputs: GraphOutputs, layer: str) -> np.ndarray:
         context = outputs.require_context(self.name)
         acts = outputs.activation(layer).astype(np.float32, copy=False)
-        targets = outputs.target_index.astype(np.int64)
         batch, channels = acts.shape[:2]
         step = self.options.batch_size
         weights = np.empty((batch, channels), dtype=np.float32)
         for b in range(batch):
-            original = context.tail(layer, acts[b][None], samples=[b])[0, targets[b]]
+            original = context.target_scores(context.tail(layer, acts[b][None], samples=[b]), b)[0]
             for start in range(0, channels, step):
                 stop = min(start + step, channels)
                 edited = np.repeat(acts[b][None], stop - start, axis=0)
                 edited[np.arange(stop - start), np.arange(start, stop)] = 0.0
-                scores = context.tail(layer, edited, samples=np.full(stop - start, b))[:, targets[b]]
+                scores = context.target_scores(context.tail(layer, edited, samples=np.full(stop - start, b)), b)
                 weights[b, start:stop] = (original - scores) / original
         return weights
 

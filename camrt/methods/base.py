@@ -211,6 +211,11 @@ class Method(ABC):
     #: The seeded target kinds it alone explains (D-RISE: "box"), None: class targets and the seeded
     #: kinds its requirements serve (camrt.seeds.targets.method_refusal).
     target_kinds: ClassVar[tuple[str, ...] | None] = None
+    #: Whether its further passes (``extra_passes``, ``tail``) get the explained target only through
+    #: ``ExplainContext.target_scores`` / ``target_gradients``, so that they explain any target (a
+    #: seeded one, camrt.seeds.targets, as a class); a method with further passes that does not say
+    #: so is refused a seeded target (`camrt.seeds.targets.method_refusal`).
+    scores_seeded_targets: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

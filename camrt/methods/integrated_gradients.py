@@ -11,7 +11,11 @@ quadrature (a_j, w_j) of Captum's ``IntegratedGradients`` for the same `method` 
 ``gausslegendre`` (Captum's default: Gauss-Legendre nodes on [0, 1]) or ``riemann_left``,
 ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid`` (Captum's: nodes linspace, weights
 1/steps, halved at both ends for the trapezoid). F is the target's ``camrt/logits`` score; the
-target is the one explained for x at every point of the path.
+target is the one explained for x at every point of the path. A seeded target (camrt.seeds.targets)
+is integrated likewise: F is its L, its parameters (a segmentation region) resolved on x, its seed
+made from each path point's own score (the cosine's gradient there, the box matched again; a fixed
+region's seed is the same at every point), as Captum's IntegratedGradients integrates a forward
+function returning that L (`ExplainContext.target_gradients`).
 
 Completeness (Prop. 1: sum_i IG_i(x) = F(x) - F(x')) is reported per sample in the Explanation's
 extra field ``completeness``: the attribution sum, the score difference and their gap (Captum's
@@ -57,6 +61,7 @@ class IntegratedGradients(InputGradientMethod):
     name = "integrated-gradients"
     aliases = ("ig", "integrated_gradients")
     requires = Requirements(input_gradient=contract.RULE_VANILLA, extra_passes=True)
+    scores_seeded_targets = True
 
     @dataclass(frozen=True)
     class Options:
@@ -76,7 +81,6 @@ class IntegratedGradients(InputGradientMethod):
     def attribution(self, outputs: GraphOutputs, *, layer: str | None = None) -> np.ndarray:
         context = outputs.require_context(self.name)
         x = outputs.inputs
-        targets = outputs.target_index.astype(np.int64)
         opts = self.options
         alphas, weights = quadrature(opts.method, opts.steps)
         baseline = np.full_like(x[:1], opts.baseline)
@@ -87,12 +91,12 @@ class IntegratedGradients(InputGradientMethod):
             for start in range(0, opts.steps, opts.batch_size):
                 a = alphas[start:start + opts.batch_size].astype(np.float32)
                 points = baseline + a[:, None, None, None] * delta[None]
-                grads = context.gradients(points, np.full(a.size, targets[b]), [name])[name]
+                grads = context.target_gradients(points, b, [name])[name]
                 integral[b] += np.tensordot(weights[start:start + a.size], grads.astype(np.float64), axes=1)
         attribution = ((x - baseline).astype(np.float64) * integral).astype(np.float32)
         base_logits = context.forward(np.repeat(baseline, x.shape[0], axis=0))
-        rows = np.arange(x.shape[0])
-        difference = outputs.logits[rows, targets].astype(np.float64) - base_logits[rows, targets]
+        difference = [float(context.target_scores(outputs.logits[b:b + 1], b)[0])
+                      - float(context.target_scores(base_logits[b:b + 1], b)[0]) for b in range(x.shape[0])]
         sums = attribution.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
         context.add_extra("completeness", [
             {"attribution_sum": float(s), "score_difference": float(d), "delta": float(s - d)}

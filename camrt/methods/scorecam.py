@@ -90,9 +90,7 @@ class ScoreWeightedMethod(ChannelWeightingMethod):
     """
 
     requires = Requirements(activations=True, extra_passes=True)
-    #: Its further passes score the target through `ExplainContext.target_scores`, so a seeded
-    #: target's L (camrt.seeds.targets) is scored as a class logit is.
-    scores_seeded_targets = True
+    scores_seeded_targets = True  # its masked passes score the target through ExplainContext.target_scores
 
     def samples(self) -> int:
         """Perturbations per mask."""

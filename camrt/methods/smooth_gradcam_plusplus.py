@@ -9,7 +9,8 @@ derivatives averaged over noisy copies of the input, as SmoothGrad averages inpu
     alpha^kc_ij = D^2_ij / (2 D^2_ij + sum_ab A^k_ab D^3_ij)
     w^c_k = sum_ij alpha^kc_ij ReLU(D^1_ij),   L^c = ReLU(sum_k w^c_k A^k)
 
-A^k are the activations of the clean input; the target c is the one explained for the clean input.
+A^k are the activations of the clean input; the target c is the one explained for the clean input
+(a seeded target's L is differentiated at each noisy copy as in camrt.methods.smoothgrad).
 eps = 1e-6 and alpha := 0 where D^2 = 0, as camrt's Grad-CAM++ (so with sigma = 0 the method is
 Grad-CAM++ exactly). The paper prints the averaged first derivative in alpha's numerator; camrt,
 like torchcam, uses D^2, the Grad-CAM++ closed form the paper averages (with D^1 the method would
@@ -45,6 +46,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
     name = "smooth-gradcam++"
     aliases = ("smoothgradcampp", "smooth-grad-cam++")
     requires = Requirements(activations=True, gradients=True, extra_passes=True)
+    scores_seeded_targets = True
 
     @dataclass(frozen=True)
     class Options(BatchedCAMOptions):
@@ -64,7 +66,6 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         context = outputs.require_context(self.name)
         opts = self.options
         x = outputs.inputs
-        targets = outputs.target_index.astype(np.int64)
         activations = outputs.activation(layer)
         name = contract.gradient_output(layer)
         rng = np.random.default_rng(opts.seed)
@@ -73,7 +74,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
             for start in range(0, opts.n_samples, opts.batch_size):
                 count = min(opts.batch_size, opts.n_samples - start)
                 noise = rng.standard_normal((count, *x.shape[1:]), dtype=np.float32) * np.float32(opts.std)
-                grads = context.gradients(x[b][None] + noise, np.full(count, targets[b]), [name])[name]
+                grads = context.target_gradients(x[b][None] + noise, b, [name])[name]
                 grads2 = grads * grads
                 for p, power in enumerate((grads, grads2, grads2 * grads)):
                     moments[p, b] += power.sum(axis=0, dtype=np.float64)

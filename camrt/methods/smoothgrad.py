@@ -7,7 +7,12 @@ arXiv:1706.03825 (2017), sec. 3, eq. for M_hat:
 
 with sigma = stdev_spread * (x_max - x_min) (the paper's noise level, 10-20% recommended), the
 range taken over each sample's model input. The target class c is the one explained for the clean
-input (the noisy copies do not pick their own top-1). The attribution is the signed mean gradient
+input (the noisy copies do not pick their own top-1). A seeded target (camrt.seeds.targets) is
+differentiated likewise: S is its L, its parameters (a segmentation region) resolved on the clean
+input, its seed made from each noisy copy's own score (the cosine's gradient at the noisy
+embedding, the box matched again; a fixed region's seed is the same for every copy), as Captum's
+NoiseTunnel differentiates a forward function returning that L (`ExplainContext.target_gradients`).
+The attribution is the signed mean gradient
 (Captum's ``NoiseTunnel(Saliency)`` with ``nt_type="smoothgrad"``, ``abs=False``); its map is
 max_channel |M_hat| like the other input-space methods (`channel_max_abs`).
 
@@ -39,6 +44,7 @@ class SmoothGrad(InputGradientMethod):
     name = "smoothgrad"
     aliases = ("smooth-grad",)
     requires = Requirements(input_gradient=contract.RULE_VANILLA, extra_passes=True)
+    scores_seeded_targets = True
 
     @dataclass(frozen=True)
     class Options:
@@ -57,7 +63,6 @@ class SmoothGrad(InputGradientMethod):
     def attribution(self, outputs: GraphOutputs, *, layer: str | None = None) -> np.ndarray:
         context = outputs.require_context(self.name)
         x = outputs.inputs
-        targets = outputs.target_index.astype(np.int64)
         opts = self.options
         sigma = noise_sigma(x, opts.stdev_spread)
         rng = np.random.default_rng(opts.seed)
@@ -67,7 +72,7 @@ class SmoothGrad(InputGradientMethod):
             for start in range(0, opts.n_samples, opts.batch_size):
                 count = min(opts.batch_size, opts.n_samples - start)
                 noise = rng.standard_normal((count, *x.shape[1:]), dtype=np.float32) * sigma[b]
-                grads = context.gradients(x[b][None] + noise, np.full(count, targets[b]), [name])[name]
+                grads = context.target_gradients(x[b][None] + noise, b, [name])[name]
                 total[b] += grads.sum(axis=0, dtype=np.float64)
         return (total / opts.n_samples).astype(np.float32)
 

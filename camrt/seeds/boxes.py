@@ -145,14 +145,16 @@ def _matched(head: np.ndarray, target: BoxTarget, iou_threshold: float, box_form
 
 
 def box_seed(head: np.ndarray, targets: Sequence[BoxTarget], iou_threshold: float = 0.5,
-             box_format: str = "cxcywh", iou_constant: bool = False, layout: str = CANDIDATES_LAST) -> SeedBatch:
+             box_format: str = "cxcywh", iou_constant: bool = False, layout: str = CANDIDATES_LAST,
+             allow_unmatched: bool = False) -> SeedBatch:
     """One seed row per target (several per image allowed: one map per box, one backward pass),
-    shaped like the head's rows in `layout`."""
+    shaped like the head's rows in `layout`. A box no candidate matches is an error, or with
+    `allow_unmatched` a row of zeros (L = 0 there)."""
     check_box_options(iou_threshold, box_format, layout)
     rows = []
     for target in targets:
         _, seed, candidates, score, d_iou = _matched(candidates_last(head, layout), target, iou_threshold, box_format)
-        if candidates.size == 0:
+        if candidates.size == 0 and not allow_unmatched:
             raise InputError(f"box {list(target.box)} (image {target.sample}, label {target.label}): no candidate has "
                              f"IoU > {iou_threshold} with a matching label; lower the threshold or check the box")
         if not iou_constant:

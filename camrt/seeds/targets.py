@@ -3,9 +3,12 @@
 
 A `SeededTarget` makes its seed (the cotangent dL/d score, camrt/seeds/) from the outputs of one
 forward pass; the Explainer then runs the backward pass on the same activations
-(`ExplainSession.run_seeded`) and hands the method the gradients of L. Only methods that read
-gradients of the target and nothing else that follows `camrt/target` can do that; the others are
-refused (`method_refusal`), never run on the class path. camrt/seeded_explain.py runs them.
+(`ExplainSession.run_seeded`) and hands the method the gradients of L. Methods with further passes
+(Score-CAM's masked inputs, Ablation-CAM's ablated activations, SmoothGrad's noisy and Integrated
+Gradients' interpolated inputs) get the target's L and its seed on each pass from `SeededPasses`
+through `ExplainContext`. Methods that read what follows `camrt/target` (CAM's class weights) or
+nothing that depends on the target are refused (`method_refusal`), never run on the class path.
+camrt/seeded_explain.py runs them.
 """
 
 from __future__ import annotations
@@ -41,11 +44,20 @@ class SeededTarget(Target):
     def parameters(self) -> dict[str, Any]:
         """The target's parameters, JSON-able, for the explanation's record."""
 
+    # Further passes (perturbed copies of an input: masked, ablated, noisy, interpolated) explain
+    # the same L as the input, its parameters (a class, a region) resolved on the unperturbed input
+    # as a class target's top-1 is; L and its seed are then those of each copy's own score. The
+    # defaults are those of a target linear in the score (a segmentation region, a plugin's fixed
+    # seed); a target that is not (a cosine, a box matched again) overrides both.
     def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
         """L [N] of score rows [N, ...] of perturbed copies of an input whose seed row is
-        `seed_row` (Score-CAM's passes): <seed_row, row>, the L of a target linear in the score whose
-        seed (e.g. a segmentation region) stays that of the unperturbed input."""
+        `seed_row`: <seed_row, row>, the L of a target linear in the score."""
         return _inner(np.broadcast_to(seed_row, scores.shape), scores)
+
+    def row_seeds(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """dL/d score [N, ...] at score rows [N, ...] of perturbed copies of an input whose seed row
+        is `seed_row`: `seed_row` itself for a target linear in the score."""
+        return np.broadcast_to(seed_row, scores.shape)
 
     @property
     def class_index(self) -> int | None:
@@ -127,6 +139,9 @@ class SimilarityTarget(SeededTarget):
     def row_scores(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
         return cosine_similarity(scores, self.concept)
 
+    def row_seeds(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        return similarity_seed(scores, self.concept).values
+
 
 @dataclass(frozen=True)
 class BoxScoreTarget(SeededTarget):
@@ -164,6 +179,12 @@ class BoxScoreTarget(SeededTarget):
         return np.array([boxes.box_score(scores, boxes.BoxTarget(i, self.box, self.label), self.iou_threshold,
                                          self.box_format, self.layout) for i in range(scores.shape[0])])
 
+    def row_seeds(self, scores: np.ndarray, seed_row: np.ndarray) -> np.ndarray:
+        """Each row's candidates matched again (none matching: a zero row, L = 0 around it)."""
+        wanted = [boxes.BoxTarget(i, self.box, self.label) for i in range(scores.shape[0])]
+        return boxes.box_seed(scores, wanted, self.iou_threshold, self.box_format, layout=self.layout,
+                              allow_unmatched=True).values
+
 
 def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A [H, W] region at `size` (nearest neighbour: the preprocessing resizes without cropping)."""
@@ -178,6 +199,22 @@ def _resized(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _inner(seeds: np.ndarray, score: np.ndarray) -> np.ndarray:
     """<seed row, score row> in float64: L for a seed that is dL/d score of a linear L."""
     return (seeds.astype(np.float64) * score.astype(np.float64)).reshape(len(seeds), -1).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class SeededPasses:
+    """A seeded target resolved on a batch (`seed_rows` [B, ...]: the seed of each input), for the
+    further passes of a method (`camrt.execution.context.ExplainContext`): L and dL/d score of score
+    rows made from batch sample `sample`."""
+
+    target: SeededTarget
+    seed_rows: np.ndarray
+
+    def scores(self, scores: np.ndarray, sample: int) -> np.ndarray:
+        return self.target.row_scores(scores, self.seed_rows[sample])
+
+    def seeds(self, scores: np.ndarray, sample: int) -> np.ndarray:
+        return self.target.row_seeds(scores, self.seed_rows[sample])
 
 
 @dataclass(frozen=True)
@@ -214,18 +251,22 @@ def target_kinds(info: contract.ContractInfo) -> list[str]:
 
 
 def method_refusal(method: Any) -> str | None:
-    """Why `method` (a Method class or instance) cannot explain a seeded target, or None. Methods
-    whose further passes score the target through `ExplainContext.target_scores` (Score-CAM, SS-CAM,
-    IS-CAM: ``scores_seeded_targets``) can."""
+    """Why `method` (a Method class or instance) cannot explain a seeded target, or None. A method
+    with further passes explains one when they get the target only through `ExplainContext`
+    (``scores_seeded_targets``: Score-CAM's family, Ablation-CAM, SmoothGrad, Smooth Grad-CAM++,
+    Integrated Gradients)."""
     requires = method.requires
-    if getattr(method, "scores_seeded_targets", False):
-        return None
-    if requires.extra_passes or requires.tail:
-        return "scores further passes through the file with the class path (camrt/target), not with a seed"
     if requires.cam_weights:
-        return "reads the target class's classifier weights (camrt/cam_weights), which a seed has not"
+        return ("reads the target class's classifier weights (camrt/cam_weights), which a seed has not: CAM is "
+                "defined for a class of a global-average-pooling + linear head (Zhou et al. 2016); gradcam equals "
+                "it on such a head and serves every target")
     if requires.uses_attention:
         return "reads attention outputs, which a seeded run does not fetch"
+    if requires.extra_passes or requires.tail:
+        if getattr(method, "scores_seeded_targets", False):
+            return None
+        return ("runs further passes that do not declare scores_seeded_targets (getting their target only "
+                "through ExplainContext.target_scores / target_gradients)")
     if not (requires.gradients or requires.input_gradient or requires.bias_gradients):
         return "reads no gradient, so its map would not depend on the target"
     return None

@@ -562,34 +562,99 @@ def test_explainer_box_target_gradcam_is_autograd_of_the_box_score(yolo):
         assert got.score == pytest.approx(float(_torch_box_score(torch.from_numpy(head).double(), one)), rel=1e-4)
 
 
-@pytest.mark.parametrize("method, reason", [
-    ("ablationcam", "scores further passes"), ("eigencam", "reads no gradient"),
-    ("smoothgrad", "scores further passes"),
-])
-def test_methods_that_cannot_explain_a_seed_are_refused(lraspp, method, reason):
+def test_eigencam_is_refused_a_seed(lraspp):
     from camrt.errors import UsageError
     from camrt.explainer import Explainer
     from camrt.seeds.targets import SegmentationTarget
 
     _, path = lraspp
-    options = {"layer": SEG_LAYER} if method not in ("smoothgrad",) else {}
-    with pytest.raises(UsageError, match=rf"method '{method}' cannot explain a seg target: it {reason}"):
-        Explainer(path, method=method, **options).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+    with pytest.raises(UsageError, match=r"method 'eigencam' cannot explain a seg target: it reads no gradient, so "
+                                         r"its map would not depend on the target"):
+        Explainer(path, method="eigencam", layer=SEG_LAYER).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+
+
+class _GapFcClassifier(torch.nn.Module):
+    """conv-bn-relu (feat) -> global average pooling -> linear: the head CAM is defined for."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.feat(x).mean(dim=(2, 3)))
+
+
+def test_cam_is_refused_a_seed_naming_its_class_weights(tmp_path_factory):
+    """A seeded GAP + FC classifier has CAM's class weights, but a seed (here the cosine of its
+    score to a concept) has no class: CAM is refused, naming why and Grad-CAM, which serves it."""
+    from camrt.errors import UsageError
+    from camrt.explainer import Explainer
+    from camrt.seeds.targets import SimilarityTarget
+
+    torch.manual_seed(0)
+    path = _export(tmp_path_factory, _GapFcClassifier().eval(), "feat", (16, 16), "gapfc")
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    target = SimilarityTarget(np.array([1.0, 0.5, -0.2, 0.1]))
+    assert Explainer(path, method="cam", layer="feat").explain(x)[0].target is not None  # the class path has CAM
+    with pytest.raises(UsageError, match=r"method 'cam' cannot explain a similar target: it reads the target class's "
+                                         r"classifier weights \(camrt/cam_weights\), which a seed has not: CAM is "
+                                         r"defined for a class of a global-average-pooling \+ linear head"):
+        Explainer(path, method="cam", layer="feat").explain(x, targets=target)
+    assert Explainer(path, method="gradcam", layer="feat").explain(x, targets=target)[0].record()["target_kind"] == \
+        "similar"
 
 
 def test_which_registered_methods_explain_seeds():
-    """A method explains a seed exactly when it reads gradients of the target and nothing that
-    follows the class path (CAM's class weights, further passes, the tail graph, attention)."""
+    """A method explains a seed unless it reads what follows the class path (CAM's class weights),
+    attention outputs, or nothing that depends on the target (EigenCAM); methods with further
+    passes (Score-CAM's family, Ablation-CAM, SmoothGrad, Smooth Grad-CAM++, Integrated Gradients)
+    get the target through ExplainContext. Each refusal's message is asserted."""
     from camrt.plugins.registry import build_method_registry
     from camrt.seeds.targets import method_refusal
 
     registry = build_method_registry()
-    served = {name for name in registry.names() if method_refusal(registry.get(name)) is None}
-    assert {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "saliency", "guided-backprop",
-            "fullgrad", "scorecam", "sscam", "iscam"} <= served
-    assert not served & {"cam", "ablationcam", "eigencam", "smoothgrad", "integrated-gradients",
-                         "smooth-gradcam++", "attention-rollout"}
-    assert method_refusal(registry.get("cam")).startswith("reads the target class's classifier weights")
+    refusals = {name: method_refusal(registry.get(name)) for name in registry.names()}
+    served = {name for name, reason in refusals.items() if reason is None}
+    assert {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam", "gradcam-elementwise",
+            "guided-gradcam", "saliency", "guided-backprop", "deconvnet", "fullgrad", "scorecam", "sscam", "iscam",
+            "ablationcam", "smoothgrad", "integrated-gradients", "smooth-gradcam++"} <= served
+    assert refusals["cam"].startswith("reads the target class's classifier weights (camrt/cam_weights)")
+    assert refusals["eigencam"] == "reads no gradient, so its map would not depend on the target"
+    for name in ("attention-rollout", "generic-attention", "legrad"):
+        assert refusals[name] == "reads attention outputs, which a seeded run does not fetch"
+    assert set(refusals) - served == {"cam", "eigencam", "attention-rollout", "generic-attention", "legrad"}
+
+
+def test_a_method_with_further_passes_that_does_not_declare_them_target_agnostic_is_refused(lraspp):
+    """A plugin method whose further passes may read the class path (``context.gradients`` with class
+    indices) is refused a seed unless it declares scores_seeded_targets; the context refuses the
+    class call on a seeded target instead of differentiating a placeholder class."""
+    from camrt import contract
+    from camrt.errors import PluginError, UsageError
+    from camrt.execution.context import ExplainContext
+    from camrt.execution.session import ExplainSession
+    from camrt.explainer import Explainer
+    from camrt.methods.base import Method, Requirements
+    from camrt.seeds.targets import SeededPasses, SegmentationTarget
+
+    class ClassPasses(Method):
+        name = "class-passes"
+        requires = Requirements(input_gradient=contract.RULE_VANILLA, extra_passes=True)
+
+        def explain(self, outputs, *, layer):
+            return outputs.input_gradient(contract.RULE_VANILLA).sum(axis=1)
+
+    _, path = lraspp
+    with pytest.raises(UsageError, match=r"method 'class-passes' cannot explain a seg target: it runs further passes "
+                                         r"that do not declare scores_seeded_targets"):
+        Explainer(path, method=ClassPasses()).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
+    x = _seg_inputs()[:1]
+    seeded = ExplainContext(ExplainSession(path), x, np.full(1, contract.TOP1_TARGET),
+                            seeded=SeededPasses(SegmentationTarget(1), np.ones((1, 21, *SEG_SIZE), np.float32)))
+    with pytest.raises(PluginError, match=r"differentiates class logits, but this call explains a seeded target: "
+                                          r"use target_gradients"):
+        seeded.gradients(x, [1], [contract.input_gradient_output(contract.RULE_VANILLA)])
 
 
 def test_seeded_target_errors(lraspp, tiny, tmp_path):
