@@ -33,7 +33,7 @@ import numpy as np
 
 from .batch import ExplainRun, OutputNames, RecordLog, decode_inputs, iter_inputs, latest_ok_records, logged_records
 from .errors import UsageError
-from .targets import parse_targets
+from .target_parsing import parse_targets
 
 #: Input row fields: the image path (the record's `input`) and its output stem.
 INPUT_COLUMN = "input"

@@ -129,7 +129,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     from ..explainer import Explainer
     from ..imaging.render import colormap_code, remove_stale_temporaries
     from ..plugins.registry import build_renderer_registry
-    from ..targets import parse_targets
+    from ..target_parsing import parse_targets
 
     wanted = _split_formats(formats)
     registry = build_renderer_registry()

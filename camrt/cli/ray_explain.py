@@ -39,7 +39,7 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
     """
     from ..explainer import Explainer
     from ..ray import explain_with_ray
-    from ..targets import parse_targets
+    from ..target_parsing import parse_targets
     from .explain import checked_request
 
     options = parse_method_options(method_options)

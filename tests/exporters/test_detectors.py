@@ -166,7 +166,7 @@ def test_box_option_errors(ssdlite, tmp_path):
     from camrt.errors import InputError, UsageError
     from camrt.explainer import Explainer
     from camrt.seeds.targets import BoxScoreTarget
-    from camrt.targets import parse_target
+    from camrt.target_parsing import parse_target
 
     from .test_seeded_targets import _cli
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from camrt import contract
-from camrt.targets import ThresholdRequest, TopKRequest, parse_target
+from camrt.target_parsing import parse_target
+from camrt.targets import ThresholdRequest, TopKRequest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_grad_cam")

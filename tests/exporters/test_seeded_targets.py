@@ -540,7 +540,7 @@ def test_explainer_box_target_gradcam_is_autograd_of_the_box_score(yolo):
     the torch float64 autograd gradient of the box-matched score at the layer."""
     from camrt.explainer import Explainer
     from camrt.postprocess import finalize
-    from camrt.targets import parse_target
+    from camrt.target_parsing import parse_target
 
     model, path = yolo
     x = np.random.default_rng(4).standard_normal((1, 3, *DET_SIZE)).astype(np.float32)
@@ -663,7 +663,7 @@ def test_seeded_target_errors(lraspp, tiny, tmp_path):
     from camrt.errors import ModelError, UsageError
     from camrt.explainer import Explainer
     from camrt.seeds.targets import SegmentationTarget
-    from camrt.targets import parse_target
+    from camrt.target_parsing import parse_target
 
     with pytest.raises(ModelError, match=r"has no seed entry .*needed by a seg target: re-export it with "
                                          r"`camrt export \.\.\. --seed`"):
@@ -749,7 +749,7 @@ def test_a_plugin_target_kind_runs_through_the_cli(yolo, plugin, tmp_path):
     from camrt.hookspecs import hookimpl
     from camrt.plugins.registry import build_target_registry
     from camrt.postprocess import finalize
-    from camrt.targets import parse_target
+    from camrt.target_parsing import parse_target
     from tests.helpers import random_image, write_image
 
     plugin(_docs_plugin_example(), "test-candidate")
@@ -902,7 +902,7 @@ def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
     from camrt.imaging.preprocess import preprocess
     from camrt.seeded_explain import seeded_fetch
     from camrt.seeds.targets import SegmentationTarget
-    from camrt.targets import parse_targets
+    from camrt.target_parsing import parse_targets
     from tests.helpers import random_image, write_image
 
     model, path = lraspp

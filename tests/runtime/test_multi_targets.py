@@ -17,7 +17,8 @@ from camrt.cli import build_cli
 from camrt.errors import UsageError
 from camrt.explainer import Explainer
 from camrt.imaging.preprocess import preprocess
-from camrt.targets import ClassRequest, TargetListRequest, ThresholdRequest, parse_target, parse_targets
+from camrt.target_parsing import parse_target, parse_targets
+from camrt.targets import ClassRequest, TargetListRequest, ThresholdRequest
 from tests.helpers import CLASSES, HEIGHT, WIDTH, numpy_forward, random_image, write_image
 
 

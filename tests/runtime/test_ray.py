@@ -251,6 +251,6 @@ def test_ray_explain_checks_method_and_target_before_starting(tiny, segmenter, p
     refused = ray_explain(segmenter, str(photos), "--target", "seg:0", "-m", "eigencam")
     assert refused.exit_code == 2 and "method 'eigencam' cannot explain a seg target" in refused.output
     region = ray_explain(tiny.path, str(photos), "--target", "3", "--region", str(tmp_path / "mask.png"))
-    assert region.exit_code == 2 and "--region applies to --target seg:CLASS, not to '3'" in region.output
+    assert region.exit_code == 2 and "--region applies to --target seg:..., not to '3'" in region.output
     out_of_range = ray_explain(tiny.path, str(photos), "--target", "1,7")
     assert out_of_range.exit_code == 2 and "--target 7 is out of range" in out_of_range.output

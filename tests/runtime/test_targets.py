@@ -11,7 +11,8 @@ from camrt import contract, postprocess
 from camrt.errors import InputError, UsageError
 from camrt.explainer import Explainer
 from camrt.imaging.preprocess import preprocess
-from camrt.targets import ClassRequest, ClassTarget, TopKRequest, as_target, parse_target
+from camrt.target_parsing import parse_target
+from camrt.targets import ClassRequest, ClassTarget, TopKRequest, as_target
 from tests.helpers import CLASSES, HEIGHT, WIDTH, numpy_forward, random_image
 
 
