@@ -18,8 +18,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -27,18 +27,8 @@ from camrt import contract
 from camrt.explainer import Explainer
 from camrt.targets import ClassTarget, TopKRequest
 
-
-def median_ms(rows: dict, repeats: int) -> dict[str, float]:
-    """Median time of each function, run round-robin so that a varying machine load hits every row alike."""
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for fn in rows.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in rows.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.seeded_run import median_ms  # noqa: E402
 
 
 def per_rank(explainer: Explainer, x: np.ndarray, k: int) -> list:
