@@ -52,7 +52,8 @@ def test_bad_targets_in_the_library(explainer, targets, fragment):
 @pytest.mark.parametrize(("target", "fragment"), [
     ("5", "--target 5 is out of range"),
     ("-2", "--target must be a class index >= 0, top1 or topk:K"),
-    ("cat", "--target must be a class index, top1, topk:K, seg:CLASS, similar:FILE.npy or box:x1,y1,x2,y2[:label]"),
+    ("cat", "--target must be a class index, a list of them (3,7), top1, topk:K, above:T, seg:CLASS, "
+            "similar:FILE.npy or box:x1,y1,x2,y2[:label]"),
     ("box:1,2", "--target box:x1,y1,x2,y2[:label] needs 4 numbers"),
 ])
 def test_bad_targets_on_the_command_line(tiny, tmp_path, target, fragment):
