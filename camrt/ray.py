@@ -81,8 +81,9 @@ def renderers(formats: str) -> list[Any]:
 class ExplainBatches:
     """The per-actor callable of ``Dataset.map_batches`` (batch_format="numpy").
 
-    model, method, layers, target (one `--target` value or several), region (`--region`), device, threads, softmax and
-    method options as for `camrt explain`; outdir + formats: the files written per input, as the
+    model, method, layers, target (one `--target` value or several), region (`--region`), target_options (the
+    box options: box_iou, box_format, box_layout), device, threads, softmax and method options as for
+    `camrt explain`; outdir + formats: the files written per input, as the
     CLI writes them (formats "" writes none: the rows carry everything); overlay_bytes: add the
     overlay PNG as bytes; colormap, alpha: the overlay's look; base_dir: the folder relative paths
     (inputs, model, outdir) are read from, e.g. the driver's working directory on a shared
@@ -90,7 +91,9 @@ class ExplainBatches:
     """
 
     def __init__(self, model: str, method: str = "gradcam", layers: Sequence[str] = (),
-                 target: str | Sequence[str] = "top1", region: str | None = None, device: str = "auto", threads: int | None = None, softmax: bool = False, outdir: str = ".",
+                 target: str | Sequence[str] = "top1", region: str | None = None,
+                 target_options: dict[str, Any] | None = None, device: str = "auto", threads: int | None = None,
+                 softmax: bool = False, outdir: str = ".",
                  formats: str = "png,npy", overlay_bytes: bool = False, colormap: str = "jet", alpha: float = 0.5,
                  method_options: dict[str, Any] | None = None,
                  base_dir: str | None = None):
@@ -101,7 +104,7 @@ class ExplainBatches:
                               softmax=True if softmax else None, **(method_options or {}))
         self.options = {"alpha": alpha, "colormap": colormap}
         self.overlay_bytes = overlay_bytes
-        request = parse_targets(target, region).bound(explainer)
+        request = parse_targets(target, region, **(target_options or {})).bound(explainer)
         self.run = ExplainRun(explainer, request, renderers(formats), outdir, self.options)
         os.makedirs(outdir, exist_ok=True)
 
@@ -214,7 +217,9 @@ def explain_with_ray(model: str, inputs: Sequence[str], outdir: str, *, manifest
         todo = rows
         if skip_existing:
             # what the actors would write, to find what an earlier run finished (no model is opened)
-            written = ExplainRun(None, parse_targets(explain_options.get("target", "top1"), explain_options.get("region")),
+            request = parse_targets(explain_options.get("target", "top1"), explain_options.get("region"),
+                                    **(explain_options.get("target_options") or {}))
+            written = ExplainRun(None, request,
                                  renderers(explain_options.get("formats", "png,npy")), outdir,
                                  previous=log.previous())
             todo = [row for row in rows if not written.is_done(row[NAME_COLUMN], row[INPUT_COLUMN])]

@@ -231,6 +231,69 @@ def test_ray_explain_takes_region_and_several_targets(segmenter, tmp_path, clust
         np.testing.assert_allclose(np.load(mine["heatmap"]), np.load(record["heatmap"]), rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory, exporter) -> str:
+    """A tiny detector whose raw head is candidates-first xyxy: [B, 64, 4 + 2] (an 8 x 8 grid of cells
+    on a 32 x 32 input, each a box around its cell and two sigmoid class scores), exported with a seed."""
+    import torch
+
+    from camrt import contract
+    from camrt_exporters.export import export_torch, write_model
+
+    class Detector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(4))
+            self.head = torch.nn.Conv2d(6, 6, 1)
+            centres = torch.arange(8, dtype=torch.float32) * 4 + 2
+            self.register_buffer("cy", centres.view(1, 8, 1).expand(1, 8, 8).reshape(1, 64))
+            self.register_buffer("cx", centres.view(1, 1, 8).expand(1, 8, 8).reshape(1, 64))
+
+        def forward(self, x):
+            out = self.head(self.feat(x)).flatten(2)  # [B, 6, 64]
+            cx, cy = self.cx + 4 * torch.tanh(out[:, 0]), self.cy + 4 * torch.tanh(out[:, 1])
+            w, h = 4 + 8 * torch.sigmoid(out[:, 2]), 4 + 8 * torch.sigmoid(out[:, 3])
+            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=2)
+            return torch.cat([boxes, torch.sigmoid(out[:, 4:]).transpose(1, 2)], dim=2)  # [B, 64, 6]
+
+    torch.manual_seed(0)
+    onnx_model, _ = export_torch(Detector().eval(), layers=["feat.1"], input_size=(32, 32),
+                                 rules=[contract.RULE_VANILLA], seed=True)
+    path = tmp_path_factory.mktemp("detector") / "det.camrt.onnx"
+    write_model(onnx_model, path)
+    return str(path)
+
+
+def test_ray_explain_takes_the_box_options(detector, tmp_path, cluster):
+    """`camrt ray-explain ... --target box:... --box-iou --box-format --box-layout` writes the records
+    and heatmaps the local `camrt explain` does with the same options (which tests/exporters/
+    test_detectors.py checks against torch autograd)."""
+    import cv2
+    from click.testing import CliRunner
+
+    rng = np.random.default_rng(5)
+    images = [str(tmp_path / f"img{i}.png") for i in range(2)]
+    for path in images:
+        cv2.imwrite(path, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    options = ["--target", "box:6,6,18,18:1", "--box-iou", "0.2", "--box-format", "xyxy", "--box-layout",
+               "candidates-first", "--format", "npy"]
+    local = CliRunner().invoke(build_cli(), ["explain", detector, *images, *options, "-o", str(tmp_path / "local"),
+                                             "-q"], catch_exceptions=False)
+    assert local.exit_code == 0, local.output
+    want = [json.loads(line) for line in local.stdout.splitlines()]
+    remote = CliRunner().invoke(build_cli(), ["ray-explain", detector, *images, *options, "-o", str(tmp_path / "ray"),
+                                              "-q"], catch_exceptions=False)
+    assert remote.exit_code == 0, remote.output
+    got = {r["input"]: r for r in manifest(tmp_path / "ray")}
+    assert len(got) == len(want) == 2
+    for record in want:
+        mine = got[record["input"]]
+        assert record["status"] == "ok" and comparable(mine) == comparable(record)
+        assert mine["target_params"] == {"box": [6.0, 6.0, 18.0, 18.0], "label": 1, "iou_threshold": 0.2,
+                                         "box_format": "xyxy", "layout": "candidates-first"}
+        np.testing.assert_allclose(np.load(mine["heatmap"]), np.load(record["heatmap"]), rtol=0, atol=1e-6)
+
+
 def test_ray_explain_checks_method_and_target_before_starting(tiny, segmenter, photos, tmp_path, monkeypatch):
     """A target the file cannot serve, a method that cannot explain it, or --region on a class
     target: the error of `camrt explain`, before any Ray actor starts."""
@@ -254,3 +317,5 @@ def test_ray_explain_checks_method_and_target_before_starting(tiny, segmenter, p
     assert region.exit_code == 2 and "--region applies to --target seg:..., not to '3'" in region.output
     out_of_range = ray_explain(tiny.path, str(photos), "--target", "1,7")
     assert out_of_range.exit_code == 2 and "--target 7 is out of range" in out_of_range.output
+    box_iou = ray_explain(tiny.path, str(photos), "--target", "3", "--box-iou", "0.3")
+    assert box_iou.exit_code == 2 and "--box-iou applies to --target box:..., not to '3'" in box_iou.output
