@@ -45,6 +45,8 @@ class ViTReciproCAM(Method):
     aliases = ("vitreciprocam", "reciprocam")
     requires = Requirements(activations=True, tail=True)
     relu = False
+    #: Its tail passes read the target only through ExplainContext.target_scores.
+    scores_seeded_targets = True
 
     Options = BatchOptions
 

@@ -623,10 +623,7 @@ def test_which_registered_methods_explain_seeds():
     assert refusals["eigencam"] == "reads no gradient, so its map would not depend on the target"
     for name in ("attention-rollout", "generic-attention", "legrad"):
         assert refusals[name] == "reads attention outputs, which a seeded run does not fetch"
-    # ViT-ReciproCAM scores its tail passes through target_scores, but no test runs it on a seed yet
-    assert refusals["vit-reciprocam"].startswith("runs further passes that do not declare scores_seeded_targets")
-    assert set(refusals) - served == {"cam", "eigencam", "attention-rollout", "generic-attention", "legrad",
-                                      "vit-reciprocam"}
+    assert set(refusals) - served == {"cam", "eigencam", "attention-rollout", "generic-attention", "legrad"}
 
 
 def test_a_method_with_further_passes_that_does_not_declare_them_target_agnostic_is_refused(lraspp):

@@ -106,6 +106,58 @@ def test_vit_reciprocam_matches_the_formula(exported, batch_size):
     assert np.ptp(reference) > 1e-3 * np.abs(reference).max(), "degenerate reference"
 
 
+def test_vit_reciprocam_explains_a_similarity_target(tmp_path):
+    """On a headless vit_tiny exported with --seed (its score: the [B, 192] embedding), `similar:`
+    makes S(i, j) the cosine of the masked pass's embedding with the concept: the oracle above with
+    that score. The Explainer serves it end to end, L being torch's cosine."""
+    from camrt import Explainer
+    from camrt.execution.context import ExplainContext
+    from camrt.methods.base import GraphOutputs
+    from camrt.seeds.targets import SeededPasses, SimilarityTarget
+    from camrt.targets import ClassTarget
+    from camrt_exporters.export import export_torch, write_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, num_classes=0).eval()
+    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], seed=True)
+    path = str(tmp_path / "headless.camrt.onnx")
+    write_model(onnx_model, path)
+    x = _photo_batch()
+    with torch.no_grad():
+        embeddings = model(torch.from_numpy(x)).double()
+    concept = embeddings[1].numpy() + np.random.default_rng(0).normal(0, 0.1, embeddings.shape[1])
+    target = SimilarityTarget(concept)
+    explainer = Explainer(path, method="vit-reciprocam")
+    values = explainer.session.run(x, ClassTarget(), explainer.fetch)
+    seeds, _ = target.seeds(values)
+    context = ExplainContext(explainer.session, x, np.full(len(x), contract.TOP1_TARGET),
+                             seeded=SeededPasses(target, seeds.values))
+    ours = explainer.method.explain(GraphOutputs(values, x, context), layer=explainer.layers[0])
+
+    weights = _token_weights(1)
+    reference = []
+    with torch.no_grad():
+        for image in torch.from_numpy(x):
+            tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))
+            for block in model.blocks[:-1]:
+                tokens = block(tokens)
+            last = model.blocks[-1]
+            normed = last.norm1(tokens) * weights[:, :, None]
+            y = tokens * weights[:, :, None] + last.drop_path1(last.ls1(last.attn(normed)))
+            y = y + last.drop_path2(last.ls2(last.mlp(last.norm2(y))))
+            masked = model.forward_head(model.norm(y)).double()
+            reference.append(torch.nn.functional.cosine_similarity(masked, torch.from_numpy(concept)[None], dim=1)
+                             .reshape(GRID, GRID).numpy())
+    reference = np.stack(reference)
+    error = float(np.abs(ours - reference).max() / np.abs(reference).max())
+    print(f"similar: max relative difference {error:.2e}")
+    assert error <= TOLERANCE and np.ptp(reference) > 1e-3 * np.abs(reference).max()
+    results = explainer.explain(x, targets=target)
+    expected = torch.nn.functional.cosine_similarity(embeddings, torch.from_numpy(concept)[None], dim=1).numpy()
+    assert [r.record()["target_kind"] for r in results] == ["similar", "similar"]
+    np.testing.assert_allclose([r.score for r in results], expected, rtol=1e-5)
+
+
 def test_masks_are_the_kernel_around_each_token():
     """Closed form: a corner token's mask keeps 4 of the 9 kernel weights, an interior one all 9."""
     from camrt.methods.vit_reciprocam import gaussian_masks
