@@ -1,0 +1,212 @@
+"""The LRP methods on seeded targets against zennit 0.5.1 with `attr_output = seed * output`.
+
+The seed is dL/d score of the target, taken from torch autograd of the reference target (pytorch-grad-cam's
+`SemanticSegmentationTarget` for `seg:C`, torch's cosine similarity for `similar:`); zennit then
+propagates the output relevance seed * output. Files: a small segmentation-style net (Conv-BN-ReLU twice,
+a 1x1 Conv head: [B, classes, H, W]) and an embedder (the same trunk, average pooling and a Linear layer),
+exported with `--seed` and the LRP rule sets. Tolerance: lrp_oracle.py's (1e-4 max-relative per sample)
+for the relevance, 1e-4 max abs for the Explainer's and the CLI's min-max normalised heatmaps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lrp_oracle import MAX_REL, RULE_SETS, composite, max_rel_per_sample, randomize_batchnorm
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+
+from camrt import contract
+from camrt_lrp.method import METHODS
+
+SIZE = 16
+CLASSES = 4
+HEATMAP_ABS = 1e-4
+
+
+def _trunk() -> list[torch.nn.Module]:
+    return [torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()]
+
+
+def segmenter() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*_trunk(), torch.nn.Conv2d(8, CLASSES, 1)).eval()
+    randomize_batchnorm(net)
+    return net
+
+
+def embedder() -> torch.nn.Module:
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(*_trunk(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 6)).eval()
+    randomize_batchnorm(net)
+    return net
+
+
+def _export(net, tmp_path_factory, name: str) -> str:
+    from camrt_exporters.export import export_torch, write_model
+
+    model, _ = export_torch(net, layers=["3"], input_size=(SIZE, SIZE), rules=[contract.RULE_VANILLA, *RULE_SETS],
+                            seed=True)
+    path = tmp_path_factory.mktemp("lrp_seeded") / f"{name}.camrt.onnx"
+    write_model(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def seg_file(tmp_path_factory):
+    net = segmenter()
+    return net, _export(net, tmp_path_factory, "seg")
+
+
+@pytest.fixture(scope="module")
+def emb_file(tmp_path_factory):
+    net = embedder()
+    return net, _export(net, tmp_path_factory, "emb")
+
+
+def _inputs(seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def _frequent_class(net, x: np.ndarray) -> int:
+    with torch.no_grad():
+        return int(np.bincount(net(torch.from_numpy(x)).argmax(1).numpy().ravel(), minlength=CLASSES).argmax())
+
+
+def _seed(output: torch.Tensor, losses) -> torch.Tensor:
+    """dL/d output of each sample's L = losses[i](output row i), by torch autograd."""
+    leaf = output.detach().requires_grad_(True)
+    sum(loss(leaf[i]) for i, loss in enumerate(losses)).backward()
+    return leaf.grad
+
+
+def seg_seed(net, x: np.ndarray, category: int) -> torch.Tensor:
+    """pytorch-grad-cam's SemanticSegmentationTarget: the pixels where `category` is the argmax."""
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    with torch.no_grad():
+        output = net(torch.from_numpy(x))
+    masks = (output.argmax(1) == category).float().numpy()
+    return _seed(output, [SemanticSegmentationTarget(category, mask) for mask in masks])
+
+
+def similar_seed(net, x: np.ndarray, concept: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        output = net(torch.from_numpy(x))
+    return _seed(output, [lambda row: torch.nn.functional.cosine_similarity(row, concept, dim=0)] * len(x))
+
+
+def zennit_seeded(net, x: np.ndarray, seed: torch.Tensor, rule_set: str) -> np.ndarray:
+    """zennit's input relevance for `attr_output = seed * output`."""
+    with Gradient(model=net, composite=composite(rule_set, [SequentialMergeBatchNorm()])) as attributor:
+        _, relevance = attributor(torch.from_numpy(x), lambda output: seed * output.detach())
+    return relevance.detach().numpy()
+
+
+def _minmax(m: np.ndarray) -> np.ndarray:
+    m = m - m.min()
+    return m / (m.max() + 1e-7)
+
+
+def _explained(path: str, rule_set: str, x: np.ndarray, target) -> list[np.ndarray]:
+    from camrt import Explainer
+
+    return [e.heatmap for e in Explainer(path, method=rule_set).explain(x, targets=target)]
+
+
+def _assert_heatmaps(heatmaps: list[np.ndarray], relevance: np.ndarray, what: str) -> float:
+    diff = max(float(np.abs(h - _minmax(r.sum(0))).max()) for h, r in zip(heatmaps, relevance))
+    assert diff <= HEATMAP_ABS, f"{what}: {diff:.2e}"
+    return diff
+
+
+@pytest.mark.parametrize("rule_set", RULE_SETS)
+def test_seg_target_relevance_and_map_equal_zennit(seg_file, rule_set):
+    from camrt.execution.session import ExplainSession
+    from camrt.seeds.targets import SegmentationTarget
+
+    net, path = seg_file
+    x = _inputs()
+    category = _frequent_class(net, x)
+    reference = zennit_seeded(net, x, seg_seed(net, x, category), rule_set)
+    session = ExplainSession(path)
+    target = SegmentationTarget(category)
+    lrp = next(m for m in METHODS if m.name == rule_set)()
+    fetch = [contract.input_gradient_output(rule_set)]
+
+    def make_seed(forward):
+        seeds, _ = target.seeds(forward)
+        return lrp.seed_from(seeds.values, forward[contract.LOGITS_OUTPUT])
+
+    relevance = session.run_seeded(x, make_seed, fetch)[fetch[0]]
+    errors = max_rel_per_sample(relevance, reference)
+    assert errors.max() <= MAX_REL, f"seg {rule_set}: {errors}"
+    diff = _assert_heatmaps(_explained(path, rule_set, x, target), reference, f"seg {rule_set} heatmap")
+    print(f"seg:{category} {rule_set}: relevance {errors.max():.2e}, heatmap {diff:.2e}")
+
+
+@pytest.mark.parametrize("rule_set", RULE_SETS)
+def test_similar_target_map_equals_zennit_gradient_times_output(emb_file, rule_set):
+    from camrt.seeds.targets import SimilarityTarget
+
+    net, path = emb_file
+    x = _inputs(3)
+    with torch.no_grad():
+        concept = net(torch.from_numpy(_inputs(4)[:1]))[0]
+    reference = zennit_seeded(net, x, similar_seed(net, x, concept), rule_set)
+    diff = _assert_heatmaps(_explained(path, rule_set, x, SimilarityTarget(concept.numpy())), reference,
+                            f"similar {rule_set} heatmap")
+    print(f"similar {rule_set}: heatmap {diff:.2e}, zennit's relevance totals {reference.sum(axis=(1, 2, 3))}")
+
+
+def test_several_targets_stack_as_single_runs(seg_file):
+    """Two seg targets per image in one batched backward pass (camrt.seeded_explain.stacked_maps) give the
+    maps of their single runs."""
+    from camrt import Explainer
+    from camrt.seeds.targets import SeededRequest, SegmentationTarget
+    from camrt.targets import TargetListRequest
+
+    net, path = seg_file
+    x = _inputs()
+    explainer = Explainer(path, method=RULE_SETS[0])
+    targets = [SegmentationTarget(c) for c in range(CLASSES)
+               if all((net(torch.from_numpy(x)).argmax(1)[i] == c).any() for i in range(len(x)))][:2]
+    assert len(targets) == 2, "the net should have two classes present in both images"
+    stacked = explainer.explain_request(x, TargetListRequest(tuple(SeededRequest(t) for t in targets)))
+    for rank, target in enumerate(targets):
+        single = explainer.explain(x, targets=target)
+        for i in range(len(x)):
+            np.testing.assert_allclose(stacked[i][rank].heatmap, single[i].heatmap, atol=1e-6)
+
+
+def test_cli_seg_target_equals_zennit(seg_file, tmp_path):
+    from click.testing import CliRunner
+
+    from camrt.cli import build_cli
+
+    net, path = seg_file
+    x = _inputs()[:1]
+    np.save(tmp_path / "x.npy", x)
+    category = _frequent_class(net, x)
+    result = CliRunner().invoke(build_cli(), ["explain", path, str(tmp_path / "x.npy"), "--target", f"seg:{category}",
+                                              "-m", RULE_SETS[0], "--format", "npy", "-o", str(tmp_path / "out"), "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["target_kind"] == "seg" and record["method"] == RULE_SETS[0]
+    reference = zennit_seeded(net, x, seg_seed(net, x, category), RULE_SETS[0])
+    diff = _assert_heatmaps([np.load(record["heatmap"])], reference, "cli seg heatmap")
+    print(f"cli seg:{category}: heatmap {diff:.2e}")
+
+
+def test_class_target_of_a_segmentation_score_is_refused(seg_file):
+    from camrt import Explainer, UsageError
+
+    _, path = seg_file
+    with pytest.raises(UsageError, match=r"needs a \[batch, classes\] score.*--target seg:CLASS"):
+        Explainer(path, method=RULE_SETS[0]).explain(_inputs(), targets=1)
