@@ -43,9 +43,11 @@ from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EP
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
     """[B, C, H, W] relevance of the input pixels: for a class target, for the output relevance one-hot *
     target score; for a seeded one (a seeded run), for the output relevance `seed_from` fed it."""
+    seeded = getattr(outputs.context, "seeded", None)
+    if seeded is not None:
+        _refuse_untested(seeded)
+        return outputs.input_gradient(rule_set)
     relevance = outputs.input_gradient(rule_set)
-    if getattr(outputs.context, "seeded", None) is not None:
-        return relevance
     logits = outputs.logits
     if logits.ndim != 2:
         raise camrt.UsageError(
@@ -54,6 +56,22 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
             "carry; explain a region with --target seg:CLASS (optionally --region)")
     score = np.take_along_axis(logits, outputs.target_index[:, None].astype(np.int64), axis=1)[:, 0]
     return relevance * score.astype(np.float32)[:, None, None, None]
+
+
+#: Seeded target kinds whose output relevance seed * score is tested against zennit (tests/test_lrp_seeded.py).
+TESTED_SEEDED_KINDS = ("seg", "similar")
+
+
+def _refuse_untested(seeded) -> None:
+    """UsageError for a seeded run (its SeededPasses, or a stacked run's rows) with a target kind not in
+    TESTED_SEEDED_KINDS: a box's seed * head has no zennit check yet."""
+    targets = getattr(seeded, "targets", None) or [getattr(seeded, "target", None)]
+    kinds = sorted({kind for kind in (getattr(t, "kind", None) for t in targets) if kind is not None}
+                   - set(TESTED_SEEDED_KINDS))
+    if kinds:
+        raise camrt.UsageError(f"the LRP methods are not tested on {', '.join(kinds)} targets (their output relevance "
+                               f"seed * score is checked against zennit for {', '.join(TESTED_SEEDED_KINDS)} and class "
+                               "targets only); use gradcam, saliency or d-rise for them")
 
 
 class LRP(camrt.Method):
