@@ -20,15 +20,15 @@ the target score: R_out = one-hot * f_c(x), so that the input relevance sums to 
 the sum over colour channels as in zennit's examples (`relevance.sum(1)`). The map is signed (negative
 relevance speaks against the class), so no ReLU is applied; camrt normalises it to [0, 1] afterwards.
 
-Seeded targets (a segmentation region, a concept similarity, a detection box: camrt.seeds) start from
+Seeded targets (a segmentation region, a concept similarity: camrt.seeds) start from
 the analogue, zennit's `attr_output = seed * output` with the seed dL/d score: R_out = seed * score,
 elementwise. That is not a multiple of the seed, so the method cannot scale the file's relevance
 afterwards; it asks the seeded run to feed R_out itself to the backward pass (`seed_from`), and the
 input relevance comes out of the file as it is. For a region of a class (`seg:C`) R_out is the class's
-logits inside the region and the relevance sums to L (conserving rules); for a box, the box-matched
-score's seed times the head; for `similar:` (L = cos(e, c), not linear) R_out = seed * e is "gradient
+logits inside the region and the relevance sums to L (conserving rules); for `similar:` (L = cos(e, c), not linear) R_out = seed * e is "gradient
 x output" at the embedding, whose total is 0 (cos is homogeneous of degree 0 in e: sum_i e_i dL/de_i = 0),
 so the map shows which pixels push the embedding towards or away from the concept but does not sum to L.
+Box targets are refused until seed * head is checked against zennit.
 """
 
 from __future__ import annotations
