@@ -25,9 +25,10 @@ the analogue, zennit's `attr_output = seed * output` with the seed dL/d score: R
 elementwise. That is not a multiple of the seed, so the method cannot scale the file's relevance
 afterwards; it asks the seeded run to feed R_out itself to the backward pass (`seed_from`), and the
 input relevance comes out of the file as it is. For a region of a class (`seg:C`) R_out is the class's
-logits inside the region and the relevance sums to L (conserving rules); for `similar:` (L = cos(e, c), not linear) R_out = seed * e is "gradient
-x output" at the embedding, whose total is 0 (cos is homogeneous of degree 0 in e: sum_i e_i dL/de_i = 0),
-so the map shows which pixels push the embedding towards or away from the concept but does not sum to L.
+logits inside the region and the relevance sums to L (conserving rules); for `similar:` (L = cos(e, c),
+not linear) R_out = seed * e is "gradient x output" at the embedding, whose total is 0 (cos is
+homogeneous of degree 0 in e: sum_i e_i dL/de_i = 0), so the map shows which pixels push the embedding
+towards or away from the concept but does not sum to L.
 Box targets are refused until seed * head is checked against zennit.
 """
 

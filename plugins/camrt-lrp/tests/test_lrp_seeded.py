@@ -193,6 +193,24 @@ def test_several_targets_stack_as_single_runs(seg_file):
             np.testing.assert_allclose(stacked[i][rank].heatmap, single[i].heatmap, atol=1e-6)
 
 
+def test_stacked_class_targets_equal_the_class_path(emb_file):
+    """Classes of a [B, classes] score stacked in one backward pass (seed one-hot, fed one-hot * score)
+    give the class path's maps (the file's one-hot relevance times the score). Class 0's score is negative,
+    class 4's positive: a missing score factor would flip class 0's min-max normalised map."""
+    from camrt import Explainer
+    from camrt.target_parsing import parse_target
+
+    _, path = emb_file
+    x = _inputs()
+    explainer = Explainer(path, method=RULE_SETS[0])
+    stacked = explainer.explain_request(x, parse_target("0,4"))
+    assert all(row[0].score < 0 < row[1].score for row in stacked)
+    for rank, category in enumerate((0, 4)):
+        for i, single in enumerate(explainer.explain(x, targets=category)):
+            assert stacked[i][rank].target == category and stacked[i][rank].score == pytest.approx(single.score)
+            np.testing.assert_allclose(stacked[i][rank].heatmap, single.heatmap, atol=1e-5)
+
+
 def test_cli_seg_target_equals_zennit(seg_file, tmp_path):
     from click.testing import CliRunner
 
