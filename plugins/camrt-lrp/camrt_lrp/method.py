@@ -19,6 +19,17 @@ the target score: R_out = one-hot * f_c(x), so that the input relevance sums to 
 
 the sum over colour channels as in zennit's examples (`relevance.sum(1)`). The map is signed (negative
 relevance speaks against the class), so no ReLU is applied; camrt normalises it to [0, 1] afterwards.
+
+Seeded targets (a segmentation region, a concept similarity: camrt.seeds) start from
+the analogue, zennit's `attr_output = seed * output` with the seed dL/d score: R_out = seed * score,
+elementwise. That is not a multiple of the seed, so the method cannot scale the file's relevance
+afterwards; it asks the seeded run to feed R_out itself to the backward pass (`seed_from`), and the
+input relevance comes out of the file as it is. For a region of a class (`seg:C`) R_out is the class's
+logits inside the region and the relevance sums to L (conserving rules); for `similar:` (L = cos(e, c),
+not linear) R_out = seed * e is "gradient x output" at the embedding, whose total is 0 (cos is
+homogeneous of degree 0 in e: sum_i e_i dL/de_i = 0), so the map shows which pixels push the embedding
+towards or away from the concept but does not sum to L.
+Box targets are refused until seed * head is checked against zennit.
 """
 
 from __future__ import annotations
@@ -31,15 +42,47 @@ from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EP
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
-    """[B, C, H, W] relevance of the input pixels for the output relevance one-hot * target score."""
-    score = np.take_along_axis(outputs.logits, outputs.target_index[:, None].astype(np.int64), axis=1)[:, 0]
-    return outputs.input_gradient(rule_set) * score.astype(np.float32)[:, None, None, None]
+    """[B, C, H, W] relevance of the input pixels: for a class target, for the output relevance one-hot *
+    target score; for a seeded one (a seeded run), for the output relevance `seed_from` fed it."""
+    seeded = getattr(outputs.context, "seeded", None)
+    if seeded is not None:
+        _refuse_untested(seeded)
+        return outputs.input_gradient(rule_set)
+    relevance = outputs.input_gradient(rule_set)
+    logits = outputs.logits
+    if logits.ndim != 2:
+        raise camrt.UsageError(
+            f"LRP of a class target needs a [batch, classes] score; this file's is {list(logits.shape)}: its output "
+            "relevance at every position is the class's score there, which a class target's one-hot seed cannot "
+            "carry; explain a region with --target seg:CLASS (optionally --region)")
+    score = np.take_along_axis(logits, outputs.target_index[:, None].astype(np.int64), axis=1)[:, 0]
+    return relevance * score.astype(np.float32)[:, None, None, None]
+
+
+#: Seeded target kinds whose output relevance seed * score is tested against zennit (tests/test_lrp_seeded.py).
+TESTED_SEEDED_KINDS = ("seg", "similar")
+
+
+def _refuse_untested(seeded) -> None:
+    """UsageError for a seeded run (its SeededPasses, or a stacked run's rows) with a target kind not in
+    TESTED_SEEDED_KINDS: a box's seed * head has no zennit check yet."""
+    targets = getattr(seeded, "targets", None) or [getattr(seeded, "target", None)]
+    kinds = sorted({kind for kind in (getattr(t, "kind", None) for t in targets) if kind is not None}
+                   - set(TESTED_SEEDED_KINDS))
+    if kinds:
+        raise camrt.UsageError(f"the LRP methods are not tested on {', '.join(kinds)} targets (their output relevance "
+                               f"seed * score is checked against zennit for {', '.join(TESTED_SEEDED_KINDS)} and class "
+                               "targets only); use gradcam, saliency or d-rise for them")
 
 
 class LRP(camrt.Method):
     """LRP heatmap (Bach et al. 2015) under one of the plugin's rule sets: the channel sum of the input relevance."""
 
     relu = False
+
+    def seed_from(self, seeds: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """zennit's `attr_output = seed * output`: the target's seed times the score, elementwise."""
+        return seeds * scores
 
     def explain(self, outputs: camrt.GraphOutputs, *, layer: str | None) -> np.ndarray:
         return input_relevance(outputs, self.requires.input_gradient).sum(axis=1).astype(np.float32, copy=False)
