@@ -243,7 +243,7 @@ class DflBoxHead(torch.nn.Module):
         return torch.cat((boxes, self.cls(features).view(b, 3, h * w).sigmoid()), 1)
 
 
-DFL_SIZE, DFL_GAIN = 32, 3000.0
+DFL_SIZE, DFL_GAIN = 32, 2000.0
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def dfl_onnx(tmp_path_factory) -> tuple[torch.nn.Module, str]:
 
 def test_a_head_curving_within_the_usual_steps_passes_on_the_small_ones(dfl_onnx, monkeypatch):
     """The DFL head's exported gradients (target path and a random seed) equal torch float64 autograd,
-    yet differences at the usual steps (down to 3e-3 of RMS) are 0.22..0.27 off them: the score curves
+    yet differences at the usual steps (down to 3e-3 of RMS) are 0.09..0.15 off them: the score curves
     there (YOLOv8n's ONNX export: 0.03..0.17). The smaller steps resolve it."""
     model, path = dfl_onnx
     stem = "/stem/Conv_output_0"
@@ -282,8 +282,8 @@ def test_a_head_curving_within_the_usual_steps_passes_on_the_small_ones(dfl_onnx
 
 @pytest.mark.parametrize("op_type", ["Conv", "Softmax", "Sigmoid"])
 def test_a_negated_rule_is_still_refused_on_the_curving_head(dfl_onnx, use_vanilla, op_type):
-    """The small steps do not let a wrong rule through (measured errors: Conv 1.05, Softmax 1.05,
-    Sigmoid, which only the class rows feel, 0.029 > 0.010). The stem's gradient crosses two negated
+    """The small steps do not let a wrong rule through (measured errors: Conv 2.0, Softmax 2.0,
+    Sigmoid, which only the class rows feel, 0.072 > 0.012). The stem's gradient crosses two negated
     Convs on the box path (the box Conv and the DFL Conv), so a negated Conv shows at the input."""
     _, path = dfl_onnx
     use_vanilla(mutated_vanilla(op_type, negated(op_type)))
