@@ -295,3 +295,28 @@ def write_plugin_modules(folder, modules: dict[str, str], monkeypatch) -> None:
         monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setattr(plugins, "load_failures", {})  # the module global, not the process's record
+
+
+def imagenet_photos(size: int) -> np.ndarray:
+    """scikit-image's chelsea and coffee at size x size, normalised with ImageNet's mean and std: [2, 3, size, size]."""
+    import cv2
+    import skimage.data
+
+    images = [cv2.resize(getattr(skimage.data, name)(), (size, size), interpolation=cv2.INTER_AREA)
+              for name in ("chelsea", "coffee")]
+    x = np.stack(images).astype(np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(0, 3, 1, 2).copy()
+
+
+def count_runs(session_object) -> list[int]:
+    """Wrap an onnxruntime session's run to count its calls (one entry per call)."""
+    calls = []
+    original = session_object.run
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    session_object.run = counting
+    return calls

@@ -21,6 +21,7 @@ import pytest
 
 from camrt import contract
 from camrt.errors import ModelError
+from tests.helpers import imagenet_photos
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("skimage")
@@ -32,16 +33,6 @@ TOLERANCE = 1e-4
 MODELS = {"vit_tiny_patch16_224": (0,), "deit_tiny_distilled_patch16_224": (0, 1)}
 TARGETS = [281, 7]
 
-
-def _photo_batch() -> np.ndarray:
-    import cv2
-    import skimage.data
-
-    images = [cv2.resize(getattr(skimage.data, name)(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-              for name in ("chelsea", "coffee")]
-    x = np.stack(images).astype(np.float32) / 255.0
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return x.transpose(0, 3, 1, 2).copy()
 
 
 def _model(name: str):
@@ -170,7 +161,7 @@ def test_metadata_lists_every_block_and_the_token_grid(exported):
 @pytest.mark.parametrize("fusion, discard_ratio", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9)])
 def test_rollout_matches_the_paper(exported, fusion, discard_ratio):
     name, model, path = exported
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     maps, _ = _torch_attention(model, x, TARGETS)
     reference = _rollout_paper(maps, len(MODELS[name]), fusion, discard_ratio)
     ours = _raw_maps(path, "attention-rollout", x, TARGETS, head_fusion=fusion, discard_ratio=discard_ratio)
@@ -179,7 +170,7 @@ def test_rollout_matches_the_paper(exported, fusion, discard_ratio):
 
 def test_generic_attention_matches_chefer_iccv_2021(exported):
     name, model, path = exported
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     maps, grads = _torch_attention(model, x, TARGETS)
     ours = _raw_maps(path, "generic-attention", x, TARGETS)
     _assert_close(ours, _chefer_iccv(maps, grads, len(MODELS[name])), f"generic-attention {name}")
@@ -187,7 +178,7 @@ def test_generic_attention_matches_chefer_iccv_2021(exported):
 
 def test_legrad_matches_the_authors_formula(exported):
     name, model, path = exported
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     _, layer_grads = _torch_attention(model, x, TARGETS, layer_scores=True)
     _assert_close(_raw_maps(path, "legrad", x, TARGETS), _legrad(layer_grads, len(MODELS[name])), f"legrad {name}")
     _assert_close(_raw_maps(path, "legrad", x, TARGETS, last_blocks=4), _legrad(layer_grads[-4:], len(MODELS[name])),
@@ -227,7 +218,7 @@ def test_plain_onnx_file_gives_the_same_maps(tmp_path, camrt_cli):
     assert "over 7x7 patches and extra tokens at [0]" in result.output
     validated = [line for line in result.output.splitlines() if line.startswith("validated camrt/attn_grad/")]
     assert len(validated) == len(model.blocks) and all("finite-difference" in line for line in validated)
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     maps, grads = _torch_attention(model, x, TARGETS)
     _assert_close(_raw_maps(path, "attention-rollout", x, TARGETS), _rollout_paper(maps, 1), "rollout onnx")
     _assert_close(_raw_maps(path, "generic-attention", x, TARGETS), _chefer_iccv(maps, grads, 1),

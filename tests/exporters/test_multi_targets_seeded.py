@@ -15,6 +15,7 @@ import pytest
 from camrt import contract
 from camrt.target_parsing import parse_target
 from camrt.targets import ThresholdRequest, TopKRequest
+from tests.helpers import count_runs
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_grad_cam")
@@ -45,17 +46,6 @@ def _minmax(m):
     m = m - m.min()
     return m / (m.max() + 1e-7)
 
-
-def _count_runs(session_object):
-    calls = []
-    original = session_object.run
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    session_object.run = counting
-    return calls
 
 
 def _check_against_class_path_and_pytorch_grad_cam(model, explainer, x, stacked, method="gradcam"):
@@ -91,7 +81,7 @@ def test_top_k_runs_one_forward_and_one_batched_backward(classifier, method):
     assert stacks_targets(explainer)
     x = _inputs()
     plan = explainer.session.seeded_plan(seeded_fetch(explainer))
-    forward, backward = _count_runs(plan.forward_session), _count_runs(plan.backward_session)
+    forward, backward = count_runs(plan.forward_session), count_runs(plan.backward_session)
     backward_rows = []
     original = plan.backward_session.run
     plan.backward_session.run = lambda names, feeds, *a: (backward_rows.append(len(feeds[contract.SEED_TENSOR])),

@@ -16,6 +16,7 @@ from camrt.seeds import SeedBatch
 from camrt.seeds.boxes import BoxTarget, box_seed
 from camrt.seeds.embedding import similarity_seed
 from camrt.seeds.segmentation import segmentation_seed
+from tests.helpers import count_runs
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_grad_cam")
@@ -64,18 +65,6 @@ def _gradcam_maps(values, layer, inputs):
     return [finalize([m], inputs.shape[2:]) for m in raw]
 
 
-def _count_runs(session_object):
-    """Wrap an onnxruntime session's run to count calls."""
-    calls = []
-    original = session_object.run
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    session_object.run = counting
-    return calls
-
 
 # --- segmentation: torchvision LR-ASPP (dict output {"out"}) ---------------------------------
 SEG_SIZE = (128, 128)
@@ -114,7 +103,7 @@ def test_segmentation_gradients_match_autograd_and_one_forward(lraspp):
     x = _seg_inputs()
     fetch = [contract.activation_output(SEG_LAYER), contract.gradient_output(SEG_LAYER)]
     plan = session.seeded_plan(fetch)
-    forward_runs, backward_runs = _count_runs(plan.forward_session), _count_runs(plan.backward_session)
+    forward_runs, backward_runs = count_runs(plan.forward_session), count_runs(plan.backward_session)
     made = {}
 
     def make_seed(outputs):
@@ -165,7 +154,7 @@ def test_several_classes_per_image_in_one_forward(lraspp):
     x = _seg_inputs()
     grad = contract.gradient_output(SEG_LAYER)
     plan = session.seeded_plan([grad])
-    forward_runs = _count_runs(plan.forward_session)
+    forward_runs = count_runs(plan.forward_session)
     half = np.zeros(SEG_SIZE, np.float32)
     half[:, : SEG_SIZE[1] // 2] = 1
 
@@ -934,7 +923,7 @@ def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
             assert diff <= 1e-4
     explainer = Explainer(path)
     plan = explainer.session.seeded_plan(seeded_fetch(explainer))
-    forward_runs, backward_runs = _count_runs(plan.forward_session), _count_runs(plan.backward_session)
+    forward_runs, backward_runs = count_runs(plan.forward_session), count_runs(plan.backward_session)
     both = explainer.explain_request(_seg_inputs(), parse_targets([f"seg:{c}" for c in classes],
                                                                   region=str(tmp_path / "mask.png")))
     assert (len(forward_runs), len(backward_runs)) == (1, 1)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from camrt import contract
+from tests.helpers import imagenet_photos
 
 timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
@@ -30,16 +31,6 @@ TARGETS = [281, 7]
 #: model -> its extra tokens (class; class and distillation)
 MODELS = {"vit_tiny_patch16_224": (0,), "deit_tiny_distilled_patch16_224": (0, 1)}
 
-
-def _photo_batch() -> np.ndarray:
-    import cv2
-    import skimage.data
-
-    images = [cv2.resize(getattr(skimage.data, name)(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-              for name in ("chelsea", "coffee")]
-    x = np.stack(images).astype(np.float32) / 255.0
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return x.transpose(0, 3, 1, 2).copy()
 
 
 def _token_weights(extra: int) -> torch.Tensor:
@@ -96,7 +87,7 @@ def _raw_maps(path: str, x: np.ndarray, targets, **options) -> tuple[np.ndarray,
 @pytest.mark.parametrize("batch_size", [32, 7])
 def test_vit_reciprocam_matches_the_formula(exported, batch_size):
     name, model, path = exported
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     ours, layer = _raw_maps(path, x, TARGETS, batch_size=batch_size)
     reference = _oracle(model, x, TARGETS, len(MODELS[name]))
     assert layer == "blocks.11.norm1"
@@ -122,7 +113,7 @@ def test_vit_reciprocam_explains_a_similarity_target(tmp_path):
     onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], seed=True)
     path = str(tmp_path / "headless.camrt.onnx")
     write_model(onnx_model, path)
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     with torch.no_grad():
         embeddings = model(torch.from_numpy(x)).double()
     concept = embeddings[1].numpy() + np.random.default_rng(0).normal(0, 0.1, embeddings.shape[1])
