@@ -58,9 +58,11 @@ def best_box(head: np.ndarray, sample: int = 0) -> BoxTarget:
     return best[1]
 
 
-def _layer_autograd(model, module_name, x, loss):
-    """Activation and d loss / d activation of a module's output, in torch float64."""
-    model, x = copy.deepcopy(model).double(), x.double()
+def _layer_autograd(model, module_name, x, loss, dtype=torch.float64):
+    """Activation and d loss / d activation of a module's output, in torch `dtype` (float64: on a copy
+    of the model; float32: the model as it is)."""
+    if dtype == torch.float64:
+        model, x = copy.deepcopy(model).double(), x.double()
     captured = {}
     handle = dict(model.named_modules())[module_name].register_forward_hook(
         lambda m, a, out: captured.__setitem__("act", out))
@@ -227,7 +229,7 @@ def test_retinanet_box_gradcam_matches_autograd(tmp_path_factory):
     matched = sorted(set(np.nonzero(made["seeds"].values[0][:, 4:])[0].tolist()))
     loss = lambda out: torch_box_score_xyxy_first(out, target, IOU)  # noqa: E731
     act64, grad64 = _layer_autograd(model, RETINA_LAYER, torch.from_numpy(x), loss)
-    grad32 = _layer_autograd_float32(model, RETINA_LAYER, torch.from_numpy(x), loss)
+    _, grad32 = _layer_autograd(model, RETINA_LAYER, torch.from_numpy(x), loss, dtype=torch.float32)
     raw = torch.from_numpy(head).double().requires_grad_(True)
     reference_matched = torch.autograd.grad(loss(raw), [raw])[0][0, :, 4:].nonzero()[:, 0].unique().tolist()
     assert matched == reference_matched and len(matched) >= 2
@@ -244,15 +246,3 @@ def test_retinanet_box_gradcam_matches_autograd(tmp_path_factory):
     map_torch32 = float(np.abs(gradcam(grad32) - gradcam(grad64)).max())
     print(f"retinanet box gradcam vs float64: camrt {map_ours:.1e}, torch float32 {map_torch32:.1e}")
     assert np.ptp(gradcam(grad64)) > 0.5 and map_ours <= 2 * map_torch32 + 1e-4
-
-
-def _layer_autograd_float32(model, module_name, x, loss):
-    """d loss / d the module's output in torch float32 (the model as it is)."""
-    captured = {}
-    handle = dict(model.named_modules())[module_name].register_forward_hook(
-        lambda m, a, out: captured.__setitem__("act", out))
-    try:
-        grad, = torch.autograd.grad(loss(model(x)), [captured["act"]])
-    finally:
-        handle.remove()
-    return grad.numpy()
