@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .test_attention_methods import SIZE, _assert_close, _photo_batch, _raw_maps
+from tests.helpers import imagenet_photos
+
+from .test_attention_methods import SIZE, _assert_close, _raw_maps
 
 pytest.importorskip("torchcam")
 TARGETS = [3, 17]
@@ -46,7 +48,7 @@ def test_legrad_matches_torchcam(exported, last_blocks):
     from torchcam.methods import LeGrad
 
     model, path = exported
-    x = _photo_batch()
+    x = imagenet_photos(SIZE)
     blocks = list(model.encoder.layers)[-last_blocks:] if last_blocks else list(model.encoder.layers)
     with LeGrad(model, blocks) as cam:
         scores = model(torch.from_numpy(x))
