@@ -456,6 +456,21 @@ def test_explainer_seg_saliency_is_the_input_gradient_of_the_region_score(lraspp
     assert diff <= 1e-4
 
 
+def _image_and_region(tmp_path, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random image (rng 5) and a rectangular region mask written as tmp_path/img.png and mask.png; the
+    image, the region as a [H, W] 0/1 float32 map and the image's preprocessed batch for the file at `path`."""
+    from camrt.execution.session import ExplainSession
+    from camrt.imaging.preprocess import preprocess
+    from tests.helpers import random_image, write_image
+
+    image = random_image(np.random.default_rng(5), *SEG_SIZE)
+    write_image(str(tmp_path / "img.png"), image)
+    mask = np.zeros((*SEG_SIZE, 3), np.uint8)
+    mask[16:100, 40:120] = 255
+    write_image(str(tmp_path / "mask.png"), mask)
+    return image, (mask[..., 0] > 0).astype(np.float32), preprocess([image], ExplainSession(path).info.preprocessing)
+
+
 def test_cli_seg_target_with_region(lraspp, tmp_path):
     """`camrt explain FILE IMG --target seg:C --region mask.png`: the heatmap equals pytorch-grad-cam
     on the same preprocessed input and region; the record names the target kind and parameters."""
@@ -464,17 +479,9 @@ def test_cli_seg_target_with_region(lraspp, tmp_path):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
-    from camrt.execution.session import ExplainSession
-    from camrt.imaging.preprocess import preprocess
-    from tests.helpers import random_image, write_image
 
     model, path = lraspp
-    image = random_image(np.random.default_rng(5), *SEG_SIZE)
-    write_image(str(tmp_path / "img.png"), image)
-    mask = np.zeros((*SEG_SIZE, 3), np.uint8)
-    mask[16:100, 40:120] = 255
-    write_image(str(tmp_path / "mask.png"), mask)
-    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    _, region, x = _image_and_region(tmp_path, path)
     category = _frequent_class(model, x)
     result = _cli("explain", path, str(tmp_path / "img.png"), "--target", f"seg:{category}", "--region",
                   str(tmp_path / "mask.png"), "--format", "npy", "-o", str(tmp_path / "out"), "-q")
@@ -484,7 +491,6 @@ def test_cli_seg_target_with_region(lraspp, tmp_path):
     assert record["target_params"] == {"class": category, "region": str(tmp_path / "mask.png")}
     heatmap = np.load(record["heatmap"])
     with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
-        region = (mask[..., 0] > 0).astype(np.float32)
         reference = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, region)])[0]
     diff = float(np.abs(heatmap - _minmax(reference)).max())
     print(f"cli seg --region gradcam: max diff {diff:.2e}")
@@ -886,24 +892,16 @@ def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
-    from camrt.execution.session import ExplainSession
     from camrt.explainer import Explainer
-    from camrt.imaging.preprocess import preprocess
     from camrt.seeded_explain import seeded_fetch
     from camrt.seeds.targets import SegmentationTarget
     from camrt.target_parsing import parse_targets
-    from tests.helpers import random_image, write_image
 
     model, path = lraspp
     # the image and region of test_cli_seg_target_with_region: rng 9 with another region gives raw Grad-CAM
     # maps of range 3e-8 at backbone.16, where torch float32's gradient is 1.8e-2 (max-relative) from
     # torch float64's (camrt's 3e-7) and pytorch-grad-cam's normalised maps up to 5e-3 from camrt's
-    image = random_image(np.random.default_rng(5), *SEG_SIZE)
-    write_image(str(tmp_path / "img.png"), image)
-    mask = np.zeros((*SEG_SIZE, 3), np.uint8)
-    mask[16:100, 40:120] = 255
-    write_image(str(tmp_path / "mask.png"), mask)
-    x = preprocess([image], ExplainSession(path).info.preprocessing)
+    _, region, x = _image_and_region(tmp_path, path)
     first = _frequent_class(model, x)
     classes = [first, (first + 5) % 21]
     args = [arg for c in classes for arg in ("--target", f"seg:{c}")]
@@ -913,7 +911,6 @@ def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["rank"], r["target"], r["target_kind"], r["target_params"]["class"]) for r in records] == [
         (1, classes[0], "seg", classes[0]), (2, classes[1], "seg", classes[1])]
-    region = (mask[..., 0] > 0).astype(np.float32)
     with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
         for record, category in zip(records, classes):
             assert record["heatmap"] == str(tmp_path / "out" / f"img.target{record['rank']}.heatmap.npy")

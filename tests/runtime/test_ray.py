@@ -201,11 +201,23 @@ def segmenter(tmp_path_factory, exporter) -> str:
     return str(path)
 
 
+def _local_and_ray(model: str, images: list[str], options: list[str], tmp_path) -> tuple[list[dict], list[dict]]:
+    """The records of `camrt explain` (stdout) and of `camrt ray-explain` (its manifest) with the same options."""
+    from click.testing import CliRunner
+
+    local = CliRunner().invoke(build_cli(), ["explain", model, *images, *options, "-o", str(tmp_path / "local"), "-q"],
+                               catch_exceptions=False)
+    assert local.exit_code == 0, local.output
+    remote = CliRunner().invoke(build_cli(), ["ray-explain", model, *images, *options, "-o", str(tmp_path / "ray"),
+                                              "-q"], catch_exceptions=False)
+    assert remote.exit_code == 0, remote.output
+    return [json.loads(line) for line in local.stdout.splitlines()], manifest(tmp_path / "ray")
+
+
 def test_ray_explain_takes_region_and_several_targets(segmenter, tmp_path, cluster):
     """`camrt ray-explain ... --target seg:1 --target seg:2 --region mask.png` writes the records
     and heatmaps the local `camrt explain` does with the same options."""
     import cv2
-    from click.testing import CliRunner
 
     rng = np.random.default_rng(4)
     images = [str(tmp_path / f"img{i}.png") for i in range(3)]
@@ -215,14 +227,8 @@ def test_ray_explain_takes_region_and_several_targets(segmenter, tmp_path, clust
     mask[4:20, 10:30] = 255
     cv2.imwrite(str(tmp_path / "mask.png"), mask)
     options = ["--target", "seg:1", "--target", "seg:2", "--region", str(tmp_path / "mask.png"), "--format", "npy"]
-    local = CliRunner().invoke(build_cli(), ["explain", segmenter, *images, *options, "-o", str(tmp_path / "local"),
-                                             "-q"], catch_exceptions=False)
-    assert local.exit_code == 0, local.output
-    want = [json.loads(line) for line in local.stdout.splitlines()]
-    remote = CliRunner().invoke(build_cli(), ["ray-explain", segmenter, *images, *options, "-o", str(tmp_path / "ray"),
-                                              "-q"], catch_exceptions=False)
-    assert remote.exit_code == 0, remote.output
-    got = {(r["input"], r["rank"]): r for r in manifest(tmp_path / "ray")}
+    want, records = _local_and_ray(segmenter, images, options, tmp_path)
+    got = {(r["input"], r["rank"]): r for r in records}
     assert len(got) == len(want) == 6
     for record in want:
         mine = got[(record["input"], record["rank"])]
@@ -269,7 +275,6 @@ def test_ray_explain_takes_the_box_options(detector, tmp_path, cluster):
     and heatmaps the local `camrt explain` does with the same options (which tests/exporters/
     test_detectors.py checks against torch autograd)."""
     import cv2
-    from click.testing import CliRunner
 
     rng = np.random.default_rng(5)
     images = [str(tmp_path / f"img{i}.png") for i in range(2)]
@@ -277,14 +282,8 @@ def test_ray_explain_takes_the_box_options(detector, tmp_path, cluster):
         cv2.imwrite(path, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     options = ["--target", "box:6,6,18,18:1", "--box-iou", "0.2", "--box-format", "xyxy", "--box-layout",
                "candidates-first", "--format", "npy"]
-    local = CliRunner().invoke(build_cli(), ["explain", detector, *images, *options, "-o", str(tmp_path / "local"),
-                                             "-q"], catch_exceptions=False)
-    assert local.exit_code == 0, local.output
-    want = [json.loads(line) for line in local.stdout.splitlines()]
-    remote = CliRunner().invoke(build_cli(), ["ray-explain", detector, *images, *options, "-o", str(tmp_path / "ray"),
-                                              "-q"], catch_exceptions=False)
-    assert remote.exit_code == 0, remote.output
-    got = {r["input"]: r for r in manifest(tmp_path / "ray")}
+    want, records = _local_and_ray(detector, images, options, tmp_path)
+    got = {r["input"]: r for r in records}
     assert len(got) == len(want) == 2
     for record in want:
         mine = got[record["input"]]
