@@ -150,6 +150,47 @@ def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool
     return score
 
 
+def copy_exported_batch(model: onnx.ModelProto, exported: onnx.ModelProto, exported_batch: int,
+                        log: Callable[[str], None]) -> int:
+    """Rewrite each Reshape that hard-codes the batch size the graph was exported at (tf2onnx and
+    torch exports at a fixed batch write shape constants like [1, -1, 16]) to copy the batch instead
+    (shape[0] = 0). `model` is the graph with the dynamic batch, `exported` the same graph at its
+    static batch. A Reshape qualifies when its shape starts with that batch size and its input's axis 0
+    is that size in `exported` and dynamic in `model` (so it is the batch, not, say, Swin's batch x 64
+    windows): every sample is then one contiguous block, reshaped as the exported graph reshaped the
+    sample it was made for. Modifies `model` in place; returns the number of Reshapes rewritten. A
+    rewrite lets the batch reach further Reshapes, so the graph is scanned again until none is left;
+    `require_batch_carried` judges what remains."""
+    exported_sizes = {name: shape[0] for name, shape in GraphIndex(exported).shapes.items() if shape}
+    rewritten = 0
+    while found := _copy_batch_once(model, exported_sizes, exported_batch, log):
+        rewritten += found
+    return rewritten
+
+
+def _copy_batch_once(model: onnx.ModelProto, exported_sizes: Mapping[str, object], exported_batch: int,
+                     log: Callable[[str], None]) -> int:
+    index = GraphIndex(model)
+    nodes = {node.name: node for node in model.graph.node}  # the index holds a shape-inferred copy
+    rewritten = 0
+    for node in index.nodes:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or attribute(node, "allowzero", 0):
+            continue
+        data_shape, target = index.shape(node.input[0]), index.value(node.input[1])
+        if (not data_shape or isinstance(data_shape[0], int) or exported_sizes.get(node.input[0]) != exported_batch
+                or target is None or target.ndim != 1 or target[0] != exported_batch):
+            continue
+        copied = target.copy()
+        copied[0] = 0
+        name = f"{node.name}/shape_copying_batch"
+        model.graph.initializer.append(numpy_helper.from_array(copied, name))
+        nodes[node.name].input[1] = name
+        rewritten += 1
+        log(f"Reshape {node.name!r} hard-coded the exported batch size ({target.tolist()}): it now copies the batch "
+            f"({copied.tolist()})")
+    return rewritten
+
+
 def require_batch_carried(index: GraphIndex, image_input: str, score: str) -> None:
     """ExportError naming the node where the batch dimension of the image vanishes into fixed sizes
     on the way to the score (a Reshape whose shape constant hard-codes the exported batch size): the

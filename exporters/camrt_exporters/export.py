@@ -22,7 +22,14 @@ from . import __version__
 from .attention import onnx_attention_maps
 from .autodiff.graph import GraphIndex
 from .autodiff.reverse import RuleSet
-from .contract_file import build_contract_model, choose_score, contract_metadata, prepare, require_batch_carried
+from .contract_file import (
+    build_contract_model,
+    choose_score,
+    contract_metadata,
+    copy_exported_batch,
+    prepare,
+    require_batch_carried,
+)
 from .errors import ExportError
 from .layouts import LayoutOverride, image_layout, layout_candidates, resolve_layer_layouts, resolve_tokens
 from .validate import Check, validate_against_torch, validate_finite_differences
@@ -409,10 +416,14 @@ def export_onnx(
     _require_supported_floats(source, image)
     if input_size is None and preprocessing is not None:
         input_size = (preprocessing.height, preprocessing.width)
+    exported_batch = image.type.tensor_type.shape.dim[0].dim_value if image.type.tensor_type.HasField("shape") else 0
+    exported = prepare(source) if exported_batch > 0 else None  # the graph at its static batch
     geometry = _pin_image_geometry(image, input_size, input_layout)
     layout = geometry.layout
     forget_inferred_shapes(source)
     forward = prepare(source)
+    if exported is not None:
+        copy_exported_batch(forward, exported, exported_batch, log)
     index = GraphIndex(forward)
     score = choose_score(index, output, use_softmax_output, log, seeded=seed)
     require_batch_carried(index, image.name, score.tensor)

@@ -305,9 +305,42 @@ def test_minus_one_batch_in_reshape_serves_every_batch(tmp_path):
     assert_matches_autograd(exported, module, normal((4, 3, 16, 16), seed=7))
 
 
+def per_sample(module):
+    """The module applied to each sample alone: what a graph exported at batch 1 computes for each."""
+    return lambda x: torch.cat([module.logits(x[i:i + 1]) for i in range(len(x))])
+
+
+def test_reshape_hard_coding_the_exported_batch_copies_the_batch(tmp_path):
+    """reshape(1, -1) exported at a static batch 1 (tf2onnx writes such shapes for every TFLite file):
+    the Reshape is rewritten to copy the batch, and each sample of a batch of 4 gets the graph's
+    answer for that sample alone."""
+    module = FlattenTo((1, -1))
+    path = torch_export(module, tmp_path / "batch_one.onnx", (1, 3, 16, 16))
+    told: list[str] = []
+    exported, _ = export_onnx(path, rules=["vanilla"], log=told.append)
+    assert any("'/Reshape' hard-coded the exported batch size ([1, -1]): it now copies the batch ([0, -1])" in line
+               for line in told)
+    assert_matches_autograd(exported, module, normal((4, 3, 16, 16), seed=7), logits=per_sample(module))
+
+
+class MixesBatchIntoChannels(torch.nn.Module):
+    """reshape(1, -1) after moving the channels to axis 0: at batch 1 the reshaped tensor is [8, 1, 1, 1],
+    its axis 0 the channels, so copying axis 0 would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCnn()
+
+    def logits(self, x):
+        pooled = self.net.features(x).mean((2, 3), keepdim=True).transpose(0, 1)
+        return self.net.fc(pooled.reshape(1, -1))
+
+    forward = logits
+
+
 def test_reshape_hard_coding_the_batch_is_refused_by_node(tmp_path):
-    """reshape(1, -1) at batch 1 would mix the samples of a batch: refused, naming the Reshape."""
-    path = torch_export(FlattenTo((1, -1)), tmp_path / "batch_one.onnx", (1, 3, 16, 16))
+    """A Reshape that hard-codes the batch where the reshaped axis 0 is not the batch is refused, naming it."""
+    path = torch_export(MixesBatchIntoChannels(), tmp_path / "batch_one.onnx", (1, 3, 16, 16))
     with pytest.raises(ExportError, match=r"node '/Reshape' \(Reshape\) turns the batch dimension into 1.*"
                                           r"hard-codes the batch size"):
         export_onnx(path, rules=["vanilla"])
