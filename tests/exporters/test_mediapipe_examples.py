@@ -32,10 +32,7 @@ SELFIE_LAYER = "add_7__xeno_compat__1"  # the decoder's 32 x 32 stage
 
 
 def photos() -> list[np.ndarray]:
-    import matplotlib
-
-    grace = cv2.imread(str(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
-    return [skimage_data.astronaut(), cv2.cvtColor(grace, cv2.COLOR_BGR2RGB)]
+    return [skimage_data.astronaut(), skimage_data.chelsea()]
 
 
 def export_example(tmp_path_factory, name: str, size: int, layer: str, mean: float, std: float) -> tuple[Path, list]:
