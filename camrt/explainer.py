@@ -254,6 +254,8 @@ class Explainer:
         gradients: one forward pass and one backward pass of all (image, target) seed rows
         (`camrt.seeded_explain.stacked_maps`). Otherwise the targets come from one forward pass
         when the request reads one, and each rank is explained like `explain`."""
+        if request.explains_classes:
+            self._require_class_scores()
         x, sizes = self.prepare(images)
         request = request.bound(self)
         if request.ranks != [None] and stacks_targets(self):
@@ -293,6 +295,7 @@ class Explainer:
     def _explain_prepared(self, x: np.ndarray, sizes: list[tuple[int, int]], target: Target) -> list[Explanation]:
         if isinstance(target, SeededTarget):  # a seed made from the forward pass (camrt.seeds.targets)
             return self._explain_seeded(x, sizes, target.bound(self))
+        self._require_class_scores()
         if self._fused is not None:
             return self._explain_fused(x, target, sizes)
         values = self.session.run(x, target, self.fetch)
@@ -309,6 +312,18 @@ class Explainer:
             heatmaps = [postprocess.merge_augmented([(flip, maps[i]) for flip, maps in per_flip])
                         for i in range(len(sizes))]
         return self._explanations(values, heatmaps, context.extra)
+
+    def _require_class_scores(self) -> None:
+        """UsageError unless the file's score is [batch, classes]: a class target of a seeded file's
+        segmentation map, detection head or embedding has no meaning."""
+        shape = self.session.score_shape
+        if len(shape) != 2:
+            shown = "[" + ", ".join(str(d) for d in shape) + "]"
+            raise UsageError(
+                f"{self.session.path}: its score {self.info.score.get('tensor')!r} is {shown}, not class scores "
+                "[batch, classes], so a class target (the default top-1, an index, topk:, a class list) has "
+                "no meaning: give a seeded target, --target seg:C (segmentation), box:X1,Y1,X2,Y2[:LABEL] "
+                "(detection head) or similar:FILE (embedding)")
 
     def _heatmaps(self, raw: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Each input's heatmap at its size, from the method's raw maps (one [B, h, w] per layer)."""

@@ -119,6 +119,8 @@ class TargetRequest(ABC):
 
     #: The outputs of a forward pass that `targets` reads (none: it needs no forward pass).
     forward_outputs: ClassVar[tuple[str, ...]] = ()
+    #: Whether it explains class scores (a [batch, classes] score); seeded requests do not.
+    explains_classes: ClassVar[bool] = True
 
     @property
     @abstractmethod
@@ -205,6 +207,10 @@ class TargetListRequest(TargetRequest):
     @property
     def ranks(self) -> list[int | None]:
         return list(range(1, len(self.requests) + 1))
+
+    @property
+    def explains_classes(self) -> bool:  # type: ignore[override]
+        return any(request.explains_classes for request in self.requests)
 
     def targets(self, forward: Mapping[str, np.ndarray]) -> list[Target]:
         return [request.targets(forward)[0] for request in self.requests]

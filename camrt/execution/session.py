@@ -135,6 +135,8 @@ class ExplainSession:
         if not isinstance(classes, int) or classes < 1:
             raise ContractError(f"{self.path}: {contract.LOGITS_OUTPUT!r} has no static number of classes ({logits_shape})")
         self.num_classes: int = classes
+        #: The score's shape as the graph declares it ([B, classes]; seeded files: [B, C, ...] of any rank).
+        self.score_shape: tuple = tuple(logits_shape)
         batch = self.input_shape[0] if self.input_shape else None
         #: The graph's batch size when it is static (the file then runs in chunks of it), else None.
         self.static_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None

@@ -205,15 +205,18 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
             derived.update(o for o in node.output if o)
             shape_nodes.append(node)
     folded = {id(n) for n in shape_nodes if n.op_type != "Constant"}
-    read = {i for n in graph.node if id(n) not in folded for i in n.input} | {o.name for o in graph.output}
-    frontier = [o for n in shape_nodes if id(n) in folded for o in n.output if o in read]
-    if not frontier:
+    computed = [o for n in shape_nodes if id(n) in folded for o in n.output if o]
+    if not computed:
         return model
-    small, large = run_for(model, frontier, 2), run_for(model, frontier, 3)
+    small, large = run_for(model, computed, 2), run_for(model, computed, 3)
     if small is None or large is None:
         return model
-    fixed = {name: small[name] for name in frontier
-             if small[name].shape == large[name].shape and np.array_equal(small[name], large[name])}
+    same = {name for name in computed
+            if small[name].shape == large[name].shape and np.array_equal(small[name], large[name])}
+    # Fold the batch-independent tensors that something batch-dependent reads: a sizes tensor
+    # Concat(Shape(x)[:2], [H, W]) keeps its batch piece and gets its H, W piece as a constant.
+    read = {i for n in graph.node if not all(o in same for o in n.output if o) for i in n.input}
+    fixed = {name: small[name] for name in computed if name in same and name in read | {o.name for o in graph.output}}
     if not fixed:
         return model
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in fixed.items())

@@ -222,6 +222,7 @@ class SeededRequest(TargetRequest):
     """One seeded target for every input (one map per input)."""
 
     target: SeededTarget
+    explains_classes: ClassVar[bool] = False
 
     @property
     def ranks(self) -> list[int | None]:

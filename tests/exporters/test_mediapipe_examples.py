@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 from skimage import data as skimage_data
 
-from camrt import Explainer
+from camrt import Explainer, UsageError
 from camrt.contract import Preprocessing
-from camrt.target_parsing import parse_target
+from camrt.target_parsing import parse_target, parse_targets
 from camrt_exporters.export import export_onnx, write_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mediapipe"
@@ -119,3 +119,16 @@ def test_selfie_person_map_covers_the_person(selfie):
     assert explained.score == pytest.approx(float(logits[1][person].sum()), rel=1e-5)
     mask = cv2.resize(person.astype(np.uint8), explained.heatmap.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
     assert explained.heatmap[mask].mean() > 3 * explained.heatmap[~mask].mean()
+
+
+@pytest.mark.parametrize("request_text", ["top1", "1", "0,1", "topk:2", "above:0.5"])
+def test_class_targets_of_the_segmentation_map_are_refused(selfie, request_text):
+    """A class target of a [B, 2, 256, 256] score has no meaning: a usage error naming the seeded targets,
+    not a traceback (top-1, topk) or a map of the class summed over every pixel (a class list)."""
+    explainer = Explainer(selfie[0], method="gradcam")
+    with pytest.raises(UsageError, match=r"its score 'segmentation' is \[batch, 2, 256, 256\], not class scores.*"
+                                         r"--target seg:C"):
+        explainer.explain_request(photos()[:1], parse_targets([request_text]))
+    if request_text == "1":
+        with pytest.raises(UsageError, match="not class scores"):
+            explainer.explain(photos()[:1], targets=1)

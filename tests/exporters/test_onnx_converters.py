@@ -346,6 +346,31 @@ def test_reshape_hard_coding_the_batch_is_refused_by_node(tmp_path):
         export_onnx(path, rules=["vanilla"])
 
 
+class UpsampledToInputSize(torch.nn.Module):
+    """F.interpolate(features, size=x.shape[-2:]) (decoders, saliency heads): exported with a dynamic batch,
+    the Resize's sizes are Concat(Shape(features)[:2], Shape(x)[2:]): a batch piece and a size piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCnn()
+
+    def logits(self, x):
+        features = self.net.features(x)
+        upsampled = torch.nn.functional.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.net.fc(upsampled.mean((2, 3)))
+
+    forward = logits
+
+
+def test_resize_to_the_input_size_with_a_dynamic_batch(tmp_path):
+    """The size piece folds to a constant while the batch piece stays Shape(features)[:2]: the Resize's
+    backward rule sees every axis it resizes as static (refused as 'not static' before)."""
+    module = UpsampledToInputSize()
+    path = torch_export(module, tmp_path / "upsampled.onnx", (1, 3, 16, 16), {"input": {0: "batch"}})
+    exported, _ = export_onnx(path, rules=["vanilla"])
+    assert_matches_autograd(exported, module, normal((3, 3, 16, 16), seed=5))
+
+
 @pytest.mark.parametrize(("opset", "weights_as_inputs"), [(11, False), (11, True), (13, False)])
 def test_old_opsets_are_converted(tmp_path, opset, weights_as_inputs):
     """Opsets 11-13 are converted to 17; old exports also list their weights as graph inputs."""
