@@ -277,6 +277,26 @@ def test_several_targets_stack_as_single_runs(seg_file):
             np.testing.assert_allclose(stacked[i][rank].heatmap, single[i].heatmap, atol=1e-6)
 
 
+def test_stacked_box_targets_equal_single_runs(det_file):
+    """Two box targets of an image in one batched backward pass: each row's seed is held at constant IoU by its
+    own target (`seed_from` gets the rows' targets), so each map is its single run's."""
+    from camrt import Explainer
+    from camrt.seeds.targets import BoxScoreTarget, SeededRequest
+    from camrt.targets import TargetListRequest
+
+    net, path = det_file
+    x = _inputs(6)[:1]
+    box, label = best_box(net, x)
+    targets = [BoxScoreTarget(box, label), BoxScoreTarget(box, label, iou_threshold=0.3)]
+    explainer = Explainer(path, method=RULE_SETS[0])
+    [stacked] = explainer.explain_request(x, TargetListRequest(tuple(SeededRequest(t) for t in targets)))
+    for rank, target in enumerate(targets):
+        [single] = explainer.explain(x, targets=target)
+        assert stacked[rank].score == pytest.approx(single.score)
+        np.testing.assert_allclose(stacked[rank].heatmap, single.heatmap, atol=1e-6)
+    assert np.abs(stacked[0].heatmap - stacked[1].heatmap).max() > 1e-3
+
+
 def test_stacked_class_targets_equal_the_class_path(emb_file):
     """Classes of a [B, classes] score stacked in one backward pass (seed one-hot, fed one-hot * score)
     give the class path's maps (the file's one-hot relevance times the score). Class 0's score is negative,
