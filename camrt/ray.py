@@ -81,7 +81,7 @@ def renderers(formats: str) -> list[Any]:
 class ExplainBatches:
     """The per-actor callable of ``Dataset.map_batches`` (batch_format="numpy").
 
-    model, method, layers, target (one `--target` value or several), region (`--region`), target_options (the
+    model, method, layers, target (one `--target` value or several), region (`--region`: a mask path, or one per seg target), target_options (the
     box options: box_iou, box_format, box_layout), device, threads, softmax and method options as for
     `camrt explain`; outdir + formats: the files written per input, as the
     CLI writes them (formats "" writes none: the rows carry everything); overlay_bytes: add the
@@ -91,7 +91,7 @@ class ExplainBatches:
     """
 
     def __init__(self, model: str, method: str = "gradcam", layers: Sequence[str] = (),
-                 target: str | Sequence[str] = "top1", region: str | None = None,
+                 target: str | Sequence[str] = "top1", region: str | Sequence[str] | None = None,
                  target_options: dict[str, Any] | None = None, device: str = "auto", threads: int | None = None,
                  softmax: bool = False, outdir: str = ".",
                  formats: str = "png,npy", overlay_bytes: bool = False, colormap: str = "jet", alpha: float = 0.5,

@@ -48,11 +48,12 @@ def seeded_fetch(explainer: Any) -> list[str]:
                                       if name not in (contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT))]
 
 
-def backward_seeds(method: Any, seeds: SeedBatch, forward: dict[str, np.ndarray]) -> SeedBatch:
-    """The rows the backward pass starts from: the method's `seed_from` of the targets' seeds and
-    their score rows (the seeds themselves unless the method propagates another output relevance);
-    further passes and the record keep the targets' own seeds and L."""
-    fed = method.seed_from(seeds.values, forward[contract.LOGITS_OUTPUT][seeds.samples])
+def backward_seeds(method: Any, seeds: SeedBatch, forward: dict[str, np.ndarray],
+                   targets: list[int | SeededTarget]) -> SeedBatch:
+    """The rows the backward pass starts from: the method's `seed_from` of the targets' seeds, their
+    score rows and each row's target (the seeds themselves unless the method propagates another
+    output relevance); further passes and the record keep the targets' own seeds and L."""
+    fed = method.seed_from(seeds.values, forward[contract.LOGITS_OUTPUT][seeds.samples], targets)
     return seeds if fed is seeds.values else SeedBatch(np.asarray(fed, dtype=seeds.values.dtype), seeds.samples)
 
 
@@ -67,7 +68,7 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
 
     def make_seed(forward: dict[str, np.ndarray]) -> SeedBatch:
         made["seeds"], made["scores"] = target.seeds(forward)
-        return backward_seeds(explainer.method, made["seeds"], forward)
+        return backward_seeds(explainer.method, made["seeds"], forward, [target] * len(made["seeds"].samples))
 
     method = explainer.method
     if _reads_gradients(method.requires):
@@ -146,7 +147,7 @@ def stacked_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]], re
         made["scores"], made["targets"] = scores, targets
         made["class_scores"] = class_scores(forward[contract.LOGITS_OUTPUT])
         made["seeds"] = SeedBatch.stack(batches)
-        return backward_seeds(explainer.method, made["seeds"], forward)
+        return backward_seeds(explainer.method, made["seeds"], forward, targets)
 
     try:
         values = explainer.session.run_seeded(x, make_seed, fetch)

@@ -5,6 +5,7 @@ from camrt.targets because it reads the plugin registry, which the requests them
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,13 +91,16 @@ def _parse_threshold(text: str, value: str) -> ThresholdRequest:
 
 def parse_targets(texts: str | Sequence[str], region: Any = None, **options: Any) -> TargetRequest:
     """--target given once or more: several one-target values (--target seg:3 --target seg:7) are
-    one `TargetListRequest`; `region` and `options` (as `parse_target`'s) apply to each of them."""
+    one `TargetListRequest`; `options` (as `parse_target`'s) apply to each of them. `region`
+    (--region, repeatable): one mask (a path, or a sequence of one) for every target whose kind takes
+    a region (seg:), or one per such target, paired in the order given (`regions_per_target`)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         return ClassRequest(TOP1_TARGET)
+    regions = regions_per_target(texts, region)
     if len(texts) == 1:
-        return parse_target(texts[0], region, **options)
-    requests = [parse_target(text, region, **options) for text in texts]
+        return parse_target(texts[0], regions[0], **options)
+    requests = [parse_target(text, mask, **options) for text, mask in zip(texts, regions)]
     for text, request in zip(texts, requests):
         if request.ranks != [None]:
             raise UsageError(f"--target {text} makes several maps per input; repeat --target only with one-target "
@@ -105,3 +109,29 @@ def parse_targets(texts: str | Sequence[str], region: Any = None, **options: Any
         if request in requests[:i]:
             raise UsageError(f"--target {texts[i]} is given twice")
     return TargetListRequest(tuple(requests))
+
+
+def regions_per_target(texts: Sequence[str], region: Any) -> list[Any]:
+    """Each --target's --region (None: none given for it): none given, None for all; one, for every
+    target whose kind takes a region; as many as those targets, one each in order. UsageError naming
+    --region otherwise, or when no target takes one."""
+    regions = [] if region is None else [region] if isinstance(region, (str, os.PathLike)) else list(region)
+    if not regions:
+        return [None] * len(texts)
+    registry = build_target_registry()
+    takes = [i for i, text in enumerate(texts) if _kind(text) in registry.names()
+             and "region" in registry.get(_kind(text)).options]
+    if not takes:
+        return [regions[0]] * len(texts)  # parse_target names the flag and the kinds that take it
+    if len(regions) not in (1, len(takes)):
+        raise UsageError(f"--region is given {len(regions)} times for {len(takes)} --target values that take a region "
+                         f"({', '.join(texts[i] for i in takes)}): give it once (the region of every one) or once "
+                         "for each, in the order of --target (--region argmax: the default region)")
+    paired = iter(regions * len(takes) if len(regions) == 1 else regions)
+    return [next(paired) if i in takes else None for i in range(len(texts))]
+
+
+def _kind(text: str) -> str:
+    """The registry name of a KIND:VALUE target ("" for a class target)."""
+    kind, colon, _ = text.strip().partition(":")
+    return kind.lower() if colon else ""

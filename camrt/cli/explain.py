@@ -75,9 +75,10 @@ Examples:
                    "file's embedding of the image F), box:x1,y1,x2,y2[:L] (a raw detection head's candidates "
                    "matching a box, in model input pixels), or a plugin's KIND:V. Repeat for several targets per "
                    "input (one record each).")
-@click.option("--region", metavar="MASK", default=None,
-              help="With --target seg:C: a mask image whose nonzero pixels are the region (default: the pixels "
-                   "where C is the argmax).")
+@click.option("--region", "regions", metavar="MASK", multiple=True,
+              help="With --target seg:C: a mask image whose nonzero pixels are the region (default, or 'argmax': "
+                   "the pixels where C is the argmax). Once: every seg target's region; repeated: one per seg "
+                   "target, in the order of --target.")
 @click.option("--box-iou", type=float, default=None, metavar="T",
               help="With --target box:...: a candidate matches when its IoU with the box exceeds T, in [0, 1) "
                    "(default 0.5).")
@@ -111,7 +112,7 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr (errors still).")
 @click.pass_context
 def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], method: str,
-                    method_options: tuple[str, ...], outdir: str, targets: tuple[str, ...], region: str | None,
+                    method_options: tuple[str, ...], outdir: str, targets: tuple[str, ...], regions: tuple[str, ...],
                     box_iou: float | None, box_format: str | None, box_layout: str | None, layers: tuple[str, ...],
                     batch_size: int, device: str, threads: int | None, graph_optimization: str, formats: str,
                     colormap: str, alpha: float, softmax: bool, skip_existing: bool, fail_fast: bool,
@@ -134,7 +135,7 @@ def explain_command(ctx: click.Context, model: str, inputs: tuple[str, ...], met
     wanted = _split_formats(formats)
     registry = build_renderer_registry()
     renderers = [registry.get(name) for name in wanted if name != JSONL_FORMAT]
-    request = parse_targets(targets, region, box_iou=box_iou, box_format=box_format, box_layout=box_layout)
+    request = parse_targets(targets, regions, box_iou=box_iou, box_format=box_format, box_layout=box_layout)
     colormap_code(colormap)
     explainer = Explainer(model, method=method, device=device, threads=threads, layer=list(layers) or None,
                           softmax=True if softmax else None, graph_optimization=graph_optimization,

@@ -15,7 +15,7 @@ from .common import CONTEXT_SETTINGS
 from .explain import DEFAULT_OUTDIR, explain_command, parse_method_options
 
 #: `camrt explain` options that mean the same here (one definition: explain's).
-SHARED_OPTIONS = ("method", "method_options", "targets", "region", "box_iou", "box_format", "box_layout", "layers",
+SHARED_OPTIONS = ("method", "method_options", "targets", "regions", "box_iou", "box_format", "box_layout", "layers",
                   "batch_size", "device", "threads", "formats", "colormap", "alpha", "softmax", "skip_existing")
 
 RAY_EPILOG = """\b
@@ -28,7 +28,7 @@ Examples:
 
 def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir: str, actors: int,
                  num_gpus: float, ray_address: str | None, manifest: str, quiet: bool, method: str,
-                 method_options: tuple[str, ...], targets: tuple[str, ...], region: str | None,
+                 method_options: tuple[str, ...], targets: tuple[str, ...], regions: tuple[str, ...],
                  box_iou: float | None, box_format: str | None, box_layout: str | None,
                  layers: tuple[str, ...], batch_size: int,
                  device: str, threads: int | None, formats: str, colormap: str, alpha: float, softmax: bool,
@@ -47,7 +47,7 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
     target_options = {"box_iou": box_iou, "box_format": box_format, "box_layout": box_layout}
     # the check `camrt explain` makes before reading inputs, here before any actor starts
     checked_request(Explainer(model, method=method, device="cpu", threads=threads, layer=list(layers) or None,
-                              **options), parse_targets(targets, region, **target_options), model)
+                              **options), parse_targets(targets, regions, **target_options), model)
 
     def echo(record: dict[str, Any]) -> None:
         click.echo(json.dumps(record, ensure_ascii=False))
@@ -55,7 +55,7 @@ def _ray_explain(ctx: click.Context, model: str, inputs: tuple[str, ...], outdir
     counts = explain_with_ray(
         model, inputs, outdir, manifest=manifest, actors=actors, batch_size=batch_size, num_gpus=num_gpus,
         ray_address=ray_address, skip_existing=skip_existing, records=None if quiet else echo, method=method,
-        layers=layers, target=list(targets), region=region, target_options=target_options, device=device, threads=threads, softmax=softmax,
+        layers=layers, target=list(targets), region=list(regions), target_options=target_options, device=device, threads=threads, softmax=softmax,
         formats=formats, colormap=colormap, alpha=alpha, method_options=options)
     if not quiet:
         click.echo(f"camrt: {counts['records']} records ({counts['failed']} failed), {counts['skipped']} inputs "

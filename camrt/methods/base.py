@@ -217,11 +217,12 @@ class Method(ABC):
     #: so is refused a seeded target (`camrt.seeds.targets.method_refusal`).
     scores_seeded_targets: ClassVar[bool] = False
 
-    def seed_from(self, seeds: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def seed_from(self, seeds: np.ndarray, scores: np.ndarray, targets: Sequence[Any]) -> np.ndarray:
         """The seed rows a seeded run feeds the backward pass (`camrt.seeded_explain`), from the
-        target's seed rows dL/d score [M, ...] and the score rows they explain [M, ...]: the seed
-        itself (the gradient of L). A method whose backward pass starts from another output
-        relevance overrides it (the LRP plugin: seed * score, zennit's `attr_output`)."""
+        target's seed rows dL/d score [M, ...], the score rows they explain [M, ...] and each row's
+        target (a class index or a camrt.seeds.targets.SeededTarget): the seed itself (the gradient
+        of L). A method whose backward pass starts from another output relevance overrides it (the
+        LRP plugin: seed * score, zennit's `attr_output`, the IoU held constant for a box)."""
         return seeds
 
     @dataclass(frozen=True)

@@ -79,6 +79,11 @@ class SeededTarget(Target):
         return self
 
 
+#: --region's name for the default region, the pixels where the class is the argmax (a file of that
+#: name: ./argmax).
+ARGMAX_REGION = "argmax"
+
+
 @dataclass(frozen=True)
 class SegmentationTarget(SeededTarget):
     """L = the sum of class `category`'s logits over a region (pytorch-grad-cam's
@@ -95,7 +100,7 @@ class SegmentationTarget(SeededTarget):
         return self.category
 
     def parameters(self) -> dict[str, Any]:
-        return {"class": self.category, "region": self.region_path if self.region is not None else "argmax"}
+        return {"class": self.category, "region": self.region_path if self.region is not None else ARGMAX_REGION}
 
     def check(self, num_classes: int, path: str) -> None:
         if not 0 <= self.category < num_classes:
@@ -275,10 +280,11 @@ def method_refusal(method: Any) -> str | None:
 
 # -- --target KIND:... (registered by camrt.seeds.plugin through the register_targets hook) ----
 def parse_segmentation(value: str, region: str | os.PathLike | None = None) -> SeededRequest:
-    """seg:CLASS, with `region` a mask image (nonzero pixels: the region; default the argmax pixels)."""
+    """seg:CLASS, with `region` a mask image (nonzero pixels: the region; None or "argmax": the
+    pixels where CLASS is the argmax)."""
     if not value.isdigit():
         raise UsageError(f"--target seg:CLASS needs a class index >= 0, got 'seg:{value}'")
-    if region is None:
+    if region is None or os.fspath(region) == ARGMAX_REGION:
         return SeededRequest(SegmentationTarget(int(value)))
     return SeededRequest(SegmentationTarget(int(value), _load_region(region), os.fspath(region)))
 

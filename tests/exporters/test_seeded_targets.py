@@ -698,6 +698,40 @@ def test_seeded_target_errors(lraspp, tiny, tmp_path):
         Explainer(path, device_postprocess=True).explain(_seg_inputs()[:1], targets=SegmentationTarget(1))
 
 
+def test_regions_pair_with_the_seg_targets_in_order(tiny, tmp_path):
+    """--region once: every seg target's region; once per seg target: paired in the order of --target
+    (class targets between them take none; `argmax` is the default region); any other count, or
+    --region with no seg target, is a usage error naming --region, in the library and the CLI."""
+    from camrt.errors import UsageError
+    from camrt.target_parsing import parse_targets
+    from tests.helpers import write_image
+
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    for name, columns in ((a, slice(0, 8)), (b, slice(8, 16))):
+        mask = np.zeros((16, 16, 3), np.uint8)
+        mask[:, columns] = 255
+        write_image(name, mask)
+
+    def regions(texts, region):
+        return [part.target.parameters()["region"] if hasattr(part, "target") else None
+                for part in parse_targets(texts, region=region).requests]
+
+    assert regions(["seg:1", "seg:2"], a) == regions(["seg:1", "seg:2"], [a]) == [a, a]
+    assert regions(["seg:1", "seg:2"], [a, b]) == [a, b]
+    assert regions(["seg:1", "3", "seg:2"], [b, "argmax"]) == [b, None, "argmax"]
+    assert regions(["seg:1", "seg:1"], [a, b]) == [a, b]  # one class, two regions: two maps
+    left = parse_targets(["seg:1", "seg:2"], region=[a, b]).requests[0].target.region
+    assert left[:, :8].all() and not left[:, 8:].any()
+    with pytest.raises(UsageError, match=r"--region is given 3 times for 2 --target values that take a region "
+                                         r"\(seg:1, seg:2\): give it once .* or once for each, in the order of --target"):
+        parse_targets(["seg:1", "3", "seg:2"], region=[a, b, a])
+    with pytest.raises(UsageError, match=r"--region applies to --target seg:..., not to '3'"):
+        parse_targets(["3", "5"], region=[a, b])
+    result = _cli("explain", tiny.path, a, "--target", "seg:1", "--target", "seg:2", "--region", a, "--region", b,
+                  "--region", a, "-q")
+    assert result.exit_code == 2 and "--region is given 3 times for 2 --target values" in result.output
+
+
 def test_inspect_lists_the_target_kinds(lraspp, embedder, yolo, tiny):
     """`camrt inspect`: class for every file; the seeded kind whose score shape the file has."""
     import json
@@ -884,9 +918,11 @@ def test_gradient_methods_of_a_seg_target_match_pytorch_grad_cam(tiny_segmenter,
 
 # --- several seeded targets per image, a concept given as an image -----------------------------
 def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
-    """`--target seg:A --target seg:B --region mask.png`: one record and map per (image, target),
-    each equal to pytorch-grad-cam's GradCAM + SemanticSegmentationTarget; in the library the two
-    targets of two images are one forward run and one backward run of 4 seed rows."""
+    """`--target seg:A --target seg:B --region a.png --region b.png`: one record and map per (image,
+    target), each with its own region (paired in order; the record names it), equal to pytorch-grad-cam's
+    GradCAM + SemanticSegmentationTarget with that region; in the library the two targets of two images
+    with one region for both are one forward run and one backward run of 4 seed rows, each map its single
+    run's, and with two regions each its own region's."""
     import json
 
     from pytorch_grad_cam import GradCAM
@@ -896,38 +932,52 @@ def test_several_seg_targets_per_image_from_the_cli(lraspp, tmp_path):
     from camrt.seeded_explain import seeded_fetch
     from camrt.seeds.targets import SegmentationTarget
     from camrt.target_parsing import parse_targets
+    from tests.helpers import write_image
 
     model, path = lraspp
     # the image and region of test_cli_seg_target_with_region: rng 9 with another region gives raw Grad-CAM
     # maps of range 3e-8 at backbone.16, where torch float32's gradient is 1.8e-2 (max-relative) from
     # torch float64's (camrt's 3e-7) and pytorch-grad-cam's normalised maps up to 5e-3 from camrt's
     _, region, x = _image_and_region(tmp_path, path)
+    other = np.zeros(SEG_SIZE, np.float32)
+    other[64:128, 0:72] = 1
+    write_image(str(tmp_path / "other.png"), np.repeat(other[..., None] * 255, 3, axis=2).astype(np.uint8))
+    masks = [str(tmp_path / "mask.png"), str(tmp_path / "other.png")]
     first = _frequent_class(model, x)
     classes = [first, (first + 5) % 21]
     args = [arg for c in classes for arg in ("--target", f"seg:{c}")]
-    result = _cli("explain", path, str(tmp_path / "img.png"), *args, "--region", str(tmp_path / "mask.png"),
+    result = _cli("explain", path, str(tmp_path / "img.png"), *args, "--region", masks[0], "--region", masks[1],
                   "--format", "npy", "-o", str(tmp_path / "out"), "-q")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["rank"], r["target"], r["target_kind"], r["target_params"]["class"]) for r in records] == [
-        (1, classes[0], "seg", classes[0]), (2, classes[1], "seg", classes[1])]
+    assert [(r["rank"], r["target"], r["target_kind"], r["target_params"]) for r in records] == [
+        (1, classes[0], "seg", {"class": classes[0], "region": masks[0]}),
+        (2, classes[1], "seg", {"class": classes[1], "region": masks[1]})]
     with GradCAM(model=_SegOut(model), target_layers=[model.backbone["16"]]) as cam:
-        for record, category in zip(records, classes):
+        for record, category, mask, swapped in zip(records, classes, (region, other), (other, region)):
             assert record["heatmap"] == str(tmp_path / "out" / f"img.target{record['rank']}.heatmap.npy")
-            reference = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, region)])[0]
-            diff = float(np.abs(np.load(record["heatmap"]) - _minmax(reference)).max())
-            print(f"cli seg:{category} of two seeded targets: max diff {diff:.2e}")
-            assert diff <= 1e-4
+            heatmap = np.load(record["heatmap"])
+            reference = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, mask)])[0]
+            diff = float(np.abs(heatmap - _minmax(reference)).max())
+            wrong = cam(torch.from_numpy(x), targets=[SemanticSegmentationTarget(category, swapped)])[0]
+            apart = float(np.abs(heatmap - _minmax(wrong)).max())
+            print(f"cli seg:{category} of two seeded targets, region {record['target_params']['region']}: "
+                  f"max diff {diff:.2e} (the other region's map: {apart:.2f})")
+            assert diff <= 1e-4 and apart > 0.1
     explainer = Explainer(path)
     plan = explainer.session.seeded_plan(seeded_fetch(explainer))
     forward_runs, backward_runs = count_runs(plan.forward_session), count_runs(plan.backward_session)
     both = explainer.explain_request(_seg_inputs(), parse_targets([f"seg:{c}" for c in classes],
                                                                   region=str(tmp_path / "mask.png")))
     assert (len(forward_runs), len(backward_runs)) == (1, 1)
+    paired = explainer.explain_request(_seg_inputs(), parse_targets([f"seg:{c}" for c in classes], region=masks))
     for b, results in enumerate(both):
         for result, category in zip(results, classes):
             single = explainer.explain(_seg_inputs()[b:b + 1], targets=SegmentationTarget(category, region))[0]
             assert result.target == category and np.abs(result.heatmap - single.heatmap).max() <= 1e-5
+        for result, category, mask in zip(paired[b], classes, (region, other)):
+            single = explainer.explain(_seg_inputs()[b:b + 1], targets=SegmentationTarget(category, mask))[0]
+            assert np.abs(result.heatmap - single.heatmap).max() <= 1e-5
 
 
 def test_cli_similar_target_with_a_concept_image(embedder, tmp_path):

@@ -214,26 +214,29 @@ def _local_and_ray(model: str, images: list[str], options: list[str], tmp_path) 
     return [json.loads(line) for line in local.stdout.splitlines()], manifest(tmp_path / "ray")
 
 
-def test_ray_explain_takes_region_and_several_targets(segmenter, tmp_path, cluster):
-    """`camrt ray-explain ... --target seg:1 --target seg:2 --region mask.png` writes the records
-    and heatmaps the local `camrt explain` does with the same options."""
+def test_ray_explain_takes_a_region_per_target(segmenter, tmp_path, cluster):
+    """`camrt ray-explain ... --target seg:1 --target seg:2 --region a.png --region b.png` writes the
+    records (each naming its own region) and heatmaps the local `camrt explain` does with the same options
+    (tests/exporters/test_seeded_targets.py checks those against pytorch-grad-cam)."""
     import cv2
 
     rng = np.random.default_rng(4)
     images = [str(tmp_path / f"img{i}.png") for i in range(3)]
     for path in images:
         cv2.imwrite(path, rng.integers(0, 256, (40, 36, 3), dtype=np.uint8))
-    mask = np.zeros((32, 32, 3), np.uint8)
-    mask[4:20, 10:30] = 255
-    cv2.imwrite(str(tmp_path / "mask.png"), mask)
-    options = ["--target", "seg:1", "--target", "seg:2", "--region", str(tmp_path / "mask.png"), "--format", "npy"]
+    masks = {1: str(tmp_path / "a.png"), 2: str(tmp_path / "b.png")}
+    for category, rows in ((1, slice(4, 20)), (2, slice(16, 30))):
+        mask = np.zeros((32, 32, 3), np.uint8)
+        mask[rows, 10:30] = 255
+        cv2.imwrite(masks[category], mask)
+    options = ["--target", "seg:1", "--target", "seg:2", "--region", masks[1], "--region", masks[2], "--format", "npy"]
     want, records = _local_and_ray(segmenter, images, options, tmp_path)
     got = {(r["input"], r["rank"]): r for r in records}
     assert len(got) == len(want) == 6
     for record in want:
         mine = got[(record["input"], record["rank"])]
         assert comparable(mine) == comparable(record)
-        assert mine["target_params"] == {"class": record["target"], "region": str(tmp_path / "mask.png")}
+        assert mine["target_params"] == {"class": record["target"], "region": masks[record["target"]]}
         np.testing.assert_allclose(np.load(mine["heatmap"]), np.load(record["heatmap"]), rtol=0, atol=1e-6)
 
 
@@ -314,6 +317,9 @@ def test_ray_explain_checks_method_and_target_before_starting(tiny, segmenter, p
     assert refused.exit_code == 2 and "method 'eigencam' cannot explain a seg target" in refused.output
     region = ray_explain(tiny.path, str(photos), "--target", "3", "--region", str(tmp_path / "mask.png"))
     assert region.exit_code == 2 and "--region applies to --target seg:..., not to '3'" in region.output
+    regions = ray_explain(segmenter, str(photos), "--target", "seg:0", "--target", "seg:1", "--region",
+                          str(tmp_path / "mask.png"), "--region", str(tmp_path / "mask.png"), "--region", str(photos))
+    assert regions.exit_code == 2 and "--region is given 3 times for 2 --target values" in regions.output
     out_of_range = ray_explain(tiny.path, str(photos), "--target", "1,7")
     assert out_of_range.exit_code == 2 and "--target 7 is out of range" in out_of_range.output
     box_iou = ray_explain(tiny.path, str(photos), "--target", "3", "--box-iou", "0.3")

@@ -28,15 +28,25 @@ input relevance comes out of the file as it is. For a region of a class (`seg:C`
 logits inside the region and the relevance sums to L (conserving rules); for `similar:` (L = cos(e, c),
 not linear) R_out = seed * e is "gradient x output" at the embedding, whose total is 0 (cos is
 homogeneous of degree 0 in e: sum_i e_i dL/de_i = 0), so the map shows which pixels push the embedding
-towards or away from the concept but does not sum to L.
-Box targets are refused until seed * head is checked against zennit.
+towards or away from the concept but does not sum to L. For a box (`box:`, L = sum over the matched
+candidates k of IoU_k * score_k) seed * head would put score_k * b dIoU/db at each box coordinate b of a
+candidate: "gradient x coordinate", which depends on where the pixel origin is (a coordinate is a
+position, not an amount), so the map would change when the image is padded on the left. The method
+therefore holds the IoU constant, as the match does: R_out = IoU_k * score_k at the matched candidates'
+class scores and 0 at their box coordinates (zennit's `attr_output = seed * output` with the seed of L
+at constant IoU), which sums to L.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 import camrt
+from camrt.seeds.boxes import CANDIDATES_LAST
+from camrt.seeds.targets import BoxScoreTarget
 
 from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 
@@ -60,12 +70,12 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
 
 
 #: Seeded target kinds whose output relevance seed * score is tested against zennit (tests/test_lrp_seeded.py).
-TESTED_SEEDED_KINDS = ("seg", "similar")
+TESTED_SEEDED_KINDS = ("seg", "similar", "box")
 
 
 def _refuse_untested(seeded) -> None:
     """UsageError for a seeded run (its SeededPasses, or a stacked run's rows) with a target kind not in
-    TESTED_SEEDED_KINDS: a box's seed * head has no zennit check yet."""
+    TESTED_SEEDED_KINDS (a plugin's target kind): its seed * score has no zennit check."""
     targets = getattr(seeded, "targets", None) or [getattr(seeded, "target", None)]
     kinds = sorted({kind for kind in (getattr(t, "kind", None) for t in targets) if kind is not None}
                    - set(TESTED_SEEDED_KINDS))
@@ -75,14 +85,28 @@ def _refuse_untested(seeded) -> None:
                                "targets only); use gradcam, saliency or d-rise for them")
 
 
+def iou_constant_seed(seed: np.ndarray, target: Any) -> np.ndarray:
+    """A box target's seed row with the IoU held constant (its box coordinates' entries, score_k dIoU/db,
+    zeroed; its class entries are IoU_k already), any other target's seed row as it is."""
+    if not isinstance(target, BoxScoreTarget):
+        return seed
+    constant = seed.copy()
+    if target.layout == CANDIDATES_LAST:  # [4 + C, N]
+        constant[:4] = 0
+    else:  # [N, 4 + C]
+        constant[:, :4] = 0
+    return constant
+
+
 class LRP(camrt.Method):
     """LRP heatmap (Bach et al. 2015) under one of the plugin's rule sets: the channel sum of the input relevance."""
 
     relu = False
 
-    def seed_from(self, seeds: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """zennit's `attr_output = seed * output`: the target's seed times the score, elementwise."""
-        return seeds * scores
+    def seed_from(self, seeds: np.ndarray, scores: np.ndarray, targets: Sequence[Any]) -> np.ndarray:
+        """zennit's `attr_output = seed * output`: the target's seed times the score, elementwise; a
+        box target's seed at constant IoU (`iou_constant_seed`)."""
+        return np.stack([iou_constant_seed(seed, target) for seed, target in zip(seeds, targets)]) * scores
 
     def explain(self, outputs: camrt.GraphOutputs, *, layer: str | None) -> np.ndarray:
         return input_relevance(outputs, self.requires.input_gradient).sum(axis=1).astype(np.float32, copy=False)
