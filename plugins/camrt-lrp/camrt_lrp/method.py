@@ -59,12 +59,7 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
         _refuse_untested(seeded)
         return outputs.input_gradient(rule_set)
     relevance = outputs.input_gradient(rule_set)
-    logits = outputs.logits
-    if logits.ndim != 2:
-        raise camrt.UsageError(
-            f"LRP of a class target needs a [batch, classes] score; this file's is {list(logits.shape)}: its output "
-            "relevance at every position is the class's score there, which a class target's one-hot seed cannot "
-            "carry; explain a region with --target seg:CLASS (optionally --region)")
+    logits = outputs.logits  # [batch, classes]: the Explainer refuses class targets of any other score
     score = np.take_along_axis(logits, outputs.target_index[:, None].astype(np.int64), axis=1)[:, 0]
     return relevance * score.astype(np.float32)[:, None, None, None]
 
