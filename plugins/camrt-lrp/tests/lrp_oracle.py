@@ -35,6 +35,7 @@ import torch
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
+from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
 from camrt_lrp.names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 
@@ -43,6 +44,30 @@ MAX_REL = 1e-4
 L2_REL = 2e-3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ExactMergeBatchNorm(SequentialMergeBatchNorm):
+    """zennit 0.5.1's SequentialMergeBatchNorm, but the merged BatchNorm is an exact identity, as in zennit's main
+    branch. 0.5.1 folds the BatchNorm into the linear layer before it and then sets the BatchNorm's statistics
+    and affine parameters to the identity's, but leaves its eps: the BatchNorm then computes x / sqrt(1 + eps),
+    scaling every merged layer's output by 1 - 5e-6 (eps 1e-5), so zennit explains a slightly different net than
+    the one it was given. zennit's main branch sets eps to 0 (PR #171's fix), since torch 2.10 (which refuses
+    eps = 0) running_var and eps to 0.5 each (PR #240); so does this canonizer."""
+
+    def register(self, linears, batch_norm):
+        self.batch_norm_eps = batch_norm.eps
+        super().register(linears, batch_norm)
+        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 0.5)
+        batch_norm.eps = 0.5
+
+    def remove(self):
+        super().remove()
+        self.batch_norm.eps = self.batch_norm_eps
+
+
+def resnet_canonizers():
+    """zennit's ResNetCanonizer with ExactMergeBatchNorm: the residual additions through zennit.layer.Sum."""
+    return [ExactMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()]
 
 
 def composite(rule_set: str, canonizers):
@@ -57,7 +82,7 @@ def composite(rule_set: str, canonizers):
 
 def zennit_relevance(model, x: np.ndarray, targets: np.ndarray, rule_set: str, canonizers=None) -> np.ndarray:
     """Input relevance for the output relevance one-hot(target) (zennit's `attr_output`)."""
-    canonizers = [SequentialMergeBatchNorm()] if canonizers is None else canonizers
+    canonizers = [ExactMergeBatchNorm()] if canonizers is None else canonizers
     logits = model(torch.from_numpy(x))
     one_hot = torch.eye(logits.shape[1])[torch.from_numpy(targets)]
     with Gradient(model=model, composite=composite(rule_set, canonizers)) as attributor:
