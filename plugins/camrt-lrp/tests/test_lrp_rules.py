@@ -176,14 +176,19 @@ def test_the_oracle_merge_keeps_the_function():
     assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)), "eps was not restored"
 
 
-@pytest.mark.parametrize("rule_set", RULE_SETS)
-def test_relevance_equals_zennit_where_the_residual_sum_nearly_cancels(rule_set):
+@pytest.fixture(scope="module")
+def near_cancelling():
     from camrt_exporters.export import export_torch
 
     net = near_cancelling_net()
-    model, _ = export_torch(net, input_size=(SIZE, SIZE), rules=[rule_set])
+    model, _ = export_torch(net, input_size=(SIZE, SIZE), rules=list(RULE_SETS))
     x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
-    outputs = run_file(model, x, TARGETS)
+    return net, x, run_file(model, x, TARGETS)
+
+
+@pytest.mark.parametrize("rule_set", RULE_SETS)
+def test_relevance_equals_zennit_where_the_residual_sum_nearly_cancels(near_cancelling, rule_set):
+    net, x, outputs = near_cancelling
     with sum_modules([net[2]]):
         assert_matches_zennit(outputs[contract.input_gradient_output(rule_set)], net, x,
                               outputs[contract.TARGET_INDEX_OUTPUT], rule_set, what="near-cancelling")
