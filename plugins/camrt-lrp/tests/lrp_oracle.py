@@ -21,16 +21,16 @@ float64: camrt must then be no further from it than twice zennit float32's own e
 exporter's own validation). Measured against float32: small nets 2e-5, resnet18 1e-5, mobilenet_v2 5e-5
 (alpha2-beta1; 4e-6..7e-6 with the other composites).
 
-Known departure (xfail in test_lrp_torchvision.py): vgg11_bn's second sample (target 7), 1.4e-4..2.6e-4
+Known departure (xfail in test_lrp_torchvision.py): vgg11_bn's second sample (target 7), 1.4e-4..2.5e-4
 max-relative from zennit float64 (zennit float32's own error 6e-6..7e-6; l2 1.1e-5..2.3e-5). It is float32
 round-off of the forward pass switching a MaxPool: in the second MaxPool, channel 118, output (16, 30),
 two inputs are 2e-8 apart (4.6e-7 relative); onnxruntime float32 (and torch float32 on the unmerged net)
 takes the other one than float64, zennit float32 on the merged net happens to take float64's. The whole
 error lies in that window's receptive field (rows 61-70, columns 117-126); outside it camrt is within
 1.5e-6 of zennit float64. A tie flipped by round-off is not a rule difference, but the tolerance's
-float64 fallback covers only round-off that zennit float32 shares. Every case must still be within L2_REL relative L2
-of zennit in float64, well below what a wrong rule does (a rule swapped for another, a missed first layer
-or BatchNorm fold changes the maps by 1e-1 and more).
+float64 fallback covers only round-off that zennit float32 shares. Every case must still be within L2_REL
+relative L2 of zennit in float64, well below what a wrong rule does (a rule swapped for another, a missed
+first layer or BatchNorm fold changes the maps by 1e-1 and more).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class ExactMergeBatchNorm(SequentialMergeBatchNorm):
     branch. 0.5.1 folds the BatchNorm into the linear layer before it and then sets the BatchNorm's statistics
     and affine parameters to the identity's, but leaves its eps: the BatchNorm then computes x / sqrt(1 + eps),
     scaling every merged layer's output by 1 - 5e-6 (eps 1e-5), so zennit explains a slightly different net than
-    the one it was given. zennit's main branch sets eps to 0 (PR #171's fix), since torch 2.10 (which refuses
-    eps = 0) running_var and eps to 0.5 each (PR #240); so does this canonizer."""
+    the one it was given. zennit's main branch sets eps to 0 (first proposed in zennit PR #171), and since
+    torch 2.10 (which refuses eps = 0) running_var and eps to 0.5 each (PR #240); so does this canonizer."""
 
     def register(self, linears, batch_norm):
         self.batch_norm_eps = batch_norm.eps
