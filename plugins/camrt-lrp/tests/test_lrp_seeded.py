@@ -19,9 +19,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from lrp_oracle import MAX_REL, RULE_SETS, composite, max_rel_per_sample, randomize_batchnorm
+from lrp_oracle import MAX_REL, RULE_SETS, ExactMergeBatchNorm, composite, max_rel_per_sample, randomize_batchnorm
 from zennit.attribution import Gradient
-from zennit.canonizers import SequentialMergeBatchNorm
 
 from camrt import contract
 from camrt_lrp.method import METHODS
@@ -188,7 +187,7 @@ def best_box(net, x: np.ndarray) -> tuple[tuple[float, ...], int]:
 
 def zennit_seeded(net, x: np.ndarray, seed: torch.Tensor, rule_set: str) -> np.ndarray:
     """zennit's input relevance for `attr_output = seed * output`."""
-    with Gradient(model=net, composite=composite(rule_set, [SequentialMergeBatchNorm()])) as attributor:
+    with Gradient(model=net, composite=composite(rule_set, [ExactMergeBatchNorm()])) as attributor:
         _, relevance = attributor(torch.from_numpy(x), lambda output: seed * output.detach())
     return relevance.detach().numpy()
 
