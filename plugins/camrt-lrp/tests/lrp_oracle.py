@@ -21,16 +21,17 @@ float64: camrt must then be no further from it than twice zennit float32's own e
 exporter's own validation). Measured against float32: small nets 2e-5, resnet18 1e-5, mobilenet_v2 5e-5
 (alpha2-beta1; 4e-6..7e-6 with the other composites).
 
-Known departure (xfail in test_lrp_torchvision.py): vgg11_bn's second sample (target 7), 1.4e-4..2.5e-4
-max-relative from zennit float64 (zennit float32's own error 6e-6..7e-6; l2 1.1e-5..2.3e-5). It is float32
-round-off of the forward pass switching a MaxPool: in the second MaxPool, channel 118, output (16, 30),
-two inputs are 2e-8 apart (4.6e-7 relative); onnxruntime float32 (and torch float32 on the unmerged net)
-takes the other one than float64, zennit float32 on the merged net happens to take float64's. The whole
-error lies in that window's receptive field (rows 61-70, columns 117-126); outside it camrt is within
-1.5e-6 of zennit float64. A tie flipped by round-off is not a rule difference, but the tolerance's
-float64 fallback covers only round-off that zennit float32 shares. Every case must still be within L2_REL
-relative L2 of zennit in float64, well below what a wrong rule does (a rule swapped for another, a missed
-first layer or BatchNorm fold changes the maps by 1e-1 and more).
+MaxPool near-ties (test_lrp_torchvision.py): on vgg11_bn's second sample (target 7), in the second
+MaxPool, channel 118, output (16, 30), two inputs are 2e-8 apart (4.6e-7 relative); onnxruntime float32
+(and torch float32 on the unmerged net) takes the other one than float64, zennit float32 on the merged
+net happens to take float64's. A winner switched by round-off is not a rule difference: any float32
+implementation may route the relevance to either input. The whole error (1.4e-4..2.5e-4 max-relative from
+zennit float64) lies in that window's receptive field (rows 61-70, columns 117-126); outside it camrt is
+within 1.5e-6 of zennit float64. The test finds such windows itself (the file's MaxPool inputs in
+onnxruntime float32 against torch float64) and leaves their receptive fields out of the maximum, refusing
+to if they cover 1% of the input or more. Every case must also be within L2_REL relative L2 of zennit in
+float64 over every pixel (measured: 2.3e-5 at most, that sample), far below what a wrong rule does (a rule
+swapped for another, a missed first layer or BatchNorm fold changes the maps by 1e-1 and more).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from camrt_lrp.names import EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLU
 
 RULE_SETS = (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1)
 MAX_REL = 1e-4
-L2_REL = 2e-3
+L2_REL = 1e-4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,15 +100,18 @@ def zennit_relevance(model, x: np.ndarray, targets: np.ndarray, rule_set: str, c
 
 
 def assert_matches_zennit(got: np.ndarray, model, x: np.ndarray, targets: np.ndarray, rule_set: str,
-                          canonizers=None, what: str = "", truth: np.ndarray | None = None) -> None:
-    """The tolerance above; `truth`: zennit's float64 relevance when the caller has it already."""
+                          canonizers=None, what: str = "", truth: np.ndarray | None = None,
+                          excluded: np.ndarray | None = None) -> None:
+    """The tolerance above; `truth`: zennit's float64 relevance when the caller has it already;
+    `excluded` [B, H, W]: input pixels left out of the maximum (the receptive fields of MaxPool windows
+    whose winner float32 switches, test_lrp_torchvision.py)."""
     reference = zennit_relevance(model, x, targets, rule_set, canonizers)
-    errors = max_rel_per_sample(got, reference)
+    errors = max_rel_per_sample(got, reference, excluded)
     if errors.max() <= MAX_REL:
         return
     if truth is None:
         truth = zennit_float64(model, x, targets, rule_set, canonizers)
-    own, ours = max_rel_per_sample(reference, truth), max_rel_per_sample(got, truth)
+    own, ours = max_rel_per_sample(reference, truth, excluded), max_rel_per_sample(got, truth, excluded)
     assert (ours <= np.maximum(2 * own, MAX_REL)).all(), (
         f"{what} {rule_set}: max-relative error to zennit float32 {errors}, to zennit float64 {ours} "
         f"(zennit float32's own {own})")
@@ -122,9 +126,12 @@ def l2_rel_per_sample(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.sqrt(((got.astype(np.float64) - ref) ** 2).sum(axis=axes) / (ref ** 2).sum(axis=axes))
 
 
-def max_rel_per_sample(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def max_rel_per_sample(got: np.ndarray, ref: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
     axes = tuple(range(1, ref.ndim))
-    return np.abs(got.astype(np.float64) - ref).max(axis=axes) / np.abs(ref).max(axis=axes)
+    error = np.abs(got.astype(np.float64) - ref)
+    if excluded is not None:  # [B, H, W], the same pixels of every channel
+        error = np.where(excluded[:, None], 0.0, error)
+    return error.max(axis=axes) / np.abs(ref).max(axis=axes)
 
 
 def run_file(model, x: np.ndarray, targets) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ adaptive pooling through GatherND, which has no backward rule in camrt yet.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,59 @@ MODELS = {  # name: (input size, zennit canonizers)
 }
 
 
+def _windows(tensor: np.ndarray) -> np.ndarray:
+    """[B, C, H, W] as its 2x2 stride-2 MaxPool windows [B, C, H/2, W/2, 4]."""
+    b, c, h, w = tensor.shape
+    return tensor.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(b, c, h // 2, w // 2, 4)
+
+
+def float32_switches(model, net, x: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+    """(sample, pool, channel, row, col) of the MaxPool windows of vgg's `features` (2x2, stride 2) whose
+    winner onnxruntime's float32 forward pass of the file takes otherwise than torch float64: near-ties
+    float32 cannot resolve, where any float32 implementation may route the relevance to either input."""
+    import onnx
+
+    pools = [node for node in model.graph.node if node.op_type == "MaxPool"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=node.input[0]) for node in pools)
+    float32 = run_file(probe, x, TARGETS)
+    h, exact = torch.from_numpy(x).double(), []
+    with torch.no_grad():
+        for module in copy.deepcopy(net).double().features:
+            if isinstance(module, torch.nn.MaxPool2d):
+                exact.append(h.numpy())
+            h = module(h)
+    switches = []
+    for pool, (node, truth) in enumerate(zip(pools, exact)):
+        ours, theirs = _windows(float32[node.input[0]]), _windows(truth)
+        switched = (ours.argmax(-1) != theirs.argmax(-1)) & (theirs.max(-1) > 0)  # all-zero windows: both take the first
+        switches += [(int(b), pool, int(c), int(i), int(j)) for b, c, i, j in zip(*np.nonzero(switched))]
+    return switches
+
+
+def receptive_field(features, pool: int, row: int, col: int, size: int) -> tuple[slice, slice]:
+    """The input pixels MaxPool `pool`'s output (row, col) reads, through vgg's 3x3 Convs (padding 1) and
+    2x2 pools."""
+    pools = [i for i, module in enumerate(features) if isinstance(module, torch.nn.MaxPool2d)]
+    rows, cols = [2 * row, 2 * row + 1], [2 * col, 2 * col + 1]
+    for module in reversed(features[:pools[pool]]):
+        if isinstance(module, torch.nn.Conv2d):
+            rows, cols = [rows[0] - 1, rows[1] + 1], [cols[0] - 1, cols[1] + 1]
+        elif isinstance(module, torch.nn.MaxPool2d):
+            rows, cols = [2 * rows[0], 2 * rows[1] + 1], [2 * cols[0], 2 * cols[1] + 1]
+    return slice(max(rows[0], 0), min(rows[1], size - 1) + 1), slice(max(cols[0], 0), min(cols[1], size - 1) + 1)
+
+
+def switched_fields(model, net, x: np.ndarray) -> np.ndarray:
+    """[B, H, W]: the input pixels in the receptive field of a window float32 switches (`float32_switches`)."""
+    excluded = np.zeros((x.shape[0], *x.shape[2:]), dtype=bool)
+    for sample, pool, channel, row, col in float32_switches(model, net, x):
+        print(f"float32 switches MaxPool {pool} window (sample {sample}, channel {channel}, ({row}, {col}))")
+        excluded[(sample, *receptive_field(net.features, pool, row, col, x.shape[2]))] = True
+    return excluded
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def exported(request):
     from camrt_exporters.export import export_torch
@@ -77,7 +132,9 @@ def exported(request):
     size = MODELS[request.param][0]
     model, _ = export_torch(net, input_size=(size, size), rules=list(RULE_SETS))
     x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
-    return {"name": request.param, "net": net, "x": x, "outputs": run_file(model, x, TARGETS), "float64": {}}
+    excluded = switched_fields(model, net, x) if request.param == "vgg11_bn" else None
+    return {"name": request.param, "net": net, "x": x, "outputs": run_file(model, x, TARGETS), "float64": {},
+            "excluded": excluded}
 
 
 def zennit_truth(exported, rule_set: str) -> np.ndarray:
@@ -89,18 +146,6 @@ def zennit_truth(exported, rule_set: str) -> np.ndarray:
     return exported["float64"][rule_set]
 
 
-#: (model, rule set): float32 round-off of onnxruntime's forward pass switching one MaxPool near-tie (lrp_oracle.py,
-#: "Known departure"); the relevance stays within L2_REL of zennit float64 (test_relevance_is_close_to_zennit).
-MAXPOOL_TIE = ("target 7: onnxruntime float32 switches a MaxPool near-tie (second MaxPool, channel 118, output "
-               "(16, 30), inputs 4.6e-7 relative apart) that zennit float32 does not; all the error is in its "
-               "receptive field")
-KNOWN_DEPARTURES = {
-    ("vgg11_bn", "lrp-epsilon-plus-flat"): f"{MAXPOOL_TIE}: 1.4e-4 max-relative (zennit float32's own 6e-6)",
-    ("vgg11_bn", "lrp-epsilon-gamma-box"): f"{MAXPOOL_TIE}: 2.4e-4 max-relative (zennit float32's own 7e-6)",
-    ("vgg11_bn", "lrp-epsilon-alpha2-beta1"): f"{MAXPOOL_TIE}: 2.5e-4 max-relative (zennit float32's own 7e-6)",
-}
-
-
 @pytest.mark.parametrize("rule_set", RULE_SETS)
 def test_relevance_is_close_to_zennit(exported, rule_set):
     outputs = exported["outputs"]
@@ -110,12 +155,14 @@ def test_relevance_is_close_to_zennit(exported, rule_set):
 
 
 @pytest.mark.parametrize("rule_set", RULE_SETS)
-def test_relevance_equals_zennit(exported, rule_set, request):
-    departure = KNOWN_DEPARTURES.get((exported["name"], rule_set))
-    if departure:
-        request.applymarker(pytest.mark.xfail(reason=f"known departure from zennit: {departure}", strict=False))
-    outputs = exported["outputs"]
+def test_relevance_equals_zennit(exported, rule_set):
+    """Max-relative 1e-4 per sample (lrp_oracle.py), over every pixel but the receptive fields of the MaxPool
+    windows float32 switches (vgg11_bn: one window, 10 x 10 pixels of one sample, where the error is
+    1.4e-4 to 2.5e-4; the relative L2 test above covers them)."""
+    outputs, excluded = exported["outputs"], exported["excluded"]
+    if excluded is not None:
+        assert excluded.mean() < 0.01, f"float32 MaxPool switches cover {excluded.mean():.1%} of the input"
     canonizers = MODELS[exported["name"]][1]()
     assert_matches_zennit(outputs[contract.input_gradient_output(rule_set)], exported["net"], exported["x"],
                           outputs[contract.TARGET_INDEX_OUTPUT], rule_set, canonizers, exported["name"],
-                          truth=zennit_truth(exported, rule_set))
+                          truth=zennit_truth(exported, rule_set), excluded=excluded)
