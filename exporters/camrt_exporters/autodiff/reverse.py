@@ -9,7 +9,7 @@ onnxruntime run does forward and backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -288,10 +288,13 @@ def differentiate(
     image_input: str | None = None,
     preprocessing: "Preprocessing | None" = None,
     compact: bool = False,
+    unreached_ok: Collection[str] = (),
 ) -> Backward:
     """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (with a rule set of
     modified rules, e.g. LRP's, whatever those rules propagate); `image_input` and `preprocessing`
-    are handed to the rules through the RuleContext (`compact`: see RuleContext)."""
+    are handed to the rules through the RuleContext (`compact`: see RuleContext). A tensor of
+    `unreached_ok` that the rules send nothing to (a rule set that holds it constant) is left out of
+    the gradients instead of refused."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -337,6 +340,8 @@ def differentiate(
         ctx.node = None
     gradients: dict[str, str] = {}
     for name in wanted:
+        if name not in contributions and name in unreached_ok:
+            continue
         if name not in contributions:
             raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}{_integer_break(index, active)}")
         gradients[name] = ctx.add_n(contributions[name])

@@ -38,7 +38,8 @@ import numpy as np
 
 import camrt
 
-from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .names import ATTN_LRP, CHEFER_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .transformer_attribution import TransformerAttribution
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
@@ -97,5 +98,5 @@ def lrp_method(rule_set: str) -> type[LRP]:
     })
 
 
-METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
-                                               CP_LRP))
+METHODS = (*(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
+                                           CP_LRP, CHEFER_LRP)), TransformerAttribution)
