@@ -7,7 +7,9 @@ Montavon, Binder, Lapuschkin, Samek, Mueller, "Layer-Wise Relevance Propagation:
 Explainable AI, LNCS 11700, 2019: the rules (eqs. 4.1-4.4) and the composites that assign them by layer.
 For transformers (lrp-attn, lrp-cp): Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance
 Propagation for Transformers", ICML 2024, and Ali et al., "XAI for Transformers: Better Explanations
-through Conservative Propagation", ICML 2022 (rules: transformer_rules.py).
+through Conservative Propagation", ICML 2022 (rules: transformer_rules.py); lrp-chefer: Chefer, Gur, Wolf,
+"Transformer Interpretability Beyond Attention Visualization", CVPR 2021 (rules: chefer_rules.py; its input
+relevance is their method "full"; their transformer attribution: transformer_attribution.py).
 
 Every rule propagates R linearly (R_x = M(x) R_out for a matrix M that depends on the input only), so the
 file carries the input relevance for R_out = one-hot of the target (the contract's seed), as zennit's
