@@ -3,8 +3,8 @@
 Chefer, Gur, Wolf, "Transformer Interpretability Beyond Attention Visualization", CVPR 2021 (arXiv 2012.09838),
 sec. 3.1: relevance propagation with the alpha-beta rule (eq. 3, alpha 1, beta 0) on layers whose inputs are
 positive or negative, the z-rule on non-parametric layers that add or multiply two tensors (eq. 4), and the
-normalisation of sec. 3.1 that keeps a sum's two relevances conserving (eq. 5). The paper's equations are given
-as the authors' code applies them (hila-chefer/Transformer-Explainability: baselines/ViT/ViT_LRP.py, modules/
+normalisation that keeps a sum's two relevances conserving (eq. 5); the equation numbers as recalled from arXiv
+v2 (the paper could not be read offline). The rules are given as the authors' code applies them (hila-chefer/Transformer-Explainability: baselines/ViT/ViT_LRP.py, modules/
 layers_ours.py), which is what "the authors' relevance" means below; the oracle restates that code in torch
 (tests/chefer_oracle.py). With x+ = max(x, 0), x- = min(x, 0) and their safe division
 

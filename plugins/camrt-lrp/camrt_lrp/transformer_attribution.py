@@ -1,7 +1,8 @@
 """Transformer attribution: attention gradients weighted by LRP relevance, rolled out over the blocks.
 
 Chefer, Gur, Wolf, "Transformer Interpretability Beyond Attention Visualization", CVPR 2021 (arXiv 2012.09838),
-sec. 3.2, eqs. 6-8:
+sec. 3, eqs. 6-8 (the section and equation numbers as recalled from arXiv v2: the paper could not be read
+offline; the formula follows the authors' code, hila-chefer/Transformer-Explainability, baselines/ViT/ViT_LRP.py):
 
     Ā_b = E_h[(∇A_b ⊙ R^(A_b))^+]                (eq. 6)
     C = (I + Ā_B) · ... · (I + Ā_1)                (eqs. 7-8, the rollout with the identity added)
