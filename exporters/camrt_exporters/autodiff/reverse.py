@@ -120,6 +120,10 @@ class RuleContext:
         assert self.node is not None
         return input_index < len(self.node.input) and self.node.input[input_index] in self._active
 
+    def is_active(self, name: str) -> bool:
+        """Whether tensor `name` lies on a differentiated path (between a tensor differentiated for and the score)."""
+        return name in self._active
+
     def shape(self, name: str) -> tuple[Dim, ...] | None:
         if name in self._constants:
             return tuple(self._constants[name].shape)

@@ -201,9 +201,10 @@ def selection_rule(ctx: RuleContext, node, grads):
 
 
 def is_cloned(ctx: RuleContext, tensor: str) -> bool:
-    """Whether `tensor` is copied to several consumers (their Clone: the residual stream read by a LayerNorm and
-    an Add); reading its shape, or slicing it into parts (q, k, v), is no copy."""
-    readers = [node for node in ctx.index.consumers.get(tensor, []) if node.op_type not in ("Shape", *SPLITTING_OPS)]
+    """Whether `tensor` is copied to several consumers on the path to the score (their Clone: the residual stream
+    read by a LayerNorm and an Add); reading its shape, or slicing it into parts (q, k, v), is no copy."""
+    readers = [node for node in ctx.index.consumers.get(tensor, []) if node.op_type not in ("Shape", *SPLITTING_OPS)
+               and any(ctx.is_active(output) for output in node.output)]
     return len(readers) > 1
 
 
