@@ -46,6 +46,10 @@ ATTENTION_GRADIENT_PREFIX = "camrt/attn_grad/"
 #: float [B, heads, T, T]: d s^l / d A^l, where s^l is the model's head applied to the tokens of the
 #: block that holds attention map A^l (LeGrad's layer score; `camrt export --attention-layer-scores`).
 ATTENTION_LAYER_GRADIENT_PREFIX = "camrt/attn_layer_grad/"
+#: float [B, heads, T, T]: what a non-vanilla rule set (`--rules`) propagates back to the attention
+#: probabilities, e.g. an LRP rule set's relevance R^A; "<prefix><rule set>/<map>" (`camrt export
+#: --rules ... --attention`; the vanilla gradient stays ATTENTION_GRADIENT_PREFIX).
+ATTENTION_RULE_GRADIENT_PREFIX = "camrt/attn_rule_grad/"
 
 #: Backward rule sets a file can carry input gradients for.
 RULE_VANILLA = "vanilla"
@@ -83,6 +87,10 @@ def attention_gradient_output(name: str) -> str:
 
 def attention_layer_gradient_output(name: str) -> str:
     return ATTENTION_LAYER_GRADIENT_PREFIX + name
+
+
+def attention_rule_gradient_output(rule_set: str, name: str) -> str:
+    return f"{ATTENTION_RULE_GRADIENT_PREFIX}{rule_set}/{name}"
 
 
 # --- metadata_props keys ------------------------------------------------------------------

@@ -147,6 +147,13 @@ def _check_outputs(info: contract.ContractInfo, outputs: Collection[str], method
     rule = requires.input_gradient
     if rule is not None and contract.input_gradient_output(rule) in missing:
         flags.append(_rules_flag(info, rule))
+    attention_rule = requires.attention_rule_gradients
+    if attention_rule is not None and (attention_rule not in info.rule_sets or any(
+            name.startswith(contract.ATTENTION_RULE_GRADIENT_PREFIX) for name in missing)):
+        # the rule set's attention outputs come with both flags (a file from an exporter that predates
+        # them has the rule set and the maps but not these outputs)
+        flags.append(_rules_flag(info, attention_rule))
+        attention_flag = attention_flag or "--attention"
     described = list(missing)
     if no_bias_terms:
         missing.append(contract.bias_gradient_output("<node>"))

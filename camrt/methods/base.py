@@ -50,6 +50,9 @@ class Requirements:
     attention: bool = False
     attention_gradients: bool = False
     attention_layer_gradients: bool = False
+    #: ``camrt/attn_rule_grad/<rule set>/<map>``: what this rule set propagates back to every attention
+    #: map (an LRP rule set's relevance; ``camrt export --rules ...,<rule set> --attention``), or None.
+    attention_rule_gradients: str | None = None
 
     @property
     def uses_layers(self) -> bool:
@@ -57,7 +60,8 @@ class Requirements:
 
     @property
     def uses_attention(self) -> bool:
-        return self.attention or self.attention_gradients or self.attention_layer_gradients
+        return (self.attention or self.attention_gradients or self.attention_layer_gradients
+                or self.attention_rule_gradients is not None)
 
     def outputs(self, layers: Sequence[str], info: contract.ContractInfo | None = None) -> list[str]:
         """The output names to fetch for `layers` (bias-gradient terms: those `info` lists)."""
@@ -80,17 +84,20 @@ class Requirements:
 
     def attention_outputs(self, name: str) -> list[str]:
         """The outputs of attention map `name` the method reads."""
-        return [output(name) for output, wanted in (
+        names = [output(name) for output, wanted in (
             (contract.attention_output, self.attention),
             (contract.attention_gradient_output, self.attention_gradients),
             (contract.attention_layer_gradient_output, self.attention_layer_gradients)) if wanted]
+        if self.attention_rule_gradients is not None:
+            names.append(contract.attention_rule_gradient_output(self.attention_rule_gradients, name))
+        return names
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; the optional ones (``extra_passes``, ``tail``, ``cam_weights``,
         ``bias_gradients``, the attention ones) only when set (single-pass methods keep the three-key form)."""
         data = dataclasses.asdict(self)
         for key in ("extra_passes", "tail", "cam_weights", "bias_gradients", "attention", "attention_gradients",
-                    "attention_layer_gradients"):
+                    "attention_layer_gradients", "attention_rule_gradients"):
             if not data[key]:
                 del data[key]
         return data

@@ -363,7 +363,8 @@ def build_contract_model(
     FullGrad's bias-gradient terms (and needs the vanilla input gradient). The metadata is completed
     with the lists of both. layer_layouts: each layer's layout (absent: NCHW). `attention` maps
     attention-map names to tensors (Softmax outputs): each is exposed with its gradient
-    (`camrt_exporters.attention`; the caller writes META_ATTENTION); `layer_scores` maps some of
+    (`camrt_exporters.attention`; the caller writes META_ATTENTION), and with what every other rule set
+    propagates to it (`contract.attention_rule_gradient_output`); `layer_scores` maps some of
     them to a [B, classes] tensor s^l (LeGrad's layer score) whose target's gradient with respect
     to the map is exposed too. `seeded` names the backward pass's seed `contract.SEED_TENSOR` (the
     entry the runtime feeds any cotangent through) and records it in the metadata. `compact`: the
@@ -422,10 +423,12 @@ def build_contract_model(
         vanilla_wrt.append(image_input)
     if vanilla_wrt:
         passes.append((vanilla, vanilla_wrt))
-    passes += [(r, [image_input]) for r in input_rule_sets if r.name != vanilla.name]
+    # the other rule sets also go to the attention maps: what each propagates there (an LRP rule set's relevance)
+    passes += [(r, [image_input, *attention.values()]) for r in input_rule_sets if r.name != vanilla.name]
     for rule_set, wrt in passes:
         backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
-                                 image_input=image_input, preprocessing=preprocessing, compact=compact)
+                                 image_input=image_input, preprocessing=preprocessing, compact=compact,
+                                 unreached_ok=attention.values())
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:
@@ -439,6 +442,15 @@ def build_contract_model(
                 nodes.append(helper.make_node("Mul", [backward.gradients[term.output], bias], [name], name=name + "/mul"))
                 outputs.append(_value_info(name, index.dtypes.get(term.output, TensorProto.FLOAT),
                                            index.shape(term.output)))
+        else:
+            for name, tensor in attention.items():
+                output = contract.attention_rule_gradient_output(rule_set.name, name)
+                if tensor in backward.gradients:
+                    expose(output, backward.gradients[tensor], like=tensor)
+                else:  # the rule set holds the map constant (CP-LRP): nothing reaches it
+                    nodes.append(helper.make_node("Mul", [tensor, const(output + "/zero", _zero_like(index, tensor))],
+                                                  [output], name=output + "/zeros"))
+                    outputs.append(_value_info(output, index.dtypes.get(tensor, TensorProto.FLOAT), index.shape(tensor)))
         if image_input in wrt and any(r.name == rule_set.name for r in input_rule_sets):
             expose(contract.input_gradient_output(rule_set.name), backward.gradients[image_input], like=image_input)
     for i, (name, layer_score) in enumerate((layer_scores or {}).items()):
@@ -472,6 +484,10 @@ def build_contract_model(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the generated camrt graph is not valid ONNX: {exc}") from exc
     return result
+
+
+def _zero_like(index: GraphIndex, tensor: str) -> np.ndarray:
+    return np.zeros((), helper.tensor_dtype_to_np_dtype(index.dtypes.get(tensor, TensorProto.FLOAT)))
 
 
 def _target_seed_nodes(index: GraphIndex, score: str, num_classes: int, seed: str, const) -> list[onnx.NodeProto]:

@@ -184,5 +184,9 @@ def register_commands(cli):
             if name not in TORCH_REFERENCE_RULE_SETS:
                 log(f"not validated at export: camrt/input_grad/{name} (a plugin's rule set; its plugin's tests "
                     "check it against a reference implementation)")
+        prefix = contract.ATTENTION_RULE_GRADIENT_PREFIX
+        if any(out.name.startswith(prefix) for out in model.graph.output):
+            log(f"not validated at export: {prefix}<rule set>/<map> (what the rule sets other "
+                "than vanilla propagate to the attention maps; an LRP rule set's plugin tests its relevance)")
         write_model(model, output)
         click.echo(f"wrote {output}", err=True)

@@ -11,6 +11,7 @@ One layer, row-stochastic A (the class token at position c):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ import pytest
 
 from camrt import contract
 from camrt.errors import ContractError, ModelError, UsageError
-from camrt.methods.base import GraphOutputs, Requirements
+from camrt.methods.base import GraphOutputs, Method, Requirements
 from camrt.modelfile.metadata import parse_contract
 from camrt.plan import ExplainPlan, PlanRefused
 from camrt.plugins.registry import build_method_registry
@@ -162,6 +163,39 @@ def test_requirements_list_every_map_and_the_plan_refuses_a_file_without_them():
         with pytest.raises(PlanRefused, match=r"re-export it with `camrt export \.\.\. --attention") as error:
             ExplainPlan.build(info, base, registry.get(name), path="vit.camrt.onnx")
         assert error.value.missing == missing and error.value.export_flags == flags
+
+
+def test_rule_set_attention_outputs_are_required_and_refused_with_both_flags():
+    """A method that reads what a rule set propagates to the maps (the camrt-lrp plugin's
+    transformer-attribution: lrp-chefer) asks for camrt/attn_rule_grad/<rule set>/<map>; a file without the
+    rule set, without --attention, or with both from an exporter before these outputs, is refused naming
+    the flags that add them."""
+
+    class RuleSetAttention(Method):
+        name = "rule-set-attention"
+        requires = Requirements(attention_gradients=True, attention_rule_gradients="my-rules")
+
+        def explain(self, outputs, *, layer):
+            raise AssertionError("not run")
+
+    info = _info((0,))
+    assert RuleSetAttention.requires.outputs([], info) == [
+        "camrt/attn_grad/a", "camrt/attn_rule_grad/my-rules/a", "camrt/attn_grad/b", "camrt/attn_rule_grad/my-rules/b"]
+    assert RuleSetAttention.requires.to_dict()["attention_rule_gradients"] == "my-rules"
+    base = [contract.LOGITS_OUTPUT, contract.TARGET_INDEX_OUTPUT]
+    served = ExplainPlan.build(dataclasses.replace(info, rule_sets=["vanilla", "my-rules"]),
+                               [*base, *RuleSetAttention.requires.outputs([], info)], RuleSetAttention)
+    assert served.fetch[2:] == tuple(RuleSetAttention.requires.outputs([], info))
+    no_attention = contract.ContractInfo(version=1, input_name="x", layers=[], default_layer=None,
+                                         preprocessing=contract.Preprocessing(32, 48), rule_sets=["vanilla"])
+    old_export = dataclasses.replace(info, rule_sets=["vanilla", "my-rules"])
+    for info, flags in ((dataclasses.replace(info, rule_sets=["vanilla"]), ("--rules vanilla,my-rules", "--attention")),
+                        (no_attention, ("--rules vanilla,my-rules", "--attention")),
+                        (dataclasses.replace(no_attention, rule_sets=["vanilla", "my-rules"]), ("--attention",)),
+                        (old_export, ("--rules vanilla,my-rules", "--attention"))):
+        with pytest.raises(PlanRefused, match="re-export it with `camrt export ...") as error:
+            ExplainPlan.build(info, [*base, "camrt/attn_grad/a", "camrt/attn_grad/b"], RuleSetAttention, path="vit.onnx")
+        assert error.value.export_flags == flags
 
 
 def _meta(attention: str) -> dict[str, str]:

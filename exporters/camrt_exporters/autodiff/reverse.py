@@ -9,7 +9,7 @@ onnxruntime run does forward and backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -119,6 +119,10 @@ class RuleContext:
         """Whether the current node's input `input_index` needs a gradient."""
         assert self.node is not None
         return input_index < len(self.node.input) and self.node.input[input_index] in self._active
+
+    def is_active(self, name: str) -> bool:
+        """Whether tensor `name` lies on a differentiated path (between a tensor differentiated for and the score)."""
+        return name in self._active
 
     def shape(self, name: str) -> tuple[Dim, ...] | None:
         if name in self._constants:
@@ -288,10 +292,13 @@ def differentiate(
     image_input: str | None = None,
     preprocessing: "Preprocessing | None" = None,
     compact: bool = False,
+    unreached_ok: Collection[str] = (),
 ) -> Backward:
     """Build the subgraph computing d(sum(seed * score))/d(t) for every t in `wrt` (with a rule set of
     modified rules, e.g. LRP's, whatever those rules propagate); `image_input` and `preprocessing`
-    are handed to the rules through the RuleContext (`compact`: see RuleContext)."""
+    are handed to the rules through the RuleContext (`compact`: see RuleContext). A tensor of
+    `unreached_ok` that the rules send nothing to (a rule set that holds it constant) is left out of
+    the gradients instead of refused."""
     for name in wrt:
         if name not in index.shapes and name not in index.producer:
             raise ExportError(f"tensor {name!r} does not exist in the graph")
@@ -337,6 +344,8 @@ def differentiate(
         ctx.node = None
     gradients: dict[str, str] = {}
     for name in wanted:
+        if name not in contributions and name in unreached_ok:
+            continue
         if name not in contributions:
             raise ExportError(f"no gradient reached tensor {name!r} from the score {score!r}{_integer_break(index, active)}")
         gradients[name] = ctx.add_n(contributions[name])

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from camrt_exporters import VANILLA, RuleSet
 
-from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .chefer_rules import chefer_rules
+from .names import ATTN_LRP, CHEFER_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
 from .rules import (
     ACTIVATIONS,
     alpha_beta_rule,
@@ -81,4 +82,5 @@ RULE_SETS = (
     composite(EPSILON_ALPHA2_BETA1, alpha_beta_rule(2.0, 1.0, STABILIZER), epsilon_rule(EPSILON)),
     RuleSet(ATTN_LRP, transformer_rules(TRANSFORMER_EPSILON, conservative=False)),
     RuleSet(CP_LRP, transformer_rules(TRANSFORMER_EPSILON, conservative=True)),
+    RuleSet(CHEFER_LRP, chefer_rules()),
 )

@@ -7,7 +7,9 @@ Montavon, Binder, Lapuschkin, Samek, Mueller, "Layer-Wise Relevance Propagation:
 Explainable AI, LNCS 11700, 2019: the rules (eqs. 4.1-4.4) and the composites that assign them by layer.
 For transformers (lrp-attn, lrp-cp): Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance
 Propagation for Transformers", ICML 2024, and Ali et al., "XAI for Transformers: Better Explanations
-through Conservative Propagation", ICML 2022 (rules: transformer_rules.py).
+through Conservative Propagation", ICML 2022 (rules: transformer_rules.py); lrp-chefer: Chefer, Gur, Wolf,
+"Transformer Interpretability Beyond Attention Visualization", CVPR 2021 (rules: chefer_rules.py; its input
+relevance is their method "full"; their transformer attribution: transformer_attribution.py).
 
 Every rule propagates R linearly (R_x = M(x) R_out for a matrix M that depends on the input only), so the
 file carries the input relevance for R_out = one-hot of the target (the contract's seed), as zennit's
@@ -48,7 +50,8 @@ import camrt
 from camrt.seeds.boxes import CANDIDATES_LAST
 from camrt.seeds.targets import BoxScoreTarget
 
-from .names import ATTN_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .names import ATTN_LRP, CHEFER_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .transformer_attribution import TransformerAttribution
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
@@ -116,5 +119,5 @@ def lrp_method(rule_set: str) -> type[LRP]:
     })
 
 
-METHODS = tuple(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
-                                               CP_LRP))
+METHODS = (*(lrp_method(name) for name in (EPSILON_PLUS_FLAT, EPSILON_GAMMA_BOX, EPSILON_ALPHA2_BETA1, ATTN_LRP,
+                                           CP_LRP, CHEFER_LRP)), TransformerAttribution)
