@@ -428,7 +428,7 @@ def build_contract_model(
     for rule_set, wrt in passes:
         backward = differentiate(index, score.tensor, seed, wrt, rule_set, patches, prefix=f"camrt_bwd/{rule_set.name}",
                                  image_input=image_input, preprocessing=preprocessing, compact=compact,
-                                 unreached_ok=attention.values())
+                                 unreached_ok=() if rule_set.name == vanilla.name else attention.values())
         nodes += backward.nodes
         inits += backward.initializers
         if rule_set.name == vanilla.name:
