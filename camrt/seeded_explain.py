@@ -16,19 +16,15 @@ from .errors import ModelError, UsageError
 from .execution.context import ExplainContext
 from .methods.base import GraphOutputs
 from .seeds.batch import SeedBatch
-from .seeds.targets import SeededPasses, SeededTarget, method_refusal
+from .seeds.targets import SeededPasses, SeededTarget, method_refusal, reads_target_gradients
 from .targets import ClassTarget, TargetRequest, class_scores
-
-
-def _reads_gradients(requires: Any) -> bool:
-    return bool(requires.gradients or requires.input_gradient or requires.bias_gradients)
 
 
 def check_serves(explainer: Any, target: SeededTarget) -> None:
     """ModelError when the Explainer's file has no seed entry, UsageError when its method or
     options cannot explain `target`."""
     method = explainer.method
-    if explainer.info.seed is None and _reads_gradients(method.requires):
+    if explainer.info.seed is None and reads_target_gradients(method.requires):
         raise ModelError(f"{explainer.session.path} has no seed entry ({contract.SEED_TENSOR!r}), needed by a "
                          f"{target.kind} target: re-export it with `camrt export ... --seed`")
     reason = method_refusal(method)
@@ -71,7 +67,7 @@ def seeded_maps(explainer: Any, x: np.ndarray, sizes: list[tuple[int, int]],
         return backward_seeds(explainer.method, made["seeds"], forward, [target] * len(made["seeds"].samples))
 
     method = explainer.method
-    if _reads_gradients(method.requires):
+    if reads_target_gradients(method.requires):
         values = explainer.session.run_seeded(x, make_seed, fetch)
     else:  # Score-CAM's family: a forward pass, the seed (and L) for scoring its further passes
         values = explainer.session.run(x, ClassTarget(), fetch)
@@ -91,8 +87,17 @@ def stacks_targets(explainer: Any) -> bool:
     file with a seed entry, and a method that reads only gradients of the target (no further passes)."""
     requires = explainer.method.requires
     return (explainer.info.seed is not None and explainer._fused is None and not explainer.aug_smooth
-            and _reads_gradients(requires) and method_refusal(explainer.method) is None
-            and not (requires.extra_passes or requires.tail or getattr(explainer.method, "scores_seeded_targets", False)))
+            and reads_target_gradients(requires) and method_refusal(explainer.method) is None
+            and not (requires.extra_passes or requires.tail or getattr(explainer.method, "scores_seeded_targets", False))
+            and _rows_repeat_samples(explainer))
+
+
+def _rows_repeat_samples(explainer: Any) -> bool:
+    """Whether every forward tensor the backward pass reads has a known batch axis, so that backward rows
+    can repeat a sample (not so where an export folds the batch into another axis: timm's ViTs through
+    torch's dynamo exporter). Otherwise each target gets its own passes."""
+    graphs = explainer.session.seeded_plan(seeded_fetch(explainer)).graphs
+    return all(name in graphs.batched for name in graphs.boundary)
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,13 @@ def target_kinds(info: contract.ContractInfo) -> list[str]:
     return ["class", *{4: ["seg"], 2: ["similar"], 3: ["box"]}.get(rank, [])]
 
 
+def reads_target_gradients(requires: Any) -> bool:
+    """Whether a method reads gradients of the target (of a layer, the input, the biases or the
+    attention maps): its backward pass then starts from the target's seed."""
+    return bool(requires.gradients or requires.input_gradient or requires.bias_gradients
+                or requires.attention_gradients or requires.attention_rule_gradients)
+
+
 def method_refusal(method: Any) -> str | None:
     """Why `method` (a Method class or instance) cannot explain a seeded target, or None. A method
     with further passes explains one when they get the target only through `ExplainContext`
@@ -266,14 +273,15 @@ def method_refusal(method: Any) -> str | None:
         return ("reads the target class's classifier weights (camrt/cam_weights), which a seed has not: CAM is "
                 "defined for a class of a global-average-pooling + linear head (Zhou et al. 2016); gradcam equals "
                 "it on such a head and serves every target")
-    if requires.uses_attention:
-        return "reads attention outputs, which a seeded run does not fetch"
+    if requires.attention_layer_gradients:
+        return ("reads the gradients of each block's own class scores (LeGrad's layer scores: the model's head "
+                "applied to that block's tokens), which a seed of the model's score does not define")
     if requires.extra_passes or requires.tail:
         if getattr(method, "scores_seeded_targets", False):
             return None
         return ("runs further passes that do not declare scores_seeded_targets (getting their target only "
                 "through ExplainContext.target_scores / target_gradients)")
-    if not (requires.gradients or requires.input_gradient or requires.bias_gradients):
+    if not reads_target_gradients(requires):
         return "reads no gradient, so its map would not depend on the target"
     return None
 

@@ -54,10 +54,11 @@ def exported(request, tmp_path_factory):
     return request.param, model, str(path)
 
 
-def _torch_attention(model, x: np.ndarray, targets, layer_scores: bool = False):
+def _torch_attention(model, x: np.ndarray, targets, layer_scores: bool = False, objective=None):
     """Each block's attention probabilities and d logit[target] / d them, from timm's unfused path;
     with `layer_scores`, instead d s^l[target] / d them, s^l LeGrad's score of block l: the mean of the
-    block's output tokens through the final norm and the head (timm's forward_head, every token the mean)."""
+    block's output tokens through the final norm and the head (timm's forward_head, every token the mean);
+    with `objective` (logits -> a scalar), d objective / d them."""
     import copy
 
     import torch
@@ -77,7 +78,9 @@ def _torch_attention(model, x: np.ndarray, targets, layer_scores: bool = False):
         block.register_forward_hook(collector(outputs))
     logits = model(torch.from_numpy(x))
     rows, columns = torch.arange(len(targets)), torch.tensor(targets)
-    if not layer_scores:
+    if objective is not None:
+        grads = torch.autograd.grad(objective(logits), maps)
+    elif not layer_scores:
         grads = torch.autograd.grad(logits[rows, columns].sum(), maps)
     else:
         scores = [model.forward_head(model.norm(out.mean(dim=1, keepdim=True).expand_as(out))) for out in outputs]
@@ -174,6 +177,42 @@ def test_generic_attention_matches_chefer_iccv_2021(exported):
     maps, grads = _torch_attention(model, x, TARGETS)
     ours = _raw_maps(path, "generic-attention", x, TARGETS)
     _assert_close(ours, _chefer_iccv(maps, grads, len(MODELS[name])), f"generic-attention {name}")
+
+
+def test_generic_attention_explains_seeded_targets(tmp_path):
+    """On a file with the seed entry the attention gradients are those of the target's L: similar:CONCEPT
+    (the cosine of the logits to a concept) equals the formula on torch autograd of that cosine, and a class
+    list (one forward pass, one stacked backward pass) equals each class explained alone (heatmaps, 1e-4)."""
+    import torch
+
+    from camrt import Explainer, postprocess
+    from camrt.target_parsing import parse_target, parse_targets
+    from camrt_exporters.export import export_torch, write_model
+
+    model = _model("vit_tiny_patch16_224")
+    onnx_model, _ = export_torch(model, input_size=(SIZE, SIZE), rules=[], attention=[], seed=True)
+    path = tmp_path / "vit.camrt.onnx"
+    write_model(onnx_model, path)
+    x = imagenet_photos(SIZE)
+    concept = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    np.save(tmp_path / "concept.npy", concept)
+    explainer = Explainer(path, method="generic-attention")
+
+    def cosine(logits):
+        return torch.nn.functional.cosine_similarity(logits, torch.from_numpy(concept)[None], dim=1).sum()
+
+    maps, grads = _torch_attention(model, x, TARGETS, objective=cosine)
+    reference = _chefer_iccv(maps, grads, 1)
+    similar = explainer.explain_request(x, parse_target(f"similar:{tmp_path / 'concept.npy'}"))
+    for i, [explained] in enumerate(similar):
+        expected = postprocess.finalize([reference[i]], (SIZE, SIZE), apply_relu=explainer.method.relu,
+                                        fusion=explainer.method.layer_fusion())
+        np.testing.assert_allclose(explained.heatmap, expected, rtol=0, atol=1e-4)
+    stacked = explainer.explain_request(x, parse_targets(["281,7"]))
+    for rank, target in enumerate((281, 7)):
+        alone = explainer.explain_request(x, parse_target(str(target)))
+        for i in range(len(x)):
+            np.testing.assert_allclose(stacked[i][rank].heatmap, alone[i][0].heatmap, rtol=0, atol=1e-4)
 
 
 def test_legrad_matches_the_authors_formula(exported):

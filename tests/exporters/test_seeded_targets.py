@@ -602,7 +602,7 @@ def test_cam_is_refused_a_seed_naming_its_class_weights(tmp_path_factory):
 
 def test_which_registered_methods_explain_seeds():
     """A method explains a seed unless it reads what follows the class path (CAM's class weights),
-    attention outputs, or nothing that depends on the target (EigenCAM); methods with further
+    LeGrad's layer scores, or nothing that depends on the target (EigenCAM, attention rollout); methods with further
     passes (Score-CAM's family, Ablation-CAM, SmoothGrad, Smooth Grad-CAM++, Integrated Gradients)
     get the target through ExplainContext. Each refusal's message is asserted."""
     from camrt.plugins.registry import build_method_registry
@@ -613,12 +613,12 @@ def test_which_registered_methods_explain_seeds():
     served = {name for name, reason in refusals.items() if reason is None}
     assert {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam", "gradcam-elementwise",
             "guided-gradcam", "saliency", "guided-backprop", "deconvnet", "fullgrad", "scorecam", "sscam", "iscam",
-            "ablationcam", "smoothgrad", "integrated-gradients", "smooth-gradcam++"} <= served
+            "ablationcam", "smoothgrad", "integrated-gradients", "smooth-gradcam++", "generic-attention"} <= served
     assert refusals["cam"].startswith("reads the target class's classifier weights (camrt/cam_weights)")
-    assert refusals["eigencam"] == "reads no gradient, so its map would not depend on the target"
-    for name in ("attention-rollout", "generic-attention", "legrad"):
-        assert refusals[name] == "reads attention outputs, which a seeded run does not fetch"
-    assert set(refusals) - served == {"cam", "eigencam", "attention-rollout", "generic-attention", "legrad"}
+    for name in ("eigencam", "attention-rollout"):
+        assert refusals[name] == "reads no gradient, so its map would not depend on the target"
+    assert refusals["legrad"].startswith("reads the gradients of each block's own class scores (LeGrad's layer scores")
+    assert set(refusals) - served == {"cam", "eigencam", "attention-rollout", "legrad"}
 
 
 def test_a_method_with_further_passes_that_does_not_declare_them_target_agnostic_is_refused(lraspp):

@@ -51,15 +51,15 @@ from camrt.seeds.boxes import CANDIDATES_LAST
 from camrt.seeds.targets import BoxScoreTarget
 
 from .names import ATTN_LRP, CHEFER_LRP, CP_LRP, EPSILON_ALPHA2_BETA1, EPSILON_GAMMA_BOX, EPSILON_PLUS_FLAT
+from .seeded import seeded_kinds
 from .transformer_attribution import TransformerAttribution
 
 
 def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
     """[B, C, H, W] relevance of the input pixels: for a class target, for the output relevance one-hot *
     target score; for a seeded one (a seeded run), for the output relevance `seed_from` fed it."""
-    seeded = getattr(outputs.context, "seeded", None)
-    if seeded is not None:
-        _refuse_untested(seeded)
+    if getattr(outputs.context, "seeded", None) is not None:
+        _refuse_untested(outputs)
         return outputs.input_gradient(rule_set)
     relevance = outputs.input_gradient(rule_set)
     logits = outputs.logits  # [batch, classes]: the Explainer refuses class targets of any other score
@@ -71,12 +71,10 @@ def input_relevance(outputs: camrt.GraphOutputs, rule_set: str) -> np.ndarray:
 TESTED_SEEDED_KINDS = ("seg", "similar", "box")
 
 
-def _refuse_untested(seeded) -> None:
-    """UsageError for a seeded run (its SeededPasses, or a stacked run's rows) with a target kind not in
-    TESTED_SEEDED_KINDS (a plugin's target kind): its seed * score has no zennit check."""
-    targets = getattr(seeded, "targets", None) or [getattr(seeded, "target", None)]
-    kinds = sorted({kind for kind in (getattr(t, "kind", None) for t in targets) if kind is not None}
-                   - set(TESTED_SEEDED_KINDS))
+def _refuse_untested(outputs: camrt.GraphOutputs) -> None:
+    """UsageError for a seeded run with a target kind not in TESTED_SEEDED_KINDS (a plugin's target
+    kind): its seed * score has no zennit check."""
+    kinds = sorted(seeded_kinds(outputs) - set(TESTED_SEEDED_KINDS))
     if kinds:
         raise camrt.UsageError(f"the LRP methods are not tested on {', '.join(kinds)} targets (their output relevance "
                                f"seed * score is checked against zennit for {', '.join(TESTED_SEEDED_KINDS)} and class "

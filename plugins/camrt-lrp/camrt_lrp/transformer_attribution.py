@@ -27,6 +27,7 @@ from camrt import contract
 from camrt.methods.attention import AttentionMethod, attention_stack, class_token_row
 
 from .names import CHEFER_LRP
+from .seeded import seeded_kinds
 
 
 def lrp_weighted_rollout(gradients: list[np.ndarray], relevances: list[np.ndarray]) -> np.ndarray:
@@ -47,6 +48,10 @@ class TransformerAttribution(AttentionMethod):
     requires = camrt.Requirements(attention_gradients=True, attention_rule_gradients=CHEFER_LRP)
 
     def relevance_map(self, outputs: camrt.GraphOutputs, attention: contract.Attention) -> np.ndarray:
+        kinds = seeded_kinds(outputs)
+        if kinds:  # the authors' relevance starts from a class's one-hot; a seed's is untested against their code
+            raise camrt.UsageError(f"transformer-attribution is tested on class targets only, not on "
+                                   f"{', '.join(sorted(kinds))} targets; use generic-attention (gradients only) for them")
         gradients = attention_stack(outputs, attention, contract.attention_gradient_output)
         relevances = attention_stack(outputs, attention, partial(contract.attention_rule_gradient_output, CHEFER_LRP))
         return class_token_row(lrp_weighted_rollout(gradients, relevances), attention.tokens)

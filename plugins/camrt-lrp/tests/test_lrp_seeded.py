@@ -341,7 +341,8 @@ def test_class_target_of_a_segmentation_score_is_refused(seg_file):
     from camrt import Explainer, UsageError
 
     _, path = seg_file
-    with pytest.raises(UsageError, match=r"needs a \[batch, classes\] score.*--target seg:CLASS"):
+    with pytest.raises(UsageError, match=r"is \[batch, \d+, \d+, \d+\], not class scores \[batch, classes\].*"
+                                         r"--target seg:C"):
         Explainer(path, method=RULE_SETS[0]).explain(_inputs(), targets=1)
 
 

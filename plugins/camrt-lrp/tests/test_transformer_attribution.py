@@ -185,10 +185,11 @@ def test_float32_file_at_64_equals_the_authors(tmp_path):
         assert ours <= max(2 * theirs, MAP_TOLERANCE)
 
 
-def export_small(tmp_path, rules: list[str], attention: bool) -> tuple[str, dict]:
+def export_small(tmp_path, rules: list[str], attention: bool, seed: bool = False) -> tuple[str, dict]:
     from camrt_exporters.export import export_torch, write_model
 
-    onnx_model, _ = export_torch(vit(32), input_size=(32, 32), rules=rules, attention=[] if attention else None)
+    onnx_model, _ = export_torch(vit(32), input_size=(32, 32), rules=rules, attention=[] if attention else None,
+                                 seed=seed)
     path = str(tmp_path / "vit.camrt.onnx")
     write_model(onnx_model, path)
     return path, run_file(onnx_model, imagenet_photos(32), TARGETS)
@@ -216,6 +217,20 @@ def test_a_file_without_attention_is_refused(tmp_path):
     path, _ = export_small(tmp_path, ["vanilla", CHEFER_LRP], attention=False)
     with pytest.raises(PlanRefused, match=r"re-export it with `camrt export \.\.\. --attention`"):
         Explainer(path, method="transformer-attribution")
+
+
+def test_seeded_targets_are_refused(tmp_path):
+    """A seeded target (here similar:) is refused naming generic-attention: the authors' relevance starts from a
+    class's one-hot, and a seed's is untested against their code."""
+    from camrt import Explainer, UsageError
+    from camrt.target_parsing import parse_target
+
+    path, _ = export_small(tmp_path, ["vanilla", CHEFER_LRP], attention=True, seed=True)
+    np.save(tmp_path / "concept.npy", np.ones(1000, np.float32))
+    with pytest.raises(UsageError, match="transformer-attribution is tested on class targets only, not on similar "
+                                         "targets; use generic-attention"):
+        Explainer(path, method="transformer-attribution").explain_request(
+            imagenet_photos(32), parse_target(f"similar:{tmp_path / 'concept.npy'}"))
 
 
 def test_an_op_without_a_rule_is_refused_naming_the_node():
