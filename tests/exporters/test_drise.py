@@ -128,8 +128,9 @@ def test_drise_lights_up_the_object_in_the_box(window_detector):
             assert heatmap[40:56, 40:56].mean() < heatmap[inside].mean() / 3
 
 
-def test_drise_needs_a_box_target_and_no_gradient(window_detector):
-    """A class target is refused naming --target box:; D-RISE fetches no gradient (forward passes only)."""
+def test_drise_needs_a_box_target_and_no_gradient(window_detector, tiny):
+    """A class target is refused naming --target box: (of a detection head by the Explainer, as for every
+    method; of a classifier by D-RISE); D-RISE fetches no gradient (forward passes only)."""
     from camrt.errors import UsageError
     from camrt.explainer import Explainer
 
@@ -137,7 +138,10 @@ def test_drise_needs_a_box_target_and_no_gradient(window_detector):
     explainer = Explainer(path, method="d-rise", n_masks=4)
     assert not any(name.startswith((contract.GRADIENT_PREFIX, contract.INPUT_GRADIENT_PREFIX))
                    for name in explainer.fetch)
-    with pytest.raises(UsageError, match=r"method 'd-rise' explains a detection: give --target box:"):
+    with pytest.raises(UsageError, match=r"is \[batch, 6, 49\], not class scores.*box:X1,Y1,X2,Y2"):
         explainer.explain(_images()[:1], targets=0)
+    with pytest.raises(UsageError, match=r"method 'd-rise' explains a detection: give --target box:"):
+        Explainer(tiny.path, method="d-rise", n_masks=4).explain(
+            np.zeros((1, 3, tiny.preprocessing.height, tiny.preprocessing.width), np.float32))
     with pytest.raises(UsageError, match=r"method 'd-rise': bad options: keep must be in \(0, 1\]"):
         Explainer(path, method="d-rise", keep=0)
