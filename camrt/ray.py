@@ -81,8 +81,9 @@ def renderers(formats: str) -> list[Any]:
 class ExplainBatches:
     """The per-actor callable of ``Dataset.map_batches`` (batch_format="numpy").
 
-    model, method, layers, target (one `--target` value or several), region (`--region`: a mask path, or one per seg target), target_options (the
-    box options: box_iou, box_format, box_layout), device, threads, softmax and method options as for
+    model, method, layers, target (one `--target` value or several), region (`--region`: a mask path, or
+    one per seg target), target_options (the box options: box_iou, box_format, box_layout), device,
+    threads, softmax and method options as for
     `camrt explain`; outdir + formats: the files written per input, as the
     CLI writes them (formats "" writes none: the rows carry everything); overlay_bytes: add the
     overlay PNG as bytes; colormap, alpha: the overlay's look; base_dir: the folder relative paths

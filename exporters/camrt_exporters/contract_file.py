@@ -150,18 +150,18 @@ def choose_score(index: GraphIndex, output: str | None, use_softmax_output: bool
     return score
 
 
-def copy_exported_batch(model: onnx.ModelProto, exported: onnx.ModelProto, exported_batch: int,
+def copy_exported_batch(model: onnx.ModelProto, exported: GraphIndex, exported_batch: int,
                         log: Callable[[str], None]) -> int:
     """Rewrite each Reshape that hard-codes the batch size the graph was exported at (tf2onnx and
     torch exports at a fixed batch write shape constants like [1, -1, 16]) to copy the batch instead
-    (shape[0] = 0). `model` is the graph with the dynamic batch, `exported` the same graph at its
-    static batch. A Reshape qualifies when its shape starts with that batch size and its input's axis 0
+    (shape[0] = 0). `model` is the graph with the dynamic batch, `exported` the source graph's index
+    at its static batch (tensor names are kept by the preparation). A Reshape qualifies when its shape starts with that batch size and its input's axis 0
     is that size in `exported` and dynamic in `model` (so it is the batch, not, say, Swin's batch x 64
     windows): every sample is then one contiguous block, reshaped as the exported graph reshaped the
     sample it was made for. Modifies `model` in place; returns the number of Reshapes rewritten. A
     rewrite lets the batch reach further Reshapes, so the graph is scanned again until none is left;
     `require_batch_carried` judges what remains."""
-    exported_sizes = {name: shape[0] for name, shape in GraphIndex(exported).shapes.items() if shape}
+    exported_sizes = {name: shape[0] for name, shape in exported.shapes.items() if shape}
     rewritten = 0
     while found := _copy_batch_once(model, exported_sizes, exported_batch, log):
         rewritten += found

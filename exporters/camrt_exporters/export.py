@@ -417,7 +417,7 @@ def export_onnx(
     if input_size is None and preprocessing is not None:
         input_size = (preprocessing.height, preprocessing.width)
     exported_batch = image.type.tensor_type.shape.dim[0].dim_value if image.type.tensor_type.HasField("shape") else 0
-    exported = prepare(source) if exported_batch > 0 else None  # the graph at its static batch
+    exported = GraphIndex(source) if exported_batch > 0 else None  # the shapes at its static batch
     geometry = _pin_image_geometry(image, input_size, input_layout)
     layout = geometry.layout
     forget_inferred_shapes(source)
