@@ -45,7 +45,7 @@ import onnx
 
 from camrt_exporters import VANILLA, ExportError, RuleContext
 
-from .rules import apply, folded_batchnorm, read_layer, transpose
+from .rules import apply, folded_batchnorm, negative, positive, read_layer, transpose
 from .transformer_rules import INDEX_OPS, Rule
 
 #: layers_ours.safe_divide's shift of the denominator, and the z^B Conv's.
@@ -82,17 +82,9 @@ def passing_rule(ctx: RuleContext, node, grads):
     return [grads[0]] + [None] * (len(node.input) - 1)
 
 
-def _positive(ctx: RuleContext, x: str) -> str:
-    return ctx.emit("Relu", [x])
-
-
-def _negative(ctx: RuleContext, x: str) -> str:
-    return ctx.emit("Min", [x, ctx.const(0.0, like=x)])
-
-
 def alpha1_beta0(ctx: RuleContext, x: str, weight: str, relevance: str) -> str:
     """layers_ours.Linear.relprop with alpha 1: x [..., in] times `weight` [in, out], bias left out."""
-    xp, xn, wp, wn = _positive(ctx, x), _negative(ctx, x), _positive(ctx, weight), _negative(ctx, weight)
+    xp, xn, wp, wn = positive(ctx, x), negative(ctx, x), positive(ctx, weight), negative(ctx, weight)
     z = ctx.emit("Add", [ctx.emit("MatMul", [xp, wp]), ctx.emit("MatMul", [xn, wn])])
     s = safe_divide(ctx, relevance, z)
 
@@ -184,7 +176,7 @@ def first_conv_rule(ctx: RuleContext, node, grads):
     bound = {op: ctx.emit("Expand", [reduce(ctx, op, x, [1, 2, 3]), ctx.shape_of(x)]) for op in ("ReduceMin",
                                                                                                   "ReduceMax")}
     low, high = bound["ReduceMin"], bound["ReduceMax"]
-    wp, wn = _positive(ctx, layer.w), _negative(ctx, layer.w)
+    wp, wn = positive(ctx, layer.w), negative(ctx, layer.w)
     z = ctx.emit("Sub", [ctx.emit("Sub", [apply(ctx, layer, x, layer.w, None), apply(ctx, layer, low, wp, None)]),
                          apply(ctx, layer, high, wn, None)])
     s = ctx.emit("Div", [grads[0], ctx.emit("Add", [z, ctx.const(SAFE_DIVIDE_EPSILON, like=z)])])
